@@ -1,0 +1,67 @@
+"""AdminClient: a thin blocking wrapper over the Admin API (used by meshctl and tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+from protos import mesh_pb2, mesh_pb2_grpc
+from protos.status import from_code
+
+__all__ = ["AdminClient"]
+
+
+class AdminClient:
+    def __init__(self, target: str, *, timeout: float = 10.0) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = mesh_pb2_grpc.AdminStub(self._channel)
+        self._timeout = timeout
+
+    def _call(self, method: str, request: object) -> object:
+        try:
+            return getattr(self._stub, method)(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+            raise from_code(code.value[0], exc.details() or code.name) from None  # type: ignore[attr-defined]
+
+    def register_model(self, name: str, artifact_uri: str, sha256: str, *, variant: str = "",
+                       copies: int = 1, node_selector: Mapping[str, str] | None = None,
+                       size_bytes: int = 0, accuracy: float = 0.0) -> mesh_pb2.RegisterModelResponse:
+        spec = mesh_pb2.ModelSpec(name=name, variant=variant, artifact_uri=artifact_uri,
+                                  sha256=sha256, copies=copies, node_selector=node_selector or {},
+                                  size_bytes=size_bytes, accuracy=accuracy)
+        out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
+        assert isinstance(out, mesh_pb2.RegisterModelResponse)
+        return out
+
+    def list_models(self) -> list[mesh_pb2.ModelSpec]:
+        out = self._call("ListModels", mesh_pb2.ListModelsRequest())
+        assert isinstance(out, mesh_pb2.ListModelsResponse)
+        return list(out.models)
+
+    def remove_model(self, name: str, variant: str = "") -> int:
+        out = self._call("RemoveModel", mesh_pb2.RemoveModelRequest(name=name, variant=variant))
+        assert isinstance(out, mesh_pb2.RemoveModelResponse)
+        return int(out.removed)
+
+    def list_nodes(self) -> list[mesh_pb2.NodeInfo]:
+        out = self._call("ListNodes", mesh_pb2.ListNodesRequest())
+        assert isinstance(out, mesh_pb2.ListNodesResponse)
+        return list(out.nodes)
+
+    def list_placements(self, model: str = "") -> list[mesh_pb2.Placement]:
+        out = self._call("ListPlacements", mesh_pb2.ListPlacementsRequest(model=model))
+        assert isinstance(out, mesh_pb2.ListPlacementsResponse)
+        return list(out.placements)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+

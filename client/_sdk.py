@@ -1,0 +1,179 @@
+"""MeshClient / AsyncMeshClient: the Python SDK for any meshserve gateway (or OIP server).
+
+Shared logic lives once in :class:`_Base` (request building, response decoding, error
+translation); the sync and async twins differ only in how they call gRPC. Each call opens an
+OpenTelemetry CLIENT span and sends its W3C trace context in the call metadata.
+
+Errors: every failed call raises :class:`MeshError` (a :class:`protos.status.StatusError`) with
+the server's status code and message, e.g. ``NotFound``, ``InvalidArgument``, ``Unavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from grpc import aio
+from opentelemetry import trace
+
+from client.codec import ParameterValue, build_request, decode_response_outputs, get_parameter
+from protos import inference_pb2, inference_pb2_grpc
+from protos.status import StatusError, from_code
+from protos.tracing import metadata_with_context
+
+__all__ = ["AsyncMeshClient", "InferResult", "MeshClient", "MeshError"]
+
+_tracer = trace.get_tracer("meshserve.client")
+MeshError = StatusError
+
+
+class InferResult(dict[str, npt.NDArray[Any]]):
+    """Outputs by name, plus the response's parameters (e.g. which node and variant answered)."""
+
+    def __init__(self, outputs: Mapping[str, npt.NDArray[Any]],
+                 parameters: Mapping[str, ParameterValue], model_version: str) -> None:
+        super().__init__(outputs)
+        self.parameters = dict(parameters)
+        self.model_version = model_version
+
+    @property
+    def node(self) -> str:
+        return str(self.parameters.get("meshserve_node", ""))
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def _translate(exc: grpc.RpcError) -> StatusError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return from_code(code.value[0], details or code.name)
+
+
+class _Base:
+    def __init__(self, target: str, *, timeout: float, max_message_bytes: int) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._options = _options(max_message_bytes)
+
+    def _request(self, model: str, inputs: Mapping[str, npt.NDArray[Any]],
+                 outputs: Sequence[str] | None, version: str,
+                 parameters: Mapping[str, ParameterValue] | None) -> inference_pb2.ModelInferRequest:
+        arrays = {name: np.asarray(value) for name, value in inputs.items()}
+        return build_request(model, arrays, outputs=outputs, version=version, parameters=parameters)
+
+    @staticmethod
+    def _result(response: inference_pb2.ModelInferResponse) -> InferResult:
+        params = {k: get_parameter(v) for k, v in response.parameters.items()}
+        return InferResult(decode_response_outputs(response), params, response.model_version)
+
+
+class MeshClient(_Base):
+    """Blocking client. ``with MeshClient("127.0.0.1:8001") as c: c.infer("m", {"x": arr})``."""
+
+    def __init__(self, target: str, *, timeout: float = 10.0, max_message_bytes: int = 64 << 20):
+        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes)
+        self._channel = grpc.insecure_channel(target, options=self._options)
+        self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def infer(self, model: str, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] | None = None,
+              *, version: str = "", parameters: Mapping[str, ParameterValue] | None = None,
+              timeout: float | None = None) -> InferResult:
+        request = self._request(model, inputs, outputs, version, parameters)
+        with _tracer.start_as_current_span("client ModelInfer", kind=trace.SpanKind.CLIENT,
+                                           attributes={"meshserve.model": model}):
+            try:
+                response = self._stub.ModelInfer(request, timeout=timeout or self.timeout,
+                                                 metadata=metadata_with_context())
+            except grpc.RpcError as exc:
+                raise _translate(exc) from None
+        return self._result(response)
+
+    def model_ready(self, model: str, version: str = "", *, timeout: float | None = None) -> bool:
+        try:
+            response = self._stub.ModelReady(
+                inference_pb2.ModelReadyRequest(name=model, version=version),
+                timeout=timeout or self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        return bool(response.ready)
+
+    def model_metadata(self, model: str, version: str = "", *,
+                       timeout: float | None = None) -> inference_pb2.ModelMetadataResponse:
+        try:
+            response: inference_pb2.ModelMetadataResponse = self._stub.ModelMetadata(
+                inference_pb2.ModelMetadataRequest(name=model, version=version),
+                timeout=timeout or self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        return response
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMeshClient(_Base):
+    """asyncio client with the same methods as :class:`MeshClient`, awaited."""
+
+    def __init__(self, target: str, *, timeout: float = 10.0, max_message_bytes: int = 64 << 20):
+        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes)
+        self._channel = aio.insecure_channel(target, options=self._options)
+        self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def infer(self, model: str, inputs: Mapping[str, npt.NDArray[Any]],
+                    outputs: Sequence[str] | None = None, *, version: str = "",
+                    parameters: Mapping[str, ParameterValue] | None = None,
+                    timeout: float | None = None) -> InferResult:
+        request = self._request(model, inputs, outputs, version, parameters)
+        with _tracer.start_as_current_span("client ModelInfer", kind=trace.SpanKind.CLIENT,
+                                           attributes={"meshserve.model": model}):
+            try:
+                response = await self._stub.ModelInfer(request, timeout=timeout or self.timeout,
+                                                       metadata=metadata_with_context())
+            except grpc.RpcError as exc:
+                raise _translate(exc) from None
+        return self._result(response)
+
+    async def model_ready(self, model: str, version: str = "", *,
+                          timeout: float | None = None) -> bool:
+        try:
+            response = await self._stub.ModelReady(
+                inference_pb2.ModelReadyRequest(name=model, version=version),
+                timeout=timeout or self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        return bool(response.ready)
+
+    async def model_metadata(self, model: str, version: str = "", *,
+                             timeout: float | None = None) -> inference_pb2.ModelMetadataResponse:
+        try:
+            response: inference_pb2.ModelMetadataResponse = await self._stub.ModelMetadata(
+                inference_pb2.ModelMetadataRequest(name=model, version=version),
+                timeout=timeout or self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        return response
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncMeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,216 @@
+"""``meshctl``: operate a meshserve mesh (and run a local one with ``meshctl up``)."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from client._admin import AdminClient
+from protos import mesh_pb2
+from protos.status import StatusError
+
+app = typer.Typer(help="Operate a meshserve mesh.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
+nodes_app = typer.Typer(help="List nodes.", no_args_is_help=True)
+placements_app = typer.Typer(help="List placements.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(nodes_app, name="nodes")
+app.add_typer(placements_app, name="placements")
+
+_console = Console()
+Target = Annotated[str, typer.Option("--target", "-t", envvar="MESHSERVE_TARGET",
+                                     help="control-plane address")]
+
+
+def _fail(exc: StatusError) -> None:
+    _console.print(f"[red]error[/red] {exc.code.name}: {exc.message}")
+    raise typer.Exit(1)
+
+
+def _state(state: int) -> str:
+    return mesh_pb2.CopyState.Name(state)  # type: ignore[arg-type]
+
+
+@models_app.command("register")
+def models_register(
+    name: str,
+    artifact: Annotated[str, typer.Option(help="path or file:// / http(s):// URI")],
+    sha256: Annotated[str, typer.Option(help="hex sha256 (computed for local files if omitted)")] = "",
+    variant: str = "default",
+    copies: int = 1,
+    selector: Annotated[str, typer.Option(help="node labels required, e.g. tier=edge")] = "",
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """Register (or update) a model variant."""
+    from client.demo_models import sha256_file
+
+    uri = artifact
+    if "://" not in artifact:
+        path = Path(artifact).resolve()
+        if not path.is_file():
+            _console.print(f"[red]error[/red] {artifact}: no such file")
+            raise typer.Exit(2)
+        uri = path.as_uri()
+        sha256 = sha256 or sha256_file(path)
+    labels = dict(item.split("=", 1) for item in selector.split(",") if "=" in item)
+    with AdminClient(target) as admin:
+        try:
+            out = admin.register_model(name, uri, sha256, variant=variant, copies=copies,
+                                       node_selector=labels)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    verb = "registered" if out.created else "updated"
+    _console.print(f"{verb} {out.model.name}/{out.model.variant} ({out.model.copies} copies)")
+
+
+@models_app.command("list")
+def models_list(target: Target = "127.0.0.1:8001") -> None:
+    with AdminClient(target) as admin:
+        try:
+            models = admin.list_models()
+        except StatusError as exc:
+            _fail(exc)
+            return
+    table = Table("model", "variant", "copies", "artifact", "sha256")
+    for m in models:
+        table.add_row(m.name, m.variant, str(m.copies), m.artifact_uri, m.sha256[:12])
+    _console.print(table)
+
+
+@models_app.command("remove")
+def models_remove(name: str, variant: str = "", target: Target = "127.0.0.1:8001") -> None:
+    with AdminClient(target) as admin:
+        try:
+            removed = admin.remove_model(name, variant)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    _console.print(f"removed {removed} variant(s)")
+
+
+@nodes_app.command("list")
+def nodes_list(target: Target = "127.0.0.1:8001") -> None:
+    with AdminClient(target) as admin:
+        try:
+            nodes = admin.list_nodes()
+        except StatusError as exc:
+            _fail(exc)
+            return
+    table = Table("node", "labels", "direct", "replicas", "copies")
+    for n in nodes:
+        copies = ", ".join(f"{c.model}/{c.variant}:{_state(c.state)}" for c in n.copies)
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
+        table.add_row(n.node_id, labels, n.direct_address or "(tunnel)", ",".join(n.replicas),
+                      copies)
+    _console.print(table)
+
+
+@placements_app.command("list")
+def placements_list(model: str = "", target: Target = "127.0.0.1:8001") -> None:
+    with AdminClient(target) as admin:
+        try:
+            placements = admin.list_placements(model)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    table = Table("model", "variant", "desired", "nodes", "failed")
+    for p in placements:
+        failed = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
+        table.add_row(p.model, p.variant, str(p.desired_copies), ", ".join(p.nodes), failed)
+    _console.print(table)
+
+
+@app.command()
+def up(
+    duration: Annotated[float, typer.Option(help="seconds to stay up; 0 = until Ctrl-C")] = 0.0,
+    queries: Annotated[int, typer.Option(help="demo queries to send once ready")] = 8,
+    workdir: Annotated[Path | None, typer.Option(help="where logs, etcd data and models go")] = None,
+    etcd: Annotated[str, typer.Option(help="use this etcd instead of starting one")] = "",
+) -> None:
+    """Run a local mesh: etcd, a control plane, two nodes (one edge, tunnel-only), a demo model,
+    and demo traffic. Everything is stopped on Ctrl-C (or after --duration)."""
+    from client import MeshClient
+    from client.demo_models import make_mlp, reference_outputs, sha256_file
+    from client.local import LocalMesh, wait_until
+
+    work = workdir or Path(tempfile.mkdtemp(prefix="meshserve-up-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stop_requested = False
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    with LocalMesh(work) as mesh:
+        try:
+            with _console.status("starting etcd"):
+                url = etcd or mesh.start_etcd()
+                mesh.use_etcd(url)
+            _console.print(f"[green]✓[/green] etcd          {url}")
+            with _console.status("starting the control plane"):
+                cp = mesh.start_controlplane("cp-1")
+            _console.print(f"[green]✓[/green] control plane {cp.address}")
+            mesh.start_node("core-1", [cp.address], labels={"tier": "core", "zone": "a"},
+                            direct=True)
+            mesh.start_node("edge-1", [cp.address], labels={"tier": "edge", "zone": "b"})
+            with AdminClient(cp.address) as admin:
+                wait_until(lambda: len(admin.list_nodes()) >= 2, 60, what="two nodes to join")
+                for n in admin.list_nodes():
+                    path = n.direct_address or "tunnel only (no inbound port)"
+                    _console.print(f"[green]✓[/green] node          {n.node_id:8} "
+                                   f"tier={n.labels.get('tier')} {path}")
+                model = make_mlp(work / "models" / "demo-mlp.onnx")
+                admin.register_model("demo-mlp", model.as_uri(), sha256_file(model), copies=2)
+                _console.print("[green]✓[/green] registered    demo-mlp (64→256→256→10, 2 copies)")
+                with _console.status("placing and loading demo-mlp"):
+                    wait_until(lambda: sum(
+                        c.state == mesh_pb2.READY for n in admin.list_nodes() for c in n.copies
+                    ) >= 2, 120, what="two ready copies of demo-mlp")
+            _console.print("[green]✓[/green] ready         demo-mlp on both nodes")
+            rng = np.random.default_rng(0)
+            table = Table("query", "served by", "argmax", "matches in-process onnxruntime",
+                          "latency ms")
+            with MeshClient(cp.address) as client:
+                for i in range(queries):
+                    x = rng.standard_normal((1, 64)).astype(np.float32)
+                    t0 = time.perf_counter()
+                    result = client.infer("demo-mlp", {"x": x})
+                    ms = (time.perf_counter() - t0) * 1e3
+                    expected = reference_outputs(model, {"x": x})["y"]
+                    ok = bool(np.allclose(result["y"], expected, rtol=1e-5, atol=1e-5))
+                    table.add_row(str(i + 1), result.node, str(int(result["y"].argmax())),
+                                  "[green]yes[/green]" if ok else "[red]NO[/red]", f"{ms:.2f}")
+            _console.print(table)
+            _console.print(f"mesh is up: gateway {cp.address} (OIP v2 gRPC), logs in {work}")
+            _console.print("Ctrl-C to stop" if not duration else f"stopping in {duration:.0f}s")
+            end = time.monotonic() + duration if duration else None
+            while not stop_requested and (end is None or time.monotonic() < end):
+                if not all(p.alive() for p in mesh.processes):
+                    dead = [p.name for p in mesh.processes if not p.alive()]
+                    _console.print(f"[red]process exited:[/red] {', '.join(dead)}")
+                    raise typer.Exit(1)
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            with _console.status("stopping the mesh"):
+                mesh.close()
+    _console.print("[green]✓[/green] stopped; nothing left running")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The Admin API: register/list/remove models, list nodes and placements (used by meshctl).
+
+Every write is validated here first, so nothing malformed ever reaches etcd.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from grpc import aio
+
+from controlplane import keys
+from controlplane.hub import Hub
+from controlplane.snapshot import Snapshot
+from protos import mesh_pb2, mesh_pb2_grpc
+from protos.status import InvalidArgument
+
+__all__ = ["AdminService", "validate_spec"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_OIP_TYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+              "FP16", "FP32", "FP64", "BYTES"}
+MAX_COPIES = 1000
+
+
+def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
+    """A normalised copy of ``spec``, or InvalidArgument saying what is wrong."""
+    out = mesh_pb2.ModelSpec()
+    out.CopyFrom(spec)
+    out.variant = out.variant or "default"
+    out.sha256 = out.sha256.lower()
+    out.copies = out.copies or 1
+    for field, value in (("name", out.name), ("variant", out.variant)):
+        if not _NAME.match(value):
+            raise InvalidArgument(
+                f"invalid model {field} {value!r}: 1-128 of [A-Za-z0-9_.-], starting with a "
+                "letter or digit"
+            )
+    scheme = urllib.parse.urlparse(out.artifact_uri).scheme
+    if scheme not in ("file", "http", "https"):
+        raise InvalidArgument(
+            f"artifact_uri {out.artifact_uri!r} must be a file://, http:// or https:// URI"
+        )
+    if not _SHA256.match(out.sha256):
+        raise InvalidArgument(f"sha256 {spec.sha256!r} is not 64 hex characters")
+    if out.copies > MAX_COPIES:
+        raise InvalidArgument(f"copies={out.copies} is over the limit of {MAX_COPIES}")
+    for tensor in [*out.inputs, *out.outputs]:
+        if tensor.datatype not in _OIP_TYPES:
+            raise InvalidArgument(f"tensor {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+    return out
+
+
+class AdminService(mesh_pb2_grpc.AdminServicer):
+    def __init__(self, *, etcd: Any, snapshot: Callable[[], Snapshot], hub: Hub) -> None:
+        self._etcd = etcd
+        self._snapshot = snapshot
+        self._hub = hub
+
+    async def RegisterModel(self, request: mesh_pb2.RegisterModelRequest,
+                            context: aio.ServicerContext) -> mesh_pb2.RegisterModelResponse:
+        spec = validate_spec(request.model)
+        key = keys.model_key(spec.name, spec.variant).encode()
+        previous = await self._etcd.put(key, keys.encode(spec), prev_kv=True)
+        created = not getattr(previous, "prev_kv", None)
+        return mesh_pb2.RegisterModelResponse(model=spec, created=created)
+
+    async def ListModels(self, request: mesh_pb2.ListModelsRequest,
+                         context: aio.ServicerContext) -> mesh_pb2.ListModelsResponse:
+        snapshot = self._snapshot()
+        return mesh_pb2.ListModelsResponse(models=[snapshot.models[k] for k in sorted(snapshot.models)])
+
+    async def RemoveModel(self, request: mesh_pb2.RemoveModelRequest,
+                          context: aio.ServicerContext) -> mesh_pb2.RemoveModelResponse:
+        if not _NAME.match(request.name):
+            raise InvalidArgument(f"invalid model name {request.name!r}")
+        if request.variant:
+            deleted = await self._etcd.delete(keys.model_key(request.name, request.variant).encode())
+            removed = 1 if deleted else 0
+        else:
+            result = await self._etcd.delete_prefix(f"{keys.MODELS}{request.name}/".encode())
+            removed = int(getattr(result, "deleted", 0))
+        return mesh_pb2.RemoveModelResponse(removed=removed)
+
+    async def ListNodes(self, request: mesh_pb2.ListNodesRequest,
+                        context: aio.ServicerContext) -> mesh_pb2.ListNodesResponse:
+        snapshot = self._snapshot()
+        out = mesh_pb2.ListNodesResponse()
+        for node_id in sorted(snapshot.nodes):
+            node = snapshot.nodes[node_id]
+            info = out.nodes.add(node_id=node_id, labels=dict(node.labels),
+                                 direct_address=node.direct_address, replicas=sorted(node.replicas))
+            info.hardware.CopyFrom(node.hardware)
+            info.copies.extend(node.copies[k] for k in sorted(node.copies))
+            session = self._hub.sessions.get(node_id)
+            if session is not None:
+                info.telemetry.CopyFrom(session.telemetry)
+        return out
+
+    async def ListPlacements(self, request: mesh_pb2.ListPlacementsRequest,
+                             context: aio.ServicerContext) -> mesh_pb2.ListPlacementsResponse:
+        snapshot = self._snapshot()
+        return mesh_pb2.ListPlacementsResponse(placements=[
+            snapshot.placements[k] for k in sorted(snapshot.placements)
+            if not request.model or k[0] == request.model
+        ])

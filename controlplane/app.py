@@ -1,0 +1,159 @@
+"""A control-plane replica: composes etcd mirrors, hub, gateway, admin API and the leader loop.
+
+Lifecycle (one place): :meth:`ControlPlane.start` → serve → :meth:`ControlPlane.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc import aio
+
+from controlplane import keys
+from controlplane.admin import AdminService
+from controlplane.etcd import Election, PrefixMirror, Session, connect
+from controlplane.gateway import Gateway
+from controlplane.hub import Hub
+from controlplane.leader import LeaderLoop
+from controlplane.snapshot import Snapshot, build_snapshot
+from protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
+from protos.status import StatusInterceptor
+
+__all__ = ["ControlPlane", "ControlPlaneConfig"]
+
+_log = logging.getLogger("meshserve.controlplane")
+
+
+def default_replica_id() -> str:
+    return f"cp-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    etcd_url: str
+    listen: str = "127.0.0.1:8001"
+    advertise: str | None = None
+    replica_id: str = field(default_factory=default_replica_id)
+    lease_ttl_s: int = 5
+    max_message_bytes: int = 64 << 20
+    telemetry_interval_ms: int = 2000
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class ControlPlane:
+    def __init__(self, config: ControlPlaneConfig) -> None:
+        self.config = config
+        self.replica_id = config.replica_id
+        self.address = ""
+        self._etcd: Any = None
+        self._session: Session | None = None
+        self._mirrors: dict[str, PrefixMirror] = {}
+        self._snapshot: Snapshot | None = None
+        self._server: aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.hub: Hub | None = None
+        self.gateway: Gateway | None = None
+        self.election: Election | None = None
+        self.leader: LeaderLoop | None = None
+
+    # -- the view ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            m = self._mirrors
+            self._snapshot = build_snapshot(
+                m[keys.MODELS].items(), m[keys.PLACEMENTS].items(), m[keys.NODES].items()
+            )
+        return self._snapshot
+
+    def _changed(self) -> None:
+        self._snapshot = None
+        if self.leader is not None:
+            self.leader.wake()
+        if self.hub is not None:
+            self.hub.reconcile(self.snapshot())
+
+    def replicas(self) -> list[mesh_pb2.ReplicaInfo]:
+        out = []
+        for value in self._mirrors[keys.REPLICAS].items().values():
+            out.append(keys.decode(value, mesh_pb2.ReplicaInfo()))
+        return sorted(out, key=lambda r: r.replica_id)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._etcd = await connect(cfg.etcd_url)
+        options = server_options(cfg.max_message_bytes)
+        self._server = aio.server(interceptors=[StatusInterceptor()], options=options)
+        port = self._server.add_insecure_port(cfg.listen)
+        host = cfg.listen.rsplit(":", 1)[0]
+        self.address = cfg.advertise or f"{host}:{port}"
+
+        self._session = await Session.open(self._etcd, cfg.lease_ttl_s)
+        info = mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=self.address)
+        await self._etcd.put(keys.replica_key(self.replica_id).encode(), keys.encode(info),
+                             lease=self._session.lease_id)
+        for prefix in (keys.MODELS, keys.PLACEMENTS, keys.NODES, keys.REPLICAS):
+            mirror = PrefixMirror(self._etcd, prefix)
+            await mirror.start()
+            mirror.subscribe(self._changed)
+            self._mirrors[prefix] = mirror
+
+        self.hub = Hub(etcd=self._etcd, replica_id=self.replica_id, lease_ttl_s=cfg.lease_ttl_s,
+                       snapshot=self.snapshot, replicas=self.replicas,
+                       telemetry_interval_ms=cfg.telemetry_interval_ms)
+        self.gateway = Gateway(hub=self.hub, snapshot=self.snapshot, channel_options=options,
+                               ready=lambda: True)
+        mesh_pb2_grpc.add_NodeLinkServicer_to_server(self.hub, self._server)
+        mesh_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(etcd=self._etcd, snapshot=self.snapshot, hub=self.hub), self._server
+        )
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.gateway, self._server)
+        await self._server.start()
+
+        self.election = Election(self._etcd, self._session, keys.LEADER, self.replica_id)
+        self.leader = LeaderLoop(etcd=self._etcd, election=self.election,
+                                 replica_id=self.replica_id, snapshot=self.snapshot)
+        self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
+        _log.info("control-plane replica %s serving on %s (etcd %s)", self.replica_id,
+                  self.address, cfg.etcd_url)
+
+    async def stop(self, grace_s: float = 3.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.election is not None and self.election.is_leader:
+            with contextlib.suppress(Exception):
+                await self.election.resign()
+        if self.hub is not None:
+            await self.hub.close()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self.gateway is not None:
+            await self.gateway.close()
+        for mirror in self._mirrors.values():
+            await mirror.close()
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await self._session.close(revoke=True)
+        if self._etcd is not None:
+            with contextlib.suppress(Exception):
+                await self._etcd.close()

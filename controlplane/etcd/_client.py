@@ -1,0 +1,219 @@
+"""Typed boundary over the untyped ``aetcd`` client.
+
+Every call into aetcd made by this package goes through the functions here, which
+turn aetcd's (protobuf-backed, untyped) results into small frozen dataclasses.  The
+client object itself stays :data:`typing.Any` (``EtcdClient``); nothing else leaks.
+
+Errors are aetcd's own (``aetcd.exceptions.*``); :data:`TRANSIENT_ERRORS` lists those
+that mean "etcd unreachable / busy, retry later".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import aetcd
+import aetcd.exceptions
+
+__all__ = [
+    "TRANSIENT_ERRORS",
+    "ConnectionFailedError",
+    "EtcdClient",
+    "KeyValue",
+    "RevisionCompactedError",
+    "WatchEvent",
+    "WatchStream",
+    "client_closed",
+    "create_if_absent",
+    "delete_if",
+    "get",
+    "get_prefix",
+    "grant_lease",
+    "refresh_lease",
+    "revoke_lease",
+    "watch",
+]
+
+#: An ``aetcd.Client`` (untyped library: this is the one place ``Any`` is accepted).
+EtcdClient: TypeAlias = Any
+
+#: etcd unreachable (gRPC UNAVAILABLE): refused connection, stream removed on restart.
+ConnectionFailedError: type[Exception] = aetcd.exceptions.ConnectionFailedError
+#: A watch asked for history that etcd has compacted away.
+RevisionCompactedError: type[Exception] = aetcd.exceptions.RevisionCompactedError
+
+#: Errors after which an operation may be retried: etcd down/restarting, RPC deadline
+#: exceeded, a watch that could not be created in time, or a local timeout.
+#: ``aetcd.exceptions.ClientError`` is the base class of every aetcd error (including
+#: unmapped gRPC codes such as CANCELLED/UNKNOWN seen while a server shuts down);
+#: callers that need to single out ``RevisionCompactedError`` must catch it first.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    aetcd.exceptions.ClientError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One key as stored by etcd (mirror of ``mvccpb.KeyValue``)."""
+
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One watch event. For ``DELETE``, ``kv.mod_revision`` is the deletion revision."""
+
+    kind: Literal["PUT", "DELETE"]
+    kv: KeyValue
+
+
+def _kv(raw: Any) -> KeyValue:
+    return KeyValue(
+        key=bytes(raw.key),
+        value=bytes(raw.value),
+        create_revision=int(raw.create_revision),
+        mod_revision=int(raw.mod_revision),
+        version=int(raw.version),
+        lease=int(raw.lease),
+    )
+
+
+def client_closed(client: EtcdClient) -> bool:
+    """True once ``client.close()`` ran (aetcd drops its channel on close)."""
+    return getattr(client, "channel", None) is None
+
+
+async def grant_lease(client: EtcdClient, ttl: int) -> tuple[int, int]:
+    """Grant a lease; returns ``(lease_id, granted_ttl)``.
+
+    etcd may grant a longer TTL than asked (its minimum is ~2 s by default).
+    """
+    lease = await client.lease(ttl)
+    return int(lease.id), int(lease.ttl)
+
+
+async def refresh_lease(client: EtcdClient, lease_id: int) -> int | None:
+    """Send one keep-alive; returns the new TTL (``<= 0``: the lease no longer exists),
+    or ``None`` when the stream closed without an answer (treat as transient)."""
+    reply = await client.refresh_lease(lease_id)
+    if reply is None:
+        return None
+    return int(reply.TTL)
+
+
+async def revoke_lease(client: EtcdClient, lease_id: int) -> None:
+    """Revoke a lease (deleting its keys). Raises aetcd's ``ClientError`` if unknown."""
+    await client.revoke_lease(lease_id)
+
+
+async def get(client: EtcdClient, key: bytes) -> KeyValue | None:
+    """Linearizable read of one key."""
+    raw = await client.get(key)
+    return None if raw is None else _kv(raw)
+
+
+async def get_prefix(client: EtcdClient, prefix: bytes) -> tuple[int, list[KeyValue]]:
+    """Linearizable read of every key under ``prefix``; returns ``(revision, kvs)``
+    where ``revision`` is the store revision the read observed (from the header)."""
+    result = await client.get_prefix(prefix)
+    return int(result.header.revision), [_kv(raw) for raw in result]
+
+
+async def create_if_absent(
+    client: EtcdClient, key: bytes, value: bytes, lease_id: int
+) -> tuple[bool, int, KeyValue | None]:
+    """Atomically put ``key=value`` (attached to ``lease_id``) iff the key does not exist.
+
+    Returns ``(created, revision, existing)``: on success ``revision`` is the revision
+    of the put (== the key's ``create_revision``) and ``existing`` is ``None``; on
+    failure ``revision`` is the store revision of the transaction and ``existing`` the
+    key that blocked it.
+    """
+    tx = client.transactions
+    succeeded, responses = await client.transaction(
+        compare=[tx.create(key) == 0],
+        success=[tx.put(key, value, lease=lease_id)],
+        failure=[tx.get(key)],
+    )
+    if succeeded:
+        return True, int(responses[0].response_put.header.revision), None
+    ranged: list[tuple[bytes, Any]] = list(responses[0]) if responses else []
+    if not ranged:  # deleted between compare and get cannot happen within one txn
+        return False, 0, None
+    got = ranged[0][1]
+    return False, int(got.header.revision), _kv(got)
+
+
+async def delete_if(
+    client: EtcdClient,
+    key: bytes,
+    *,
+    value: bytes | None = None,
+    create_revision: int | None = None,
+    mod_revision: int | None = None,
+) -> bool:
+    """Delete ``key`` iff every given condition holds; returns whether it was deleted.
+
+    At least one condition is required.
+    """
+    tx = client.transactions
+    compare: list[Any] = []
+    if value is not None:
+        compare.append(tx.value(key) == value)
+    if create_revision is not None:
+        compare.append(tx.create(key) == create_revision)
+    if mod_revision is not None:
+        compare.append(tx.mod(key) == mod_revision)
+    if not compare:
+        raise ValueError("delete_if needs at least one condition")
+    succeeded, _ = await client.transaction(compare=compare, success=[tx.delete(key)], failure=[])
+    return bool(succeeded)
+
+
+class WatchStream:
+    """An established etcd watch. Iterate for :class:`WatchEvent`; :meth:`cancel` ends it.
+
+    Iteration raises ``aetcd.exceptions.ConnectionFailedError`` (and other
+    ``ClientError``) when the stream breaks and ``RevisionCompactedError`` when the
+    start revision was compacted; it ends normally after :meth:`cancel` or when the
+    client is closed.  Events of one revision are delivered back to back without
+    yielding to the event loop.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    async def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        async for event in self._raw:
+            kind = str(event.kind)
+            if kind not in ("PUT", "DELETE"):  # pragma: no cover - etcd has only two
+                continue
+            yield WatchEvent("PUT" if kind == "PUT" else "DELETE", _kv(event.kv))
+
+    async def cancel(self) -> None:
+        """Cancel the server-side watch; never raises (the stream may be gone already)."""
+        try:
+            await asyncio.wait_for(self._raw.cancel(), timeout=2.0)
+        except (aetcd.exceptions.ClientError, TimeoutError, RuntimeError):
+            pass
+
+
+async def watch(
+    client: EtcdClient, key: bytes, *, start_revision: int, prefix: bool = False
+) -> WatchStream:
+    """Create a watch on ``key`` (or every key under it when ``prefix``) delivering
+    events with revision ``>= start_revision``.  Returns once etcd confirmed it."""
+    if prefix:
+        raw = await client.watch_prefix(key, start_revision=start_revision)
+    else:
+        raw = await client.watch(key, start_revision=start_revision)
+    return WatchStream(raw)

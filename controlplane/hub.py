@@ -1,0 +1,278 @@
+"""Session hub: the control-plane side of every node's NodeLink stream.
+
+Contract:
+- A node's link record (``nodes/<node>/<replica>``) lives under a lease owned by the stream's
+  session: it exists exactly while the stream is alive (the lease is revoked when the stream ends,
+  and expires within its TTL if this replica dies).
+- One stream per node per replica: a second concurrent stream is refused with ALREADY_EXISTS.
+- :meth:`NodeSession.tunnel` multiplexes queries down the stream with correlation ids; each waits
+  for its answer at most until its deadline, and every pending query fails with UNAVAILABLE the
+  moment the stream ends. The outgoing queue is bounded (RESOURCE_EXHAUSTED when full).
+- :meth:`Hub.reconcile` sends Load for placed variants a node does not hold and Unload for copies
+  no placement wants; commands are idempotent on the node, so resending is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from controlplane import keys
+from controlplane.etcd import Session
+from controlplane.snapshot import Snapshot, VariantKey
+from protos import inference_pb2, mesh_pb2, mesh_pb2_grpc
+from protos.status import DeadlineExceeded, ResourceExhausted, Unavailable, from_code
+
+__all__ = ["Hub", "NodeSession"]
+
+_log = logging.getLogger("meshserve.controlplane.hub")
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class NodeSession:
+    """One live stream from one node."""
+
+    def __init__(self, hello: mesh_pb2.Hello, replica_id: str, outbox_size: int) -> None:
+        self.hello = hello
+        self.node_id = hello.node_id
+        self.replica_id = replica_id
+        self.copies: dict[VariantKey, mesh_pb2.CopyStatus] = {
+            (c.model, c.variant): c for c in hello.copies
+        }
+        self.telemetry = mesh_pb2.Telemetry()
+        self.outbox: asyncio.Queue[mesh_pb2.ControlMessage] = asyncio.Queue(maxsize=outbox_size)
+        self.pending: dict[int, asyncio.Future[mesh_pb2.TunnelResponse]] = {}
+        self.sent: dict[VariantKey, str] = {}  # last command per variant: "load:<sha>" / "unload"
+        self.record_dirty = asyncio.Event()
+        self.record_dirty.set()
+        self._ids = itertools.count(1)
+        self.closed = False
+
+    def record(self) -> mesh_pb2.NodeInfo:
+        return mesh_pb2.NodeInfo(
+            node_id=self.node_id, labels=self.hello.labels, hardware=self.hello.hardware,
+            direct_address=self.hello.direct_address, replicas=[self.replica_id],
+            copies=list(self.copies.values()),
+        )
+
+    def send(self, message: mesh_pb2.ControlMessage) -> None:
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            raise ResourceExhausted(
+                f"the stream to node {self.node_id} is backed up; retry later"
+            ) from None
+
+    async def tunnel(self, request: inference_pb2.ModelInferRequest, timeout: float | None,
+                     trace_context: dict[str, str]) -> inference_pb2.ModelInferResponse:
+        if self.closed:
+            raise Unavailable(f"node {self.node_id} disconnected")
+        correlation_id = next(self._ids)
+        future: asyncio.Future[mesh_pb2.TunnelResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        frame = mesh_pb2.TunnelRequest(
+            correlation_id=correlation_id, request=request, trace_context=trace_context,
+            timeout_ms=int(timeout * 1000) if timeout is not None else 0,
+        )
+        self.pending[correlation_id] = future
+        try:
+            self.send(mesh_pb2.ControlMessage(infer_request=frame))
+            answer = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no answer from node {self.node_id} within the deadline"
+            ) from None
+        finally:
+            self.pending.pop(correlation_id, None)
+        if answer.status_code:
+            raise from_code(answer.status_code, answer.status_message)
+        return answer.response
+
+    def resolve(self, answer: mesh_pb2.TunnelResponse) -> None:
+        future = self.pending.get(answer.correlation_id)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+    def fail_pending(self) -> None:
+        self.closed = True
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(Unavailable(f"node {self.node_id} disconnected"))
+        self.pending.clear()
+
+
+class Hub(mesh_pb2_grpc.NodeLinkServicer):
+    def __init__(self, *, etcd: Any, replica_id: str, lease_ttl_s: int,
+                 snapshot: Callable[[], Snapshot], replicas: Callable[[], list[mesh_pb2.ReplicaInfo]],
+                 telemetry_interval_ms: int = 2000, outbox_size: int = 4096,
+                 hello_timeout_s: float = 10.0) -> None:
+        self._etcd = etcd
+        self.replica_id = replica_id
+        self._ttl = lease_ttl_s
+        self._snapshot = snapshot
+        self._replicas = replicas
+        self._telemetry_interval_ms = telemetry_interval_ms
+        self._outbox_size = outbox_size
+        self._hello_timeout = hello_timeout_s
+        self.sessions: dict[str, NodeSession] = {}
+
+    # -- the stream --------------------------------------------------------------------------
+
+    async def Connect(self, request_iterator: AsyncIterator[mesh_pb2.NodeMessage],
+                      context: aio.ServicerContext) -> None:  # type: ignore[override]
+        try:
+            first = await asyncio.wait_for(context.read(), self._hello_timeout)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                "the first NodeMessage must be a Hello, sent at once")
+            return
+        if first is aio.EOF or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first NodeMessage must be a Hello")
+            return
+        hello = first.hello
+        if not _NODE_ID.match(hello.node_id):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid node_id {hello.node_id!r}: 1-128 of [A-Za-z0-9_.:-], "
+                "starting with a letter or digit",
+            )
+            return
+        if hello.node_id in self.sessions:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"node {hello.node_id} already has a live stream to replica {self.replica_id}",
+            )
+            return
+        session = NodeSession(hello, self.replica_id, self._outbox_size)
+        self.sessions[hello.node_id] = session
+        lease: Session | None = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            lease = await Session.open(self._etcd, self._ttl)
+            await self._write_record(session, lease)
+            await context.write(mesh_pb2.ControlMessage(welcome=mesh_pb2.Welcome(
+                replica_id=self.replica_id, replicas=self._replicas(),
+                lease_ttl_seconds=self._ttl, telemetry_interval_ms=self._telemetry_interval_ms,
+            )))
+            _log.info("node %s linked (direct=%s, labels=%s)", session.node_id,
+                      hello.direct_address or "-", dict(hello.labels))
+            handler = asyncio.current_task()
+            tasks = [
+                asyncio.create_task(self._write_loop(session, context)),
+                asyncio.create_task(self._record_loop(session, lease)),
+                asyncio.create_task(_cancel_when(lease.done, handler)),
+            ]
+            self.reconcile_session(session, self._snapshot())
+            while True:
+                message = await context.read()
+                if message is aio.EOF:
+                    break
+                self._on_message(session, message)
+        finally:
+            session.fail_pending()
+            if self.sessions.get(session.node_id) is session:
+                del self.sessions[session.node_id]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if lease is not None:
+                await asyncio.shield(lease.close(revoke=True))
+            _log.info("node %s unlinked", session.node_id)
+
+    def _on_message(self, session: NodeSession, message: mesh_pb2.NodeMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "infer_response":
+            session.resolve(message.infer_response)
+        elif kind == "copy_status":
+            status = message.copy_status
+            key = (status.model, status.variant)
+            if status.state == mesh_pb2.UNLOADED:
+                session.copies.pop(key, None)
+            else:
+                session.copies[key] = status
+            session.record_dirty.set()
+            self.reconcile_session(session, self._snapshot())
+        elif kind == "telemetry":
+            session.telemetry = message.telemetry
+        elif kind == "hello":
+            _log.warning("node %s sent a second Hello; ignored", session.node_id)
+
+    async def _write_loop(self, session: NodeSession, context: aio.ServicerContext) -> None:
+        while True:
+            message = await session.outbox.get()
+            await context.write(message)
+
+    async def _write_record(self, session: NodeSession, lease: Session) -> None:
+        session.record_dirty.clear()
+        await self._etcd.put(
+            keys.node_link_key(session.node_id, self.replica_id).encode(),
+            keys.encode(session.record()), lease=lease.lease_id,
+        )
+
+    async def _record_loop(self, session: NodeSession, lease: Session) -> None:
+        """Write the link record whenever it changed; coalesces bursts, retries on errors."""
+        while True:
+            await session.record_dirty.wait()
+            try:
+                await self._write_record(session, lease)
+            except Exception as exc:
+                _log.warning("writing node %s record failed: %r", session.node_id, exc)
+                session.record_dirty.set()
+                await asyncio.sleep(0.5)
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    def reconcile(self, snapshot: Snapshot) -> None:
+        for session in list(self.sessions.values()):
+            self.reconcile_session(session, snapshot)
+
+    def reconcile_session(self, session: NodeSession, snapshot: Snapshot) -> None:
+        node_id = session.node_id
+        for key, placement in snapshot.placements.items():
+            spec = snapshot.models.get(key)
+            if spec is None or node_id not in placement.nodes:
+                continue
+            held = session.copies.get(key)
+            command = f"load:{spec.sha256.lower()}"
+            if held is not None and held.sha256 == spec.sha256.lower():
+                session.sent[key] = command
+                continue
+            if session.sent.get(key) == command:
+                continue
+            with contextlib.suppress(ResourceExhausted):
+                session.send(mesh_pb2.ControlMessage(load=mesh_pb2.LoadModel(
+                    model=spec.name, variant=spec.variant or key[1],
+                    artifact_uri=spec.artifact_uri, sha256=spec.sha256,
+                )))
+                session.sent[key] = command
+        for key in list(session.copies):
+            placement = snapshot.placements.get(key)
+            wanted = key in snapshot.models and (placement is None or node_id in placement.nodes)
+            if wanted or session.sent.get(key) == "unload":
+                continue
+            with contextlib.suppress(ResourceExhausted):
+                session.send(mesh_pb2.ControlMessage(
+                    unload=mesh_pb2.UnloadModel(model=key[0], variant=key[1])
+                ))
+                session.sent[key] = "unload"
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            session.fail_pending()
+
+
+async def _cancel_when(event: asyncio.Event, task: asyncio.Task[Any] | None) -> None:
+    await event.wait()
+    if task is not None:
+        _log.warning("a node lease was lost; closing its stream so the node re-registers")
+        task.cancel()

@@ -1,0 +1,87 @@
+"""An immutable snapshot of what the mesh looks like, built from the etcd mirrors.
+
+Policies (scheduler, router) are functions of a :class:`Snapshot`; nothing in here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from controlplane import keys
+from protos import mesh_pb2
+
+__all__ = ["NodeView", "Snapshot", "VariantKey", "build_snapshot"]
+
+VariantKey = tuple[str, str]  # (model, variant)
+
+_RANK = {mesh_pb2.READY: 3, mesh_pb2.FAILED: 3, mesh_pb2.LOADING: 2, mesh_pb2.UNLOADED: 1}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    node_id: str
+    labels: Mapping[str, str]
+    hardware: mesh_pb2.Hardware
+    direct_address: str
+    replicas: frozenset[str]
+    copies: Mapping[VariantKey, mesh_pb2.CopyStatus]
+
+    def state(self, key: VariantKey) -> int:
+        status = self.copies.get(key)
+        return status.state if status is not None else mesh_pb2.COPY_STATE_UNSPECIFIED
+
+    def matches(self, selector: Mapping[str, str]) -> bool:
+        return all(self.labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    models: Mapping[VariantKey, mesh_pb2.ModelSpec] = field(default_factory=dict)
+    placements: Mapping[VariantKey, mesh_pb2.Placement] = field(default_factory=dict)
+    nodes: Mapping[str, NodeView] = field(default_factory=dict)
+
+    def variants(self, model: str) -> list[mesh_pb2.ModelSpec]:
+        return [spec for (m, _), spec in self.models.items() if m == model]
+
+    def ready_nodes(self, key: VariantKey) -> list[NodeView]:
+        return [n for n in self.nodes.values() if n.state(key) == mesh_pb2.READY]
+
+
+def build_snapshot(models: Mapping[str, bytes], placements: Mapping[str, bytes],
+                   links: Mapping[str, bytes]) -> Snapshot:
+    model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
+    for key, value in models.items():
+        spec = keys.decode(value, mesh_pb2.ModelSpec())
+        model_map[keys.split_key(key, keys.MODELS)] = spec
+    placement_map: dict[VariantKey, mesh_pb2.Placement] = {}
+    for key, value in placements.items():
+        placement_map[keys.split_key(key, keys.PLACEMENTS)] = keys.decode(
+            value, mesh_pb2.Placement()
+        )
+    merged: dict[str, list[mesh_pb2.NodeInfo]] = {}
+    for key, value in links.items():
+        node_id, _ = keys.split_key(key, keys.NODES)
+        merged.setdefault(node_id, []).append(keys.decode(value, mesh_pb2.NodeInfo()))
+    nodes = {node_id: _merge(node_id, infos) for node_id, infos in merged.items()}
+    return Snapshot(MappingProxyType(model_map), MappingProxyType(placement_map),
+                    MappingProxyType(nodes))
+
+
+def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo]) -> NodeView:
+    """One view of a node from the link records every replica holding its stream wrote."""
+    copies: dict[VariantKey, mesh_pb2.CopyStatus] = {}
+    for info in infos:
+        for status in info.copies:
+            key = (status.model, status.variant)
+            old = copies.get(key)
+            if old is None or _RANK.get(status.state, 0) > _RANK.get(old.state, 0):
+                copies[key] = status
+    first = infos[0]
+    return NodeView(
+        node_id=node_id, labels=MappingProxyType(dict(first.labels)), hardware=first.hardware,
+        direct_address=first.direct_address,
+        replicas=frozenset(r for info in infos for r in info.replicas),
+        copies=MappingProxyType(copies),
+    )

@@ -1,0 +1,1 @@
+"""meshserve node: dials out to the control plane and serves ONNX models with onnxruntime."""

@@ -1,0 +1,65 @@
+"""``meshserve-node``: join a mesh by dialling out to its control plane."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from node.app import Node, NodeConfig, default_node_id
+from protos.process import configure_logging, configure_tracing, run
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
+        labels[key] = value
+    return labels
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshserve-node", description=__doc__)
+    p.add_argument("--control-plane", required=True,
+                   help="control-plane address(es), comma-separated host:port")
+    p.add_argument("--node-id", default=None, help="stable node id (default: hostname-random)")
+    p.add_argument("--labels", type=parse_labels, default={}, help="e.g. tier=edge,zone=a")
+    p.add_argument("--listen", default=None,
+                   help="also serve the inference API directly on host:port (default: tunnel only)")
+    p.add_argument("--advertise", default=None, help="address clients use for --listen")
+    p.add_argument("--cache-dir", type=Path, default=Path(".meshserve/cache"))
+    p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def _serve(config: NodeConfig) -> None:
+    configure_tracing("meshserve-node")
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    await stop.wait()
+    await node.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = _parser().parse_args(argv)
+    configure_logging(ns.log_level)
+    labels: dict[str, str] = ns.labels
+    labels.setdefault("tier", "core" if ns.listen else "edge")
+    config = NodeConfig(
+        control_planes=[a.strip() for a in ns.control_plane.split(",") if a.strip()],
+        node_id=ns.node_id or default_node_id(), labels=labels, listen=ns.listen,
+        advertise=ns.advertise, cache_dir=ns.cache_dir, max_message_bytes=ns.max_message_mb << 20,
+    )
+    run(_serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The node process: composes store, copies, inference handler, optional OIP server and agent.
+
+Lifecycle (one place): :meth:`Node.start` → serve → :meth:`Node.stop` (close the links, stop the
+server with a grace period for in-flight queries, unload, shut the worker pool down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpc import aio
+
+from node.agent import Agent
+from node.copies import CopyManager
+from node.service import InferenceHandler, NodeInferenceServicer
+from node.store import ModelStore
+from protos import inference_pb2_grpc
+from protos.status import StatusInterceptor
+
+__all__ = ["Node", "NodeConfig"]
+
+_log = logging.getLogger("meshserve.node")
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    control_planes: list[str]
+    node_id: str = field(default_factory=default_node_id)
+    labels: dict[str, str] = field(default_factory=dict)
+    listen: str | None = None           # host:port for the direct OIP server; None = tunnel only
+    advertise: str | None = None        # address clients use for the direct port (default: listen)
+    cache_dir: Path = Path(".meshserve/cache")
+    max_message_bytes: int = 64 << 20
+    workers: int = max(1, os.cpu_count() or 1)
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.workers, thread_name_prefix="ort"
+        )
+        self.copies = CopyManager(ModelStore(config.cache_dir), self._executor)
+        self.handler = InferenceHandler(config.node_id, self.copies)
+        self._server: aio.Server | None = None
+        self.direct_address = ""
+        self.agent: Agent | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.listen:
+            self._server = aio.server(
+                interceptors=[StatusInterceptor()],
+                options=[
+                    ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                    ("grpc.max_send_message_length", cfg.max_message_bytes),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                NodeInferenceServicer(self.handler, self.copies), self._server
+            )
+            port = self._server.add_insecure_port(cfg.listen)
+            host = (cfg.advertise or cfg.listen).rsplit(":", 1)[0]
+            self.direct_address = cfg.advertise or f"{host}:{port}"
+            await self._server.start()
+            _log.info("node %s serving OIP directly on %s", cfg.node_id, self.direct_address)
+        self.agent = Agent(
+            node_id=cfg.node_id, labels=cfg.labels, direct_address=self.direct_address,
+            seeds=cfg.control_planes, copies=self.copies, handler=self.handler,
+            max_message_bytes=cfg.max_message_bytes,
+        )
+        self.agent.start()
+        _log.info("node %s dialling %s", cfg.node_id, ", ".join(cfg.control_planes))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.agent is not None:
+            await self.agent.close()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        await self.copies.close()
+        await asyncio.to_thread(self._executor.shutdown, True)

@@ -1,0 +1,174 @@
+"""The copies a node holds: load (fetch → verify → onnxruntime), unload, look up, report.
+
+Contract: :meth:`CopyManager.load` is idempotent — asking for a copy that is already loading or
+ready with the same sha256 does nothing but re-announce its status, so several control-plane
+replicas may send the same command. Every state change is announced to the listeners (the links
+to the control plane). A copy is READY only once its session is loaded and verified; nothing is
+ever served from a copy that is LOADING or FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from node.runtime import LoadError, OnnxCopy, TensorInfo, resident_bytes
+from node.store import ModelStore, StoreError
+from protos import mesh_pb2
+from protos.status import NotFound, Unavailable
+
+__all__ = ["CopyEntry", "CopyManager"]
+
+_log = logging.getLogger("meshserve.node.copies")
+_tracer = trace.get_tracer("meshserve.node")
+
+Listener = Callable[[mesh_pb2.CopyStatus], None]
+
+
+@dataclass(slots=True)
+class CopyEntry:
+    model: str
+    variant: str
+    sha256: str
+    state: int = mesh_pb2.LOADING
+    reason: str = ""
+    copy: OnnxCopy | None = None
+    memory_bytes: int = 0
+    load_seconds: float = 0.0
+    in_flight: int = 0
+    requests: int = 0
+    errors: int = 0
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def status(self) -> mesh_pb2.CopyStatus:
+        msg = mesh_pb2.CopyStatus(
+            model=self.model, variant=self.variant, state=self.state,  # type: ignore[arg-type]
+            reason=self.reason, memory_bytes=self.memory_bytes,
+            load_seconds=self.load_seconds, sha256=self.sha256,
+        )
+        if self.copy is not None:
+            msg.inputs.extend(_specs(self.copy.inputs))
+            msg.outputs.extend(_specs(self.copy.outputs))
+        return msg
+
+
+def _specs(infos: tuple[TensorInfo, ...]) -> list[mesh_pb2.TensorSpec]:
+    return [mesh_pb2.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in infos]
+
+
+class CopyManager:
+    def __init__(self, store: ModelStore, executor: concurrent.futures.Executor,
+                 *, intra_op_threads: int = 1) -> None:
+        self._store = store
+        self._executor = executor
+        self._intra_op_threads = intra_op_threads
+        self._copies: dict[tuple[str, str], CopyEntry] = {}
+        self._listeners: list[Listener] = []
+        self._load_lock = asyncio.Lock()  # one load at a time: bounded memory spikes
+
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        return self._executor
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def statuses(self) -> list[mesh_pb2.CopyStatus]:
+        return [e.status() for e in self._copies.values()]
+
+    def entries(self) -> list[CopyEntry]:
+        return list(self._copies.values())
+
+    def _announce(self, entry: CopyEntry) -> None:
+        status = entry.status()
+        for listener in list(self._listeners):
+            listener(status)
+
+    def load(self, cmd: mesh_pb2.LoadModel) -> None:
+        key = (cmd.model, cmd.variant)
+        entry = self._copies.get(key)
+        if entry is not None and entry.sha256 == cmd.sha256.lower():
+            self._announce(entry)  # idempotent: re-announce, never load twice
+            return
+        if entry is not None and entry.task is not None:
+            entry.task.cancel()
+        entry = CopyEntry(cmd.model, cmd.variant, cmd.sha256.lower())
+        self._copies[key] = entry
+        self._announce(entry)
+        entry.task = asyncio.create_task(self._load(entry, cmd), name=f"load {key}")
+
+    async def _load(self, entry: CopyEntry, cmd: mesh_pb2.LoadModel) -> None:
+        providers = list(cmd.execution_providers) or ["CPUExecutionProvider"]
+        with _tracer.start_as_current_span(
+            "node load", attributes={"meshserve.model": entry.model, "meshserve.variant": entry.variant}
+        ):
+            started = time.perf_counter()
+            try:
+                async with self._load_lock:
+                    path = await self._store.fetch(cmd.artifact_uri, cmd.sha256)
+                    before = resident_bytes()
+                    copy = await asyncio.to_thread(
+                        OnnxCopy.load, path, providers, intra_op_threads=self._intra_op_threads
+                    )
+                    entry.memory_bytes = max(0, resident_bytes() - before)
+            except (StoreError, LoadError) as exc:
+                entry.state, entry.reason = mesh_pb2.FAILED, str(exc)
+                _log.warning("copy %s/%s failed: %s", entry.model, entry.variant, exc)
+                self._announce(entry)
+                return
+            except Exception as exc:
+                entry.state, entry.reason = mesh_pb2.FAILED, f"unexpected load error: {exc!r}"
+                _log.exception("copy %s/%s failed", entry.model, entry.variant)
+                self._announce(entry)
+                return
+            entry.copy = copy
+            entry.load_seconds = time.perf_counter() - started
+            entry.state = mesh_pb2.READY
+            _log.info("copy %s/%s ready in %.3fs", entry.model, entry.variant, entry.load_seconds)
+            self._announce(entry)
+
+    async def unload(self, model: str, variant: str) -> None:
+        entry = self._copies.pop((model, variant), None)
+        if entry is None:
+            return
+        if entry.task is not None and not entry.task.done():
+            entry.task.cancel()
+        # Let in-flight requests finish before the session goes (bounded wait).
+        for _ in range(100):
+            if entry.in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        entry.state, entry.copy = mesh_pb2.UNLOADED, None
+        self._announce(entry)
+
+    def ready(self, model: str, variant: str) -> CopyEntry:
+        """The READY copy to serve ``model`` (``variant`` may be empty if only one is ready)."""
+        if variant:
+            entry = self._copies.get((model, variant))
+            if entry is None:
+                raise NotFound(f"model {model!r} variant {variant!r} is not loaded on this node")
+        else:
+            candidates = [e for (m, _), e in self._copies.items() if m == model]
+            if not candidates:
+                raise NotFound(f"model {model!r} is not loaded on this node")
+            ready = [e for e in candidates if e.state == mesh_pb2.READY]
+            entry = ready[0] if ready else candidates[0]
+        if entry.state != mesh_pb2.READY or entry.copy is None:
+            state = mesh_pb2.CopyState.Name(entry.state)  # type: ignore[arg-type]
+            detail = f": {entry.reason}" if entry.reason else ""
+            raise Unavailable(f"model {model!r} variant {entry.variant!r} is {state}{detail}")
+        return entry
+
+    async def close(self) -> None:
+        tasks = [e.task for e in self._copies.values() if e.task is not None and not e.task.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._copies.clear()

@@ -1,0 +1,168 @@
+"""The onnxruntime seam: one :class:`OnnxCopy` is one loaded session of one variant.
+
+Contract: :meth:`OnnxCopy.load` either returns a copy whose inputs/outputs are known, or raises
+:class:`LoadError` with the reason (not ONNX, unsupported op, ...). :meth:`OnnxCopy.run` validates
+every input against the model's declared names, datatypes and shapes before onnxruntime sees it
+(raising ``InvalidArgument`` that names the input), then runs in the given executor so the event
+loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from protos.status import InvalidArgument
+
+__all__ = ["LoadError", "OnnxCopy", "TensorInfo", "available_providers"]
+
+# onnxruntime element type strings -> Open Inference Protocol datatypes.
+_ORT_TO_OIP = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+class LoadError(Exception):
+    """A model could not be loaded; ``str()`` is the reason reported to the control plane."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 where the dimension is dynamic
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def _tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
+    infos = []
+    for arg in args:
+        datatype = _ORT_TO_OIP.get(arg.type)
+        if datatype is None:
+            raise LoadError(f"tensor {arg.name!r} has type {arg.type}, which meshserve cannot serve")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+        infos.append(TensorInfo(arg.name, datatype, shape))
+    return tuple(infos)
+
+
+class OnnxCopy:
+    """A loaded onnxruntime session and its tensor metadata. Create with :meth:`load`."""
+
+    def __init__(self, session: Any, inputs: tuple[TensorInfo, ...],
+                 outputs: tuple[TensorInfo, ...]) -> None:
+        self._session = session
+        self.inputs = inputs
+        self.outputs = outputs
+        self._inputs_by_name = {t.name: t for t in inputs}
+        self._output_names = [t.name for t in outputs]
+
+    @classmethod
+    def load(cls, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+             *, intra_op_threads: int = 1) -> OnnxCopy:
+        """Blocking: call from a worker thread."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise LoadError(f"execution provider(s) not available on this node: {missing}")
+        try:
+            session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoadError(f"not a loadable ONNX model: {first_line}") from exc
+        return cls(session, _tensor_infos(session.get_inputs()), _tensor_infos(session.get_outputs()))
+
+    def validate(self, inputs: Mapping[str, npt.NDArray[Any]], datatypes: Mapping[str, str]) -> None:
+        """Raise InvalidArgument naming the first input that does not match the model."""
+        for name in inputs:
+            if name not in self._inputs_by_name:
+                expected = ", ".join(sorted(self._inputs_by_name))
+                raise InvalidArgument(f"unknown input {name!r}; the model expects: {expected}")
+        for info in self.inputs:
+            if info.name not in inputs:
+                raise InvalidArgument(f"missing input {info.name!r} ({info.datatype} {list(info.shape)})")
+            got_type = datatypes.get(info.name, info.datatype)
+            if got_type != info.datatype:
+                raise InvalidArgument(
+                    f"input {info.name!r} has datatype {got_type}, the model expects {info.datatype}"
+                )
+            shape = inputs[info.name].shape
+            if len(shape) != len(info.shape) or any(
+                want not in (-1, got) for want, got in zip(info.shape, shape, strict=True)
+            ):
+                raise InvalidArgument(
+                    f"input {info.name!r} has shape {list(shape)}, the model expects "
+                    f"{list(info.shape)} (-1 = any size)"
+                )
+
+    def output_names(self, requested: Sequence[str]) -> list[str]:
+        if not requested:
+            return self._output_names
+        for name in requested:
+            if name not in self._output_names:
+                raise InvalidArgument(
+                    f"unknown output {name!r}; the model has: {', '.join(self._output_names)}"
+                )
+        return list(requested)
+
+    def run_blocking(self, inputs: Mapping[str, npt.NDArray[Any]],
+                     output_names: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
+        feed = {name: _to_ort(arr) for name, arr in inputs.items()}
+        results = self._session.run(list(output_names), feed)
+        return dict(zip(output_names, results, strict=True))
+
+    async def run(self, inputs: Mapping[str, npt.NDArray[Any]], datatypes: Mapping[str, str],
+                  requested: Sequence[str],
+                  executor: concurrent.futures.Executor) -> dict[str, npt.NDArray[Any]]:
+        self.validate(inputs, datatypes)
+        names = self.output_names(requested)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self.run_blocking, inputs, names)
+
+
+def _to_ort(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    if arr.dtype == object:  # BYTES: onnxruntime wants str for tensor(string)
+        return np.vectorize(
+            lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v), otypes=[object]
+        )(arr)
+    return arr
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

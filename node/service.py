@@ -1,0 +1,110 @@
+"""The node's inference path, shared by its direct OIP port and by tunneled queries.
+
+:class:`InferenceHandler` turns one ``ModelInferRequest`` into one ``ModelInferResponse`` (or a
+``StatusError``). :class:`NodeInferenceServicer` exposes it as ``inference.GRPCInferenceService``
+for nodes started with ``--listen``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from grpc import aio
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from client.codec import decode_request_inputs, encode_response_outputs
+from node.copies import CopyManager
+from protos import inference_pb2, inference_pb2_grpc
+from protos.status import InvalidArgument
+from protos.tracing import context_from_metadata
+
+__all__ = ["InferenceHandler", "NodeInferenceServicer"]
+
+_tracer = trace.get_tracer("meshserve.node")
+_VERSION = "0.1.0"
+
+
+class InferenceHandler:
+    def __init__(self, node_id: str, copies: CopyManager) -> None:
+        self.node_id = node_id
+        self._copies = copies
+
+    async def infer(self, request: inference_pb2.ModelInferRequest, parent: Context | None,
+                    hop: str) -> inference_pb2.ModelInferResponse:
+        with _tracer.start_as_current_span(
+            "node ModelInfer", context=parent, kind=trace.SpanKind.SERVER,
+            attributes={"meshserve.model": request.model_name, "meshserve.node": self.node_id,
+                        "meshserve.hop": hop},
+        ) as span:
+            entry = self._copies.ready(request.model_name, request.model_version)
+            span.set_attribute("meshserve.variant", entry.variant)
+            assert entry.copy is not None
+            if not request.model_name:
+                raise InvalidArgument("model_name is empty")
+            inputs = decode_request_inputs(request)
+            datatypes = {t.name: t.datatype for t in request.inputs}
+            entry.in_flight += 1
+            entry.requests += 1
+            try:
+                outputs = await entry.copy.run(
+                    inputs, datatypes, [o.name for o in request.outputs], self._copies.executor
+                )
+            except Exception:
+                entry.errors += 1
+                raise
+            finally:
+                entry.in_flight -= 1
+            response = inference_pb2.ModelInferResponse(
+                model_name=request.model_name, model_version=entry.variant, id=request.id
+            )
+            encode_response_outputs(response, outputs)
+            response.parameters["meshserve_node"].string_param = self.node_id
+            response.parameters["meshserve_variant"].string_param = entry.variant
+            return response
+
+
+class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """The node's own OIP endpoint (direct path; no control plane involved)."""
+
+    def __init__(self, handler: InferenceHandler, copies: CopyManager) -> None:
+        self._handler = handler
+        self._copies = copies
+        self._started = time.monotonic()
+
+    async def ServerLive(self, request: inference_pb2.ServerLiveRequest,
+                         context: aio.ServicerContext) -> inference_pb2.ServerLiveResponse:
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: inference_pb2.ServerReadyRequest,
+                          context: aio.ServicerContext) -> inference_pb2.ServerReadyResponse:
+        return inference_pb2.ServerReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: inference_pb2.ServerMetadataRequest,
+                             context: aio.ServicerContext) -> inference_pb2.ServerMetadataResponse:
+        return inference_pb2.ServerMetadataResponse(name="meshserve-node", version=_VERSION)
+
+    async def ModelReady(self, request: inference_pb2.ModelReadyRequest,
+                         context: aio.ServicerContext) -> inference_pb2.ModelReadyResponse:
+        try:
+            self._copies.ready(request.name, request.version)
+        except Exception:
+            return inference_pb2.ModelReadyResponse(ready=False)
+        return inference_pb2.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: inference_pb2.ModelMetadataRequest,
+                            context: aio.ServicerContext) -> inference_pb2.ModelMetadataResponse:
+        entry = self._copies.ready(request.name, request.version)
+        assert entry.copy is not None
+        T = inference_pb2.ModelMetadataResponse.TensorMetadata
+        return inference_pb2.ModelMetadataResponse(
+            name=request.name, versions=[entry.variant], platform="onnxruntime_onnx",
+            inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in entry.copy.inputs],
+            outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in entry.copy.outputs],
+        )
+
+    async def ModelInfer(self, request: inference_pb2.ModelInferRequest,
+                         context: aio.ServicerContext) -> inference_pb2.ModelInferResponse:
+        parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        return await self._handler.infer(request, parent, hop="direct")
+

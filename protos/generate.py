@@ -1,0 +1,59 @@
+"""Regenerate the committed *_pb2.py / *_pb2_grpc.py / *.pyi from protos/*.proto.
+
+Usage: ``python -m protos.generate`` (from the repository root). ``--check`` regenerates into a
+temporary folder and exits 1 if anything differs from what is committed (CI runs this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+_PROTOS = ("protos/inference.proto", "protos/mesh.proto")
+
+
+def _generate(out: Path) -> list[Path]:
+    from grpc_tools import protoc  # dev dependency; imported only when generating
+
+    out.mkdir(parents=True, exist_ok=True)
+    args = [
+        "protoc",
+        f"-I{_ROOT}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *(_ROOT / p for p in _PROTOS),
+    ]
+    if protoc.main([str(a) for a in args]) != 0:
+        raise SystemExit("protoc failed")
+    return sorted((out / "protos").glob("*_pb2*"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if regenerating changes files")
+    ns = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        generated = _generate(Path(tmp))
+        stale = []
+        for path in generated:
+            target = _ROOT / "protos" / path.name
+            if ns.check:
+                if not target.exists() or not filecmp.cmp(path, target, shallow=False):
+                    stale.append(path.name)
+            else:
+                shutil.copyfile(path, target)
+        if stale:
+            print(f"generated protos are stale: {', '.join(stale)}; run python -m protos.generate")
+            return 1
+    print("protos up to date" if ns.check else f"generated {len(generated)} files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

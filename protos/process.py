@@ -1,0 +1,66 @@
+"""Process bootstrap shared by the three deployables: event loop, logging, tracing.
+
+Called from each ``main()`` only — importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["configure_logging", "configure_tracing", "run"]
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], *, use_uvloop: bool | None = None) -> T:
+    """Run ``coro`` on uvloop when available (``MESHSERVE_UVLOOP=0`` turns it off)."""
+    if use_uvloop is None:
+        use_uvloop = os.environ.get("MESHSERVE_UVLOOP", "1") != "0"
+    if use_uvloop:
+        try:
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(coro)
+        except ImportError:
+            pass
+    return asyncio.run(coro)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def configure_tracing(service_name: str) -> None:
+    """Install an SDK tracer provider for this process.
+
+    Spans are exported with OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the exporter
+    package is installed (batched, off the hot path); ``MESHSERVE_TRACE_CONSOLE=1`` prints them.
+    Without either, spans are still created (trace ids propagate) but not exported.
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        except ImportError:
+            logging.getLogger("meshserve").warning(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not "
+                "installed; spans are not exported"
+            )
+    if os.environ.get("MESHSERVE_TRACE_CONSOLE") == "1":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
