@@ -7,7 +7,7 @@ import asyncio
 import signal
 
 from controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
-from protos.process import configure_logging, configure_tracing, run
+from protos.process import configure_logging, configure_tracing, install_task_dump, run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ async def _serve(config: ControlPlaneConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    install_task_dump(loop)
     await plane.start()
     await stop.wait()
     await plane.stop()

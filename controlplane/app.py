@@ -143,10 +143,10 @@ class ControlPlane:
         if self.election is not None and self.election.is_leader:
             with contextlib.suppress(Exception):
                 await self.election.resign()
-        if self.hub is not None:
-            await self.hub.close()
         if self._server is not None:
             await self._server.stop(grace_s)
+        if self.hub is not None:
+            await self.hub.close()
         if self.gateway is not None:
             await self.gateway.close()
         for mirror in self._mirrors.values():

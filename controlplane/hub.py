@@ -124,6 +124,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._outbox_size = outbox_size
         self._hello_timeout = hello_timeout_s
         self.sessions: dict[str, NodeSession] = {}
+        self._cleanups: set[asyncio.Future[None]] = set()
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -182,12 +183,22 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             session.fail_pending()
             if self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if lease is not None:
-                await asyncio.shield(lease.close(revoke=True))
-            _log.info("node %s unlinked", session.node_id)
+            # gRPC may cancel this handler more than once; the cleanup runs in its own task so
+            # the lease is always revoked (and the keep-alive stopped) whatever happens here.
+            cleanup = asyncio.ensure_future(self._cleanup(session, tasks, lease))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
+
+    async def _cleanup(self, session: NodeSession, tasks: list[asyncio.Task[None]],
+                       lease: Session | None) -> None:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if lease is not None:
+            await lease.close(revoke=True)
+        _log.info("node %s unlinked", session.node_id)
 
     def _on_message(self, session: NodeSession, message: mesh_pb2.NodeMessage) -> None:
         kind = message.WhichOneof("body")
@@ -269,6 +280,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             session.fail_pending()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
 
 
 async def _cancel_when(event: asyncio.Event, task: asyncio.Task[Any] | None) -> None:

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from node.app import Node, NodeConfig, default_node_id
-from protos.process import configure_logging, configure_tracing, run
+from protos.process import configure_logging, configure_tracing, install_task_dump, run
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -43,6 +43,7 @@ async def _serve(config: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    install_task_dump(loop)
     await node.start()
     await stop.wait()
     await node.stop()

@@ -11,7 +11,7 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["configure_logging", "configure_tracing", "run"]
+__all__ = ["configure_logging", "configure_tracing", "install_task_dump", "run"]
 
 T = TypeVar("T")
 
@@ -64,3 +64,20 @@ def configure_tracing(service_name: str) -> None:
     if os.environ.get("MESHSERVE_TRACE_CONSOLE") == "1":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
+
+
+def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:
+    """On SIGUSR1, log the stack of every asyncio task (like a goroutine dump)."""
+    import io
+    import signal
+
+    def dump() -> None:
+        out = io.StringIO()
+        for task in asyncio.all_tasks(loop):
+            out.write(f"{task!r}\n")
+            for frame in task.get_stack(limit=12):
+                code = frame.f_code
+                out.write(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}\n")
+        logging.getLogger("meshserve.debug").warning("asyncio task dump:\n%s", out.getvalue())
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)

@@ -34,8 +34,10 @@ class Election:
       session ends (``session.done``) before election.  If the key already holds this
       participant's value under this session's lease (e.g. a previous attempt whose
       answer was lost), that counts as elected;
-    * a cancelled :meth:`campaign` leaves nothing behind: if its transaction may have
-      created the key, the key is deleted again (only if still ours);
+    * a cancelled :meth:`campaign` leaves nothing behind: a create transaction in
+      flight is allowed to finish (bounded by 2 s) and, if it created the key, the key
+      is deleted again; if its outcome cannot be learnt, the key is deleted if it
+      holds this participant's value under this session's lease;
     * :attr:`is_leader` is True from a successful :meth:`campaign` until :meth:`resign`
       or until the session is done (closed or lease lost) -- whichever comes first;
     * :meth:`resign` deletes the key only if it is still this term's (same value and
@@ -105,9 +107,7 @@ class Election:
             if self._session.done.is_set():
                 raise SessionLostError(f"session ended while campaigning for {self._key!r}")
             try:
-                created, revision, existing = await _client.create_if_absent(
-                    self._client, self._key_b, self._value_b, self._session.lease_id
-                )
+                created, revision, existing = await self._create_if_absent()
             except _client.TRANSIENT_ERRORS as exc:
                 log.warning("campaign %s: %s: %s; retrying", self._key, type(exc).__name__, exc)
                 await asyncio.sleep(backoff)
@@ -127,6 +127,30 @@ class Election:
             else:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def _create_if_absent(self) -> tuple[bool, int, _client.KeyValue | None]:
+        """The create transaction, shielded from cancellation so its outcome is known:
+        if the caller is cancelled meanwhile, wait (bounded) for the answer and delete
+        the key again if the transaction created it, then re-raise the cancellation."""
+        txn = asyncio.ensure_future(
+            _client.create_if_absent(
+                self._client, self._key_b, self._value_b, self._session.lease_id
+            )
+        )
+        try:
+            return await asyncio.shield(txn)
+        except asyncio.CancelledError:
+            try:
+                async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
+                    created, revision, _ = await txn
+                    if created:
+                        await _client.delete_if(self._client, self._key_b, create_revision=revision)
+                        log.info("campaign %s cancelled: removed the key it created", self._key)
+            except Exception as exc:  # outcome unknown: campaign()'s fallback cleanup runs
+                log.debug("campaign %s cancelled mid-transaction: %r", self._key, exc)
+                if not txn.done():
+                    txn.cancel()
+            raise
 
     def _won(self, create_revision: int) -> None:
         self._create_revision = create_revision

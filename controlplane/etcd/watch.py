@@ -62,6 +62,7 @@ class PrefixMirror:
         self._task: asyncio.Task[None] | None = None
         self._watching = False
         self._reloads = 0
+        self._reconnects = 0
 
     # -- read side -----------------------------------------------------------------
 
@@ -84,6 +85,11 @@ class PrefixMirror:
     def reloads(self) -> int:
         """How many full reloads happened after a compaction (diagnostics)."""
         return self._reloads
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the watch was re-created after it broke or ended (diagnostics)."""
+        return self._reconnects
 
     def items(self) -> Mapping[str, bytes]:
         """A read-only snapshot of the mirrored keys (later changes do not show in it)."""
@@ -196,6 +202,7 @@ class PrefixMirror:
     async def _run(self) -> None:
         backoff = self._initial_backoff
         needs_reload = False
+        first = True
         while True:
             stream: _client.WatchStream | None = None
             try:
@@ -210,6 +217,9 @@ class PrefixMirror:
                     self._client, self._prefix_b, start_revision=self._revision + 1, prefix=True
                 )
                 self._watching = True
+                if not first:
+                    self._reconnects += 1
+                first = False
                 async for event in stream:
                     self._apply(event)
                     backoff = self._initial_backoff  # the stream works: reset
