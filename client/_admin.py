@@ -25,12 +25,28 @@ class AdminClient:
             code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
             raise from_code(code.value[0], exc.details() or code.name) from None  # type: ignore[attr-defined]
 
-    def register_model(self, name: str, artifact_uri: str, sha256: str, *, variant: str = "",
-                       copies: int = 1, node_selector: Mapping[str, str] | None = None,
-                       size_bytes: int = 0, accuracy: float = 0.0) -> mesh_pb2.RegisterModelResponse:
-        spec = mesh_pb2.ModelSpec(name=name, variant=variant, artifact_uri=artifact_uri,
-                                  sha256=sha256, copies=copies, node_selector=node_selector or {},
-                                  size_bytes=size_bytes, accuracy=accuracy)
+    def register_model(
+        self,
+        name: str,
+        artifact_uri: str,
+        sha256: str,
+        *,
+        variant: str = "",
+        copies: int = 1,
+        node_selector: Mapping[str, str] | None = None,
+        size_bytes: int = 0,
+        accuracy: float = 0.0,
+    ) -> mesh_pb2.RegisterModelResponse:
+        spec = mesh_pb2.ModelSpec(
+            name=name,
+            variant=variant,
+            artifact_uri=artifact_uri,
+            sha256=sha256,
+            copies=copies,
+            node_selector=node_selector or {},
+            size_bytes=size_bytes,
+            accuracy=accuracy,
+        )
         out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
         assert isinstance(out, mesh_pb2.RegisterModelResponse)
         return out
@@ -63,5 +79,3 @@ class AdminClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-

@@ -33,8 +33,12 @@ MeshError = StatusError
 class InferResult(dict[str, npt.NDArray[Any]]):
     """Outputs by name, plus the response's parameters (e.g. which node and variant answered)."""
 
-    def __init__(self, outputs: Mapping[str, npt.NDArray[Any]],
-                 parameters: Mapping[str, ParameterValue], model_version: str) -> None:
+    def __init__(
+        self,
+        outputs: Mapping[str, npt.NDArray[Any]],
+        parameters: Mapping[str, ParameterValue],
+        model_version: str,
+    ) -> None:
         super().__init__(outputs)
         self.parameters = dict(parameters)
         self.model_version = model_version
@@ -45,8 +49,10 @@ class InferResult(dict[str, npt.NDArray[Any]]):
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
 
 
 def _translate(exc: grpc.RpcError) -> StatusError:
@@ -61,9 +67,14 @@ class _Base:
         self.timeout = timeout
         self._options = _options(max_message_bytes)
 
-    def _request(self, model: str, inputs: Mapping[str, npt.NDArray[Any]],
-                 outputs: Sequence[str] | None, version: str,
-                 parameters: Mapping[str, ParameterValue] | None) -> inference_pb2.ModelInferRequest:
+    def _request(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Sequence[str] | None,
+        version: str,
+        parameters: Mapping[str, ParameterValue] | None,
+    ) -> inference_pb2.ModelInferRequest:
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         return build_request(model, arrays, outputs=outputs, version=version, parameters=parameters)
 
@@ -81,15 +92,24 @@ class MeshClient(_Base):
         self._channel = grpc.insecure_channel(target, options=self._options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
-    def infer(self, model: str, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] | None = None,
-              *, version: str = "", parameters: Mapping[str, ParameterValue] | None = None,
-              timeout: float | None = None) -> InferResult:
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: str = "",
+        parameters: Mapping[str, ParameterValue] | None = None,
+        timeout: float | None = None,
+    ) -> InferResult:
         request = self._request(model, inputs, outputs, version, parameters)
-        with _tracer.start_as_current_span("client ModelInfer", kind=trace.SpanKind.CLIENT,
-                                           attributes={"meshserve.model": model}):
+        with _tracer.start_as_current_span(
+            "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
+        ):
             try:
-                response = self._stub.ModelInfer(request, timeout=timeout or self.timeout,
-                                                 metadata=metadata_with_context())
+                response = self._stub.ModelInfer(
+                    request, timeout=timeout or self.timeout, metadata=metadata_with_context()
+                )
             except grpc.RpcError as exc:
                 raise _translate(exc) from None
         return self._result(response)
@@ -104,8 +124,9 @@ class MeshClient(_Base):
             raise _translate(exc) from None
         return bool(response.ready)
 
-    def model_metadata(self, model: str, version: str = "", *,
-                       timeout: float | None = None) -> inference_pb2.ModelMetadataResponse:
+    def model_metadata(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> inference_pb2.ModelMetadataResponse:
         try:
             response: inference_pb2.ModelMetadataResponse = self._stub.ModelMetadata(
                 inference_pb2.ModelMetadataRequest(name=model, version=version),
@@ -133,22 +154,31 @@ class AsyncMeshClient(_Base):
         self._channel = aio.insecure_channel(target, options=self._options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
-    async def infer(self, model: str, inputs: Mapping[str, npt.NDArray[Any]],
-                    outputs: Sequence[str] | None = None, *, version: str = "",
-                    parameters: Mapping[str, ParameterValue] | None = None,
-                    timeout: float | None = None) -> InferResult:
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: str = "",
+        parameters: Mapping[str, ParameterValue] | None = None,
+        timeout: float | None = None,
+    ) -> InferResult:
         request = self._request(model, inputs, outputs, version, parameters)
-        with _tracer.start_as_current_span("client ModelInfer", kind=trace.SpanKind.CLIENT,
-                                           attributes={"meshserve.model": model}):
+        with _tracer.start_as_current_span(
+            "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
+        ):
             try:
-                response = await self._stub.ModelInfer(request, timeout=timeout or self.timeout,
-                                                       metadata=metadata_with_context())
+                response = await self._stub.ModelInfer(
+                    request, timeout=timeout or self.timeout, metadata=metadata_with_context()
+                )
             except grpc.RpcError as exc:
                 raise _translate(exc) from None
         return self._result(response)
 
-    async def model_ready(self, model: str, version: str = "", *,
-                          timeout: float | None = None) -> bool:
+    async def model_ready(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> bool:
         try:
             response = await self._stub.ModelReady(
                 inference_pb2.ModelReadyRequest(name=model, version=version),
@@ -158,8 +188,9 @@ class AsyncMeshClient(_Base):
             raise _translate(exc) from None
         return bool(response.ready)
 
-    async def model_metadata(self, model: str, version: str = "", *,
-                             timeout: float | None = None) -> inference_pb2.ModelMetadataResponse:
+    async def model_metadata(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> inference_pb2.ModelMetadataResponse:
         try:
             response: inference_pb2.ModelMetadataResponse = await self._stub.ModelMetadata(
                 inference_pb2.ModelMetadataRequest(name=model, version=version),
@@ -170,7 +201,7 @@ class AsyncMeshClient(_Base):
         return response
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncMeshClient:
         return self

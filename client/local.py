@@ -33,8 +33,9 @@ def free_port() -> int:
         return port
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, *, interval: float = 0.1,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, *, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns a truthy value; TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -46,8 +47,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float, *, interval: float 
         except Exception as exc:
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
-                       + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise TimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 @dataclass
@@ -62,11 +65,17 @@ class ManagedProcess:
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap
+        self._log = open(self.log_path, "ab")
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         return self
 
     @property
@@ -122,8 +131,9 @@ def _live(address: str) -> bool:
 class LocalMesh:
     """Start and own the processes of a mesh on loopback. Use as a context manager."""
 
-    def __init__(self, workdir: Path, *, lease_ttl_s: int = 5,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, lease_ttl_s: int = 5, env: Mapping[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.lease_ttl_s = lease_ttl_s
         self.env = env
@@ -141,11 +151,29 @@ class LocalMesh:
     def use_etcd(self, url: str) -> None:
         self.etcd_url = url
 
-    def start_controlplane(self, name: str = "cp-1", *, port: int | None = None,
-                           extra: Sequence[str] = (), timeout: float = 30.0) -> ManagedProcess:
+    def start_controlplane(
+        self,
+        name: str = "cp-1",
+        *,
+        port: int | None = None,
+        extra: Sequence[str] = (),
+        timeout: float = 30.0,
+    ) -> ManagedProcess:
         address = f"127.0.0.1:{port or free_port()}"
-        argv = [sys.executable, "-m", "controlplane", "--etcd", self.etcd_url, "--listen", address,
-                "--replica-id", name, "--lease-ttl", str(self.lease_ttl_s), *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "controlplane",
+            "--etcd",
+            self.etcd_url,
+            "--listen",
+            address,
+            "--replica-id",
+            name,
+            "--lease-ttl",
+            str(self.lease_ttl_s),
+            *extra,
+        ]
         proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", address, self.env).start()
         self.processes.append(proc)
         try:
@@ -156,12 +184,27 @@ class LocalMesh:
             raise RuntimeError(f"{name} exited:\n{proc.tail()}")
         return proc
 
-    def start_node(self, name: str, control_planes: Sequence[str], *,
-                   labels: Mapping[str, str] | None = None, direct: bool = False,
-                   extra: Sequence[str] = ()) -> ManagedProcess:
+    def start_node(
+        self,
+        name: str,
+        control_planes: Sequence[str],
+        *,
+        labels: Mapping[str, str] | None = None,
+        direct: bool = False,
+        extra: Sequence[str] = (),
+    ) -> ManagedProcess:
         label_text = ",".join(f"{k}={v}" for k, v in (labels or {}).items())
-        argv = [sys.executable, "-m", "node", "--control-plane", ",".join(control_planes),
-                "--node-id", name, "--cache-dir", str(self.workdir / f"{name}-cache")]
+        argv = [
+            sys.executable,
+            "-m",
+            "node",
+            "--control-plane",
+            ",".join(control_planes),
+            "--node-id",
+            name,
+            "--cache-dir",
+            str(self.workdir / f"{name}-cache"),
+        ]
         if label_text:
             argv += ["--labels", label_text]
         if direct:

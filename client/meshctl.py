@@ -26,8 +26,9 @@ app.add_typer(nodes_app, name="nodes")
 app.add_typer(placements_app, name="placements")
 
 _console = Console()
-Target = Annotated[str, typer.Option("--target", "-t", envvar="MESHSERVE_TARGET",
-                                     help="control-plane address")]
+Target = Annotated[
+    str, typer.Option("--target", "-t", envvar="MESHSERVE_TARGET", help="control-plane address")
+]
 
 
 def _fail(exc: StatusError) -> None:
@@ -43,7 +44,9 @@ def _state(state: int) -> str:
 def models_register(
     name: str,
     artifact: Annotated[str, typer.Option(help="path or file:// / http(s):// URI")],
-    sha256: Annotated[str, typer.Option(help="hex sha256 (computed for local files if omitted)")] = "",
+    sha256: Annotated[
+        str, typer.Option(help="hex sha256 (computed for local files if omitted)")
+    ] = "",
     variant: str = "default",
     copies: int = 1,
     selector: Annotated[str, typer.Option(help="node labels required, e.g. tier=edge")] = "",
@@ -63,8 +66,9 @@ def models_register(
     labels = dict(item.split("=", 1) for item in selector.split(",") if "=" in item)
     with AdminClient(target) as admin:
         try:
-            out = admin.register_model(name, uri, sha256, variant=variant, copies=copies,
-                                       node_selector=labels)
+            out = admin.register_model(
+                name, uri, sha256, variant=variant, copies=copies, node_selector=labels
+            )
         except StatusError as exc:
             _fail(exc)
             return
@@ -109,8 +113,9 @@ def nodes_list(target: Target = "127.0.0.1:8001") -> None:
     for n in nodes:
         copies = ", ".join(f"{c.model}/{c.variant}:{_state(c.state)}" for c in n.copies)
         labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
-        table.add_row(n.node_id, labels, n.direct_address or "(tunnel)", ",".join(n.replicas),
-                      copies)
+        table.add_row(
+            n.node_id, labels, n.direct_address or "(tunnel)", ",".join(n.replicas), copies
+        )
     _console.print(table)
 
 
@@ -133,7 +138,9 @@ def placements_list(model: str = "", target: Target = "127.0.0.1:8001") -> None:
 def up(
     duration: Annotated[float, typer.Option(help="seconds to stay up; 0 = until Ctrl-C")] = 0.0,
     queries: Annotated[int, typer.Option(help="demo queries to send once ready")] = 8,
-    workdir: Annotated[Path | None, typer.Option(help="where logs, etcd data and models go")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="where logs, etcd data and models go")
+    ] = None,
     etcd: Annotated[str, typer.Option(help="use this etcd instead of starting one")] = "",
 ) -> None:
     """Run a local mesh: etcd, a control plane, two nodes (one edge, tunnel-only), a demo model,
@@ -160,26 +167,39 @@ def up(
             with _console.status("starting the control plane"):
                 cp = mesh.start_controlplane("cp-1")
             _console.print(f"[green]✓[/green] control plane {cp.address}")
-            mesh.start_node("core-1", [cp.address], labels={"tier": "core", "zone": "a"},
-                            direct=True)
+            mesh.start_node(
+                "core-1", [cp.address], labels={"tier": "core", "zone": "a"}, direct=True
+            )
             mesh.start_node("edge-1", [cp.address], labels={"tier": "edge", "zone": "b"})
             with AdminClient(cp.address) as admin:
                 wait_until(lambda: len(admin.list_nodes()) >= 2, 60, what="two nodes to join")
                 for n in admin.list_nodes():
                     path = n.direct_address or "tunnel only (no inbound port)"
-                    _console.print(f"[green]✓[/green] node          {n.node_id:8} "
-                                   f"tier={n.labels.get('tier')} {path}")
+                    _console.print(
+                        f"[green]✓[/green] node          {n.node_id:8} "
+                        f"tier={n.labels.get('tier')} {path}"
+                    )
                 model = make_mlp(work / "models" / "demo-mlp.onnx")
                 admin.register_model("demo-mlp", model.as_uri(), sha256_file(model), copies=2)
                 _console.print("[green]✓[/green] registered    demo-mlp (64→256→256→10, 2 copies)")
                 with _console.status("placing and loading demo-mlp"):
-                    wait_until(lambda: sum(
-                        c.state == mesh_pb2.READY for n in admin.list_nodes() for c in n.copies
-                    ) >= 2, 120, what="two ready copies of demo-mlp")
+                    wait_until(
+                        lambda: (
+                            sum(
+                                c.state == mesh_pb2.READY
+                                for n in admin.list_nodes()
+                                for c in n.copies
+                            )
+                            >= 2
+                        ),
+                        120,
+                        what="two ready copies of demo-mlp",
+                    )
             _console.print("[green]✓[/green] ready         demo-mlp on both nodes")
             rng = np.random.default_rng(0)
-            table = Table("query", "served by", "argmax", "matches in-process onnxruntime",
-                          "latency ms")
+            table = Table(
+                "query", "served by", "argmax", "matches in-process onnxruntime", "latency ms"
+            )
             with MeshClient(cp.address) as client:
                 for i in range(queries):
                     x = rng.standard_normal((1, 64)).astype(np.float32)
@@ -188,8 +208,13 @@ def up(
                     ms = (time.perf_counter() - t0) * 1e3
                     expected = reference_outputs(model, {"x": x})["y"]
                     ok = bool(np.allclose(result["y"], expected, rtol=1e-5, atol=1e-5))
-                    table.add_row(str(i + 1), result.node, str(int(result["y"].argmax())),
-                                  "[green]yes[/green]" if ok else "[red]NO[/red]", f"{ms:.2f}")
+                    table.add_row(
+                        str(i + 1),
+                        result.node,
+                        str(int(result["y"].argmax())),
+                        "[green]yes[/green]" if ok else "[red]NO[/red]",
+                        f"{ms:.2f}",
+                    )
             _console.print(table)
             _console.print(f"mesh is up: gateway {cp.address} (OIP v2 gRPC), logs in {work}")
             _console.print("Ctrl-C to stop" if not duration else f"stopping in {duration:.0f}s")

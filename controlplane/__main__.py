@@ -13,11 +13,16 @@ from protos.process import configure_logging, configure_tracing, install_task_du
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshserve-controlplane", description=__doc__)
     p.add_argument("--etcd", default="http://127.0.0.1:2379", help="etcd client URL")
-    p.add_argument("--listen", default="127.0.0.1:8001",
-                   help="host:port for NodeLink, Admin and the inference gateway")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8001",
+        help="host:port for NodeLink, Admin and the inference gateway",
+    )
     p.add_argument("--advertise", default=None, help="address nodes dial (default: --listen)")
     p.add_argument("--replica-id", default=None)
-    p.add_argument("--lease-ttl", type=int, default=5, help="seconds a node record outlives its stream")
+    p.add_argument(
+        "--lease-ttl", type=int, default=5, help="seconds a node record outlives its stream"
+    )
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--log-level", default="INFO")
     return p
@@ -42,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     if ns.lease_ttl < 2:
         raise SystemExit("--lease-ttl must be at least 2 seconds")
     config = ControlPlaneConfig(
-        etcd_url=ns.etcd, listen=ns.listen, advertise=ns.advertise,
-        replica_id=ns.replica_id or default_replica_id(), lease_ttl_s=ns.lease_ttl,
+        etcd_url=ns.etcd,
+        listen=ns.listen,
+        advertise=ns.advertise,
+        replica_id=ns.replica_id or default_replica_id(),
+        lease_ttl_s=ns.lease_ttl,
         max_message_bytes=ns.max_message_mb << 20,
     )
     run(_serve(config))

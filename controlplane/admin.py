@@ -10,20 +10,31 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from grpc import aio
-
 from controlplane import keys
 from controlplane.hub import Hub
 from controlplane.snapshot import Snapshot
 from protos import mesh_pb2, mesh_pb2_grpc
-from protos.status import InvalidArgument
+from protos.status import InvalidArgument, ServicerContext
 
 __all__ = ["AdminService", "validate_spec"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_OIP_TYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-              "FP16", "FP32", "FP64", "BYTES"}
+_OIP_TYPES = {
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+}
 MAX_COPIES = 1000
 
 
@@ -61,39 +72,51 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self._snapshot = snapshot
         self._hub = hub
 
-    async def RegisterModel(self, request: mesh_pb2.RegisterModelRequest,
-                            context: aio.ServicerContext) -> mesh_pb2.RegisterModelResponse:
+    async def RegisterModel(
+        self, request: mesh_pb2.RegisterModelRequest, context: ServicerContext
+    ) -> mesh_pb2.RegisterModelResponse:
         spec = validate_spec(request.model)
         key = keys.model_key(spec.name, spec.variant).encode()
         previous = await self._etcd.put(key, keys.encode(spec), prev_kv=True)
         created = not getattr(previous, "prev_kv", None)
         return mesh_pb2.RegisterModelResponse(model=spec, created=created)
 
-    async def ListModels(self, request: mesh_pb2.ListModelsRequest,
-                         context: aio.ServicerContext) -> mesh_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: mesh_pb2.ListModelsRequest, context: ServicerContext
+    ) -> mesh_pb2.ListModelsResponse:
         snapshot = self._snapshot()
-        return mesh_pb2.ListModelsResponse(models=[snapshot.models[k] for k in sorted(snapshot.models)])
+        return mesh_pb2.ListModelsResponse(
+            models=[snapshot.models[k] for k in sorted(snapshot.models)]
+        )
 
-    async def RemoveModel(self, request: mesh_pb2.RemoveModelRequest,
-                          context: aio.ServicerContext) -> mesh_pb2.RemoveModelResponse:
+    async def RemoveModel(
+        self, request: mesh_pb2.RemoveModelRequest, context: ServicerContext
+    ) -> mesh_pb2.RemoveModelResponse:
         if not _NAME.match(request.name):
             raise InvalidArgument(f"invalid model name {request.name!r}")
         if request.variant:
-            deleted = await self._etcd.delete(keys.model_key(request.name, request.variant).encode())
+            deleted = await self._etcd.delete(
+                keys.model_key(request.name, request.variant).encode()
+            )
             removed = 1 if deleted else 0
         else:
             result = await self._etcd.delete_prefix(f"{keys.MODELS}{request.name}/".encode())
             removed = int(getattr(result, "deleted", 0))
         return mesh_pb2.RemoveModelResponse(removed=removed)
 
-    async def ListNodes(self, request: mesh_pb2.ListNodesRequest,
-                        context: aio.ServicerContext) -> mesh_pb2.ListNodesResponse:
+    async def ListNodes(
+        self, request: mesh_pb2.ListNodesRequest, context: ServicerContext
+    ) -> mesh_pb2.ListNodesResponse:
         snapshot = self._snapshot()
         out = mesh_pb2.ListNodesResponse()
         for node_id in sorted(snapshot.nodes):
             node = snapshot.nodes[node_id]
-            info = out.nodes.add(node_id=node_id, labels=dict(node.labels),
-                                 direct_address=node.direct_address, replicas=sorted(node.replicas))
+            info = out.nodes.add(
+                node_id=node_id,
+                labels=dict(node.labels),
+                direct_address=node.direct_address,
+                replicas=sorted(node.replicas),
+            )
             info.hardware.CopyFrom(node.hardware)
             info.copies.extend(node.copies[k] for k in sorted(node.copies))
             session = self._hub.sessions.get(node_id)
@@ -101,10 +124,14 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
                 info.telemetry.CopyFrom(session.telemetry)
         return out
 
-    async def ListPlacements(self, request: mesh_pb2.ListPlacementsRequest,
-                             context: aio.ServicerContext) -> mesh_pb2.ListPlacementsResponse:
+    async def ListPlacements(
+        self, request: mesh_pb2.ListPlacementsRequest, context: ServicerContext
+    ) -> mesh_pb2.ListPlacementsResponse:
         snapshot = self._snapshot()
-        return mesh_pb2.ListPlacementsResponse(placements=[
-            snapshot.placements[k] for k in sorted(snapshot.placements)
-            if not request.model or k[0] == request.model
-        ])
+        return mesh_pb2.ListPlacementsResponse(
+            placements=[
+                snapshot.placements[k]
+                for k in sorted(snapshot.placements)
+                if not request.model or k[0] == request.model
+            ]
+        )

@@ -109,19 +109,28 @@ class ControlPlane:
 
         self._session = await Session.open(self._etcd, cfg.lease_ttl_s)
         info = mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=self.address)
-        await self._etcd.put(keys.replica_key(self.replica_id).encode(), keys.encode(info),
-                             lease=self._session.lease_id)
+        await self._etcd.put(
+            keys.replica_key(self.replica_id).encode(),
+            keys.encode(info),
+            lease=self._session.lease_id,
+        )
         for prefix in (keys.MODELS, keys.PLACEMENTS, keys.NODES, keys.REPLICAS):
             mirror = PrefixMirror(self._etcd, prefix)
             await mirror.start()
             mirror.subscribe(self._changed)
             self._mirrors[prefix] = mirror
 
-        self.hub = Hub(etcd=self._etcd, replica_id=self.replica_id, lease_ttl_s=cfg.lease_ttl_s,
-                       snapshot=self.snapshot, replicas=self.replicas,
-                       telemetry_interval_ms=cfg.telemetry_interval_ms)
-        self.gateway = Gateway(hub=self.hub, snapshot=self.snapshot, channel_options=options,
-                               ready=lambda: True)
+        self.hub = Hub(
+            etcd=self._etcd,
+            replica_id=self.replica_id,
+            lease_ttl_s=cfg.lease_ttl_s,
+            snapshot=self.snapshot,
+            replicas=self.replicas,
+            telemetry_interval_ms=cfg.telemetry_interval_ms,
+        )
+        self.gateway = Gateway(
+            hub=self.hub, snapshot=self.snapshot, channel_options=options, ready=lambda: True
+        )
         mesh_pb2_grpc.add_NodeLinkServicer_to_server(self.hub, self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
             AdminService(etcd=self._etcd, snapshot=self.snapshot, hub=self.hub), self._server
@@ -130,11 +139,19 @@ class ControlPlane:
         await self._server.start()
 
         self.election = Election(self._etcd, self._session, keys.LEADER, self.replica_id)
-        self.leader = LeaderLoop(etcd=self._etcd, election=self.election,
-                                 replica_id=self.replica_id, snapshot=self.snapshot)
+        self.leader = LeaderLoop(
+            etcd=self._etcd,
+            election=self.election,
+            replica_id=self.replica_id,
+            snapshot=self.snapshot,
+        )
         self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
-        _log.info("control-plane replica %s serving on %s (etcd %s)", self.replica_id,
-                  self.address, cfg.etcd_url)
+        _log.info(
+            "control-plane replica %s serving on %s (etcd %s)",
+            self.replica_id,
+            self.address,
+            cfg.etcd_url,
+        )
 
     async def stop(self, grace_s: float = 3.0) -> None:
         for task in self._tasks:

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from controlplane.hub import Hub
 from controlplane.snapshot import NodeView, Snapshot
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
-from protos.status import NotFound, StatusError, Unavailable, from_code
+from protos.status import NotFound, ServicerContext, StatusError, Unavailable, from_code
 from protos.tracing import context_from_metadata, inject_map, metadata_with_context
 
 __all__ = ["Gateway"]
@@ -32,8 +32,14 @@ _VERSION = "0.1.0"
 
 
 class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, *, hub: Hub, snapshot: Callable[[], Snapshot],
-                 channel_options: list[tuple[str, Any]], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        *,
+        hub: Hub,
+        snapshot: Callable[[], Snapshot],
+        channel_options: list[tuple[str, Any]],
+        ready: Callable[[], bool],
+    ) -> None:
         self._hub = hub
         self._snapshot = snapshot
         self._channel_options = channel_options
@@ -43,20 +49,24 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- health and metadata ----------------------------------------------------------------
 
-    async def ServerLive(self, request: inference_pb2.ServerLiveRequest,
-                         context: aio.ServicerContext) -> inference_pb2.ServerLiveResponse:
+    async def ServerLive(
+        self, request: inference_pb2.ServerLiveRequest, context: ServicerContext
+    ) -> inference_pb2.ServerLiveResponse:
         return inference_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: inference_pb2.ServerReadyRequest,
-                          context: aio.ServicerContext) -> inference_pb2.ServerReadyResponse:
+    async def ServerReady(
+        self, request: inference_pb2.ServerReadyRequest, context: ServicerContext
+    ) -> inference_pb2.ServerReadyResponse:
         return inference_pb2.ServerReadyResponse(ready=self._ready())
 
-    async def ServerMetadata(self, request: inference_pb2.ServerMetadataRequest,
-                             context: aio.ServicerContext) -> inference_pb2.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: inference_pb2.ServerMetadataRequest, context: ServicerContext
+    ) -> inference_pb2.ServerMetadataResponse:
         return inference_pb2.ServerMetadataResponse(name="meshserve", version=_VERSION)
 
-    async def ModelReady(self, request: inference_pb2.ModelReadyRequest,
-                         context: aio.ServicerContext) -> inference_pb2.ModelReadyResponse:
+    async def ModelReady(
+        self, request: inference_pb2.ModelReadyRequest, context: ServicerContext
+    ) -> inference_pb2.ModelReadyResponse:
         snapshot = self._snapshot()
         try:
             spec = self._variant(snapshot, request.name, request.version)
@@ -64,8 +74,9 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             return inference_pb2.ModelReadyResponse(ready=False)
         return inference_pb2.ModelReadyResponse(ready=bool(self._candidates(snapshot, spec)))
 
-    async def ModelMetadata(self, request: inference_pb2.ModelMetadataRequest,
-                            context: aio.ServicerContext) -> inference_pb2.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: inference_pb2.ModelMetadataRequest, context: ServicerContext
+    ) -> inference_pb2.ModelMetadataResponse:
         snapshot = self._snapshot()
         spec = self._variant(snapshot, request.name, request.version)
         inputs, outputs = list(spec.inputs), list(spec.outputs)
@@ -78,7 +89,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             raise Unavailable(f"model {spec.name!r} has no ready copy yet; metadata unknown")
         T = inference_pb2.ModelMetadataResponse.TensorMetadata
         return inference_pb2.ModelMetadataResponse(
-            name=spec.name, versions=sorted(s.variant for s in snapshot.variants(spec.name)),
+            name=spec.name,
+            versions=sorted(s.variant for s in snapshot.variants(spec.name)),
             platform="onnxruntime_onnx",
             inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in inputs],
             outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in outputs],
@@ -86,11 +98,14 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def ModelInfer(self, request: inference_pb2.ModelInferRequest,
-                         context: aio.ServicerContext) -> inference_pb2.ModelInferResponse:
+    async def ModelInfer(
+        self, request: inference_pb2.ModelInferRequest, context: ServicerContext
+    ) -> inference_pb2.ModelInferResponse:
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         with _tracer.start_as_current_span(
-            "gateway ModelInfer", context=parent, kind=trace.SpanKind.SERVER,
+            "gateway ModelInfer",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
             attributes={"meshserve.model": request.model_name},
         ) as span:
             remaining = context.time_remaining()
@@ -144,7 +159,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def _candidates(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> list[NodeView]:
         key = (spec.name, spec.variant)
         return [
-            n for n in snapshot.ready_nodes(key)
+            n
+            for n in snapshot.ready_nodes(key)
             if n.direct_address or n.node_id in self._hub.sessions
         ]
 
@@ -160,15 +176,24 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             detail = f"; failed copies: {reasons}"
         elif placement is not None and placement.nodes:
             detail = f"; placed on {', '.join(placement.nodes)}, not ready yet"
-        return Unavailable(f"model {spec.name!r} variant {spec.variant!r} has no ready copy{detail}")
+        return Unavailable(
+            f"model {spec.name!r} variant {spec.variant!r} has no ready copy{detail}"
+        )
 
-    async def _forward(self, node: NodeView, request: inference_pb2.ModelInferRequest,
-                       timeout: float | None, span: trace.Span) -> inference_pb2.ModelInferResponse:
+    async def _forward(
+        self,
+        node: NodeView,
+        request: inference_pb2.ModelInferRequest,
+        timeout: float | None,
+        span: trace.Span,
+    ) -> inference_pb2.ModelInferResponse:
         self._in_flight[node.node_id] = self._in_flight.get(node.node_id, 0) + 1
         try:
             if node.direct_address:
                 span.set_attribute("meshserve.path", "direct")
-                stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel(node.direct_address))
+                stub = inference_pb2_grpc.GRPCInferenceServiceStub(
+                    self._channel(node.direct_address)
+                )
                 try:
                     response: inference_pb2.ModelInferResponse = await stub.ModelInfer(
                         request, timeout=timeout, metadata=metadata_with_context()
@@ -193,4 +218,4 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)

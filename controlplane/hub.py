@@ -23,13 +23,19 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from grpc import aio
 
 from controlplane import keys
 from controlplane.etcd import Session
 from controlplane.snapshot import Snapshot, VariantKey
 from protos import inference_pb2, mesh_pb2, mesh_pb2_grpc
-from protos.status import DeadlineExceeded, ResourceExhausted, Unavailable, from_code
+from protos.status import (
+    EOF,
+    DeadlineExceeded,
+    ResourceExhausted,
+    ServicerContext,
+    Unavailable,
+    from_code,
+)
 
 __all__ = ["Hub", "NodeSession"]
 
@@ -58,8 +64,11 @@ class NodeSession:
 
     def record(self) -> mesh_pb2.NodeInfo:
         return mesh_pb2.NodeInfo(
-            node_id=self.node_id, labels=self.hello.labels, hardware=self.hello.hardware,
-            direct_address=self.hello.direct_address, replicas=[self.replica_id],
+            node_id=self.node_id,
+            labels=self.hello.labels,
+            hardware=self.hello.hardware,
+            direct_address=self.hello.direct_address,
+            replicas=[self.replica_id],
             copies=list(self.copies.values()),
         )
 
@@ -71,16 +80,20 @@ class NodeSession:
                 f"the stream to node {self.node_id} is backed up; retry later"
             ) from None
 
-    async def tunnel(self, request: inference_pb2.ModelInferRequest, timeout: float | None,
-                     trace_context: dict[str, str]) -> inference_pb2.ModelInferResponse:
+    async def tunnel(
+        self,
+        request: inference_pb2.ModelInferRequest,
+        timeout: float | None,
+        trace_context: dict[str, str],
+    ) -> inference_pb2.ModelInferResponse:
         if self.closed:
             raise Unavailable(f"node {self.node_id} disconnected")
         correlation_id = next(self._ids)
-        future: asyncio.Future[mesh_pb2.TunnelResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
+        future: asyncio.Future[mesh_pb2.TunnelResponse] = asyncio.get_running_loop().create_future()
         frame = mesh_pb2.TunnelRequest(
-            correlation_id=correlation_id, request=request, trace_context=trace_context,
+            correlation_id=correlation_id,
+            request=request,
+            trace_context=trace_context,
             timeout_ms=int(timeout * 1000) if timeout is not None else 0,
         )
         self.pending[correlation_id] = future
@@ -111,10 +124,18 @@ class NodeSession:
 
 
 class Hub(mesh_pb2_grpc.NodeLinkServicer):
-    def __init__(self, *, etcd: Any, replica_id: str, lease_ttl_s: int,
-                 snapshot: Callable[[], Snapshot], replicas: Callable[[], list[mesh_pb2.ReplicaInfo]],
-                 telemetry_interval_ms: int = 2000, outbox_size: int = 4096,
-                 hello_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        etcd: Any,
+        replica_id: str,
+        lease_ttl_s: int,
+        snapshot: Callable[[], Snapshot],
+        replicas: Callable[[], list[mesh_pb2.ReplicaInfo]],
+        telemetry_interval_ms: int = 2000,
+        outbox_size: int = 4096,
+        hello_timeout_s: float = 10.0,
+    ) -> None:
         self._etcd = etcd
         self.replica_id = replica_id
         self._ttl = lease_ttl_s
@@ -128,17 +149,21 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
 
     # -- the stream --------------------------------------------------------------------------
 
-    async def Connect(self, request_iterator: AsyncIterator[mesh_pb2.NodeMessage],
-                      context: aio.ServicerContext) -> None:  # type: ignore[override]
+    async def Connect(
+        self, request_iterator: AsyncIterator[mesh_pb2.NodeMessage], context: ServicerContext
+    ) -> None:  # type: ignore[override]
         try:
             first = await asyncio.wait_for(context.read(), self._hello_timeout)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                "the first NodeMessage must be a Hello, sent at once")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the first NodeMessage must be a Hello, sent at once",
+            )
             return
-        if first is aio.EOF or not first.HasField("hello"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first NodeMessage must be a Hello")
+        if first is EOF or not first.HasField("hello"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first NodeMessage must be a Hello"
+            )
             return
         hello = first.hello
         if not _NODE_ID.match(hello.node_id):
@@ -161,12 +186,22 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         try:
             lease = await Session.open(self._etcd, self._ttl)
             await self._write_record(session, lease)
-            await context.write(mesh_pb2.ControlMessage(welcome=mesh_pb2.Welcome(
-                replica_id=self.replica_id, replicas=self._replicas(),
-                lease_ttl_seconds=self._ttl, telemetry_interval_ms=self._telemetry_interval_ms,
-            )))
-            _log.info("node %s linked (direct=%s, labels=%s)", session.node_id,
-                      hello.direct_address or "-", dict(hello.labels))
+            await context.write(
+                mesh_pb2.ControlMessage(
+                    welcome=mesh_pb2.Welcome(
+                        replica_id=self.replica_id,
+                        replicas=self._replicas(),
+                        lease_ttl_seconds=self._ttl,
+                        telemetry_interval_ms=self._telemetry_interval_ms,
+                    )
+                )
+            )
+            _log.info(
+                "node %s linked (direct=%s, labels=%s)",
+                session.node_id,
+                hello.direct_address or "-",
+                dict(hello.labels),
+            )
             handler = asyncio.current_task()
             tasks = [
                 asyncio.create_task(self._write_loop(session, context)),
@@ -176,7 +211,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             self.reconcile_session(session, self._snapshot())
             while True:
                 message = await context.read()
-                if message is aio.EOF:
+                if message is EOF:
                     break
                 self._on_message(session, message)
         finally:
@@ -191,8 +226,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(cleanup)
 
-    async def _cleanup(self, session: NodeSession, tasks: list[asyncio.Task[None]],
-                       lease: Session | None) -> None:
+    async def _cleanup(
+        self, session: NodeSession, tasks: list[asyncio.Task[None]], lease: Session | None
+    ) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -218,7 +254,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         elif kind == "hello":
             _log.warning("node %s sent a second Hello; ignored", session.node_id)
 
-    async def _write_loop(self, session: NodeSession, context: aio.ServicerContext) -> None:
+    async def _write_loop(self, session: NodeSession, context: ServicerContext) -> None:
         while True:
             message = await session.outbox.get()
             await context.write(message)
@@ -227,7 +263,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         session.record_dirty.clear()
         await self._etcd.put(
             keys.node_link_key(session.node_id, self.replica_id).encode(),
-            keys.encode(session.record()), lease=lease.lease_id,
+            keys.encode(session.record()),
+            lease=lease.lease_id,
         )
 
     async def _record_loop(self, session: NodeSession, lease: Session) -> None:
@@ -261,20 +298,28 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             if session.sent.get(key) == command:
                 continue
             with contextlib.suppress(ResourceExhausted):
-                session.send(mesh_pb2.ControlMessage(load=mesh_pb2.LoadModel(
-                    model=spec.name, variant=spec.variant or key[1],
-                    artifact_uri=spec.artifact_uri, sha256=spec.sha256,
-                )))
+                session.send(
+                    mesh_pb2.ControlMessage(
+                        load=mesh_pb2.LoadModel(
+                            model=spec.name,
+                            variant=spec.variant or key[1],
+                            artifact_uri=spec.artifact_uri,
+                            sha256=spec.sha256,
+                        )
+                    )
+                )
                 session.sent[key] = command
         for key in list(session.copies):
-            placement = snapshot.placements.get(key)
-            wanted = key in snapshot.models and (placement is None or node_id in placement.nodes)
+            current = snapshot.placements.get(key)
+            wanted = key in snapshot.models and (current is None or node_id in current.nodes)
             if wanted or session.sent.get(key) == "unload":
                 continue
             with contextlib.suppress(ResourceExhausted):
-                session.send(mesh_pb2.ControlMessage(
-                    unload=mesh_pb2.UnloadModel(model=key[0], variant=key[1])
-                ))
+                session.send(
+                    mesh_pb2.ControlMessage(
+                        unload=mesh_pb2.UnloadModel(model=key[0], variant=key[1])
+                    )
+                )
                 session.sent[key] = "unload"
 
     async def close(self) -> None:

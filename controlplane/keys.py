@@ -26,11 +26,11 @@ __all__ = [
 ]
 
 ROOT = "/meshserve/"
-MODELS = ROOT + "models/"          # models/<model>/<variant>      -> ModelSpec   (admin)
+MODELS = ROOT + "models/"  # models/<model>/<variant>      -> ModelSpec   (admin)
 PLACEMENTS = ROOT + "placements/"  # placements/<model>/<variant>  -> Placement   (leader)
-NODES = ROOT + "nodes/"            # nodes/<node>/<replica>        -> NodeInfo    (leased, hub)
-REPLICAS = ROOT + "replicas/"      # replicas/<replica>            -> ReplicaInfo (leased)
-LEADER = ROOT + "leader"           # the elected scheduler's replica id (leased)
+NODES = ROOT + "nodes/"  # nodes/<node>/<replica>        -> NodeInfo    (leased, hub)
+REPLICAS = ROOT + "replicas/"  # replicas/<replica>            -> ReplicaInfo (leased)
+LEADER = ROOT + "leader"  # the elected scheduler's replica id (leased)
 
 M = TypeVar("M", bound=Message)
 
@@ -53,7 +53,7 @@ def replica_key(replica_id: str) -> str:
 
 def split_key(key: str, prefix: str) -> tuple[str, str]:
     """``prefix + a/b`` -> ``(a, b)``."""
-    first, _, second = key[len(prefix):].partition("/")
+    first, _, second = key[len(prefix) :].partition("/")
     return first, second
 
 

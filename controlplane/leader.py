@@ -24,8 +24,15 @@ _log = logging.getLogger("meshserve.controlplane.leader")
 
 
 class LeaderLoop:
-    def __init__(self, *, etcd: Any, election: Election, replica_id: str,
-                 snapshot: Callable[[], Snapshot], interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        etcd: Any,
+        election: Election,
+        replica_id: str,
+        snapshot: Callable[[], Snapshot],
+        interval_s: float = 1.0,
+    ) -> None:
         self._etcd = etcd
         self._election = election
         self._replica_id = replica_id
@@ -62,17 +69,25 @@ class LeaderLoop:
         if not plan.upserts and not plan.deletes:
             return
         t = self._etcd.transactions
-        ops = [t.put(keys.placement_key(*k).encode(), keys.encode(p)) for k, p in plan.upserts.items()]
+        ops = [
+            t.put(keys.placement_key(*k).encode(), keys.encode(p)) for k, p in plan.upserts.items()
+        ]
         ops += [t.delete(keys.placement_key(*k).encode()) for k in plan.deletes]
         ok, _ = await self._etcd.transaction(
             compare=[t.value(keys.LEADER.encode()) == self._replica_id.encode()],
-            success=ops, failure=[],
+            success=ops,
+            failure=[],
         )
         self.passes += 1
         if not ok:
             _log.warning("placement write refused: this replica no longer holds the leader key")
             return
         for key, placement in plan.upserts.items():
-            _log.info("placement %s/%s -> %s%s", key[0], key[1], list(placement.nodes),
-                      f" failed={dict(placement.failed)}" if placement.failed else "")
+            _log.info(
+                "placement %s/%s -> %s%s",
+                key[0],
+                key[1],
+                list(placement.nodes),
+                f" failed={dict(placement.failed)}" if placement.failed else "",
+            )
         _log.debug("scheduling pass took %.1f ms", (time.perf_counter() - started) * 1e3)

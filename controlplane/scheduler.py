@@ -50,8 +50,10 @@ def plan_placements(snapshot: Snapshot) -> Plan:
             if node is None:
                 continue
             status = node.copies.get(key)
-            if status is not None and status.state == mesh_pb2.FAILED and (
-                not status.sha256 or status.sha256 == spec.sha256.lower()
+            if (
+                status is not None
+                and status.state == mesh_pb2.FAILED
+                and (not status.sha256 or status.sha256 == spec.sha256.lower())
             ):
                 failed[node_id] = status.reason or "copy failed"
                 load[node_id] -= 1
@@ -63,17 +65,21 @@ def plan_placements(snapshot: Snapshot) -> Plan:
             used_bytes[node_id] -= spec.size_bytes
         kept = kept[:desired]
         candidates = [
-            n for n in snapshot.nodes.values()
-            if n.node_id not in kept and n.node_id not in failed
-            and n.matches(spec.node_selector) and _fits(n, spec.size_bytes, used_bytes)
+            n
+            for n in snapshot.nodes.values()
+            if n.node_id not in kept
+            and n.node_id not in failed
+            and n.matches(spec.node_selector)
+            and _fits(n, spec.size_bytes, used_bytes)
         ]
         candidates.sort(key=lambda n: (load[n.node_id], -_free(n, used_bytes), n.node_id))
         for node in candidates[: desired - len(kept)]:
             kept.append(node.node_id)
             load[node.node_id] += 1
             used_bytes[node.node_id] += spec.size_bytes
-        new = mesh_pb2.Placement(model=key[0], variant=key[1], nodes=kept, failed=failed,
-                                 desired_copies=desired)
+        new = mesh_pb2.Placement(
+            model=key[0], variant=key[1], nodes=kept, failed=failed, desired_copies=desired
+        )
         if old is None or old != new:
             upserts[key] = new
     return Plan(upserts, deletes)

@@ -49,8 +49,9 @@ class Snapshot:
         return [n for n in self.nodes.values() if n.state(key) == mesh_pb2.READY]
 
 
-def build_snapshot(models: Mapping[str, bytes], placements: Mapping[str, bytes],
-                   links: Mapping[str, bytes]) -> Snapshot:
+def build_snapshot(
+    models: Mapping[str, bytes], placements: Mapping[str, bytes], links: Mapping[str, bytes]
+) -> Snapshot:
     model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
     for key, value in models.items():
         spec = keys.decode(value, mesh_pb2.ModelSpec())
@@ -65,8 +66,9 @@ def build_snapshot(models: Mapping[str, bytes], placements: Mapping[str, bytes],
         node_id, _ = keys.split_key(key, keys.NODES)
         merged.setdefault(node_id, []).append(keys.decode(value, mesh_pb2.NodeInfo()))
     nodes = {node_id: _merge(node_id, infos) for node_id, infos in merged.items()}
-    return Snapshot(MappingProxyType(model_map), MappingProxyType(placement_map),
-                    MappingProxyType(nodes))
+    return Snapshot(
+        MappingProxyType(model_map), MappingProxyType(placement_map), MappingProxyType(nodes)
+    )
 
 
 def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo]) -> NodeView:
@@ -80,7 +82,9 @@ def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo]) -> NodeView:
                 copies[key] = status
     first = infos[0]
     return NodeView(
-        node_id=node_id, labels=MappingProxyType(dict(first.labels)), hardware=first.hardware,
+        node_id=node_id,
+        labels=MappingProxyType(dict(first.labels)),
+        hardware=first.hardware,
         direct_address=first.direct_address,
         replicas=frozenset(r for info in infos for r in info.replicas),
         copies=MappingProxyType(copies),

@@ -23,12 +23,18 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshserve-node", description=__doc__)
-    p.add_argument("--control-plane", required=True,
-                   help="control-plane address(es), comma-separated host:port")
+    p.add_argument(
+        "--control-plane",
+        required=True,
+        help="control-plane address(es), comma-separated host:port",
+    )
     p.add_argument("--node-id", default=None, help="stable node id (default: hostname-random)")
     p.add_argument("--labels", type=parse_labels, default={}, help="e.g. tier=edge,zone=a")
-    p.add_argument("--listen", default=None,
-                   help="also serve the inference API directly on host:port (default: tunnel only)")
+    p.add_argument(
+        "--listen",
+        default=None,
+        help="also serve the inference API directly on host:port (default: tunnel only)",
+    )
     p.add_argument("--advertise", default=None, help="address clients use for --listen")
     p.add_argument("--cache-dir", type=Path, default=Path(".meshserve/cache"))
     p.add_argument("--max-message-mb", type=int, default=64)
@@ -56,8 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     labels.setdefault("tier", "core" if ns.listen else "edge")
     config = NodeConfig(
         control_planes=[a.strip() for a in ns.control_plane.split(",") if a.strip()],
-        node_id=ns.node_id or default_node_id(), labels=labels, listen=ns.listen,
-        advertise=ns.advertise, cache_dir=ns.cache_dir, max_message_bytes=ns.max_message_mb << 20,
+        node_id=ns.node_id or default_node_id(),
+        labels=labels,
+        listen=ns.listen,
+        advertise=ns.advertise,
+        cache_dir=ns.cache_dir,
+        max_message_bytes=ns.max_message_mb << 20,
     )
     run(_serve(config))
 

@@ -25,7 +25,7 @@ from node.copies import CopyManager
 from node.runtime import available_providers, resident_bytes
 from node.service import InferenceHandler
 from protos import mesh_pb2, mesh_pb2_grpc
-from protos.status import wire_status
+from protos.status import EOF, wire_status
 from protos.tracing import context_from_map
 
 __all__ = ["Agent", "channel_options"]
@@ -61,10 +61,20 @@ class _DuplicateLink(Exception):
 
 
 class Agent:
-    def __init__(self, *, node_id: str, labels: dict[str, str], direct_address: str,
-                 seeds: Sequence[str], copies: CopyManager, handler: InferenceHandler,
-                 max_message_bytes: int, max_in_flight: int = 1024,
-                 backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        labels: dict[str, str],
+        direct_address: str,
+        seeds: Sequence[str],
+        copies: CopyManager,
+        handler: InferenceHandler,
+        max_message_bytes: int,
+        max_in_flight: int = 1024,
+        backoff_base_s: float = 0.2,
+        backoff_cap_s: float = 10.0,
+    ) -> None:
         self.node_id = node_id
         self.labels = labels
         self.direct_address = direct_address
@@ -77,7 +87,8 @@ class Agent:
         self._links: dict[str, _Link] = {}
         self._closing = False
         self.hardware = mesh_pb2.Hardware(
-            cpu_cores=os.cpu_count() or 1, memory_bytes=_memory_bytes(),
+            cpu_cores=os.cpu_count() or 1,
+            memory_bytes=_memory_bytes(),
             execution_providers=available_providers(),
         )
 
@@ -94,13 +105,18 @@ class Agent:
 
     def hello(self) -> mesh_pb2.Hello:
         return mesh_pb2.Hello(
-            node_id=self.node_id, labels=self.labels, hardware=self.hardware,
-            direct_address=self.direct_address, version="0.1.0", copies=self.copies.statuses(),
+            node_id=self.node_id,
+            labels=self.labels,
+            hardware=self.hardware,
+            direct_address=self.direct_address,
+            version="0.1.0",
+            copies=self.copies.statuses(),
         )
 
     def connected_replicas(self, exclude: _Link | None = None) -> set[str]:
         return {
-            link.replica_id for link in self._links.values()
+            link.replica_id
+            for link in self._links.values()
             if link is not exclude and link.connected and link.replica_id
         }
 
@@ -152,17 +168,19 @@ class _Link:
                 await self._session()
                 _log.info("stream to %s ended", self.address)
             except _DuplicateLink:
-                _log.info("%s is replica %s, already linked; standing by", self.address,
-                          self.replica_id)
+                _log.info(
+                    "%s is replica %s, already linked; standing by", self.address, self.replica_id
+                )
                 attempt = max(attempt, 5)
             except aio.AioRpcError as exc:
-                _log.info("stream to %s failed: %s %s", self.address, exc.code().name,
-                          exc.details())
+                _log.info(
+                    "stream to %s failed: %s %s", self.address, exc.code().name, exc.details()
+                )
             except (OSError, TimeoutError, ConnectionError) as exc:
                 _log.info("stream to %s failed: %r", self.address, exc)
             if time.monotonic() - started > 10.0:
                 attempt = 0
-            delay = random.uniform(0.0, min(cap, base * (2 ** attempt)))  # full jitter
+            delay = random.uniform(0.0, min(cap, base * (2**attempt)))  # full jitter
             attempt += 1
             self.reconnects += 1
             await asyncio.sleep(delay)
@@ -189,7 +207,7 @@ class _Link:
             try:
                 await call.write(mesh_pb2.NodeMessage(hello=agent.hello()))
                 first = await asyncio.wait_for(call.read(), timeout=15.0)
-                if first is aio.EOF or not first.HasField("welcome"):
+                if first is EOF or not first.HasField("welcome"):
                     raise ConnectionError("the control plane did not answer with a Welcome")
                 welcome = first.welcome
                 self.replica_id = welcome.replica_id
@@ -206,7 +224,7 @@ class _Link:
                 tasks.append(asyncio.create_task(self._telemetry_loop(interval)))
                 while True:
                     message = await call.read()
-                    if message is aio.EOF:
+                    if message is EOF:
                         return
                     self._dispatch(message)
             finally:
@@ -237,12 +255,16 @@ class _Link:
 
     def _tunneled(self, req: mesh_pb2.TunnelRequest) -> None:
         if len(self._inflight) >= self._agent.max_in_flight:
-            self._offer(mesh_pb2.NodeMessage(infer_response=mesh_pb2.TunnelResponse(
-                correlation_id=req.correlation_id,
-                status_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                status_message=f"node {self._agent.node_id} has "
-                               f"{self._agent.max_in_flight} queries in flight; retry later",
-            )))
+            self._offer(
+                mesh_pb2.NodeMessage(
+                    infer_response=mesh_pb2.TunnelResponse(
+                        correlation_id=req.correlation_id,
+                        status_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                        status_message=f"node {self._agent.node_id} has "
+                        f"{self._agent.max_in_flight} queries in flight; retry later",
+                    )
+                )
+            )
             return
         task = asyncio.create_task(self._answer(req))
         self._inflight.add(task)
@@ -272,9 +294,15 @@ class _Link:
     async def _telemetry_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            telemetry = mesh_pb2.Telemetry(unix_ms=int(time.time() * 1000),
-                                           rss_bytes=resident_bytes())
+            telemetry = mesh_pb2.Telemetry(
+                unix_ms=int(time.time() * 1000), rss_bytes=resident_bytes()
+            )
             for e in self._agent.copies.entries():
-                telemetry.models.add(model=e.model, variant=e.variant, in_flight=e.in_flight,
-                                     requests=e.requests, errors=e.errors)
+                telemetry.models.add(
+                    model=e.model,
+                    variant=e.variant,
+                    in_flight=e.in_flight,
+                    requests=e.requests,
+                    errors=e.errors,
+                )
             self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))

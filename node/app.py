@@ -38,8 +38,8 @@ class NodeConfig:
     control_planes: list[str]
     node_id: str = field(default_factory=default_node_id)
     labels: dict[str, str] = field(default_factory=dict)
-    listen: str | None = None           # host:port for the direct OIP server; None = tunnel only
-    advertise: str | None = None        # address clients use for the direct port (default: listen)
+    listen: str | None = None  # host:port for the direct OIP server; None = tunnel only
+    advertise: str | None = None  # address clients use for the direct port (default: listen)
     cache_dir: Path = Path(".meshserve/cache")
     max_message_bytes: int = 64 << 20
     workers: int = max(1, os.cpu_count() or 1)
@@ -77,8 +77,12 @@ class Node:
             await self._server.start()
             _log.info("node %s serving OIP directly on %s", cfg.node_id, self.direct_address)
         self.agent = Agent(
-            node_id=cfg.node_id, labels=cfg.labels, direct_address=self.direct_address,
-            seeds=cfg.control_planes, copies=self.copies, handler=self.handler,
+            node_id=cfg.node_id,
+            labels=cfg.labels,
+            direct_address=self.direct_address,
+            seeds=cfg.control_planes,
+            copies=self.copies,
+            handler=self.handler,
             max_message_bytes=cfg.max_message_bytes,
         )
         self.agent.start()

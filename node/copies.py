@@ -48,9 +48,13 @@ class CopyEntry:
 
     def status(self) -> mesh_pb2.CopyStatus:
         msg = mesh_pb2.CopyStatus(
-            model=self.model, variant=self.variant, state=self.state,  # type: ignore[arg-type]
-            reason=self.reason, memory_bytes=self.memory_bytes,
-            load_seconds=self.load_seconds, sha256=self.sha256,
+            model=self.model,
+            variant=self.variant,
+            state=self.state,  # type: ignore[arg-type]
+            reason=self.reason,
+            memory_bytes=self.memory_bytes,
+            load_seconds=self.load_seconds,
+            sha256=self.sha256,
         )
         if self.copy is not None:
             msg.inputs.extend(_specs(self.copy.inputs))
@@ -63,8 +67,9 @@ def _specs(infos: tuple[TensorInfo, ...]) -> list[mesh_pb2.TensorSpec]:
 
 
 class CopyManager:
-    def __init__(self, store: ModelStore, executor: concurrent.futures.Executor,
-                 *, intra_op_threads: int = 1) -> None:
+    def __init__(
+        self, store: ModelStore, executor: concurrent.futures.Executor, *, intra_op_threads: int = 1
+    ) -> None:
         self._store = store
         self._executor = executor
         self._intra_op_threads = intra_op_threads
@@ -107,7 +112,8 @@ class CopyManager:
     async def _load(self, entry: CopyEntry, cmd: mesh_pb2.LoadModel) -> None:
         providers = list(cmd.execution_providers) or ["CPUExecutionProvider"]
         with _tracer.start_as_current_span(
-            "node load", attributes={"meshserve.model": entry.model, "meshserve.variant": entry.variant}
+            "node load",
+            attributes={"meshserve.model": entry.model, "meshserve.variant": entry.variant},
         ):
             started = time.perf_counter()
             try:

@@ -64,7 +64,9 @@ def _tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
     for arg in args:
         datatype = _ORT_TO_OIP.get(arg.type)
         if datatype is None:
-            raise LoadError(f"tensor {arg.name!r} has type {arg.type}, which meshserve cannot serve")
+            raise LoadError(
+                f"tensor {arg.name!r} has type {arg.type}, which meshserve cannot serve"
+            )
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
         infos.append(TensorInfo(arg.name, datatype, shape))
     return tuple(infos)
@@ -73,8 +75,9 @@ def _tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
 class OnnxCopy:
     """A loaded onnxruntime session and its tensor metadata. Create with :meth:`load`."""
 
-    def __init__(self, session: Any, inputs: tuple[TensorInfo, ...],
-                 outputs: tuple[TensorInfo, ...]) -> None:
+    def __init__(
+        self, session: Any, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...]
+    ) -> None:
         self._session = session
         self.inputs = inputs
         self.outputs = outputs
@@ -82,8 +85,13 @@ class OnnxCopy:
         self._output_names = [t.name for t in outputs]
 
     @classmethod
-    def load(cls, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-             *, intra_op_threads: int = 1) -> OnnxCopy:
+    def load(
+        cls,
+        path: Path,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        *,
+        intra_op_threads: int = 1,
+    ) -> OnnxCopy:
         """Blocking: call from a worker thread."""
         import onnxruntime as ort
 
@@ -98,11 +106,17 @@ class OnnxCopy:
         try:
             session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first_line = (
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
             raise LoadError(f"not a loadable ONNX model: {first_line}") from exc
-        return cls(session, _tensor_infos(session.get_inputs()), _tensor_infos(session.get_outputs()))
+        return cls(
+            session, _tensor_infos(session.get_inputs()), _tensor_infos(session.get_outputs())
+        )
 
-    def validate(self, inputs: Mapping[str, npt.NDArray[Any]], datatypes: Mapping[str, str]) -> None:
+    def validate(
+        self, inputs: Mapping[str, npt.NDArray[Any]], datatypes: Mapping[str, str]
+    ) -> None:
         """Raise InvalidArgument naming the first input that does not match the model."""
         for name in inputs:
             if name not in self._inputs_by_name:
@@ -110,11 +124,14 @@ class OnnxCopy:
                 raise InvalidArgument(f"unknown input {name!r}; the model expects: {expected}")
         for info in self.inputs:
             if info.name not in inputs:
-                raise InvalidArgument(f"missing input {info.name!r} ({info.datatype} {list(info.shape)})")
+                raise InvalidArgument(
+                    f"missing input {info.name!r} ({info.datatype} {list(info.shape)})"
+                )
             got_type = datatypes.get(info.name, info.datatype)
             if got_type != info.datatype:
                 raise InvalidArgument(
-                    f"input {info.name!r} has datatype {got_type}, the model expects {info.datatype}"
+                    f"input {info.name!r} has datatype {got_type}, "
+                    f"the model expects {info.datatype}"
                 )
             shape = inputs[info.name].shape
             if len(shape) != len(info.shape) or any(
@@ -135,15 +152,20 @@ class OnnxCopy:
                 )
         return list(requested)
 
-    def run_blocking(self, inputs: Mapping[str, npt.NDArray[Any]],
-                     output_names: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
+    def run_blocking(
+        self, inputs: Mapping[str, npt.NDArray[Any]], output_names: Sequence[str]
+    ) -> dict[str, npt.NDArray[Any]]:
         feed = {name: _to_ort(arr) for name, arr in inputs.items()}
         results = self._session.run(list(output_names), feed)
         return dict(zip(output_names, results, strict=True))
 
-    async def run(self, inputs: Mapping[str, npt.NDArray[Any]], datatypes: Mapping[str, str],
-                  requested: Sequence[str],
-                  executor: concurrent.futures.Executor) -> dict[str, npt.NDArray[Any]]:
+    async def run(
+        self,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        datatypes: Mapping[str, str],
+        requested: Sequence[str],
+        executor: concurrent.futures.Executor,
+    ) -> dict[str, npt.NDArray[Any]]:
         self.validate(inputs, datatypes)
         names = self.output_names(requested)
         loop = asyncio.get_running_loop()
@@ -152,9 +174,11 @@ class OnnxCopy:
 
 def _to_ort(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     if arr.dtype == object:  # BYTES: onnxruntime wants str for tensor(string)
-        return np.vectorize(
-            lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v), otypes=[object]
+        strings: npt.NDArray[Any] = np.vectorize(
+            lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v),
+            otypes=[object],
         )(arr)
+        return strings
     return arr
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import time
 
-from grpc import aio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from client.codec import decode_request_inputs, encode_response_outputs
 from node.copies import CopyManager
 from protos import inference_pb2, inference_pb2_grpc
-from protos.status import InvalidArgument
+from protos.status import InvalidArgument, ServicerContext
 from protos.tracing import context_from_metadata
 
 __all__ = ["InferenceHandler", "NodeInferenceServicer"]
@@ -30,12 +29,18 @@ class InferenceHandler:
         self.node_id = node_id
         self._copies = copies
 
-    async def infer(self, request: inference_pb2.ModelInferRequest, parent: Context | None,
-                    hop: str) -> inference_pb2.ModelInferResponse:
+    async def infer(
+        self, request: inference_pb2.ModelInferRequest, parent: Context | None, hop: str
+    ) -> inference_pb2.ModelInferResponse:
         with _tracer.start_as_current_span(
-            "node ModelInfer", context=parent, kind=trace.SpanKind.SERVER,
-            attributes={"meshserve.model": request.model_name, "meshserve.node": self.node_id,
-                        "meshserve.hop": hop},
+            "node ModelInfer",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "meshserve.model": request.model_name,
+                "meshserve.node": self.node_id,
+                "meshserve.hop": hop,
+            },
         ) as span:
             entry = self._copies.ready(request.model_name, request.model_version)
             span.set_attribute("meshserve.variant", entry.variant)
@@ -72,39 +77,48 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._copies = copies
         self._started = time.monotonic()
 
-    async def ServerLive(self, request: inference_pb2.ServerLiveRequest,
-                         context: aio.ServicerContext) -> inference_pb2.ServerLiveResponse:
+    async def ServerLive(
+        self, request: inference_pb2.ServerLiveRequest, context: ServicerContext
+    ) -> inference_pb2.ServerLiveResponse:
         return inference_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: inference_pb2.ServerReadyRequest,
-                          context: aio.ServicerContext) -> inference_pb2.ServerReadyResponse:
+    async def ServerReady(
+        self, request: inference_pb2.ServerReadyRequest, context: ServicerContext
+    ) -> inference_pb2.ServerReadyResponse:
         return inference_pb2.ServerReadyResponse(ready=True)
 
-    async def ServerMetadata(self, request: inference_pb2.ServerMetadataRequest,
-                             context: aio.ServicerContext) -> inference_pb2.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: inference_pb2.ServerMetadataRequest, context: ServicerContext
+    ) -> inference_pb2.ServerMetadataResponse:
         return inference_pb2.ServerMetadataResponse(name="meshserve-node", version=_VERSION)
 
-    async def ModelReady(self, request: inference_pb2.ModelReadyRequest,
-                         context: aio.ServicerContext) -> inference_pb2.ModelReadyResponse:
+    async def ModelReady(
+        self, request: inference_pb2.ModelReadyRequest, context: ServicerContext
+    ) -> inference_pb2.ModelReadyResponse:
         try:
             self._copies.ready(request.name, request.version)
         except Exception:
             return inference_pb2.ModelReadyResponse(ready=False)
         return inference_pb2.ModelReadyResponse(ready=True)
 
-    async def ModelMetadata(self, request: inference_pb2.ModelMetadataRequest,
-                            context: aio.ServicerContext) -> inference_pb2.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: inference_pb2.ModelMetadataRequest, context: ServicerContext
+    ) -> inference_pb2.ModelMetadataResponse:
         entry = self._copies.ready(request.name, request.version)
         assert entry.copy is not None
         T = inference_pb2.ModelMetadataResponse.TensorMetadata
         return inference_pb2.ModelMetadataResponse(
-            name=request.name, versions=[entry.variant], platform="onnxruntime_onnx",
+            name=request.name,
+            versions=[entry.variant],
+            platform="onnxruntime_onnx",
             inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in entry.copy.inputs],
-            outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in entry.copy.outputs],
+            outputs=[
+                T(name=t.name, datatype=t.datatype, shape=t.shape) for t in entry.copy.outputs
+            ],
         )
 
-    async def ModelInfer(self, request: inference_pb2.ModelInferRequest,
-                         context: aio.ServicerContext) -> inference_pb2.ModelInferResponse:
+    async def ModelInfer(
+        self, request: inference_pb2.ModelInferRequest, context: ServicerContext
+    ) -> inference_pb2.ModelInferResponse:
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         return await self._handler.infer(request, parent, hop="direct")
-

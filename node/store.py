@@ -89,7 +89,7 @@ class ModelStore:
         digest = hashlib.sha256()
         total = 0
         try:
-            with urllib.request.urlopen(uri, timeout=self._timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(uri, timeout=self._timeout) as resp:
                 length = resp.headers.get("Content-Length")
                 if length is not None and int(length) > self._max:
                     raise StoreError(

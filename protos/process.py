@@ -32,8 +32,9 @@ def run(coro: Coroutine[Any, Any, T], *, use_uvloop: bool | None = None) -> T:
 
 
 def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def configure_tracing(service_name: str) -> None:

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 import grpc
 from grpc import aio
 
 __all__ = [
+    "EOF",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
+    "ServicerContext",
     "StatusError",
     "StatusInterceptor",
     "Unavailable",
@@ -39,6 +41,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger("meshserve.status")
+
+#: The servicer context type of our async handlers (grpc-stubs makes it generic).
+ServicerContext: TypeAlias = "aio.ServicerContext[Any, Any]"
+#: End-of-stream marker of ``context.read()`` / ``call.read()`` (missing from grpc-stubs).
+EOF: Final[object] = aio.EOF  # type: ignore[attr-defined]
 
 
 class StatusError(Exception):
@@ -86,8 +93,14 @@ _BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 def from_code(code: int, message: str) -> StatusError:
     """Rebuild an error from a numeric status code (as carried in tunnel frames)."""
     status = _BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
-    for cls in (InvalidArgument, NotFound, ResourceExhausted, Unavailable, DeadlineExceeded,
-                FailedPrecondition):
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        FailedPrecondition,
+    ):
         if cls.code == status:
             return cls(message)
     return StatusError(message, status)
@@ -111,9 +124,9 @@ def wire_status(exc: BaseException) -> tuple[int, str]:
 
 
 def _wrap_unary(
-    behavior: Callable[[Any, aio.ServicerContext], Awaitable[Any]],
-) -> Callable[[Any, aio.ServicerContext], Awaitable[Any]]:
-    async def handler(request: Any, context: aio.ServicerContext) -> Any:
+    behavior: Callable[[Any, ServicerContext], Awaitable[Any]],
+) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
+    async def handler(request: Any, context: ServicerContext) -> Any:
         try:
             return await behavior(request, context)
         except Exception as exc:
@@ -125,7 +138,7 @@ def _wrap_unary(
     return handler
 
 
-class StatusInterceptor(aio.ServerInterceptor):
+class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps :class:`StatusError` (and stray exceptions) to a gRPC status for unary RPCs.
 
     Streaming handlers map errors themselves (per message, where the protocol allows).
@@ -133,14 +146,16 @@ class StatusInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary),
+            _wrap_unary(handler.unary_unary),  # type: ignore[arg-type]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -80,7 +80,7 @@ def parse_url(url: str) -> tuple[str, int]:
 
 async def connect(
     url: str,
-    timeout: float = 5.0,  # noqa: ASYNC109 - configures the client's RPC deadline
+    timeout: float = 5.0,
     *,
     verify: bool = True,
 ) -> EtcdClient:

@@ -109,7 +109,7 @@ class PrefixMirror:
     async def wait_for(
         self,
         predicate: Callable[[Mapping[str, bytes]], bool],
-        timeout: float,  # noqa: ASYNC109 - part of the documented API
+        timeout: float,
     ) -> Mapping[str, bytes]:
         """Wait until ``predicate(items())`` holds; returns that snapshot.
 

@@ -30,15 +30,23 @@ MAX_MESSAGE = 1 << 20
 @pytest.fixture
 async def mesh(etcd: EtcdServer, tmp_path: Path) -> AsyncIterator[InProcMesh]:
     model = make_mlp(tmp_path / "mlp.onnx")
-    async with inproc_mesh(etcd.url, tmp_path, [("edge", False), ("core", True)],
-                           max_message_bytes=MAX_MESSAGE) as m:
+    async with inproc_mesh(
+        etcd.url, tmp_path, [("edge", False), ("core", True)], max_message_bytes=MAX_MESSAGE
+    ) as m:
         with AdminClient(m.address) as admin:
             for tier in ("edge", "core"):
-                await asyncio.to_thread(admin.register_model, f"mlp-{tier}", model.as_uri(),
-                                        sha256_file(model), node_selector={"tier": tier})
+                await asyncio.to_thread(
+                    admin.register_model,
+                    f"mlp-{tier}",
+                    model.as_uri(),
+                    sha256_file(model),
+                    node_selector={"tier": tier},
+                )
         for tier in ("edge", "core"):
-            await eventually(lambda t=tier: m.cp.snapshot().ready_nodes((f"mlp-{t}", "default")),
-                             what=f"mlp-{tier} ready")
+            await eventually(
+                lambda t=tier: m.cp.snapshot().ready_nodes((f"mlp-{t}", "default")),
+                what=f"mlp-{tier} ready",
+            )
         yield m
 
 
@@ -47,7 +55,9 @@ async def _infer(target: str, request: inference_pb2.ModelInferRequest) -> None:
         await inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
 
 
-async def _status(target: str, request: inference_pb2.ModelInferRequest) -> tuple[grpc.StatusCode, str]:
+async def _status(
+    target: str, request: inference_pb2.ModelInferRequest
+) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(aio.AioRpcError) as info:
         await _infer(target, request)
     return info.value.code(), info.value.details() or ""
@@ -67,15 +77,21 @@ async def test_unknown_model_is_not_found(mesh: InProcMesh) -> None:
 
 
 @pytest.mark.parametrize("tier", ["edge", "core"], ids=["tunnel", "direct"])
-async def test_wrong_inputs_are_invalid_argument_naming_the_input(mesh: InProcMesh, tier: str) -> None:
+async def test_wrong_inputs_are_invalid_argument_naming_the_input(
+    mesh: InProcMesh, tier: str
+) -> None:
     model = f"mlp-{tier}"
     wrong_type = build_request(model, {"x": np.zeros((1, 64), np.int32)})
     wrong_shape = build_request(model, {"x": np.zeros((1, 63), np.float32)})
     wrong_name = build_request(model, {"z": np.zeros((1, 64), np.float32)})
     short_raw = build_request(model, {"x": np.zeros((1, 64), np.float32)})
     short_raw.raw_input_contents[0] = b"\x00" * 100  # 100 bytes for a [1, 64] FP32 tensor
-    for request, needle in ((wrong_type, "datatype INT32"), (wrong_shape, "shape [1, 63]"),
-                            (wrong_name, "'z'"), (short_raw, "100 bytes")):
+    for request, needle in (
+        (wrong_type, "datatype INT32"),
+        (wrong_shape, "shape [1, 63]"),
+        (wrong_name, "'z'"),
+        (short_raw, "100 bytes"),
+    ):
         code, message = await _status(mesh.address, request)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, message
         assert needle in message

@@ -65,8 +65,11 @@ def test_killed_node_disappears_within_lease_ttl_and_other_copy_answers(tmp_path
 
         victim.kill()
         killed = time.monotonic()
-        wait_until(lambda: _etcd_get(url, keys.node_link_key("node-a", "cp-1")) is None,
-                   TTL + 1, what="node-a's record to leave etcd")
+        wait_until(
+            lambda: _etcd_get(url, keys.node_link_key("node-a", "cp-1")) is None,
+            TTL + 1,
+            what="node-a's record to leave etcd",
+        )
         gone_after = time.monotonic() - killed
         assert gone_after <= TTL
         assert set(_answers(cp.address, model, 10)) == {"node-b"}
@@ -89,13 +92,21 @@ def test_leader_killed_second_replica_takes_over(tmp_path: Path) -> None:
         assert leader is not None and leader[0] == b"cp-1"
 
         cp1.kill()
-        wait_until(lambda: (v := _etcd_get(url, keys.LEADER)) and v[0] == b"cp-2", TTL + 5,
-                   what="cp-2 to become leader")
+        wait_until(
+            lambda: (v := _etcd_get(url, keys.LEADER)) and v[0] == b"cp-2",
+            TTL + 5,
+            what="cp-2 to become leader",
+        )
         # Nodes are (still or again) linked to the surviving replica; cp-1's links expired.
-        wait_until(lambda: all(
-            _etcd_get(url, keys.node_link_key(n, "cp-2")) and
-            _etcd_get(url, keys.node_link_key(n, "cp-1")) is None for n in ("node-a", "node-b")
-        ), TTL + 5, what="nodes linked to cp-2 only")
+        wait_until(
+            lambda: all(
+                _etcd_get(url, keys.node_link_key(n, "cp-2"))
+                and _etcd_get(url, keys.node_link_key(n, "cp-1")) is None
+                for n in ("node-a", "node-b")
+            ),
+            TTL + 5,
+            what="nodes linked to cp-2 only",
+        )
         # The new leader schedules: a model registered now gets placed, loaded and served.
         with AdminClient(cp2.address) as admin:
             register_file(admin, "mlp2", model, copies=2)

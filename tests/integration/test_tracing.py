@@ -35,14 +35,19 @@ async def test_one_query_is_one_trace(etcd: EtcdServer, tmp_path: Path, direct: 
         with AdminClient(mesh.address) as admin:  # blocking client: keep it off the loop
             await asyncio.to_thread(admin.register_model, "mlp", model.as_uri(), sha256_file(model))
         async with AsyncMeshClient(mesh.address) as client:
-            await eventually(lambda: mesh.cp.snapshot().ready_nodes(("mlp", "default")),
-                             what="a ready copy")
+            await eventually(
+                lambda: mesh.cp.snapshot().ready_nodes(("mlp", "default")), what="a ready copy"
+            )
             _EXPORTER.clear()
             x = np.ones((1, 64), dtype=np.float32)
             result = await client.infer("mlp", {"x": x})
             assert result.node == "n1"
     spans = {s.name: s for s in _EXPORTER.get_finished_spans()}
-    sdk, gateway, node = spans["client ModelInfer"], spans["gateway ModelInfer"], spans["node ModelInfer"]
+    sdk, gateway, node = (
+        spans["client ModelInfer"],
+        spans["gateway ModelInfer"],
+        spans["node ModelInfer"],
+    )
     assert sdk.context.trace_id == gateway.context.trace_id == node.context.trace_id
     assert gateway.parent is not None and gateway.parent.span_id == sdk.context.span_id
     assert node.parent is not None and node.parent.span_id == gateway.context.span_id

@@ -35,10 +35,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, 
         models = work / "models"
         with AdminClient(cp.address) as admin:
             for tier in ("edge", "core"):
-                register_file(admin, f"mlp-{tier}", make_mlp(models / "mlp.onnx"),
-                              selector={"tier": tier})
-                register_file(admin, f"int-{tier}", make_int_model(models / "int.onnx"),
-                              selector={"tier": tier})
+                register_file(
+                    admin, f"mlp-{tier}", make_mlp(models / "mlp.onnx"), selector={"tier": tier}
+                )
+                register_file(
+                    admin,
+                    f"int-{tier}",
+                    make_int_model(models / "int.onnx"),
+                    selector={"tier": tier},
+                )
             for name in ("mlp-edge", "mlp-core", "int-edge", "int-core"):
                 wait_copies(admin, name, 1)
         yield local, cp
@@ -47,19 +52,33 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, 
 def _probe(target: str, model: str, inputs: dict[str, np.ndarray], tmp: Path) -> tuple[dict, dict]:
     np.savez(tmp / "in.npz", **inputs)
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.support.triton_probe", target, model,
-         str(tmp / "in.npz"), str(tmp / "out.npz")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "tests.support.triton_probe",
+            target,
+            model,
+            str(tmp / "in.npz"),
+            str(tmp / "out.npz"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     return report, dict(np.load(tmp / "out.npz"))
 
 
-@pytest.mark.parametrize(("tier", "node"), [("edge", "edge-1"), ("core", "core-1")],
-                         ids=["tunnel-to-edge-node", "direct-to-core-node"])
-def test_tritonclient_fp32_mlp(mesh: tuple[LocalMesh, ManagedProcess], tmp_path: Path,
-                               tier: str, node: str) -> None:
+@pytest.mark.parametrize(
+    ("tier", "node"),
+    [("edge", "edge-1"), ("core", "core-1")],
+    ids=["tunnel-to-edge-node", "direct-to-core-node"],
+)
+def test_tritonclient_fp32_mlp(
+    mesh: tuple[LocalMesh, ManagedProcess], tmp_path: Path, tier: str, node: str
+) -> None:
     _, cp = mesh
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
     report, outputs = _probe(cp.address, f"mlp-{tier}", {"x": x}, tmp_path)
@@ -73,10 +92,14 @@ def test_tritonclient_fp32_mlp(mesh: tuple[LocalMesh, ManagedProcess], tmp_path:
     np.testing.assert_allclose(outputs["y"], expected["y"], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(("tier", "node"), [("edge", "edge-1"), ("core", "core-1")],
-                         ids=["tunnel-to-edge-node", "direct-to-core-node"])
-def test_tritonclient_int64_model(mesh: tuple[LocalMesh, ManagedProcess], tmp_path: Path,
-                                  tier: str, node: str) -> None:
+@pytest.mark.parametrize(
+    ("tier", "node"),
+    [("edge", "edge-1"), ("core", "core-1")],
+    ids=["tunnel-to-edge-node", "direct-to-core-node"],
+)
+def test_tritonclient_int64_model(
+    mesh: tuple[LocalMesh, ManagedProcess], tmp_path: Path, tier: str, node: str
+) -> None:
     _, cp = mesh
     k = np.array([[1, -2, 3, 2**40], [0, 7, -9, 11]], dtype=np.int64)
     report, outputs = _probe(cp.address, f"int-{tier}", {"k": k}, tmp_path)

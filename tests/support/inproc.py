@@ -16,8 +16,9 @@ from node.app import Node, NodeConfig
 __all__ = ["InProcMesh", "eventually", "inproc_mesh"]
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float = 30.0,
-                     what: str = "condition") -> Any:
+async def eventually(
+    predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
+) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = predicate()
@@ -39,20 +40,36 @@ class InProcMesh:
 
 
 @contextlib.asynccontextmanager
-async def inproc_mesh(etcd_url: str, tmp: Path, nodes: Sequence[tuple[str, bool]],
-                      *, max_message_bytes: int = 64 << 20) -> AsyncIterator[InProcMesh]:
+async def inproc_mesh(
+    etcd_url: str,
+    tmp: Path,
+    nodes: Sequence[tuple[str, bool]],
+    *,
+    max_message_bytes: int = 64 << 20,
+) -> AsyncIterator[InProcMesh]:
     """``nodes``: (node_id, direct) pairs; direct nodes also serve OIP on a loopback port."""
-    cp = ControlPlane(ControlPlaneConfig(etcd_url=etcd_url, listen="127.0.0.1:0",
-                                         replica_id="cp-test", lease_ttl_s=3,
-                                         max_message_bytes=max_message_bytes))
+    cp = ControlPlane(
+        ControlPlaneConfig(
+            etcd_url=etcd_url,
+            listen="127.0.0.1:0",
+            replica_id="cp-test",
+            lease_ttl_s=3,
+            max_message_bytes=max_message_bytes,
+        )
+    )
     await cp.start()
     started: list[Node] = []
     try:
         for node_id, direct in nodes:
-            node = Node(NodeConfig(control_planes=[cp.address], node_id=node_id,
-                                   labels={"tier": "core" if direct else "edge"},
-                                   listen="127.0.0.1:0" if direct else None,
-                                   cache_dir=tmp / f"{node_id}-cache"))
+            node = Node(
+                NodeConfig(
+                    control_planes=[cp.address],
+                    node_id=node_id,
+                    labels={"tier": "core" if direct else "edge"},
+                    listen="127.0.0.1:0" if direct else None,
+                    cache_dir=tmp / f"{node_id}-cache",
+                )
+            )
             await node.start()
             started.append(node)
         await eventually(lambda: len(cp.snapshot().nodes) == len(nodes), what="nodes to join")

@@ -11,12 +11,26 @@ from protos import mesh_pb2
 __all__ = ["copy_states", "register_file", "wait_copies"]
 
 
-def register_file(admin: AdminClient, name: str, path: Path, *, sha256: str | None = None,
-                  copies: int = 1, selector: dict[str, str] | None = None, variant: str = "") -> None:
+def register_file(
+    admin: AdminClient,
+    name: str,
+    path: Path,
+    *,
+    sha256: str | None = None,
+    copies: int = 1,
+    selector: dict[str, str] | None = None,
+    variant: str = "",
+) -> None:
     from client.demo_models import sha256_file
 
-    admin.register_model(name, path.as_uri(), sha256 or sha256_file(path), copies=copies,
-                         node_selector=selector, variant=variant)
+    admin.register_model(
+        name,
+        path.as_uri(),
+        sha256 or sha256_file(path),
+        copies=copies,
+        node_selector=selector,
+        variant=variant,
+    )
 
 
 def copy_states(admin: AdminClient, model: str) -> dict[str, int]:
@@ -24,10 +38,17 @@ def copy_states(admin: AdminClient, model: str) -> dict[str, int]:
     return {n.node_id: c.state for n in admin.list_nodes() for c in n.copies if c.model == model}
 
 
-def wait_copies(admin: AdminClient, model: str, count: int, state: int = mesh_pb2.READY,
-                timeout: float = 60.0) -> dict[str, int]:
-    return dict(wait_until(
-        lambda: (s := copy_states(admin, model)) and sum(v == state for v in s.values()) >= count
-        and s,
-        timeout, what=f"{count} {mesh_pb2.CopyState.Name(state)} copies of {model}",  # type: ignore[arg-type]
-    ))
+def wait_copies(
+    admin: AdminClient, model: str, count: int, state: int = mesh_pb2.READY, timeout: float = 60.0
+) -> dict[str, int]:
+    return dict(
+        wait_until(
+            lambda: (
+                (s := copy_states(admin, model))
+                and sum(v == state for v in s.values()) >= count
+                and s
+            ),
+            timeout,
+            what=f"{count} {mesh_pb2.CopyState.Name(state)} copies of {model}",  # type: ignore[arg-type]
+        )
+    )

