@@ -84,6 +84,7 @@ def test_tritonclient_fp32_mlp(
     report, outputs = _probe(cp.address, f"mlp-{tier}", {"x": x}, tmp_path)
     assert report["live"] is True
     assert report["ready"] is True
+    assert report["repository_index"] == "StatusCode.UNIMPLEMENTED"
     meta = report["metadata"]
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "64"]}]
     assert meta["outputs"][0]["name"] == "y"

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import tritonclient.grpc as tc
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 
 def main() -> int:
@@ -26,6 +26,11 @@ def main() -> int:
         "live": client.is_server_live(),
         "ready": client.is_model_ready(model),
     }
+    try:  # an RPC of Triton's service that meshserve does not implement
+        client.get_model_repository_index()
+        report["repository_index"] = "OK"
+    except InferenceServerException as exc:
+        report["repository_index"] = str(exc.status())
     meta = client.get_model_metadata(model, as_json=True)
     report["metadata"] = meta
     arrays = dict(np.load(inputs_path))
