@@ -6,7 +6,6 @@ Lifecycle (one place): :meth:`ControlPlane.start` → serve → :meth:`ControlPl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -154,23 +153,46 @@ class ControlPlane:
         )
 
     async def stop(self, grace_s: float = 3.0) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.election is not None and self.election.is_leader:
-            with contextlib.suppress(Exception):
+        """Stop in order, each step bounded: a step that overruns is logged by name and skipped,
+        so shutdown always finishes (leader loop → resign → server (streams end, node leases are
+        revoked) → gateway channels → mirrors → own lease → etcd client)."""
+
+        async def leader_loop() -> None:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        async def resign() -> None:
+            if self.election is not None and self.election.is_leader:
                 await self.election.resign()
-        if self._server is not None:
-            await self._server.stop(grace_s)
-        if self.hub is not None:
-            await self.hub.close()
-        if self.gateway is not None:
-            await self.gateway.close()
-        for mirror in self._mirrors.values():
-            await mirror.close()
-        if self._session is not None:
-            with contextlib.suppress(Exception):
+
+        async def server() -> None:
+            if self._server is not None:
+                await self._server.stop(grace_s)
+            if self.hub is not None:
+                await self.hub.close()
+
+        async def gateway() -> None:
+            if self.gateway is not None:
+                await self.gateway.close()
+
+        async def mirrors() -> None:
+            await asyncio.gather(*(m.close() for m in self._mirrors.values()))
+
+        async def session() -> None:
+            if self._session is not None:
                 await self._session.close(revoke=True)
-        if self._etcd is not None:
-            with contextlib.suppress(Exception):
+
+        async def etcd() -> None:
+            if self._etcd is not None:
                 await self._etcd.close()
+
+        steps = (leader_loop, resign, server, gateway, mirrors, session, etcd)
+        for step in steps:
+            budget = grace_s + 5.0 if step is server else 5.0
+            try:
+                await asyncio.wait_for(step(), budget)
+            except TimeoutError:
+                _log.error("shutdown step %r overran %.0fs; skipped", step.__name__, budget)
+            except Exception as exc:
+                _log.warning("shutdown step %r failed: %r", step.__name__, exc)

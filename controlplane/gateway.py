@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from controlplane.hub import Hub
 from controlplane.snapshot import NodeView, Snapshot
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from protos.status import NotFound, ServicerContext, StatusError, Unavailable, from_code
+from protos.streaming import serve_infer_stream
 from protos.tracing import context_from_metadata, inject_map, metadata_with_context
 
 __all__ = ["Gateway"]
@@ -98,17 +100,36 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ---------------------------------------------------------------------------
 
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.ModelInferRequest],
+        context: ServicerContext,
+    ) -> None:
+        """Each request of the stream is routed like a ModelInfer; answers in completion order."""
+        parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        await serve_infer_stream(
+            request_iterator, lambda r: self._route(r, parent, None), context.write
+        )
+
     async def ModelInfer(
         self, request: inference_pb2.ModelInferRequest, context: ServicerContext
     ) -> inference_pb2.ModelInferResponse:
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        remaining = context.time_remaining()
+        return await self._route(request, parent, remaining)
+
+    async def _route(
+        self,
+        request: inference_pb2.ModelInferRequest,
+        parent: Context,
+        remaining: float | None,
+    ) -> inference_pb2.ModelInferResponse:
         with _tracer.start_as_current_span(
             "gateway ModelInfer",
             context=parent,
             kind=trace.SpanKind.SERVER,
             attributes={"meshserve.model": request.model_name},
         ) as span:
-            remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
             snapshot = self._snapshot()
             spec = self._variant(snapshot, request.model_name, request.model_version)

@@ -305,6 +305,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                             variant=spec.variant or key[1],
                             artifact_uri=spec.artifact_uri,
                             sha256=spec.sha256,
+                            execution_providers=spec.execution_providers,
+                            serving=spec.serving,
                         )
                     )
                 )

@@ -13,6 +13,7 @@ Rules, in order, per variant:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
@@ -70,6 +71,7 @@ def plan_placements(snapshot: Snapshot) -> Plan:
             if n.node_id not in kept
             and n.node_id not in failed
             and n.matches(spec.node_selector)
+            and _has_providers(n, spec.execution_providers)
             and _fits(n, spec.size_bytes, used_bytes)
         ]
         candidates.sort(key=lambda n: (load[n.node_id], -_free(n, used_bytes), n.node_id))
@@ -83,6 +85,10 @@ def plan_placements(snapshot: Snapshot) -> Plan:
         if old is None or old != new:
             upserts[key] = new
     return Plan(upserts, deletes)
+
+
+def _has_providers(node: NodeView, required: Sequence[str]) -> bool:
+    return set(required) <= set(node.hardware.execution_providers)
 
 
 def _free(node: NodeView, used: dict[str, int]) -> int:

@@ -275,8 +275,10 @@ class _Link:
         parent = context_from_map(req.trace_context)
         timeout = req.timeout_ms / 1000.0 if req.timeout_ms else None
         try:
+            deadline = time.monotonic() + timeout if timeout is not None else None
             response = await asyncio.wait_for(
-                self._agent.handler.infer(req.request, parent, hop="tunnel"), timeout
+                self._agent.handler.infer(req.request, parent, hop="tunnel", deadline=deadline),
+                timeout,
             )
             out.response.CopyFrom(response)
         except TimeoutError:

@@ -15,9 +15,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
 
+from node.batcher import Batcher, BatchPolicy
+from node.cache import ResponseCache
 from node.runtime import LoadError, OnnxCopy, TensorInfo, resident_bytes
 from node.store import ModelStore, StoreError
 from protos import mesh_pb2
@@ -41,6 +44,9 @@ class CopyEntry:
     copy: OnnxCopy | None = None
     memory_bytes: int = 0
     load_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    serving: mesh_pb2.ServingConfig = field(default_factory=mesh_pb2.ServingConfig)
+    batcher: Batcher | None = field(default=None, repr=False)
     in_flight: int = 0
     requests: int = 0
     errors: int = 0
@@ -55,11 +61,21 @@ class CopyEntry:
             memory_bytes=self.memory_bytes,
             load_seconds=self.load_seconds,
             sha256=self.sha256,
+            warmup_seconds=self.warmup_seconds,
+            batched=self.batcher is not None,
         )
         if self.copy is not None:
             msg.inputs.extend(_specs(self.copy.inputs))
             msg.outputs.extend(_specs(self.copy.outputs))
         return msg
+
+
+def _warmup_sizes(serving: mesh_pb2.ServingConfig) -> list[int]:
+    """Every batch size the batcher may use often: 1, the preferred sizes, the maximum."""
+    batching = serving.batching
+    if not batching.enabled:
+        return [1]
+    return [1, *batching.preferred_batch_sizes, batching.max_batch_size or 32]
 
 
 def _specs(infos: tuple[TensorInfo, ...]) -> list[mesh_pb2.TensorSpec]:
@@ -68,9 +84,15 @@ def _specs(infos: tuple[TensorInfo, ...]) -> list[mesh_pb2.TensorSpec]:
 
 class CopyManager:
     def __init__(
-        self, store: ModelStore, executor: concurrent.futures.Executor, *, intra_op_threads: int = 1
+        self,
+        store: ModelStore,
+        executor: concurrent.futures.Executor,
+        *,
+        intra_op_threads: int = 1,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         self._store = store
+        self.cache = ResponseCache(cache_bytes)
         self._executor = executor
         self._intra_op_threads = intra_op_threads
         self._copies: dict[tuple[str, str], CopyEntry] = {}
@@ -104,7 +126,7 @@ class CopyManager:
             return
         if entry is not None and entry.task is not None:
             entry.task.cancel()
-        entry = CopyEntry(cmd.model, cmd.variant, cmd.sha256.lower())
+        entry = CopyEntry(cmd.model, cmd.variant, cmd.sha256.lower(), serving=cmd.serving)
         self._copies[key] = entry
         self._announce(entry)
         entry.task = asyncio.create_task(self._load(entry, cmd), name=f"load {key}")
@@ -118,27 +140,66 @@ class CopyManager:
             started = time.perf_counter()
             try:
                 async with self._load_lock:
+                    self._store.pin(entry.sha256)  # a loaded copy's artifact is never evicted
                     path = await self._store.fetch(cmd.artifact_uri, cmd.sha256)
                     before = resident_bytes()
                     copy = await asyncio.to_thread(
                         OnnxCopy.load, path, providers, intra_op_threads=self._intra_op_threads
                     )
+                    entry.load_seconds = time.perf_counter() - started
+                    if not entry.serving.skip_warmup:
+                        with _tracer.start_as_current_span("node warmup"):
+                            warm_started = time.perf_counter()
+                            await asyncio.get_running_loop().run_in_executor(
+                                self._executor, copy.warmup_blocking, _warmup_sizes(entry.serving)
+                            )
+                            entry.warmup_seconds = time.perf_counter() - warm_started
+                    # Measured after warm-up: onnxruntime's arenas are allocated by then.
                     entry.memory_bytes = max(0, resident_bytes() - before)
             except (StoreError, LoadError) as exc:
+                self._store.unpin(entry.sha256)
                 entry.state, entry.reason = mesh_pb2.FAILED, str(exc)
                 _log.warning("copy %s/%s failed: %s", entry.model, entry.variant, exc)
                 self._announce(entry)
                 return
             except Exception as exc:
+                self._store.unpin(entry.sha256)
                 entry.state, entry.reason = mesh_pb2.FAILED, f"unexpected load error: {exc!r}"
                 _log.exception("copy %s/%s failed", entry.model, entry.variant)
                 self._announce(entry)
                 return
             entry.copy = copy
-            entry.load_seconds = time.perf_counter() - started
+            entry.batcher = self._batcher_for(entry, copy)
             entry.state = mesh_pb2.READY
-            _log.info("copy %s/%s ready in %.3fs", entry.model, entry.variant, entry.load_seconds)
+            _log.info(
+                "copy %s/%s ready: load %.3fs, warm-up %.3fs, %.1f MiB",
+                entry.model,
+                entry.variant,
+                entry.load_seconds,
+                entry.warmup_seconds,
+                entry.memory_bytes / (1 << 20),
+            )
             self._announce(entry)
+
+    def _batcher_for(self, entry: CopyEntry, copy: OnnxCopy) -> Batcher | None:
+        config = entry.serving.batching
+        if not config.enabled or not copy.batch_axis:
+            return None  # models without a dynamic batch axis are never batched
+        loop = asyncio.get_running_loop()
+        names = copy.all_outputs
+
+        async def execute(inputs: dict[str, Any]) -> dict[str, Any]:
+            return await loop.run_in_executor(self._executor, copy.run_blocking, inputs, names)
+
+        policy = BatchPolicy(
+            max_batch_size=config.max_batch_size or 32,
+            max_queue_delay_us=config.max_queue_delay_us,
+            preferred_batch_sizes=tuple(config.preferred_batch_sizes),
+            max_queue=config.max_queue or 1024,
+            adaptive=config.adaptive and config.latency_slo_ms > 0,
+            latency_slo_ms=config.latency_slo_ms or None,
+        )
+        return Batcher(execute, policy, name=f"{entry.model}/{entry.variant}")
 
     async def unload(self, model: str, variant: str) -> None:
         entry = self._copies.pop((model, variant), None)
@@ -151,7 +212,11 @@ class CopyManager:
             if entry.in_flight == 0:
                 break
             await asyncio.sleep(0.05)
-        entry.state, entry.copy = mesh_pb2.UNLOADED, None
+        if entry.batcher is not None:
+            await entry.batcher.close()
+        self.cache.invalidate(model, variant)
+        self._store.unpin(entry.sha256)
+        entry.state, entry.copy, entry.batcher = mesh_pb2.UNLOADED, None, None
         self._announce(entry)
 
     def ready(self, model: str, variant: str) -> CopyEntry:
@@ -173,6 +238,10 @@ class CopyManager:
         return entry
 
     async def close(self) -> None:
+        await asyncio.gather(
+            *(e.batcher.close() for e in self._copies.values() if e.batcher is not None),
+            return_exceptions=True,
+        )
         tasks = [e.task for e in self._copies.values() if e.task is not None and not e.task.done()]
         for t in tasks:
             t.cancel()

@@ -9,8 +9,6 @@ loop is never blocked.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -142,6 +140,37 @@ class OnnxCopy:
                     f"{list(info.shape)} (-1 = any size)"
                 )
 
+    @property
+    def batch_axis(self) -> bool:
+        """Every input and output has a dynamic first dimension: requests can be batched."""
+        from node.batcher import has_batch_axis
+
+        return has_batch_axis([t.shape for t in self.inputs], [t.shape for t in self.outputs])
+
+    def synthetic_inputs(self, batch: int = 1) -> dict[str, npt.NDArray[Any]]:
+        """Zeros shaped like the model's inputs (dynamic dims: ``batch`` first, else 1)."""
+        from client.codec import numpy_dtype
+
+        out: dict[str, npt.NDArray[Any]] = {}
+        for info in self.inputs:
+            shape = [(batch if i == 0 else 1) if d == -1 else d for i, d in enumerate(info.shape)]
+            if info.datatype == "BYTES":
+                out[info.name] = np.full(shape, b"", dtype=object)
+            else:
+                out[info.name] = np.zeros(shape, dtype=numpy_dtype(info.datatype))
+        return out
+
+    def warmup_blocking(self, batch_sizes: Sequence[int]) -> None:
+        """Run synthetic inputs once per batch size (blocking: call from a worker thread).
+
+        onnxruntime allocates and tunes on the first runs of each shape; doing it here means the
+        first real query after READY never pays for it.
+        """
+        sizes = sorted(set(batch_sizes)) if self.batch_axis else [1]
+        for size in sizes:
+            for _ in range(2):
+                self.run_blocking(self.synthetic_inputs(size), self._output_names)
+
     def output_names(self, requested: Sequence[str]) -> list[str]:
         if not requested:
             return self._output_names
@@ -159,17 +188,9 @@ class OnnxCopy:
         results = self._session.run(list(output_names), feed)
         return dict(zip(output_names, results, strict=True))
 
-    async def run(
-        self,
-        inputs: Mapping[str, npt.NDArray[Any]],
-        datatypes: Mapping[str, str],
-        requested: Sequence[str],
-        executor: concurrent.futures.Executor,
-    ) -> dict[str, npt.NDArray[Any]]:
-        self.validate(inputs, datatypes)
-        names = self.output_names(requested)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.run_blocking, inputs, names)
+    @property
+    def all_outputs(self) -> list[str]:
+        return list(self._output_names)
 
 
 def _to_ort(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:

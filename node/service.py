@@ -7,15 +7,21 @@ for nodes started with ``--listen``.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+from numpy.typing import NDArray
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from client.codec import decode_request_inputs, encode_response_outputs
-from node.copies import CopyManager
+from node.cache import cache_key
+from node.copies import CopyEntry, CopyManager
 from protos import inference_pb2, inference_pb2_grpc
 from protos.status import InvalidArgument, ServicerContext
+from protos.streaming import serve_infer_stream
 from protos.tracing import context_from_metadata
 
 __all__ = ["InferenceHandler", "NodeInferenceServicer"]
@@ -30,8 +36,13 @@ class InferenceHandler:
         self._copies = copies
 
     async def infer(
-        self, request: inference_pb2.ModelInferRequest, parent: Context | None, hop: str
+        self,
+        request: inference_pb2.ModelInferRequest,
+        parent: Context | None,
+        hop: str,
+        deadline: float | None = None,
     ) -> inference_pb2.ModelInferResponse:
+        """Answer one query. ``deadline`` is absolute (``time.monotonic()``); None = no limit."""
         with _tracer.start_as_current_span(
             "node ModelInfer",
             context=parent,
@@ -42,19 +53,19 @@ class InferenceHandler:
                 "meshserve.hop": hop,
             },
         ) as span:
-            entry = self._copies.ready(request.model_name, request.model_version)
-            span.set_attribute("meshserve.variant", entry.variant)
-            assert entry.copy is not None
             if not request.model_name:
                 raise InvalidArgument("model_name is empty")
+            entry = self._copies.ready(request.model_name, request.model_version)
+            copy = entry.copy
+            assert copy is not None
+            span.set_attribute("meshserve.variant", entry.variant)
             inputs = decode_request_inputs(request)
-            datatypes = {t.name: t.datatype for t in request.inputs}
+            copy.validate(inputs, {t.name: t.datatype for t in request.inputs})
+            names = copy.output_names([o.name for o in request.outputs])
             entry.in_flight += 1
             entry.requests += 1
             try:
-                outputs = await entry.copy.run(
-                    inputs, datatypes, [o.name for o in request.outputs], self._copies.executor
-                )
+                outputs = await self._compute(entry, inputs, names, deadline, span)
             except Exception:
                 entry.errors += 1
                 raise
@@ -67,6 +78,39 @@ class InferenceHandler:
             response.parameters["meshserve_node"].string_param = self.node_id
             response.parameters["meshserve_variant"].string_param = entry.variant
             return response
+
+    async def _compute(
+        self,
+        entry: CopyEntry,
+        inputs: dict[str, NDArray[Any]],
+        names: list[str],
+        deadline: float | None,
+        span: trace.Span,
+    ) -> dict[str, NDArray[Any]]:
+        """Cache (opt-in) → batcher (models with a batch axis, opt-in) → one onnxruntime run."""
+        copy = entry.copy
+        assert copy is not None
+        cache = self._copies.cache if entry.serving.cache else None
+        key = b""
+        if cache is not None:
+            key = cache_key(entry.model, entry.variant, entry.sha256, inputs)
+            hit = cache.get(key)
+            span.set_attribute("meshserve.cache_hit", hit is not None)
+            if hit is not None:
+                return {n: hit[n] for n in names}
+            names_to_run = copy.all_outputs  # cache every output: any later subset hits
+        else:
+            names_to_run = names
+        if entry.batcher is not None:
+            outputs = await entry.batcher.submit(inputs, deadline=deadline)
+        else:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(
+                self._copies.executor, copy.run_blocking, inputs, names_to_run
+            )
+        if cache is not None:
+            cache.put(key, outputs, model=entry.model, variant=entry.variant)
+        return {n: outputs[n] for n in names}
 
 
 class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -117,8 +161,22 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.ModelInferRequest],
+        context: ServicerContext,
+    ) -> None:
+        parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        await serve_infer_stream(
+            request_iterator,
+            lambda request: self._handler.infer(request, parent, hop="direct-stream"),
+            context.write,
+        )
+
     async def ModelInfer(
         self, request: inference_pb2.ModelInferRequest, context: ServicerContext
     ) -> inference_pb2.ModelInferResponse:
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
-        return await self._handler.infer(request, parent, hop="direct")
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self._handler.infer(request, parent, hop="direct", deadline=deadline)

@@ -41,8 +41,36 @@ class TensorSpec(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class BatchingConfig(_message.Message):
+    __slots__ = ("enabled", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "adaptive", "latency_slo_ms", "max_queue")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    max_batch_size: int
+    max_queue_delay_us: int
+    preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    adaptive: bool
+    latency_slo_ms: float
+    max_queue: int
+    def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., adaptive: _Optional[bool] = ..., latency_slo_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
+
+class ServingConfig(_message.Message):
+    __slots__ = ("batching", "cache", "skip_warmup")
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    batching: BatchingConfig
+    cache: bool
+    skip_warmup: bool
+    def __init__(self, batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., cache: _Optional[bool] = ..., skip_warmup: _Optional[bool] = ...) -> None: ...
+
 class CopyStatus(_message.Message):
-    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256")
+    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256", "warmup_seconds", "batched")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +80,8 @@ class CopyStatus(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     state: CopyState
@@ -61,7 +91,9 @@ class CopyStatus(_message.Message):
     memory_bytes: int
     load_seconds: float
     sha256: str
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ...) -> None: ...
+    warmup_seconds: float
+    batched: bool
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ..., warmup_seconds: _Optional[float] = ..., batched: _Optional[bool] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_id", "labels", "hardware", "direct_address", "version", "copies")
@@ -182,18 +214,20 @@ class Welcome(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., lease_ttl_seconds: _Optional[int] = ..., telemetry_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers")
+    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     artifact_uri: str
     sha256: str
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    serving: ServingConfig
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
     __slots__ = ("model", "variant")
@@ -216,7 +250,7 @@ class ControlMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy")
+    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +268,8 @@ class ModelSpec(_message.Message):
     NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     variant: str
     artifact_uri: str
@@ -244,7 +280,9 @@ class ModelSpec(_message.Message):
     node_selector: _containers.ScalarMap[str, str]
     size_bytes: int
     accuracy: float
-    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ...) -> None: ...
+    serving: ServingConfig
+    execution_providers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
     __slots__ = ("model",)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,5 +76,17 @@ async def inproc_mesh(
         yield InProcMesh(cp, started)
     finally:
         for node in started:
-            await node.stop(grace_s=1.0)
-        await cp.stop(grace_s=1.0)
+            await _bounded(node.stop(grace_s=1.0), f"stopping node {node.config.node_id}")
+        await _bounded(cp.stop(grace_s=1.0), "stopping the control plane")
+
+
+async def _bounded(step: Awaitable[None], what: str, timeout: float = 20.0) -> None:
+    """Run a shutdown step; if it hangs, print every task's stack (the culprit) and fail."""
+    try:
+        await asyncio.wait_for(step, timeout)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            print(repr(task))
+            for frame in task.get_stack(limit=15):
+                print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        raise AssertionError(f"{what} did not finish within {timeout:.0f}s") from None

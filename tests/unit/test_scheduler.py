@@ -1,0 +1,180 @@
+"""The placement policy on hand-built snapshots (pure: no etcd, no network)."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+
+from controlplane.scheduler import plan_placements
+from controlplane.snapshot import NodeView, Snapshot
+from protos import mesh_pb2
+
+GiB = 1 << 30
+
+
+def node(
+    node_id: str,
+    *,
+    memory: int = 8 * GiB,
+    labels: dict[str, str] | None = None,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    copies: dict[tuple[str, str], int] | None = None,
+    sha: str = "a" * 64,
+) -> NodeView:
+    return NodeView(
+        node_id=node_id,
+        labels=MappingProxyType(labels or {}),
+        hardware=mesh_pb2.Hardware(memory_bytes=memory, execution_providers=providers),
+        direct_address="",
+        replicas=frozenset({"cp"}),
+        copies=MappingProxyType(
+            {
+                k: mesh_pb2.CopyStatus(
+                    model=k[0],
+                    variant=k[1],
+                    state=state,
+                    sha256=sha,  # type: ignore[arg-type]
+                    reason="sha256 mismatch" if state == mesh_pb2.FAILED else "",
+                )
+                for k, state in (copies or {}).items()
+            }
+        ),
+    )
+
+
+def model(
+    name: str,
+    *,
+    copies: int = 1,
+    size: int = 0,
+    selector: dict[str, str] | None = None,
+    providers: tuple[str, ...] = (),
+) -> mesh_pb2.ModelSpec:
+    return mesh_pb2.ModelSpec(
+        name=name,
+        variant="default",
+        sha256="a" * 64,
+        copies=copies,
+        size_bytes=size,
+        node_selector=selector or {},
+        execution_providers=providers,
+    )
+
+
+def snap(
+    models: list[mesh_pb2.ModelSpec],
+    nodes: list[NodeView],
+    placements: dict[str, list[str]] | None = None,
+    failed: dict[str, dict[str, str]] | None = None,
+) -> Snapshot:
+    return Snapshot(
+        models={(m.name, m.variant): m for m in models},
+        placements={
+            (name, "default"): mesh_pb2.Placement(
+                model=name, variant="default", nodes=ns, failed=(failed or {}).get(name, {})
+            )
+            for name, ns in (placements or {}).items()
+        },
+        nodes={n.node_id: n for n in nodes},
+    )
+
+
+CASES = [
+    (
+        "two copies go to two nodes",
+        snap([model("m", copies=2)], [node("a"), node("b"), node("c")]),
+        {"m": ["a", "b"]},
+    ),
+    (
+        "the least loaded node is chosen",
+        snap(
+            [model("m"), model("busy", copies=2)],
+            [node("a"), node("b"), node("c")],
+            {"busy": ["a", "b"]},
+        ),
+        {"m": ["c"]},
+    ),
+    (
+        "selector limits candidates",
+        snap(
+            [model("m", selector={"tier": "edge"})],
+            [node("a", labels={"tier": "core"}), node("b", labels={"tier": "edge"})],
+        ),
+        {"m": ["b"]},
+    ),
+    (
+        "a model bigger than any node's memory is not placed",
+        snap([model("m", size=16 * GiB)], [node("a"), node("b")]),
+        {"m": []},
+    ),
+    (
+        "memory already placed counts",
+        snap(
+            [model("big", size=6 * GiB), model("m", size=4 * GiB)],
+            [node("a"), node("b")],
+            {"big": ["a"]},
+        ),
+        {"m": ["b"]},
+    ),
+    (
+        "a required execution provider must exist",
+        snap(
+            [model("m", providers=("CUDAExecutionProvider",))],
+            [node("a"), node("g", providers=("CUDAExecutionProvider", "CPUExecutionProvider"))],
+        ),
+        {"m": ["g"]},
+    ),
+    ("a vanished node is replaced", snap([model("m")], [node("b")], {"m": ["gone"]}), {"m": ["b"]}),
+    (
+        "a failed copy is recorded and placed elsewhere",
+        snap(
+            [model("m")],
+            [node("a", copies={("m", "default"): mesh_pb2.FAILED}), node("b")],
+            {"m": ["a"]},
+        ),
+        {"m": ["b"]},
+    ),
+    (
+        "a node where the copy failed before is not retried",
+        snap([model("m")], [node("a"), node("b")], {"m": []}, {"m": {"a": "sha256 mismatch"}}),
+        {"m": ["b"]},
+    ),
+    (
+        "copies lowered: extra placements are shed",
+        snap([model("m", copies=1)], [node("a"), node("b")], {"m": ["a", "b"]}),
+        {"m": ["a"]},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_placement(snapshot: Snapshot, expected: dict[str, list[str]]) -> None:
+    plan = plan_placements(snapshot)
+    for name, nodes in expected.items():
+        placement = plan.upserts.get((name, "default")) or snapshot.placements[(name, "default")]
+        assert list(placement.nodes) == nodes
+
+
+def test_failure_reason_is_recorded() -> None:
+    snapshot = snap(
+        [model("m")], [node("a", copies={("m", "default"): mesh_pb2.FAILED})], {"m": ["a"]}
+    )
+    placement = plan_placements(snapshot).upserts[("m", "default")]
+    assert dict(placement.failed) == {"a": "sha256 mismatch"}
+    assert list(placement.nodes) == []
+
+
+def test_unchanged_placement_is_not_rewritten_and_removed_model_is_deleted() -> None:
+    snapshot = snap([model("m")], [node("a")], {"m": ["a"], "old": ["a"]})
+    stable = mesh_pb2.Placement(model="m", variant="default", nodes=["a"], desired_copies=1)
+    snapshot = Snapshot(
+        models=snapshot.models,
+        nodes=snapshot.nodes,
+        placements={**snapshot.placements, ("m", "default"): stable},
+    )
+    plan = plan_placements(snapshot)
+    assert plan.upserts == {}
+    assert plan.deletes == [("old", "default")]
