@@ -36,6 +36,7 @@ class AdminClient:
         node_selector: Mapping[str, str] | None = None,
         size_bytes: int = 0,
         accuracy: float = 0.0,
+        serving: mesh_pb2.ServingConfig | None = None,
     ) -> mesh_pb2.RegisterModelResponse:
         spec = mesh_pb2.ModelSpec(
             name=name,
@@ -46,6 +47,7 @@ class AdminClient:
             node_selector=node_selector or {},
             size_bytes=size_bytes,
             accuracy=accuracy,
+            serving=serving,
         )
         out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
         assert isinstance(out, mesh_pb2.RegisterModelResponse)

@@ -299,12 +299,21 @@ class _Link:
             telemetry = mesh_pb2.Telemetry(
                 unix_ms=int(time.time() * 1000), rss_bytes=resident_bytes()
             )
+            cache = self._agent.copies.cache.stats()
             for e in self._agent.copies.entries():
-                telemetry.models.add(
+                model = telemetry.models.add(
                     model=e.model,
                     variant=e.variant,
                     in_flight=e.in_flight,
                     requests=e.requests,
                     errors=e.errors,
+                    cache_hits=cache.hits,
+                    cache_misses=cache.misses,
                 )
+                if e.batcher is not None:
+                    stats = e.batcher.stats
+                    model.queue_depth = e.batcher.queue_depth
+                    model.batches = stats.batches
+                    model.batched_rows = stats.rows
+                    model.max_batch_size = e.batcher.current_max_batch_size
             self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))

@@ -65,7 +65,7 @@ class InferenceHandler:
             entry.in_flight += 1
             entry.requests += 1
             try:
-                outputs = await self._compute(entry, inputs, names, deadline, span)
+                outputs, hit = await self._compute(entry, inputs, names, deadline, span)
             except Exception:
                 entry.errors += 1
                 raise
@@ -77,6 +77,8 @@ class InferenceHandler:
             encode_response_outputs(response, outputs)
             response.parameters["meshserve_node"].string_param = self.node_id
             response.parameters["meshserve_variant"].string_param = entry.variant
+            if entry.serving.cache:
+                response.parameters["meshserve_cache_hit"].bool_param = hit
             return response
 
     async def _compute(
@@ -86,8 +88,11 @@ class InferenceHandler:
         names: list[str],
         deadline: float | None,
         span: trace.Span,
-    ) -> dict[str, NDArray[Any]]:
-        """Cache (opt-in) → batcher (models with a batch axis, opt-in) → one onnxruntime run."""
+    ) -> tuple[dict[str, NDArray[Any]], bool]:
+        """Cache (opt-in) → batcher (models with a batch axis, opt-in) → one onnxruntime run.
+
+        Returns the requested outputs and whether they came from the cache.
+        """
         copy = entry.copy
         assert copy is not None
         cache = self._copies.cache if entry.serving.cache else None
@@ -97,7 +102,7 @@ class InferenceHandler:
             hit = cache.get(key)
             span.set_attribute("meshserve.cache_hit", hit is not None)
             if hit is not None:
-                return {n: hit[n] for n in names}
+                return {n: hit[n] for n in names}, True
             names_to_run = copy.all_outputs  # cache every output: any later subset hits
         else:
             names_to_run = names
@@ -110,7 +115,7 @@ class InferenceHandler:
             )
         if cache is not None:
             cache.put(key, outputs, model=entry.model, variant=entry.variant)
-        return {n: outputs[n] for n in names}
+        return {n: outputs[n] for n in names}, False
 
 
 class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):

@@ -119,7 +119,7 @@ class Hello(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., version: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ...) -> None: ...
 
 class ModelTelemetry(_message.Message):
-    __slots__ = ("model", "variant", "in_flight", "requests", "errors", "latency_p50_ms", "latency_p99_ms")
+    __slots__ = ("model", "variant", "in_flight", "requests", "errors", "latency_p50_ms", "latency_p99_ms", "queue_depth", "batches", "batched_rows", "max_batch_size", "cache_hits", "cache_misses")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,12 @@ class ModelTelemetry(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     in_flight: int
@@ -134,7 +140,13 @@ class ModelTelemetry(_message.Message):
     errors: int
     latency_p50_ms: float
     latency_p99_ms: float
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ...) -> None: ...
+    queue_depth: int
+    batches: int
+    batched_rows: int
+    max_batch_size: int
+    cache_hits: int
+    cache_misses: int
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., batches: _Optional[int] = ..., batched_rows: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("unix_ms", "cpu_percent", "rss_bytes", "memory_available_bytes", "models")

@@ -49,13 +49,16 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, 
         yield local, cp
 
 
-def _probe(target: str, model: str, inputs: dict[str, np.ndarray], tmp: Path) -> tuple[dict, dict]:
+def _probe(
+    target: str, model: str, inputs: dict[str, np.ndarray], tmp: Path, *, stream: bool = False
+) -> tuple[dict, dict]:
     np.savez(tmp / "in.npz", **inputs)
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "tests.support.triton_probe",
+            *(["--stream"] if stream else []),
             target,
             model,
             str(tmp / "in.npz"),
@@ -110,3 +113,21 @@ def test_tritonclient_int64_model(
     np.testing.assert_array_equal(outputs["as_float"], k.astype(np.float32) * 0.5)
     expected = reference_outputs(mesh[0].workdir / "models" / "int.onnx", {"k": k})
     np.testing.assert_array_equal(outputs["doubled"], expected["doubled"])
+
+
+@pytest.mark.parametrize(
+    ("tier", "node"),
+    [("edge", "edge-1"), ("core", "core-1")],
+    ids=["tunnel-to-edge-node", "direct-to-core-node"],
+)
+def test_tritonclient_streaming_returns_every_answer_with_its_id(
+    mesh: tuple[LocalMesh, ManagedProcess], tmp_path: Path, tier: str, node: str
+) -> None:
+    _, cp = mesh
+    x = np.random.default_rng(5).standard_normal((12, 64)).astype(np.float32)
+    report, outputs = _probe(cp.address, f"mlp-{tier}", {"x": x}, tmp_path, stream=True)
+    assert report["errors"] == []
+    assert sorted(report["order"]) == sorted(f"row-{i}" for i in range(12))
+    expected = reference_outputs(mesh[0].workdir / "models" / "mlp.onnx", {"x": x})["y"]
+    for i in range(12):
+        np.testing.assert_allclose(outputs[f"row-{i}/y"], expected[i : i + 1], rtol=1e-5, atol=1e-5)
