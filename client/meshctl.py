@@ -50,9 +50,19 @@ def models_register(
     variant: str = "default",
     copies: int = 1,
     selector: Annotated[str, typer.Option(help="node labels required, e.g. tier=edge")] = "",
+    batching: Annotated[
+        bool, typer.Option(help="dynamic batching (models with a batch axis)")
+    ] = False,
+    max_batch_size: int = 32,
+    max_queue_delay_us: int = 0,
+    cache: Annotated[bool, typer.Option(help="response cache for identical queries")] = False,
+    wait: Annotated[
+        bool, typer.Option(help="show pull/load progress until copies are ready")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
     target: Target = "127.0.0.1:8001",
 ) -> None:
-    """Register (or update) a model variant."""
+    """Register (or update) a model variant; with --wait, follow its copies until READY."""
     from client.demo_models import sha256_file
 
     uri = artifact
@@ -64,16 +74,81 @@ def models_register(
         uri = path.as_uri()
         sha256 = sha256 or sha256_file(path)
     labels = dict(item.split("=", 1) for item in selector.split(",") if "=" in item)
+    serving = mesh_pb2.ServingConfig(
+        batching=mesh_pb2.BatchingConfig(
+            enabled=batching, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us
+        ),
+        cache=cache,
+    )
     with AdminClient(target) as admin:
         try:
             out = admin.register_model(
-                name, uri, sha256, variant=variant, copies=copies, node_selector=labels
+                name,
+                uri,
+                sha256,
+                variant=variant,
+                copies=copies,
+                node_selector=labels,
+                serving=serving,
             )
         except StatusError as exc:
             _fail(exc)
             return
-    verb = "registered" if out.created else "updated"
-    _console.print(f"{verb} {out.model.name}/{out.model.variant} ({out.model.copies} copies)")
+        verb = "registered" if out.created else "updated"
+        _console.print(f"{verb} {out.model.name}/{out.model.variant} ({out.model.copies} copies)")
+        if wait:
+            _follow_copies(admin, out.model.name, out.model.variant, out.model.copies, timeout)
+
+
+def _follow_copies(
+    admin: AdminClient, model: str, variant: str, copies: int, timeout: float
+) -> None:
+    """A progress bar per copy (download bytes, then load), until ``copies`` are READY."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    deadline = time.monotonic() + timeout
+    bars: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=_console
+    ) as progress:
+        while time.monotonic() < deadline:
+            ready = 0
+            for node in admin.list_nodes():
+                for c in node.copies:
+                    if (c.model, c.variant) != (model, variant):
+                        continue
+                    if node.node_id not in bars:
+                        bars[node.node_id] = progress.add_task(node.node_id, total=None)
+                    state = _state(c.state)
+                    total = c.bytes_total or None
+                    done = c.bytes_total if c.state == mesh_pb2.READY else c.bytes_fetched
+                    progress.update(
+                        bars[node.node_id],
+                        completed=done,
+                        total=total,
+                        description=f"{node.node_id:12} {state:8}",
+                    )
+                    ready += c.state == mesh_pb2.READY
+            failed = {}
+            for p in admin.list_placements(model):
+                if p.variant == variant:
+                    failed = dict(p.failed)
+            if ready >= copies:
+                break
+            if failed and not ready and len(failed) >= copies:
+                progress.stop()
+                for node_id, why in failed.items():
+                    _console.print(f"[red]failed[/red] on {node_id}: {why}")
+                raise typer.Exit(1)
+            time.sleep(0.25)
+        else:
+            _console.print(
+                f"[yellow]timed out[/yellow] after {timeout:.0f}s; see `meshctl nodes list`"
+            )
+            raise typer.Exit(1)
+    _console.print(
+        f"[green]✓[/green] {model}/{variant}: {copies} cop{'y' if copies == 1 else 'ies'} ready"
+    )
 
 
 @models_app.command("list")

@@ -48,6 +48,8 @@ class CopyEntry:
     serving: mesh_pb2.ServingConfig = field(default_factory=mesh_pb2.ServingConfig)
     batcher: Batcher | None = field(default=None, repr=False)
     in_flight: int = 0
+    bytes_fetched: int = 0
+    bytes_total: int = 0
     requests: int = 0
     errors: int = 0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -63,6 +65,8 @@ class CopyEntry:
             sha256=self.sha256,
             warmup_seconds=self.warmup_seconds,
             batched=self.batcher is not None,
+            bytes_fetched=self.bytes_fetched,
+            bytes_total=self.bytes_total,
         )
         if self.copy is not None:
             msg.inputs.extend(_specs(self.copy.inputs))
@@ -141,7 +145,9 @@ class CopyManager:
             try:
                 async with self._load_lock:
                     self._store.pin(entry.sha256)  # a loaded copy's artifact is never evicted
-                    path = await self._store.fetch(cmd.artifact_uri, cmd.sha256)
+                    path = await self._store.fetch(
+                        cmd.artifact_uri, cmd.sha256, progress=self._progress_reporter(entry)
+                    )
                     before = resident_bytes()
                     copy = await asyncio.to_thread(
                         OnnxCopy.load, path, providers, intra_op_threads=self._intra_op_threads
@@ -180,6 +186,27 @@ class CopyManager:
                 entry.memory_bytes / (1 << 20),
             )
             self._announce(entry)
+
+    def _progress_reporter(self, entry: CopyEntry) -> Callable[[int, int | None], None]:
+        """A download progress callback (called from the store's worker thread) that announces
+        the copy's status at most every 0.5 s, on the event loop."""
+        loop = asyncio.get_running_loop()
+        last = [0.0]
+
+        def report(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.5 and done != total:
+                return
+            last[0] = now
+
+            def update() -> None:
+                entry.bytes_fetched, entry.bytes_total = done, total or 0
+                if entry.state == mesh_pb2.LOADING:
+                    self._announce(entry)
+
+            loop.call_soon_threadsafe(update)
+
+        return report
 
     def _batcher_for(self, entry: CopyEntry, copy: OnnxCopy) -> Batcher | None:
         config = entry.serving.batching

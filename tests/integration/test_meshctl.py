@@ -1,0 +1,108 @@
+"""meshctl as a user runs it: `up` end to end, and the admin commands against a live mesh."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.demo_models import make_mlp, write_not_onnx
+from client.local import LocalMesh, ManagedProcess
+
+MESHCTL = [sys.executable, "-m", "client.meshctl"]
+ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+
+
+def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MESHCTL, *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
+
+
+def test_up_runs_a_mesh_answers_queries_and_stops_everything(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*MESHCTL, "up", "--duration", "1", "--queries", "6", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "core-1" in out and "edge-1" in out
+    assert out.count("yes") == 6 and " NO " not in out
+    assert "nothing left running" in out
+    # No process of that mesh survives: nothing references its work directory any more.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    work = tmp_path_factory.mktemp("meshctl")
+    with LocalMesh(work) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        mesh.start_node("edge-1", [cp.address], labels={"tier": "edge"})
+        yield cp
+
+
+def test_register_waits_for_ready_copies_and_lists_show_them(
+    live: ManagedProcess, tmp_path: Path
+) -> None:
+    model = make_mlp(tmp_path / "mlp.onnx")
+    proc = meshctl(
+        "models",
+        "register",
+        "mlp",
+        "--artifact",
+        str(model),
+        "--batching",
+        "--target",
+        live.address,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 copy ready" in proc.stdout
+    nodes = meshctl("nodes", "list", "--target", live.address)
+    assert "edge-1" in nodes.stdout and "mlp/default:READY" in nodes.stdout
+    placements = meshctl("placements", "list", "--target", live.address)
+    assert "mlp" in placements.stdout and "edge-1" in placements.stdout
+
+
+def test_register_of_a_broken_artifact_fails_with_the_reason(
+    live: ManagedProcess, tmp_path: Path
+) -> None:
+    bad = write_not_onnx(tmp_path / "bad.onnx")
+    proc = meshctl(
+        "models",
+        "register",
+        "bad",
+        "--artifact",
+        str(bad),
+        "--timeout",
+        "60",
+        "--target",
+        live.address,
+    )
+    assert proc.returncode == 1
+    assert "not a loadable ONNX model" in proc.stdout
+
+
+def test_invalid_registration_is_refused_with_a_clear_message(live: ManagedProcess) -> None:
+    proc = meshctl(
+        "models",
+        "register",
+        "x",
+        "--artifact",
+        "ftp://host/m.onnx",
+        "--sha256",
+        "ab" * 32,
+        "--target",
+        live.address,
+    )
+    assert proc.returncode == 1
+    assert "INVALID_ARGUMENT" in proc.stdout and "file://, http:// or https://" in proc.stdout
