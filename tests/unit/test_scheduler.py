@@ -178,3 +178,21 @@ def test_unchanged_placement_is_not_rewritten_and_removed_model_is_deleted() -> 
     plan = plan_placements(snapshot)
     assert plan.upserts == {}
     assert plan.deletes == [("old", "default")]
+
+
+def test_measured_memory_of_loaded_copies_is_used_for_packing() -> None:
+    loaded = node("a", memory=8 * GiB, copies={("big", "default"): mesh_pb2.READY})
+    measured = mesh_pb2.CopyStatus(
+        model="big", variant="default", state=mesh_pb2.READY, sha256="a" * 64, memory_bytes=7 * GiB
+    )
+    loaded = NodeView(
+        loaded.node_id,
+        loaded.labels,
+        loaded.hardware,
+        "",
+        loaded.replicas,
+        MappingProxyType({("big", "default"): measured}),
+    )
+    # Declared size is 0 (unknown); the node measured 7 GiB, so a 2 GiB model no longer fits on a.
+    snapshot = snap([model("big"), model("m", size=2 * GiB)], [loaded, node("b")], {"big": ["a"]})
+    assert list(plan_placements(snapshot).upserts[("m", "default")].nodes) == ["b"]
