@@ -226,5 +226,9 @@ class LocalMesh:
     def __enter__(self) -> LocalMesh:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *rest: object) -> None:
         self.close()
+        if exc_type is not None:  # a failed run: show what every process said last
+            for proc in self.processes:
+                header = f"----- {proc.name} ({proc.log_path}) -----"
+                print(f"{header}\n{proc.tail(40)}", file=sys.stderr)

@@ -69,7 +69,6 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self.hub: Hub | None = None
         self.gateway: Gateway | None = None
-        self.election: Election | None = None
         self.leader: LeaderLoop | None = None
 
     # -- the view ----------------------------------------------------------------------------
@@ -78,7 +77,11 @@ class ControlPlane:
         if self._snapshot is None:
             m = self._mirrors
             self._snapshot = build_snapshot(
-                m[keys.MODELS].items(), m[keys.PLACEMENTS].items(), m[keys.NODES].items()
+                m[keys.MODELS].items(),
+                m[keys.PLACEMENTS].items(),
+                m[keys.NODES].items(),
+                placement_revisions=m[keys.PLACEMENTS].mod_revisions(),
+                placements_revision=m[keys.PLACEMENTS].revision,
             )
         return self._snapshot
 
@@ -95,6 +98,37 @@ class ControlPlane:
             out.append(keys.decode(value, mesh_pb2.ReplicaInfo()))
         return sorted(out, key=lambda r: r.replica_id)
 
+    def _lease(self) -> Session:
+        assert self._session is not None
+        return self._session
+
+    async def _register_replica(self) -> None:
+        info = mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=self.address)
+        await self._etcd.put(
+            keys.replica_key(self.replica_id).encode(),
+            keys.encode(info),
+            lease=self._lease().lease_id,
+        )
+
+    async def _maintain(self, interval_s: float = 2.0) -> None:
+        """Keep this replica's lease (renew it if lost: re-register, rewrite every node record,
+        the leader loop re-campaigns on its own) and sweep node records no stream backs."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if self._lease().done.is_set():
+                    _log.warning("replica lease lost; opening a new one")
+                    self._session = await Session.open(self._etcd, self.config.lease_ttl_s)
+                    await self._register_replica()
+                    if self.hub is not None:
+                        self.hub.rewrite_all()
+                if self.hub is not None:
+                    await self.hub.sweep(list(self._mirrors[keys.NODES].items()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning("maintenance pass failed: %r", exc)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -107,12 +141,7 @@ class ControlPlane:
         self.address = cfg.advertise or f"{host}:{port}"
 
         self._session = await Session.open(self._etcd, cfg.lease_ttl_s)
-        info = mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=self.address)
-        await self._etcd.put(
-            keys.replica_key(self.replica_id).encode(),
-            keys.encode(info),
-            lease=self._session.lease_id,
-        )
+        await self._register_replica()
         for prefix in (keys.MODELS, keys.PLACEMENTS, keys.NODES, keys.REPLICAS):
             mirror = PrefixMirror(self._etcd, prefix)
             await mirror.start()
@@ -123,6 +152,7 @@ class ControlPlane:
             etcd=self._etcd,
             replica_id=self.replica_id,
             lease_ttl_s=cfg.lease_ttl_s,
+            lease_id=lambda: self._lease().lease_id,
             snapshot=self.snapshot,
             replicas=self.replicas,
             telemetry_interval_ms=cfg.telemetry_interval_ms,
@@ -137,14 +167,14 @@ class ControlPlane:
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.gateway, self._server)
         await self._server.start()
 
-        self.election = Election(self._etcd, self._session, keys.LEADER, self.replica_id)
         self.leader = LeaderLoop(
             etcd=self._etcd,
-            election=self.election,
+            election=lambda: Election(self._etcd, self._lease(), keys.LEADER, self.replica_id),
             replica_id=self.replica_id,
             snapshot=self.snapshot,
         )
         self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
+        self._tasks.append(asyncio.create_task(self._maintain(), name="maintain"))
         _log.info(
             "control-plane replica %s serving on %s (etcd %s)",
             self.replica_id,
@@ -163,8 +193,9 @@ class ControlPlane:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
         async def resign() -> None:
-            if self.election is not None and self.election.is_leader:
-                await self.election.resign()
+            election = self.leader.election if self.leader is not None else None
+            if election is not None and election.is_leader:
+                await election.resign()
 
         async def server() -> None:
             if self._server is not None:

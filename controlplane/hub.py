@@ -1,9 +1,12 @@
 """Session hub: the control-plane side of every node's NodeLink stream.
 
 Contract:
-- A node's link record (``nodes/<node>/<replica>``) lives under a lease owned by the stream's
-  session: it exists exactly while the stream is alive (the lease is revoked when the stream ends,
-  and expires within its TTL if this replica dies).
+- A node's link record (``nodes/<node>/<replica>``) exists exactly while the stream is alive:
+  it is written when the Hello arrives and deleted (retried until etcd confirms) when the stream
+  ends. It is attached to this replica's own lease — one lease per replica, not per node, so
+  10,000 streams cost one keep-alive — and so expires within the TTL if the replica dies. A
+  sweeper deletes any record of this replica that no live stream backs (e.g. after etcd was
+  unreachable when a stream ended).
 - One stream per node per replica: a second concurrent stream is refused with ALREADY_EXISTS.
 - :meth:`NodeSession.tunnel` multiplexes queries down the stream with correlation ids; each waits
   for its answer at most until its deadline, and every pending query fails with UNAVAILABLE the
@@ -19,13 +22,13 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from functools import partial
 from typing import Any
 
 import grpc
 
 from controlplane import keys
-from controlplane.etcd import Session
 from controlplane.snapshot import Snapshot, VariantKey
 from protos import inference_pb2, mesh_pb2, mesh_pb2_grpc
 from protos.status import (
@@ -130,6 +133,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         etcd: Any,
         replica_id: str,
         lease_ttl_s: int,
+        lease_id: Callable[[], int],
         snapshot: Callable[[], Snapshot],
         replicas: Callable[[], list[mesh_pb2.ReplicaInfo]],
         telemetry_interval_ms: int = 2000,
@@ -139,13 +143,14 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._etcd = etcd
         self.replica_id = replica_id
         self._ttl = lease_ttl_s
+        self._lease_id = lease_id
         self._snapshot = snapshot
         self._replicas = replicas
         self._telemetry_interval_ms = telemetry_interval_ms
         self._outbox_size = outbox_size
         self._hello_timeout = hello_timeout_s
         self.sessions: dict[str, NodeSession] = {}
-        self._cleanups: set[asyncio.Future[None]] = set()
+        self._cleanups: dict[str, asyncio.Future[None]] = {}
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -181,11 +186,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             return
         session = NodeSession(hello, self.replica_id, self._outbox_size)
         self.sessions[hello.node_id] = session
-        lease: Session | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            lease = await Session.open(self._etcd, self._ttl)
-            await self._write_record(session, lease)
+            previous = self._cleanups.get(hello.node_id)
+            if previous is not None:  # the node's last stream is still deleting its record
+                await asyncio.shield(previous)
+            await self._write_record(session)
             await context.write(
                 mesh_pb2.ControlMessage(
                     welcome=mesh_pb2.Welcome(
@@ -202,11 +208,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 hello.direct_address or "-",
                 dict(hello.labels),
             )
-            handler = asyncio.current_task()
             tasks = [
                 asyncio.create_task(self._write_loop(session, context)),
-                asyncio.create_task(self._record_loop(session, lease)),
-                asyncio.create_task(_cancel_when(lease.done, handler)),
+                asyncio.create_task(self._record_loop(session)),
             ]
             self.reconcile_session(session, self._snapshot())
             while True:
@@ -219,21 +223,32 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             if self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
             # gRPC may cancel this handler more than once; the cleanup runs in its own task so
-            # the lease is always revoked (and the keep-alive stopped) whatever happens here.
-            cleanup = asyncio.ensure_future(self._cleanup(session, tasks, lease))
-            self._cleanups.add(cleanup)
-            cleanup.add_done_callback(self._cleanups.discard)
+            # the record is always deleted whatever happens here.
+            cleanup = asyncio.ensure_future(self._cleanup(session, tasks))
+            self._cleanups[session.node_id] = cleanup
+            cleanup.add_done_callback(partial(self._forget_cleanup, session.node_id))
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(cleanup)
 
-    async def _cleanup(
-        self, session: NodeSession, tasks: list[asyncio.Task[None]], lease: Session | None
-    ) -> None:
+    def _forget_cleanup(self, node_id: str, done: asyncio.Future[None]) -> None:
+        if self._cleanups.get(node_id) is done:
+            del self._cleanups[node_id]
+
+    async def _cleanup(self, session: NodeSession, tasks: list[asyncio.Task[None]]) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if lease is not None:
-            await lease.close(revoke=True)
+        key = keys.node_link_key(session.node_id, self.replica_id).encode()
+        for attempt in range(60):  # ~30 s; after that the sweeper takes over
+            try:
+                await self._etcd.delete(key)
+                break
+            except Exception as exc:
+                if attempt == 0:
+                    _log.warning(
+                        "deleting node %s record failed: %r; retrying", session.node_id, exc
+                    )
+                await asyncio.sleep(0.5)
         _log.info("node %s unlinked", session.node_id)
 
     def _on_message(self, session: NodeSession, message: mesh_pb2.NodeMessage) -> None:
@@ -247,6 +262,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 session.copies.pop(key, None)
             else:
                 session.copies[key] = status
+            session.sent.pop(key, None)  # the node acted (or refused): decide afresh
             session.record_dirty.set()
             self.reconcile_session(session, self._snapshot())
         elif kind == "telemetry":
@@ -259,24 +275,45 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             message = await session.outbox.get()
             await context.write(message)
 
-    async def _write_record(self, session: NodeSession, lease: Session) -> None:
+    async def _write_record(self, session: NodeSession) -> None:
         session.record_dirty.clear()
         await self._etcd.put(
             keys.node_link_key(session.node_id, self.replica_id).encode(),
             keys.encode(session.record()),
-            lease=lease.lease_id,
+            lease=self._lease_id(),
         )
 
-    async def _record_loop(self, session: NodeSession, lease: Session) -> None:
+    async def _record_loop(self, session: NodeSession) -> None:
         """Write the link record whenever it changed; coalesces bursts, retries on errors."""
         while True:
             await session.record_dirty.wait()
             try:
-                await self._write_record(session, lease)
+                await self._write_record(session)
             except Exception as exc:
                 _log.warning("writing node %s record failed: %r", session.node_id, exc)
                 session.record_dirty.set()
                 await asyncio.sleep(0.5)
+
+    def rewrite_all(self) -> None:
+        """Rewrite every record (after this replica's lease was renewed)."""
+        for session in self.sessions.values():
+            session.record_dirty.set()
+
+    async def sweep(self, links: Iterable[str]) -> int:
+        """Delete this replica's node records that no live stream backs; returns how many."""
+        stale = []
+        for key in links:
+            node_id, replica_id = keys.split_key(key, keys.NODES)
+            if (
+                replica_id == self.replica_id
+                and node_id not in self.sessions
+                and (node_id not in self._cleanups)
+            ):
+                stale.append(key)
+        for key in stale:
+            await self._etcd.delete(key.encode())
+            _log.warning("swept stale record %s", key)
+        return len(stale)
 
     # -- reconciliation ----------------------------------------------------------------------
 
@@ -285,12 +322,21 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             self.reconcile_session(session, snapshot)
 
     def reconcile_session(self, session: NodeSession, snapshot: Snapshot) -> None:
+        """Send the commands that move ``session``'s node towards ``snapshot``'s placements.
+
+        A command is sent once per decision (``session.sent``) and sent again only after the
+        node reported on that variant (any CopyStatus clears the mark), so a node that dropped
+        or ignored a command is re-told. Every command carries the placement revision it was
+        decided on; the node ignores one older than the last it applied, so replicas whose views
+        lag a moment behind can never undo a newer decision.
+        """
         node_id = session.node_id
         for key, placement in snapshot.placements.items():
             spec = snapshot.models.get(key)
             if spec is None or node_id not in placement.nodes:
                 continue
             held = session.copies.get(key)
+            revision = snapshot.placement_revision(key)
             command = f"load:{spec.sha256.lower()}"
             if held is not None and held.sha256 == spec.sha256.lower():
                 session.sent[key] = command
@@ -307,31 +353,33 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                             sha256=spec.sha256,
                             execution_providers=spec.execution_providers,
                             serving=spec.serving,
+                            placement_revision=revision,
                         )
                     )
                 )
                 session.sent[key] = command
+                _log.info("load %s/%s -> node %s (rev %d)", key[0], key[1], node_id, revision)
         for key in list(session.copies):
             current = snapshot.placements.get(key)
-            wanted = key in snapshot.models and (current is None or node_id in current.nodes)
-            if wanted or session.sent.get(key) == "unload":
+            # A copy goes only when its placement is gone or names other nodes; a removed
+            # model's placement is deleted by the leader, and that deletion is the decision.
+            if (current is not None and node_id in current.nodes) or session.sent.get(
+                key
+            ) == "unload":
                 continue
+            revision = snapshot.placement_revision(key)
             with contextlib.suppress(ResourceExhausted):
                 session.send(
                     mesh_pb2.ControlMessage(
-                        unload=mesh_pb2.UnloadModel(model=key[0], variant=key[1])
+                        unload=mesh_pb2.UnloadModel(
+                            model=key[0], variant=key[1], placement_revision=revision
+                        )
                     )
                 )
                 session.sent[key] = "unload"
+                _log.info("unload %s/%s -> node %s (rev %d)", key[0], key[1], node_id, revision)
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             session.fail_pending()
-        await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-
-async def _cancel_when(event: asyncio.Event, task: asyncio.Task[Any] | None) -> None:
-    await event.wait()
-    if task is not None:
-        _log.warning("a node lease was lost; closing its stream so the node re-registers")
-        task.cancel()
+        await asyncio.gather(*self._cleanups.values(), return_exceptions=True)

@@ -28,13 +28,14 @@ class LeaderLoop:
         self,
         *,
         etcd: Any,
-        election: Election,
+        election: Callable[[], Election],
         replica_id: str,
         snapshot: Callable[[], Snapshot],
         interval_s: float = 1.0,
     ) -> None:
         self._etcd = etcd
-        self._election = election
+        self._new_election = election  # a fresh Election on the replica's current session
+        self.election: Election | None = None
         self._replica_id = replica_id
         self._snapshot = snapshot
         self._interval = interval_s
@@ -47,9 +48,10 @@ class LeaderLoop:
     async def run(self) -> None:
         while True:
             try:
-                await self._election.campaign()
+                self.election = election = self._new_election()
+                await election.campaign()
                 _log.info("replica %s is the scheduling leader", self._replica_id)
-                while self._election.is_leader:
+                while election.is_leader:
                     await self.step()
                     try:
                         await asyncio.wait_for(self._wake.wait(), self._interval)

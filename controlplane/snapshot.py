@@ -41,6 +41,15 @@ class Snapshot:
     models: Mapping[VariantKey, mesh_pb2.ModelSpec] = field(default_factory=dict)
     placements: Mapping[VariantKey, mesh_pb2.Placement] = field(default_factory=dict)
     nodes: Mapping[str, NodeView] = field(default_factory=dict)
+    # etcd mod_revision of each placement, and the revision the placements view has reached:
+    # the "placement_revision" stamped on Load/Unload commands (see mesh.proto LoadModel).
+    placement_revisions: Mapping[VariantKey, int] = field(default_factory=dict)
+    placements_revision: int = 0
+
+    def placement_revision(self, key: VariantKey) -> int:
+        """The revision a decision about ``key`` is based on: the placement's own
+        mod_revision, or, with no placement in view, how far the view has seen."""
+        return self.placement_revisions.get(key, self.placements_revision)
 
     def variants(self, model: str) -> list[mesh_pb2.ModelSpec]:
         return [spec for (m, _), spec in self.models.items() if m == model]
@@ -50,7 +59,12 @@ class Snapshot:
 
 
 def build_snapshot(
-    models: Mapping[str, bytes], placements: Mapping[str, bytes], links: Mapping[str, bytes]
+    models: Mapping[str, bytes],
+    placements: Mapping[str, bytes],
+    links: Mapping[str, bytes],
+    *,
+    placement_revisions: Mapping[str, int] | None = None,
+    placements_revision: int = 0,
 ) -> Snapshot:
     model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
     for key, value in models.items():
@@ -66,8 +80,16 @@ def build_snapshot(
         node_id, _ = keys.split_key(key, keys.NODES)
         merged.setdefault(node_id, []).append(keys.decode(value, mesh_pb2.NodeInfo()))
     nodes = {node_id: _merge(node_id, infos) for node_id, infos in merged.items()}
+    revisions = {
+        keys.split_key(key, keys.PLACEMENTS): rev
+        for key, rev in (placement_revisions or {}).items()
+    }
     return Snapshot(
-        MappingProxyType(model_map), MappingProxyType(placement_map), MappingProxyType(nodes)
+        MappingProxyType(model_map),
+        MappingProxyType(placement_map),
+        MappingProxyType(nodes),
+        MappingProxyType(revisions),
+        placements_revision,
     )
 
 

@@ -246,7 +246,11 @@ class _Link:
             self._agent.copies.load(message.load)
         elif kind == "unload":
             task = asyncio.create_task(
-                self._agent.copies.unload(message.unload.model, message.unload.variant)
+                self._agent.copies.unload(
+                    message.unload.model,
+                    message.unload.variant,
+                    message.unload.placement_revision,
+                )
             )
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)

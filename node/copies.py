@@ -101,6 +101,7 @@ class CopyManager:
         self._intra_op_threads = intra_op_threads
         self._copies: dict[tuple[str, str], CopyEntry] = {}
         self._listeners: list[Listener] = []
+        self._revisions: dict[tuple[str, str], int] = {}  # newest placement revision applied
         self._load_lock = asyncio.Lock()  # one load at a time: bounded memory spikes
 
     @property
@@ -122,8 +123,27 @@ class CopyManager:
         for listener in list(self._listeners):
             listener(status)
 
+    def _stale(self, key: tuple[str, str], revision: int, what: str) -> bool:
+        """True (and the command is to be ignored) when a newer decision about ``key`` was
+        already applied; otherwise remembers ``revision`` as the newest."""
+        last = self._revisions.get(key, 0)
+        if revision and revision < last:
+            _log.info(
+                "ignoring %s %s/%s: decided at revision %d, newer decision at %d",
+                what,
+                key[0],
+                key[1],
+                revision,
+                last,
+            )
+            return True
+        self._revisions[key] = max(last, revision)
+        return False
+
     def load(self, cmd: mesh_pb2.LoadModel) -> None:
         key = (cmd.model, cmd.variant)
+        if self._stale(key, cmd.placement_revision, "load"):
+            return
         entry = self._copies.get(key)
         if entry is not None and entry.sha256 == cmd.sha256.lower():
             self._announce(entry)  # idempotent: re-announce, never load twice
@@ -131,6 +151,7 @@ class CopyManager:
         if entry is not None and entry.task is not None:
             entry.task.cancel()
         entry = CopyEntry(cmd.model, cmd.variant, cmd.sha256.lower(), serving=cmd.serving)
+        _log.info("loading %s/%s from %s", cmd.model, cmd.variant, cmd.artifact_uri)
         self._copies[key] = entry
         self._announce(entry)
         entry.task = asyncio.create_task(self._load(entry, cmd), name=f"load {key}")
@@ -228,7 +249,11 @@ class CopyManager:
         )
         return Batcher(execute, policy, name=f"{entry.model}/{entry.variant}")
 
-    async def unload(self, model: str, variant: str) -> None:
+    async def unload(self, model: str, variant: str, placement_revision: int = 0) -> None:
+        """Unload a copy (no-op if absent or if ``placement_revision`` is older than the last
+        decision applied for it); in-flight requests get a bounded time to finish."""
+        if self._stale((model, variant), placement_revision, "unload"):
+            return
         entry = self._copies.pop((model, variant), None)
         if entry is None:
             return

@@ -230,28 +230,32 @@ class Welcome(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., lease_ttl_seconds: _Optional[int] = ..., telemetry_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving")
+    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_REVISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     artifact_uri: str
     sha256: str
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
     serving: ServingConfig
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ...) -> None: ...
+    placement_revision: int
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., placement_revision: _Optional[int] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
-    __slots__ = ("model", "variant")
+    __slots__ = ("model", "variant", "placement_revision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_REVISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
+    placement_revision: int
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., placement_revision: _Optional[int] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
     __slots__ = ("welcome", "load", "unload", "infer_request")

@@ -56,6 +56,7 @@ class PrefixMirror:
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._data: dict[str, bytes] = {}
+        self._mod_revisions: dict[str, int] = {}
         self._revision = 0
         self._subscribers: list[Callable[[], None]] = []
         self._notify_pending = False
@@ -94,6 +95,10 @@ class PrefixMirror:
     def items(self) -> Mapping[str, bytes]:
         """A read-only snapshot of the mirrored keys (later changes do not show in it)."""
         return MappingProxyType(dict(self._data))
+
+    def mod_revisions(self) -> Mapping[str, int]:
+        """A read-only copy of each key's etcd ``mod_revision``."""
+        return MappingProxyType(dict(self._mod_revisions))
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` after each applied batch/reload; returns an unsubscribe
@@ -171,6 +176,7 @@ class PrefixMirror:
     async def _load(self) -> None:
         revision, kvs = await _client.get_prefix(self._client, self._prefix_b)
         self._data = {self._decode(kv.key): kv.value for kv in kvs}
+        self._mod_revisions = {self._decode(kv.key): kv.mod_revision for kv in kvs}
         self._revision = revision
         self._schedule_notify()
 
@@ -178,8 +184,10 @@ class PrefixMirror:
         key = self._decode(event.kv.key)
         if event.kind == "PUT":
             self._data[key] = event.kv.value
+            self._mod_revisions[key] = event.kv.mod_revision
         else:
             self._data.pop(key, None)
+            self._mod_revisions.pop(key, None)
         if event.kv.mod_revision > self._revision:
             self._revision = event.kv.mod_revision
         self._schedule_notify()

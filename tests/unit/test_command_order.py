@@ -1,0 +1,115 @@
+"""Commands carry the placement revision they were decided on: a replica whose view lags
+cannot undo a newer decision (hub side: what is sent; node side: what is applied)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from pathlib import Path
+
+from client.demo_models import make_mlp, sha256_file
+from controlplane.hub import Hub, NodeSession
+from controlplane.snapshot import Snapshot
+from node.copies import CopyManager
+from node.store import ModelStore
+from protos import mesh_pb2
+
+KEY = ("mlp", "default")
+SHA = "ab" * 32
+
+
+def _snapshot(nodes: list[str] | None, revision: int, view: int) -> Snapshot:
+    spec = mesh_pb2.ModelSpec(name="mlp", variant="default", artifact_uri="file:///m", sha256=SHA)
+    placements = {} if nodes is None else {KEY: mesh_pb2.Placement(nodes=nodes)}
+    revisions = {} if nodes is None else {KEY: revision}
+    return Snapshot({KEY: spec}, placements, {}, revisions, view)
+
+
+def _hub() -> Hub:
+    return Hub(
+        etcd=None,
+        replica_id="cp-1",
+        lease_ttl_s=3,
+        lease_id=lambda: 1,
+        snapshot=lambda: Snapshot(),
+        replicas=lambda: [],
+    )
+
+
+def _drain(session: NodeSession) -> list[mesh_pb2.ControlMessage]:
+    out = []
+    while not session.outbox.empty():
+        out.append(session.outbox.get_nowait())
+    return out
+
+
+def _status(state: int) -> mesh_pb2.NodeMessage:
+    return mesh_pb2.NodeMessage(
+        copy_status=mesh_pb2.CopyStatus(model="mlp", variant="default", sha256=SHA, state=state)
+    )
+
+
+def test_load_carries_placement_revision_and_is_resent_after_the_node_drops_it() -> None:
+    hub = _hub()
+    session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 16)
+    snap = _snapshot(["n1"], revision=7, view=9)
+    hub._snapshot = lambda: snap  # type: ignore[method-assign]
+    hub.reconcile_session(session, snap)
+    [sent] = _drain(session)
+    assert sent.load.sha256 == SHA and sent.load.placement_revision == 7
+    hub.reconcile_session(session, snap)
+    assert _drain(session) == [], "the same decision is not sent twice"
+    hub._on_message(session, _status(mesh_pb2.LOADING))
+    assert _drain(session) == [], "a copy being loaded is not told again"
+    hub._on_message(session, _status(mesh_pb2.UNLOADED))  # e.g. a stale unload got through
+    [again] = _drain(session)
+    assert again.WhichOneof("body") == "load" and again.load.placement_revision == 7
+
+
+def test_unload_only_when_the_placement_excludes_the_node_or_is_gone() -> None:
+    hub = _hub()
+    hello = mesh_pb2.Hello(
+        node_id="n1",
+        copies=[
+            mesh_pb2.CopyStatus(model="mlp", variant="default", sha256=SHA, state=mesh_pb2.READY)
+        ],
+    )
+    session = NodeSession(hello, "cp-1", 16)
+    hub.reconcile_session(session, _snapshot(["n1"], revision=7, view=9))
+    assert _drain(session) == []
+    hub.reconcile_session(session, _snapshot(["n2"], revision=11, view=12))
+    [sent] = _drain(session)
+    assert sent.unload.model == "mlp" and sent.unload.placement_revision == 11
+    session.sent.clear()
+    hub.reconcile_session(session, _snapshot(None, revision=0, view=15))
+    [sent] = _drain(session)
+    assert sent.unload.placement_revision == 15, "no placement: the view's revision"
+
+
+def test_node_ignores_a_command_older_than_the_last_it_applied(tmp_path: Path) -> None:
+    model = make_mlp(tmp_path / "mlp.onnx")
+
+    async def scenario() -> None:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            copies = CopyManager(ModelStore(tmp_path / "store"), pool)
+            load = mesh_pb2.LoadModel(
+                model="mlp",
+                variant="default",
+                artifact_uri=model.as_uri(),
+                sha256=sha256_file(model),
+                placement_revision=8,
+            )
+            copies.load(load)
+            await copies.unload("mlp", "default", placement_revision=5)  # decided on an older view
+            assert [s.model for s in copies.statuses()] == ["mlp"]
+            for _ in range(200):
+                if copies.statuses()[0].state == mesh_pb2.READY:
+                    break
+                await asyncio.sleep(0.05)
+            assert copies.statuses()[0].state == mesh_pb2.READY
+            await copies.unload("mlp", "default", placement_revision=9)
+            assert copies.statuses() == []
+            copies.load(load)  # decided at 8, before the unload at 9
+            assert copies.statuses() == [], "a load older than the unload is ignored"
+
+    asyncio.run(scenario())
