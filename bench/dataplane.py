@@ -1,0 +1,470 @@
+"""Data-plane benchmark: what a query costs through the mesh, against the physical floor.
+
+One run, one machine, one load generator (``bench/loadgen.py``, a closed loop in its own
+process) for every row. Per model and concurrency it measures:
+
+* ``floor``           in-process onnxruntime (``session.run`` on C threads, batch 1);
+* ``echo_unary``      a bare grpc.aio unary echo with the same request/response bytes;
+* ``echo_stream``     the same echo as ping-pong on an open bidirectional stream;
+* ``handwritten``     a bare grpc.aio OIP server calling onnxruntime per request;
+* ``node_direct``     a meshserve node's own port (one hop);
+* ``gateway_direct``  the control plane's gateway, forwarding to the node's direct port;
+* ``gateway_tunnel``  the gateway, forwarding over the node's dial-out stream (NAT'd node);
+* ``sdk``             ``client.AsyncMeshClient`` through the gateway (builds requests per call);
+
+the mesh rows with batching off and on. Optionally (``--triton-rows``) the same load is offered
+with ``tritonclient.grpc.aio`` at concurrency 32, the client the peers' figures were taken with.
+
+It prints ONE JSON object on stdout: every row, the ratios to the floor, the per-hop overhead
+beyond transport + compute, and each target of the issue with its verdict. Progress goes to
+stderr. Every load run is capped in time (``--warmup`` + ``--duration``) and in count.
+
+    .venv/bin/python bench/dataplane.py                 # full run, ~6 minutes
+    .venv/bin/python bench/dataplane.py --quick         # MLP only, short runs, ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.servers import ort_session  # noqa: E402
+from client._admin import AdminClient  # noqa: E402
+from client.codec import build_request, encode_response_outputs  # noqa: E402
+from client.demo_models import make_mlp, sha256_file  # noqa: E402
+from client.local import LocalMesh, ManagedProcess, free_port, wait_until  # noqa: E402
+from protos import inference_pb2, mesh_pb2  # noqa: E402
+
+# Peers measured on this machine (issue 3): same MLP, tritonclient.grpc closed loop, C=32, 10 s.
+PEERS_RPS = {"kserve": 1570.0, "mlserver": 1400.0, "pytriton": 1400.0, "ray_serve": 170.0}
+BATCH_SLO_MS = 10.0  # the adaptive batcher's latency SLO: "the batch latency bound"
+
+
+def log(message: str) -> None:
+    print(f"[dataplane] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    path: Path
+    input_name: str
+    x: np.ndarray[Any, Any]  # one request's input, batch 1
+
+    @property
+    def shape_arg(self) -> str:
+        return ",".join(str(d) for d in self.x.shape)
+
+    @property
+    def dtype_arg(self) -> str:
+        return {"float32": "FP32", "int32": "INT32"}[str(self.x.dtype)]
+
+
+def _models(workdir: Path, wanted: list[str]) -> list[Model]:
+    out = []
+    if "mlp" in wanted:
+        path = make_mlp(workdir / "mlp.onnx")  # 64 -> 256 -> 256 -> 10, dynamic batch
+        x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+        out.append(Model("mlp", path, "x", x))
+    if "magika" in wanted:
+        try:
+            import magika
+        except ImportError:
+            log("magika is not installed (pip install '.[bench]'); skipping the magika rows")
+        else:
+            path = Path(magika.__file__).parent / "models" / "standard_v3_3" / "model.onnx"
+            x = np.random.default_rng(0).integers(0, 256, (1, 2048)).astype(np.int32)
+            out.append(Model("magika", path, "bytes", x))
+    return out
+
+
+# -- the floor: in-process onnxruntime -------------------------------------------------------
+
+
+def floor_run(model: Model, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+    """C threads calling ``session.run`` in a closed loop (onnxruntime releases the GIL)."""
+    session = ort_session(model.path)
+    feeds = {model.input_name: model.x}
+    start = time.perf_counter_ns()
+    warm_end = start + int(warmup_s * 1e9)
+    end = warm_end + int(duration_s * 1e9)
+    samples: list[list[int]] = [[] for _ in range(concurrency)]
+
+    def worker(i: int) -> None:
+        clock, mine, run = time.perf_counter_ns, samples[i], session.run
+        while True:
+            t0 = clock()
+            if t0 >= end:
+                return
+            run(None, feeds)
+            if t0 >= warm_end:
+                mine.append(clock() - t0)
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    stopped = time.perf_counter_ns()
+    lat = np.array([v for s in samples for v in s], dtype=np.int64) / 1e6
+    return {
+        "requests": int(lat.size),
+        "errors": 0,
+        "rps": round(lat.size / ((stopped - warm_end) / 1e9), 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 4),
+        "p99_ms": round(float(np.percentile(lat, 99)), 4),
+        "mean_ms": round(float(lat.mean()), 4),
+    }
+
+
+# -- the processes under test ----------------------------------------------------------------
+
+
+def _server(workdir: Path, name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
+    address = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, str(ROOT / "bench" / "servers.py"), *args, "--listen", address]
+    proc = ManagedProcess(name, argv, workdir / f"{name}.log", address, env).start()
+    wait_until(lambda: "listening" in proc.tail(5), 30, what=f"{name} to listen")
+    return proc
+
+
+def _serving(batching: bool) -> mesh_pb2.ServingConfig:
+    if not batching:
+        return mesh_pb2.ServingConfig()
+    return mesh_pb2.ServingConfig(
+        batching=mesh_pb2.BatchingConfig(
+            enabled=True,
+            max_batch_size=32,
+            max_queue_delay_us=2000,
+            adaptive=True,
+            latency_slo_ms=BATCH_SLO_MS,
+            max_queue=4096,
+        )
+    )
+
+
+def _mesh_name(model: str, path: str, batching: bool) -> str:
+    return f"{model}-{path}" + ("-b" if batching else "")
+
+
+def _loadgen(
+    target: str,
+    model_name: str,
+    model: Model,
+    concurrency: int,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    *,
+    mode: str = "unary",
+    request_file: Path | None = None,
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "loadgen.py"),
+        "--target",
+        target,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--max-requests",
+        str(args.max_requests),
+        "--mode",
+        mode,
+    ]
+    if request_file is not None:
+        argv += ["--request-file", str(request_file)]
+    else:
+        argv += [
+            "--model",
+            model_name,
+            "--shape",
+            model.shape_arg,
+            "--dtype",
+            model.dtype_arg,
+            "--input-name",
+            model.input_name,
+        ]
+    cap = args.warmup + args.duration + 60
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=cap, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _row(kind: str, model: str, concurrency: int, batching: bool | None, figures: dict[str, Any]):
+    keep = ("rps", "p50_ms", "p99_ms", "mean_ms", "requests", "errors", "errors_by_code")
+    row = {"path": kind, "model": model, "concurrency": concurrency, "batching": batching}
+    row.update({k: figures[k] for k in keep if k in figures})
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    models = _models(workdir, args.models)
+    concurrencies = args.concurrency
+    rows: list[dict[str, Any]] = []
+    deadline = time.monotonic() + args.max_total_s
+
+    def budget_left() -> bool:
+        if time.monotonic() > deadline:
+            log(f"--max-total-s {args.max_total_s:.0f}s reached; skipping the remaining rows")
+            return False
+        return True
+
+    with LocalMesh(workdir, lease_ttl_s=5, env=env) as mesh:
+        log(f"workdir {workdir}; starting etcd, a control plane and two nodes")
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        mesh.start_node("node-direct", [cp.address], labels={"path": "direct"}, direct=True)
+        mesh.start_node("node-tunnel", [cp.address], labels={"path": "tunnel"})
+        with AdminClient(cp.address) as admin:
+            for m in models:
+                for path in ("direct", "tunnel"):
+                    for batching in (False, True):
+                        admin.register_model(
+                            _mesh_name(m.name, path, batching),
+                            m.path.as_uri(),
+                            sha256_file(m.path),
+                            node_selector={"path": path},
+                            serving=_serving(batching),
+                        )
+            want = 4 * len(models)
+            wait_until(
+                lambda: (
+                    sum(c.state == mesh_pb2.READY for n in admin.list_nodes() for c in n.copies)
+                    >= want
+                ),
+                120,
+                what=f"{want} READY copies",
+            )
+            direct = next(n.direct_address for n in admin.list_nodes() if n.direct_address)
+        log(f"mesh ready: gateway {cp.address}, node direct port {direct}")
+
+        for m in models:
+            session = ort_session(m.path)
+            outputs = session.run(None, {m.input_name: m.x})
+            names = [o.name for o in session.get_outputs()]
+            request_file = workdir / f"{m.name}.request"
+            request_file.write_bytes(build_request(m.name, {m.input_name: m.x}).SerializeToString())
+            response = inference_pb2.ModelInferResponse(model_name=m.name)
+            encode_response_outputs(response, dict(zip(names, outputs, strict=True)))
+            response_file = workdir / f"{m.name}.response"
+            response_file.write_bytes(response.SerializeToString())
+            echo = _server(
+                workdir, f"echo-{m.name}", ["echo", "--response-file", str(response_file)], env
+            )
+            hand = _server(
+                workdir,
+                f"handwritten-{m.name}",
+                ["ort", "--model", str(m.path), "--name", m.name],
+                env,
+            )
+            try:
+                for c in concurrencies:
+                    if not budget_left():
+                        break
+                    log(f"{m.name} C={c}: floor, echo, hand-written")
+                    figures = floor_run(m, c, args.duration, args.warmup)
+                    rows.append(_row("floor", m.name, c, None, figures))
+                    for mode in ("unary", "stream"):
+                        figures = _loadgen(
+                            echo.address,
+                            m.name,
+                            m,
+                            c,
+                            args,
+                            env,
+                            mode=mode,
+                            request_file=request_file,
+                        )
+                        rows.append(_row(f"echo_{mode}", m.name, c, None, figures))
+                    figures = _loadgen(hand.address, m.name, m, c, args, env)
+                    rows.append(_row("handwritten", m.name, c, None, figures))
+                    for batching in (False, True):
+                        log(f"{m.name} C={c} batching={'on' if batching else 'off'}: mesh paths")
+                        targets = {
+                            "node_direct": (direct, _mesh_name(m.name, "direct", batching)),
+                            "gateway_direct": (cp.address, _mesh_name(m.name, "direct", batching)),
+                            "gateway_tunnel": (cp.address, _mesh_name(m.name, "tunnel", batching)),
+                        }
+                        for kind, (target, name) in targets.items():
+                            figures = _loadgen(target, name, m, c, args, env)
+                            rows.append(_row(kind, m.name, c, batching, figures))
+                        figures = _loadgen(
+                            cp.address, targets["gateway_direct"][1], m, c, args, env, mode="sdk"
+                        )
+                        rows.append(_row("sdk", m.name, c, batching, figures))
+                if args.triton_rows and m.name == "mlp" and budget_left():
+                    log("mlp C=32: tritonclient.grpc.aio against node and gateway")
+                    for kind, target in (("node_direct", direct), ("gateway_direct", cp.address)):
+                        for batching in (False, True):
+                            name = _mesh_name(m.name, "direct", batching)
+                            figures = _loadgen(target, name, m, 32, args, env, mode="triton")
+                            rows.append(_row(f"{kind}_tritonclient", m.name, 32, batching, figures))
+                    figures = _loadgen(hand.address, m.name, m, 32, args, env, mode="triton")
+                    rows.append(_row("handwritten_tritonclient", m.name, 32, None, figures))
+            finally:
+                echo.stop()
+                hand.stop()
+    return {"rows": rows, "summary": summarize(rows), "config": _config(args)}
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    import grpc
+    import onnxruntime
+
+    return {
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "concurrency": args.concurrency,
+        "cores": os.cpu_count(),
+        "grpcio": grpc.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": sys.version.split()[0],
+        "batch_latency_slo_ms": BATCH_SLO_MS,
+    }
+
+
+# -- figures against the targets -------------------------------------------------------------
+
+
+def _find(rows: list[dict[str, Any]], path: str, model: str, c: int, batching: bool | None):
+    for row in rows:
+        if (row["path"], row["model"], row["concurrency"]) == (path, model, c) and (
+            batching is None or row["batching"] == batching
+        ):
+            return row
+    return None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"ratios_to_floor": [], "overhead_us": {}, "targets": {}}
+    for row in rows:
+        floor = _find(rows, "floor", row["model"], row["concurrency"], None)
+        if floor and row["path"] != "floor" and row.get("rps"):
+            out["ratios_to_floor"].append(
+                {
+                    "path": row["path"],
+                    "model": row["model"],
+                    "concurrency": row["concurrency"],
+                    "batching": row["batching"],
+                    "rps_ratio": round(row["rps"] / floor["rps"], 3),
+                    "p50_ratio": round(row["p50_ms"] / floor["p50_ms"], 2),
+                }
+            )
+    targets = out["targets"]
+    for model in sorted({r["model"] for r in rows}):
+        floor = _find(rows, "floor", model, 1, None)
+        unary = _find(rows, "echo_unary", model, 1, None)
+        stream = _find(rows, "echo_stream", model, 1, None)
+        if not (floor and unary and stream):
+            continue
+        per_hop: dict[str, float] = {}
+        node = _find(rows, "node_direct", model, 1, False)
+        gw = _find(rows, "gateway_direct", model, 1, False)
+        tun = _find(rows, "gateway_tunnel", model, 1, False)
+        base = floor["p50_ms"]
+        if node:
+            per_hop["node_direct"] = (node["p50_ms"] - unary["p50_ms"] - base) * 1000
+        if gw:
+            per_hop["gateway_direct"] = (gw["p50_ms"] - 2 * unary["p50_ms"] - base) * 500
+        if tun:
+            per_hop["gateway_tunnel"] = (
+                tun["p50_ms"] - unary["p50_ms"] - stream["p50_ms"] - base
+            ) * 500
+        out["overhead_us"][model] = {k: round(v, 1) for k, v in per_hop.items()}
+        targets[f"{model}: overhead per hop <= 100 us p50 at C=1"] = {
+            "value_us": {k: round(v, 1) for k, v in per_hop.items()},
+            "met": all(v <= 100 for v in per_hop.values()),
+        }
+    on = _find(rows, "node_direct", "mlp", 32, True)
+    off = _find(rows, "node_direct", "mlp", 32, False)
+    if on and off:
+        targets["mlp C=32: batching on >= 3x batching off (node direct)"] = {
+            "on_rps": on["rps"],
+            "off_rps": off["rps"],
+            "ratio": round(on["rps"] / off["rps"], 2),
+            "met": on["rps"] >= 3 * off["rps"],
+        }
+        targets["mlp C=32 batching on: p99 <= 2x the batch latency bound"] = {
+            "p99_ms": on["p99_ms"],
+            "bound_ms": 2 * BATCH_SLO_MS,
+            "met": on["p99_ms"] <= 2 * BATCH_SLO_MS,
+        }
+    gw_on = _find(rows, "gateway_direct", "mlp", 32, True)
+    hand = _find(rows, "handwritten", "mlp", 32, None)
+    if gw_on and hand:
+        targets["mlp C=32: gateway (batching on) >= 2x hand-written grpc.aio + onnxruntime"] = {
+            "gateway_rps": gw_on["rps"],
+            "handwritten_rps": hand["rps"],
+            "ratio": round(gw_on["rps"] / hand["rps"], 2),
+            "met": gw_on["rps"] >= 2 * hand["rps"],
+        }
+    best = max(PEERS_RPS.values())
+    for kind, factor in (("node_direct", 1.5), ("gateway_direct", 1.0)):
+        mine = [
+            r
+            for r in rows
+            if r["model"] == "mlp" and r["concurrency"] == 32 and r["path"].startswith(kind)
+        ]
+        if mine:
+            top = max(mine, key=lambda r: r["rps"])
+            targets[f"mlp C=32: {kind} >= {factor}x the best peer ({best:.0f} req/s)"] = {
+                "rps": top["rps"],
+                "row": f"{top['path']} batching={top['batching']}",
+                "ratio": round(top["rps"] / best, 2),
+                "met": top["rps"] >= factor * best,
+            }
+    errors = sum(r.get("errors", 0) for r in rows)
+    targets["0 errors in every row"] = {"errors": errors, "met": errors == 0}
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/dataplane.py", description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per row")
+    p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per row")
+    p.add_argument(
+        "--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 8, 32]
+    )
+    p.add_argument("--models", type=lambda s: s.split(","), default=["mlp", "magika"])
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="cap per row")
+    p.add_argument("--max-total-s", type=float, default=1200.0, help="cap for the whole run")
+    p.add_argument("--no-triton-rows", dest="triton_rows", action="store_false")
+    p.add_argument("--quick", action="store_true", help="MLP only, 1 s rows")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.models, args.duration, args.warmup = ["mlp"], 1.0, 0.3
+    started = time.monotonic()
+    result = run(args)
+    result["config"]["wall_s"] = round(time.monotonic() - started, 1)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
