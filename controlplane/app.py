@@ -21,7 +21,7 @@ from controlplane.hub import Hub
 from controlplane.leader import LeaderLoop
 from controlplane.snapshot import Snapshot, build_snapshot
 from protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
-from protos.status import StatusInterceptor
+from protos.status import map_errors
 
 __all__ = ["ControlPlane", "ControlPlaneConfig"]
 
@@ -135,7 +135,7 @@ class ControlPlane:
         cfg = self.config
         self._etcd = await connect(cfg.etcd_url)
         options = server_options(cfg.max_message_bytes)
-        self._server = aio.server(interceptors=[StatusInterceptor()], options=options)
+        self._server = aio.server(options=options)
         port = self._server.add_insecure_port(cfg.listen)
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = cfg.advertise or f"{host}:{port}"
@@ -160,11 +160,14 @@ class ControlPlane:
         self.gateway = Gateway(
             hub=self.hub, snapshot=self.snapshot, channel_options=options, ready=lambda: True
         )
-        mesh_pb2_grpc.add_NodeLinkServicer_to_server(self.hub, self._server)
+        mesh_pb2_grpc.add_NodeLinkServicer_to_server(map_errors(self.hub), self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(etcd=self._etcd, snapshot=self.snapshot, hub=self.hub), self._server
+            map_errors(AdminService(etcd=self._etcd, snapshot=self.snapshot, hub=self.hub)),
+            self._server,
         )
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.gateway, self._server)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            map_errors(self.gateway), self._server
+        )
         await self._server.start()
 
         self.leader = LeaderLoop(

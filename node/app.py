@@ -22,7 +22,7 @@ from node.copies import CopyManager
 from node.service import InferenceHandler, NodeInferenceServicer
 from node.store import ModelStore
 from protos import inference_pb2_grpc
-from protos.status import StatusInterceptor
+from protos.status import map_errors
 
 __all__ = ["Node", "NodeConfig"]
 
@@ -61,7 +61,6 @@ class Node:
         cfg = self.config
         if cfg.listen:
             self._server = aio.server(
-                interceptors=[StatusInterceptor()],
                 options=[
                     ("grpc.max_receive_message_length", cfg.max_message_bytes),
                     ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -69,7 +68,7 @@ class Node:
                 ],
             )
             inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-                NodeInferenceServicer(self.handler, self.copies), self._server
+                map_errors(NodeInferenceServicer(self.handler, self.copies)), self._server
             )
             port = self._server.add_insecure_port(cfg.listen)
             host = (cfg.advertise or cfg.listen).rsplit(":", 1)[0]

@@ -52,6 +52,8 @@ class CopyEntry:
     bytes_total: int = 0
     requests: int = 0
     errors: int = 0
+    run_seconds: float = 0.0  # median batch-1 run, measured after warm-up
+    inline: bool = False  # run on the event loop: cheaper than a thread hand-off
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def status(self) -> mesh_pb2.CopyStatus:
@@ -82,6 +84,13 @@ def _warmup_sizes(serving: mesh_pb2.ServingConfig) -> list[int]:
     return [1, *batching.preferred_batch_sizes, batching.max_batch_size or 32]
 
 
+def _rows(inputs: dict[str, Any]) -> int:
+    """The batch size of a (batched) input dict."""
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 0
+
+
 def _specs(infos: tuple[TensorInfo, ...]) -> list[mesh_pb2.TensorSpec]:
     return [mesh_pb2.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in infos]
 
@@ -94,10 +103,16 @@ class CopyManager:
         *,
         intra_op_threads: int = 1,
         cache_bytes: int = 256 << 20,
+        inline_max_us: float = 100.0,
     ) -> None:
+        """``inline_max_us``: copies whose batch-1 run takes at most this long (median, measured
+        after warm-up) run on the event loop itself. Handing a run to a worker thread and back
+        costs tens of microseconds and GIL ping-pong; for such copies that is more than the
+        run. 0 turns it off."""
         self._store = store
         self.cache = ResponseCache(cache_bytes)
         self._executor = executor
+        self._inline_max_us = inline_max_us
         self._intra_op_threads = intra_op_threads
         self._copies: dict[tuple[str, str], CopyEntry] = {}
         self._listeners: list[Listener] = []
@@ -181,6 +196,10 @@ class CopyManager:
                                 self._executor, copy.warmup_blocking, _warmup_sizes(entry.serving)
                             )
                             entry.warmup_seconds = time.perf_counter() - warm_started
+                    entry.run_seconds = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, copy.median_run_seconds
+                    )
+                    entry.inline = entry.run_seconds * 1e6 <= self._inline_max_us
                     # Measured after warm-up: onnxruntime's arenas are allocated by then.
                     entry.memory_bytes = max(0, resident_bytes() - before)
             except (StoreError, LoadError) as exc:
@@ -199,12 +218,14 @@ class CopyManager:
             entry.batcher = self._batcher_for(entry, copy)
             entry.state = mesh_pb2.READY
             _log.info(
-                "copy %s/%s ready: load %.3fs, warm-up %.3fs, %.1f MiB",
+                "copy %s/%s ready: load %.3fs, warm-up %.3fs, %.1f MiB, run %.0f us (%s)",
                 entry.model,
                 entry.variant,
                 entry.load_seconds,
                 entry.warmup_seconds,
                 entry.memory_bytes / (1 << 20),
+                entry.run_seconds * 1e6,
+                "inline" if entry.inline else "worker threads",
             )
             self._announce(entry)
 
@@ -237,6 +258,9 @@ class CopyManager:
         names = copy.all_outputs
 
         async def execute(inputs: dict[str, Any]) -> dict[str, Any]:
+            # Small batches of an inline copy run inline too (cost ~ rows x batch-1 cost).
+            if entry.inline and entry.run_seconds * _rows(inputs) * 1e6 <= self._inline_max_us:
+                return copy.run_blocking(inputs, names)
             return await loop.run_in_executor(self._executor, copy.run_blocking, inputs, names)
 
         policy = BatchPolicy(

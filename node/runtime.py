@@ -171,6 +171,18 @@ class OnnxCopy:
             for _ in range(2):
                 self.run_blocking(self.synthetic_inputs(size), self._output_names)
 
+    def median_run_seconds(self, runs: int = 25) -> float:
+        """Median wall time of a batch-1 run on synthetic inputs (blocking; after warm-up)."""
+        import time
+
+        inputs = self.synthetic_inputs(1)
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.run_blocking(inputs, self._output_names)
+            samples.append(time.perf_counter() - started)
+        return float(np.median(samples))
+
     def output_names(self, requested: Sequence[str]) -> list[str]:
         if not requested:
             return self._output_names

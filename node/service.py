@@ -108,6 +108,8 @@ class InferenceHandler:
             names_to_run = names
         if entry.batcher is not None:
             outputs = await entry.batcher.submit(inputs, deadline=deadline)
+        elif entry.inline:
+            outputs = copy.run_blocking(inputs, names_to_run)
         else:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(

@@ -10,16 +10,18 @@ Hierarchy::
       DeadlineExceeded                  DEADLINE_EXCEEDED
       FailedPrecondition                FAILED_PRECONDITION
 
-Servers raise these from domain code; :class:`StatusInterceptor` turns them into the status (and
+Servers raise these from domain code; servicers registered through :func:`map_errors` turn them
+into the status (and
 any other exception into INTERNAL with a generic message, logged with its traceback). Tunneled
 answers carry ``(code, message)`` pairs, rebuilt on the other side with :func:`from_code`.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 import grpc
 from grpc import aio
@@ -33,9 +35,9 @@ __all__ = [
     "ResourceExhausted",
     "ServicerContext",
     "StatusError",
-    "StatusInterceptor",
     "Unavailable",
     "from_code",
+    "map_errors",
     "status_of",
     "wire_status",
 ]
@@ -138,24 +140,27 @@ def _wrap_unary(
     return handler
 
 
-class StatusInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps :class:`StatusError` (and stray exceptions) to a gRPC status for unary RPCs.
+S = TypeVar("S")
 
-    Streaming handlers map errors themselves (per message, where the protocol allows).
+
+def map_errors(servicer: S) -> S:
+    """Make every ``async def`` RPC method of ``servicer`` (the names its generated base class
+    defines) answer a raised exception with its status (see :func:`status_of`).
+
+    Wraps once, when the servicer is registered, rather than per call as a server interceptor
+    would (an aio interceptor costs a coroutine and a new handler object on every RPC).
+    Synchronous methods (the generated UNIMPLEMENTED stubs) are left alone; streaming handlers
+    that report errors per message never raise them here.
     """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary),  # type: ignore[arg-type]
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    rpcs = {
+        name
+        for klass in type(servicer).__mro__
+        if klass.__module__.endswith("_pb2_grpc")  # the generated base: its names are the RPCs
+        for name in vars(klass)
+        if not name.startswith("_")
+    }
+    for name in rpcs:
+        method = getattr(servicer, name)
+        if inspect.iscoroutinefunction(method):
+            setattr(servicer, name, _wrap_unary(method))
+    return servicer
