@@ -1,12 +1,14 @@
 # meshserve — the two commands of the README's quick start:
 #   make up     install everything (venv + etcd) and run a local mesh with demo traffic
 #   make test   install everything and run the whole suite (protos check, ruff, mypy, pytest)
+#   make bench  the data-plane benchmark (bench/dataplane.py; prints JSON; BENCH_ARGS=--quick)
 # Variables: VENV (default .venv), PYTHON (default python3), UP_ARGS (e.g. --duration 30).
 
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 UP_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup etcd up test lint typecheck protos protos-check bench clean
 
@@ -46,6 +48,13 @@ typecheck: $(VENV)/.installed
 
 test: setup protos-check lint typecheck
 	$(VENV)/bin/pytest -q
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: setup $(VENV)/.bench
+	$(PY) bench/dataplane.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .meshserve

@@ -52,7 +52,7 @@ from protos import inference_pb2, mesh_pb2  # noqa: E402
 
 # Peers measured on this machine (issue 3): same MLP, tritonclient.grpc closed loop, C=32, 10 s.
 PEERS_RPS = {"kserve": 1570.0, "mlserver": 1400.0, "pytriton": 1400.0, "ray_serve": 170.0}
-BATCH_SLO_MS = 10.0  # the adaptive batcher's latency SLO: "the batch latency bound"
+BATCH_SLO_MS = 10.0  # the MLP's adaptive-batching latency SLO: "the batch latency bound"
 
 
 def log(message: str) -> None:
@@ -65,6 +65,7 @@ class Model:
     path: Path
     input_name: str
     x: np.ndarray[Any, Any]  # one request's input, batch 1
+    batch_slo_ms: float  # the adaptive batcher's latency SLO ("the batch latency bound")
 
     @property
     def shape_arg(self) -> str:
@@ -80,7 +81,7 @@ def _models(workdir: Path, wanted: list[str]) -> list[Model]:
     if "mlp" in wanted:
         path = make_mlp(workdir / "mlp.onnx")  # 64 -> 256 -> 256 -> 10, dynamic batch
         x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-        out.append(Model("mlp", path, "x", x))
+        out.append(Model("mlp", path, "x", x, BATCH_SLO_MS))
     if "magika" in wanted:
         try:
             import magika
@@ -89,7 +90,7 @@ def _models(workdir: Path, wanted: list[str]) -> list[Model]:
         else:
             path = Path(magika.__file__).parent / "models" / "standard_v3_3" / "model.onnx"
             x = np.random.default_rng(0).integers(0, 256, (1, 2048)).astype(np.int32)
-            out.append(Model("magika", path, "bytes", x))
+            out.append(Model("magika", path, "bytes", x, 100.0))  # ~12 ms per row here
     return out
 
 
@@ -140,7 +141,7 @@ def _server(workdir: Path, name: str, args: list[str], env: dict[str, str]) -> M
     return proc
 
 
-def _serving(batching: bool) -> mesh_pb2.ServingConfig:
+def _serving(batching: bool, slo_ms: float) -> mesh_pb2.ServingConfig:
     if not batching:
         return mesh_pb2.ServingConfig()
     return mesh_pb2.ServingConfig(
@@ -149,7 +150,7 @@ def _serving(batching: bool) -> mesh_pb2.ServingConfig:
             max_batch_size=32,
             max_queue_delay_us=2000,
             adaptive=True,
-            latency_slo_ms=BATCH_SLO_MS,
+            latency_slo_ms=slo_ms,
             max_queue=4096,
         )
     )
@@ -207,7 +208,9 @@ def _loadgen(
     return result
 
 
-def _row(kind: str, model: str, concurrency: int, batching: bool | None, figures: dict[str, Any]):
+def _row(
+    kind: str, model: str, concurrency: int, batching: bool | None, figures: dict[str, Any]
+) -> dict[str, Any]:
     keep = ("rps", "p50_ms", "p99_ms", "mean_ms", "requests", "errors", "errors_by_code")
     row = {"path": kind, "model": model, "concurrency": concurrency, "batching": batching}
     row.update({k: figures[k] for k in keep if k in figures})
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             m.path.as_uri(),
                             sha256_file(m.path),
                             node_selector={"path": path},
-                            serving=_serving(batching),
+                            serving=_serving(batching, m.batch_slo_ms),
                         )
             want = 4 * len(models)
             wait_until(
@@ -345,7 +348,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 # -- figures against the targets -------------------------------------------------------------
 
 
-def _find(rows: list[dict[str, Any]], path: str, model: str, c: int, batching: bool | None):
+def _find(
+    rows: list[dict[str, Any]], path: str, model: str, c: int, batching: bool | None
+) -> dict[str, Any] | None:
     for row in rows:
         if (row["path"], row["model"], row["concurrency"]) == (path, model, c) and (
             batching is None or row["batching"] == batching

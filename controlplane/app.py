@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from grpc import aio
@@ -26,6 +28,10 @@ from protos.status import map_errors
 __all__ = ["ControlPlane", "ControlPlaneConfig"]
 
 _log = logging.getLogger("meshserve.controlplane")
+
+
+def _node_known(nodes: Mapping[str, object], key: tuple[str, str, str]) -> bool:
+    return key[0] in nodes
 
 
 def default_replica_id() -> str:
@@ -124,6 +130,8 @@ class ControlPlane:
                         self.hub.rewrite_all()
                 if self.hub is not None:
                     await self.hub.sweep(list(self._mirrors[keys.NODES].items()))
+                if self.gateway is not None:
+                    self.gateway.balancer.forget(partial(_node_known, self.snapshot().nodes))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -2,15 +2,15 @@
 
 Each query is routed to a READY copy of the requested variant: directly to the node's own OIP
 port when it has one, else down the node's stream held by this replica (the tunnel). Among
-reachable copies the gateway picks the one with the fewest of its own in-flight queries (random
-tie-break). An UNAVAILABLE answer is retried once on another copy (inference is idempotent), never
-past the caller's deadline.
+reachable copies the gateway picks by power of two choices on live load (its own in-flight count
+and the node's reported queue depth, weighted by observed latency; see :mod:`controlplane.routing`).
+An UNAVAILABLE answer is retried once on another copy (inference is idempotent), never past the
+caller's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from controlplane.hub import Hub
+from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from protos.status import NotFound, ServicerContext, StatusError, Unavailable, from_code
@@ -31,6 +32,9 @@ __all__ = ["Gateway"]
 
 _tracer = trace.get_tracer("meshserve.gateway")
 _VERSION = "0.1.0"
+_COPY_FAULTS = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
 
 
 class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -46,8 +50,10 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._snapshot = snapshot
         self._channel_options = channel_options
         self._ready = ready
-        self._channels: dict[str, aio.Channel] = {}
-        self._in_flight: dict[str, int] = {}
+        self._channels: dict[
+            str, tuple[aio.Channel, inference_pb2_grpc.GRPCInferenceServiceStub]
+        ] = {}
+        self.balancer = Balancer()
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -142,13 +148,13 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     if attempt:
                         break
                     raise self._no_copy(snapshot, spec)
-                node = self._pick(candidates)
+                node = self._pick(candidates, spec)
                 tried.add(node.node_id)
                 timeout = None if deadline is None else deadline - time.monotonic()
                 if timeout is not None and timeout <= 0:
                     break
                 try:
-                    response = await self._forward(node, request, timeout, span)
+                    response = await self._forward(node, spec, request, timeout, span)
                 except StatusError as exc:
                     if exc.code != grpc.StatusCode.UNAVAILABLE or attempt:
                         raise
@@ -185,9 +191,20 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if n.direct_address or n.node_id in self._hub.sessions
         ]
 
-    def _pick(self, candidates: list[NodeView]) -> NodeView:
-        random.shuffle(candidates)
-        return min(candidates, key=lambda n: self._in_flight.get(n.node_id, 0))
+    def _pick(self, candidates: list[NodeView], spec: mesh_pb2.ModelSpec) -> NodeView:
+        def key(node: NodeView) -> CopyKey:
+            return (node.node_id, spec.name, spec.variant)
+
+        def queue_depth(node: NodeView) -> int:
+            session = self._hub.sessions.get(node.node_id)
+            if session is None:
+                return 0
+            for m in session.telemetry.models:
+                if m.model == spec.name and m.variant == spec.variant:
+                    return int(m.queue_depth)
+            return 0
+
+        return self.balancer.pick(candidates, key, queue_depth)
 
     def _no_copy(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> StatusError:
         placement = snapshot.placements.get((spec.name, spec.variant))
@@ -204,39 +221,48 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def _forward(
         self,
         node: NodeView,
+        spec: mesh_pb2.ModelSpec,
         request: inference_pb2.ModelInferRequest,
         timeout: float | None,
         span: trace.Span,
     ) -> inference_pb2.ModelInferResponse:
-        self._in_flight[node.node_id] = self._in_flight.get(node.node_id, 0) + 1
+        key = (node.node_id, spec.name, spec.variant)
+        self.balancer.started(key)
+        started, ok = time.monotonic(), True
         try:
             if node.direct_address:
                 span.set_attribute("meshserve.path", "direct")
-                stub = inference_pb2_grpc.GRPCInferenceServiceStub(
-                    self._channel(node.direct_address)
-                )
+                stub = self._stub(node.direct_address)
                 try:
                     response: inference_pb2.ModelInferResponse = await stub.ModelInfer(
                         request, timeout=timeout, metadata=metadata_with_context()
                     )
                 except aio.AioRpcError as exc:
                     raise from_code(exc.code().value[0], exc.details() or exc.code().name) from None
-                return response
-            session = self._hub.sessions.get(node.node_id)
-            if session is None:
-                raise Unavailable(f"node {node.node_id} is not linked to this replica")
-            span.set_attribute("meshserve.path", "tunnel")
-            return await session.tunnel(request, timeout, inject_map())
+            else:
+                session = self._hub.sessions.get(node.node_id)
+                if session is None:
+                    raise Unavailable(f"node {node.node_id} is not linked to this replica")
+                span.set_attribute("meshserve.path", "tunnel")
+                response = await session.tunnel(request, timeout, inject_map())
+            return response
+        except StatusError as exc:
+            ok = exc.code not in _COPY_FAULTS  # a caller's bad input says nothing of the copy
+            raise
         finally:
-            self._in_flight[node.node_id] -= 1
+            self.balancer.finished(key, time.monotonic() - started, ok)
 
-    def _channel(self, address: str) -> aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
+    def _stub(self, address: str) -> inference_pb2_grpc.GRPCInferenceServiceStub:
+        """One channel and one stub per node address, reused by every query."""
+        entry = self._channels.get(address)
+        if entry is None:
             channel = aio.insecure_channel(address, options=self._channel_options)
-            self._channels[address] = channel
-        return channel
+            entry = self._channels[address] = (
+                channel,
+                inference_pb2_grpc.GRPCInferenceServiceStub(channel),
+            )
+        return entry[1]
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
+        channels, self._channels = [c for c, _ in self._channels.values()], {}
         await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)

@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=Path(".meshserve/cache"))
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--fault-delay-ms",
+        type=float,
+        default=0.0,
+        help="fault injection: add this delay to every query (to test routing); default 0",
+    )
     return p
 
 
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         advertise=ns.advertise,
         cache_dir=ns.cache_dir,
         max_message_bytes=ns.max_message_mb << 20,
+        fault_delay_s=max(0.0, ns.fault_delay_ms) / 1000.0,
     )
     run(_serve(config))
 

@@ -43,6 +43,7 @@ class NodeConfig:
     cache_dir: Path = Path(".meshserve/cache")
     max_message_bytes: int = 64 << 20
     workers: int = max(1, os.cpu_count() or 1)
+    fault_delay_s: float = 0.0  # fault injection: delay added to every query (tests, chaos)
 
 
 class Node:
@@ -51,8 +52,12 @@ class Node:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.workers, thread_name_prefix="ort"
         )
-        self.copies = CopyManager(ModelStore(config.cache_dir), self._executor)
-        self.handler = InferenceHandler(config.node_id, self.copies)
+        self.copies = CopyManager(
+            ModelStore(config.cache_dir), self._executor, batch_concurrency=config.workers
+        )
+        self.handler = InferenceHandler(
+            config.node_id, self.copies, fault_delay_s=config.fault_delay_s
+        )
         self._server: aio.Server | None = None
         self.direct_address = ""
         self.agent: Agent | None = None

@@ -104,15 +104,18 @@ class CopyManager:
         intra_op_threads: int = 1,
         cache_bytes: int = 256 << 20,
         inline_max_us: float = 100.0,
+        batch_concurrency: int = 1,
     ) -> None:
         """``inline_max_us``: copies whose batch-1 run takes at most this long (median, measured
         after warm-up) run on the event loop itself. Handing a run to a worker thread and back
         costs tens of microseconds and GIL ping-pong; for such copies that is more than the
-        run. 0 turns it off."""
+        run. 0 turns it off. ``batch_concurrency``: batches of one copy that may run at once
+        (set it to the executor's worker count, so batching never leaves a core idle)."""
         self._store = store
         self.cache = ResponseCache(cache_bytes)
         self._executor = executor
         self._inline_max_us = inline_max_us
+        self._batch_concurrency = max(1, batch_concurrency)
         self._intra_op_threads = intra_op_threads
         self._copies: dict[tuple[str, str], CopyEntry] = {}
         self._listeners: list[Listener] = []
@@ -270,6 +273,7 @@ class CopyManager:
             max_queue=config.max_queue or 1024,
             adaptive=config.adaptive and config.latency_slo_ms > 0,
             latency_slo_ms=config.latency_slo_ms or None,
+            max_concurrent_batches=1 if entry.inline else self._batch_concurrency,
         )
         return Batcher(execute, policy, name=f"{entry.model}/{entry.variant}")
 

@@ -31,9 +31,10 @@ _VERSION = "0.1.0"
 
 
 class InferenceHandler:
-    def __init__(self, node_id: str, copies: CopyManager) -> None:
+    def __init__(self, node_id: str, copies: CopyManager, *, fault_delay_s: float = 0.0) -> None:
         self.node_id = node_id
         self._copies = copies
+        self._fault_delay_s = fault_delay_s
 
     async def infer(
         self,
@@ -65,6 +66,8 @@ class InferenceHandler:
             entry.in_flight += 1
             entry.requests += 1
             try:
+                if self._fault_delay_s:
+                    await asyncio.sleep(self._fault_delay_s)
                 outputs, hit = await self._compute(entry, inputs, names, deadline, span)
             except Exception:
                 entry.errors += 1
