@@ -11,10 +11,13 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 __all__ = [
+    "DRAINING",
+    "EVENTS",
     "LEADER",
     "MODELS",
     "NODES",
     "PLACEMENTS",
+    "POLICY",
     "REPLICAS",
     "decode",
     "encode",
@@ -31,6 +34,9 @@ PLACEMENTS = ROOT + "placements/"  # placements/<model>/<variant>  -> Placement 
 NODES = ROOT + "nodes/"  # nodes/<node>/<replica>        -> NodeInfo    (leased, hub)
 REPLICAS = ROOT + "replicas/"  # replicas/<replica>            -> ReplicaInfo (leased)
 LEADER = ROOT + "leader"  # the elected scheduler's replica id (leased)
+POLICY = ROOT + "policy"  # the placement policy, YAML text as applied (admin)
+EVENTS = ROOT + "events/"  # events/<seq, 20 digits>       -> Event       (ring, any replica)
+DRAINING = ROOT + "draining/"  # draining/<node>               -> "" (admin; present = draining)
 
 M = TypeVar("M", bound=Message)
 

@@ -270,7 +270,7 @@ class ControlMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers")
+    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +290,7 @@ class ModelSpec(_message.Message):
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     name: str
     variant: str
     artifact_uri: str
@@ -302,7 +303,20 @@ class ModelSpec(_message.Message):
     accuracy: float
     serving: ServingConfig
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    autoscaling: Autoscaling
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ...) -> None: ...
+
+class Autoscaling(_message.Message):
+    __slots__ = ("min_copies", "max_copies", "target_in_flight", "scale_down_delay_s")
+    MIN_COPIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_COPIES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DOWN_DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    min_copies: int
+    max_copies: int
+    target_in_flight: float
+    scale_down_delay_s: int
+    def __init__(self, min_copies: _Optional[int] = ..., max_copies: _Optional[int] = ..., target_in_flight: _Optional[float] = ..., scale_down_delay_s: _Optional[int] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -397,6 +411,139 @@ class Placement(_message.Message):
     failed: _containers.ScalarMap[str, str]
     desired_copies: int
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., failed: _Optional[_Mapping[str, str]] = ..., desired_copies: _Optional[int] = ...) -> None: ...
+
+class ExplainPlacementRequest(_message.Message):
+    __slots__ = ("model", "variant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
+
+class NodeVerdict(_message.Message):
+    __slots__ = ("node_id", "feasible", "filtered_by", "reason", "score", "scores", "selected")
+    class ScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    FILTERED_BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    feasible: bool
+    filtered_by: str
+    reason: str
+    score: float
+    scores: _containers.ScalarMap[str, float]
+    selected: bool
+    def __init__(self, node_id: _Optional[str] = ..., feasible: _Optional[bool] = ..., filtered_by: _Optional[str] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., scores: _Optional[_Mapping[str, float]] = ..., selected: _Optional[bool] = ...) -> None: ...
+
+class VariantExplanation(_message.Message):
+    __slots__ = ("model", "variant", "desired_copies", "placed", "policy", "nodes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_COPIES_FIELD_NUMBER: _ClassVar[int]
+    PLACED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    desired_copies: int
+    placed: _containers.RepeatedScalarFieldContainer[str]
+    policy: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeVerdict]
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., desired_copies: _Optional[int] = ..., placed: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeVerdict, _Mapping]]] = ...) -> None: ...
+
+class ExplainPlacementResponse(_message.Message):
+    __slots__ = ("variants",)
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    variants: _containers.RepeatedCompositeFieldContainer[VariantExplanation]
+    def __init__(self, variants: _Optional[_Iterable[_Union[VariantExplanation, _Mapping]]] = ...) -> None: ...
+
+class ApplyPolicyRequest(_message.Message):
+    __slots__ = ("yaml", "dry_run")
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    yaml: str
+    dry_run: bool
+    def __init__(self, yaml: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ApplyPolicyResponse(_message.Message):
+    __slots__ = ("revision", "name")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    name: str
+    def __init__(self, revision: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPolicyResponse(_message.Message):
+    __slots__ = ("yaml", "revision")
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    yaml: str
+    revision: int
+    def __init__(self, yaml: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "unix_ms", "kind", "model", "variant", "node_id", "message", "replica_id")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    unix_ms: int
+    kind: str
+    model: str
+    variant: str
+    node_id: str
+    message: str
+    replica_id: str
+    def __init__(self, seq: _Optional[int] = ..., unix_ms: _Optional[int] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
+
+class ListEventsRequest(_message.Message):
+    __slots__ = ("limit", "kind", "model")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    kind: str
+    model: str
+    def __init__(self, limit: _Optional[int] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class DrainNodeRequest(_message.Message):
+    __slots__ = ("node_id", "undrain")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    UNDRAIN_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    undrain: bool
+    def __init__(self, node_id: _Optional[str] = ..., undrain: _Optional[bool] = ...) -> None: ...
+
+class DrainNodeResponse(_message.Message):
+    __slots__ = ("draining",)
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    draining: bool
+    def __init__(self, draining: _Optional[bool] = ...) -> None: ...
 
 class ListPlacementsRequest(_message.Message):
     __slots__ = ("model",)

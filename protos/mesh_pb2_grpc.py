@@ -143,6 +143,31 @@ class AdminStub:
                 request_serializer=protos_dot_mesh__pb2.ListPlacementsRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.ListPlacementsResponse.FromString,
                 _registered_method=True)
+        self.ExplainPlacement = channel.unary_unary(
+                '/meshserve.v1.Admin/ExplainPlacement',
+                request_serializer=protos_dot_mesh__pb2.ExplainPlacementRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ExplainPlacementResponse.FromString,
+                _registered_method=True)
+        self.ApplyPolicy = channel.unary_unary(
+                '/meshserve.v1.Admin/ApplyPolicy',
+                request_serializer=protos_dot_mesh__pb2.ApplyPolicyRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ApplyPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/meshserve.v1.Admin/GetPolicy',
+                request_serializer=protos_dot_mesh__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/meshserve.v1.Admin/ListEvents',
+                request_serializer=protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/meshserve.v1.Admin/DrainNode',
+                request_serializer=protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -181,6 +206,40 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainPlacement(self, request, context):
+        """Why each node was filtered out or how it scored, for a model's variants, on the current view.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyPolicy(self, request, context):
+        """Placement policy (YAML, see docs/policy-reference.md): validated, stored in etcd, hot-reloaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """The decision log: placements, scaling, evictions, reroutes (newest last).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """A draining node gets no new copies and no new queries; its copies move elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +267,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListPlacements,
                     request_deserializer=protos_dot_mesh__pb2.ListPlacementsRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.ListPlacementsResponse.SerializeToString,
+            ),
+            'ExplainPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainPlacement,
+                    request_deserializer=protos_dot_mesh__pb2.ExplainPlacementRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ExplainPlacementResponse.SerializeToString,
+            ),
+            'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPolicy,
+                    request_deserializer=protos_dot_mesh__pb2.ApplyPolicyRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ApplyPolicyResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=protos_dot_mesh__pb2.GetPolicyRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=protos_dot_mesh__pb2.ListEventsRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=protos_dot_mesh__pb2.DrainNodeRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.DrainNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +432,141 @@ class Admin:
             '/meshserve.v1.Admin/ListPlacements',
             protos_dot_mesh__pb2.ListPlacementsRequest.SerializeToString,
             protos_dot_mesh__pb2.ListPlacementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/ExplainPlacement',
+            protos_dot_mesh__pb2.ExplainPlacementRequest.SerializeToString,
+            protos_dot_mesh__pb2.ExplainPlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/ApplyPolicy',
+            protos_dot_mesh__pb2.ApplyPolicyRequest.SerializeToString,
+            protos_dot_mesh__pb2.ApplyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/GetPolicy',
+            protos_dot_mesh__pb2.GetPolicyRequest.SerializeToString,
+            protos_dot_mesh__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/ListEvents',
+            protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
+            protos_dot_mesh__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/DrainNode',
+            protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
+            protos_dot_mesh__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
