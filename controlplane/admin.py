@@ -1,4 +1,5 @@
-"""The Admin API: register/list/remove models, list nodes and placements (used by meshctl).
+"""The Admin API (used by meshctl): models, nodes, placements and their explanations, the
+placement policy, draining, and the decision events.
 
 Every write is validated here first, so nothing malformed ever reaches etcd.
 """
@@ -11,10 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from controlplane import keys
+from controlplane.events import EventLog
 from controlplane.hub import Hub
+from controlplane.policies.config import Policy, PolicyError, parse_policy
+from controlplane.scheduler import explain_variant
 from controlplane.snapshot import Snapshot
 from protos import mesh_pb2, mesh_pb2_grpc
-from protos.status import InvalidArgument, ServicerContext
+from protos.status import InvalidArgument, NotFound, ServicerContext
 
 __all__ = ["AdminService", "validate_spec"]
 
@@ -63,14 +67,34 @@ def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
     for tensor in [*out.inputs, *out.outputs]:
         if tensor.datatype not in _OIP_TYPES:
             raise InvalidArgument(f"tensor {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+    if out.HasField("autoscaling"):
+        scale = out.autoscaling
+        if scale.max_copies > MAX_COPIES:
+            raise InvalidArgument(f"autoscaling.max_copies={scale.max_copies} is over {MAX_COPIES}")
+        if scale.max_copies and scale.min_copies > scale.max_copies:
+            raise InvalidArgument(
+                f"autoscaling.min_copies={scale.min_copies} exceeds max_copies={scale.max_copies}"
+            )
+        if not scale.target_in_flight >= 0:
+            raise InvalidArgument("autoscaling.target_in_flight must be >= 0")
     return out
 
 
 class AdminService(mesh_pb2_grpc.AdminServicer):
-    def __init__(self, *, etcd: Any, snapshot: Callable[[], Snapshot], hub: Hub) -> None:
+    def __init__(
+        self,
+        *,
+        etcd: Any,
+        snapshot: Callable[[], Snapshot],
+        hub: Hub,
+        policy: Callable[[], Policy],
+        events: EventLog,
+    ) -> None:
         self._etcd = etcd
         self._snapshot = snapshot
         self._hub = hub
+        self._policy = policy
+        self._events = events
 
     async def RegisterModel(
         self, request: mesh_pb2.RegisterModelRequest, context: ServicerContext
@@ -135,3 +159,85 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
                 if not request.model or k[0] == request.model
             ]
         )
+
+    async def ExplainPlacement(
+        self, request: mesh_pb2.ExplainPlacementRequest, context: ServicerContext
+    ) -> mesh_pb2.ExplainPlacementResponse:
+        snapshot = self._snapshot()
+        wanted = [
+            k
+            for k in sorted(snapshot.models)
+            if k[0] == request.model and (not request.variant or k[1] == request.variant)
+        ]
+        if not wanted:
+            raise NotFound(
+                f"model {request.model!r}"
+                + (f" variant {request.variant!r}" if request.variant else "")
+                + " is not registered"
+            )
+        out = mesh_pb2.ExplainPlacementResponse()
+        for key in wanted:
+            rule, desired, placed, verdicts = explain_variant(snapshot, key, self._policy())
+            variant = out.variants.add(
+                model=key[0],
+                variant=key[1],
+                desired_copies=desired,
+                placed=placed,
+                policy=rule.name,
+            )
+            for v in verdicts:
+                variant.nodes.add(
+                    node_id=v.node_id,
+                    feasible=v.feasible,
+                    filtered_by=v.filtered_by,
+                    reason=v.reason,
+                    score=v.score,
+                    scores=v.scores,
+                    selected=v.selected,
+                )
+        return out
+
+    async def ApplyPolicy(
+        self, request: mesh_pb2.ApplyPolicyRequest, context: ServicerContext
+    ) -> mesh_pb2.ApplyPolicyResponse:
+        try:
+            policy = parse_policy(request.yaml)
+        except PolicyError as exc:
+            raise InvalidArgument(f"invalid policy: {exc}") from None
+        if request.dry_run:
+            return mesh_pb2.ApplyPolicyResponse(name=policy.name)
+        result = await self._etcd.put(keys.POLICY.encode(), request.yaml.encode())
+        revision = int(result.header.revision)
+        self._events.record("policy", message=f"policy {policy.name!r} applied (rev {revision})")
+        return mesh_pb2.ApplyPolicyResponse(name=policy.name, revision=revision)
+
+    async def GetPolicy(
+        self, request: mesh_pb2.GetPolicyRequest, context: ServicerContext
+    ) -> mesh_pb2.GetPolicyResponse:
+        kv = await self._etcd.get(keys.POLICY.encode())
+        if kv is None:
+            return mesh_pb2.GetPolicyResponse()
+        return mesh_pb2.GetPolicyResponse(
+            yaml=bytes(kv.value).decode("utf-8", "replace"), revision=int(kv.mod_revision)
+        )
+
+    async def ListEvents(
+        self, request: mesh_pb2.ListEventsRequest, context: ServicerContext
+    ) -> mesh_pb2.ListEventsResponse:
+        events = await self._events.list(request.limit, request.kind, request.model)
+        return mesh_pb2.ListEventsResponse(events=events)
+
+    async def DrainNode(
+        self, request: mesh_pb2.DrainNodeRequest, context: ServicerContext
+    ) -> mesh_pb2.DrainNodeResponse:
+        node_id = request.node_id
+        key = f"{keys.DRAINING}{node_id}".encode()
+        if request.undrain:
+            await self._etcd.delete(key)
+            self._events.record("drain", node_id=node_id, message="undrained")
+            return mesh_pb2.DrainNodeResponse(draining=False)
+        if node_id not in self._snapshot().nodes:
+            raise NotFound(f"node {node_id!r} is not linked to the mesh")
+        await self._etcd.put(key, b"")
+        self._events.record("drain", node_id=node_id, message="draining: no new copies or queries")
+        return mesh_pb2.DrainNodeResponse(draining=True)

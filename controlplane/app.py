@@ -18,10 +18,12 @@ from grpc import aio
 from controlplane import keys
 from controlplane.admin import AdminService
 from controlplane.etcd import Election, PrefixMirror, Session, connect
+from controlplane.events import EventLog
 from controlplane.gateway import Gateway
 from controlplane.hub import Hub
 from controlplane.leader import LeaderLoop
-from controlplane.snapshot import Snapshot, build_snapshot
+from controlplane.policies.config import DEFAULT_POLICY, Policy, PolicyError, parse_policy
+from controlplane.snapshot import Snapshot, VariantKey, build_snapshot
 from protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 from protos.status import map_errors
 
@@ -76,6 +78,8 @@ class ControlPlane:
         self.hub: Hub | None = None
         self.gateway: Gateway | None = None
         self.leader: LeaderLoop | None = None
+        self.events: EventLog | None = None
+        self._policy: tuple[int, Policy] = (0, DEFAULT_POLICY)
 
     # -- the view ----------------------------------------------------------------------------
 
@@ -88,8 +92,43 @@ class ControlPlane:
                 m[keys.NODES].items(),
                 placement_revisions=m[keys.PLACEMENTS].mod_revisions(),
                 placements_revision=m[keys.PLACEMENTS].revision,
+                draining=m[keys.DRAINING].items(),
             )
         return self._snapshot
+
+    def policy(self) -> Policy:
+        """The placement policy in force: the YAML stored at ``keys.POLICY`` (hot-reloaded from
+        the watch), else the built-in default. A stored policy that no longer parses (written
+        around the Admin API) is logged and the last good one kept."""
+        revisions = self._mirrors[keys.POLICY].mod_revisions()
+        revision = revisions.get(keys.POLICY, 0)
+        if revision != self._policy[0]:
+            text = self._mirrors[keys.POLICY].items().get(keys.POLICY)
+            try:
+                policy = DEFAULT_POLICY if text is None else parse_policy(text.decode())
+            except (PolicyError, UnicodeDecodeError) as exc:
+                _log.error("stored policy (rev %d) is invalid, keeping the last: %s", revision, exc)
+                policy = self._policy[1]
+            else:
+                _log.info("placement policy %r in force (rev %d)", policy.name, revision)
+            self._policy = (revision, policy)
+        return self._policy[1]
+
+    def live_in_flight(self) -> dict[str, dict[VariantKey, float]]:
+        """Queries in flight per node and variant, from the telemetry of this replica's streams
+        (nodes link to every replica, so the leader sees them all)."""
+        out: dict[str, dict[VariantKey, float]] = {}
+        if self.hub is None:
+            return out
+        for node_id, session in self.hub.sessions.items():
+            flights = {
+                (m.model, m.variant): float(m.in_flight + m.queue_depth)
+                for m in session.telemetry.models
+                if m.in_flight or m.queue_depth
+            }
+            if flights:
+                out[node_id] = flights
+        return out
 
     def _changed(self) -> None:
         self._snapshot = None
@@ -150,7 +189,15 @@ class ControlPlane:
 
         self._session = await Session.open(self._etcd, cfg.lease_ttl_s)
         await self._register_replica()
-        for prefix in (keys.MODELS, keys.PLACEMENTS, keys.NODES, keys.REPLICAS):
+        prefixes = (
+            keys.MODELS,
+            keys.PLACEMENTS,
+            keys.NODES,
+            keys.REPLICAS,
+            keys.DRAINING,
+            keys.POLICY,
+        )
+        for prefix in prefixes:
             mirror = PrefixMirror(self._etcd, prefix)
             await mirror.start()
             mirror.subscribe(self._changed)
@@ -168,9 +215,19 @@ class ControlPlane:
         self.gateway = Gateway(
             hub=self.hub, snapshot=self.snapshot, channel_options=options, ready=lambda: True
         )
+        self.events = EventLog(self._etcd, self.replica_id)
+        self.events.start()
         mesh_pb2_grpc.add_NodeLinkServicer_to_server(map_errors(self.hub), self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
-            map_errors(AdminService(etcd=self._etcd, snapshot=self.snapshot, hub=self.hub)),
+            map_errors(
+                AdminService(
+                    etcd=self._etcd,
+                    snapshot=self.snapshot,
+                    hub=self.hub,
+                    policy=self.policy,
+                    events=self.events,
+                )
+            ),
             self._server,
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -183,6 +240,9 @@ class ControlPlane:
             election=lambda: Election(self._etcd, self._lease(), keys.LEADER, self.replica_id),
             replica_id=self.replica_id,
             snapshot=self.snapshot,
+            policy=self.policy,
+            in_flight=self.live_in_flight,
+            events=self.events,
         )
         self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
         self._tasks.append(asyncio.create_task(self._maintain(), name="maintain"))
@@ -195,7 +255,7 @@ class ControlPlane:
 
     async def stop(self, grace_s: float = 3.0) -> None:
         """Stop in order, each step bounded: a step that overruns is logged by name and skipped,
-        so shutdown always finishes (leader loop → resign → server (streams end, node leases are
+        so shutdown always finishes (leader loop → resign → server (streams end, node records are
         revoked) → gateway channels → mirrors → own lease → etcd client)."""
 
         async def leader_loop() -> None:
@@ -218,6 +278,10 @@ class ControlPlane:
             if self.gateway is not None:
                 await self.gateway.close()
 
+        async def events() -> None:
+            if self.events is not None:
+                await self.events.close()
+
         async def mirrors() -> None:
             await asyncio.gather(*(m.close() for m in self._mirrors.values()))
 
@@ -229,7 +293,7 @@ class ControlPlane:
             if self._etcd is not None:
                 await self._etcd.close()
 
-        steps = (leader_loop, resign, server, gateway, mirrors, session, etcd)
+        steps = (leader_loop, resign, server, gateway, events, mirrors, session, etcd)
         for step in steps:
             budget = grace_s + 5.0 if step is server else 5.0
             try:

@@ -185,11 +185,14 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _candidates(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> list[NodeView]:
         key = (spec.name, spec.variant)
-        return [
+        reachable = [
             n
             for n in snapshot.ready_nodes(key)
             if n.direct_address or n.node_id in self._hub.sessions
         ]
+        # A draining node gets no new queries while any other copy can answer.
+        serving = [n for n in reachable if n.node_id not in snapshot.draining]
+        return serving or reachable
 
     def _pick(self, candidates: list[NodeView], spec: mesh_pb2.ModelSpec) -> NodeView:
         def key(node: NodeView) -> CopyKey:

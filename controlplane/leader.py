@@ -1,26 +1,38 @@
 """The scheduling loop, run only by the replica that holds the etcd election.
 
-Each pass plans from a fresh snapshot and writes the changed placements in one transaction that
-also checks this replica still holds the leader key (a deposed leader can never write). A pass
-that fails is logged and retried; the loop itself never dies.
+Each pass takes a fresh snapshot plus the live demand (node telemetry this replica holds: nodes
+link to every replica), lets the autoscaler set the copy counts of autoscaled variants, plans
+under the policy in force, and writes the changed placements in transactions (at most
+``_TXN_OPS`` operations each, etcd's limit is 128) that also check this replica still holds the
+leader key (a deposed leader can never write). Every placement and scale change is an event. A
+pass that fails is logged and retried; the loop itself never dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from controlplane import keys
+from controlplane.autoscale import Autoscaler
 from controlplane.etcd import Election
-from controlplane.scheduler import plan_placements
-from controlplane.snapshot import Snapshot
+from controlplane.scheduler import RuleSource, plan_placements
+from controlplane.snapshot import Snapshot, VariantKey
 
 __all__ = ["LeaderLoop"]
 
 _log = logging.getLogger("meshserve.controlplane.leader")
+_TXN_OPS = 100
+
+
+class EventSink(Protocol):
+    def record(
+        self, kind: str, *, model: str = "", variant: str = "", node_id: str = "", message: str = ""
+    ) -> None: ...
 
 
 class LeaderLoop:
@@ -32,6 +44,9 @@ class LeaderLoop:
         replica_id: str,
         snapshot: Callable[[], Snapshot],
         interval_s: float = 1.0,
+        policy: Callable[[], RuleSource | None] = lambda: None,
+        in_flight: Callable[[], Mapping[str, Mapping[VariantKey, float]]] = dict,
+        events: EventSink | None = None,
     ) -> None:
         self._etcd = etcd
         self._new_election = election  # a fresh Election on the replica's current session
@@ -39,7 +54,11 @@ class LeaderLoop:
         self._replica_id = replica_id
         self._snapshot = snapshot
         self._interval = interval_s
+        self._policy = policy
+        self._in_flight = in_flight
+        self._events = events
         self._wake = asyncio.Event()
+        self.autoscaler = Autoscaler()
         self.passes = 0
 
     def wake(self) -> None:
@@ -67,7 +86,12 @@ class LeaderLoop:
 
     async def step(self) -> None:
         started = time.perf_counter()
-        plan = plan_placements(self._snapshot())
+        snapshot = self._snapshot()
+        flights = self._in_flight()
+        if flights:
+            snapshot = dataclasses.replace(snapshot, in_flight=flights)
+        desired, changes = self.autoscaler.decide(snapshot)
+        plan = plan_placements(snapshot, self._policy(), desired=desired)
         if not plan.upserts and not plan.deletes:
             return
         t = self._etcd.transactions
@@ -75,21 +99,34 @@ class LeaderLoop:
             t.put(keys.placement_key(*k).encode(), keys.encode(p)) for k, p in plan.upserts.items()
         ]
         ops += [t.delete(keys.placement_key(*k).encode()) for k in plan.deletes]
-        ok, _ = await self._etcd.transaction(
-            compare=[t.value(keys.LEADER.encode()) == self._replica_id.encode()],
-            success=ops,
-            failure=[],
-        )
-        self.passes += 1
-        if not ok:
-            _log.warning("placement write refused: this replica no longer holds the leader key")
-            return
-        for key, placement in plan.upserts.items():
-            _log.info(
-                "placement %s/%s -> %s%s",
-                key[0],
-                key[1],
-                list(placement.nodes),
-                f" failed={dict(placement.failed)}" if placement.failed else "",
+        for first in range(0, len(ops), _TXN_OPS):
+            ok, _ = await self._etcd.transaction(
+                compare=[t.value(keys.LEADER.encode()) == self._replica_id.encode()],
+                success=ops[first : first + _TXN_OPS],
+                failure=[],
             )
+            if not ok:
+                _log.warning("placement write refused: this replica no longer holds the leader key")
+                return
+        self.passes += 1
+        for change in changes:
+            self._event(
+                "scale",
+                change.key,
+                message=f"copies {change.old} -> {change.new} (demand {change.demand} in flight)",
+            )
+        for key, placement in plan.upserts.items():
+            text = f"nodes {list(placement.nodes)}"
+            if placement.failed:
+                text += f", failed {dict(placement.failed)}"
+            if len(placement.nodes) < placement.desired_copies:
+                text += f", {placement.desired_copies - len(placement.nodes)} copies unplaceable"
+            _log.info("placement %s/%s -> %s", key[0], key[1], text)
+            self._event("placement", key, message=text)
+        for key in plan.deletes:
+            self._event("placement", key, message="removed (model unregistered)")
         _log.debug("scheduling pass took %.1f ms", (time.perf_counter() - started) * 1e3)
+
+    def _event(self, kind: str, key: VariantKey, *, message: str) -> None:
+        if self._events is not None:
+            self._events.record(kind, model=key[0], variant=key[1], message=message)

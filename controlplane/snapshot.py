@@ -45,6 +45,10 @@ class Snapshot:
     # the "placement_revision" stamped on Load/Unload commands (see mesh.proto LoadModel).
     placement_revisions: Mapping[VariantKey, int] = field(default_factory=dict)
     placements_revision: int = 0
+    draining: frozenset[str] = frozenset()  # nodes an operator is draining
+    # Live demand: queries in flight per node and variant (telemetry the leader holds). Not part
+    # of the etcd view; the leader attaches it per pass with dataclasses.replace.
+    in_flight: Mapping[str, Mapping[VariantKey, float]] = field(default_factory=dict)
 
     def placement_revision(self, key: VariantKey) -> int:
         """The revision a decision about ``key`` is based on: the placement's own
@@ -65,6 +69,7 @@ def build_snapshot(
     *,
     placement_revisions: Mapping[str, int] | None = None,
     placements_revision: int = 0,
+    draining: Mapping[str, bytes] | None = None,
 ) -> Snapshot:
     model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
     for key, value in models.items():
@@ -90,6 +95,7 @@ def build_snapshot(
         MappingProxyType(nodes),
         MappingProxyType(revisions),
         placements_revision,
+        frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
     )
 
 
