@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 from controlplane.policies.pipeline import choose  # noqa: E402
 from controlplane.policies.rule import DEFAULT_RULE, Rule  # noqa: E402
-from controlplane.scheduler import _Demand, _candidate, _table, plan_placements  # noqa: E402
+from controlplane.scheduler import _candidate, _Demand, _table, plan_placements  # noqa: E402
 from controlplane.snapshot import NodeView, Snapshot  # noqa: E402
 from protos import mesh_pb2  # noqa: E402
 
