@@ -237,6 +237,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cp = mesh.start_controlplane("cp-1")
         mesh.start_node("node-direct", [cp.address], labels={"path": "direct"}, direct=True)
         mesh.start_node("node-tunnel", [cp.address], labels={"path": "tunnel"})
+        mesh.start_node(  # the same node on asyncio's default loop: is uvloop worth it?
+            "node-asyncio",
+            [cp.address],
+            labels={"path": "asyncio"},
+            direct=True,
+            env={"MESHSERVE_UVLOOP": "0"},
+        )
         with AdminClient(cp.address) as admin:
             for m in models:
                 for path in ("direct", "tunnel"):
@@ -248,7 +255,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             node_selector={"path": path},
                             serving=_serving(batching, m.batch_slo_ms),
                         )
-            want = 4 * len(models)
+                admin.register_model(
+                    _mesh_name(m.name, "asyncio", False),
+                    m.path.as_uri(),
+                    sha256_file(m.path),
+                    node_selector={"path": "asyncio"},
+                )
+            want = 5 * len(models)
             wait_until(
                 lambda: (
                     sum(c.state == mesh_pb2.READY for n in admin.list_nodes() for c in n.copies)
@@ -257,7 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 120,
                 what=f"{want} READY copies",
             )
-            direct = next(n.direct_address for n in admin.list_nodes() if n.direct_address)
+            nodes = {n.node_id: n.direct_address for n in admin.list_nodes()}
+            direct, direct_asyncio = nodes["node-direct"], nodes["node-asyncio"]
         log(f"mesh ready: gateway {cp.address}, node direct port {direct}")
 
         for m in models:
@@ -314,6 +328,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             cp.address, targets["gateway_direct"][1], m, c, args, env, mode="sdk"
                         )
                         rows.append(_row("sdk", m.name, c, batching, figures))
+                    name = _mesh_name(m.name, "asyncio", False)
+                    figures = _loadgen(direct_asyncio, name, m, c, args, env)
+                    rows.append(_row("node_direct_asyncio_loop", m.name, c, False, figures))
                 if args.triton_rows and m.name == "mlp" and budget_left():
                     log("mlp C=32: tritonclient.grpc.aio against node and gateway")
                     for kind, target in (("node_direct", direct), ("gateway_direct", cp.address)):
@@ -437,6 +454,18 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "ratio": round(top["rps"] / best, 2),
                 "met": top["rps"] >= factor * best,
             }
+    out["uvloop_vs_asyncio"] = [
+        {
+            "model": r["model"],
+            "concurrency": r["concurrency"],
+            "uvloop_rps": uv["rps"],
+            "asyncio_rps": r["rps"],
+            "ratio": round(uv["rps"] / r["rps"], 2),
+        }
+        for r in rows
+        if r["path"] == "node_direct_asyncio_loop"
+        and (uv := _find(rows, "node_direct", r["model"], r["concurrency"], False))
+    ]
     errors = sum(r.get("errors", 0) for r in rows)
     targets["0 errors in every row"] = {"errors": errors, "met": errors == 0}
     return out

@@ -37,6 +37,7 @@ class AdminClient:
         size_bytes: int = 0,
         accuracy: float = 0.0,
         serving: mesh_pb2.ServingConfig | None = None,
+        autoscaling: mesh_pb2.Autoscaling | None = None,
     ) -> mesh_pb2.RegisterModelResponse:
         spec = mesh_pb2.ModelSpec(
             name=name,
@@ -48,6 +49,7 @@ class AdminClient:
             size_bytes=size_bytes,
             accuracy=accuracy,
             serving=serving,
+            autoscaling=autoscaling,
         )
         out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
         assert isinstance(out, mesh_pb2.RegisterModelResponse)
@@ -72,6 +74,37 @@ class AdminClient:
         out = self._call("ListPlacements", mesh_pb2.ListPlacementsRequest(model=model))
         assert isinstance(out, mesh_pb2.ListPlacementsResponse)
         return list(out.placements)
+
+    def explain_placement(self, model: str, variant: str = "") -> list[mesh_pb2.VariantExplanation]:
+        request = mesh_pb2.ExplainPlacementRequest(model=model, variant=variant)
+        out = self._call("ExplainPlacement", request)
+        assert isinstance(out, mesh_pb2.ExplainPlacementResponse)
+        return list(out.variants)
+
+    def apply_policy(
+        self, yaml_text: str, *, dry_run: bool = False
+    ) -> mesh_pb2.ApplyPolicyResponse:
+        out = self._call(
+            "ApplyPolicy", mesh_pb2.ApplyPolicyRequest(yaml=yaml_text, dry_run=dry_run)
+        )
+        assert isinstance(out, mesh_pb2.ApplyPolicyResponse)
+        return out
+
+    def get_policy(self) -> mesh_pb2.GetPolicyResponse:
+        out = self._call("GetPolicy", mesh_pb2.GetPolicyRequest())
+        assert isinstance(out, mesh_pb2.GetPolicyResponse)
+        return out
+
+    def list_events(self, limit: int = 50, kind: str = "", model: str = "") -> list[mesh_pb2.Event]:
+        request = mesh_pb2.ListEventsRequest(limit=limit, kind=kind, model=model)
+        out = self._call("ListEvents", request)
+        assert isinstance(out, mesh_pb2.ListEventsResponse)
+        return list(out.events)
+
+    def drain_node(self, node_id: str, *, undrain: bool = False) -> bool:
+        out = self._call("DrainNode", mesh_pb2.DrainNodeRequest(node_id=node_id, undrain=undrain))
+        assert isinstance(out, mesh_pb2.DrainNodeResponse)
+        return out.draining
 
     def close(self) -> None:
         self._channel.close()

@@ -192,7 +192,9 @@ class LocalMesh:
         labels: Mapping[str, str] | None = None,
         direct: bool = False,
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> ManagedProcess:
+        """Start a node process; ``env`` adds to (or overrides) the mesh's environment."""
         label_text = ",".join(f"{k}={v}" for k, v in (labels or {}).items())
         argv = [
             sys.executable,
@@ -210,8 +212,9 @@ class LocalMesh:
         if direct:
             argv += ["--listen", "127.0.0.1:0"]
         argv += list(extra)
-        proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", env=self.env).start()
-        self.processes.append(proc)
+        merged = None if env is None else {**(self.env or os.environ), **env}
+        proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", env=merged or self.env)
+        self.processes.append(proc.start())
         return proc
 
     def close(self) -> None:

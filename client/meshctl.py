@@ -19,11 +19,17 @@ from protos.status import StatusError
 
 app = typer.Typer(help="Operate a meshserve mesh.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
-nodes_app = typer.Typer(help="List nodes.", no_args_is_help=True)
+nodes_app = typer.Typer(help="List, drain and undrain nodes.", no_args_is_help=True)
 placements_app = typer.Typer(help="List placements.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(nodes_app, name="nodes")
 app.add_typer(placements_app, name="placements")
+policy_app = typer.Typer(
+    help="Validate, apply and show the placement policy.", no_args_is_help=True
+)
+explain_app = typer.Typer(help="Explain control-plane decisions.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+app.add_typer(explain_app, name="explain")
 
 _console = Console()
 Target = Annotated[
@@ -206,6 +212,126 @@ def placements_list(model: str = "", target: Target = "127.0.0.1:8001") -> None:
     for p in placements:
         failed = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
         table.add_row(p.model, p.variant, str(p.desired_copies), ", ".join(p.nodes), failed)
+    _console.print(table)
+
+
+@nodes_app.command("drain")
+def nodes_drain(
+    node_id: str,
+    undo: Annotated[bool, typer.Option("--undo", help="undrain instead")] = False,
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """Drain a node: no new copies or queries; its copies move elsewhere (in-flight ones finish)."""
+    with AdminClient(target) as admin:
+        try:
+            draining = admin.drain_node(node_id, undrain=undo)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    _console.print(f"node {node_id}: {'draining' if draining else 'serving'}")
+
+
+def _read_policy(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        _console.print(f"[red]error[/red] cannot read {path}: {exc}")
+        raise typer.Exit(2) from None
+
+
+@policy_app.command("validate")
+def policy_validate(file: Path, target: Target = "127.0.0.1:8001") -> None:
+    """Check a policy file here and with the control plane (dry run); nothing is stored."""
+    from controlplane.policies.config import PolicyError, parse_policy
+
+    text = _read_policy(file)
+    try:
+        policy = parse_policy(text)
+    except PolicyError as exc:
+        _console.print(f"[red]invalid[/red] {file}: {exc}")
+        raise typer.Exit(1) from None
+    with AdminClient(target) as admin:
+        try:
+            admin.apply_policy(text, dry_run=True)
+        except StatusError as exc:
+            _fail(exc)
+    _console.print(f"{file}: policy {policy.name!r} is valid")
+
+
+@policy_app.command("apply")
+def policy_apply(file: Path, target: Target = "127.0.0.1:8001") -> None:
+    """Store a policy in etcd; every control-plane replica applies it to its next decisions."""
+    text = _read_policy(file)
+    with AdminClient(target) as admin:
+        try:
+            out = admin.apply_policy(text)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    _console.print(f"policy {out.name!r} applied (etcd revision {out.revision})")
+
+
+@policy_app.command("get")
+def policy_get(target: Target = "127.0.0.1:8001") -> None:
+    """Print the policy in force (as applied)."""
+    with AdminClient(target) as admin:
+        try:
+            out = admin.get_policy()
+        except StatusError as exc:
+            _fail(exc)
+            return
+    if not out.yaml:
+        _console.print("# no policy applied: the built-in default is in force")
+        return
+    print(out.yaml, end="" if out.yaml.endswith("\n") else "\n")
+
+
+@explain_app.command("placement")
+def explain_placement(model: str, variant: str = "", target: Target = "127.0.0.1:8001") -> None:
+    """Why each node was filtered out, or how it scored, for a model's placement."""
+    with AdminClient(target) as admin:
+        try:
+            variants = admin.explain_placement(model, variant)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    for v in variants:
+        _console.print(
+            f"[bold]{v.model}/{v.variant}[/bold]: {v.desired_copies} copies wanted, placed on "
+            f"{', '.join(v.placed) or 'no node'}; rule: {v.policy}"
+        )
+        table = Table("node", "verdict", "score", "detail")
+        for n in v.nodes:
+            if n.feasible:
+                verdict = "[green]selected[/green]" if n.selected else "feasible"
+                detail = ", ".join(f"{k}={val:.3f}" for k, val in sorted(n.scores.items()))
+                table.add_row(n.node_id, verdict, f"{n.score:.3f}", detail)
+            else:
+                table.add_row(n.node_id, f"[red]{n.filtered_by}[/red]", "", n.reason)
+        _console.print(table)
+
+
+@app.command()
+def events(
+    limit: int = 50,
+    kind: str = "",
+    model: str = "",
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """The decision log: placements, scaling, evictions, drains, policy changes (newest last)."""
+    import datetime
+
+    with AdminClient(target) as admin:
+        try:
+            items = admin.list_events(limit, kind, model)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    table = Table("seq", "time", "kind", "model", "node", "message", "replica")
+    for e in items:
+        when = datetime.datetime.fromtimestamp(e.unix_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
+        model_name = f"{e.model}/{e.variant}" if e.model else ""
+        table.add_row(str(e.seq), when, e.kind, model_name, e.node_id, e.message, e.replica_id)
     _console.print(table)
 
 

@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
         "--lease-ttl", type=int, default=5, help="seconds a node record outlives its stream"
     )
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument(
+        "--telemetry-interval-ms",
+        type=int,
+        default=2000,
+        help="how often nodes report load (drives autoscaling and routing); min 100",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(ns.log_level)
     if ns.lease_ttl < 2:
         raise SystemExit("--lease-ttl must be at least 2 seconds")
+    if ns.telemetry_interval_ms < 100:
+        raise SystemExit("--telemetry-interval-ms must be at least 100")
     config = ControlPlaneConfig(
         etcd_url=ns.etcd,
         listen=ns.listen,
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         replica_id=ns.replica_id or default_replica_id(),
         lease_ttl_s=ns.lease_ttl,
         max_message_bytes=ns.max_message_mb << 20,
+        telemetry_interval_ms=ns.telemetry_interval_ms,
     )
     run(_serve(config))
 

@@ -121,10 +121,10 @@ class ControlPlane:
         if self.hub is None:
             return out
         for node_id, session in self.hub.sessions.items():
-            flights = {
-                (m.model, m.variant): float(m.in_flight + m.queue_depth)
+            flights = {  # in_flight counts every query the copy holds, batcher queue included
+                (m.model, m.variant): float(m.in_flight)
                 for m in session.telemetry.models
-                if m.in_flight or m.queue_depth
+                if m.in_flight
             }
             if flights:
                 out[node_id] = flights

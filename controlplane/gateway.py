@@ -190,9 +190,13 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             for n in snapshot.ready_nodes(key)
             if n.direct_address or n.node_id in self._hub.sessions
         ]
-        # A draining node gets no new queries while any other copy can answer.
+        # New queries go to copies the placement still wants on nodes not draining (an evicted
+        # or drained copy finishes what it has in flight, then unloads), while any can answer.
+        placement = snapshot.placements.get(key)
+        wanted = set(placement.nodes) if placement is not None else set()
         serving = [n for n in reachable if n.node_id not in snapshot.draining]
-        return serving or reachable
+        preferred = [n for n in serving if n.node_id in wanted]
+        return preferred or serving or reachable
 
     def _pick(self, candidates: list[NodeView], spec: mesh_pb2.ModelSpec) -> NodeView:
         def key(node: NodeView) -> CopyKey:

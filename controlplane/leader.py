@@ -125,6 +125,16 @@ class LeaderLoop:
             self._event("placement", key, message=text)
         for key in plan.deletes:
             self._event("placement", key, message="removed (model unregistered)")
+        for ev in plan.evictions:
+            text = (
+                f"copy on {ev.node_id} evicted for {ev.for_key[0]}/{ev.for_key[1]} "
+                f"(value {ev.value:.3g})"
+            )
+            _log.info("evict %s/%s: %s", ev.key[0], ev.key[1], text)
+            if self._events is not None:
+                self._events.record(
+                    "evict", model=ev.key[0], variant=ev.key[1], node_id=ev.node_id, message=text
+                )
         _log.debug("scheduling pass took %.1f ms", (time.perf_counter() - started) * 1e3)
 
     def _event(self, kind: str, key: VariantKey, *, message: str) -> None:

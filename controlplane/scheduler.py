@@ -10,7 +10,11 @@ acts on them. Per variant, in key order:
 4. top up to the desired count with :func:`controlplane.policies.pipeline.choose` under the
    rule the policy gives the variant (filters: not draining, not failed, node_selector,
    execution providers, anti-affinity, fits memory; weighted scores), at most
-   ``max_loads_per_node`` new copies per node per pass.
+   ``max_loads_per_node`` new copies per node per pass;
+5. a variant still below its minimum (:func:`min_copies`) only for lack of memory evicts, on the
+   best node where that frees enough, the cheapest copies (:func:`_copy_value`: use x reload
+   cost x size) of variants that stay at or above their own minimum. Evicting only for a
+   minimum, never below one, means two variants can never evict each other back and forth.
 
 The desired count is ``copies`` (at least 1), or the autoscaler's decision for variants with
 ``autoscaling`` (see :mod:`controlplane.autoscale`), passed in as ``desired``. A copy's memory
@@ -20,8 +24,9 @@ measured at: real numbers win once known.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from controlplane.policies.pipeline import Verdict, choose, explain
@@ -30,7 +35,7 @@ from controlplane.policies.table import Candidate, NodeTable
 from controlplane.snapshot import Snapshot, VariantKey
 from protos import mesh_pb2
 
-__all__ = ["Plan", "RuleSource", "explain_variant", "plan_placements"]
+__all__ = ["Eviction", "Plan", "RuleSource", "explain_variant", "min_copies", "plan_placements"]
 
 
 class RuleSource(Protocol):
@@ -43,9 +48,25 @@ class _Default:
 
 
 @dataclass(frozen=True, slots=True)
+class Eviction:
+    key: VariantKey  # the variant whose copy goes
+    node_id: str
+    for_key: VariantKey  # the variant that needed the room
+    value: float  # what the evicted copy was worth (see _copy_value)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     upserts: dict[VariantKey, mesh_pb2.Placement]
     deletes: list[VariantKey]
+    evictions: list[Eviction] = field(default_factory=list)
+
+
+def min_copies(spec: mesh_pb2.ModelSpec) -> int:
+    """Copies a variant keeps even under memory pressure: ``autoscaling.min_copies`` for
+    autoscaled variants, else 1 (copies beyond the first may be evicted for another variant's
+    first copy)."""
+    return int(spec.autoscaling.min_copies) if spec.HasField("autoscaling") else 1
 
 
 def plan_placements(
@@ -58,28 +79,104 @@ def plan_placements(
     deletes = [key for key in snapshot.placements if key not in snapshot.models]
     table, sizes = _table(snapshot)
     demand = _Demand(snapshot)
-    upserts: dict[VariantKey, mesh_pb2.Placement] = {}
-    for key in sorted(snapshot.models):
+    order = sorted(snapshot.models)
+    wants: dict[VariantKey, int] = {}
+    nodes_of: dict[VariantKey, list[str]] = {}
+    failed_of: dict[VariantKey, dict[str, str]] = {}
+    # Pass 1: keep what is alive and healthy, shed what is beyond the desired count.
+    for key in order:
         spec = snapshot.models[key]
-        old = snapshot.placements.get(key)
         want = (desired or {}).get(key, max(1, spec.copies))
-        kept, failed = _kept(snapshot, table, key, spec, old, sizes[key])
+        kept, failed = _kept(snapshot, table, key, spec, snapshot.placements.get(key), sizes[key])
         if len(kept) > want:  # shed the least busy copies first
             kept.sort(key=lambda n: -_busy(snapshot, n, key))
             for node_id in kept[want:]:
                 table.unplace(table.index[node_id], sizes[key])
             kept = kept[:want]
+        wants[key], nodes_of[key], failed_of[key] = want, kept, failed
+    # Pass 2: top up through the pipeline; a variant below its minimum may evict cheaper copies.
+    evictions: list[Eviction] = []
+    for key in order:
+        spec = snapshot.models[key]
+        kept = nodes_of[key]
+        if len(kept) >= wants[key]:
+            continue
         rule = rules.rule_for(spec)
-        candidate = _candidate(table, key, spec, rule, kept, failed, sizes[key], demand)
-        for row in choose(table, candidate, want - len(kept)):
+        candidate = _candidate(table, key, spec, rule, kept, failed_of[key], sizes[key], demand)
+        for row in choose(table, candidate, wants[key] - len(kept)):
             kept.append(table.ids[row])
             table.place(row, sizes[key], new=True)
+        if len(kept) < min(wants[key], min_copies(spec)) and sizes[key] > 0:
+            evictions += _evict_for(snapshot, table, sizes, nodes_of, candidate, rule)
+    upserts: dict[VariantKey, mesh_pb2.Placement] = {}
+    for key in order:
         new = mesh_pb2.Placement(
-            model=key[0], variant=key[1], nodes=kept, failed=failed, desired_copies=want
+            model=key[0],
+            variant=key[1],
+            nodes=nodes_of[key],
+            failed=failed_of[key],
+            desired_copies=wants[key],
         )
+        old = snapshot.placements.get(key)
         if old is None or old != new:
             upserts[key] = new
-    return Plan(upserts, deletes)
+    return Plan(upserts, deletes, evictions)
+
+
+def _copy_value(snapshot: Snapshot, key: VariantKey, node_id: str, size: int) -> float:
+    """What keeping a copy is worth: (1 + its live use) x its reload cost (measured load and
+    warm-up seconds) x its size. The cheapest copies are evicted first."""
+    node = snapshot.nodes.get(node_id)
+    status = node.copies.get(key) if node is not None else None
+    reload_s = (status.load_seconds + status.warmup_seconds) if status is not None else 1.0
+    return (1.0 + _busy(snapshot, node_id, key)) * (reload_s + 0.05) * max(size, 1)
+
+
+def _evict_for(
+    snapshot: Snapshot,
+    table: NodeTable,
+    sizes: Mapping[VariantKey, int],
+    nodes_of: dict[VariantKey, list[str]],
+    c: Candidate,
+    rule: Rule,
+) -> list[Eviction]:
+    """Make room for one copy of ``c`` by evicting the cheapest copies of variants that stay at
+    or above their minimum, on the best node where that frees enough memory."""
+    relaxed = dataclasses.replace(
+        rule, filters=tuple(f for f in rule.filters if f != "fits_memory")
+    )
+    c = dataclasses.replace(c, rule=relaxed, holders=table.rows(nodes_of[c.key]))
+    on_node: dict[str, list[VariantKey]] = {}
+    for key, nodes in nodes_of.items():
+        for node_id in nodes:
+            on_node.setdefault(node_id, []).append(key)
+    for row in choose(table, c, 16):
+        node_id = table.ids[row]
+        if table.memory[row] <= 0:
+            continue
+        missing = c.footprint - (table.memory[row] - table.used[row])
+        victims = sorted(
+            (_copy_value(snapshot, key, node_id, sizes[key]), key)
+            for key in on_node.get(node_id, [])
+            if key != c.key and len(nodes_of[key]) > min_copies(snapshot.models[key])
+        )
+        chosen: list[tuple[float, VariantKey]] = []
+        for value, key in victims:
+            if missing <= 0:
+                break
+            chosen.append((value, key))
+            missing -= sizes[key]
+        if missing > 0:
+            continue
+        out = []
+        for value, key in chosen:
+            nodes_of[key].remove(node_id)
+            table.unplace(row, sizes[key])
+            out.append(Eviction(key, node_id, c.key, value))
+        nodes_of[c.key].append(node_id)
+        table.place(row, c.footprint, new=True)
+        return out
+    return []
 
 
 def explain_variant(

@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", default=None, help="address clients use for --listen")
     p.add_argument("--cache-dir", type=Path, default=Path(".meshserve/cache"))
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=0,
+        help="memory offered to the mesh for model copies (default: all of the machine's)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--fault-delay-ms",
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         cache_dir=ns.cache_dir,
         max_message_bytes=ns.max_message_mb << 20,
         fault_delay_s=max(0.0, ns.fault_delay_ms) / 1000.0,
+        memory_bytes=max(0, ns.memory_mb) << 20,
     )
     run(_serve(config))
 

@@ -74,7 +74,10 @@ class Agent:
         max_in_flight: int = 1024,
         backoff_base_s: float = 0.2,
         backoff_cap_s: float = 10.0,
+        memory_bytes: int = 0,
     ) -> None:
+        """``memory_bytes``: memory offered to the mesh for model copies (0: all of the
+        machine's, as /proc/meminfo reports it)."""
         self.node_id = node_id
         self.labels = labels
         self.direct_address = direct_address
@@ -88,7 +91,7 @@ class Agent:
         self._closing = False
         self.hardware = mesh_pb2.Hardware(
             cpu_cores=os.cpu_count() or 1,
-            memory_bytes=_memory_bytes(),
+            memory_bytes=memory_bytes or _memory_bytes(),
             execution_providers=available_providers(),
         )
 

@@ -44,6 +44,7 @@ class NodeConfig:
     max_message_bytes: int = 64 << 20
     workers: int = max(1, os.cpu_count() or 1)
     fault_delay_s: float = 0.0  # fault injection: delay added to every query (tests, chaos)
+    memory_bytes: int = 0  # memory offered for copies; 0 = the machine's
 
 
 class Node:
@@ -88,6 +89,7 @@ class Node:
             copies=self.copies,
             handler=self.handler,
             max_message_bytes=cfg.max_message_bytes,
+            memory_bytes=cfg.memory_bytes,
         )
         self.agent.start()
         _log.info("node %s dialling %s", cfg.node_id, ", ".join(cfg.control_planes))

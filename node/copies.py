@@ -261,8 +261,11 @@ class CopyManager:
         names = copy.all_outputs
 
         async def execute(inputs: dict[str, Any]) -> dict[str, Any]:
-            # Small batches of an inline copy run inline too (cost ~ rows x batch-1 cost).
+            # Small batches of an inline copy run inline too (cost ~ rows x batch-1 cost), after
+            # one turn of the loop: requests that arrived meanwhile queue behind this batch and
+            # leave together in the next (a batch that ran at once would never let them gather).
             if entry.inline and entry.run_seconds * _rows(inputs) * 1e6 <= self._inline_max_us:
+                await asyncio.sleep(0)
                 return copy.run_blocking(inputs, names)
             return await loop.run_in_executor(self._executor, copy.run_blocking, inputs, names)
 

@@ -196,3 +196,50 @@ def test_measured_memory_of_loaded_copies_is_used_for_packing() -> None:
     # Declared size is 0 (unknown); the node measured 7 GiB, so a 2 GiB model no longer fits on a.
     snapshot = snap([model("big"), model("m", size=2 * GiB)], [loaded, node("b")], {"big": ["a"]})
     assert list(plan_placements(snapshot).upserts[("m", "default")].nodes) == ["b"]
+
+
+def test_a_variant_without_a_copy_evicts_the_cheapest_spare_copy_on_a_tight_node() -> None:
+    tight = node("tight", memory=3 * GiB, labels={"pin": "yes"})
+    roomy = node("roomy", memory=8 * GiB)
+    spare = model("spare", copies=2, size=2 * GiB)
+    pinned = model("pinned", copies=1, size=2 * GiB, selector={"pin": "yes"})
+    snapshot = Snapshot(
+        models=MappingProxyType({("spare", "default"): spare, ("pinned", "default"): pinned}),
+        placements=MappingProxyType(
+            {
+                ("spare", "default"): mesh_pb2.Placement(
+                    model="spare", variant="default", nodes=["tight", "roomy"], desired_copies=2
+                )
+            }
+        ),
+        nodes=MappingProxyType({"tight": tight, "roomy": roomy}),
+    )
+    plan = plan_placements(snapshot)
+    assert list(plan.upserts[("pinned", "default")].nodes) == ["tight"]
+    assert list(plan.upserts[("spare", "default")].nodes) == ["roomy"], "spare keeps one copy"
+    [ev] = plan.evictions
+    assert (ev.key, ev.node_id, ev.for_key) == (
+        ("spare", "default"),
+        "tight",
+        ("pinned", "default"),
+    )
+
+
+def test_no_eviction_below_a_variants_minimum() -> None:
+    tight = node("tight", memory=3 * GiB, labels={"pin": "yes"})
+    only = model("only", copies=1, size=2 * GiB)
+    pinned = model("pinned", copies=1, size=2 * GiB, selector={"pin": "yes"})
+    snapshot = Snapshot(
+        models=MappingProxyType({("only", "default"): only, ("pinned", "default"): pinned}),
+        placements=MappingProxyType(
+            {
+                ("only", "default"): mesh_pb2.Placement(
+                    model="only", variant="default", nodes=["tight"], desired_copies=1
+                )
+            }
+        ),
+        nodes=MappingProxyType({"tight": tight}),
+    )
+    plan = plan_placements(snapshot)
+    assert plan.evictions == []
+    assert list(plan.upserts[("pinned", "default")].nodes) == []
