@@ -62,6 +62,17 @@ def models_register(
     max_batch_size: int = 32,
     max_queue_delay_us: int = 0,
     cache: Annotated[bool, typer.Option(help="response cache for identical queries")] = False,
+    size_mb: Annotated[int, typer.Option(help="memory a copy takes, if known (MiB)")] = 0,
+    min_copies: Annotated[
+        int | None, typer.Option(help="autoscale: at least this many copies (0 = scale to zero)")
+    ] = None,
+    max_copies: Annotated[int, typer.Option(help="autoscale: at most this many copies")] = 0,
+    target_in_flight: Annotated[
+        float, typer.Option(help="autoscale: queries in flight per copy to aim at")
+    ] = 4.0,
+    scale_down_delay_s: Annotated[
+        int, typer.Option(help="autoscale: low demand must last this long before a copy goes")
+    ] = 30,
     wait: Annotated[
         bool, typer.Option(help="show pull/load progress until copies are ready")
     ] = True,
@@ -86,6 +97,14 @@ def models_register(
         ),
         cache=cache,
     )
+    autoscaling = None
+    if min_copies is not None or max_copies:
+        autoscaling = mesh_pb2.Autoscaling(
+            min_copies=min_copies or 0,
+            max_copies=max_copies,
+            target_in_flight=target_in_flight,
+            scale_down_delay_s=scale_down_delay_s,
+        )
     with AdminClient(target) as admin:
         try:
             out = admin.register_model(
@@ -96,6 +115,8 @@ def models_register(
                 copies=copies,
                 node_selector=labels,
                 serving=serving,
+                size_bytes=size_mb << 20,
+                autoscaling=autoscaling,
             )
         except StatusError as exc:
             _fail(exc)

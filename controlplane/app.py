@@ -212,11 +212,15 @@ class ControlPlane:
             replicas=self.replicas,
             telemetry_interval_ms=cfg.telemetry_interval_ms,
         )
-        self.gateway = Gateway(
-            hub=self.hub, snapshot=self.snapshot, channel_options=options, ready=lambda: True
-        )
         self.events = EventLog(self._etcd, self.replica_id)
         self.events.start()
+        self.gateway = Gateway(
+            hub=self.hub,
+            snapshot=self.snapshot,
+            channel_options=options,
+            ready=lambda: True,
+            events=self.events,
+        )
         mesh_pb2_grpc.add_NodeLinkServicer_to_server(map_errors(self.hub), self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
             map_errors(

@@ -33,14 +33,14 @@ import collections
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import metrics, trace
 
 from controlplane import keys
 from protos import mesh_pb2
 
-__all__ = ["SEQ_KEY", "EventLog"]
+__all__ = ["SEQ_KEY", "EventLog", "EventSink"]
 
 _log = logging.getLogger("meshserve.events")
 
@@ -69,6 +69,14 @@ _Events = builtins.list[mesh_pb2.Event]
 
 def _event_key(seq: int) -> bytes:
     return f"{keys.EVENTS}{seq:0{_SEQ_DIGITS}d}".encode()
+
+
+class EventSink(Protocol):
+    """Where decisions are reported (an :class:`EventLog`; tests may pass a list-backed one)."""
+
+    def record(
+        self, kind: str, *, model: str = "", variant: str = "", node_id: str = "", message: str = ""
+    ) -> None: ...
 
 
 class EventLog:

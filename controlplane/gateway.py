@@ -20,6 +20,7 @@ from grpc import aio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from controlplane.events import EventSink
 from controlplane.hub import Hub
 from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot
@@ -45,6 +46,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         snapshot: Callable[[], Snapshot],
         channel_options: list[tuple[str, Any]],
         ready: Callable[[], bool],
+        events: EventSink | None = None,
     ) -> None:
         self._hub = hub
         self._snapshot = snapshot
@@ -54,6 +56,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             str, tuple[aio.Channel, inference_pb2_grpc.GRPCInferenceServiceStub]
         ] = {}
         self.balancer = Balancer()
+        self._events = events
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -159,6 +162,14 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     if exc.code != grpc.StatusCode.UNAVAILABLE or attempt:
                         raise
                     span.add_event("retry", {"meshserve.node": node.node_id, "reason": exc.message})
+                    if self._events is not None:
+                        self._events.record(
+                            "reroute",
+                            model=spec.name,
+                            variant=spec.variant,
+                            node_id=node.node_id,
+                            message=f"retried on another copy: {exc.message}",
+                        )
                     snapshot = self._snapshot()
                     continue
                 span.set_attribute("meshserve.node", node.node_id)

@@ -15,11 +15,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from controlplane import keys
 from controlplane.autoscale import Autoscaler
 from controlplane.etcd import Election
+from controlplane.events import EventSink
 from controlplane.scheduler import RuleSource, plan_placements
 from controlplane.snapshot import Snapshot, VariantKey
 
@@ -27,12 +28,6 @@ __all__ = ["LeaderLoop"]
 
 _log = logging.getLogger("meshserve.controlplane.leader")
 _TXN_OPS = 100
-
-
-class EventSink(Protocol):
-    def record(
-        self, kind: str, *, model: str = "", variant: str = "", node_id: str = "", message: str = ""
-    ) -> None: ...
 
 
 class LeaderLoop:

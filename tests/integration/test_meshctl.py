@@ -106,3 +106,32 @@ def test_invalid_registration_is_refused_with_a_clear_message(live: ManagedProce
     )
     assert proc.returncode == 1
     assert "INVALID_ARGUMENT" in proc.stdout and "file://, http:// or https://" in proc.stdout
+
+
+def test_policy_validate_apply_get_explain_and_events(live: ManagedProcess, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndefault:\n  filters: [fits_memory, teleport]\n")
+    proc = meshctl("policy", "validate", str(bad), "--target", live.address)
+    assert proc.returncode == 1
+    assert "line 3" in proc.stdout and "teleport" in proc.stdout, proc.stdout
+    proc = meshctl("policy", "apply", str(bad), "--target", live.address)
+    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stdout and "line 3" in proc.stdout
+    example = Path(__file__).parents[2] / "deploy" / "policies" / "edge-first.yaml"
+    proc = meshctl("policy", "validate", str(example), "--target", live.address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = meshctl("policy", "apply", str(example), "--target", live.address)
+    assert proc.returncode == 0 and "applied" in proc.stdout, proc.stdout + proc.stderr
+    proc = meshctl("policy", "get", "--target", live.address)
+    assert proc.stdout == example.read_text()
+    model = make_mlp(tmp_path / "mlp.onnx")
+    proc = meshctl(
+        "models", "register", "explained", "--artifact", str(model), "--target", live.address
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = meshctl("explain", "placement", "explained", "--target", live.address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "edge-1" in proc.stdout and "selected" in proc.stdout and "edge-first" in proc.stdout
+    proc = meshctl("explain", "placement", "nope", "--target", live.address)
+    assert proc.returncode == 1 and "NOT_FOUND" in proc.stdout
+    proc = meshctl("events", "--kind", "policy", "--target", live.address)
+    assert proc.returncode == 0 and "edge-first" in proc.stdout, proc.stdout

@@ -14,7 +14,7 @@ import numpy as np
 from client import MeshClient
 from client._admin import AdminClient
 from client.demo_models import make_mlp, reference_outputs
-from client.local import LocalMesh
+from client.local import LocalMesh, wait_until
 from tests.support.mesh import register_file, wait_copies
 
 X = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)
@@ -76,3 +76,8 @@ def test_queries_in_flight_on_a_killed_copy_succeed_through_the_retry(tmp_path: 
                     f.result(timeout=60)  # every query succeeded (an error would raise here)
         assert sum(done.values()) == 240
         assert done["survivor"] > 0
+        with AdminClient(cp.address) as admin:
+            reroutes = wait_until(
+                lambda: admin.list_events(50, kind="reroute"), 10, what="reroute events"
+            )
+        assert all(e.node_id == "victim" for e in reroutes)
