@@ -20,6 +20,7 @@ telemetry <= 1 core for 10,000 nodes at 1 Hz, extrapolated from the largest real
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -34,10 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from controlplane import keys  # noqa: E402
 from controlplane.policies.pipeline import choose  # noqa: E402
 from controlplane.policies.rule import DEFAULT_RULE, Rule  # noqa: E402
 from controlplane.scheduler import _candidate, _Demand, _table, plan_placements  # noqa: E402
-from controlplane.snapshot import NodeView, Snapshot  # noqa: E402
+from controlplane.snapshot import NodeView, Snapshot, SnapshotBuilder  # noqa: E402
 from protos import mesh_pb2  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -137,6 +139,42 @@ def placement_figures(snapshot: Snapshot, rule: Rule, repeats: int) -> dict[str,
     }
 
 
+def rebuild_figures(snapshot: Snapshot) -> dict[str, Any]:
+    """Snapshot (re)build from etcd-shaped records: from scratch, and after one record changed
+    (what every replica does on each watch event)."""
+    links = {}
+    for node_id, view in snapshot.nodes.items():
+        info = mesh_pb2.NodeInfo(
+            node_id=node_id,
+            labels=dict(view.labels),
+            hardware=view.hardware,
+            replicas=["cp-1"],
+            copies=[mesh_pb2.CopyStatus(model="m", variant="default", state=mesh_pb2.READY)],
+        )
+        links[keys.node_link_key(node_id, "cp-1")] = keys.encode(info)
+    models = {keys.model_key(*k): keys.encode(v) for k, v in snapshot.models.items()}
+    builder = SnapshotBuilder()
+    started = time.perf_counter()
+    builder.build(models, {}, links)
+    full = time.perf_counter() - started
+    samples = []
+    changed = dict(links)
+    for one in list(links)[:7]:  # seven watch events, one changed record each
+        info = keys.decode(links[one], mesh_pb2.NodeInfo())
+        info.copies[0].state = mesh_pb2.LOADING
+        changed[one] = keys.encode(info)
+        started = time.perf_counter()
+        built = builder.build(models, {}, changed)
+        samples.append(time.perf_counter() - started)
+        assert built.nodes[info.node_id].copies[("m", "default")].state == mesh_pb2.LOADING
+    return {
+        "full_build_ms": round(full * 1000, 1),
+        "one_change_rebuild_ms_median": round(float(np.median(samples)) * 1000, 1),
+        "one_change_rebuild_ms_max": round(max(samples) * 1000, 1),
+        "gc_threshold": list(gc.get_threshold()),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench/controlplane_scale.py", description=__doc__)
     p.add_argument("--nodes", default="1000,5000,10000")
@@ -147,14 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--telemetry-window", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    gc.set_threshold(50_000, 20, 20)  # as the control-plane process runs (controlplane/__main__)
     started = time.monotonic()
     placement: list[dict[str, Any]] = []
     for n in [int(x) for x in args.nodes.split(",")]:
         log(f"synthetic snapshot: {n} nodes, {args.models} models")
         snapshot = synthetic_snapshot(n, args.models)
+        rebuild = rebuild_figures(snapshot)
+        log(f"{n} nodes: snapshot build {rebuild}")
         for name, rule in POLICIES.items():
             figures = placement_figures(snapshot, rule, args.repeats)
-            figures.update(nodes=n, policy=name)
+            figures.update(nodes=n, policy=name, snapshot=rebuild)
             log(
                 f"{n} nodes, {name}: {figures['decisions_per_s']:.0f} decisions/s, "
                 f"p99 {figures['decision_p99_ms']:.2f} ms"

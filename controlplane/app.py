@@ -23,7 +23,7 @@ from controlplane.gateway import Gateway
 from controlplane.hub import Hub
 from controlplane.leader import LeaderLoop
 from controlplane.policies.config import DEFAULT_POLICY, Policy, PolicyError, parse_policy
-from controlplane.snapshot import Snapshot, VariantKey, build_snapshot
+from controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
 from protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 from protos.status import map_errors
 
@@ -73,6 +73,7 @@ class ControlPlane:
         self._session: Session | None = None
         self._mirrors: dict[str, PrefixMirror] = {}
         self._snapshot: Snapshot | None = None
+        self._builder = SnapshotBuilder()
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.hub: Hub | None = None
@@ -86,7 +87,7 @@ class ControlPlane:
     def snapshot(self) -> Snapshot:
         if self._snapshot is None:
             m = self._mirrors
-            self._snapshot = build_snapshot(
+            self._snapshot = self._builder.build(
                 m[keys.MODELS].items(),
                 m[keys.PLACEMENTS].items(),
                 m[keys.NODES].items(),

@@ -5,16 +5,20 @@ Policies (scheduler, router) are functions of a :class:`Snapshot`; nothing in he
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
 
 from controlplane import keys
 from protos import mesh_pb2
 
-__all__ = ["NodeView", "Snapshot", "VariantKey", "build_snapshot"]
+__all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey", "build_snapshot"]
 
 VariantKey = tuple[str, str]  # (model, variant)
+M = TypeVar("M", bound=Message)
 
 _RANK = {mesh_pb2.READY: 3, mesh_pb2.FAILED: 3, mesh_pb2.LOADING: 2, mesh_pb2.UNLOADED: 1}
 
@@ -62,6 +66,79 @@ class Snapshot:
         return [n for n in self.nodes.values() if n.state(key) == mesh_pb2.READY]
 
 
+class SnapshotBuilder:
+    """Builds snapshots incrementally: a value is decoded only when its bytes changed since the
+    last build, and a node's view is merged again only when one of its link records changed.
+    With 10,000 nodes a rebuild after one record changed costs a dictionary walk, not 10,000
+    JSON decodes. Not thread-safe; one per control-plane replica."""
+
+    def __init__(self) -> None:
+        self._decoded: dict[str, tuple[bytes, Any]] = {}
+        self._views: dict[str, tuple[tuple[bytes, ...], NodeView]] = {}
+
+    def _decode(self, key: str, value: bytes, factory: Callable[[], M]) -> M:
+        cached = self._decoded.get(key)
+        if cached is not None and cached[0] == value:
+            message: M = cached[1]
+            return message
+        decoded = keys.decode(value, factory())
+        self._decoded[key] = (value, decoded)
+        return decoded
+
+    def build(
+        self,
+        models: Mapping[str, bytes],
+        placements: Mapping[str, bytes],
+        links: Mapping[str, bytes],
+        *,
+        placement_revisions: Mapping[str, int] | None = None,
+        placements_revision: int = 0,
+        draining: Mapping[str, bytes] | None = None,
+    ) -> Snapshot:
+        model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
+        for key, value in models.items():
+            model_map[keys.split_key(key, keys.MODELS)] = self._decode(
+                key, value, mesh_pb2.ModelSpec
+            )
+        placement_map: dict[VariantKey, mesh_pb2.Placement] = {}
+        for key, value in placements.items():
+            placement_map[keys.split_key(key, keys.PLACEMENTS)] = self._decode(
+                key, value, mesh_pb2.Placement
+            )
+        grouped: dict[str, list[tuple[str, bytes]]] = {}
+        for key, value in links.items():
+            node_id, _ = keys.split_key(key, keys.NODES)
+            grouped.setdefault(node_id, []).append((key, value))
+        nodes: dict[str, NodeView] = {}
+        views: dict[str, tuple[tuple[bytes, ...], NodeView]] = {}
+        for node_id, records in grouped.items():
+            values = tuple(v for _, v in records)
+            cached = self._views.get(node_id)
+            if cached is not None and cached[0] == values:
+                view = cached[1]
+            else:
+                infos = [self._decode(k, v, mesh_pb2.NodeInfo) for k, v in records]
+                view = _merge(node_id, infos)
+            nodes[node_id] = view
+            views[node_id] = (values, view)
+        self._views = views
+        live = set(models) | set(placements) | set(links)
+        if len(self._decoded) > len(live):
+            self._decoded = {k: v for k, v in self._decoded.items() if k in live}
+        revisions = {
+            keys.split_key(key, keys.PLACEMENTS): revision
+            for key, revision in (placement_revisions or {}).items()
+        }
+        return Snapshot(
+            MappingProxyType(model_map),
+            MappingProxyType(placement_map),
+            MappingProxyType(nodes),
+            MappingProxyType(revisions),
+            placements_revision,
+            frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
+        )
+
+
 def build_snapshot(
     models: Mapping[str, bytes],
     placements: Mapping[str, bytes],
@@ -71,31 +148,14 @@ def build_snapshot(
     placements_revision: int = 0,
     draining: Mapping[str, bytes] | None = None,
 ) -> Snapshot:
-    model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
-    for key, value in models.items():
-        spec = keys.decode(value, mesh_pb2.ModelSpec())
-        model_map[keys.split_key(key, keys.MODELS)] = spec
-    placement_map: dict[VariantKey, mesh_pb2.Placement] = {}
-    for key, value in placements.items():
-        placement_map[keys.split_key(key, keys.PLACEMENTS)] = keys.decode(
-            value, mesh_pb2.Placement()
-        )
-    merged: dict[str, list[mesh_pb2.NodeInfo]] = {}
-    for key, value in links.items():
-        node_id, _ = keys.split_key(key, keys.NODES)
-        merged.setdefault(node_id, []).append(keys.decode(value, mesh_pb2.NodeInfo()))
-    nodes = {node_id: _merge(node_id, infos) for node_id, infos in merged.items()}
-    revisions = {
-        keys.split_key(key, keys.PLACEMENTS): rev
-        for key, rev in (placement_revisions or {}).items()
-    }
-    return Snapshot(
-        MappingProxyType(model_map),
-        MappingProxyType(placement_map),
-        MappingProxyType(nodes),
-        MappingProxyType(revisions),
-        placements_revision,
-        frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
+    """A snapshot built from scratch (see :class:`SnapshotBuilder` for the incremental one)."""
+    return SnapshotBuilder().build(
+        models,
+        placements,
+        links,
+        placement_revisions=placement_revisions,
+        placements_revision=placements_revision,
+        draining=draining,
     )
 
 
