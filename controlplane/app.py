@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class ControlPlane:
                 placement_revisions=m[keys.PLACEMENTS].mod_revisions(),
                 placements_revision=m[keys.PLACEMENTS].revision,
                 draining=m[keys.DRAINING].items(),
+                wake=m[keys.WAKE].items(),
             )
         return self._snapshot
 
@@ -137,6 +139,18 @@ class ControlPlane:
             self.leader.wake()
         if self.hub is not None:
             self.hub.reconcile(self.snapshot())
+        if self.gateway is not None:
+            self.gateway.notify()
+
+    async def _wake(self, key: VariantKey, on: bool) -> None:
+        """Ask the leader for a copy of a scaled-to-zero variant (``on``), or withdraw it. The key
+        lives under this replica's lease: it cannot outlive the replica."""
+        etcd_key = f"{keys.WAKE}{key[0]}/{key[1]}".encode()
+        if on:
+            value = str(int(time.time() * 1000)).encode()
+            await self._etcd.put(etcd_key, value, lease=self._lease().lease_id)
+        else:
+            await self._etcd.delete(etcd_key)
 
     def replicas(self) -> list[mesh_pb2.ReplicaInfo]:
         out = []
@@ -197,6 +211,7 @@ class ControlPlane:
             keys.REPLICAS,
             keys.DRAINING,
             keys.POLICY,
+            keys.WAKE,
         )
         for prefix in prefixes:
             mirror = PrefixMirror(self._etcd, prefix)
@@ -221,6 +236,7 @@ class ControlPlane:
             channel_options=options,
             ready=lambda: True,
             events=self.events,
+            wake=self._wake,
         )
         mesh_pb2_grpc.add_NodeLinkServicer_to_server(map_errors(self.hub), self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(

@@ -9,6 +9,8 @@ Contract (pure decisions over observations; the caller owns the clock and the st
   stayed below the current count for ``scale_down_delay_s`` (default 30 s), then to need.
 - The first decision for a variant (or after a leader change) starts from the placement's
   ``desired_copies`` when there is one, else ``max(copies, min_copies)``.
+- A variant scaled to zero that a query is waiting for (``snapshot.wake``) gets at least one
+  copy at once (the gateway holds the query until that copy is ready, up to its deadline).
 - Variants without ``autoscaling`` are not touched (the scheduler uses ``copies``).
 """
 
@@ -76,6 +78,8 @@ class Autoscaler:
             state.demand += _ALPHA * (demand.get(key, 0.0) - state.demand)
             target = cfg.target_in_flight or _DEFAULT_TARGET
             need = int(min(max(math.ceil(state.demand / target - 1e-9), low), high))
+            if key in snapshot.wake:
+                need = max(need, int(min(1, high)))
             old = state.current
             if need > state.current:
                 state.current, state.low_since = need, None

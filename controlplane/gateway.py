@@ -5,14 +5,17 @@ port when it has one, else down the node's stream held by this replica (the tunn
 reachable copies the gateway picks by power of two choices on live load (its own in-flight count
 and the node's reported queue depth, weighted by observed latency; see :mod:`controlplane.routing`).
 An UNAVAILABLE answer is retried once on another copy (inference is idempotent), never past the
-caller's deadline.
+caller's deadline. A query for a variant scaled to zero (autoscaling with ``min_copies: 0``) asks
+the leader for a copy (an etcd "wake" key) and waits for it to be ready, up to its deadline (or
+``cold_start_max_s`` without one); the wait is the measured cold start (span attribute, event).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -23,9 +26,16 @@ from opentelemetry.context import Context
 from controlplane.events import EventSink
 from controlplane.hub import Hub
 from controlplane.routing import Balancer, CopyKey
-from controlplane.snapshot import NodeView, Snapshot
+from controlplane.snapshot import NodeView, Snapshot, VariantKey
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
-from protos.status import NotFound, ServicerContext, StatusError, Unavailable, from_code
+from protos.status import (
+    DeadlineExceeded,
+    NotFound,
+    ServicerContext,
+    StatusError,
+    Unavailable,
+    from_code,
+)
 from protos.streaming import serve_infer_stream
 from protos.tracing import context_from_metadata, inject_map, metadata_with_context
 
@@ -33,6 +43,12 @@ __all__ = ["Gateway"]
 
 _tracer = trace.get_tracer("meshserve.gateway")
 _VERSION = "0.1.0"
+
+
+def _scales_to_zero(spec: mesh_pb2.ModelSpec) -> bool:
+    return spec.HasField("autoscaling") and spec.autoscaling.min_copies == 0
+
+
 _COPY_FAULTS = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
@@ -47,6 +63,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         channel_options: list[tuple[str, Any]],
         ready: Callable[[], bool],
         events: EventSink | None = None,
+        wake: Callable[[VariantKey, bool], Awaitable[None]] | None = None,
+        cold_start_max_s: float = 60.0,
     ) -> None:
         self._hub = hub
         self._snapshot = snapshot
@@ -57,6 +75,14 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         ] = {}
         self.balancer = Balancer()
         self._events = events
+        self._wake = wake
+        self._cold_start_max_s = cold_start_max_s
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        """The view changed (called by the replica on every snapshot change)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -144,6 +170,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             spec = self._variant(snapshot, request.model_name, request.model_version)
             request.model_version = spec.variant
             span.set_attribute("meshserve.variant", spec.variant)
+            if not self._candidates(snapshot, spec) and _scales_to_zero(spec):
+                snapshot = await self._cold_start(spec, deadline, span)
             tried: set[str] = set()
             for attempt in range(2):
                 candidates = [n for n in self._candidates(snapshot, spec) if n.node_id not in tried]
@@ -177,6 +205,44 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             raise Unavailable(
                 f"model {spec.name!r}: no copy answered (tried {', '.join(sorted(tried))})"
             )
+
+    async def _cold_start(
+        self, spec: mesh_pb2.ModelSpec, deadline: float | None, span: trace.Span
+    ) -> Snapshot:
+        """Wake a scaled-to-zero variant and wait for a ready copy; the snapshot that has one."""
+        key = (spec.name, spec.variant)
+        started = time.monotonic()
+        limit = deadline if deadline is not None else started + self._cold_start_max_s
+        if self._wake is None:
+            raise Unavailable(f"model {spec.name!r} variant {spec.variant!r} is scaled to zero")
+        await self._wake(key, True)
+        try:
+            while True:
+                snapshot = self._snapshot()
+                if self._candidates(snapshot, spec):
+                    waited = time.monotonic() - started
+                    span.set_attribute("meshserve.cold_start_ms", round(waited * 1000, 1))
+                    if self._events is not None:
+                        self._events.record(
+                            "scale",
+                            model=spec.name,
+                            variant=spec.variant,
+                            message=f"cold start from zero: first query waited {waited:.2f} s",
+                        )
+                    return snapshot
+                remaining = limit - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"model {spec.name!r} variant {spec.variant!r} is scaled to zero and no "
+                        f"copy became ready within the deadline ({time.monotonic() - started:.1f}"
+                        " s); the copy keeps loading: retry"
+                    )
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(remaining, 0.5))
+        finally:
+            with contextlib.suppress(Exception):
+                await self._wake(key, False)
 
     def _variant(self, snapshot: Snapshot, model: str, version: str) -> mesh_pb2.ModelSpec:
         if not model:

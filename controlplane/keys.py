@@ -19,6 +19,7 @@ __all__ = [
     "PLACEMENTS",
     "POLICY",
     "REPLICAS",
+    "WAKE",
     "decode",
     "encode",
     "model_key",
@@ -36,6 +37,7 @@ REPLICAS = ROOT + "replicas/"  # replicas/<replica>            -> ReplicaInfo (l
 LEADER = ROOT + "leader"  # the elected scheduler's replica id (leased)
 POLICY = ROOT + "policy"  # the placement policy, YAML text as applied (admin)
 EVENTS = ROOT + "events/"  # events/<seq, 20 digits>       -> Event       (ring, any replica)
+WAKE = ROOT + "wake/"  # wake/<model>/<variant>         -> unix ms (leased; gateway: scale from 0)
 DRAINING = ROOT + "draining/"  # draining/<node>               -> "" (admin; present = draining)
 
 M = TypeVar("M", bound=Message)

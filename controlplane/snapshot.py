@@ -50,6 +50,7 @@ class Snapshot:
     placement_revisions: Mapping[VariantKey, int] = field(default_factory=dict)
     placements_revision: int = 0
     draining: frozenset[str] = frozenset()  # nodes an operator is draining
+    wake: frozenset[VariantKey] = frozenset()  # scaled-to-zero variants a query is waiting for
     # Live demand: queries in flight per node and variant (telemetry the leader holds). Not part
     # of the etcd view; the leader attaches it per pass with dataclasses.replace.
     in_flight: Mapping[str, Mapping[VariantKey, float]] = field(default_factory=dict)
@@ -94,6 +95,7 @@ class SnapshotBuilder:
         placement_revisions: Mapping[str, int] | None = None,
         placements_revision: int = 0,
         draining: Mapping[str, bytes] | None = None,
+        wake: Mapping[str, bytes] | None = None,
     ) -> Snapshot:
         model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
         for key, value in models.items():
@@ -136,6 +138,7 @@ class SnapshotBuilder:
             MappingProxyType(revisions),
             placements_revision,
             frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
+            frozenset(keys.split_key(key, keys.WAKE) for key in (wake or {})),
         )
 
 

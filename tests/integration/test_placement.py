@@ -231,3 +231,36 @@ def _rule(admin: AdminClient, model: str) -> str:
         return admin.explain_placement(model)[0].policy
     except Exception:
         return ""
+
+
+def test_scale_to_zero_and_the_first_query_waits_for_a_warm_copy(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1", extra=["--telemetry-interval-ms", "300"])
+        mesh.start_node("n1", [cp.address])
+        model = make_mlp(tmp_path / "mlp.onnx")
+        with AdminClient(cp.address) as admin:
+            _register(
+                admin,
+                "lazy",
+                model,
+                autoscaling=mesh_pb2.Autoscaling(
+                    min_copies=0, max_copies=1, target_in_flight=1, scale_down_delay_s=1
+                ),
+            )
+            wait_copies(admin, "lazy", 1)  # starts at one copy, then idles down to zero
+            wait_until(lambda: _placement(admin, "lazy") == [], 20, what="scale to zero")
+            wait_until(
+                lambda: not any(c.model == "lazy" for n in admin.list_nodes() for c in n.copies),
+                20,
+                what="the idle copy to unload",
+            )
+            with MeshClient(cp.address, timeout=30) as client:
+                started = time.monotonic()
+                result = client.infer("lazy", {"x": X})
+                waited = time.monotonic() - started
+            assert result.node == "n1" and result["y"].shape == (1, 10)
+            cold = [e for e in admin.list_events(50, kind="scale") if "cold start" in e.message]
+            assert cold, "the cold start is recorded with its wait"
+            assert waited < 30
+            wait_until(lambda: _placement(admin, "lazy") == [], 20, what="back to zero")
