@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import sys
 import time
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._report import emit  # noqa: E402
 from controlplane import keys  # noqa: E402
 from controlplane.policies.pipeline import choose  # noqa: E402
 from controlplane.policies.rule import DEFAULT_RULE, Rule  # noqa: E402
@@ -219,10 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         telemetry = run_ingest(counts, args.telemetry_window, 300.0)
         result["telemetry"] = telemetry
     result["wall_s"] = round(time.monotonic() - started, 1)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._report import emit  # noqa: E402
 from bench.servers import ort_session  # noqa: E402
 from client._admin import AdminClient  # noqa: E402
 from client.codec import build_request, encode_response_outputs  # noqa: E402
@@ -494,10 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     result = run(args)
     result["config"]["wall_s"] = round(time.monotonic() - started, 1)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
