@@ -70,7 +70,7 @@ class ServingConfig(_message.Message):
     def __init__(self, batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., cache: _Optional[bool] = ..., skip_warmup: _Optional[bool] = ...) -> None: ...
 
 class CopyStatus(_message.Message):
-    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256", "warmup_seconds", "batched", "bytes_fetched", "bytes_total")
+    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256", "warmup_seconds", "batched", "bytes_fetched", "bytes_total", "latency_profile", "execution_provider")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class CopyStatus(_message.Message):
     BATCHED_FIELD_NUMBER: _ClassVar[int]
     BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     state: CopyState
@@ -97,7 +99,17 @@ class CopyStatus(_message.Message):
     batched: bool
     bytes_fetched: int
     bytes_total: int
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ..., warmup_seconds: _Optional[float] = ..., batched: _Optional[bool] = ..., bytes_fetched: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+    latency_profile: _containers.RepeatedCompositeFieldContainer[LatencyPoint]
+    execution_provider: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ..., warmup_seconds: _Optional[float] = ..., batched: _Optional[bool] = ..., bytes_fetched: _Optional[int] = ..., bytes_total: _Optional[int] = ..., latency_profile: _Optional[_Iterable[_Union[LatencyPoint, _Mapping]]] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+
+class LatencyPoint(_message.Message):
+    __slots__ = ("batch_size", "seconds")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    seconds: float
+    def __init__(self, batch_size: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_id", "labels", "hardware", "direct_address", "version", "copies")
@@ -270,7 +282,7 @@ class ControlMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling")
+    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling", "slo_ms")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +303,7 @@ class ModelSpec(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
+    SLO_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     variant: str
     artifact_uri: str
@@ -304,7 +317,8 @@ class ModelSpec(_message.Message):
     serving: ServingConfig
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
     autoscaling: Autoscaling
-    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ...) -> None: ...
+    slo_ms: float
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., slo_ms: _Optional[float] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("min_copies", "max_copies", "target_in_flight", "scale_down_delay_s")
