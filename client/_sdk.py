@@ -47,12 +47,38 @@ class InferResult(dict[str, npt.NDArray[Any]]):
     def node(self) -> str:
         return str(self.parameters.get("meshserve_node", ""))
 
+    @property
+    def variant(self) -> str:
+        """The variant that answered (the gateway may switch variants to meet an SLO)."""
+        return str(self.parameters.get("meshserve_variant", self.model_version))
+
+    @property
+    def slo_met(self) -> bool | None:
+        """Whether the gateway predicted the answer within the query's ``slo_ms`` (None: no SLO)."""
+        value = self.parameters.get("meshserve_slo_met")
+        return None if value is None else bool(value)
+
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+def _with_slo(
+    parameters: Mapping[str, ParameterValue] | None,
+    slo_ms: float | None,
+    min_accuracy: float | None,
+) -> Mapping[str, ParameterValue] | None:
+    if slo_ms is None and min_accuracy is None:
+        return parameters
+    out = dict(parameters or {})
+    if slo_ms is not None:
+        out["slo_ms"] = float(slo_ms)
+    if min_accuracy is not None:
+        out["min_accuracy"] = float(min_accuracy)
+    return out
 
 
 def _translate(exc: grpc.RpcError) -> StatusError:
@@ -101,7 +127,12 @@ class MeshClient(_Base):
         version: str = "",
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout: float | None = None,
+        slo_ms: float | None = None,
+        min_accuracy: float | None = None,
     ) -> InferResult:
+        """``slo_ms``: latency budget; the gateway answers with the most accurate variant it
+        predicts within it. ``min_accuracy``: never a variant below this accuracy."""
+        parameters = _with_slo(parameters, slo_ms, min_accuracy)
         request = self._request(model, inputs, outputs, version, parameters)
         with _tracer.start_as_current_span(
             "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
@@ -163,7 +194,12 @@ class AsyncMeshClient(_Base):
         version: str = "",
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout: float | None = None,
+        slo_ms: float | None = None,
+        min_accuracy: float | None = None,
     ) -> InferResult:
+        """``slo_ms``: latency budget; the gateway answers with the most accurate variant it
+        predicts within it. ``min_accuracy``: never a variant below this accuracy."""
+        parameters = _with_slo(parameters, slo_ms, min_accuracy)
         request = self._request(model, inputs, outputs, version, parameters)
         with _tracer.start_as_current_span(
             "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
