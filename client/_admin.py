@@ -38,6 +38,7 @@ class AdminClient:
         accuracy: float = 0.0,
         serving: mesh_pb2.ServingConfig | None = None,
         autoscaling: mesh_pb2.Autoscaling | None = None,
+        slo_ms: float = 0.0,
     ) -> mesh_pb2.RegisterModelResponse:
         spec = mesh_pb2.ModelSpec(
             name=name,
@@ -50,6 +51,7 @@ class AdminClient:
             accuracy=accuracy,
             serving=serving,
             autoscaling=autoscaling,
+            slo_ms=slo_ms,
         )
         out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
         assert isinstance(out, mesh_pb2.RegisterModelResponse)

@@ -63,6 +63,10 @@ def models_register(
     max_queue_delay_us: int = 0,
     cache: Annotated[bool, typer.Option(help="response cache for identical queries")] = False,
     size_mb: Annotated[int, typer.Option(help="memory a copy takes, if known (MiB)")] = 0,
+    accuracy: Annotated[float, typer.Option(help="the variant's accuracy, 0..1")] = 0.0,
+    slo_ms: Annotated[
+        float, typer.Option(help="default latency budget of a query (model switching)")
+    ] = 0.0,
     min_copies: Annotated[
         int | None, typer.Option(help="autoscale: at least this many copies (0 = scale to zero)")
     ] = None,
@@ -117,6 +121,8 @@ def models_register(
                 serving=serving,
                 size_bytes=size_mb << 20,
                 autoscaling=autoscaling,
+                accuracy=accuracy,
+                slo_ms=slo_ms,
             )
         except StatusError as exc:
             _fail(exc)

@@ -6,6 +6,7 @@ Every write is validated here first, so nothing malformed ever reaches etcd.
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -67,6 +68,10 @@ def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
     for tensor in [*out.inputs, *out.outputs]:
         if tensor.datatype not in _OIP_TYPES:
             raise InvalidArgument(f"tensor {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+    if not (math.isfinite(out.slo_ms) and out.slo_ms >= 0):
+        raise InvalidArgument(f"slo_ms={out.slo_ms} must be a finite number >= 0")
+    if not (math.isfinite(out.accuracy) and 0 <= out.accuracy <= 1):
+        raise InvalidArgument(f"accuracy={out.accuracy} must be between 0 and 1")
     if out.HasField("autoscaling"):
         scale = out.autoscaling
         if scale.max_copies > MAX_COPIES:

@@ -14,22 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 
 from controlplane.events import EventSink
 from controlplane.hub import Hub
 from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
+from controlplane.switching import CopyLoad, Switcher, VariantOption
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from protos.status import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     ServicerContext,
     StatusError,
@@ -43,6 +46,33 @@ __all__ = ["Gateway"]
 
 _tracer = trace.get_tracer("meshserve.gateway")
 _VERSION = "0.1.0"
+
+
+def _default_slo(variants: list[mesh_pb2.ModelSpec]) -> float | None:
+    if not variants:
+        return None
+    best = max(variants, key=lambda s: (s.accuracy, s.variant))
+    return best.slo_ms / 1000.0 if best.slo_ms > 0 else None
+
+
+def _slo_of(request: inference_pb2.ModelInferRequest) -> tuple[float | None, float | None]:
+    """(latency budget in seconds, minimum accuracy) from the request's parameters."""
+    out: list[float | None] = []
+    for name in ("slo_ms", "min_accuracy"):
+        param = request.parameters.get(name)
+        if param is None:
+            out.append(None)
+            continue
+        choice = param.WhichOneof("parameter_choice")
+        value = getattr(param, choice) if choice else None
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"parameter {name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(number) or number < 0 or (name == "slo_ms" and number == 0):
+            raise InvalidArgument(f"parameter {name!r} must be a positive number, got {number}")
+        out.append(number / 1000.0 if name == "slo_ms" else number)
+    return out[0], out[1]
 
 
 def _scales_to_zero(spec: mesh_pb2.ModelSpec) -> bool:
@@ -74,6 +104,10 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             str, tuple[aio.Channel, inference_pb2_grpc.GRPCInferenceServiceStub]
         ] = {}
         self.balancer = Balancer()
+        self._switcher = Switcher()
+        self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(
+            "meshserve.slo_misses", unit="1", description="answers later than the query's SLO"
+        )
         self._events = events
         self._wake = wake
         self._cold_start_max_s = cold_start_max_s
@@ -165,9 +199,16 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             kind=trace.SpanKind.SERVER,
             attributes={"meshserve.model": request.model_name},
         ) as span:
-            deadline = time.monotonic() + remaining if remaining is not None else None
+            started = time.monotonic()
+            deadline = started + remaining if remaining is not None else None
             snapshot = self._snapshot()
-            spec = self._variant(snapshot, request.model_name, request.model_version)
+            slo_s, min_accuracy = _slo_of(request)
+            if slo_s is None:  # the model's default SLO (that of its most accurate variant)
+                slo_s = _default_slo(snapshot.variants(request.model_name))
+            if request.model_version or (slo_s is None and min_accuracy is None):
+                spec = self._variant(snapshot, request.model_name, request.model_version)
+            else:
+                spec = self._switch(snapshot, request.model_name, slo_s, min_accuracy, span)
             request.model_version = spec.variant
             span.set_attribute("meshserve.variant", spec.variant)
             if not self._candidates(snapshot, spec) and _scales_to_zero(spec):
@@ -201,6 +242,12 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     snapshot = self._snapshot()
                     continue
                 span.set_attribute("meshserve.node", node.node_id)
+                if slo_s is not None:
+                    met = time.monotonic() - started <= slo_s
+                    response.parameters["meshserve_slo_met"].bool_param = met
+                    span.set_attribute("meshserve.slo_met", met)
+                    if not met:
+                        self._slo_misses.add(1, {"model": spec.name, "variant": spec.variant})
                 return response
             raise Unavailable(
                 f"model {spec.name!r}: no copy answered (tried {', '.join(sorted(tried))})"
@@ -243,6 +290,55 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             with contextlib.suppress(Exception):
                 await self._wake(key, False)
+
+    def _switch(
+        self,
+        snapshot: Snapshot,
+        model: str,
+        slo_s: float | None,
+        min_accuracy: float | None,
+        span: trace.Span,
+    ) -> mesh_pb2.ModelSpec:
+        """The variant for a query with an SLO and/or a minimum accuracy (see switching.py)."""
+        variants = snapshot.variants(model)
+        if not variants:
+            raise NotFound(f"unknown model {model!r}" if model else "model name is empty")
+        options = [VariantOption(spec, self._loads(snapshot, spec)) for spec in variants]
+        choice = self._switcher.choose(model, options, slo_s, min_accuracy)
+        span.set_attribute("meshserve.switch_reason", choice.reason)
+        if choice.predicted_s != float("inf"):
+            span.set_attribute("meshserve.predicted_ms", round(choice.predicted_s * 1000, 3))
+        if slo_s is not None:
+            span.set_attribute("meshserve.slo_ms", slo_s * 1000)
+        return choice.spec
+
+    def _loads(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> list[CopyLoad]:
+        key = (spec.name, spec.variant)
+        out = []
+        for node in self._candidates(snapshot, spec):
+            status = node.copies[key]
+            profile = {p.batch_size: p.seconds for p in status.latency_profile}
+            reported, max_batch = 0, spec.serving.batching.max_batch_size or 32
+            session = self._hub.sessions.get(node.node_id)
+            if session is not None:
+                for m in session.telemetry.models:
+                    if m.model == spec.name and m.variant == spec.variant:
+                        reported = int(m.in_flight)
+                        max_batch = int(m.max_batch_size) or max_batch
+            copy_key = (node.node_id, spec.name, spec.variant)
+            inline = bool(profile) and profile.get(1, 1.0) <= 100e-6
+            out.append(
+                CopyLoad(
+                    node_id=node.node_id,
+                    profile=profile,
+                    queued=max(self.balancer.in_flight(copy_key), reported),
+                    batched=status.batched,
+                    max_batch=max_batch,
+                    parallel=1 if inline else max(1, int(node.hardware.cpu_cores)),
+                    observed_s=self.balancer.observed(copy_key),
+                )
+            )
+        return out
 
     def _variant(self, snapshot: Snapshot, model: str, version: str) -> mesh_pb2.ModelSpec:
         if not model:

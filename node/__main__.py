@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=Path(".meshserve/cache"))
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument(
+        "--inline-max-us",
+        type=float,
+        default=100.0,
+        help="copies whose measured run takes at most this long run on the event loop instead "
+        "of a worker thread (cheaper than the hand-off); 0 turns it off",
+    )
+    p.add_argument(
         "--memory-mb",
         type=int,
         default=0,
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         max_message_bytes=ns.max_message_mb << 20,
         fault_delay_s=max(0.0, ns.fault_delay_ms) / 1000.0,
         memory_bytes=max(0, ns.memory_mb) << 20,
+        inline_max_us=max(0.0, ns.inline_max_us),
     )
     run(_serve(config))
 

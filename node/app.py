@@ -45,6 +45,7 @@ class NodeConfig:
     workers: int = max(1, os.cpu_count() or 1)
     fault_delay_s: float = 0.0  # fault injection: delay added to every query (tests, chaos)
     memory_bytes: int = 0  # memory offered for copies; 0 = the machine's
+    inline_max_us: float = 100.0  # copies faster than this run on the event loop (0: never)
 
 
 class Node:
@@ -54,7 +55,10 @@ class Node:
             max_workers=config.workers, thread_name_prefix="ort"
         )
         self.copies = CopyManager(
-            ModelStore(config.cache_dir), self._executor, batch_concurrency=config.workers
+            ModelStore(config.cache_dir),
+            self._executor,
+            batch_concurrency=config.workers,
+            inline_max_us=config.inline_max_us,
         )
         self.handler = InferenceHandler(
             config.node_id, self.copies, fault_delay_s=config.fault_delay_s

@@ -53,6 +53,9 @@ class CopyEntry:
     requests: int = 0
     errors: int = 0
     run_seconds: float = 0.0  # median batch-1 run, measured after warm-up
+    # (batch size, median run seconds) per size the batcher may use, measured after warm-up
+    latency_profile: list[tuple[int, float]] = field(default_factory=list)
+    execution_provider: str = ""  # the session's first provider
     inline: bool = False  # run on the event loop: cheaper than a thread hand-off
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -73,6 +76,12 @@ class CopyEntry:
         if self.copy is not None:
             msg.inputs.extend(_specs(self.copy.inputs))
             msg.outputs.extend(_specs(self.copy.outputs))
+        if self.state == mesh_pb2.READY:
+            msg.latency_profile.extend(
+                mesh_pb2.LatencyPoint(batch_size=size, seconds=seconds)
+                for size, seconds in sorted(self.latency_profile)
+            )
+            msg.execution_provider = self.execution_provider
         return msg
 
 
@@ -82,6 +91,11 @@ def _warmup_sizes(serving: mesh_pb2.ServingConfig) -> list[int]:
     if not batching.enabled:
         return [1]
     return [1, *batching.preferred_batch_sizes, batching.max_batch_size or 32]
+
+
+def _format_profile(profile: list[tuple[int, float]]) -> str:
+    """``b1=0.04ms b8=0.11ms``: a latency profile for a log line."""
+    return " ".join(f"b{size}={seconds * 1e3:.2f}ms" for size, seconds in sorted(profile))
 
 
 def _rows(inputs: dict[str, Any]) -> int:
@@ -199,9 +213,12 @@ class CopyManager:
                                 self._executor, copy.warmup_blocking, _warmup_sizes(entry.serving)
                             )
                             entry.warmup_seconds = time.perf_counter() - warm_started
-                    entry.run_seconds = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, copy.median_run_seconds
+                    profile = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, copy.latency_profile, _warmup_sizes(entry.serving)
                     )
+                    entry.latency_profile = profile
+                    entry.run_seconds = dict(profile)[1]
+                    entry.execution_provider = copy.execution_provider
                     entry.inline = entry.run_seconds * 1e6 <= self._inline_max_us
                     # Measured after warm-up: onnxruntime's arenas are allocated by then.
                     entry.memory_bytes = max(0, resident_bytes() - before)
@@ -221,7 +238,8 @@ class CopyManager:
             entry.batcher = self._batcher_for(entry, copy)
             entry.state = mesh_pb2.READY
             _log.info(
-                "copy %s/%s ready: load %.3fs, warm-up %.3fs, %.1f MiB, run %.0f us (%s)",
+                "copy %s/%s ready: load %.3fs, warm-up %.3fs, %.1f MiB, run %.0f us (%s), "
+                "profile %s on %s",
                 entry.model,
                 entry.variant,
                 entry.load_seconds,
@@ -229,6 +247,8 @@ class CopyManager:
                 entry.memory_bytes / (1 << 20),
                 entry.run_seconds * 1e6,
                 "inline" if entry.inline else "worker threads",
+                _format_profile(entry.latency_profile),
+                entry.execution_provider,
             )
             self._announce(entry)
 

@@ -171,17 +171,43 @@ class OnnxCopy:
             for _ in range(2):
                 self.run_blocking(self.synthetic_inputs(size), self._output_names)
 
-    def median_run_seconds(self, runs: int = 25) -> float:
-        """Median wall time of a batch-1 run on synthetic inputs (blocking; after warm-up)."""
+    def latency_profile(
+        self, batch_sizes: Sequence[int], runs: int = 15, budget_s: float = 0.5
+    ) -> list[tuple[int, float]]:
+        """Median wall time of a run on synthetic inputs per batch size (blocking; after warm-up).
+
+        Measures every size in ``batch_sizes`` plus 1 (only 1 for a model without a batch axis),
+        at most ``runs`` runs per size, stopping early once that size's runs took more than
+        ``budget_s`` in total (at least one run each), so huge models stay quick to load.
+        Returns ``(batch_size, seconds)`` pairs sorted by batch size.
+        """
         import time
 
-        inputs = self.synthetic_inputs(1)
-        samples = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            self.run_blocking(inputs, self._output_names)
-            samples.append(time.perf_counter() - started)
-        return float(np.median(samples))
+        sizes = sorted({1, *batch_sizes}) if self.batch_axis else [1]
+        profile = []
+        for size in sizes:
+            inputs = self.synthetic_inputs(size)
+            samples: list[float] = []
+            spent = 0.0
+            for _ in range(max(1, runs)):
+                started = time.perf_counter()
+                self.run_blocking(inputs, self._output_names)
+                samples.append(time.perf_counter() - started)
+                spent += samples[-1]
+                if spent > budget_s:
+                    break
+            profile.append((size, float(np.median(samples))))
+        return profile
+
+    def median_run_seconds(self, runs: int = 15) -> float:
+        """Median wall time of a batch-1 run on synthetic inputs (blocking; after warm-up)."""
+        return self.latency_profile([1], runs=runs)[0][1]
+
+    @property
+    def execution_provider(self) -> str:
+        """The session's first (preferred) execution provider, e.g. ``CPUExecutionProvider``."""
+        providers = self._session.get_providers()
+        return str(providers[0]) if providers else ""
 
     def output_names(self, requested: Sequence[str]) -> list[str]:
         if not requested:

@@ -25,13 +25,16 @@ from tests.support.etcd import EtcdServer
 from tests.support.inproc import InProcMesh, eventually, inproc_mesh
 
 BATCHING = mesh_pb2.ServingConfig(
-    batching=mesh_pb2.BatchingConfig(enabled=True, max_batch_size=16), cache=False
+    batching=mesh_pb2.BatchingConfig(enabled=True, max_batch_size=16, max_queue_delay_us=5000),
+    cache=False,
 )
 
 
 @pytest.fixture
 async def mesh(etcd: EtcdServer, tmp_path: Path) -> AsyncIterator[InProcMesh]:
-    async with inproc_mesh(etcd.url, tmp_path, [("core", True)]) as m:
+    # Copies run in worker threads here (as models slower than ~100 us always do), so that
+    # requests arriving together visibly wait for the running batch and leave as one.
+    async with inproc_mesh(etcd.url, tmp_path, [("core", True)], inline_max_us=0) as m:
         yield m
 
 

@@ -46,6 +46,7 @@ async def inproc_mesh(
     nodes: Sequence[tuple[str, bool]],
     *,
     max_message_bytes: int = 64 << 20,
+    inline_max_us: float = 100.0,
 ) -> AsyncIterator[InProcMesh]:
     """``nodes``: (node_id, direct) pairs; direct nodes also serve OIP on a loopback port."""
     cp = ControlPlane(
@@ -68,6 +69,7 @@ async def inproc_mesh(
                     labels={"tier": "core" if direct else "edge"},
                     listen="127.0.0.1:0" if direct else None,
                     cache_dir=tmp / f"{node_id}-cache",
+                    inline_max_us=inline_max_us,
                 )
             )
             await node.start()

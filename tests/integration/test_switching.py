@@ -1,0 +1,73 @@
+"""Model switching with real processes: under a bounded burst the gateway moves a model's queries
+to its fast variant to keep their latency budget, and back to the accurate one after."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import MeshClient
+from client._admin import AdminClient
+from client.demo_models import make_mlp, sha256_file
+from client.local import LocalMesh, wait_until
+from protos import mesh_pb2
+from protos.status import FailedPrecondition
+
+X = np.random.default_rng(4).standard_normal((1, 64)).astype(np.float32)
+SLO_MS = 12.0  # the accurate variant alone: ~5 ms; 16 queries queued on it: ~25 ms
+
+
+def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1", extra=["--telemetry-interval-ms", "300"])
+        mesh.start_node("n1", [cp.address])
+        accurate = make_mlp(tmp_path / "accurate.onnx", hidden=(3072, 3072))  # ~6 ms a run
+        fast = make_mlp(tmp_path / "fast.onnx")  # ~0.05 ms a run
+        with AdminClient(cp.address) as admin:
+            for variant, path, acc in (("accurate", accurate, 0.98), ("fast", fast, 0.90)):
+                admin.register_model(
+                    "clf",
+                    path.as_uri(),
+                    sha256_file(path),
+                    variant=variant,
+                    accuracy=acc,
+                    slo_ms=SLO_MS,
+                )
+            wait_until(
+                lambda: (
+                    sum(
+                        c.model == "clf" and c.state == mesh_pb2.READY
+                        for n in admin.list_nodes()
+                        for c in n.copies
+                    )
+                    == 2
+                ),
+                60,
+                what="both variants READY",
+            )
+        with MeshClient(cp.address, timeout=10) as client:
+            calm = [client.infer("clf", {"x": X}) for _ in range(10)]
+            assert {r.variant for r in calm} == {"accurate"}, "no load: the most accurate"
+            assert sum(bool(r.slo_met) for r in calm) >= 8, "calm queries meet their budget"
+
+            def burst_worker(_: int) -> list[str]:
+                return [client.infer("clf", {"x": X}).variant for _ in range(40)]  # bounded
+
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                burst = Counter(v for vs in pool.map(burst_worker, range(16)) for v in vs)
+            assert burst["fast"] > burst["accurate"], f"burst mix {dict(burst)}"
+            time.sleep(1.0)
+            after = Counter(client.infer("clf", {"x": X}).variant for _ in range(20))
+            assert after["accurate"] >= 15, f"after the burst {dict(after)}"
+            pinned = client.infer("clf", {"x": X}, version="fast")
+            assert pinned.variant == "fast", "an explicit version is never switched"
+            with pytest.raises(FailedPrecondition, match="min_accuracy"):
+                client.infer("clf", {"x": X}, min_accuracy=0.99)
+            strict = client.infer("clf", {"x": X}, slo_ms=1000, min_accuracy=0.95)
+            assert strict.variant == "accurate"
