@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 
@@ -39,6 +39,7 @@ class AdminClient:
         serving: mesh_pb2.ServingConfig | None = None,
         autoscaling: mesh_pb2.Autoscaling | None = None,
         slo_ms: float = 0.0,
+        execution_providers: Sequence[str] = (),
     ) -> mesh_pb2.RegisterModelResponse:
         spec = mesh_pb2.ModelSpec(
             name=name,
@@ -52,7 +53,14 @@ class AdminClient:
             serving=serving,
             autoscaling=autoscaling,
             slo_ms=slo_ms,
+            execution_providers=list(execution_providers),
         )
+        out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
+        assert isinstance(out, mesh_pb2.RegisterModelResponse)
+        return out
+
+    def register_spec(self, spec: mesh_pb2.ModelSpec) -> mesh_pb2.RegisterModelResponse:
+        """Register (or update) a complete ModelSpec as is."""
         out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
         assert isinstance(out, mesh_pb2.RegisterModelResponse)
         return out

@@ -184,6 +184,81 @@ def _follow_copies(
     )
 
 
+@models_app.command("evaluate")
+def models_evaluate(
+    name: str,
+    data: Annotated[Path, typer.Option(help=".npz with the inputs (by input name) and labels")],
+    variant: str = "default",
+    labels: Annotated[str, typer.Option(help="array in --data holding the true labels")] = "y",
+    output: Annotated[
+        str, typer.Option(help="output to compare (default: an integer output, else argmax)")
+    ] = "",
+    batch: int = 64,
+    update: Annotated[bool, typer.Option(help="store the measured accuracy on the variant")] = True,
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """Measure a variant's accuracy on a labelled file, through the mesh; store it (--update)."""
+    from rich.progress import Progress
+
+    from client import MeshClient
+
+    try:
+        with np.load(data, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        _console.print(f"[red]error[/red] cannot read {data}: {exc}")
+        raise typer.Exit(2) from None
+    if labels not in arrays:
+        _console.print(f"[red]error[/red] {data} has no {labels!r} array (has {sorted(arrays)})")
+        raise typer.Exit(2)
+    truth = arrays.pop(labels).reshape(-1)
+    rows = len(truth)
+    if rows == 0 or any(len(a) != rows for a in arrays.values()):
+        _console.print("[red]error[/red] inputs and labels must have the same number of rows (> 0)")
+        raise typer.Exit(2)
+    correct = 0
+    try:
+        with MeshClient(target, timeout=60) as client, Progress(console=_console) as bar:
+            task = bar.add_task(f"evaluating {name}/{variant}", total=rows)
+            for start in range(0, rows, max(1, batch)):
+                part = {k: v[start : start + batch] for k, v in arrays.items()}
+                result = client.infer(name, part, version=variant)
+                predicted = _predicted_labels(result, output)
+                correct += int((predicted == truth[start : start + batch]).sum())
+                bar.advance(task, len(predicted))
+    except StatusError as exc:
+        _fail(exc)
+        return
+    accuracy = correct / rows
+    _console.print(f"{name}/{variant}: accuracy {accuracy:.4f} on {rows} labelled rows")
+    if not update:
+        return
+    with AdminClient(target) as admin:
+        try:
+            spec = next(
+                (m for m in admin.list_models() if m.name == name and m.variant == variant), None
+            )
+            if spec is None:
+                _console.print(f"[red]error[/red] {name}/{variant} is not registered")
+                raise typer.Exit(1)
+            spec.accuracy = accuracy
+            admin.register_spec(spec)
+        except StatusError as exc:
+            _fail(exc)
+    _console.print(f"stored accuracy {accuracy:.4f} on {name}/{variant}")
+
+
+def _predicted_labels(result: dict[str, Any], output: str) -> Any:
+    if output:
+        values = np.asarray(result[output])
+    else:
+        integral = [k for k, v in result.items() if np.asarray(v).dtype.kind in "iu"]
+        values = np.asarray(result[integral[0] if integral else next(iter(result))])
+    if values.dtype.kind == "f" and values.ndim == 2:
+        return values.argmax(axis=1)
+    return values.reshape(-1)
+
+
 @models_app.command("list")
 def models_list(target: Target = "127.0.0.1:8001") -> None:
     with AdminClient(target) as admin:

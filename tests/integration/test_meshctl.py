@@ -135,3 +135,40 @@ def test_policy_validate_apply_get_explain_and_events(live: ManagedProcess, tmp_
     assert proc.returncode == 1 and "NOT_FOUND" in proc.stdout
     proc = meshctl("events", "--kind", "policy", "--target", live.address)
     assert proc.returncode == 0 and "edge-first" in proc.stdout, proc.stdout
+
+
+def test_models_evaluate_measures_and_stores_accuracy(live: ManagedProcess, tmp_path: Path) -> None:
+    import numpy as np
+
+    from client._admin import AdminClient
+    from client.demo_models import reference_outputs
+
+    model = make_mlp(tmp_path / "mlp.onnx")
+    proc = meshctl(
+        "models", "register", "graded", "--artifact", str(model), "--target", live.address
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    x = np.random.default_rng(8).standard_normal((100, 64)).astype(np.float32)
+    y = reference_outputs(model, {"x": x})["y"].argmax(axis=1)
+    y[:25] = (y[:25] + 1) % 10  # exactly 75 of 100 labels agree with the model
+    np.savez(tmp_path / "labelled.npz", x=x, y=y)
+    proc = meshctl(
+        "models",
+        "evaluate",
+        "graded",
+        "--data",
+        str(tmp_path / "labelled.npz"),
+        "--batch",
+        "32",
+        "--target",
+        live.address,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "accuracy 0.7500 on 100" in proc.stdout
+    with AdminClient(live.address) as admin:
+        [spec] = [m for m in admin.list_models() if m.name == "graded"]
+    assert spec.accuracy == 0.75
+    proc = meshctl(
+        "models", "evaluate", "graded", "--data", str(tmp_path / "nope.npz"), "-t", live.address
+    )
+    assert proc.returncode == 2 and "cannot read" in proc.stdout

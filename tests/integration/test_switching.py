@@ -71,3 +71,20 @@ def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> 
                 client.infer("clf", {"x": X}, min_accuracy=0.99)
             strict = client.infer("clf", {"x": X}, slo_ms=1000, min_accuracy=0.95)
             assert strict.variant == "accurate"
+        with AdminClient(cp.address) as admin:  # a variant needing an absent provider
+            admin.register_model(
+                "clf",
+                fast.as_uri(),
+                sha256_file(fast),
+                variant="gpu",
+                accuracy=0.99,
+                execution_providers=["CUDAExecutionProvider"],
+            )
+            time.sleep(1.5)  # a few scheduling passes
+            assert [list(p.nodes) for p in admin.list_placements("clf") if p.variant == "gpu"] == [
+                []
+            ]
+            [why] = admin.explain_placement("clf", "gpu")
+            assert {n.filtered_by for n in why.nodes} == {"providers"}
+        with MeshClient(cp.address, timeout=10) as client:
+            assert client.infer("clf", {"x": X}, slo_ms=1000).variant == "accurate"
