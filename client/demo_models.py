@@ -11,8 +11,12 @@ has no side effects and does not pull either library in.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,12 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "DIGITS_VARIANTS",
     "IR_VERSION",
     "OPSET",
+    "FamilyMember",
+    "digits_split",
+    "make_digits_family",
     "make_fixed_model",
     "make_int_model",
     "make_mlp",
@@ -191,3 +199,189 @@ def reference_outputs(
     names: list[str] = [o.name for o in session.get_outputs()]
     values: list[Any] = session.run(names, dict(inputs))
     return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
+
+
+# -- a real model family: scikit-learn's digits, three variants ------------------------------
+
+#: The digits family's variants, cheapest first.
+DIGITS_VARIANTS = ("fast", "medium", "accurate")
+#: Bump when a recipe below changes, so cached files are rebuilt.
+_DIGITS_RECIPE = 2
+_DIGITS_TEST_SIZE = 0.3
+
+
+@dataclass(frozen=True)
+class FamilyMember:
+    """One variant of a model family written by :func:`make_digits_family`.
+
+    ``accuracy`` is measured on the held-out split by running the ONNX file with onnxruntime;
+    ``mean_ms_per_query`` is the mean in-process onnxruntime run time at batch 1 (one intra-op
+    thread, as a node runs it) on this machine.
+    """
+
+    name: str
+    path: Path
+    accuracy: float
+    mean_ms_per_query: float
+
+
+def digits_split(
+    seed: int = 0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[Any], npt.NDArray[Any]]:
+    """``(x_train, x_test, y_train, y_test)`` of scikit-learn's ``load_digits``.
+
+    Stratified 70/30 split with ``random_state=seed``; images are FP32 ``[n, 64]`` (pixel values
+    0..16), labels int64 ``[n]``. The test split is the one :func:`make_digits_family` measures
+    accuracy on.
+    """
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
+
+    digits = load_digits()
+    x = np.asarray(digits.data, dtype=np.float32)
+    y = np.asarray(digits.target, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=_DIGITS_TEST_SIZE, stratify=y, random_state=seed
+    )
+    return x_tr, x_te, y_tr, y_te
+
+
+def _digits_estimators(seed: int) -> dict[str, Any]:
+    """The (unfitted) scikit-learn estimator per variant; see :func:`make_digits_family`."""
+    from sklearn.ensemble import BaggingClassifier, RandomForestClassifier  # type: ignore[import-untyped]
+    from sklearn.neural_network import MLPClassifier  # type: ignore[import-untyped]
+    from sklearn.svm import SVC  # type: ignore[import-untyped]
+
+    return {
+        "fast": RandomForestClassifier(n_estimators=10, max_depth=6, random_state=seed),
+        "medium": MLPClassifier(hidden_layer_sizes=(512, 256), max_iter=1000, random_state=seed),
+        "accurate": BaggingClassifier(
+            SVC(gamma=0.001, probability=True, random_state=seed),
+            n_estimators=200,
+            random_state=seed,
+        ),
+    }
+
+
+def _digits_versions(seed: int) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import skl2onnx  # type: ignore[import-untyped]
+    import sklearn  # type: ignore[import-untyped]
+
+    return {
+        "recipe": _DIGITS_RECIPE,
+        "seed": seed,
+        "test_size": _DIGITS_TEST_SIZE,
+        "sklearn": sklearn.__version__,
+        "skl2onnx": skl2onnx.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _digits_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # skl2onnx graphs carry an unused initializer: no warning
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_accuracy(session: Any, x: npt.NDArray[np.float32], y: npt.NDArray[Any]) -> float:
+    label = session.run(["label"], {"x": x})[0]
+    return float(np.mean(np.asarray(label).ravel() == y))
+
+
+def _mean_ms_per_query(
+    session: Any, x: npt.NDArray[np.float32], *, max_queries: int = 300, max_s: float = 1.5
+) -> float:
+    """Mean batch-1 run time over up to ``max_queries`` test images (capped at ``max_s``)."""
+    for i in range(5):  # warm-up
+        session.run(None, {"x": x[i : i + 1]})
+    total, n = 0.0, 0
+    stop = time.perf_counter() + max_s
+    while n < max_queries and time.perf_counter() < stop:
+        row = x[n % len(x)][None, :]
+        t0 = time.perf_counter()
+        session.run(None, {"x": row})
+        total += time.perf_counter() - t0
+        n += 1
+    return total / n * 1000.0
+
+
+def make_digits_family(directory: Path, *, seed: int = 0) -> list[FamilyMember]:
+    """Train, convert and measure a three-variant family on scikit-learn's digits.
+
+    Variants (cheapest first, see :data:`DIGITS_VARIANTS`), each written to
+    ``directory/digits-<name>.onnx``:
+
+    * ``fast``: a random forest of 10 trees of depth 6 (a few microseconds, ~0.9 accuracy);
+    * ``medium``: an MLP with hidden layers (512, 256);
+    * ``accurate``: 200 bagged RBF SVCs with probabilities, averaged (several milliseconds per
+      query on a 2-core machine, the best accuracy of the three).
+
+    Data: :func:`digits_split` with ``seed`` (stratified 70/30). Every model is converted with
+    skl2onnx to input ``x`` FP32 ``[None, 64]`` and outputs ``label`` (int64 ``[None]``) and
+    ``probabilities`` (FP32 ``[None, 10]``; no ZipMap). ``accuracy`` is measured by running the
+    ONNX file with onnxruntime on the test split; ``mean_ms_per_query`` is measured on every call
+    (it depends on the machine). Files are reused when ``directory/digits-family.json`` records
+    the same seed, recipe and library versions and every file's SHA-256 still matches; otherwise
+    they are rebuilt (training takes about a minute on 2 cores).
+    """
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType  # type: ignore[import-untyped]
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / "digits-family.json"
+    versions = _digits_versions(seed)
+    x_tr, x_te, y_tr, y_te = digits_split(seed)
+    paths = {name: directory / f"digits-{name}.onnx" for name in DIGITS_VARIANTS}
+
+    cached: dict[str, Any] = {}
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("versions") == versions and all(
+            paths[n].is_file() and sha256_file(paths[n]) == meta["variants"][n]["sha256"]
+            for n in DIGITS_VARIANTS
+        ):
+            cached = meta["variants"]
+    except (OSError, ValueError, KeyError, TypeError):
+        cached = {}
+
+    accuracies: dict[str, float] = {}
+    if cached:
+        accuracies = {n: float(cached[n]["accuracy"]) for n in DIGITS_VARIANTS}
+    else:
+        for name, clf in _digits_estimators(seed).items():
+            with warnings.catch_warnings():  # SVC(probability=True) is deprecated in 1.9
+                warnings.simplefilter("ignore", FutureWarning)
+                clf.fit(x_tr, y_tr)
+                onx = to_onnx(
+                    clf,
+                    initial_types=[("x", FloatTensorType([None, x_tr.shape[1]]))],
+                    options={id(clf): {"zipmap": False}},
+                    target_opset=OPSET,
+                )
+            tmp = paths[name].with_suffix(".onnx.tmp")
+            tmp.write_bytes(onx.SerializeToString())
+            tmp.replace(paths[name])
+            accuracies[name] = _onnx_accuracy(_digits_session(paths[name]), x_te, y_te)
+        meta = {
+            "versions": versions,
+            "variants": {
+                n: {"sha256": sha256_file(paths[n]), "accuracy": accuracies[n]}
+                for n in DIGITS_VARIANTS
+            },
+        }
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+
+    members = []
+    for name in DIGITS_VARIANTS:
+        session = _digits_session(paths[name])
+        ms = _mean_ms_per_query(session, x_te)
+        members.append(FamilyMember(name, paths[name], accuracies[name], ms))
+    return members

@@ -30,6 +30,7 @@ from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
 from controlplane.switching import CopyLoad, Switcher, VariantOption
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from protos.params import PREFER
 from protos.status import (
     DeadlineExceeded,
     InvalidArgument,
@@ -208,7 +209,9 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if request.model_version or (slo_s is None and min_accuracy is None):
                 spec = self._variant(snapshot, request.model_name, request.model_version)
             else:
-                spec = self._switch(snapshot, request.model_name, slo_s, min_accuracy, span)
+                spec = self._switch(
+                    request, snapshot, request.model_name, slo_s, min_accuracy, span
+                )
             request.model_version = spec.variant
             span.set_attribute("meshserve.variant", spec.variant)
             if not self._candidates(snapshot, spec) and _scales_to_zero(spec):
@@ -293,6 +296,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _switch(
         self,
+        request: inference_pb2.ModelInferRequest,
         snapshot: Snapshot,
         model: str,
         slo_s: float | None,
@@ -305,6 +309,20 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             raise NotFound(f"unknown model {model!r}" if model else "model name is empty")
         options = [VariantOption(spec, self._loads(snapshot, spec)) for spec in variants]
         choice = self._switcher.choose(model, options, slo_s, min_accuracy)
+        floor = min_accuracy or 0.0
+        better = sorted(
+            (
+                o.spec
+                for o in options
+                if o.copies
+                and o.spec.serving.cache
+                and o.spec.accuracy > choice.spec.accuracy
+                and o.spec.accuracy >= floor
+            ),
+            key=lambda s: -s.accuracy,
+        )
+        if better:  # a node holding one of them may have this exact answer cached: free
+            request.parameters[PREFER].string_param = ",".join(s.variant for s in better)
         span.set_attribute("meshserve.switch_reason", choice.reason)
         if choice.predicted_s != float("inf"):
             span.set_attribute("meshserve.predicted_ms", round(choice.predicted_s * 1000, 3))
@@ -327,15 +345,19 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                         max_batch = int(m.max_batch_size) or max_batch
             copy_key = (node.node_id, spec.name, spec.variant)
             inline = bool(profile) and profile.get(1, 1.0) <= 100e-6
+            queued = max(self.balancer.in_flight(copy_key), reported)
+            # Recent latency is a floor only while the copy is busy: idle, the profile is the
+            # better guide (one slow answer must not keep a variant out for long).
+            observed = self.balancer.observed(copy_key, decay_s=1.0) if queued or not profile else 0
             out.append(
                 CopyLoad(
                     node_id=node.node_id,
                     profile=profile,
-                    queued=max(self.balancer.in_flight(copy_key), reported),
+                    queued=queued,
                     batched=status.batched,
                     max_batch=max_batch,
                     parallel=1 if inline else max(1, int(node.hardware.cpu_cores)),
-                    observed_s=self.balancer.observed(copy_key),
+                    observed_s=observed,
                 )
             )
         return out

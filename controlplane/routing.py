@@ -98,15 +98,15 @@ class Balancer:
             stat.ewma_s += self._alpha * (latency_s - stat.ewma_s)
         stat.updated = now
 
-    def observed(self, key: CopyKey) -> float:
+    def observed(self, key: CopyKey, decay_s: float | None = None) -> float:
         """This gateway's latency estimate for a copy, seconds (0: never measured); like the
-        cost, it decays while the copy is idle, so a copy once slow is tried again."""
+        cost, it decays while no answer arrives (time constant ``decay_s``, default the
+        balancer's), so a copy once slow is tried again."""
         stat = self._stats.get(key)
         if stat is None:
             return 0.0
-        if stat.in_flight:
-            return stat.ewma_s
-        return stat.ewma_s * math.exp(-(self._clock() - stat.updated) / self._decay_s)
+        tau = decay_s or self._decay_s
+        return stat.ewma_s * math.exp(-(self._clock() - stat.updated) / tau)
 
     def in_flight(self, key: CopyKey) -> int:
         stat = self._stats.get(key)

@@ -6,7 +6,8 @@ Contract:
   hardware), the copy's live queue (the larger of this gateway's in-flight count and the node's
   reported one) and how the copy runs: batched copies serve ``ceil((q + 1) / B)`` batches of up to
   ``B`` rows, unbatched ones ``ceil((q + 1) / parallel)`` runs; plus a fixed transport overhead.
-  A copy without a profile falls back to the latency this gateway observed for it.
+  The latency this gateway recently observed on the copy (peak-sensitive, decaying within about
+  a second) is a floor: a profile measured on an idle node underestimates a saturated one.
 - :meth:`Switcher.choose` returns, among variants that reach ``min_accuracy``, the most accurate
   whose best ready copy is predicted within the budget; if none fits, the fastest (an SLO miss).
   Hysteresis: after stepping down, a model steps back up to a more accurate variant only when
@@ -39,7 +40,7 @@ class CopyLoad:
     batched: bool
     max_batch: int = 1
     parallel: int = 1  # runs a node executes at once for this copy
-    observed_s: float = 0.0  # this gateway's latency estimate (fallback without a profile)
+    observed_s: float = 0.0  # this gateway's recent latency on the copy (a floor; 0 = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +82,9 @@ def predict_seconds(copy: CopyLoad, transport_s: float = TRANSPORT_S) -> float:
     if copy.batched and copy.max_batch > 1:
         batch = min(ahead, copy.max_batch)
         rounds = math.ceil(math.ceil(ahead / copy.max_batch) / max(1, copy.parallel))
-        return rounds * _run_time(copy.profile, batch) + transport_s
+        return max(rounds * _run_time(copy.profile, batch) + transport_s, copy.observed_s)
     rounds = math.ceil(ahead / max(1, copy.parallel))
-    return rounds * _run_time(copy.profile, 1) + transport_s
+    return max(rounds * _run_time(copy.profile, 1) + transport_s, copy.observed_s)
 
 
 class Switcher:

@@ -20,7 +20,8 @@ from client.codec import decode_request_inputs, encode_response_outputs
 from node.cache import cache_key
 from node.copies import CopyEntry, CopyManager
 from protos import inference_pb2, inference_pb2_grpc
-from protos.status import InvalidArgument, ServicerContext
+from protos.params import PREFER
+from protos.status import InvalidArgument, ServicerContext, StatusError
 from protos.streaming import serve_infer_stream
 from protos.tracing import context_from_metadata
 
@@ -63,17 +64,25 @@ class InferenceHandler:
             inputs = decode_request_inputs(request)
             copy.validate(inputs, {t.name: t.datatype for t in request.inputs})
             names = copy.output_names([o.name for o in request.outputs])
-            entry.in_flight += 1
-            entry.requests += 1
-            try:
-                if self._fault_delay_s:
-                    await asyncio.sleep(self._fault_delay_s)
-                outputs, hit = await self._compute(entry, inputs, names, deadline, span)
-            except Exception:
-                entry.errors += 1
-                raise
-            finally:
-                entry.in_flight -= 1
+            better = self._cached_better(request, inputs, names)
+            if better is not None:  # a more accurate variant already answered exactly this
+                entry, outputs = better
+                hit = True
+                entry.requests += 1
+                span.set_attribute("meshserve.variant", entry.variant)
+                span.set_attribute("meshserve.cache_hit", True)
+            else:
+                entry.in_flight += 1
+                entry.requests += 1
+                try:
+                    if self._fault_delay_s:
+                        await asyncio.sleep(self._fault_delay_s)
+                    outputs, hit = await self._compute(entry, inputs, names, deadline, span)
+                except Exception:
+                    entry.errors += 1
+                    raise
+                finally:
+                    entry.in_flight -= 1
             response = inference_pb2.ModelInferResponse(
                 model_name=request.model_name, model_version=entry.variant, id=request.id
             )
@@ -83,6 +92,30 @@ class InferenceHandler:
             if entry.serving.cache:
                 response.parameters["meshserve_cache_hit"].bool_param = hit
             return response
+
+    def _cached_better(
+        self,
+        request: inference_pb2.ModelInferRequest,
+        inputs: dict[str, NDArray[Any]],
+        names: list[str],
+    ) -> tuple[CopyEntry, dict[str, NDArray[Any]]] | None:
+        """A cached answer of a more accurate variant the gateway named acceptable
+        (``meshserve_prefer``: variants, most accurate first) held READY on this node."""
+        prefer = request.parameters.get(PREFER)
+        if prefer is None or not prefer.string_param:
+            return None
+        for variant in prefer.string_param.split(","):
+            try:
+                other = self._copies.ready(request.model_name, variant)
+            except StatusError:
+                continue
+            if not other.serving.cache:
+                continue
+            key = cache_key(other.model, other.variant, other.sha256, inputs)
+            hit = self._copies.cache.get(key)
+            if hit is not None and all(n in hit for n in names):
+                return other, {n: hit[n] for n in names}
+        return None
 
     async def _compute(
         self,

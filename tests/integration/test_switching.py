@@ -62,7 +62,7 @@ def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> 
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 burst = Counter(v for vs in pool.map(burst_worker, range(16)) for v in vs)
             assert burst["fast"] > burst["accurate"], f"burst mix {dict(burst)}"
-            time.sleep(1.0)
+            time.sleep(2.5)  # the burst's observed latencies fade (1 s time constant)
             after = Counter(client.infer("clf", {"x": X}).variant for _ in range(20))
             assert after["accurate"] >= 15, f"after the burst {dict(after)}"
             pinned = client.infer("clf", {"x": X}, version="fast")
@@ -88,3 +88,45 @@ def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> 
             assert {n.filtered_by for n in why.nodes} == {"providers"}
         with MeshClient(cp.address, timeout=10) as client:
             assert client.infer("clf", {"x": X}, slo_ms=1000).variant == "accurate"
+
+
+def test_a_switched_query_gets_the_accurate_variants_cached_answer_first(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        mesh.start_node("n1", [cp.address])
+        accurate = make_mlp(tmp_path / "accurate.onnx", hidden=(3072, 3072))
+        fast = make_mlp(tmp_path / "fast.onnx")
+        with AdminClient(cp.address) as admin:
+            for variant, path, acc in (("accurate", accurate, 0.98), ("fast", fast, 0.90)):
+                admin.register_model(
+                    "clf",
+                    path.as_uri(),
+                    sha256_file(path),
+                    variant=variant,
+                    accuracy=acc,
+                    serving=mesh_pb2.ServingConfig(cache=True),
+                )
+            wait_until(
+                lambda: (
+                    sum(
+                        c.model == "clf" and c.state == mesh_pb2.READY
+                        for n in admin.list_nodes()
+                        for c in n.copies
+                    )
+                    == 2
+                ),
+                60,
+                what="both variants READY",
+            )
+        other = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)
+        with MeshClient(cp.address, timeout=10) as client:
+            first = client.infer("clf", {"x": X}, version="accurate")
+            assert first.variant == "accurate" and first.parameters["meshserve_cache_hit"] is False
+            # A 1 ms budget: the accurate variant (~6 ms) never fits, the query is switched ...
+            switched = client.infer("clf", {"x": other}, slo_ms=1)
+            assert switched.variant == "fast"
+            # ... unless the accurate variant's answer to exactly this input is cached.
+            cached = client.infer("clf", {"x": X}, slo_ms=1)
+            assert cached.variant == "accurate" and cached.parameters["meshserve_cache_hit"]
+            np.testing.assert_array_equal(cached["y"], first["y"])

@@ -28,6 +28,8 @@ def test_predictions_follow_profile_queue_batching_and_parallelism() -> None:
     assert predict_seconds(beyond, T) == pytest.approx(2 * 0.030 * 16 / 8 + T)
     fallback = CopyLoad("n", {}, queued=1, batched=False, observed_s=0.004)
     assert predict_seconds(fallback, T) == pytest.approx(0.008)
+    slowed = CopyLoad("n", {1: 0.010}, queued=0, batched=False, observed_s=0.050)
+    assert predict_seconds(slowed, T) == pytest.approx(0.050), "observed latency is a floor"
     assert predict_seconds(CopyLoad("n", {}, 0, False), T) == math.inf
 
 
