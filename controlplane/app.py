@@ -185,7 +185,9 @@ class ControlPlane:
                 if self.hub is not None:
                     await self.hub.sweep(list(self._mirrors[keys.NODES].items()))
                 if self.gateway is not None:
-                    self.gateway.balancer.forget(partial(_node_known, self.snapshot().nodes))
+                    known = partial(_node_known, self.snapshot().nodes)
+                    self.gateway.balancer.forget(known)
+                    self.gateway.calibration.forget(known)  # type: ignore[arg-type]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +29,13 @@ from controlplane.events import EventSink
 from controlplane.hub import Hub
 from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
-from controlplane.switching import CopyLoad, Switcher, VariantOption
+from controlplane.switching import (
+    Calibration,
+    CopyLoad,
+    Switcher,
+    VariantOption,
+    predict_seconds,
+)
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from protos.params import PREFER
 from protos.status import (
@@ -106,6 +113,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         ] = {}
         self.balancer = Balancer()
         self._switcher = Switcher()
+        self.calibration = Calibration()
+        self._switched: set[str] = set()  # models queried with an SLO / minimum accuracy
         self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(
             "meshserve.slo_misses", unit="1", description="answers later than the query's SLO"
         )
@@ -307,6 +316,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         variants = snapshot.variants(model)
         if not variants:
             raise NotFound(f"unknown model {model!r}" if model else "model name is empty")
+        self._switched.add(model)
         options = [VariantOption(spec, self._loads(snapshot, spec)) for spec in variants]
         choice = self._switcher.choose(model, options, slo_s, min_accuracy)
         floor = min_accuracy or 0.0
@@ -331,36 +341,31 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return choice.spec
 
     def _loads(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> list[CopyLoad]:
-        key = (spec.name, spec.variant)
-        out = []
-        for node in self._candidates(snapshot, spec):
-            status = node.copies[key]
-            profile = {p.batch_size: p.seconds for p in status.latency_profile}
-            reported, max_batch = 0, spec.serving.batching.max_batch_size or 32
-            session = self._hub.sessions.get(node.node_id)
-            if session is not None:
-                for m in session.telemetry.models:
-                    if m.model == spec.name and m.variant == spec.variant:
-                        reported = int(m.in_flight)
-                        max_batch = int(m.max_batch_size) or max_batch
-            copy_key = (node.node_id, spec.name, spec.variant)
-            inline = bool(profile) and profile.get(1, 1.0) <= 100e-6
-            queued = max(self.balancer.in_flight(copy_key), reported)
-            # Recent latency is a floor only while the copy is busy: idle, the profile is the
-            # better guide (one slow answer must not keep a variant out for long).
-            observed = self.balancer.observed(copy_key, decay_s=1.0) if queued or not profile else 0
-            out.append(
-                CopyLoad(
-                    node_id=node.node_id,
-                    profile=profile,
-                    queued=queued,
-                    batched=status.batched,
-                    max_batch=max_batch,
-                    parallel=1 if inline else max(1, int(node.hardware.cpu_cores)),
-                    observed_s=observed,
-                )
-            )
-        return out
+        return [self._copy_load(node, spec) for node in self._candidates(snapshot, spec)]
+
+    def _copy_load(self, node: NodeView, spec: mesh_pb2.ModelSpec) -> CopyLoad:
+        """What the switcher knows of one ready copy right now."""
+        status = node.copies.get((spec.name, spec.variant))
+        profile = {p.batch_size: p.seconds for p in status.latency_profile} if status else {}
+        reported, max_batch = 0, spec.serving.batching.max_batch_size or 32
+        session = self._hub.sessions.get(node.node_id)
+        if session is not None:
+            for m in session.telemetry.models:
+                if m.model == spec.name and m.variant == spec.variant:
+                    reported = int(m.in_flight)
+                    max_batch = int(m.max_batch_size) or max_batch
+        copy_key = (node.node_id, spec.name, spec.variant)
+        inline = bool(profile) and profile.get(1, 1.0) <= 100e-6
+        return CopyLoad(
+            node_id=node.node_id,
+            profile=profile,
+            queued=max(self.balancer.in_flight(copy_key), reported),
+            batched=bool(status and status.batched),
+            max_batch=max_batch,
+            parallel=1 if inline else max(1, int(node.hardware.cpu_cores)),
+            observed_s=0.0 if profile else self.balancer.observed(copy_key, decay_s=1.0),
+            slowdown=self.calibration.factor(copy_key),
+        )
 
     def _variant(self, snapshot: Snapshot, model: str, version: str) -> mesh_pb2.ModelSpec:
         if not model:
@@ -429,6 +434,11 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         span: trace.Span,
     ) -> inference_pb2.ModelInferResponse:
         key = (node.node_id, spec.name, spec.variant)
+        baseline = 0.0
+        if spec.name in self._switched:  # calibrate predictions for models that switch
+            load = self._copy_load(node, spec)
+            if load.profile:
+                baseline = predict_seconds(dataclasses.replace(load, slowdown=1.0))
         self.balancer.started(key)
         started, ok = time.monotonic(), True
         try:
@@ -452,7 +462,10 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             ok = exc.code not in _COPY_FAULTS  # a caller's bad input says nothing of the copy
             raise
         finally:
-            self.balancer.finished(key, time.monotonic() - started, ok)
+            elapsed = time.monotonic() - started
+            self.balancer.finished(key, elapsed, ok)
+            if ok and baseline:
+                self.calibration.observe(key, baseline, elapsed)
 
     def _stub(self, address: str) -> inference_pb2_grpc.GRPCInferenceServiceStub:
         """One channel and one stub per node address, reused by every query."""

@@ -6,10 +6,12 @@ Contract:
   hardware), the copy's live queue (the larger of this gateway's in-flight count and the node's
   reported one) and how the copy runs: batched copies serve ``ceil((q + 1) / B)`` batches of up to
   ``B`` rows, unbatched ones ``ceil((q + 1) / parallel)`` runs; plus a fixed transport overhead.
-  The latency this gateway recently observed on the copy (peak-sensitive, decaying within about
-  a second) is a floor: a profile measured on an idle node underestimates a saturated one.
+  A profile is measured on an idle node; under load the same run takes longer (cores shared
+  with other copies, the gateway, clients). :class:`Calibration` learns, per copy, the ratio of
+  observed latency to the profile's prediction at dispatch, and predictions are scaled by it.
 - :meth:`Switcher.choose` returns, among variants that reach ``min_accuracy``, the most accurate
-  whose best ready copy is predicted within the budget; if none fits, the fastest (an SLO miss).
+  whose best ready copy is predicted within ``safety`` x the budget (the prediction is a median;
+  the margin covers the tail); if none fits, the fastest (an SLO miss).
   Hysteresis: after stepping down, a model steps back up to a more accurate variant only when
   that variant is predicted within ``headroom`` x budget, so choices do not flap at the edge.
   With no budget: the most accurate ready variant. No variant can ever meet ``min_accuracy`` ->
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from protos import mesh_pb2
 from protos.status import FailedPrecondition
 
-__all__ = ["Choice", "CopyLoad", "Switcher", "VariantOption", "predict_seconds"]
+__all__ = ["Calibration", "Choice", "CopyLoad", "Switcher", "VariantOption", "predict_seconds"]
 
 TRANSPORT_S = 0.0015  # gateway + node hops beyond compute (measured p50 here: ~1.6 ms)
 
@@ -40,7 +43,8 @@ class CopyLoad:
     batched: bool
     max_batch: int = 1
     parallel: int = 1  # runs a node executes at once for this copy
-    observed_s: float = 0.0  # this gateway's recent latency on the copy (a floor; 0 = none)
+    observed_s: float = 0.0  # this gateway's recent latency on the copy (used without a profile)
+    slowdown: float = 1.0  # learned observed / predicted ratio (see Calibration)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +86,55 @@ def predict_seconds(copy: CopyLoad, transport_s: float = TRANSPORT_S) -> float:
     if copy.batched and copy.max_batch > 1:
         batch = min(ahead, copy.max_batch)
         rounds = math.ceil(math.ceil(ahead / copy.max_batch) / max(1, copy.parallel))
-        return max(rounds * _run_time(copy.profile, batch) + transport_s, copy.observed_s)
+        return rounds * _run_time(copy.profile, batch) * copy.slowdown + transport_s
     rounds = math.ceil(ahead / max(1, copy.parallel))
-    return max(rounds * _run_time(copy.profile, 1) + transport_s, copy.observed_s)
+    return rounds * _run_time(copy.profile, 1) * copy.slowdown + transport_s
+
+
+class Calibration:
+    """Per copy: how much slower than its profile predicts it answers right now.
+
+    :meth:`observe` takes the profile-based prediction made at dispatch (slowdown 1) and the
+    latency observed; :meth:`factor` is an EWMA of their ratio, clamped to [0.5, 50], that decays
+    back towards 1 while the copy is not observed (time constant ``decay_s``)."""
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.2,
+        decay_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._alpha = alpha
+        self._decay_s = decay_s
+        self._clock = clock
+        self._ratio: dict[Hashable, tuple[float, float]] = {}  # key -> (ratio, when)
+
+    def factor(self, key: Hashable) -> float:
+        entry = self._ratio.get(key)
+        if entry is None:
+            return 1.0
+        ratio, when = entry
+        weight = math.exp(-(self._clock() - when) / self._decay_s)
+        return 1.0 + (ratio - 1.0) * weight
+
+    def observe(self, key: Hashable, predicted_s: float, actual_s: float) -> None:
+        if predicted_s <= 0 or not math.isfinite(predicted_s):
+            return
+        sample = min(max(actual_s / predicted_s, 0.5), 50.0)
+        current = self.factor(key)
+        self._ratio[key] = (current + self._alpha * (sample - current), self._clock())
+
+    def forget(self, keep: Callable[[Hashable], bool]) -> None:
+        for key in [k for k in self._ratio if not keep(k)]:
+            del self._ratio[key]
 
 
 class Switcher:
-    def __init__(self, *, headroom: float = 0.8, transport_s: float = TRANSPORT_S) -> None:
+    def __init__(
+        self, *, safety: float = 0.45, headroom: float = 0.8, transport_s: float = TRANSPORT_S
+    ) -> None:
+        self._safety = safety
         self._headroom = headroom
         self._transport_s = transport_s
         self._level: dict[str, float] = {}  # model -> accuracy of the variant last chosen
@@ -124,7 +170,7 @@ class Switcher:
         level = self._level.get(model)
         for p, o in ready:
             stepping_up = level is not None and o.spec.accuracy > level + 1e-12
-            budget = slo_s * self._headroom if stepping_up else slo_s
+            budget = slo_s * self._safety * (self._headroom if stepping_up else 1.0)
             if p <= budget:
                 self._level[model] = o.spec.accuracy
                 why = "most accurate within SLO" if o is ready[0][1] else "switched to meet SLO"

@@ -19,7 +19,7 @@ from protos import mesh_pb2
 from protos.status import FailedPrecondition
 
 X = np.random.default_rng(4).standard_normal((1, 64)).astype(np.float32)
-SLO_MS = 12.0  # the accurate variant alone: ~5 ms; 16 queries queued on it: ~25 ms
+SLO_MS = 40.0  # targets 45 % of it: the accurate variant alone fits, 16 queued on it do not
 
 
 def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> 
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 burst = Counter(v for vs in pool.map(burst_worker, range(16)) for v in vs)
             assert burst["fast"] > burst["accurate"], f"burst mix {dict(burst)}"
-            time.sleep(2.5)  # the burst's observed latencies fade (1 s time constant)
+            time.sleep(4.0)  # the burst's calibration fades (5 s time constant)
             after = Counter(client.infer("clf", {"x": X}).variant for _ in range(20))
             assert after["accurate"] >= 15, f"after the burst {dict(after)}"
             pinned = client.infer("clf", {"x": X}, version="fast")

@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from controlplane.switching import CopyLoad, Switcher, VariantOption, predict_seconds
+from controlplane.switching import (
+    Calibration,
+    CopyLoad,
+    Switcher,
+    VariantOption,
+    predict_seconds,
+)
 from protos import mesh_pb2
 from protos.status import FailedPrecondition
 
@@ -28,13 +34,26 @@ def test_predictions_follow_profile_queue_batching_and_parallelism() -> None:
     assert predict_seconds(beyond, T) == pytest.approx(2 * 0.030 * 16 / 8 + T)
     fallback = CopyLoad("n", {}, queued=1, batched=False, observed_s=0.004)
     assert predict_seconds(fallback, T) == pytest.approx(0.008)
-    slowed = CopyLoad("n", {1: 0.010}, queued=0, batched=False, observed_s=0.050)
-    assert predict_seconds(slowed, T) == pytest.approx(0.050), "observed latency is a floor"
+    slowed = CopyLoad("n", {1: 0.010}, queued=0, batched=False, slowdown=3.0)
+    assert predict_seconds(slowed, T) == pytest.approx(0.030 + T), "calibrated by the slowdown"
+
+
+def test_calibration_learns_the_slowdown_and_forgets_it_when_idle() -> None:
+    now = [0.0]
+    cal = Calibration(alpha=0.5, decay_s=2.0, clock=lambda: now[0])
+    assert cal.factor("c") == 1.0
+    for _ in range(10):
+        cal.observe("c", predicted_s=0.010, actual_s=0.040)
+    assert cal.factor("c") == pytest.approx(4.0, rel=0.01)
+    now[0] += 20.0
+    assert cal.factor("c") == pytest.approx(1.0, abs=0.01)
+    cal.observe("c", predicted_s=0.0, actual_s=1.0)  # no prediction: ignored
+    assert cal.factor("c") == pytest.approx(1.0, abs=0.01)
     assert predict_seconds(CopyLoad("n", {}, 0, False), T) == math.inf
 
 
 def test_picks_the_most_accurate_variant_that_fits() -> None:
-    s = Switcher(transport_s=T)
+    s = Switcher(safety=1.0, transport_s=T)
     options = [option("accurate", 0.98, 0.008), option("fast", 0.90, 0.001)]
     choice = s.choose("digits", options, slo_s=0.020)
     assert choice.spec.variant == "accurate" and choice.fits
@@ -44,7 +63,7 @@ def test_picks_the_most_accurate_variant_that_fits() -> None:
 
 
 def test_falls_back_to_the_fastest_when_nothing_fits() -> None:
-    s = Switcher(transport_s=T)
+    s = Switcher(safety=1.0, transport_s=T)
     options = [
         option("accurate", 0.98, 0.008, queued=9),
         option("medium", 0.95, 0.004, queued=9),
@@ -55,7 +74,7 @@ def test_falls_back_to_the_fastest_when_nothing_fits() -> None:
 
 
 def test_respects_min_accuracy_and_refuses_an_impossible_one() -> None:
-    s = Switcher(transport_s=T)
+    s = Switcher(safety=1.0, transport_s=T)
     options = [option("accurate", 0.98, 0.008, queued=4), option("fast", 0.90, 0.001)]
     choice = s.choose("digits", options, slo_s=0.020, min_accuracy=0.95)
     assert choice.spec.variant == "accurate" and choice.fits is False
@@ -64,13 +83,13 @@ def test_respects_min_accuracy_and_refuses_an_impossible_one() -> None:
 
 
 def test_no_slo_means_the_most_accurate_ready_variant() -> None:
-    s = Switcher(transport_s=T)
+    s = Switcher(safety=1.0, transport_s=T)
     options = [option("fast", 0.90, 0.001), option("accurate", 0.98, 0.008, queued=50)]
     assert s.choose("digits", options, slo_s=None).spec.variant == "accurate"
 
 
 def test_hysteresis_prevents_flapping_at_the_edge() -> None:
-    s = Switcher(headroom=0.8, transport_s=T)
+    s = Switcher(safety=1.0, headroom=0.8, transport_s=T)
     slo = 0.020
     # Load pushes "accurate" just over the budget: step down.
     over = [option("accurate", 0.98, 0.0070, queued=2), option("fast", 0.9, 0.001)]
@@ -82,6 +101,14 @@ def test_hysteresis_prevents_flapping_at_the_edge() -> None:
     calm = [option("accurate", 0.98, 0.0070, queued=0), option("fast", 0.9, 0.001)]
     assert s.choose("digits", calm, slo).spec.variant == "accurate"
     # Without hysteresis the edge case would have flipped back at once.
-    assert Switcher(headroom=1.0, transport_s=T).choose("digits", edge, slo).spec.variant == (
+    assert Switcher(safety=1.0, headroom=1.0, transport_s=T).choose(
+        "digits", edge, slo
+    ).spec.variant == ("accurate")
+
+
+def test_the_safety_margin_keeps_predictions_clear_of_the_budget() -> None:
+    options = [option("accurate", 0.98, 0.015), option("fast", 0.9, 0.001)]
+    assert Switcher(safety=1.0, transport_s=T).choose("m", options, 0.020).spec.variant == (
         "accurate"
     )
+    assert Switcher(safety=0.6, transport_s=T).choose("m", options, 0.020).spec.variant == "fast"
