@@ -91,6 +91,16 @@ class AdminClient:
         assert isinstance(out, mesh_pb2.ExplainPlacementResponse)
         return list(out.variants)
 
+    def explain_switching(
+        self, model: str, *, slo_ms: float = 0.0, min_accuracy: float = 0.0
+    ) -> mesh_pb2.ExplainSwitchingResponse:
+        request = mesh_pb2.ExplainSwitchingRequest(
+            model=model, slo_ms=slo_ms, min_accuracy=min_accuracy
+        )
+        out = self._call("ExplainSwitching", request)
+        assert isinstance(out, mesh_pb2.ExplainSwitchingResponse)
+        return out
+
     def apply_policy(
         self, yaml_text: str, *, dry_run: bool = False
     ) -> mesh_pb2.ApplyPolicyResponse:

@@ -413,6 +413,36 @@ def explain_placement(model: str, variant: str = "", target: Target = "127.0.0.1
         _console.print(table)
 
 
+@explain_app.command("switching")
+def explain_switching(
+    model: str,
+    slo_ms: float = 0.0,
+    min_accuracy: float = 0.0,
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """Which variant a query to MODEL would get now (SLO-aware switching), and each prediction."""
+    with AdminClient(target) as admin:
+        try:
+            out = admin.explain_switching(model, slo_ms=slo_ms, min_accuracy=min_accuracy)
+        except StatusError as exc:
+            _fail(exc)
+            return
+    budget = f"SLO {out.slo_ms:.1f} ms" if out.slo_ms else "no SLO"
+    _console.print(f"[bold]{model}[/bold] ({budget}): [green]{out.chosen}[/green] — {out.reason}")
+    table = Table("variant", "accuracy", "predicted ms", "ready copies", "queued", "slowdown")
+    for v in out.variants:
+        predicted = f"{v.predicted_ms:.2f}" if v.predicted_ms >= 0 else "-"
+        table.add_row(
+            v.variant,
+            f"{v.accuracy:.4f}",
+            predicted,
+            str(v.ready_copies),
+            str(v.queued),
+            f"{v.slowdown:.2f}",
+        )
+    _console.print(table)
+
+
 @app.command()
 def events(
     limit: int = 50,

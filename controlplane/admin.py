@@ -14,6 +14,7 @@ from typing import Any
 
 from controlplane import keys
 from controlplane.events import EventLog
+from controlplane.gateway import Gateway
 from controlplane.hub import Hub
 from controlplane.policies.config import Policy, PolicyError, parse_policy
 from controlplane.scheduler import explain_variant
@@ -94,12 +95,14 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         hub: Hub,
         policy: Callable[[], Policy],
         events: EventLog,
+        gateway: Gateway,
     ) -> None:
         self._etcd = etcd
         self._snapshot = snapshot
         self._hub = hub
         self._policy = policy
         self._events = events
+        self._gateway = gateway
 
     async def RegisterModel(
         self, request: mesh_pb2.RegisterModelRequest, context: ServicerContext
@@ -246,3 +249,11 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         await self._etcd.put(key, b"")
         self._events.record("drain", node_id=node_id, message="draining: no new copies or queries")
         return mesh_pb2.DrainNodeResponse(draining=True)
+
+    async def ExplainSwitching(
+        self, request: mesh_pb2.ExplainSwitchingRequest, context: ServicerContext
+    ) -> mesh_pb2.ExplainSwitchingResponse:
+        for name, value in (("slo_ms", request.slo_ms), ("min_accuracy", request.min_accuracy)):
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
+        return self._gateway.explain_switching(request.model, request.slo_ms, request.min_accuracy)

@@ -249,6 +249,7 @@ class ControlPlane:
                     hub=self.hub,
                     policy=self.policy,
                     events=self.events,
+                    gateway=self.gateway,
                 )
             ),
             self._server,

@@ -340,6 +340,33 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             span.set_attribute("meshserve.slo_ms", slo_s * 1000)
         return choice.spec
 
+    def explain_switching(
+        self, model: str, slo_ms: float, min_accuracy: float
+    ) -> mesh_pb2.ExplainSwitchingResponse:
+        """What :meth:`_switch` would choose for a query to ``model`` now, and why."""
+        snapshot = self._snapshot()
+        variants = snapshot.variants(model)
+        if not variants:
+            raise NotFound(f"unknown model {model!r}")
+        slo_s = slo_ms / 1000.0 if slo_ms > 0 else _default_slo(variants)
+        options = [VariantOption(spec, self._loads(snapshot, spec)) for spec in variants]
+        choice = self._switcher.choose(model, options, slo_s, min_accuracy or None, commit=False)
+        out = mesh_pb2.ExplainSwitchingResponse(
+            chosen=choice.spec.variant, reason=choice.reason, slo_ms=(slo_s or 0.0) * 1000
+        )
+        for option in sorted(options, key=lambda o: -o.spec.accuracy):
+            best = min(option.copies, key=predict_seconds, default=None)
+            predicted = predict_seconds(best) if best is not None else math.inf
+            out.variants.add(
+                variant=option.spec.variant,
+                accuracy=option.spec.accuracy,
+                predicted_ms=predicted * 1000 if math.isfinite(predicted) else -1.0,
+                ready_copies=len(option.copies),
+                queued=best.queued if best is not None else 0,
+                slowdown=best.slowdown if best is not None else 1.0,
+            )
+        return out
+
     def _loads(self, snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> list[CopyLoad]:
         return [self._copy_load(node, spec) for node in self._candidates(snapshot, spec)]
 

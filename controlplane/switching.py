@@ -145,7 +145,10 @@ class Switcher:
         options: Sequence[VariantOption],
         slo_s: float | None,
         min_accuracy: float | None = None,
+        *,
+        commit: bool = True,
     ) -> Choice:
+        """``commit=False`` answers without moving the model's hysteresis level (explain)."""
         if not options:
             raise ValueError("no variants")
         floor = min_accuracy or 0.0
@@ -172,9 +175,11 @@ class Switcher:
             stepping_up = level is not None and o.spec.accuracy > level + 1e-12
             budget = slo_s * self._safety * (self._headroom if stepping_up else 1.0)
             if p <= budget:
-                self._level[model] = o.spec.accuracy
+                if commit:
+                    self._level[model] = o.spec.accuracy
                 why = "most accurate within SLO" if o is ready[0][1] else "switched to meet SLO"
                 return Choice(o.spec, p, True, why)
         p, o = min(ready, key=lambda item: item[0])
-        self._level[model] = o.spec.accuracy
+        if commit:
+            self._level[model] = o.spec.accuracy
         return Choice(o.spec, p, False, "none fits: fastest")

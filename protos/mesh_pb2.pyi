@@ -481,6 +481,44 @@ class ExplainPlacementResponse(_message.Message):
     variants: _containers.RepeatedCompositeFieldContainer[VariantExplanation]
     def __init__(self, variants: _Optional[_Iterable[_Union[VariantExplanation, _Mapping]]] = ...) -> None: ...
 
+class ExplainSwitchingRequest(_message.Message):
+    __slots__ = ("model", "slo_ms", "min_accuracy")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    slo_ms: float
+    min_accuracy: float
+    def __init__(self, model: _Optional[str] = ..., slo_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ...) -> None: ...
+
+class VariantPrediction(_message.Message):
+    __slots__ = ("variant", "accuracy", "predicted_ms", "ready_copies", "queued", "slowdown")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
+    READY_COPIES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    accuracy: float
+    predicted_ms: float
+    ready_copies: int
+    queued: int
+    slowdown: float
+    def __init__(self, variant: _Optional[str] = ..., accuracy: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., ready_copies: _Optional[int] = ..., queued: _Optional[int] = ..., slowdown: _Optional[float] = ...) -> None: ...
+
+class ExplainSwitchingResponse(_message.Message):
+    __slots__ = ("chosen", "reason", "slo_ms", "variants")
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    chosen: str
+    reason: str
+    slo_ms: float
+    variants: _containers.RepeatedCompositeFieldContainer[VariantPrediction]
+    def __init__(self, chosen: _Optional[str] = ..., reason: _Optional[str] = ..., slo_ms: _Optional[float] = ..., variants: _Optional[_Iterable[_Union[VariantPrediction, _Mapping]]] = ...) -> None: ...
+
 class ApplyPolicyRequest(_message.Message):
     __slots__ = ("yaml", "dry_run")
     YAML_FIELD_NUMBER: _ClassVar[int]

@@ -163,6 +163,11 @@ class AdminStub:
                 request_serializer=protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.ExplainSwitching = channel.unary_unary(
+                '/meshserve.v1.Admin/ExplainSwitching',
+                request_serializer=protos_dot_mesh__pb2.ExplainSwitchingRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ExplainSwitchingResponse.FromString,
+                _registered_method=True)
         self.DrainNode = channel.unary_unary(
                 '/meshserve.v1.Admin/DrainNode',
                 request_serializer=protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
@@ -233,6 +238,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainSwitching(self, request, context):
+        """The variant the gateway would choose for a query to MODEL now, with each variant's prediction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DrainNode(self, request, context):
         """A draining node gets no new copies and no new queries; its copies move elsewhere.
         """
@@ -287,6 +299,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=protos_dot_mesh__pb2.ListEventsRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'ExplainSwitching': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainSwitching,
+                    request_deserializer=protos_dot_mesh__pb2.ExplainSwitchingRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ExplainSwitchingResponse.SerializeToString,
             ),
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
@@ -540,6 +557,33 @@ class Admin:
             '/meshserve.v1.Admin/ListEvents',
             protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
             protos_dot_mesh__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainSwitching(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/ExplainSwitching',
+            protos_dot_mesh__pb2.ExplainSwitchingRequest.SerializeToString,
+            protos_dot_mesh__pb2.ExplainSwitchingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,12 @@ def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> 
                 client.infer("clf", {"x": X}, min_accuracy=0.99)
             strict = client.infer("clf", {"x": X}, slo_ms=1000, min_accuracy=0.95)
             assert strict.variant == "accurate"
+        with AdminClient(cp.address) as admin:  # decisions can be inspected
+            why = admin.explain_switching("clf")
+            assert why.chosen == "accurate" and why.slo_ms == SLO_MS
+            predicted = {v.variant: v.predicted_ms for v in why.variants}
+            assert 0 < predicted["fast"] < predicted["accurate"]
+            assert admin.explain_switching("clf", slo_ms=1).chosen == "fast"
         with AdminClient(cp.address) as admin:  # a variant needing an absent provider
             admin.register_model(
                 "clf",
