@@ -18,10 +18,11 @@ from protos import mesh_pb2
 from protos.status import StatusError
 
 app = typer.Typer(help="Operate a meshserve mesh.", no_args_is_help=True, add_completion=False)
-models_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
+models_app = typer.Typer(help="Register, evaluate, list and remove models.", no_args_is_help=True)
 nodes_app = typer.Typer(help="List, drain and undrain nodes.", no_args_is_help=True)
 placements_app = typer.Typer(help="List placements.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(models_app, name="model", hidden=True)  # `meshctl model evaluate` reads naturally
 app.add_typer(nodes_app, name="nodes")
 app.add_typer(placements_app, name="placements")
 policy_app = typer.Typer(
