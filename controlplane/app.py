@@ -50,16 +50,19 @@ class ControlPlaneConfig:
     lease_ttl_s: int = 5
     max_message_bytes: int = 64 << 20
     telemetry_interval_ms: int = 2000
+    keepalive_ms: int = 10_000
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def server_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[tuple[str, Any]]:
+    """Server options: keepalive pings notice a dead path (a NAT that lost its mapping, a cut
+    cable) in about ``keepalive_ms`` x 1.5; nodes may ping as often as every second."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms // 2)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.so_reuseport", 0),
     ]
@@ -184,6 +187,7 @@ class ControlPlane:
                         self.hub.rewrite_all()
                 if self.hub is not None:
                     await self.hub.sweep(list(self._mirrors[keys.NODES].items()))
+                    self.hub.reconcile(self.snapshot())  # decisions that waited on a grace
                 if self.gateway is not None:
                     known = partial(_node_known, self.snapshot().nodes)
                     self.gateway.balancer.forget(known)
@@ -198,7 +202,7 @@ class ControlPlane:
     async def start(self) -> None:
         cfg = self.config
         self._etcd = await connect(cfg.etcd_url)
-        options = server_options(cfg.max_message_bytes)
+        options = server_options(cfg.max_message_bytes, cfg.keepalive_ms)
         self._server = aio.server(options=options)
         port = self._server.add_insecure_port(cfg.listen)
         host = cfg.listen.rsplit(":", 1)[0]

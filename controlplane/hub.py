@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from functools import partial
 from typing import Any
@@ -43,6 +44,7 @@ from protos.status import (
 __all__ = ["Hub", "NodeSession"]
 
 _log = logging.getLogger("meshserve.controlplane.hub")
+ADOPTION_GRACE_S = 5.0  # a reconnected node's unplaced READY copies wait this long for adoption
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
@@ -62,6 +64,7 @@ class NodeSession:
         self.sent: dict[VariantKey, str] = {}  # last command per variant: "load:<sha>" / "unload"
         self.record_dirty = asyncio.Event()
         self.record_dirty.set()
+        self.started = time.monotonic()
         self._ids = itertools.count(1)
         self.closed = False
 
@@ -362,10 +365,18 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         for key in list(session.copies):
             current = snapshot.placements.get(key)
             # A copy goes only when its placement is gone or names other nodes; a removed
-            # model's placement is deleted by the leader, and that deletion is the decision.
-            if (current is not None and node_id in current.nodes) or session.sent.get(
-                key
-            ) == "unload":
+            # model's placement is deleted by the leader, and that deletion is the decision. In a
+            # stream's first seconds, a READY copy of a placement short of copies stays: the
+            # leader adopts it (a node back from a network cut keeps serving, nothing is loaded
+            # twice); the periodic reconcile unloads it after the grace if it was not adopted.
+            short = current is not None and len(current.nodes) < current.desired_copies
+            fresh = time.monotonic() - session.started < ADOPTION_GRACE_S
+            held = session.copies[key]
+            if (
+                (current is not None and node_id in current.nodes)
+                or (short and fresh and held.state == mesh_pb2.READY)
+                or session.sent.get(key) == "unload"
+            ):
                 continue
             revision = snapshot.placement_revision(key)
             with contextlib.suppress(ResourceExhausted):

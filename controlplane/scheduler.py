@@ -7,11 +7,13 @@ acts on them. Per variant, in key order:
 1. keep the nodes already placed that are alive, not draining, and whose copy has not FAILED;
 2. a copy that FAILED on a node is recorded in ``placement.failed`` and never retried there;
 3. shed copies beyond the desired count (the busiest go last: the least busy are shed first);
-4. top up to the desired count with :func:`controlplane.policies.pipeline.choose` under the
+4. adopt READY copies nodes already hold but no placement names (a node back from a network
+   cut, a control plane that lost its placements): serving copies are never reloaded;
+5. top up to the desired count with :func:`controlplane.policies.pipeline.choose` under the
    rule the policy gives the variant (filters: not draining, not failed, node_selector,
    execution providers, anti-affinity, fits memory; weighted scores), at most
    ``max_loads_per_node`` new copies per node per pass;
-5. a variant still below its minimum (:func:`min_copies`) only for lack of memory evicts, on the
+6. a variant still below its minimum (:func:`min_copies`) only for lack of memory evicts, on the
    best node where that frees enough, the cheapest copies (:func:`_copy_value`: use x reload
    cost x size) of variants that stay at or above their own minimum. Evicting only for a
    minimum, never below one, means two variants can never evict each other back and forth.
@@ -94,11 +96,30 @@ def plan_placements(
                 table.unplace(table.index[node_id], sizes[key])
             kept = kept[:want]
         wants[key], nodes_of[key], failed_of[key] = want, kept, failed
-    # Pass 2: top up through the pipeline; a variant below its minimum may evict cheaper copies.
+    # Pass 2: adopt copies nodes already hold (a node back from a network cut keeps serving what
+    # it loaded: no reload, nothing dropped), then top up through the pipeline; a variant below
+    # its minimum may evict cheaper copies.
+    held = _held_copies(snapshot)
     evictions: list[Eviction] = []
     for key in order:
         spec = snapshot.models[key]
         kept = nodes_of[key]
+        for node_id in held.get(key, ()):
+            if len(kept) >= wants[key]:
+                break
+            node = snapshot.nodes[node_id]
+            row = table.index[node_id]
+            fits = table.memory[row] == 0 or table.memory[row] - table.used[row] >= sizes[key]
+            if (
+                fits
+                and node_id not in kept
+                and node_id not in failed_of[key]
+                and node_id not in snapshot.draining
+                and node.copies[key].sha256 == spec.sha256.lower()
+                and node.matches(spec.node_selector)
+            ):
+                kept.append(node_id)
+                table.place(row, sizes[key], new=False)
         if len(kept) >= wants[key]:
             continue
         rule = rules.rule_for(spec)
@@ -121,6 +142,16 @@ def plan_placements(
         if old is None or old != new:
             upserts[key] = new
     return Plan(upserts, deletes, evictions)
+
+
+def _held_copies(snapshot: Snapshot) -> dict[VariantKey, list[str]]:
+    """Nodes holding a READY copy of each variant (sorted: deterministic adoption)."""
+    out: dict[VariantKey, list[str]] = {}
+    for node_id in sorted(snapshot.nodes):
+        for key, status in snapshot.nodes[node_id].copies.items():
+            if status.state == mesh_pb2.READY and key in snapshot.models:
+                out.setdefault(key, []).append(node_id)
+    return out
 
 
 def _copy_value(snapshot: Snapshot, key: VariantKey, node_id: str, size: int) -> float:

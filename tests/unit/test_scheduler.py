@@ -243,3 +243,16 @@ def test_no_eviction_below_a_variants_minimum() -> None:
     plan = plan_placements(snapshot)
     assert plan.evictions == []
     assert list(plan.upserts[("pinned", "default")].nodes) == []
+
+
+def test_a_copy_a_node_already_holds_is_adopted_not_reloaded_elsewhere() -> None:
+    back = node("back", copies={("m", "default"): mesh_pb2.READY})
+    other = node("other", memory=64 * GiB)
+    snapshot = Snapshot(
+        models=MappingProxyType({("m", "default"): model("m", copies=1)}),
+        placements=MappingProxyType(
+            {("m", "default"): mesh_pb2.Placement(model="m", variant="default", desired_copies=1)}
+        ),
+        nodes=MappingProxyType({"back": back, "other": other}),
+    )
+    assert list(plan_placements(snapshot).upserts[("m", "default")].nodes) == ["back"]
