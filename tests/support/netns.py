@@ -116,13 +116,8 @@ def nat_network() -> Iterator[Nat]:
         _run("ip", "-n", nat.edge, "route", "add", "default", "via", nat.router_edge_ip)
         _run("ip", "netns", "exec", nat.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         edge_lan = nat.edge_ip.rsplit(".", 1)[0] + ".0/24"
-        _run(
-            *nat.exec_argv(
-                nat.router,
-                ["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", edge_lan, "-o", f"{tag}rc"]
-                + ["-j", "MASQUERADE"],
-            )
-        )
+        masquerade = ["-t", "nat", "-A", "POSTROUTING", "-s", edge_lan, "-o", f"{tag}rc"]
+        _run(*nat.exec_argv(nat.router, ["iptables", *masquerade, "-j", "MASQUERADE"]))
         yield nat
     finally:
         for ns in reversed(created):  # deleting a namespace deletes its veth ends too
