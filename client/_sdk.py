@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from client.codec import ParameterValue, build_request, decode_response_outputs, get_parameter
 from protos import inference_pb2, inference_pb2_grpc
+from protos.params import CLIENT_ZONE
 from protos.status import StatusError, from_code
 from protos.tracing import metadata_with_context
 
@@ -66,18 +67,22 @@ def _options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def _with_slo(
+def _with_routing(
     parameters: Mapping[str, ParameterValue] | None,
     slo_ms: float | None,
     min_accuracy: float | None,
+    zone: str | None,
 ) -> Mapping[str, ParameterValue] | None:
-    if slo_ms is None and min_accuracy is None:
+    """``parameters`` plus the routing hints the gateway reads (unchanged when none is given)."""
+    if slo_ms is None and min_accuracy is None and not zone:
         return parameters
     out = dict(parameters or {})
     if slo_ms is not None:
         out["slo_ms"] = float(slo_ms)
     if min_accuracy is not None:
         out["min_accuracy"] = float(min_accuracy)
+    if zone:
+        out[CLIENT_ZONE] = str(zone)
     return out
 
 
@@ -129,10 +134,13 @@ class MeshClient(_Base):
         timeout: float | None = None,
         slo_ms: float | None = None,
         min_accuracy: float | None = None,
+        zone: str | None = None,
     ) -> InferResult:
         """``slo_ms``: latency budget; the gateway answers with the most accurate variant it
-        predicts within it. ``min_accuracy``: never a variant below this accuracy."""
-        parameters = _with_slo(parameters, slo_ms, min_accuracy)
+        predicts within it. ``min_accuracy``: never a variant below this accuracy. ``zone``:
+        the caller's zone; the gateway prefers copies on nodes labelled ``zone=<it>`` (any
+        other copy answers when none there can)."""
+        parameters = _with_routing(parameters, slo_ms, min_accuracy, zone)
         request = self._request(model, inputs, outputs, version, parameters)
         with _tracer.start_as_current_span(
             "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
@@ -196,10 +204,13 @@ class AsyncMeshClient(_Base):
         timeout: float | None = None,
         slo_ms: float | None = None,
         min_accuracy: float | None = None,
+        zone: str | None = None,
     ) -> InferResult:
         """``slo_ms``: latency budget; the gateway answers with the most accurate variant it
-        predicts within it. ``min_accuracy``: never a variant below this accuracy."""
-        parameters = _with_slo(parameters, slo_ms, min_accuracy)
+        predicts within it. ``min_accuracy``: never a variant below this accuracy. ``zone``:
+        the caller's zone; the gateway prefers copies on nodes labelled ``zone=<it>`` (any
+        other copy answers when none there can)."""
+        parameters = _with_routing(parameters, slo_ms, min_accuracy, zone)
         request = self._request(model, inputs, outputs, version, parameters)
         with _tracer.start_as_current_span(
             "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}

@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         default=2000,
         help="how often nodes report load (drives autoscaling and routing); min 100",
     )
+    p.add_argument(
+        "--zone",
+        default="",
+        help="this gateway's zone: queries naming no client_zone prefer copies on nodes "
+        "labelled zone=<this> (default: no preference)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         max_message_bytes=ns.max_message_mb << 20,
         telemetry_interval_ms=ns.telemetry_interval_ms,
         keepalive_ms=max(500, ns.keepalive_ms),
+        zone=ns.zone.strip(),
     )
     run(_serve(config))
 

@@ -51,6 +51,8 @@ class ControlPlaneConfig:
     max_message_bytes: int = 64 << 20
     telemetry_interval_ms: int = 2000
     keepalive_ms: int = 10_000
+    etcd_wait_s: float = 30.0  # keep retrying etcd at start this long
+    zone: str = ""  # this gateway's zone: preferred for queries that name none ("": none)
 
 
 def server_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[tuple[str, Any]]:
@@ -165,6 +167,22 @@ class ControlPlane:
         assert self._session is not None
         return self._session
 
+    @staticmethod
+    async def _connect_etcd(url: str, wait_s: float) -> Any:
+        """Connect to etcd, retrying with backoff for up to ``wait_s`` (a replica may start
+        before etcd is ready to serve); then the last error propagates."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.2
+        while True:
+            try:
+                return await connect(url)
+            except ConnectionError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                _log.warning("etcd at %s not reachable yet (%s); retrying", url, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _register_replica(self) -> None:
         info = mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=self.address)
         await self._etcd.put(
@@ -201,7 +219,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         cfg = self.config
-        self._etcd = await connect(cfg.etcd_url)
+        self._etcd = await self._connect_etcd(cfg.etcd_url, cfg.etcd_wait_s)
         options = server_options(cfg.max_message_bytes, cfg.keepalive_ms)
         self._server = aio.server(options=options)
         port = self._server.add_insecure_port(cfg.listen)
@@ -243,6 +261,7 @@ class ControlPlane:
             ready=lambda: True,
             events=self.events,
             wake=self._wake,
+            zone=cfg.zone,
         )
         mesh_pb2_grpc.add_NodeLinkServicer_to_server(map_errors(self.hub), self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(

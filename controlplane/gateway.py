@@ -4,10 +4,12 @@ Each query is routed to a READY copy of the requested variant: directly to the n
 port when it has one, else down the node's stream held by this replica (the tunnel). Among
 reachable copies the gateway picks by power of two choices on live load (its own in-flight count
 and the node's reported queue depth, weighted by observed latency; see :mod:`controlplane.routing`).
-An UNAVAILABLE answer is retried once on another copy (inference is idempotent), never past the
-caller's deadline. A query for a variant scaled to zero (autoscaling with ``min_copies: 0``) asks
-the leader for a copy (an etcd "wake" key) and waits for it to be ready, up to its deadline (or
-``cold_start_max_s`` without one); the wait is the measured cold start (span attribute, event).
+Copies in the query's zone (request parameter ``client_zone``, else the gateway's own zone) are
+picked among first (see :mod:`controlplane.locality`). An UNAVAILABLE answer is retried once on
+another copy (in any zone; inference is idempotent), never past the caller's deadline. A query
+for a variant scaled to zero (autoscaling with ``min_copies: 0``) asks the leader for a copy (an
+etcd "wake" key) and waits for it to be ready, up to its deadline (or ``cold_start_max_s``
+without one); the wait is the measured cold start (span attribute, event).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from opentelemetry.context import Context
 
 from controlplane.events import EventSink
 from controlplane.hub import Hub
+from controlplane.locality import prefer_local
 from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
 from controlplane.switching import (
@@ -37,7 +40,7 @@ from controlplane.switching import (
     predict_seconds,
 )
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
-from protos.params import PREFER
+from protos.params import CLIENT_ZONE, PREFER
 from protos.status import (
     DeadlineExceeded,
     InvalidArgument,
@@ -83,6 +86,16 @@ def _slo_of(request: inference_pb2.ModelInferRequest) -> tuple[float | None, flo
     return out[0], out[1]
 
 
+def _zone_of(request: inference_pb2.ModelInferRequest) -> str:
+    """The zone the query names (parameter ``client_zone``), or "" when it names none."""
+    param = request.parameters.get(CLIENT_ZONE)
+    if param is None:
+        return ""
+    if param.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"parameter {CLIENT_ZONE!r} must be a string")
+    return param.string_param.strip()
+
+
 def _scales_to_zero(spec: mesh_pb2.ModelSpec) -> bool:
     return spec.HasField("autoscaling") and spec.autoscaling.min_copies == 0
 
@@ -103,7 +116,9 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         events: EventSink | None = None,
         wake: Callable[[VariantKey, bool], Awaitable[None]] | None = None,
         cold_start_max_s: float = 60.0,
+        zone: str = "",
     ) -> None:
+        """``zone``: this gateway's zone, preferred for queries that name none ("" for none)."""
         self._hub = hub
         self._snapshot = snapshot
         self._channel_options = channel_options
@@ -121,6 +136,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._events = events
         self._wake = wake
         self._cold_start_max_s = cold_start_max_s
+        self.zone = zone
         self._changed = asyncio.Event()
 
     def notify(self) -> None:
@@ -213,6 +229,9 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             deadline = started + remaining if remaining is not None else None
             snapshot = self._snapshot()
             slo_s, min_accuracy = _slo_of(request)
+            zone = _zone_of(request) or self.zone
+            if zone:
+                span.set_attribute("meshserve.client_zone", zone)
             if slo_s is None:  # the model's default SLO (that of its most accurate variant)
                 slo_s = _default_slo(snapshot.variants(request.model_name))
             if request.model_version or (slo_s is None and min_accuracy is None):
@@ -232,7 +251,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     if attempt:
                         break
                     raise self._no_copy(snapshot, spec)
-                node = self._pick(candidates, spec)
+                # Narrowed after the tried copies are removed: a retry may leave the zone.
+                node = self._pick(prefer_local(candidates, zone), spec)
                 tried.add(node.node_id)
                 timeout = None if deadline is None else deadline - time.monotonic()
                 if timeout is not None and timeout <= 0:

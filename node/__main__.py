@@ -36,6 +36,38 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve the inference API directly on host:port (default: tunnel only)",
     )
     p.add_argument("--advertise", default=None, help="address clients use for --listen")
+    p.add_argument(
+        "--lan-only",
+        action="store_true",
+        help="serve --listen to clients on the local network but do not advertise it to the "
+        "control plane (a node behind NAT: the control plane reaches it through its stream)",
+    )
+    p.add_argument(
+        "--keepalive-ms",
+        type=int,
+        default=10_000,
+        help="ping the control plane this often; a dead path is noticed in ~1.5x (min 500)",
+    )
+    p.add_argument(
+        "--telemetry-max-bytes-per-s",
+        type=int,
+        default=2048,
+        help="telemetry budget per control-plane link: the least busy copies' entries are "
+        "dropped, then the interval lengthened, to stay under it (0: unbounded)",
+    )
+    p.add_argument(
+        "--telemetry-buffer-kb",
+        type=int,
+        default=64,
+        help="telemetry summaries kept while no control plane is connected (oldest dropped "
+        "first); sent first on reconnect",
+    )
+    p.add_argument(
+        "--telemetry-log-s",
+        type=float,
+        default=0.0,
+        help="log the telemetry bytes sent per link this often (0: never)",
+    )
     p.add_argument("--cache-dir", type=Path, default=Path(".meshserve/cache"))
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument(
@@ -90,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         fault_delay_s=max(0.0, ns.fault_delay_ms) / 1000.0,
         memory_bytes=max(0, ns.memory_mb) << 20,
         inline_max_us=max(0.0, ns.inline_max_us),
+        lan_only=ns.lan_only,
+        keepalive_ms=max(500, ns.keepalive_ms),
+        telemetry_max_bytes_per_s=max(0, ns.telemetry_max_bytes_per_s),
+        telemetry_buffer_bytes=max(0, ns.telemetry_buffer_kb) << 10,
+        telemetry_log_s=max(0.0, ns.telemetry_log_s),
     )
     run(_serve(config))
 

@@ -6,6 +6,11 @@ stream is a Hello carrying the node's complete state (labels, hardware, copies),
 re-synchronises everything and a lost status message costs nothing. Replicas named in a Welcome
 that the node has no stream to yet get a link of their own; a second link to a replica that
 already has one closes itself.
+
+Telemetry is bounded per link by a :class:`~node.telemetry.TelemetryBudget`; the agent counts the
+telemetry bytes each link wrote (:attr:`Agent.telemetry_bytes_sent`). While no link is connected
+the node keeps summarising into a bounded :class:`~node.telemetry.OfflineBuffer`; the first link
+to connect sends those summaries first, oldest first, then live telemetry resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from grpc import aio
 from node.copies import CopyManager
 from node.runtime import available_providers, resident_bytes
 from node.service import InferenceHandler
+from node.telemetry import OfflineBuffer, TelemetryBudget, wire_size
 from protos import mesh_pb2, mesh_pb2_grpc
 from protos.status import EOF, wire_status
 from protos.tracing import context_from_map
@@ -33,11 +39,12 @@ __all__ = ["Agent", "channel_options"]
 _log = logging.getLogger("meshserve.node.agent")
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Client-side channel options: keepalive notices a dead path in seconds."""
+def channel_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[tuple[str, int]]:
+    """Client-side channel options: keepalive pings notice a dead path (a NAT mapping lost, a cut
+    link) in about ``keepalive_ms`` x 1.5, and keep NAT mappings alive on idle streams."""
     return [
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms // 2)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -75,9 +82,16 @@ class Agent:
         backoff_base_s: float = 0.2,
         backoff_cap_s: float = 10.0,
         memory_bytes: int = 0,
+        keepalive_ms: int = 10_000,
+        telemetry_max_bytes_per_s: int = 2048,
+        telemetry_buffer_bytes: int = 64 << 10,
+        telemetry_log_s: float = 0.0,
     ) -> None:
         """``memory_bytes``: memory offered to the mesh for model copies (0: all of the
-        machine's, as /proc/meminfo reports it)."""
+        machine's, as /proc/meminfo reports it). ``telemetry_max_bytes_per_s``: the telemetry
+        budget of each link (0: unbounded); ``telemetry_buffer_bytes``: the bound of the offline
+        buffer; ``telemetry_log_s``: log the telemetry bytes each link sent this often (0: never).
+        """
         self.node_id = node_id
         self.labels = labels
         self.direct_address = direct_address
@@ -87,8 +101,15 @@ class Agent:
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
         self.backoff = (backoff_base_s, backoff_cap_s)
+        self.keepalive_ms = keepalive_ms
+        self.telemetry_max_bytes_per_s = telemetry_max_bytes_per_s
+        self.telemetry_log_s = telemetry_log_s
+        self.offline = OfflineBuffer(telemetry_buffer_bytes)
+        # the interval the control plane asks for; the last Welcome's (before any: the default)
+        self.telemetry_interval_s = 2.0
         self._links: dict[str, _Link] = {}
         self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
         self.hardware = mesh_pb2.Hardware(
             cpu_cores=os.cpu_count() or 1,
             memory_bytes=memory_bytes or _memory_bytes(),
@@ -98,6 +119,9 @@ class Agent:
     def start(self) -> None:
         for address in self._seeds:
             self._spawn(address)
+        self._tasks.append(asyncio.create_task(self._offline_loop(), name="telemetry offline"))
+        if self.telemetry_log_s > 0:
+            self._tasks.append(asyncio.create_task(self._log_loop(), name="telemetry log"))
 
     def _spawn(self, address: str) -> None:
         if self._closing or address in self._links:
@@ -133,10 +157,79 @@ class Agent:
     def links(self) -> dict[str, _Link]:
         return dict(self._links)
 
+    @property
+    def telemetry_bytes_sent(self) -> dict[str, int]:
+        """Telemetry bytes written per link (by address), as :func:`wire_size` counts them."""
+        return {address: link.telemetry_bytes_sent for address, link in self._links.items()}
+
+    def summarise(self) -> mesh_pb2.Telemetry:
+        """One Telemetry: the node's counters now, one aggregate entry per copy."""
+        telemetry = mesh_pb2.Telemetry(unix_ms=int(time.time() * 1000), rss_bytes=resident_bytes())
+        cache = self.copies.cache.stats()
+        for e in self.copies.entries():
+            model = telemetry.models.add(
+                model=e.model,
+                variant=e.variant,
+                in_flight=e.in_flight,
+                requests=e.requests,
+                errors=e.errors,
+                cache_hits=cache.hits,
+                cache_misses=cache.misses,
+            )
+            if e.batcher is not None:
+                stats = e.batcher.stats
+                model.queue_depth = e.batcher.queue_depth
+                model.batches = stats.batches
+                model.batched_rows = stats.rows
+                model.max_batch_size = e.batcher.current_max_batch_size
+        return telemetry
+
+    async def _offline_loop(self) -> None:
+        """While no link is connected, summarise into the offline buffer (under the budget)."""
+        budget = TelemetryBudget(self.telemetry_max_bytes_per_s)
+        while True:
+            interval = self.telemetry_interval_s
+            await asyncio.sleep(interval)
+            if self.connected_replicas():
+                continue
+            telemetry = budget.apply(self.summarise(), interval)
+            if telemetry is not None:
+                self.offline.append(telemetry)
+
+    async def _log_loop(self) -> None:
+        """Log, per link, the telemetry bytes it wrote since the last line."""
+        last: dict[str, int] = {}
+        since = time.monotonic()
+        while True:
+            await asyncio.sleep(self.telemetry_log_s)
+            now = time.monotonic()
+            for address, link in list(self._links.items()):
+                total = link.telemetry_bytes_sent
+                sent = total - last.get(address, 0)
+                last[address] = total
+                if not sent and not link.connected:
+                    continue
+                _log.info(
+                    "telemetry: %d bytes in %.3f s to %s (%d total; %d entries dropped, "
+                    "%d ticks skipped; %d buffered offline)",
+                    sent,
+                    now - since,
+                    address,
+                    total,
+                    link.budget.dropped_entries,
+                    link.budget.skipped,
+                    len(self.offline),
+                )
+            since = now
+
     async def close(self) -> None:
         self._closing = True
+        for task in self._tasks:
+            task.cancel()
         links = list(self._links.values())
-        await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
+        await asyncio.gather(
+            *self._tasks, *(link.close() for link in links), return_exceptions=True
+        )
 
 
 class _Link:
@@ -152,6 +245,8 @@ class _Link:
         self._outbox: asyncio.Queue[mesh_pb2.NodeMessage] = asyncio.Queue(maxsize=4096)
         self._call: aio.StreamStreamCall | None = None  # type: ignore[type-arg]
         self._inflight: set[asyncio.Task[None]] = set()
+        self.budget = TelemetryBudget(agent.telemetry_max_bytes_per_s)
+        self.telemetry_bytes_sent = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"link {self.address}")
@@ -199,7 +294,7 @@ class _Link:
 
     async def _session(self) -> None:
         agent = self._agent
-        options = channel_options(agent.max_message_bytes)
+        options = channel_options(agent.max_message_bytes, agent.keepalive_ms)
         async with aio.insecure_channel(self.address, options=options) as channel:
             stub = mesh_pb2_grpc.NodeLinkStub(channel)
             call = stub.Connect()
@@ -207,6 +302,7 @@ class _Link:
             self._outbox = asyncio.Queue(maxsize=4096)
             tasks: list[asyncio.Task[None]] = []
             unsubscribe = None
+            backlog: list[mesh_pb2.Telemetry] = []
             try:
                 await call.write(mesh_pb2.NodeMessage(hello=agent.hello()))
                 first = await asyncio.wait_for(call.read(), timeout=15.0)
@@ -223,7 +319,11 @@ class _Link:
                     lambda st: self._offer(mesh_pb2.NodeMessage(copy_status=st))
                 )
                 interval = (welcome.telemetry_interval_ms or 2000) / 1000.0
-                tasks.append(asyncio.create_task(self._write_loop(call)))
+                agent.telemetry_interval_s = interval
+                backlog = agent.offline.drain()  # summaries made offline: sent first
+                if backlog:
+                    _log.info("sending %d telemetry summaries buffered offline", len(backlog))
+                tasks.append(asyncio.create_task(self._write_loop(call, backlog)))
                 tasks.append(asyncio.create_task(self._telemetry_loop(interval)))
                 while True:
                     message = await call.read()
@@ -239,6 +339,8 @@ class _Link:
                     t.cancel()
                 await asyncio.gather(*tasks, *self._inflight, return_exceptions=True)
                 self._inflight.clear()
+                if backlog:  # not all written: keep them for the next link
+                    agent.offline.requeue(backlog)
                 call.cancel()
 
     def _dispatch(self, message: mesh_pb2.ControlMessage) -> None:
@@ -295,32 +397,25 @@ class _Link:
             out.status_code, out.status_message = wire_status(exc)
         self._offer(mesh_pb2.NodeMessage(infer_response=out))
 
-    async def _write_loop(self, call: aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    async def _write_loop(
+        self,
+        call: aio.StreamStreamCall,  # type: ignore[type-arg]
+        backlog: list[mesh_pb2.Telemetry],
+    ) -> None:
+        """Write the offline backlog (oldest first, removed from ``backlog`` once written), then
+        the outbox."""
+        while backlog:
+            await call.write(mesh_pb2.NodeMessage(telemetry=backlog[0]))
+            self.telemetry_bytes_sent += wire_size(backlog.pop(0))
         while True:
             message = await self._outbox.get()
             await call.write(message)
+            if message.HasField("telemetry"):
+                self.telemetry_bytes_sent += wire_size(message.telemetry)
 
     async def _telemetry_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            telemetry = mesh_pb2.Telemetry(
-                unix_ms=int(time.time() * 1000), rss_bytes=resident_bytes()
-            )
-            cache = self._agent.copies.cache.stats()
-            for e in self._agent.copies.entries():
-                model = telemetry.models.add(
-                    model=e.model,
-                    variant=e.variant,
-                    in_flight=e.in_flight,
-                    requests=e.requests,
-                    errors=e.errors,
-                    cache_hits=cache.hits,
-                    cache_misses=cache.misses,
-                )
-                if e.batcher is not None:
-                    stats = e.batcher.stats
-                    model.queue_depth = e.batcher.queue_depth
-                    model.batches = stats.batches
-                    model.batched_rows = stats.rows
-                    model.max_batch_size = e.batcher.current_max_batch_size
-            self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))
+            telemetry = self.budget.apply(self._agent.summarise(), interval)
+            if telemetry is not None:
+                self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))

@@ -46,6 +46,11 @@ class NodeConfig:
     fault_delay_s: float = 0.0  # fault injection: delay added to every query (tests, chaos)
     memory_bytes: int = 0  # memory offered for copies; 0 = the machine's
     inline_max_us: float = 100.0  # copies faster than this run on the event loop (0: never)
+    lan_only: bool = False  # serve --listen to local clients, never advertise it (behind NAT)
+    keepalive_ms: int = 10_000  # ping the control plane this often (notices a dead path)
+    telemetry_max_bytes_per_s: int = 2048  # telemetry budget per control-plane link; 0: none
+    telemetry_buffer_bytes: int = 64 << 10  # summaries kept while no control plane is connected
+    telemetry_log_s: float = 0.0  # log the telemetry bytes sent this often; 0: never
 
 
 class Node:
@@ -82,9 +87,14 @@ class Node:
             )
             port = self._server.add_insecure_port(cfg.listen)
             host = (cfg.advertise or cfg.listen).rsplit(":", 1)[0]
-            self.direct_address = cfg.advertise or f"{host}:{port}"
+            self.direct_address = "" if cfg.lan_only else cfg.advertise or f"{host}:{port}"
             await self._server.start()
-            _log.info("node %s serving OIP directly on %s", cfg.node_id, self.direct_address)
+            _log.info(
+                "node %s serving OIP directly on %s%s",
+                cfg.node_id,
+                f"{host}:{port}",
+                " (LAN only: not advertised)" if cfg.lan_only else "",
+            )
         self.agent = Agent(
             node_id=cfg.node_id,
             labels=cfg.labels,
@@ -94,6 +104,10 @@ class Node:
             handler=self.handler,
             max_message_bytes=cfg.max_message_bytes,
             memory_bytes=cfg.memory_bytes,
+            keepalive_ms=cfg.keepalive_ms,
+            telemetry_max_bytes_per_s=cfg.telemetry_max_bytes_per_s,
+            telemetry_buffer_bytes=cfg.telemetry_buffer_bytes,
+            telemetry_log_s=cfg.telemetry_log_s,
         )
         self.agent.start()
         _log.info("node %s dialling %s", cfg.node_id, ", ".join(cfg.control_planes))

@@ -69,6 +69,18 @@ class Nat:
         done = _run(*self.exec_argv(namespace, [sys.executable, "-c", code]), check=False)
         return done.returncode == 0
 
+    def http_ok(self, namespace: str, url: str, timeout: float = 2.0) -> bool:
+        """GET ``url`` from inside ``namespace``; True on a 2xx answer."""
+        code = (
+            "import sys, urllib.request\n"
+            "try:\n"
+            f"    urllib.request.urlopen({url!r}, timeout={timeout})\n"
+            "except Exception:\n"
+            "    sys.exit(1)\n"
+        )
+        done = _run(*self.exec_argv(namespace, [sys.executable, "-c", code]), check=False)
+        return done.returncode == 0
+
     def cut(self) -> None:
         """Drop everything the router would forward (both directions)."""
         _run(*self.exec_argv(self.router, ["iptables", "-I", "FORWARD", "1", "-j", "DROP"]))

@@ -1,0 +1,64 @@
+"""Location-aware routing with real processes: a query naming its zone is answered by a copy in
+that zone while one is ready, by a copy elsewhere when none is; a zone-labelled gateway prefers
+its own zone for queries that name none."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from client import MeshClient
+from client._admin import AdminClient
+from client.demo_models import make_mlp, reference_outputs
+from client.local import LocalMesh, wait_until
+from tests.support.mesh import register_file, wait_copies
+
+X = np.random.default_rng(7).standard_normal((1, 64)).astype(np.float32)
+
+
+def _answers(
+    client: MeshClient, count: int, expected: np.ndarray, zone: str | None
+) -> Counter[str]:
+    answered: Counter[str] = Counter()
+    for _ in range(count):  # bounded: sequential queries
+        result = client.infer("mlp", {"x": X}, zone=zone)
+        np.testing.assert_allclose(result["y"], expected, rtol=1e-6, atol=1e-6)
+        answered[result.node] += 1
+    return answered
+
+
+def test_queries_go_to_their_zone_and_leave_it_only_when_it_has_no_copy(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        cp_b = mesh.start_controlplane("cp-2", extra=["--zone", "b"])
+        replicas = [cp.address, cp_b.address]
+        node_a = mesh.start_node("node-a", replicas, labels={"zone": "a", "tier": "edge"})
+        mesh.start_node("node-b", replicas, labels={"zone": "b", "tier": "edge"})
+        model = make_mlp(tmp_path / "mlp.onnx")
+        with AdminClient(cp.address) as admin:
+            register_file(admin, "mlp", model, copies=2)
+            wait_copies(admin, "mlp", 2)
+            wait_until(  # both nodes hold a stream to both replicas (each can tunnel to both)
+                lambda: (
+                    len(nodes := admin.list_nodes()) == 2
+                    and all(set(n.replicas) == {"cp-1", "cp-2"} for n in nodes)
+                ),
+                30,
+                what="both nodes linked to both replicas",
+            )
+        expected = reference_outputs(model, {"x": X})["y"]
+        with MeshClient(cp.address, timeout=10) as client:
+            assert _answers(client, 30, expected, "a") == {"node-a": 30}
+            assert _answers(client, 30, expected, "b") == {"node-b": 30}
+            anywhere = _answers(client, 40, expected, None)  # no zone: power of two choices
+            assert anywhere["node-a"] >= 1 and anywhere["node-b"] >= 1, dict(anywhere)
+            assert _answers(client, 10, expected, "nowhere").total() == 10  # no such zone: any
+        with MeshClient(cp_b.address, timeout=10) as client:
+            assert _answers(client, 20, expected, None) == {"node-b": 20}  # the gateway's zone
+            assert _answers(client, 20, expected, "a") == {"node-a": 20}  # the query's wins
+        node_a.kill()  # zone a has no copy left; its queries are answered in zone b
+        with MeshClient(cp.address, timeout=10) as client:
+            assert _answers(client, 20, expected, "a") == {"node-b": 20}
