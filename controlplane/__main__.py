@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument(
+        "--admissions-per-s",
+        type=float,
+        default=200.0,
+        help="new node streams admitted per second (reconnect storms); the rest retry",
+    )
+    p.add_argument(
         "--keepalive-ms",
         type=int,
         default=10_000,
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         max_message_bytes=ns.max_message_mb << 20,
         telemetry_interval_ms=ns.telemetry_interval_ms,
         keepalive_ms=max(500, ns.keepalive_ms),
+        admissions_per_s=max(0.1, ns.admissions_per_s),
         zone=ns.zone.strip(),
     )
     run(_serve(config))

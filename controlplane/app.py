@@ -52,6 +52,7 @@ class ControlPlaneConfig:
     telemetry_interval_ms: int = 2000
     keepalive_ms: int = 10_000
     etcd_wait_s: float = 30.0  # keep retrying etcd at start this long
+    admissions_per_s: float = 200.0  # new node streams admitted per second
     zone: str = ""  # this gateway's zone: preferred for queries that name none ("": none)
 
 
@@ -251,6 +252,7 @@ class ControlPlane:
             snapshot=self.snapshot,
             replicas=self.replicas,
             telemetry_interval_ms=cfg.telemetry_interval_ms,
+            admissions_per_s=cfg.admissions_per_s,
         )
         self.events = EventLog(self._etcd, self.replica_id)
         self.events.start()

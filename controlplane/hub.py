@@ -8,6 +8,8 @@ Contract:
   sweeper deletes any record of this replica that no live stream backs (e.g. after etcd was
   unreachable when a stream ended).
 - One stream per node per replica: a second concurrent stream is refused with ALREADY_EXISTS.
+- New streams are admitted at a bounded rate (token bucket, ``admissions_per_s``); the excess
+  is refused with UNAVAILABLE and retries with the node's jittered backoff (reconnect storms).
 - :meth:`NodeSession.tunnel` multiplexes queries down the stream with correlation ids; each waits
   for its answer at most until its deadline, and every pending query fails with UNAVAILABLE the
   moment the stream ends. The outgoing queue is bounded (RESOURCE_EXHAUSTED when full).
@@ -41,11 +43,33 @@ from protos.status import (
     from_code,
 )
 
-__all__ = ["Hub", "NodeSession"]
+__all__ = ["Hub", "NodeSession", "TokenBucket"]
 
 _log = logging.getLogger("meshserve.controlplane.hub")
 ADOPTION_GRACE_S = 5.0  # a reconnected node's unplaced READY copies wait this long for adoption
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up (pure; injectable clock)."""
+
+    def __init__(
+        self, *, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._when = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._when) * self.rate)
+        self._when = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 class NodeSession:
@@ -142,6 +166,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         telemetry_interval_ms: int = 2000,
         outbox_size: int = 4096,
         hello_timeout_s: float = 10.0,
+        admissions_per_s: float = 200.0,
     ) -> None:
         self._etcd = etcd
         self.replica_id = replica_id
@@ -152,6 +177,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._telemetry_interval_ms = telemetry_interval_ms
         self._outbox_size = outbox_size
         self._hello_timeout = hello_timeout_s
+        self.admission = TokenBucket(rate=admissions_per_s, burst=max(1.0, admissions_per_s))
         self.sessions: dict[str, NodeSession] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}
 
@@ -179,6 +205,15 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"invalid node_id {hello.node_id!r}: 1-128 of [A-Za-z0-9_.:-], "
                 "starting with a letter or digit",
+            )
+            return
+        if not self.admission.take():
+            # A reconnect storm (a region back from an outage): nodes retry with jittered
+            # backoff, so refusing the excess spreads them out instead of stalling everyone.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"replica {self.replica_id} admits {self.admission.rate:g} new streams/s; "
+                "retry with backoff",
             )
             return
         if hello.node_id in self.sessions:

@@ -113,3 +113,15 @@ def test_node_ignores_a_command_older_than_the_last_it_applied(tmp_path: Path) -
             assert copies.statuses() == [], "a load older than the unload is ignored"
 
     asyncio.run(scenario())
+
+
+def test_new_streams_are_admitted_at_a_bounded_rate() -> None:
+    from controlplane.hub import TokenBucket
+
+    now = [0.0]
+    bucket = TokenBucket(rate=10, burst=10, clock=lambda: now[0])
+    assert sum(bucket.take() for _ in range(50)) == 10, "a storm gets the burst at once"
+    now[0] += 0.5
+    assert sum(bucket.take() for _ in range(50)) == 5, "then the rate"
+    now[0] += 100
+    assert sum(bucket.take() for _ in range(50)) == 10, "savings are capped at the burst"
