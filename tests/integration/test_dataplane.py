@@ -7,6 +7,7 @@ onnxruntime sessions).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -65,12 +66,15 @@ async def test_copy_is_ready_only_after_warmup_and_first_query_is_warm(
 
     # First real query after READY vs the median of the next 50, straight to the node's port.
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-    request = build_request("mlp", {"x": x})
 
-    def timed_queries() -> list[float]:
+    def timed_queries(name: str) -> list[float]:
+        request = build_request(name, {"x": x})
         with grpc.insecure_channel(node.direct_address) as channel:
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
             stub.ServerLive(inference_pb2.ServerLiveRequest())  # connect outside the timing
+            # The client's and the server's first ModelInfer on this channel, not the copy's:
+            with contextlib.suppress(grpc.RpcError):
+                stub.ModelInfer(build_request("no-such-model", {"x": x}), timeout=10)
             times = []
             for _ in range(51):
                 t0 = time.perf_counter()
@@ -78,9 +82,20 @@ async def test_copy_is_ready_only_after_warmup_and_first_query_is_warm(
                 times.append(time.perf_counter() - t0)
             return times
 
-    times = await asyncio.to_thread(timed_queries)
-    first, median = times[0], statistics.median(times[1:])
-    assert first <= 3 * median, f"first query {first * 1e3:.2f} ms vs median {median * 1e3:.2f} ms"
+    # A cold copy is slow on every fresh copy; a scheduling hiccup on a shared machine is not:
+    # a second fresh copy is tried before calling it cold.
+    attempts = []
+    for attempt in range(2):
+        name = "mlp" if attempt == 0 else "mlp-again"
+        if attempt:
+            path = make_mlp(tmp_path / "mlp-again.onnx", hidden=(512, 512))
+            await _register(mesh, name, path, BATCHING)
+        times = await asyncio.to_thread(timed_queries, name)
+        first, median = times[0], statistics.median(times[1:])
+        attempts.append(f"first {first * 1e3:.2f} ms vs median {median * 1e3:.2f} ms")
+        if first <= 3 * median:
+            break
+    assert first <= 3 * median, "; ".join(attempts)
 
 
 async def test_concurrent_requests_are_batched_and_answers_are_correct(
