@@ -8,7 +8,13 @@ import gc
 import signal
 
 from controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
-from protos.process import configure_logging, configure_tracing, install_task_dump, run
+from protos.process import (
+    configure_logging,
+    configure_metrics,
+    configure_tracing,
+    install_task_dump,
+    run,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,11 +56,17 @@ def _parser() -> argparse.ArgumentParser:
         "labelled zone=<this> (default: no preference)",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--metrics-listen",
+        default="",
+        help="host:port serving Prometheus metrics at /metrics (default: off)",
+    )
     return p
 
 
-async def _serve(config: ControlPlaneConfig) -> None:
+async def _serve(config: ControlPlaneConfig, metrics_listen: str = "") -> None:
     configure_tracing("meshserve-controlplane")
+    configure_metrics("meshserve-controlplane", metrics_listen)
     # The view of a large mesh is a big, long-lived heap (10,000 node records); with the
     # default thresholds every few thousand allocations a collection walks all of it. Our
     # hot paths create few reference cycles, so collect far less often.
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         admissions_per_s=max(0.1, ns.admissions_per_s),
         zone=ns.zone.strip(),
     )
-    run(_serve(config))
+    run(_serve(config, ns.metrics_listen))
 
 
 if __name__ == "__main__":

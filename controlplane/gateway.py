@@ -40,6 +40,7 @@ from controlplane.switching import (
     predict_seconds,
 )
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from protos.instruments import RequestMetrics
 from protos.params import CLIENT_ZONE, PREFER
 from protos.status import (
     DeadlineExceeded,
@@ -128,6 +129,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         ] = {}
         self.balancer = Balancer()
         self._switcher = Switcher()
+        self._metrics = RequestMetrics("meshserve.gateway", hop="gateway")
         self.calibration = Calibration()
         self._switched: set[str] = set()  # models queried with an SLO / minimum accuracy
         self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(
@@ -211,7 +213,27 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> inference_pb2.ModelInferResponse:
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         remaining = context.time_remaining()
-        return await self._route(request, parent, remaining)
+        started = time.monotonic()
+        try:
+            response = await self._route(request, parent, remaining)
+        except StatusError as exc:
+            self._metrics.record(
+                request.model_name,
+                request.model_version,
+                "",
+                exc.code.value[0],
+                time.monotonic() - started,
+            )
+            raise
+        node = response.parameters.get("meshserve_node")
+        self._metrics.record(
+            request.model_name,
+            response.model_version,
+            node.string_param if node is not None else "",
+            0,
+            time.monotonic() - started,
+        )
+        return response
 
     async def _route(
         self,

@@ -8,7 +8,13 @@ import signal
 from pathlib import Path
 
 from node.app import Node, NodeConfig, default_node_id
-from protos.process import configure_logging, configure_tracing, install_task_dump, run
+from protos.process import (
+    configure_logging,
+    configure_metrics,
+    configure_tracing,
+    install_task_dump,
+    run,
+)
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -85,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
+        "--metrics-listen",
+        default="",
+        help="host:port serving Prometheus metrics at /metrics (default: off)",
+    )
+    p.add_argument(
         "--fault-delay-ms",
         type=float,
         default=0.0,
@@ -93,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(config: NodeConfig) -> None:
+async def _serve(config: NodeConfig, metrics_listen: str = "") -> None:
     configure_tracing("meshserve-node")
+    configure_metrics("meshserve-node", metrics_listen)
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         telemetry_buffer_bytes=max(0, ns.telemetry_buffer_kb) << 10,
         telemetry_log_s=max(0.0, ns.telemetry_log_s),
     )
-    run(_serve(config))
+    run(_serve(config, ns.metrics_listen))
 
 
 if __name__ == "__main__":

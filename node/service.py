@@ -20,6 +20,7 @@ from client.codec import decode_request_inputs, encode_response_outputs
 from node.cache import cache_key
 from node.copies import CopyEntry, CopyManager
 from protos import inference_pb2, inference_pb2_grpc
+from protos.instruments import RequestMetrics
 from protos.params import PREFER
 from protos.status import InvalidArgument, ServicerContext, StatusError
 from protos.streaming import serve_infer_stream
@@ -36,6 +37,7 @@ class InferenceHandler:
         self.node_id = node_id
         self._copies = copies
         self._fault_delay_s = fault_delay_s
+        self._metrics = RequestMetrics("meshserve.node", hop="node")
 
     async def infer(
         self,
@@ -45,6 +47,34 @@ class InferenceHandler:
         deadline: float | None = None,
     ) -> inference_pb2.ModelInferResponse:
         """Answer one query. ``deadline`` is absolute (``time.monotonic()``); None = no limit."""
+        started = time.monotonic()
+        try:
+            response = await self._infer(request, parent, hop, deadline)
+        except StatusError as exc:
+            self._metrics.record(
+                request.model_name,
+                request.model_version,
+                self.node_id,
+                exc.code.value[0],
+                time.monotonic() - started,
+            )
+            raise
+        self._metrics.record(
+            request.model_name,
+            response.model_version,
+            self.node_id,
+            0,
+            time.monotonic() - started,
+        )
+        return response
+
+    async def _infer(
+        self,
+        request: inference_pb2.ModelInferRequest,
+        parent: Context | None,
+        hop: str,
+        deadline: float | None,
+    ) -> inference_pb2.ModelInferResponse:
         with _tracer.start_as_current_span(
             "node ModelInfer",
             context=parent,

@@ -11,7 +11,13 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["configure_logging", "configure_tracing", "install_task_dump", "run"]
+__all__ = [
+    "configure_logging",
+    "configure_metrics",
+    "configure_tracing",
+    "install_task_dump",
+    "run",
+]
 
 T = TypeVar("T")
 
@@ -73,6 +79,28 @@ def configure_tracing(service_name: str) -> None:
     for processor in processors:
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
+
+
+def configure_metrics(service_name: str, listen: str) -> None:
+    """Serve this process's OpenTelemetry metrics for Prometheus on ``listen`` (host:port; empty:
+    no endpoint, the instruments stay no-ops). The scrape runs in prometheus_client's own
+    thread: collecting never touches the event loop or the hot path."""
+    if not listen:
+        return
+    from opentelemetry import metrics
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0")
+    provider = MeterProvider(
+        resource=Resource.create({"service.name": service_name}),
+        metric_readers=[PrometheusMetricReader()],
+    )
+    metrics.set_meter_provider(provider)
+    logging.getLogger("meshserve").info("metrics for Prometheus on http://%s/metrics", listen)
 
 
 def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:
