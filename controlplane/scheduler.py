@@ -99,15 +99,14 @@ def plan_placements(
     # Pass 2: adopt copies nodes already hold (a node back from a network cut keeps serving what
     # it loaded: no reload, nothing dropped), then top up through the pipeline; a variant below
     # its minimum may evict cheaper copies.
-    held = _held_copies(snapshot)
     evictions: list[Eviction] = []
     for key in order:
         spec = snapshot.models[key]
         kept = nodes_of[key]
-        for node_id in held.get(key, ()):
+        for node in snapshot.ready_nodes(key):
             if len(kept) >= wants[key]:
                 break
-            node = snapshot.nodes[node_id]
+            node_id = node.node_id
             row = table.index[node_id]
             fits = table.memory[row] == 0 or table.memory[row] - table.used[row] >= sizes[key]
             if (
@@ -142,16 +141,6 @@ def plan_placements(
         if old is None or old != new:
             upserts[key] = new
     return Plan(upserts, deletes, evictions)
-
-
-def _held_copies(snapshot: Snapshot) -> dict[VariantKey, list[str]]:
-    """Nodes holding a READY copy of each variant (sorted: deterministic adoption)."""
-    out: dict[VariantKey, list[str]] = {}
-    for node_id in sorted(snapshot.nodes):
-        for key, status in snapshot.nodes[node_id].copies.items():
-            if status.state == mesh_pb2.READY and key in snapshot.models:
-                out.setdefault(key, []).append(node_id)
-    return out
 
 
 def _copy_value(snapshot: Snapshot, key: VariantKey, node_id: str, size: int) -> float:

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from controlplane import keys
 from protos import mesh_pb2
 
-__all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey", "build_snapshot"]
+__all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey"]
 
 VariantKey = tuple[str, str]  # (model, variant)
 M = TypeVar("M", bound=Message)
@@ -54,6 +54,8 @@ class Snapshot:
     # Live demand: queries in flight per node and variant (telemetry the leader holds). Not part
     # of the etcd view; the leader attaches it per pass with dataclasses.replace.
     in_flight: Mapping[str, Mapping[VariantKey, float]] = field(default_factory=dict)
+    # Derived indexes, built on first use (a query must not scan every model and node).
+    _index: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def placement_revision(self, key: VariantKey) -> int:
         """The revision a decision about ``key`` is based on: the placement's own
@@ -61,10 +63,26 @@ class Snapshot:
         return self.placement_revisions.get(key, self.placements_revision)
 
     def variants(self, model: str) -> list[mesh_pb2.ModelSpec]:
-        return [spec for (m, _), spec in self.models.items() if m == model]
+        by_model: dict[str, list[mesh_pb2.ModelSpec]] | None = self._index.get("variants")
+        if by_model is None:
+            by_model = {}
+            for (name, _), spec in self.models.items():
+                by_model.setdefault(name, []).append(spec)
+            self._index["variants"] = by_model
+        return list(by_model.get(model, ()))
 
     def ready_nodes(self, key: VariantKey) -> list[NodeView]:
-        return [n for n in self.nodes.values() if n.state(key) == mesh_pb2.READY]
+        """Nodes holding a READY copy of ``key``, in node-id order."""
+        ready: dict[VariantKey, list[NodeView]] | None = self._index.get("ready")
+        if ready is None:
+            ready = {}
+            for node_id in sorted(self.nodes):
+                node = self.nodes[node_id]
+                for variant, status in node.copies.items():
+                    if status.state == mesh_pb2.READY:
+                        ready.setdefault(variant, []).append(node)
+            self._index["ready"] = ready
+        return list(ready.get(key, ()))
 
 
 class SnapshotBuilder:
@@ -140,26 +158,6 @@ class SnapshotBuilder:
             frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
             frozenset(keys.split_key(key, keys.WAKE) for key in (wake or {})),
         )
-
-
-def build_snapshot(
-    models: Mapping[str, bytes],
-    placements: Mapping[str, bytes],
-    links: Mapping[str, bytes],
-    *,
-    placement_revisions: Mapping[str, int] | None = None,
-    placements_revision: int = 0,
-    draining: Mapping[str, bytes] | None = None,
-) -> Snapshot:
-    """A snapshot built from scratch (see :class:`SnapshotBuilder` for the incremental one)."""
-    return SnapshotBuilder().build(
-        models,
-        placements,
-        links,
-        placement_revisions=placement_revisions,
-        placements_revision=placements_revision,
-        draining=draining,
-    )
 
 
 def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo]) -> NodeView:
