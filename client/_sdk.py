@@ -105,9 +105,19 @@ class _Base:
         outputs: Sequence[str] | None,
         version: str,
         parameters: Mapping[str, ParameterValue] | None,
+        slo_ms: float | None = None,
+        min_accuracy: float | None = None,
+        zone: str | None = None,
     ) -> inference_pb2.ModelInferRequest:
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
+        parameters = _with_routing(parameters, slo_ms, min_accuracy, zone)
         return build_request(model, arrays, outputs=outputs, version=version, parameters=parameters)
+
+    @staticmethod
+    def _span(model: str) -> Any:
+        return _tracer.start_as_current_span(
+            "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
+        )
 
     @staticmethod
     def _result(response: inference_pb2.ModelInferResponse) -> InferResult:
@@ -140,11 +150,10 @@ class MeshClient(_Base):
         predicts within it. ``min_accuracy``: never a variant below this accuracy. ``zone``:
         the caller's zone; the gateway prefers copies on nodes labelled ``zone=<it>`` (any
         other copy answers when none there can)."""
-        parameters = _with_routing(parameters, slo_ms, min_accuracy, zone)
-        request = self._request(model, inputs, outputs, version, parameters)
-        with _tracer.start_as_current_span(
-            "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
-        ):
+        request = self._request(
+            model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone
+        )
+        with self._span(model):
             try:
                 response = self._stub.ModelInfer(
                     request, timeout=timeout or self.timeout, metadata=metadata_with_context()
@@ -206,15 +215,11 @@ class AsyncMeshClient(_Base):
         min_accuracy: float | None = None,
         zone: str | None = None,
     ) -> InferResult:
-        """``slo_ms``: latency budget; the gateway answers with the most accurate variant it
-        predicts within it. ``min_accuracy``: never a variant below this accuracy. ``zone``:
-        the caller's zone; the gateway prefers copies on nodes labelled ``zone=<it>`` (any
-        other copy answers when none there can)."""
-        parameters = _with_routing(parameters, slo_ms, min_accuracy, zone)
-        request = self._request(model, inputs, outputs, version, parameters)
-        with _tracer.start_as_current_span(
-            "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
-        ):
+        """As :meth:`MeshClient.infer`, awaited."""
+        request = self._request(
+            model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone
+        )
+        with self._span(model):
             try:
                 response = await self._stub.ModelInfer(
                     request, timeout=timeout or self.timeout, metadata=metadata_with_context()

@@ -213,27 +213,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> inference_pb2.ModelInferResponse:
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         remaining = context.time_remaining()
-        started = time.monotonic()
-        try:
-            response = await self._route(request, parent, remaining)
-        except StatusError as exc:
-            self._metrics.record(
-                request.model_name,
-                request.model_version,
-                "",
-                exc.code.value[0],
-                time.monotonic() - started,
-            )
-            raise
-        node = response.parameters.get("meshserve_node")
-        self._metrics.record(
-            request.model_name,
-            response.model_version,
-            node.string_param if node is not None else "",
-            0,
-            time.monotonic() - started,
-        )
-        return response
+        return await self._metrics.measure(self._route(request, parent, remaining), request)
 
     async def _route(
         self,

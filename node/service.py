@@ -47,26 +47,8 @@ class InferenceHandler:
         deadline: float | None = None,
     ) -> inference_pb2.ModelInferResponse:
         """Answer one query. ``deadline`` is absolute (``time.monotonic()``); None = no limit."""
-        started = time.monotonic()
-        try:
-            response = await self._infer(request, parent, hop, deadline)
-        except StatusError as exc:
-            self._metrics.record(
-                request.model_name,
-                request.model_version,
-                self.node_id,
-                exc.code.value[0],
-                time.monotonic() - started,
-            )
-            raise
-        self._metrics.record(
-            request.model_name,
-            response.model_version,
-            self.node_id,
-            0,
-            time.monotonic() - started,
-        )
-        return response
+        call = self._infer(request, parent, hop, deadline)
+        return await self._metrics.measure(call, request, self.node_id)
 
     async def _infer(
         self,

@@ -8,7 +8,13 @@ counts answered queries per model, variant, node, hop and status.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable
+
 from opentelemetry import metrics
+
+from protos import inference_pb2
+from protos.status import StatusError
 
 __all__ = ["RequestMetrics"]
 
@@ -45,3 +51,25 @@ class RequestMetrics:
                 "hop": self._hop,
             },
         )
+
+    async def measure(
+        self,
+        call: Awaitable[inference_pb2.ModelInferResponse],
+        request: inference_pb2.ModelInferRequest,
+        node: str = "",
+    ) -> inference_pb2.ModelInferResponse:
+        """Await ``call`` (the answer to ``request``) and record it, failed or not. ``node``:
+        this hop's node id; empty = the node the answer names (``meshserve_node``)."""
+        started = time.monotonic()
+        try:
+            response = await call
+        except StatusError as exc:
+            elapsed = time.monotonic() - started
+            code: int = exc.code.value[0]
+            self.record(request.model_name, request.model_version, node, code, elapsed)
+            raise
+        named = response.parameters.get("meshserve_node")
+        answered_by = node or (named.string_param if named is not None else "")
+        elapsed = time.monotonic() - started
+        self.record(request.model_name, response.model_version, answered_by, 0, elapsed)
+        return response
