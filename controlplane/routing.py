@@ -58,11 +58,12 @@ class Balancer:
         stat = self._stats.get(key)
         if stat is None:
             return (queue_depth + 1) * self._prior_s
-        idle = self._clock() - stat.updated
-        estimate = (
-            stat.ewma_s * math.exp(-idle / self._decay_s) if stat.in_flight == 0 else stat.ewma_s
-        )
+        estimate = self._decayed(stat, self._decay_s) if stat.in_flight == 0 else stat.ewma_s
         return (stat.in_flight + queue_depth + 1) * max(estimate, 1e-6)
+
+    def _decayed(self, stat: _Stat, tau_s: float) -> float:
+        """The estimate faded by the time since the copy last answered (time constant tau)."""
+        return stat.ewma_s * math.exp(-(self._clock() - stat.updated) / tau_s)
 
     def pick(
         self,
@@ -105,8 +106,7 @@ class Balancer:
         stat = self._stats.get(key)
         if stat is None:
             return 0.0
-        tau = decay_s or self._decay_s
-        return stat.ewma_s * math.exp(-(self._clock() - stat.updated) / tau)
+        return self._decayed(stat, decay_s or self._decay_s)
 
     def in_flight(self, key: CopyKey) -> int:
         stat = self._stats.get(key)

@@ -199,10 +199,6 @@ class OnnxCopy:
             profile.append((size, float(np.median(samples))))
         return profile
 
-    def median_run_seconds(self, runs: int = 15) -> float:
-        """Median wall time of a batch-1 run on synthetic inputs (blocking; after warm-up)."""
-        return self.latency_profile([1], runs=runs)[0][1]
-
     @property
     def execution_provider(self) -> str:
         """The session's first (preferred) execution provider, e.g. ``CPUExecutionProvider``."""
