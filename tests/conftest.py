@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
+from controlplane.etcd import connect
 from tests.support.etcd import EtcdServer
 
 
@@ -18,3 +20,13 @@ def etcd() -> Iterator[EtcdServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+async def client(etcd: EtcdServer) -> AsyncIterator[Any]:
+    """An etcd client (our ``connect``) on the test's etcd; closed after."""
+    c = await connect(etcd.url)
+    try:
+        yield c
+    finally:
+        await c.close()

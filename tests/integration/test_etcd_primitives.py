@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,6 @@ from tests.support.etcd import EtcdServer
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def client(etcd: EtcdServer) -> AsyncIterator[Any]:
-    c = await connect(etcd.url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def retry(op: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:

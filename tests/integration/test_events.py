@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,30 +15,15 @@ from controlplane import keys
 from controlplane.etcd import connect
 from controlplane.events import SEQ_KEY, EventLog
 from tests.support.etcd import EtcdServer
+from tests.support.inproc import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
-
-
-@pytest.fixture
-async def client(etcd: EtcdServer) -> AsyncIterator[Any]:
-    c = await connect(etcd.url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def ring_keys(client: Any) -> list[str]:
     """Event keys in etcd, ascending (the counter lives outside the prefix)."""
     result = await client.get_prefix(keys.EVENTS.encode(), sort_order="ascend")
     return [kv.key.decode() for kv in result]
-
-
-async def wait_for(predicate: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_two_replicas_get_unique_increasing_seqs(etcd: EtcdServer, client: Any) -> None:
@@ -171,7 +155,7 @@ async def test_record_survives_etcd_outage(etcd: EtcdServer, client: Any) -> Non
     log = EventLog(client, "r1", max_pending=15)
     log.start()
     log.record("drain", message="before")
-    await wait_for(lambda: log.stats["written"] == 1)
+    await eventually(lambda: log.stats["written"] == 1, 5.0)
 
     await asyncio.to_thread(etcd.stop)
     started = time.monotonic()
@@ -182,7 +166,7 @@ async def test_record_survives_etcd_outage(etcd: EtcdServer, client: Any) -> Non
     assert log.stats == {"pending": 15, "written": 1, "dropped": 5}
 
     await asyncio.to_thread(etcd.restart)
-    await wait_for(lambda: log.stats["pending"] == 0, within=8.0)
+    await eventually(lambda: log.stats["pending"] == 0, 8.0)
     await log.close()
     assert log.stats == {"pending": 0, "written": 16, "dropped": 5}
     events = await log.list()
@@ -219,7 +203,7 @@ async def test_committed_batch_with_lost_reply_is_not_rewritten(client: Any) -> 
     log.start()
     for i in range(3):
         log.record("placement", message=str(i))
-    await wait_for(lambda: log.stats["pending"] == 0, within=5.0)
+    await eventually(lambda: log.stats["pending"] == 0, 5.0)
     log.record("placement", message="3")
     await log.close()
     assert log.stats == {"pending": 0, "written": 4, "dropped": 0}

@@ -7,6 +7,7 @@ import concurrent.futures
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,26 @@ X = np.random.default_rng(4).standard_normal((1, 64)).astype(np.float32)
 SLO_MS = 40.0  # targets 45 % of it: the accurate variant alone fits, 16 queued on it do not
 
 
+def _register_family(admin: AdminClient, accurate: Path, fast: Path, **options: Any) -> None:
+    """Model "clf": variants "accurate" (0.98) and "fast" (0.90); waits until both are READY."""
+    for variant, path, accuracy in (("accurate", accurate, 0.98), ("fast", fast, 0.90)):
+        admin.register_model(
+            "clf", path.as_uri(), sha256_file(path), variant=variant, accuracy=accuracy, **options
+        )
+    wait_until(
+        lambda: (
+            sum(
+                c.model == "clf" and c.state == mesh_pb2.READY
+                for n in admin.list_nodes()
+                for c in n.copies
+            )
+            == 2
+        ),
+        60,
+        what="both variants READY",
+    )
+
+
 def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> None:
     with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
         mesh.start_etcd()
@@ -30,27 +51,7 @@ def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> 
         accurate = make_mlp(tmp_path / "accurate.onnx", hidden=(3072, 3072))  # ~6 ms a run
         fast = make_mlp(tmp_path / "fast.onnx")  # ~0.05 ms a run
         with AdminClient(cp.address) as admin:
-            for variant, path, acc in (("accurate", accurate, 0.98), ("fast", fast, 0.90)):
-                admin.register_model(
-                    "clf",
-                    path.as_uri(),
-                    sha256_file(path),
-                    variant=variant,
-                    accuracy=acc,
-                    slo_ms=SLO_MS,
-                )
-            wait_until(
-                lambda: (
-                    sum(
-                        c.model == "clf" and c.state == mesh_pb2.READY
-                        for n in admin.list_nodes()
-                        for c in n.copies
-                    )
-                    == 2
-                ),
-                60,
-                what="both variants READY",
-            )
+            _register_family(admin, accurate, fast, slo_ms=SLO_MS)
         with MeshClient(cp.address, timeout=10) as client:
             calm = [client.infer("clf", {"x": X}) for _ in range(10)]
             assert {r.variant for r in calm} == {"accurate"}, "no load: the most accurate"
@@ -104,27 +105,7 @@ def test_a_switched_query_gets_the_accurate_variants_cached_answer_first(tmp_pat
         accurate = make_mlp(tmp_path / "accurate.onnx", hidden=(3072, 3072))
         fast = make_mlp(tmp_path / "fast.onnx")
         with AdminClient(cp.address) as admin:
-            for variant, path, acc in (("accurate", accurate, 0.98), ("fast", fast, 0.90)):
-                admin.register_model(
-                    "clf",
-                    path.as_uri(),
-                    sha256_file(path),
-                    variant=variant,
-                    accuracy=acc,
-                    serving=mesh_pb2.ServingConfig(cache=True),
-                )
-            wait_until(
-                lambda: (
-                    sum(
-                        c.model == "clf" and c.state == mesh_pb2.READY
-                        for n in admin.list_nodes()
-                        for c in n.copies
-                    )
-                    == 2
-                ),
-                60,
-                what="both variants READY",
-            )
+            _register_family(admin, accurate, fast, serving=mesh_pb2.ServingConfig(cache=True))
         other = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)
         with MeshClient(cp.address, timeout=10) as client:
             first = client.infer("clf", {"x": X}, version="accurate")

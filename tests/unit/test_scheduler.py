@@ -9,38 +9,7 @@ import pytest
 from controlplane.scheduler import plan_placements
 from controlplane.snapshot import NodeView, Snapshot
 from protos import mesh_pb2
-
-GiB = 1 << 30
-
-
-def node(
-    node_id: str,
-    *,
-    memory: int = 8 * GiB,
-    labels: dict[str, str] | None = None,
-    providers: tuple[str, ...] = ("CPUExecutionProvider",),
-    copies: dict[tuple[str, str], int] | None = None,
-    sha: str = "a" * 64,
-) -> NodeView:
-    return NodeView(
-        node_id=node_id,
-        labels=MappingProxyType(labels or {}),
-        hardware=mesh_pb2.Hardware(memory_bytes=memory, execution_providers=providers),
-        direct_address="",
-        replicas=frozenset({"cp"}),
-        copies=MappingProxyType(
-            {
-                k: mesh_pb2.CopyStatus(
-                    model=k[0],
-                    variant=k[1],
-                    state=state,
-                    sha256=sha,  # type: ignore[arg-type]
-                    reason="sha256 mismatch" if state == mesh_pb2.FAILED else "",
-                )
-                for k, state in (copies or {}).items()
-            }
-        ),
-    )
+from tests.support.views import GiB, node
 
 
 def model(

@@ -12,26 +12,9 @@ from controlplane.policies.rule import Rule
 from controlplane.policies.table import Candidate, NodeTable
 from controlplane.snapshot import NodeView, Snapshot
 from protos import mesh_pb2
+from tests.support.views import GiB, node
 
-GiB = 1 << 30
 KEY = ("m", "default")
-
-
-def node(
-    node_id: str,
-    *,
-    memory: int = 8 * GiB,
-    labels: dict[str, str] | None = None,
-    providers: tuple[str, ...] = ("CPUExecutionProvider",),
-) -> NodeView:
-    return NodeView(
-        node_id=node_id,
-        labels=MappingProxyType(labels or {}),
-        hardware=mesh_pb2.Hardware(memory_bytes=memory, execution_providers=providers),
-        direct_address="",
-        replicas=frozenset({"cp"}),
-        copies=MappingProxyType({}),
-    )
 
 
 def table_of(*nodes: NodeView, draining: tuple[str, ...] = ()) -> NodeTable:
