@@ -113,17 +113,11 @@ def summarize(recorder: Recorder, stopped_ns: int) -> dict[str, Any]:
 async def _unary_worker(
     call: aio.UnaryUnaryMultiCallable, payload: bytes, timeout: float, rec: Recorder
 ) -> None:
-    clock = time.perf_counter_ns
-    while True:
-        start = clock()
-        if not rec.may_start(start):
-            return
-        try:
-            await call(payload, timeout=timeout)
-        except aio.AioRpcError as exc:
-            rec.error(exc.code().name)
-            continue
-        rec.ok(start, clock())
+    await _call_worker(lambda: call(payload, timeout=timeout), rec, _rpc_code)
+
+
+def _rpc_code(exc: Exception) -> str:
+    return exc.code().name if isinstance(exc, aio.AioRpcError) else type(exc).__name__
 
 
 async def _stream_worker(
@@ -260,7 +254,10 @@ async def run_load(
     chans = [aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
     try:
         for chan in chans:
-            await asyncio.wait_for(chan.channel_ready(), timeout=10.0)
+            try:
+                await asyncio.wait_for(chan.channel_ready(), timeout=10.0)
+            except TimeoutError:
+                raise SystemExit(f"loadgen: nothing answers at {target} (waited 10 s)") from None
         now = time.perf_counter_ns()
         warmup_end = now + int(warmup_s * 1e9)
         rec = Recorder(warmup_end, warmup_end + int(duration_s * 1e9), max_requests)

@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 __all__ = ["CacheEntry", "ModelStore", "Progress", "StoreError"]
 
@@ -53,6 +54,32 @@ _BACKOFF_MAX_S = 5.0
 
 Progress = Callable[[int, int | None], None]
 """``progress(bytes_so_far, total_or_None)``; see :meth:`ModelStore.fetch`."""
+
+
+L = TypeVar("L")
+
+
+class _KeyedLocks(Generic[L]):
+    """One lock per key that exists only while someone holds a reference to it (not itself
+    thread-safe: callers serialise acquire/release)."""
+
+    def __init__(self, factory: Callable[[], L]) -> None:
+        self._factory = factory
+        self._entries: dict[str, tuple[L, int]] = {}
+
+    def acquire(self, key: str) -> L:
+        """The key's lock (created on first use); every call needs one :meth:`release`."""
+        entry = self._entries.get(key)
+        lock = entry[0] if entry is not None else self._factory()
+        self._entries[key] = (lock, (entry[1] if entry is not None else 0) + 1)
+        return lock
+
+    def release(self, key: str) -> None:
+        lock, users = self._entries[key]
+        if users <= 1:
+            del self._entries[key]
+        else:
+            self._entries[key] = (lock, users - 1)
 
 
 class StoreError(Exception):
@@ -96,8 +123,8 @@ class ModelStore:
         self._active: Counter[str] = Counter()  # sha256s being fetched by a worker thread
         self._used: dict[str, int] = {}  # sha256 -> use sequence number in this process
         self._seq = itertools.count(1)
-        self._sha_locks: dict[str, tuple[threading.Lock, int]] = {}
-        self._async_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._sha_locks = _KeyedLocks(threading.Lock)  # guarded by self._mutex
+        self._async_locks = _KeyedLocks(asyncio.Lock)  # event-loop only
 
     @property
     def root(self) -> Path:
@@ -144,8 +171,7 @@ class ModelStore:
         Raises :class:`StoreError` with the reason when the artifact cannot be had or is refused.
         """
         sha = sha256.lower()
-        lock, users = self._async_locks.get(sha, (asyncio.Lock(), 0))
-        self._async_locks[sha] = (lock, users + 1)
+        lock = self._async_locks.acquire(sha)
         try:
             async with lock:
                 cancel = threading.Event()
@@ -163,11 +189,7 @@ class ModelStore:
                         work.exception()  # retrieved: the caller asked to cancel, not to know
                     raise
         finally:
-            lock, users = self._async_locks[sha]
-            if users <= 1:
-                del self._async_locks[sha]
-            else:
-                self._async_locks[sha] = (lock, users - 1)
+            self._async_locks.release(sha)
 
     def _fetch_blocking(
         self, uri: str, sha256: str, progress: Progress | None, cancel: threading.Event
@@ -182,8 +204,7 @@ class ModelStore:
             )
         with self._mutex:
             self._active[sha256] += 1
-            sha_lock, users = self._sha_locks.get(sha256, (threading.Lock(), 0))
-            self._sha_locks[sha256] = (sha_lock, users + 1)
+            sha_lock = self._sha_locks.acquire(sha256)
         try:
             with sha_lock:  # also serialises fetches from several event loops / threads
                 path = self._fetch_locked(uri, parsed, sha256, progress, cancel)
@@ -195,11 +216,7 @@ class ModelStore:
                 self._active[sha256] -= 1
                 if self._active[sha256] <= 0:
                     del self._active[sha256]
-                sha_lock, users = self._sha_locks[sha256]
-                if users <= 1:
-                    del self._sha_locks[sha256]
-                else:
-                    self._sha_locks[sha256] = (sha_lock, users - 1)
+                self._sha_locks.release(sha256)
 
     def _fetch_locked(
         self,
