@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +38,16 @@ _console = Console()
 Target = Annotated[
     str, typer.Option("--target", "-t", envvar="MESHSERVE_TARGET", help="control-plane address")
 ]
+
+
+@contextlib.contextmanager
+def _admin(target: str) -> Iterator[AdminClient]:
+    """An AdminClient whose errors end the command with their status (exit code 1)."""
+    with AdminClient(target) as admin:
+        try:
+            yield admin
+        except StatusError as exc:
+            _fail(exc)
 
 
 def _fail(exc: StatusError) -> None:
@@ -110,24 +122,20 @@ def models_register(
             target_in_flight=target_in_flight,
             scale_down_delay_s=scale_down_delay_s,
         )
-    with AdminClient(target) as admin:
-        try:
-            out = admin.register_model(
-                name,
-                uri,
-                sha256,
-                variant=variant,
-                copies=copies,
-                node_selector=labels,
-                serving=serving,
-                size_bytes=size_mb << 20,
-                autoscaling=autoscaling,
-                accuracy=accuracy,
-                slo_ms=slo_ms,
-            )
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        out = admin.register_model(
+            name,
+            uri,
+            sha256,
+            variant=variant,
+            copies=copies,
+            node_selector=labels,
+            serving=serving,
+            size_bytes=size_mb << 20,
+            autoscaling=autoscaling,
+            accuracy=accuracy,
+            slo_ms=slo_ms,
+        )
         verb = "registered" if out.created else "updated"
         _console.print(f"{verb} {out.model.name}/{out.model.variant} ({out.model.copies} copies)")
         if wait:
@@ -234,18 +242,15 @@ def models_evaluate(
     _console.print(f"{name}/{variant}: accuracy {accuracy:.4f} on {rows} labelled rows")
     if not update:
         return
-    with AdminClient(target) as admin:
-        try:
-            spec = next(
-                (m for m in admin.list_models() if m.name == name and m.variant == variant), None
-            )
-            if spec is None:
-                _console.print(f"[red]error[/red] {name}/{variant} is not registered")
-                raise typer.Exit(1)
-            spec.accuracy = accuracy
-            admin.register_spec(spec)
-        except StatusError as exc:
-            _fail(exc)
+    with _admin(target) as admin:
+        spec = next(
+            (m for m in admin.list_models() if m.name == name and m.variant == variant), None
+        )
+        if spec is None:
+            _console.print(f"[red]error[/red] {name}/{variant} is not registered")
+            raise typer.Exit(1)
+        spec.accuracy = accuracy
+        admin.register_spec(spec)
     _console.print(f"stored accuracy {accuracy:.4f} on {name}/{variant}")
 
 
@@ -262,12 +267,8 @@ def _predicted_labels(result: dict[str, Any], output: str) -> Any:
 
 @models_app.command("list")
 def models_list(target: Target = "127.0.0.1:8001") -> None:
-    with AdminClient(target) as admin:
-        try:
-            models = admin.list_models()
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        models = admin.list_models()
     table = Table("model", "variant", "copies", "artifact", "sha256")
     for m in models:
         table.add_row(m.name, m.variant, str(m.copies), m.artifact_uri, m.sha256[:12])
@@ -276,23 +277,15 @@ def models_list(target: Target = "127.0.0.1:8001") -> None:
 
 @models_app.command("remove")
 def models_remove(name: str, variant: str = "", target: Target = "127.0.0.1:8001") -> None:
-    with AdminClient(target) as admin:
-        try:
-            removed = admin.remove_model(name, variant)
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        removed = admin.remove_model(name, variant)
     _console.print(f"removed {removed} variant(s)")
 
 
 @nodes_app.command("list")
 def nodes_list(target: Target = "127.0.0.1:8001") -> None:
-    with AdminClient(target) as admin:
-        try:
-            nodes = admin.list_nodes()
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        nodes = admin.list_nodes()
     table = Table("node", "labels", "direct", "replicas", "copies")
     for n in nodes:
         copies = ", ".join(f"{c.model}/{c.variant}:{_state(c.state)}" for c in n.copies)
@@ -305,12 +298,8 @@ def nodes_list(target: Target = "127.0.0.1:8001") -> None:
 
 @placements_app.command("list")
 def placements_list(model: str = "", target: Target = "127.0.0.1:8001") -> None:
-    with AdminClient(target) as admin:
-        try:
-            placements = admin.list_placements(model)
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        placements = admin.list_placements(model)
     table = Table("model", "variant", "desired", "nodes", "failed")
     for p in placements:
         failed = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
@@ -325,12 +314,8 @@ def nodes_drain(
     target: Target = "127.0.0.1:8001",
 ) -> None:
     """Drain a node: no new copies or queries; its copies move elsewhere (in-flight ones finish)."""
-    with AdminClient(target) as admin:
-        try:
-            draining = admin.drain_node(node_id, undrain=undo)
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        draining = admin.drain_node(node_id, undrain=undo)
     _console.print(f"node {node_id}: {'draining' if draining else 'serving'}")
 
 
@@ -353,11 +338,8 @@ def policy_validate(file: Path, target: Target = "127.0.0.1:8001") -> None:
     except PolicyError as exc:
         _console.print(f"[red]invalid[/red] {file}: {exc}")
         raise typer.Exit(1) from None
-    with AdminClient(target) as admin:
-        try:
-            admin.apply_policy(text, dry_run=True)
-        except StatusError as exc:
-            _fail(exc)
+    with _admin(target) as admin:
+        admin.apply_policy(text, dry_run=True)
     _console.print(f"{file}: policy {policy.name!r} is valid")
 
 
@@ -365,24 +347,16 @@ def policy_validate(file: Path, target: Target = "127.0.0.1:8001") -> None:
 def policy_apply(file: Path, target: Target = "127.0.0.1:8001") -> None:
     """Store a policy in etcd; every control-plane replica applies it to its next decisions."""
     text = _read_policy(file)
-    with AdminClient(target) as admin:
-        try:
-            out = admin.apply_policy(text)
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        out = admin.apply_policy(text)
     _console.print(f"policy {out.name!r} applied (etcd revision {out.revision})")
 
 
 @policy_app.command("get")
 def policy_get(target: Target = "127.0.0.1:8001") -> None:
     """Print the policy in force (as applied)."""
-    with AdminClient(target) as admin:
-        try:
-            out = admin.get_policy()
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        out = admin.get_policy()
     if not out.yaml:
         _console.print("# no policy applied: the built-in default is in force")
         return
@@ -392,12 +366,8 @@ def policy_get(target: Target = "127.0.0.1:8001") -> None:
 @explain_app.command("placement")
 def explain_placement(model: str, variant: str = "", target: Target = "127.0.0.1:8001") -> None:
     """Why each node was filtered out, or how it scored, for a model's placement."""
-    with AdminClient(target) as admin:
-        try:
-            variants = admin.explain_placement(model, variant)
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        variants = admin.explain_placement(model, variant)
     for v in variants:
         _console.print(
             f"[bold]{v.model}/{v.variant}[/bold]: {v.desired_copies} copies wanted, placed on "
@@ -422,12 +392,8 @@ def explain_switching(
     target: Target = "127.0.0.1:8001",
 ) -> None:
     """Which variant a query to MODEL would get now (SLO-aware switching), and each prediction."""
-    with AdminClient(target) as admin:
-        try:
-            out = admin.explain_switching(model, slo_ms=slo_ms, min_accuracy=min_accuracy)
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        out = admin.explain_switching(model, slo_ms=slo_ms, min_accuracy=min_accuracy)
     budget = f"SLO {out.slo_ms:.1f} ms" if out.slo_ms else "no SLO"
     _console.print(f"[bold]{model}[/bold] ({budget}): [green]{out.chosen}[/green] — {out.reason}")
     table = Table("variant", "accuracy", "predicted ms", "ready copies", "queued", "slowdown")
@@ -454,12 +420,8 @@ def events(
     """The decision log: placements, scaling, evictions, drains, policy changes (newest last)."""
     import datetime
 
-    with AdminClient(target) as admin:
-        try:
-            items = admin.list_events(limit, kind, model)
-        except StatusError as exc:
-            _fail(exc)
-            return
+    with _admin(target) as admin:
+        items = admin.list_events(limit, kind, model)
     table = Table("seq", "time", "kind", "model", "node", "message", "replica")
     for e in items:
         when = datetime.datetime.fromtimestamp(e.unix_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
