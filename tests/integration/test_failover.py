@@ -6,6 +6,7 @@ Real etcd, real control-plane replicas and node processes on loopback; lease TTL
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from pathlib import Path
 
@@ -36,16 +37,20 @@ def _etcd_get(url: str, key: str) -> tuple[bytes, int] | None:
     return asyncio.run(read())
 
 
-def _answers(target: str, model: Path, count: int) -> list[str]:
+def _answers(target: str, model: Path, count: int, concurrency: int = 4) -> list[str]:
+    """Which node answered each of ``count`` queries, sent ``concurrency`` at a time (the
+    gateway balances on load: sequential queries would all go to the faster copy)."""
     x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
     expected = reference_outputs(model, {"x": x})["y"]
-    nodes = []
+
+    def one(client: MeshClient) -> str:
+        result = client.infer("mlp", {"x": x})
+        np.testing.assert_allclose(result["y"], expected, rtol=1e-6, atol=1e-6)
+        return result.node
+
     with MeshClient(target, timeout=10) as client:
-        for _ in range(count):
-            result = client.infer("mlp", {"x": x})
-            np.testing.assert_allclose(result["y"], expected, rtol=1e-6, atol=1e-6)
-            nodes.append(result.node)
-    return nodes
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(lambda _: one(client), range(count)))
 
 
 def test_killed_node_disappears_within_lease_ttl_and_other_copy_answers(tmp_path: Path) -> None:
