@@ -29,6 +29,13 @@ Contract:
 * :meth:`close` rejects new requests and fails queued ones with :class:`Unavailable`, lets running
   batches finish and awaits every task it started. The dispatcher task only exists while requests
   are queued, so an idle batcher holds no task.
+* Tracing (OpenTelemetry; the API's no-op tracer when none is configured): a caller whose span is
+  recording gets a ``node queue`` span (submit to the start of its batch); each batch with a
+  recording rider gets one ``node batch`` span, a child of its oldest recording rider's span,
+  linked to every recording rider's span, and each rider's queue span is linked back to it.
+  Callers whose span is not recording cost nothing here.
+* An ``observer`` (:class:`BatchObserver`, metrics) hears every request's queue wait and every
+  batch's size when the batch starts.
 """
 
 from __future__ import annotations
@@ -41,16 +48,28 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
 from protos.status import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
-__all__ = ["BatchPolicy", "Batcher", "BatcherStats", "Execute", "Tensors", "has_batch_axis"]
+__all__ = [
+    "BatchObserver",
+    "BatchPolicy",
+    "Batcher",
+    "BatcherStats",
+    "Execute",
+    "Tensors",
+    "has_batch_axis",
+]
 
 _log = logging.getLogger("meshserve.node.batcher")
+_tracer = trace.get_tracer("meshserve.node")
 
 Tensors = dict[str, NDArray[Any]]
 Execute = Callable[[Tensors], Awaitable[Tensors]]
@@ -58,6 +77,17 @@ _Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 
 _EWMA_ALPHA = 0.3
 _GROW_BELOW = 0.8  # adaptive: grow while a batch takes less than this fraction of the SLO
+
+
+class BatchObserver(Protocol):
+    """Hears what a batcher does (metrics). Called on the event loop when a batch starts: must be
+    cheap and must not raise."""
+
+    def queued(self, seconds: float) -> None:
+        """One request of the starting batch waited ``seconds`` (on the batcher's clock)."""
+
+    def batched(self, rows: int, requests: int) -> None:
+        """A batch of ``rows`` rows from ``requests`` requests starts."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +141,8 @@ class _Request:
     lone: bool  # arrived while nothing ran and nothing was queued
     future: asyncio.Future[Tensors]
     queued: bool = True
+    origin: SpanContext | None = None  # the caller's span, when it records (linked by its batch)
+    span: trace.Span | None = None  # "node queue": from submit to the start of its batch
 
 
 def has_batch_axis(
@@ -123,6 +155,26 @@ def has_batch_axis(
         and bool(output_shapes)
         and all(len(s) >= 1 and s[0] == -1 for s in shapes)
     )
+
+
+def _batch_span(batch: list[_Request], rows: int) -> trace.Span | None:
+    """The "node batch" span of a starting batch (see the module docstring), which ends the
+    riders' queue spans; None when no rider records."""
+    origins = [r.origin for r in batch if r.origin is not None]
+    if not origins:
+        return None
+    span = _tracer.start_span(
+        "node batch",
+        context=trace.set_span_in_context(NonRecordingSpan(origins[0])),
+        links=[Link(origin) for origin in origins],
+        attributes={"meshserve.batch_size": rows, "meshserve.batch_requests": len(batch)},
+    )
+    batch_context = span.get_span_context()
+    for req in batch:
+        if req.span is not None:
+            req.span.add_link(batch_context)
+            req.span.end()
+    return span
 
 
 def _bucket(rows: int) -> int:
@@ -173,8 +225,10 @@ class Batcher:
         *,
         name: str = "",
         clock: Callable[[], float] = time.monotonic,
+        observer: BatchObserver | None = None,
     ) -> None:
         self._execute = execute
+        self._observer = observer
         self.policy = policy
         self.name = name
         self._clock = clock
@@ -230,6 +284,10 @@ class Batcher:
         req = _Request(
             inputs, signature, rows, deadline, now, next(self._seq), lone, loop.create_future()
         )
+        caller = trace.get_current_span()
+        if caller.is_recording():
+            req.origin = caller.get_span_context()
+            req.span = _tracer.start_span("node queue", attributes={"meshserve.rows": rows})
         self._groups.setdefault(signature, deque()).append(req)
         st.queue_depth += 1
         st.requests += 1
@@ -242,6 +300,9 @@ class Batcher:
             self._remove(req)  # no-op once its batch started
             self._wakeup.set()
             raise
+        finally:
+            if req.span is not None and req.span.is_recording():  # it never reached a batch
+                req.span.end()
 
     async def close(self) -> None:
         """Refuse new requests, fail queued ones with Unavailable, finish running batches."""
@@ -358,13 +419,23 @@ class Batcher:
         st.rows += rows
         st.batch_size_histogram[rows] = st.batch_size_histogram.get(rows, 0) + 1
         self._running += 1
+        if self._observer is not None:
+            now = self._clock()
+            for req in batch:
+                self._observer.queued(now - req.enqueued)
+            self._observer.batched(rows, len(batch))
+        span = _batch_span(batch, rows)
         task = asyncio.get_running_loop().create_task(
-            self._run_batch(batch, rows, backlog), name=f"{self._label} batch"
+            self._run_batch(batch, rows, backlog, span), name=f"{self._label} batch"
         )
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
-    async def _run_batch(self, batch: list[_Request], total: int, backlog: bool) -> None:
+    async def _run_batch(
+        self, batch: list[_Request], total: int, backlog: bool, span: trace.Span | None
+    ) -> None:
+        if span is not None:  # this task's own context: spans ``execute`` opens nest under it
+            otel_context.attach(trace.set_span_in_context(span))
         try:
             if len(batch) == 1:
                 inputs = dict(batch[0].inputs)
@@ -383,6 +454,9 @@ class Batcher:
                     req.future.set_exception(Unavailable(f"{self._label}: batch cancelled"))
             raise
         except Exception as exc:
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, str(exc))
             for req in batch:
                 if not req.future.done():
                     req.future.set_exception(exc)
@@ -394,6 +468,8 @@ class Batcher:
             self._running -= 1
             self.stats.in_flight -= total
             self._wakeup.set()
+            if span is not None:
+                span.end()
 
     def _observe(self, rows: int, latency: float, backlog: bool) -> None:
         self.stats.last_batch_latency_s = latency

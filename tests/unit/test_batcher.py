@@ -13,8 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 
 from client.demo_models import make_mlp
+from node import batcher as batcher_module
 from node.batcher import Batcher, BatchPolicy, Tensors, has_batch_axis
 from node.runtime import OnnxCopy
 from protos.status import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
@@ -329,4 +334,108 @@ async def test_real_onnxruntime_batches_match_single_requests(tmp_path: Path) ->
         assert np.allclose(res["y"], expected, rtol=1e-4, atol=1e-5)
     assert len(sizes) < len(requests)
     assert b.stats.batches == len(sizes) == 2
+    await b.close()
+
+
+class Observed:
+    """A BatchObserver that remembers what it heard."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.batches: list[tuple[int, int]] = []
+
+    def queued(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def batched(self, rows: int, requests: int) -> None:
+        self.batches.append((rows, requests))
+
+
+async def test_the_observer_hears_every_wait_and_every_batch() -> None:
+    clock = FakeClock()
+    observed = Observed()
+    ex = FakeExec()
+    b = Batcher(ex, BatchPolicy(), clock=clock, observer=observed)
+    first = await start_held(b, ex)
+    clock.t += 2.0
+    tasks = [spawn(b, rows_of(1, 2)), spawn(b, rows_of(2, 3))]
+    await until(lambda: b.queue_depth == 2)
+    clock.t += 1.0
+    ex.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert observed.batches == [(1, 1), (5, 2)]
+    assert observed.waits == [0.0, 1.0, 1.0]
+    await b.close()
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> tuple[Tracer, InMemorySpanExporter]:
+    """The batcher's tracer, recording into memory (the global provider is left alone)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    monkeypatch.setattr(batcher_module, "_tracer", tracer)
+    return tracer, exporter
+
+
+def span_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return int(span.context.span_id)
+
+
+async def test_a_batch_span_links_its_riders_and_their_queue_spans_link_back(
+    traced: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = traced
+    ex = FakeExec()
+    b = Batcher(ex, BatchPolicy())
+    first = await start_held(b, ex)  # an untraced caller: no spans, no links
+
+    async def caller(i: int) -> Tensors:
+        with tracer.start_as_current_span(f"caller {i}"):
+            return await b.submit(rows_of(i, 1))
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(3)]
+    await until(lambda: b.queue_depth == 3)
+    ex.gate.set()
+    await asyncio.gather(first, *tasks)
+    spans = exporter.get_finished_spans()
+    callers = [next(s for s in spans if s.name == f"caller {i}") for i in range(3)]
+    (batch,) = [s for s in spans if s.name == "node batch"]
+    queues = [s for s in spans if s.name == "node queue"]
+    assert batch.parent is not None and batch.parent.span_id == span_id(callers[0])
+    assert [link.context.span_id for link in batch.links] == [span_id(c) for c in callers]
+    assert batch.attributes == {"meshserve.batch_size": 3, "meshserve.batch_requests": 3}
+    assert sorted(q.parent.span_id for q in queues if q.parent) == sorted(map(span_id, callers))
+    for queue in queues:
+        assert [link.context.span_id for link in queue.links] == [span_id(batch)]
+        assert queue.end_time is not None and batch.start_time is not None
+        assert queue.end_time <= batch.start_time + 1_000_000, "the wait ends as the batch starts"
+    await b.close()
+
+
+async def test_a_request_that_never_runs_still_ends_its_queue_span(
+    traced: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = traced
+    clock = FakeClock()
+    ex = FakeExec(clock)
+    b = Batcher(ex, BatchPolicy(), clock=clock)
+    first = await start_held(b, ex)
+
+    async def caller() -> Tensors:
+        with tracer.start_as_current_span("caller"):
+            return await b.submit(rows_of(1, 1), deadline=clock.t + 1.0)
+
+    late = asyncio.create_task(caller())
+    await until(lambda: b.queue_depth == 1)
+    clock.t += 5.0
+    ex.gate.set()
+    await first
+    with pytest.raises(DeadlineExceeded):
+        await late
+    (queue,) = [s for s in exporter.get_finished_spans() if s.name == "node queue"]
+    assert not queue.links
+    assert not [s for s in exporter.get_finished_spans() if s.name == "node batch"]
     await b.close()
