@@ -21,9 +21,11 @@ from opentelemetry import trace
 
 from node.batcher import Batcher, BatchPolicy
 from node.cache import ResponseCache
+from node.metrics import CopyInstruments, NodeMetrics, node_metrics
 from node.runtime import LoadError, OnnxCopy, TensorInfo, resident_bytes
 from node.store import ModelStore, StoreError
 from protos import mesh_pb2
+from protos.instruments import Reading
 from protos.status import NotFound, Unavailable
 
 __all__ = ["CopyEntry", "CopyManager"]
@@ -58,6 +60,7 @@ class CopyEntry:
     execution_provider: str = ""  # the session's first provider
     inline: bool = False  # run on the event loop: cheaper than a thread hand-off
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    instruments: CopyInstruments = field(kw_only=True, repr=False)  # metrics of this copy
 
     def status(self) -> mesh_pb2.CopyStatus:
         msg = mesh_pb2.CopyStatus(
@@ -105,6 +108,10 @@ def _rows(inputs: dict[str, Any]) -> int:
     return 0
 
 
+def _cache_evictions(cache: ResponseCache) -> list[Reading]:
+    return [(float(cache.stats().evictions), {})]
+
+
 def _specs(infos: tuple[TensorInfo, ...]) -> list[mesh_pb2.TensorSpec]:
     return [mesh_pb2.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in infos]
 
@@ -119,14 +126,19 @@ class CopyManager:
         cache_bytes: int = 256 << 20,
         inline_max_us: float = 100.0,
         batch_concurrency: int = 1,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         """``inline_max_us``: copies whose batch-1 run takes at most this long (median, measured
         after warm-up) run on the event loop itself. Handing a run to a worker thread and back
         costs tens of microseconds and GIL ping-pong; for such copies that is more than the
         run. 0 turns it off. ``batch_concurrency``: batches of one copy that may run at once
-        (set it to the executor's worker count, so batching never leaves a core idle)."""
+        (set it to the executor's worker count, so batching never leaves a core idle).
+        ``metrics``: where copies report (default: the process's :func:`node_metrics`)."""
         self._store = store
         self.cache = ResponseCache(cache_bytes)
+        self._metrics = metrics or node_metrics()
+        self._metrics.memory.watch(self, CopyManager._memory_readings)
+        self._metrics.cache_evictions.watch(self.cache, _cache_evictions)
         self._executor = executor
         self._inline_max_us = inline_max_us
         self._batch_concurrency = max(1, batch_concurrency)
@@ -180,9 +192,17 @@ class CopyManager:
         if entry is not None and entry.sha256 == cmd.sha256.lower():
             self._announce(entry)  # idempotent: re-announce, never load twice
             return
-        if entry is not None and entry.task is not None:
-            entry.task.cancel()
-        entry = CopyEntry(cmd.model, cmd.variant, cmd.sha256.lower(), serving=cmd.serving)
+        if entry is not None:
+            entry.instruments.unloaded("replaced")
+            if entry.task is not None:
+                entry.task.cancel()
+        entry = CopyEntry(
+            cmd.model,
+            cmd.variant,
+            cmd.sha256.lower(),
+            serving=cmd.serving,
+            instruments=self._metrics.copy(cmd.model, cmd.variant),
+        )
         _log.info("loading %s/%s from %s", cmd.model, cmd.variant, cmd.artifact_uri)
         self._copies[key] = entry
         self._announce(entry)
@@ -193,7 +213,7 @@ class CopyManager:
         with _tracer.start_as_current_span(
             "node load",
             attributes={"meshserve.model": entry.model, "meshserve.variant": entry.variant},
-        ):
+        ) as span:
             started = time.perf_counter()
             try:
                 async with self._load_lock:
@@ -207,12 +227,16 @@ class CopyManager:
                     )
                     entry.load_seconds = time.perf_counter() - started
                     if not entry.serving.skip_warmup:
-                        with _tracer.start_as_current_span("node warmup"):
+                        sizes = _warmup_sizes(entry.serving)
+                        with _tracer.start_as_current_span(
+                            "node warmup", attributes={"meshserve.batch_sizes": sizes}
+                        ) as warmup:
                             warm_started = time.perf_counter()
                             await asyncio.get_running_loop().run_in_executor(
-                                self._executor, copy.warmup_blocking, _warmup_sizes(entry.serving)
+                                self._executor, copy.warmup_blocking, sizes
                             )
                             entry.warmup_seconds = time.perf_counter() - warm_started
+                            warmup.set_attribute("meshserve.warmup_seconds", entry.warmup_seconds)
                     profile = await asyncio.get_running_loop().run_in_executor(
                         self._executor, copy.latency_profile, _warmup_sizes(entry.serving)
                     )
@@ -225,18 +249,22 @@ class CopyManager:
             except (StoreError, LoadError) as exc:
                 self._store.unpin(entry.sha256)
                 entry.state, entry.reason = mesh_pb2.FAILED, str(exc)
+                span.set_status(trace.StatusCode.ERROR, entry.reason)
                 _log.warning("copy %s/%s failed: %s", entry.model, entry.variant, exc)
                 self._announce(entry)
                 return
             except Exception as exc:
                 self._store.unpin(entry.sha256)
                 entry.state, entry.reason = mesh_pb2.FAILED, f"unexpected load error: {exc!r}"
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, entry.reason)
                 _log.exception("copy %s/%s failed", entry.model, entry.variant)
                 self._announce(entry)
                 return
             entry.copy = copy
             entry.batcher = self._batcher_for(entry, copy)
             entry.state = mesh_pb2.READY
+            self._loaded(entry, span)
             _log.info(
                 "copy %s/%s ready: load %.3fs, warm-up %.3fs, %.1f MiB, run %.0f us (%s), "
                 "profile %s on %s",
@@ -251,6 +279,30 @@ class CopyManager:
                 entry.execution_provider,
             )
             self._announce(entry)
+
+    @staticmethod
+    def _loaded(entry: CopyEntry, span: trace.Span) -> None:
+        """Report a copy that just became READY: load span attributes and histograms."""
+        warmed = not entry.serving.skip_warmup
+        entry.instruments.loaded(entry.load_seconds, entry.warmup_seconds if warmed else None)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "meshserve.load_seconds": entry.load_seconds,
+                    "meshserve.warmup_seconds": entry.warmup_seconds,
+                    "meshserve.memory_bytes": entry.memory_bytes,
+                    "meshserve.execution_provider": entry.execution_provider,
+                    "meshserve.batched": entry.batcher is not None,
+                }
+            )
+
+    def _memory_readings(self) -> list[Reading]:
+        """Resident bytes per READY copy (read on the metrics thread: one copy of the table)."""
+        return [
+            (float(e.memory_bytes), e.instruments.attributes)
+            for e in list(self._copies.values())
+            if e.state == mesh_pb2.READY
+        ]
 
     def _progress_reporter(self, entry: CopyEntry) -> Callable[[int, int | None], None]:
         """A download progress callback (called from the store's worker thread) that announces
@@ -298,7 +350,9 @@ class CopyManager:
             latency_slo_ms=config.latency_slo_ms or None,
             max_concurrent_batches=1 if entry.inline else self._batch_concurrency,
         )
-        return Batcher(execute, policy, name=f"{entry.model}/{entry.variant}")
+        return Batcher(
+            execute, policy, name=f"{entry.model}/{entry.variant}", observer=entry.instruments
+        )
 
     async def unload(self, model: str, variant: str, placement_revision: int = 0) -> None:
         """Unload a copy (no-op if absent or if ``placement_revision`` is older than the last
@@ -308,6 +362,7 @@ class CopyManager:
         entry = self._copies.pop((model, variant), None)
         if entry is None:
             return
+        entry.instruments.unloaded("placement")
         if entry.task is not None and not entry.task.done():
             entry.task.cancel()
         # Let in-flight requests finish before the session goes (bounded wait).

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from client.codec import decode_request_inputs, encode_response_outputs
-from node.cache import cache_key
+from node.cache import ResponseCache, cache_key
 from node.copies import CopyEntry, CopyManager
 from protos import inference_pb2, inference_pb2_grpc
 from protos.instruments import RequestMetrics
@@ -126,8 +126,25 @@ class InferenceHandler:
             key = cache_key(other.model, other.variant, other.sha256, inputs)
             hit = self._copies.cache.get(key)
             if hit is not None and all(n in hit for n in names):
+                other.instruments.cache(True)
                 return other, {n: hit[n] for n in names}
         return None
+
+    @staticmethod
+    def _lookup(
+        entry: CopyEntry, cache: ResponseCache, inputs: dict[str, NDArray[Any]], span: trace.Span
+    ) -> tuple[bytes, dict[str, NDArray[Any]] | None]:
+        """The cache key of ``inputs`` and their cached outputs (None: a miss), counted; a
+        "node cache" span (child of ``span``, the query's) when the query is traced."""
+        lookup = _tracer.start_span("node cache") if span.is_recording() else None
+        key = cache_key(entry.model, entry.variant, entry.sha256, inputs)
+        hit = cache.get(key)
+        entry.instruments.cache(hit is not None)
+        span.set_attribute("meshserve.cache_hit", hit is not None)
+        if lookup is not None:
+            lookup.set_attribute("meshserve.cache_hit", hit is not None)
+            lookup.end()
+        return key, hit
 
     async def _compute(
         self,
@@ -146,9 +163,7 @@ class InferenceHandler:
         cache = self._copies.cache if entry.serving.cache else None
         key = b""
         if cache is not None:
-            key = cache_key(entry.model, entry.variant, entry.sha256, inputs)
-            hit = cache.get(key)
-            span.set_attribute("meshserve.cache_hit", hit is not None)
+            key, hit = self._lookup(entry, cache, inputs, span)
             if hit is not None:
                 return {n: hit[n] for n in names}, True
             names_to_run = copy.all_outputs  # cache every output: any later subset hits
