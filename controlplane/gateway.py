@@ -10,6 +10,11 @@ another copy (in any zone; inference is idempotent), never past the caller's dea
 for a variant scaled to zero (autoscaling with ``min_copies: 0``) asks the leader for a copy (an
 etcd "wake" key) and waits for it to be ready, up to its deadline (or ``cold_start_max_s``
 without one); the wait is the measured cold start (span attribute, event).
+
+Tracing: the ``gateway ModelInfer`` span (SERVER) has a ``gateway route`` child per routing
+decision (the variant choice and the copy picked; a retry decides again) and a ``gateway forward``
+child (CLIENT) per attempt, whose context is the one the node receives (call metadata or tunnel
+frame), so the node's span is a child of the attempt that reached it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
 from controlplane.switching import (
     Calibration,
+    Choice,
     CopyLoad,
     Switcher,
     VariantOption,
@@ -99,6 +105,17 @@ def _zone_of(request: inference_pb2.ModelInferRequest) -> str:
 
 def _scales_to_zero(spec: mesh_pb2.ModelSpec) -> bool:
     return spec.HasField("autoscaling") and spec.autoscaling.min_copies == 0
+
+
+def _child(
+    span: trace.Span, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL
+) -> contextlib.AbstractContextManager[trace.Span]:
+    """A current child span of ``span`` (the query's); ``span`` itself when it does not record
+    (not sampled, or no tracing configured): a no-op span still costs microseconds per query,
+    and the context sent on is the same either way."""
+    if span.is_recording():
+        return _tracer.start_as_current_span(name, kind=kind)
+    return contextlib.nullcontext(span)
 
 
 _COPY_FAULTS = frozenset(
@@ -236,33 +253,37 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 span.set_attribute("meshserve.client_zone", zone)
             if slo_s is None:  # the model's default SLO (that of its most accurate variant)
                 slo_s = _default_slo(snapshot.variants(request.model_name))
-            if request.model_version or (slo_s is None and min_accuracy is None):
-                spec = self._variant(snapshot, request.model_name, request.model_version)
-            else:
-                spec = self._switch(
-                    request, snapshot, request.model_name, slo_s, min_accuracy, span
-                )
-            request.model_version = spec.variant
-            span.set_attribute("meshserve.variant", spec.variant)
-            if not self._candidates(snapshot, spec) and _scales_to_zero(spec):
-                snapshot = await self._cold_start(spec, deadline, span)
             tried: set[str] = set()
-            for attempt in range(2):
-                candidates = [n for n in self._candidates(snapshot, spec) if n.node_id not in tried]
-                if not candidates:
-                    if attempt:
+            with _child(span, "gateway route") as route:
+                if request.model_version or (slo_s is None and min_accuracy is None):
+                    spec = self._variant(snapshot, request.model_name, request.model_version)
+                    reason, predicted_s = "p2c", math.inf
+                else:
+                    choice = self._switch(
+                        request, snapshot, request.model_name, slo_s, min_accuracy, span
+                    )
+                    spec, reason = choice.spec, f"switch: {choice.reason}"
+                    predicted_s = choice.predicted_s
+                request.model_version = spec.variant
+                span.set_attribute("meshserve.variant", spec.variant)
+                if not self._candidates(snapshot, spec) and _scales_to_zero(spec):
+                    snapshot = await self._cold_start(spec, deadline, span)
+                node = self._select(snapshot, spec, zone, tried, route, reason, predicted_s)
+            if node is None:
+                raise self._no_copy(snapshot, spec)
+            for attempt in (1, 2):
+                if attempt == 2:
+                    with _child(span, "gateway route") as route:
+                        node = self._select(snapshot, spec, zone, tried, route, "retry")
+                    if node is None:
                         break
-                    raise self._no_copy(snapshot, spec)
-                # Narrowed after the tried copies are removed: a retry may leave the zone.
-                node = self._pick(prefer_local(candidates, zone), spec)
-                tried.add(node.node_id)
                 timeout = None if deadline is None else deadline - time.monotonic()
                 if timeout is not None and timeout <= 0:
                     break
                 try:
-                    response = await self._forward(node, spec, request, timeout, span)
+                    response = await self._forward(node, spec, request, timeout, span, attempt)
                 except StatusError as exc:
-                    if exc.code != grpc.StatusCode.UNAVAILABLE or attempt:
+                    if exc.code != grpc.StatusCode.UNAVAILABLE or attempt == 2:
                         raise
                     span.add_event("retry", {"meshserve.node": node.node_id, "reason": exc.message})
                     if self._events is not None:
@@ -325,6 +346,36 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             with contextlib.suppress(Exception):
                 await self._wake(key, False)
 
+    def _select(
+        self,
+        snapshot: Snapshot,
+        spec: mesh_pb2.ModelSpec,
+        zone: str,
+        tried: set[str],
+        route: trace.Span,
+        reason: str,
+        predicted_s: float = math.inf,
+    ) -> NodeView | None:
+        """Pick a copy of ``spec`` not in ``tried`` (and add it there); None when none is left.
+        ``route``: the routing decision's span, told the candidates, the pick and the reason."""
+        candidates = [n for n in self._candidates(snapshot, spec) if n.node_id not in tried]
+        # Narrowed after the tried copies are removed: a retry may leave the zone.
+        node = self._pick(prefer_local(candidates, zone), spec) if candidates else None
+        if node is not None:
+            tried.add(node.node_id)
+        if route.is_recording():
+            route.set_attributes(
+                {
+                    "meshserve.candidates": len(candidates),
+                    "meshserve.node": node.node_id if node is not None else "",
+                    "meshserve.variant": spec.variant,
+                    "meshserve.route_reason": reason,
+                }
+            )
+            if math.isfinite(predicted_s):
+                route.set_attribute("meshserve.predicted_ms", round(predicted_s * 1000, 3))
+        return node
+
     def _switch(
         self,
         request: inference_pb2.ModelInferRequest,
@@ -333,7 +384,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         slo_s: float | None,
         min_accuracy: float | None,
         span: trace.Span,
-    ) -> mesh_pb2.ModelSpec:
+    ) -> Choice:
         """The variant for a query with an SLO and/or a minimum accuracy (see switching.py)."""
         variants = snapshot.variants(model)
         if not variants:
@@ -360,7 +411,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             span.set_attribute("meshserve.predicted_ms", round(choice.predicted_s * 1000, 3))
         if slo_s is not None:
             span.set_attribute("meshserve.slo_ms", slo_s * 1000)
-        return choice.spec
+        return choice
 
     def explain_switching(
         self, model: str, slo_ms: float, min_accuracy: float
@@ -481,6 +532,28 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         request: inference_pb2.ModelInferRequest,
         timeout: float | None,
         span: trace.Span,
+        attempt: int = 1,
+    ) -> inference_pb2.ModelInferResponse:
+        """Send ``request`` to ``node`` as a ``gateway forward`` span (the node's parent)."""
+        path = "direct" if node.direct_address else "tunnel"
+        span.set_attribute("meshserve.path", path)
+        with _child(span, "gateway forward", trace.SpanKind.CLIENT) as fwd:
+            if fwd.is_recording():
+                fwd.set_attributes(
+                    {
+                        "meshserve.attempt": attempt,
+                        "meshserve.node": node.node_id,
+                        "meshserve.path": path,
+                    }
+                )
+            return await self._send(node, spec, request, timeout)
+
+    async def _send(
+        self,
+        node: NodeView,
+        spec: mesh_pb2.ModelSpec,
+        request: inference_pb2.ModelInferRequest,
+        timeout: float | None,
     ) -> inference_pb2.ModelInferResponse:
         key = (node.node_id, spec.name, spec.variant)
         baseline = 0.0
@@ -492,7 +565,6 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         started, ok = time.monotonic(), True
         try:
             if node.direct_address:
-                span.set_attribute("meshserve.path", "direct")
                 stub = self._stub(node.direct_address)
                 try:
                     response: inference_pb2.ModelInferResponse = await stub.ModelInfer(
@@ -504,7 +576,6 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 session = self._hub.sessions.get(node.node_id)
                 if session is None:
                     raise Unavailable(f"node {node.node_id} is not linked to this replica")
-                span.set_attribute("meshserve.path", "tunnel")
                 response = await session.tunnel(request, timeout, inject_map())
             return response
         except StatusError as exc:
