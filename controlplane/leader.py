@@ -14,14 +14,15 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from controlplane import keys
-from controlplane.autoscale import Autoscaler
+from controlplane.autoscale import Autoscaler, ScaleChange
 from controlplane.etcd import Election
 from controlplane.events import EventSink
-from controlplane.scheduler import RuleSource, plan_placements
+from controlplane.metrics import ControlPlaneMetrics, controlplane_metrics
+from controlplane.scheduler import Plan, RuleSource, plan_placements
 from controlplane.snapshot import Snapshot, VariantKey
 
 __all__ = ["LeaderLoop"]
@@ -42,7 +43,9 @@ class LeaderLoop:
         policy: Callable[[], RuleSource | None] = lambda: None,
         in_flight: Callable[[], Mapping[str, Mapping[VariantKey, float]]] = dict,
         events: EventSink | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
+        """``metrics``: where decisions are counted (default: :func:`controlplane_metrics`)."""
         self._etcd = etcd
         self._new_election = election  # a fresh Election on the replica's current session
         self.election: Election | None = None
@@ -52,6 +55,7 @@ class LeaderLoop:
         self._policy = policy
         self._in_flight = in_flight
         self._events = events
+        self._metrics = metrics or controlplane_metrics()
         self._wake = asyncio.Event()
         self.autoscaler = Autoscaler()
         self._idle_inputs: tuple[object, ...] | None = None
@@ -67,7 +71,9 @@ class LeaderLoop:
                 await election.campaign()
                 _log.info("replica %s is the scheduling leader", self._replica_id)
                 while election.is_leader:
+                    started = time.perf_counter()
                     await self.step()
+                    self._metrics.scheduled(time.perf_counter() - started)
                     try:
                         await asyncio.wait_for(self._wake.wait(), self._interval)
                     except TimeoutError:
@@ -113,6 +119,7 @@ class LeaderLoop:
                 _log.warning("placement write refused: this replica no longer holds the leader key")
                 return
         self.passes += 1
+        self._count(base, plan, changes)
         for change in changes:
             self._event(
                 "scale",
@@ -140,6 +147,21 @@ class LeaderLoop:
                     "evict", model=ev.key[0], variant=ev.key[1], node_id=ev.node_id, message=text
                 )
         _log.debug("scheduling pass took %.1f ms", (time.perf_counter() - started) * 1e3)
+
+    def _count(self, base: Snapshot, plan: Plan, changes: Sequence[ScaleChange]) -> None:
+        """Count the decisions of a written pass: copies placed and unplaced (an evicted copy
+        counts as an eviction only), removals, evictions, autoscaler changes."""
+        evicted = {(ev.key, ev.node_id) for ev in plan.evictions}
+        for key, placement in plan.upserts.items():
+            old = base.placements.get(key)
+            before = [n for n in (old.nodes if old else ()) if (key, n) not in evicted]
+            self._metrics.placed(key, before, placement.nodes)
+        for key in plan.deletes:
+            self._metrics.decided(key, "remove")
+        for ev in plan.evictions:
+            self._metrics.evicted(ev.key)
+        for change in changes:
+            self._metrics.decided(change.key, "scale")
 
     def _event(self, kind: str, key: VariantKey, *, message: str) -> None:
         if self._events is not None:
