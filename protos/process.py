@@ -6,17 +6,24 @@ Called from each ``main()`` only — importing this module has no side effects.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = [
     "configure_logging",
     "configure_metrics",
     "configure_tracing",
     "install_task_dump",
+    "otlp_span_exporter",
     "run",
+    "service_resource",
 ]
 
 T = TypeVar("T")
@@ -46,39 +53,85 @@ def configure_logging(level: str = "INFO") -> None:
 def configure_tracing(service_name: str) -> None:
     """Install an SDK tracer provider for this process, if spans have somewhere to go.
 
-    Spans are exported with OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the exporter
-    package is installed (batched, off the hot path); ``MESHSERVE_TRACE_CONSOLE=1`` prints them.
-    Sampling follows the standard ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` variables
-    (default: parent-based, always on). With no exporter no provider is installed: recording a
-    span nobody reads costs ~50 us per hop, while the W3C trace context a caller sends still
+    Spans are exported with OTLP (see :func:`otlp_span_exporter`) and/or printed
+    (``MESHSERVE_TRACE_CONSOLE=1``), always through a ``BatchSpanProcessor``: a bounded queue
+    and a background thread, so exporting never blocks the hot path (``OTEL_BSP_*`` tune it).
+    The rest of the standard configuration applies as the SDK reads it: sampling
+    (``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``, default parent-based always-on), the
+    resource (``OTEL_SERVICE_NAME`` overrides ``service_name``; ``OTEL_RESOURCE_ATTRIBUTES``),
+    propagation (``OTEL_PROPAGATORS``, default W3C trace context and baggage) and
+    ``OTEL_SDK_DISABLED=true``. With no exporter no provider is installed: recording a span
+    nobody reads costs ~50 us per hop, while the W3C trace context a caller sends still
     propagates through every hop unchanged (the API's non-recording spans carry it).
     """
     from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return
     processors: list[SpanProcessor] = []
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-                OTLPSpanExporter,
-            )
-
-            processors.append(BatchSpanProcessor(OTLPSpanExporter()))
-        except ImportError:
-            logging.getLogger("meshserve").warning(
-                "OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not "
-                "installed; spans are not exported"
-            )
+    exporter = otlp_span_exporter()
+    if exporter is not None:
+        processors.append(BatchSpanProcessor(exporter))
     if os.environ.get("MESHSERVE_TRACE_CONSOLE") == "1":
         processors.append(BatchSpanProcessor(ConsoleSpanExporter()))
     if not processors:
         return
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=service_resource(service_name))
     for processor in processors:
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
+
+
+def otlp_span_exporter() -> SpanExporter | None:
+    """The OTLP span exporter the standard variables ask for, or None (the default).
+
+    On when ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set,
+    unless ``OTEL_TRACES_EXPORTER`` names other exporters only (e.g. ``none``). The protocol is
+    ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` or ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``grpc`` (the
+    default) or ``http/protobuf``; the exporter itself reads the endpoint, headers, timeout,
+    compression and certificates. The exporter package (``opentelemetry-exporter-otlp``) is
+    optional: without it a warning is logged and nothing is exported.
+    """
+    env = os.environ
+    if not (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    ):
+        return None
+    wanted = {name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")}
+    if "otlp" not in wanted:
+        return None
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or ""
+    ).strip()
+    module = "http" if protocol.startswith("http") else "grpc"
+    try:
+        exporters = importlib.import_module(
+            f"opentelemetry.exporter.otlp.proto.{module}.trace_exporter"
+        )
+    except ImportError:
+        logging.getLogger("meshserve").warning(
+            "an OTLP endpoint is set but opentelemetry-exporter-otlp-proto-%s is not installed; "
+            "spans are not exported",
+            module,
+        )
+        return None
+    exporter: SpanExporter = exporters.OTLPSpanExporter()
+    return exporter
+
+
+def service_resource(service_name: str) -> Resource:
+    """This process's OpenTelemetry resource: ``OTEL_RESOURCE_ATTRIBUTES`` and
+    ``OTEL_SERVICE_NAME`` as the SDK reads them, ``service_name`` when they name no service."""
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": service_name}))
+    return resource
 
 
 def configure_metrics(service_name: str, listen: str) -> None:
@@ -90,14 +143,12 @@ def configure_metrics(service_name: str, listen: str) -> None:
     from opentelemetry import metrics
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.resources import Resource
     from prometheus_client import start_http_server
 
     host, _, port = listen.rpartition(":")
     start_http_server(int(port), addr=host or "0.0.0.0")
     provider = MeterProvider(
-        resource=Resource.create({"service.name": service_name}),
-        metric_readers=[PrometheusMetricReader()],
+        resource=service_resource(service_name), metric_readers=[PrometheusMetricReader()]
     )
     metrics.set_meter_provider(provider)
     logging.getLogger("meshserve").info("metrics for Prometheus on http://%s/metrics", listen)
