@@ -21,6 +21,10 @@ stderr. Every load run is capped in time (``--warmup`` + ``--duration``) and in 
 
     .venv/bin/python bench/dataplane.py                 # full run, ~6 minutes
     .venv/bin/python bench/dataplane.py --quick         # MLP only, short runs, ~1 minute
+    .venv/bin/python bench/dataplane.py --monitoring-only   # monitoring on/off, ~1 minute
+
+Monitoring on/off (``run_monitoring``): node direct, MLP, C=32, two identical nodes; "on" has
+tracing at the default sampling, metrics and drift sketches, "off" none (alternating rounds).
 """
 
 from __future__ import annotations
@@ -347,6 +351,81 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "summary": summarize(rows), "config": _config(args)}
 
 
+def run_monitoring(args: argparse.Namespace) -> dict[str, Any]:
+    """Monitoring on vs off, node direct, MLP, C=32: two identical nodes side by side; "on" has
+    tracing at the default sampling (exported, batched, to its log), the Prometheus endpoint and
+    drift sketches of all 64 input features and the output; "off" has none of them. Rounds
+    alternate off/on so drift in the machine's load hits both alike; the ratio of the medians
+    is the cost."""
+    from protos.sketches import build_profile
+
+    workdir = Path(tempfile.mkdtemp(prefix="meshserve-bench-monitoring-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    model = _models(workdir, ["mlp"])[0]
+    rounds = args.monitoring_rounds
+    rows: list[dict[str, Any]] = []
+    with LocalMesh(workdir, lease_ttl_s=5, env=env) as mesh:
+        log("monitoring on/off: etcd, a control plane, node-plain and node-monitored")
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        mesh.start_node("node-plain", [cp.address], labels={"path": "plain"}, direct=True)
+        mesh.start_node(
+            "node-monitored",
+            [cp.address],
+            labels={"path": "monitored"},
+            direct=True,
+            extra=["--metrics-listen", f"127.0.0.1:{free_port()}"],
+            env={"MESHSERVE_TRACE_CONSOLE": "1"},
+        )
+        rng = np.random.default_rng(0)
+        sample = rng.standard_normal((2000, *model.x.shape[1:])).astype(model.x.dtype)
+        profile = build_profile(sample, None, input_name=model.input_name, source="bench")
+        with AdminClient(cp.address) as admin:
+            for path, monitoring in (
+                ("plain", mesh_pb2.MonitoringConfig(drift_off=True)),
+                ("monitored", mesh_pb2.MonitoringConfig()),
+            ):
+                admin.register_model(
+                    f"mlp-{path}",
+                    model.path.as_uri(),
+                    sha256_file(model.path),
+                    node_selector={"path": path},
+                    serving=mesh_pb2.ServingConfig(monitoring=monitoring),
+                )
+            admin.set_drift_profile("mlp-monitored", "default", profile)
+            wait_until(
+                lambda: (
+                    sum(c.state == mesh_pb2.READY for n in admin.list_nodes() for c in n.copies)
+                    >= 2
+                ),
+                120,
+                what="2 READY copies",
+            )
+            nodes = {n.node_id: n.direct_address for n in admin.list_nodes()}
+        for i in range(rounds):
+            for path in ("plain", "monitored"):
+                log(f"monitoring round {i + 1}/{rounds}: {path}")
+                figures = _loadgen(nodes[f"node-{path}"], f"mlp-{path}", model, 32, args, env)
+                rows.append(_row(f"node_direct_{path}", "mlp", 32, False, figures))
+    # After the mesh stopped: the node's stdout (where the console exporter writes) is flushed.
+    traced = sum(1 for line in (workdir / "node-monitored.log").open() if '"trace_id"' in line)
+    off = float(np.median([r["rps"] for r in rows if r["path"] == "node_direct_plain"]))
+    on = float(np.median([r["rps"] for r in rows if r["path"] == "node_direct_monitored"]))
+    cost = 1.0 - on / off
+    return {
+        "rows": rows,
+        "off_rps_median": round(off, 1),
+        "on_rps_median": round(on, 1),
+        "cost": round(cost, 4),
+        "requests_monitored": sum(r["requests"] for r in rows if "monitored" in r["path"]),
+        "spans_exported": traced,
+        "target": {
+            "monitoring (tracing at default sampling + metrics + drift sketches) costs <= 5% "
+            "of throughput at C=32 (node direct)": {"cost": round(cost, 4), "met": cost <= 0.05}
+        },
+    }
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
     import onnxruntime
@@ -484,6 +563,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-s", type=float, default=1200.0, help="cap for the whole run")
     p.add_argument("--no-triton-rows", dest="triton_rows", action="store_false")
     p.add_argument("--quick", action="store_true", help="MLP only, 1 s rows")
+    p.add_argument("--monitoring-rounds", type=int, default=6, help="off/on pairs (C=32)")
+    p.add_argument(
+        "--monitoring-only", action="store_true", help="only the monitoring on/off comparison"
+    )
+    p.add_argument("--no-monitoring", dest="monitoring", action="store_false")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p
 
@@ -493,7 +577,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.models, args.duration, args.warmup = ["mlp"], 1.0, 0.3
     started = time.monotonic()
-    result = run(args)
+    if args.monitoring_only:
+        result = {"monitoring": run_monitoring(args), "config": _config(args)}
+    else:
+        result = run(args)
+        if args.monitoring:
+            result["monitoring"] = run_monitoring(args)
     result["config"]["wall_s"] = round(time.monotonic() - started, 1)
     emit(result, args.out)
 

@@ -9,7 +9,23 @@ import grpc
 from protos import mesh_pb2, mesh_pb2_grpc
 from protos.status import from_code
 
-__all__ = ["AdminClient"]
+__all__ = ["AdminClient", "feedback_items"]
+
+
+def feedback_items(outcomes: Mapping[str, int | str | float]) -> list[mesh_pb2.FeedbackItem]:
+    """Feedback items from ``{request_id: truth}``: an int (or bool) is a class label, a str a
+    text label, a float a value."""
+    items = []
+    for request_id, truth in outcomes.items():
+        item = mesh_pb2.FeedbackItem(request_id=request_id)
+        if isinstance(truth, str):
+            item.text_label = truth
+        elif isinstance(truth, float):
+            item.value = truth
+        else:
+            item.label = int(truth)
+        items.append(item)
+    return items
 
 
 class AdminClient:
@@ -125,6 +141,28 @@ class AdminClient:
         out = self._call("DrainNode", mesh_pb2.DrainNodeRequest(node_id=node_id, undrain=undrain))
         assert isinstance(out, mesh_pb2.DrainNodeResponse)
         return out.draining
+
+    def feedback(
+        self, model: str, outcomes: Mapping[str, int | str | float]
+    ) -> mesh_pb2.FeedbackResponse:
+        """True labels (int or str) or values (float) for answered queries, by request id."""
+        request = mesh_pb2.FeedbackRequest(model=model, items=feedback_items(outcomes))
+        out = self._call("Feedback", request)
+        assert isinstance(out, mesh_pb2.FeedbackResponse)
+        return out
+
+    def model_health(self, model: str) -> list[mesh_pb2.VariantHealth]:
+        out = self._call("ModelHealth", mesh_pb2.ModelHealthRequest(model=model))
+        assert isinstance(out, mesh_pb2.ModelHealthResponse)
+        return list(out.variants)
+
+    def set_drift_profile(
+        self, model: str, variant: str, profile: mesh_pb2.DriftProfile
+    ) -> mesh_pb2.SetDriftProfileResponse:
+        request = mesh_pb2.SetDriftProfileRequest(model=model, variant=variant, profile=profile)
+        out = self._call("SetDriftProfile", request)
+        assert isinstance(out, mesh_pb2.SetDriftProfileResponse)
+        return out
 
     def close(self) -> None:
         self._channel.close()

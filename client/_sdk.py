@@ -19,8 +19,9 @@ import numpy.typing as npt
 from grpc import aio
 from opentelemetry import trace
 
+from client._admin import feedback_items
 from client.codec import ParameterValue, build_request, decode_response_outputs, get_parameter
-from protos import inference_pb2, inference_pb2_grpc
+from protos import inference_pb2, inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 from protos.params import CLIENT_ZONE
 from protos.status import StatusError, from_code
 from protos.tracing import metadata_with_context
@@ -39,10 +40,12 @@ class InferResult(dict[str, npt.NDArray[Any]]):
         outputs: Mapping[str, npt.NDArray[Any]],
         parameters: Mapping[str, ParameterValue],
         model_version: str,
+        request_id: str = "",
     ) -> None:
         super().__init__(outputs)
         self.parameters = dict(parameters)
         self.model_version = model_version
+        self.request_id = request_id  # for feedback (assigned by the node when logging)
 
     @property
     def node(self) -> str:
@@ -108,10 +111,18 @@ class _Base:
         slo_ms: float | None = None,
         min_accuracy: float | None = None,
         zone: str | None = None,
+        request_id: str = "",
     ) -> inference_pb2.ModelInferRequest:
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         parameters = _with_routing(parameters, slo_ms, min_accuracy, zone)
-        return build_request(model, arrays, outputs=outputs, version=version, parameters=parameters)
+        return build_request(
+            model,
+            arrays,
+            outputs=outputs,
+            version=version,
+            parameters=parameters,
+            request_id=request_id,
+        )
 
     @staticmethod
     def _span(model: str) -> Any:
@@ -122,7 +133,9 @@ class _Base:
     @staticmethod
     def _result(response: inference_pb2.ModelInferResponse) -> InferResult:
         params = {k: get_parameter(v) for k, v in response.parameters.items()}
-        return InferResult(decode_response_outputs(response), params, response.model_version)
+        return InferResult(
+            decode_response_outputs(response), params, response.model_version, response.id
+        )
 
 
 class MeshClient(_Base):
@@ -132,6 +145,7 @@ class MeshClient(_Base):
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes)
         self._channel = grpc.insecure_channel(target, options=self._options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._admin = mesh_pb2_grpc.AdminStub(self._channel)
 
     def infer(
         self,
@@ -145,13 +159,16 @@ class MeshClient(_Base):
         slo_ms: float | None = None,
         min_accuracy: float | None = None,
         zone: str | None = None,
+        request_id: str = "",
     ) -> InferResult:
         """``slo_ms``: latency budget; the gateway answers with the most accurate variant it
         predicts within it. ``min_accuracy``: never a variant below this accuracy. ``zone``:
         the caller's zone; the gateway prefers copies on nodes labelled ``zone=<it>`` (any
-        other copy answers when none there can)."""
+        other copy answers when none there can). ``request_id``: the OIP request id (for
+        :meth:`feedback`; a node logging predictions assigns one when it is empty, see
+        ``InferResult.request_id``)."""
         request = self._request(
-            model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone
+            model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone, request_id
         )
         with self._span(model):
             try:
@@ -184,6 +201,23 @@ class MeshClient(_Base):
             raise _translate(exc) from None
         return response
 
+    def feedback(
+        self,
+        model: str,
+        outcomes: Mapping[str, int | str | float],
+        *,
+        timeout: float | None = None,
+    ) -> int:
+        """Report true outcomes of answered queries (``{result.request_id: truth}``: an int is a
+        class label, a str a text label, a float a value). The nodes join them to the logged
+        predictions (models registered with prediction logging); returns the items accepted."""
+        request = mesh_pb2.FeedbackRequest(model=model, items=feedback_items(outcomes))
+        try:
+            response = self._admin.Feedback(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        return int(response.accepted)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -201,6 +235,7 @@ class AsyncMeshClient(_Base):
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes)
         self._channel = aio.insecure_channel(target, options=self._options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._admin = mesh_pb2_grpc.AdminStub(self._channel)
 
     async def infer(
         self,
@@ -214,10 +249,11 @@ class AsyncMeshClient(_Base):
         slo_ms: float | None = None,
         min_accuracy: float | None = None,
         zone: str | None = None,
+        request_id: str = "",
     ) -> InferResult:
         """As :meth:`MeshClient.infer`, awaited."""
         request = self._request(
-            model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone
+            model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone, request_id
         )
         with self._span(model):
             try:
@@ -251,6 +287,21 @@ class AsyncMeshClient(_Base):
         except grpc.RpcError as exc:
             raise _translate(exc) from None
         return response
+
+    async def feedback(
+        self,
+        model: str,
+        outcomes: Mapping[str, int | str | float],
+        *,
+        timeout: float | None = None,
+    ) -> int:
+        """As :meth:`MeshClient.feedback`, awaited."""
+        request = mesh_pb2.FeedbackRequest(model=model, items=feedback_items(outcomes))
+        try:
+            response = await self._admin.Feedback(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        return int(response.accepted)
 
     async def close(self) -> None:
         await self._channel.close(None)

@@ -75,6 +75,14 @@ def models_register(
     max_batch_size: int = 32,
     max_queue_delay_us: int = 0,
     cache: Annotated[bool, typer.Option(help="response cache for identical queries")] = False,
+    log_predictions: Annotated[
+        bool, typer.Option(help="log predictions on the nodes (for feedback and audits)")
+    ] = False,
+    log_sample_rate: Annotated[float, typer.Option(help="fraction of queries logged")] = 1.0,
+    log_inputs: Annotated[
+        bool, typer.Option(help="log the inputs themselves, not only a summary")
+    ] = False,
+    drift_window_rows: Annotated[int, typer.Option(help="rows per drift sketch window")] = 500,
     size_mb: Annotated[int, typer.Option(help="memory a copy takes, if known (MiB)")] = 0,
     accuracy: Annotated[float, typer.Option(help="the variant's accuracy, 0..1")] = 0.0,
     slo_ms: Annotated[
@@ -113,6 +121,12 @@ def models_register(
             enabled=batching, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us
         ),
         cache=cache,
+        monitoring=mesh_pb2.MonitoringConfig(
+            log_predictions=log_predictions,
+            log_sample_rate=log_sample_rate if log_predictions else 0.0,
+            log_inputs=log_inputs,
+            drift_window_rows=drift_window_rows,
+        ),
     )
     autoscaling = None
     if min_copies is not None or max_copies:
@@ -211,12 +225,7 @@ def models_evaluate(
 
     from client import MeshClient
 
-    try:
-        with np.load(data, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        _console.print(f"[red]error[/red] cannot read {data}: {exc}")
-        raise typer.Exit(2) from None
+    arrays = _load_npz(data)
     if labels not in arrays:
         _console.print(f"[red]error[/red] {data} has no {labels!r} array (has {sorted(arrays)})")
         raise typer.Exit(2)
@@ -252,6 +261,121 @@ def models_evaluate(
         spec.accuracy = accuracy
         admin.register_spec(spec)
     _console.print(f"stored accuracy {accuracy:.4f} on {name}/{variant}")
+
+
+def _load_npz(data: Path) -> dict[str, Any]:
+    try:
+        with np.load(data, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        _console.print(f"[red]error[/red] cannot read {data}: {exc}")
+        raise typer.Exit(2) from None
+
+
+@models_app.command("profile")
+def models_profile(
+    name: str,
+    data: Annotated[Path, typer.Option(help=".npz sample of production-like inputs, by name")],
+    variant: str = "default",
+    input_name: Annotated[
+        str, typer.Option("--input", help="input to profile (default: the only/first one)")
+    ] = "",
+    bins: Annotated[int, typer.Option(help="quantile bins per feature")] = 10,
+    outputs: Annotated[
+        bool, typer.Option(help="also profile the predictions (queries the mesh with the sample)")
+    ] = True,
+    batch: int = 64,
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """Store a drift reference for a variant: quantile-bin sketches of each input feature (and of
+    the predictions) of a sample you give. Only these sketches are stored and sent to nodes."""
+    from client import MeshClient
+    from protos.sketches import build_profile, prediction_of
+
+    arrays = _load_npz(data)
+    if not arrays:
+        _console.print(f"[red]error[/red] {data} holds no arrays")
+        raise typer.Exit(2)
+    chosen = input_name or next(iter(arrays))
+    if chosen not in arrays:
+        _console.print(f"[red]error[/red] {data} has no {chosen!r} array (has {sorted(arrays)})")
+        raise typer.Exit(2)
+    rows = len(arrays[chosen])
+    predictions, classes = None, True
+    if outputs:
+        parts = []
+        try:
+            with MeshClient(target, timeout=60) as client:
+                for start in range(0, rows, max(1, batch)):
+                    part = {k: v[start : start + batch] for k, v in arrays.items()}
+                    result = client.infer(name, part, version=variant)
+                    values, classes = prediction_of(np.asarray(next(iter(result.values()))))
+                    parts.append(values)
+        except StatusError as exc:
+            _fail(exc)
+            return
+        predictions = np.concatenate(parts)
+    try:
+        profile = build_profile(
+            arrays[chosen],
+            predictions,
+            input_name=chosen,
+            classes=classes,
+            bins=bins,
+            source=f"sample:{data.name}",
+        )
+    except ValueError as exc:
+        _console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    with _admin(target) as admin:
+        admin.set_drift_profile(name, variant, profile)
+    _console.print(
+        f"stored a drift reference on {name}/{variant}: {len(profile.features)} features of "
+        f"{chosen!r}, {rows} rows, {'output classes' if classes else 'output values'}"
+        if outputs
+        else f"stored a drift reference on {name}/{variant}: {len(profile.features)} features"
+    )
+
+
+@models_app.command("accuracy")
+def models_accuracy(name: str, target: Target = "127.0.0.1:8001") -> None:
+    """Live accuracy per variant (feedback joined to logged predictions) and drift scores."""
+    with _admin(target) as admin:
+        variants = admin.model_health(name)
+    table = Table(
+        "variant",
+        "accuracy",
+        "labelled",
+        "logged",
+        "registered",
+        "MAE",
+        "windows",
+        "output PSI",
+        "max feature PSI",
+        "drifting",
+    )
+
+    def num(value: float, fmt: str = ".4f") -> str:
+        return "-" if value < 0 else format(value, fmt)
+
+    for v in variants:
+        table.add_row(
+            v.variant,
+            num(v.accuracy),
+            str(v.feedback_joined),
+            str(v.predictions_logged),
+            num(v.registered_accuracy) if v.registered_accuracy else "-",
+            num(v.mean_abs_error),
+            str(v.windows),
+            num(v.output_psi, ".3f"),
+            num(v.max_feature_psi, ".3f"),
+            "[red]yes[/red]" if v.drifting else "no",
+        )
+    _console.print(table)
+    for v in variants:
+        if v.features:
+            top = ", ".join(f"{f.name} {f.psi:.3f}" for f in v.features[:5])
+            _console.print(f"{v.variant}: highest feature PSI: {top}")
 
 
 def _predicted_labels(result: dict[str, Any], output: str) -> Any:
@@ -415,19 +539,38 @@ def events(
     limit: int = 50,
     kind: str = "",
     model: str = "",
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new events (Ctrl-C stops)")
+    ] = False,
+    interval_s: Annotated[float, typer.Option(help="poll interval with --follow")] = 1.0,
     target: Target = "127.0.0.1:8001",
 ) -> None:
-    """The decision log: placements, scaling, evictions, drains, policy changes (newest last)."""
+    """The decision log: placements, scaling, evictions, drains, policy changes, drift and
+    accuracy alarms (newest last)."""
     import datetime
+    import time
+
+    def row(e: mesh_pb2.Event) -> list[str]:
+        when = datetime.datetime.fromtimestamp(e.unix_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
+        model_name = f"{e.model}/{e.variant}" if e.model else ""
+        return [str(e.seq), when, e.kind, model_name, e.node_id, e.message, e.replica_id]
 
     with _admin(target) as admin:
         items = admin.list_events(limit, kind, model)
-    table = Table("seq", "time", "kind", "model", "node", "message", "replica")
-    for e in items:
-        when = datetime.datetime.fromtimestamp(e.unix_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
-        model_name = f"{e.model}/{e.variant}" if e.model else ""
-        table.add_row(str(e.seq), when, e.kind, model_name, e.node_id, e.message, e.replica_id)
-    _console.print(table)
+        table = Table("seq", "time", "kind", "model", "node", "message", "replica")
+        for e in items:
+            table.add_row(*row(e))
+        _console.print(table)
+        last = max((e.seq for e in items), default=0)
+        try:
+            while follow:
+                time.sleep(max(0.1, interval_s))
+                for e in admin.list_events(limit, kind, model):
+                    if e.seq > last:
+                        _console.print("  ".join(row(e)), highlight=False)
+                        last = e.seq
+        except KeyboardInterrupt:
+            return
 
 
 @app.command()

@@ -15,14 +15,16 @@ from typing import Any
 from controlplane import keys
 from controlplane.events import EventLog
 from controlplane.gateway import Gateway
+from controlplane.health import ModelHealth, feedback_totals
 from controlplane.hub import Hub
 from controlplane.policies.config import Policy, PolicyError, parse_policy
 from controlplane.scheduler import explain_variant
 from controlplane.snapshot import Snapshot
 from protos import mesh_pb2, mesh_pb2_grpc
-from protos.status import InvalidArgument, NotFound, ServicerContext
+from protos.sketches import MAX_CLASSES, MAX_FEATURES
+from protos.status import InvalidArgument, NotFound, ServicerContext, Unavailable
 
-__all__ = ["AdminService", "validate_spec"]
+__all__ = ["AdminService", "validate_profile", "validate_spec"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -42,6 +44,7 @@ _OIP_TYPES = {
     "BYTES",
 }
 MAX_COPIES = 1000
+MAX_FEEDBACK_ITEMS = 10_000
 
 
 def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
@@ -83,7 +86,40 @@ def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
             )
         if not scale.target_in_flight >= 0:
             raise InvalidArgument("autoscaling.target_in_flight must be >= 0")
+    monitoring = out.serving.monitoring
+    if not (math.isfinite(monitoring.log_sample_rate) and 0 <= monitoring.log_sample_rate <= 1):
+        raise InvalidArgument(
+            f"monitoring.log_sample_rate={monitoring.log_sample_rate} must be between 0 and 1"
+        )
+    if out.HasField("drift_reference"):
+        validate_profile(out.drift_reference)
     return out
+
+
+MAX_PROFILE_BINS = 64
+
+
+def validate_profile(profile: mesh_pb2.DriftProfile) -> None:
+    """InvalidArgument unless ``profile`` is a well-formed, bounded reference."""
+    if len(profile.features) > MAX_FEATURES:
+        raise InvalidArgument(
+            f"drift profile has {len(profile.features)} features; at most {MAX_FEATURES}"
+        )
+    if profile.features and not profile.input:
+        raise InvalidArgument("drift profile has features but names no input tensor")
+    for sketch in [*profile.features, profile.output]:
+        edges = list(sketch.edges)
+        if len(edges) >= MAX_PROFILE_BINS or len(sketch.counts) > MAX_CLASSES + MAX_PROFILE_BINS:
+            raise InvalidArgument(f"drift profile sketch {sketch.name!r} has too many bins")
+        if not all(math.isfinite(e) for e in edges) or edges != sorted(set(edges)):
+            raise InvalidArgument(
+                f"drift profile sketch {sketch.name!r}: edges must be finite and increasing"
+            )
+        if edges and len(sketch.counts) != len(edges) + 1:
+            raise InvalidArgument(
+                f"drift profile sketch {sketch.name!r}: {len(edges)} edges need "
+                f"{len(edges) + 1} counts, got {len(sketch.counts)}"
+            )
 
 
 class AdminService(mesh_pb2_grpc.AdminServicer):
@@ -96,6 +132,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         policy: Callable[[], Policy],
         events: EventLog,
         gateway: Gateway,
+        health: ModelHealth,
     ) -> None:
         self._etcd = etcd
         self._snapshot = snapshot
@@ -103,6 +140,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self._policy = policy
         self._events = events
         self._gateway = gateway
+        self._health = health
 
     async def RegisterModel(
         self, request: mesh_pb2.RegisterModelRequest, context: ServicerContext
@@ -257,3 +295,74 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
         return self._gateway.explain_switching(request.model, request.slo_ms, request.min_accuracy)
+
+    async def Feedback(
+        self, request: mesh_pb2.FeedbackRequest, context: ServicerContext
+    ) -> mesh_pb2.FeedbackResponse:
+        """Send outcomes to every linked node serving the model: the node that logged the
+        prediction joins it (request ids are unique; the others ignore it)."""
+        if not request.model:
+            raise InvalidArgument("feedback needs the model name")
+        if not request.items:
+            raise InvalidArgument("feedback has no items")
+        if len(request.items) > MAX_FEEDBACK_ITEMS:
+            raise InvalidArgument(
+                f"{len(request.items)} feedback items; send at most {MAX_FEEDBACK_ITEMS} per call"
+            )
+        for item in request.items:
+            if not item.request_id:
+                raise InvalidArgument("a feedback item has an empty request_id")
+            if item.WhichOneof("truth") is None:
+                raise InvalidArgument(f"feedback for {item.request_id!r} carries no label or value")
+            if item.WhichOneof("truth") == "value" and not math.isfinite(item.value):
+                raise InvalidArgument(f"feedback for {item.request_id!r}: value is not finite")
+        if not self._snapshot().variants(request.model):
+            raise NotFound(f"unknown model {request.model!r}")
+        message = mesh_pb2.ControlMessage(
+            feedback=mesh_pb2.FeedbackBatch(model=request.model, items=request.items)
+        )
+        sent = 0
+        for session in list(self._hub.sessions.values()):
+            if any(model == request.model for model, _ in session.copies):
+                try:
+                    session.send(message)
+                    sent += 1
+                except Exception:  # a backed-up stream: the others still get it
+                    continue
+        if not sent:
+            raise Unavailable(f"no node serving {request.model!r} is linked to this replica; retry")
+        return mesh_pb2.FeedbackResponse(accepted=len(request.items), nodes=sent)
+
+    async def ModelHealth(
+        self, request: mesh_pb2.ModelHealthRequest, context: ServicerContext
+    ) -> mesh_pb2.ModelHealthResponse:
+        variants = self._snapshot().variants(request.model)
+        if not variants:
+            raise NotFound(f"unknown model {request.model!r}")
+        totals = feedback_totals((s.telemetry for s in self._hub.sessions.values()), request.model)
+        out = mesh_pb2.ModelHealthResponse()
+        for spec in sorted(variants, key=lambda v: v.variant):
+            key = (spec.name, spec.variant)
+            health = out.variants.add()
+            health.CopyFrom(
+                totals.get(key)
+                or mesh_pb2.VariantHealth(variant=spec.variant, accuracy=-1, mean_abs_error=-1)
+            )
+            health.registered_accuracy = spec.accuracy
+            self._health.report(key, health)
+        return out
+
+    async def SetDriftProfile(
+        self, request: mesh_pb2.SetDriftProfileRequest, context: ServicerContext
+    ) -> mesh_pb2.SetDriftProfileResponse:
+        validate_profile(request.profile)
+        variant = request.variant or "default"
+        key = keys.model_key(request.model, variant).encode()
+        current = self._snapshot().models.get((request.model, variant))
+        if current is None:
+            raise NotFound(f"model {request.model!r} has no variant {variant!r}")
+        spec = mesh_pb2.ModelSpec()
+        spec.CopyFrom(current)
+        spec.drift_reference.CopyFrom(request.profile)
+        await self._etcd.put(key, keys.encode(spec))
+        return mesh_pb2.SetDriftProfileResponse(features=len(request.profile.features))

@@ -4,9 +4,10 @@ Contract:
 - :meth:`EventLog.record` is synchronous, never blocks and never raises because of etcd (only an
   empty ``kind`` is a :class:`ValueError`). It stamps the event (``unix_ms``, ``replica_id``), logs
   it at INFO on ``meshserve.events``, counts it on the OpenTelemetry counter ``meshserve.events``
-  (attribute ``kind``), adds it as an event to the current span when that span is recording, and
-  queues it. The queue holds at most ``max_pending`` events: when full, the oldest queued event is
-  dropped and counted (``stats["dropped"]``); the batch being written is kept until it lands.
+  (attribute ``kind``), adds it as an event to the current span when that span is recording,
+  passes it to every subscriber (:meth:`EventLog.subscribe`) and queues it. The queue holds at
+  most ``max_pending`` events: when full, the oldest queued event is dropped and counted
+  (``stats["dropped"]``); the batch being written is kept until it lands.
 - A background writer (:meth:`EventLog.start`) drains the queue in batches. Each batch is one etcd
   transaction that compare-and-swaps the sequence counter ``/meshserve/events-seq`` (decimal text,
   the last sequence number handed out; compared on its mod revision), puts the batch's events at
@@ -33,6 +34,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from opentelemetry import metrics, trace
@@ -114,6 +116,7 @@ class EventLog:
         self._drained = asyncio.Event()  # the writer found nothing pending
         self._flush_now = asyncio.Event()  # close(): skip the remaining backoff
         self._task: asyncio.Task[None] | None = None
+        self._listeners: builtins.list[Callable[[mesh_pb2.Event], None]] = []
         self._counter = metrics.get_meter("meshserve.controlplane").create_counter(
             "meshserve.events", unit="1", description="control-plane decision events recorded"
         )
@@ -155,6 +158,8 @@ class EventLog:
             message,
         )
         self._observe(kind, model, variant, node_id, message)
+        for listener in self._listeners:
+            listener(event)
         if len(self._pending) + len(self._inflight) >= self._max_pending:
             self._dropped += 1
             if not self._pending:  # all pending events are in the batch being written
@@ -163,6 +168,11 @@ class EventLog:
         self._pending.append(event)
         self._drained.clear()
         self._wake.set()
+
+    def subscribe(self, listener: Callable[[mesh_pb2.Event], None]) -> None:
+        """Call ``listener`` with every event this replica records (it must not block or
+        raise: e.g. :meth:`controlplane.webhook.Webhook.offer`)."""
+        self._listeners.append(listener)
 
     def _observe(self, kind: str, model: str, variant: str, node_id: str, message: str) -> None:
         """OpenTelemetry side of :meth:`record`; telemetry trouble never reaches the caller."""

@@ -58,7 +58,7 @@ from protos.status import (
     from_code,
 )
 from protos.streaming import serve_infer_stream
-from protos.tracing import context_from_metadata, inject_map, metadata_with_context
+from protos.tracing import context_from_metadata, inject_map, metadata_with_context, server_span
 
 __all__ = ["Gateway"]
 
@@ -238,11 +238,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         parent: Context,
         remaining: float | None,
     ) -> inference_pb2.ModelInferResponse:
-        with _tracer.start_as_current_span(
-            "gateway ModelInfer",
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes={"meshserve.model": request.model_name},
+        with server_span(
+            _tracer, "gateway ModelInfer", parent, {"meshserve.model": request.model_name}
         ) as span:
             started = time.monotonic()
             deadline = started + remaining if remaining is not None else None

@@ -32,8 +32,10 @@ from typing import Any
 import grpc
 
 from controlplane import keys
+from controlplane.metrics import controlplane_metrics
 from controlplane.snapshot import Snapshot, VariantKey
 from protos import inference_pb2, mesh_pb2, mesh_pb2_grpc
+from protos.sketches import monitoring_digest
 from protos.status import (
     EOF,
     DeadlineExceeded,
@@ -167,8 +169,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         outbox_size: int = 4096,
         hello_timeout_s: float = 10.0,
         admissions_per_s: float = 200.0,
+        on_telemetry: Callable[[str, mesh_pb2.Telemetry], None] | None = None,
     ) -> None:
+        """``on_telemetry``: called with every Telemetry a node sends (drift windows)."""
         self._etcd = etcd
+        self._on_telemetry = on_telemetry
+        self._digests: dict[VariantKey, tuple[mesh_pb2.ModelSpec, str]] = {}
         self.replica_id = replica_id
         self._ttl = lease_ttl_s
         self._lease_id = lease_id
@@ -180,6 +186,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self.admission = TokenBucket(rate=admissions_per_s, burst=max(1.0, admissions_per_s))
         self.sessions: dict[str, NodeSession] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}
+        controlplane_metrics().watch_streams(self)
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -305,6 +312,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             self.reconcile_session(session, self._snapshot())
         elif kind == "telemetry":
             session.telemetry = message.telemetry
+            if self._on_telemetry is not None:
+                self._on_telemetry(session.node_id, message.telemetry)
         elif kind == "hello":
             _log.warning("node %s sent a second Hello; ignored", session.node_id)
 
@@ -375,8 +384,13 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 continue
             held = session.copies.get(key)
             revision = snapshot.placement_revision(key)
-            command = f"load:{spec.sha256.lower()}"
-            if held is not None and held.sha256 == spec.sha256.lower():
+            digest = self._digest(key, spec)
+            command = f"load:{spec.sha256.lower()}:{digest}"
+            if (
+                held is not None
+                and held.sha256 == spec.sha256.lower()
+                and (held.monitoring_digest == digest or held.state != mesh_pb2.READY)
+            ):
                 session.sent[key] = command
                 continue
             if session.sent.get(key) == command:
@@ -392,6 +406,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                             execution_providers=spec.execution_providers,
                             serving=spec.serving,
                             placement_revision=revision,
+                            drift_reference=spec.drift_reference,
                         )
                     )
                 )
@@ -424,6 +439,15 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 )
                 session.sent[key] = "unload"
                 _log.info("unload %s/%s -> node %s (rev %d)", key[0], key[1], node_id, revision)
+
+    def _digest(self, key: VariantKey, spec: mesh_pb2.ModelSpec) -> str:
+        """The monitoring digest a copy of ``spec`` should report (cached per spec object)."""
+        cached = self._digests.get(key)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        digest = monitoring_digest(spec.serving.monitoring, spec.drift_reference)
+        self._digests[key] = (spec, digest)
+        return digest
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

@@ -75,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
         help="log the telemetry bytes sent per link this often (0: never)",
     )
     p.add_argument("--cache-dir", type=Path, default=Path(".meshserve/cache"))
+    p.add_argument(
+        "--prediction-log-dir",
+        type=Path,
+        default=None,
+        help="where models that opt in log predictions (default: <cache-dir>/predictions)",
+    )
+    p.add_argument(
+        "--prediction-log-max-mb",
+        type=int,
+        default=128,
+        help="bound of the prediction log on disk (rotating files; oldest dropped)",
+    )
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument(
         "--inline-max-us",
@@ -130,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         listen=ns.listen,
         advertise=ns.advertise,
         cache_dir=ns.cache_dir,
+        prediction_log_dir=ns.prediction_log_dir,
+        prediction_log_max_bytes=max(1, ns.prediction_log_max_mb) << 20,
         max_message_bytes=ns.max_message_mb << 20,
         fault_delay_s=max(0.0, ns.fault_delay_ms) / 1000.0,
         memory_bytes=max(0, ns.memory_mb) << 20,

@@ -27,6 +27,7 @@ import grpc
 from grpc import aio
 
 from node.copies import CopyManager
+from node.metrics import node_metrics
 from node.runtime import available_providers, resident_bytes
 from node.service import InferenceHandler
 from node.telemetry import OfflineBuffer, TelemetryBudget, wire_size
@@ -115,6 +116,7 @@ class Agent:
             memory_bytes=memory_bytes or _memory_bytes(),
             execution_providers=available_providers(),
         )
+        node_metrics().watch_telemetry(self)
 
     def start(self) -> None:
         for address in self._seeds:
@@ -162,10 +164,15 @@ class Agent:
         """Telemetry bytes written per link (by address), as :func:`wire_size` counts them."""
         return {address: link.telemetry_bytes_sent for address, link in self._links.items()}
 
-    def summarise(self) -> mesh_pb2.Telemetry:
-        """One Telemetry: the node's counters now, one aggregate entry per copy."""
+    def summarise(
+        self, windows_sent: dict[tuple[str, str], int] | None = None
+    ) -> mesh_pb2.Telemetry:
+        """One Telemetry: the node's counters now, one aggregate entry per copy. With
+        ``windows_sent`` (a link's newest drift window sequence per copy), each entry also
+        carries the copy's newest closed drift window that link has not sent."""
         telemetry = mesh_pb2.Telemetry(unix_ms=int(time.time() * 1000), rss_bytes=resident_bytes())
         cache = self.copies.cache.stats()
+        log = self.copies.prediction_log
         for e in self.copies.entries():
             model = telemetry.models.add(
                 model=e.model,
@@ -182,7 +189,24 @@ class Agent:
                 model.batches = stats.batches
                 model.batched_rows = stats.rows
                 model.max_batch_size = e.batcher.current_max_batch_size
+            if e.monitor is not None and windows_sent is not None:
+                window = e.monitor.window_after(windows_sent.get((e.model, e.variant), 0))
+                if window is not None:
+                    model.drift.CopyFrom(window)
+            counts = log.counts.get((e.model, e.variant)) if log is not None else None
+            if counts is not None:
+                model.feedback_joined = counts.joined
+                model.feedback_correct = counts.correct
+                model.feedback_abs_error = counts.abs_error
+                model.predictions_logged = counts.logged
         return telemetry
+
+    def join_feedback(self, batch: mesh_pb2.FeedbackBatch) -> int:
+        """Join outcomes to this node's logged predictions; returns how many joined."""
+        log = self.copies.prediction_log
+        if log is None:
+            return 0
+        return sum(log.join(batch.model, item) for item in batch.items)
 
     async def _offline_loop(self) -> None:
         """While no link is connected, summarise into the offline buffer (under the budget)."""
@@ -247,6 +271,7 @@ class _Link:
         self._inflight: set[asyncio.Task[None]] = set()
         self.budget = TelemetryBudget(agent.telemetry_max_bytes_per_s)
         self.telemetry_bytes_sent = 0
+        self.windows_sent: dict[tuple[str, str], int] = {}  # newest drift window sent per copy
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"link {self.address}")
@@ -281,6 +306,7 @@ class _Link:
             delay = random.uniform(0.0, min(cap, base * (2**attempt)))  # full jitter
             attempt += 1
             self.reconnects += 1
+            node_metrics().reconnected(self.address)
             await asyncio.sleep(delay)
 
     def _offer(self, message: mesh_pb2.NodeMessage) -> None:
@@ -361,6 +387,8 @@ class _Link:
             task.add_done_callback(self._inflight.discard)
         elif kind == "welcome":
             self._agent.learn(message.welcome.replicas)
+        elif kind == "feedback":
+            self._agent.join_feedback(message.feedback)
 
     def _tunneled(self, req: mesh_pb2.TunnelRequest) -> None:
         if len(self._inflight) >= self._agent.max_in_flight:
@@ -416,6 +444,9 @@ class _Link:
     async def _telemetry_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            telemetry = self.budget.apply(self._agent.summarise(), interval)
+            telemetry = self.budget.apply(self._agent.summarise(self.windows_sent), interval)
             if telemetry is not None:
+                for m in telemetry.models:
+                    if m.HasField("drift"):
+                        self.windows_sent[(m.model, m.variant)] = m.drift.seq
                 self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))

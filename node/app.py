@@ -19,6 +19,7 @@ from grpc import aio
 
 from node.agent import Agent
 from node.copies import CopyManager
+from node.monitor import PredictionLog
 from node.service import InferenceHandler, NodeInferenceServicer
 from node.store import ModelStore
 from protos import inference_pb2_grpc
@@ -51,6 +52,10 @@ class NodeConfig:
     telemetry_max_bytes_per_s: int = 2048  # telemetry budget per control-plane link; 0: none
     telemetry_buffer_bytes: int = 64 << 10  # summaries kept while no control plane is connected
     telemetry_log_s: float = 0.0  # log the telemetry bytes sent this often; 0: never
+    prediction_log_dir: Path | None = (
+        None  # models that opt in log here; None: cache_dir/predictions
+    )
+    prediction_log_max_bytes: int = 128 << 20  # the log's bound on disk (rotating files)
 
 
 class Node:
@@ -59,11 +64,18 @@ class Node:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.workers, thread_name_prefix="ort"
         )
+        files = 8
+        self.prediction_log = PredictionLog(
+            config.prediction_log_dir or config.cache_dir / "predictions",
+            max_file_bytes=max(1 << 16, config.prediction_log_max_bytes // files),
+            max_files=files,
+        )
         self.copies = CopyManager(
             ModelStore(config.cache_dir),
             self._executor,
             batch_concurrency=config.workers,
             inline_max_us=config.inline_max_us,
+            prediction_log=self.prediction_log,
         )
         self.handler = InferenceHandler(
             config.node_id, self.copies, fault_delay_s=config.fault_delay_s
@@ -71,9 +83,11 @@ class Node:
         self._server: aio.Server | None = None
         self.direct_address = ""
         self.agent: Agent | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
+        await asyncio.to_thread(self.prediction_log.open)
         if cfg.listen:
             self._server = aio.server(
                 options=[
@@ -110,12 +124,23 @@ class Node:
             telemetry_log_s=cfg.telemetry_log_s,
         )
         self.agent.start()
+        self._flusher = asyncio.create_task(self._flush_log(), name="prediction log flush")
         _log.info("node %s dialling %s", cfg.node_id, ", ".join(cfg.control_planes))
 
+    async def _flush_log(self, interval_s: float = 1.0) -> None:
+        """Logged predictions reach the file within about ``interval_s``."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.prediction_log.flush()
+
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
         if self.agent is not None:
             await self.agent.close()
         if self._server is not None:
             await self._server.stop(grace_s)
         await self.copies.close()
+        self.prediction_log.close()
         await asyncio.to_thread(self._executor.shutdown, True)

@@ -22,10 +22,12 @@ from opentelemetry import trace
 from node.batcher import Batcher, BatchPolicy
 from node.cache import ResponseCache
 from node.metrics import CopyInstruments, NodeMetrics, node_metrics
+from node.monitor import CopyMonitor, PredictionLog
 from node.runtime import LoadError, OnnxCopy, TensorInfo, resident_bytes
 from node.store import ModelStore, StoreError
 from protos import mesh_pb2
 from protos.instruments import Reading
+from protos.sketches import monitoring_digest
 from protos.status import NotFound, Unavailable
 
 __all__ = ["CopyEntry", "CopyManager"]
@@ -58,6 +60,9 @@ class CopyEntry:
     # (batch size, median run seconds) per size the batcher may use, measured after warm-up
     latency_profile: list[tuple[int, float]] = field(default_factory=list)
     execution_provider: str = ""  # the session's first provider
+    monitoring: mesh_pb2.MonitoringConfig = field(default_factory=mesh_pb2.MonitoringConfig)
+    reference: mesh_pb2.DriftProfile = field(default_factory=mesh_pb2.DriftProfile)
+    monitor: CopyMonitor | None = field(default=None, repr=False)
     inline: bool = False  # run on the event loop: cheaper than a thread hand-off
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     instruments: CopyInstruments = field(kw_only=True, repr=False)  # metrics of this copy
@@ -75,6 +80,7 @@ class CopyEntry:
             batched=self.batcher is not None,
             bytes_fetched=self.bytes_fetched,
             bytes_total=self.bytes_total,
+            monitoring_digest=monitoring_digest(self.monitoring, self.reference),
         )
         if self.copy is not None:
             msg.inputs.extend(_specs(self.copy.inputs))
@@ -86,6 +92,16 @@ class CopyEntry:
             )
             msg.execution_provider = self.execution_provider
         return msg
+
+    def configure_monitoring(
+        self, config: mesh_pb2.MonitoringConfig, reference: mesh_pb2.DriftProfile
+    ) -> None:
+        """Apply monitoring settings (at load, and when they change on a loaded copy)."""
+        self.monitoring, self.reference = config, reference
+        if self.copy is None:
+            return
+        outputs = [t.name for t in self.copy.outputs]
+        self.monitor = CopyMonitor(self.model, self.variant, config, reference, outputs)
 
 
 def _warmup_sizes(serving: mesh_pb2.ServingConfig) -> list[int]:
@@ -127,6 +143,7 @@ class CopyManager:
         inline_max_us: float = 100.0,
         batch_concurrency: int = 1,
         metrics: NodeMetrics | None = None,
+        prediction_log: PredictionLog | None = None,
     ) -> None:
         """``inline_max_us``: copies whose batch-1 run takes at most this long (median, measured
         after warm-up) run on the event loop itself. Handing a run to a worker thread and back
@@ -139,6 +156,7 @@ class CopyManager:
         self._metrics = metrics or node_metrics()
         self._metrics.memory.watch(self, CopyManager._memory_readings)
         self._metrics.cache_evictions.watch(self.cache, _cache_evictions)
+        self.prediction_log = prediction_log  # None: predictions are never logged
         self._executor = executor
         self._inline_max_us = inline_max_us
         self._batch_concurrency = max(1, batch_concurrency)
@@ -190,6 +208,10 @@ class CopyManager:
             return
         entry = self._copies.get(key)
         if entry is not None and entry.sha256 == cmd.sha256.lower():
+            digest = monitoring_digest(cmd.serving.monitoring, cmd.drift_reference)
+            if digest != monitoring_digest(entry.monitoring, entry.reference):
+                entry.configure_monitoring(cmd.serving.monitoring, cmd.drift_reference)
+                _log.info("monitoring of %s/%s reconfigured", entry.model, entry.variant)
             self._announce(entry)  # idempotent: re-announce, never load twice
             return
         if entry is not None:
@@ -201,6 +223,8 @@ class CopyManager:
             cmd.variant,
             cmd.sha256.lower(),
             serving=cmd.serving,
+            monitoring=cmd.serving.monitoring,
+            reference=cmd.drift_reference,
             instruments=self._metrics.copy(cmd.model, cmd.variant),
         )
         _log.info("loading %s/%s from %s", cmd.model, cmd.variant, cmd.artifact_uri)
@@ -262,6 +286,7 @@ class CopyManager:
                 self._announce(entry)
                 return
             entry.copy = copy
+            entry.configure_monitoring(entry.monitoring, entry.reference)
             entry.batcher = self._batcher_for(entry, copy)
             entry.state = mesh_pb2.READY
             self._loaded(entry, span)

@@ -24,7 +24,7 @@ from protos.instruments import RequestMetrics
 from protos.params import PREFER
 from protos.status import InvalidArgument, ServicerContext, StatusError
 from protos.streaming import serve_infer_stream
-from protos.tracing import context_from_metadata
+from protos.tracing import context_from_metadata, server_span
 
 __all__ = ["InferenceHandler", "NodeInferenceServicer"]
 
@@ -57,11 +57,11 @@ class InferenceHandler:
         hop: str,
         deadline: float | None,
     ) -> inference_pb2.ModelInferResponse:
-        with _tracer.start_as_current_span(
+        with server_span(
+            _tracer,
             "node ModelInfer",
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes={
+            parent,
+            {
                 "meshserve.model": request.model_name,
                 "meshserve.node": self.node_id,
                 "meshserve.hop": hop,
@@ -95,8 +95,9 @@ class InferenceHandler:
                     raise
                 finally:
                     entry.in_flight -= 1
+            request_id = self._monitor(entry, request.id, inputs, outputs)
             response = inference_pb2.ModelInferResponse(
-                model_name=request.model_name, model_version=entry.variant, id=request.id
+                model_name=request.model_name, model_version=entry.variant, id=request_id
             )
             encode_response_outputs(response, outputs)
             response.parameters["meshserve_node"].string_param = self.node_id
@@ -104,6 +105,24 @@ class InferenceHandler:
             if entry.serving.cache:
                 response.parameters["meshserve_cache_hit"].bool_param = hit
             return response
+
+    def _monitor(
+        self,
+        entry: CopyEntry,
+        request_id: str,
+        inputs: dict[str, NDArray[Any]],
+        outputs: dict[str, NDArray[Any]],
+    ) -> str:
+        """Sketch the answered query for drift, log it when the model opts in (sampled);
+        returns the request id the answer carries (a new one for a logged query without)."""
+        monitor = entry.monitor
+        if monitor is None:
+            return request_id
+        monitor.observe(inputs, outputs)
+        log = self._copies.prediction_log
+        if log is not None and monitor.sampled():
+            return log.record(request_id, monitor, inputs, outputs, self.node_id)
+        return request_id
 
     def _cached_better(
         self,

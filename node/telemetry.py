@@ -12,6 +12,8 @@ Contract:
   with k the smallest whole number whose allowance holds the header, and the allowance of a sent
   tick is k ticks' worth. When the entries do not all fit, the entries with the most queries in
   flight (then the most requests) are kept, in that order, and the rest are dropped and counted.
+  An entry that does not fit with its drift sketch window is kept without it (the window is not
+  marked sent; a later one replaces it).
 * :class:`OfflineBuffer` holds the summaries made while no control plane is connected, bounded in
   bytes: the oldest go first when a new one does not fit. :meth:`OfflineBuffer.drain` hands them
   back oldest first, to be sent before live telemetry resumes.
@@ -63,6 +65,7 @@ class TelemetryBudget:
         self.dropped_entries = 0  # model entries dropped, over all messages
         self.last_dropped = 0  # model entries dropped from the last message returned
         self.stride = 1  # the last k: one tick in k is sent
+        self.dropped_windows = 0  # drift sketch windows left out to fit (the counters stay)
 
     def apply(self, telemetry: mesh_pb2.Telemetry, interval_s: float) -> mesh_pb2.Telemetry | None:
         """The message to send this tick (``telemetry`` itself when it fits, else a trimmed copy),
@@ -88,15 +91,25 @@ class TelemetryBudget:
             return telemetry
         ranked = sorted(telemetry.models, key=lambda m: (m.in_flight, m.requests), reverse=True)
         inner = header.ByteSize()
-        kept = 0
+        kept: list[mesh_pb2.ModelTelemetry] = []
         for entry in ranked:
             grown = inner + _entry_size(entry)
+            if 1 + _varint_len(grown) + grown + FRAME_OVERHEAD_BYTES > allowance and (
+                entry.HasField("drift")
+            ):
+                lean = mesh_pb2.ModelTelemetry()
+                lean.CopyFrom(entry)
+                lean.ClearField("drift")  # the counters matter more than one sketch window
+                entry = lean
+                self.dropped_windows += 1
+                grown = inner + _entry_size(entry)
             if 1 + _varint_len(grown) + grown + FRAME_OVERHEAD_BYTES > allowance:
                 break
             inner = grown
-            kept += 1
-        header.models.extend(ranked[:kept])
-        self.last_dropped = len(ranked) - kept
+            kept.append(entry)
+        header.models.extend(kept)
+        kept_count = len(kept)
+        self.last_dropped = len(ranked) - kept_count
         self.dropped_entries += self.last_dropped
         return header
 

@@ -1,8 +1,9 @@
 """Metrics shared by the gateway and the nodes (OpenTelemetry; no-ops until a meter provider is
 configured, see :func:`protos.process.configure_metrics`).
 
-Names: ``rpc.server.duration`` (histogram, ms) follows the OpenTelemetry RPC semantic
-conventions (``rpc.system``, ``rpc.method``, ``rpc.grpc.status_code``) plus ``model``,
+Names: ``rpc.server.duration`` (histogram, ms; exported as ``rpc_server_duration_milliseconds``,
+aggregated on the hot path without the SDK: see :class:`_RequestTable`) follows the OpenTelemetry
+RPC semantic conventions (``rpc.system``, ``rpc.method``, ``rpc.grpc.status_code``) plus ``model``,
 ``variant``, ``node`` and ``hop``; ``meshserve.requests`` counts answered queries per model,
 variant, node, hop and status.
 
@@ -13,14 +14,15 @@ and process reads every object that registered with it, holding none of them ali
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from protos import inference_pb2
@@ -28,6 +30,7 @@ from protos.status import StatusError
 
 __all__ = [
     "LATENCY_MS_BUCKETS",
+    "REQUESTS",
     "SECONDS_BUCKETS",
     "Reading",
     "RequestMetrics",
@@ -53,43 +56,76 @@ Kind = Literal["gauge", "counter", "up_down_counter"]
 T = TypeVar("T")
 
 
+class _RequestTable:
+    """Request counts and latency histograms aggregated in plain dicts on the hot path (about
+    1 us a request, against ~50 us for the two OpenTelemetry SDK instruments with these
+    attributes, measured on this machine: 10 % of a node's per-request CPU at full load), exported
+    at scrape time by a ``prometheus_client`` collector on the same endpoint as the SDK's metrics
+    (:func:`protos.process.configure_metrics` registers it) under the names the OpenTelemetry
+    exporter gives the semantic-convention instruments: ``meshserve_requests_total`` and
+    ``rpc_server_duration_milliseconds``. Recording happens on the event loop's thread; the
+    scrape copies under a lock."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._lock = threading.Lock()
+        # (hop, model, variant, node, status) -> [count, sum_ms, bucket counts...]
+        self._rows: dict[tuple[str, str, str, str, int], list[float]] = {}
+
+    def record(self, key: tuple[str, str, str, str, int], ms: float) -> None:
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = [0.0] * (2 + len(self._bounds) + 1)
+            row[0] += 1
+            row[1] += ms
+            row[2 + bisect.bisect_left(self._bounds, ms)] += 1
+
+    def snapshot(self) -> list[tuple[tuple[str, str, str, str, int], list[float]]]:
+        with self._lock:
+            return [(k, list(v)) for k, v in self._rows.items()]
+
+    def collect(self) -> Iterator[Any]:
+        """prometheus_client's collector protocol."""
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        labels = ["model", "variant", "node", "hop", "rpc_grpc_status_code"]
+        count = CounterMetricFamily(
+            "meshserve_requests", "inference queries answered", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            "rpc_server_duration_milliseconds",
+            "ModelInfer latency on this hop",
+            labels=["rpc_system", "rpc_method", *labels],
+        )
+        for (hop, model, variant, node, status), row in self.snapshot():
+            values = [model, variant, node, hop, str(status)]
+            count.add_metric(values, row[0])
+            cumulative, buckets = 0.0, []
+            for bound, n in zip((*self._bounds, math.inf), row[2:], strict=True):
+                cumulative += n
+                buckets.append((_bound_text(bound), cumulative))
+            duration.add_metric(["grpc", "ModelInfer", *values], buckets, row[1])
+        yield count
+        yield duration
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+#: The process's request table (gateway and node hops share it, told apart by ``hop``).
+REQUESTS = _RequestTable(LATENCY_MS_BUCKETS)
+
+
 class RequestMetrics:
     def __init__(self, meter_name: str, hop: str) -> None:
-        meter = metrics.get_meter(meter_name)
+        """``meter_name``: kept for symmetry with the SDK instruments (unused: see
+        :class:`_RequestTable`)."""
         self._hop = hop
-        self._count = meter.create_counter(
-            "meshserve.requests", unit="{request}", description="inference queries answered"
-        )
-        self._duration = meter.create_histogram(
-            "rpc.server.duration",
-            unit="ms",
-            description="ModelInfer latency on this hop",
-            explicit_bucket_boundaries_advisory=LATENCY_MS_BUCKETS,
-        )
 
     def record(self, model: str, variant: str, node: str, status: int, seconds: float) -> None:
-        self._count.add(
-            1,
-            {
-                "model": model,
-                "variant": variant,
-                "node": node,
-                "hop": self._hop,
-                "rpc.grpc.status_code": status,
-            },
-        )
-        self._duration.record(
-            seconds * 1000.0,
-            {
-                "rpc.system": "grpc",
-                "rpc.method": "ModelInfer",
-                "rpc.grpc.status_code": status,
-                "model": model,
-                "variant": variant,
-                "node": node,
-                "hop": self._hop,
-            },
-        )
+        REQUESTS.record((self._hop, model, variant, node, status), seconds * 1000.0)
 
     async def measure(
         self,

@@ -60,17 +60,77 @@ class BatchingConfig(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., adaptive: _Optional[bool] = ..., latency_slo_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("batching", "cache", "skip_warmup")
+    __slots__ = ("batching", "cache", "skip_warmup", "monitoring")
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     SKIP_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    MONITORING_FIELD_NUMBER: _ClassVar[int]
     batching: BatchingConfig
     cache: bool
     skip_warmup: bool
-    def __init__(self, batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., cache: _Optional[bool] = ..., skip_warmup: _Optional[bool] = ...) -> None: ...
+    monitoring: MonitoringConfig
+    def __init__(self, batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., cache: _Optional[bool] = ..., skip_warmup: _Optional[bool] = ..., monitoring: _Optional[_Union[MonitoringConfig, _Mapping]] = ...) -> None: ...
+
+class MonitoringConfig(_message.Message):
+    __slots__ = ("log_predictions", "log_sample_rate", "log_inputs", "drift_window_rows", "drift_off", "label_output")
+    LOG_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LOG_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOG_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_WINDOW_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_OFF_FIELD_NUMBER: _ClassVar[int]
+    LABEL_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    log_predictions: bool
+    log_sample_rate: float
+    log_inputs: bool
+    drift_window_rows: int
+    drift_off: bool
+    label_output: str
+    def __init__(self, log_predictions: _Optional[bool] = ..., log_sample_rate: _Optional[float] = ..., log_inputs: _Optional[bool] = ..., drift_window_rows: _Optional[int] = ..., drift_off: _Optional[bool] = ..., label_output: _Optional[str] = ...) -> None: ...
+
+class Sketch(_message.Message):
+    __slots__ = ("name", "edges", "counts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    edges: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., edges: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DriftProfile(_message.Message):
+    __slots__ = ("input", "features", "output", "rows", "source")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    features: _containers.RepeatedCompositeFieldContainer[Sketch]
+    output: Sketch
+    rows: int
+    source: str
+    def __init__(self, input: _Optional[str] = ..., features: _Optional[_Iterable[_Union[Sketch, _Mapping]]] = ..., output: _Optional[_Union[Sketch, _Mapping]] = ..., rows: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class DriftWindow(_message.Message):
+    __slots__ = ("seq", "rows", "features", "output")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    rows: int
+    features: _containers.RepeatedCompositeFieldContainer[SketchCounts]
+    output: SketchCounts
+    def __init__(self, seq: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[_Iterable[_Union[SketchCounts, _Mapping]]] = ..., output: _Optional[_Union[SketchCounts, _Mapping]] = ...) -> None: ...
+
+class SketchCounts(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CopyStatus(_message.Message):
-    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256", "warmup_seconds", "batched", "bytes_fetched", "bytes_total", "latency_profile", "execution_provider")
+    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256", "warmup_seconds", "batched", "bytes_fetched", "bytes_total", "latency_profile", "execution_provider", "monitoring_digest")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +146,7 @@ class CopyStatus(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LATENCY_PROFILE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MONITORING_DIGEST_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     state: CopyState
@@ -101,7 +162,8 @@ class CopyStatus(_message.Message):
     bytes_total: int
     latency_profile: _containers.RepeatedCompositeFieldContainer[LatencyPoint]
     execution_provider: str
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ..., warmup_seconds: _Optional[float] = ..., batched: _Optional[bool] = ..., bytes_fetched: _Optional[int] = ..., bytes_total: _Optional[int] = ..., latency_profile: _Optional[_Iterable[_Union[LatencyPoint, _Mapping]]] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+    monitoring_digest: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ..., warmup_seconds: _Optional[float] = ..., batched: _Optional[bool] = ..., bytes_fetched: _Optional[int] = ..., bytes_total: _Optional[int] = ..., latency_profile: _Optional[_Iterable[_Union[LatencyPoint, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., monitoring_digest: _Optional[str] = ...) -> None: ...
 
 class LatencyPoint(_message.Message):
     __slots__ = ("batch_size", "seconds")
@@ -135,7 +197,7 @@ class Hello(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., version: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ...) -> None: ...
 
 class ModelTelemetry(_message.Message):
-    __slots__ = ("model", "variant", "in_flight", "requests", "errors", "latency_p50_ms", "latency_p99_ms", "queue_depth", "batches", "batched_rows", "max_batch_size", "cache_hits", "cache_misses")
+    __slots__ = ("model", "variant", "in_flight", "requests", "errors", "latency_p50_ms", "latency_p99_ms", "queue_depth", "batches", "batched_rows", "max_batch_size", "cache_hits", "cache_misses", "drift", "feedback_joined", "feedback_correct", "feedback_abs_error", "predictions_logged")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +211,11 @@ class ModelTelemetry(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_JOINED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_LOGGED_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     in_flight: int
@@ -162,7 +229,12 @@ class ModelTelemetry(_message.Message):
     max_batch_size: int
     cache_hits: int
     cache_misses: int
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., batches: _Optional[int] = ..., batched_rows: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ...) -> None: ...
+    drift: DriftWindow
+    feedback_joined: int
+    feedback_correct: int
+    feedback_abs_error: float
+    predictions_logged: int
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., batches: _Optional[int] = ..., batched_rows: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., drift: _Optional[_Union[DriftWindow, _Mapping]] = ..., feedback_joined: _Optional[int] = ..., feedback_correct: _Optional[int] = ..., feedback_abs_error: _Optional[float] = ..., predictions_logged: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("unix_ms", "cpu_percent", "rss_bytes", "memory_available_bytes", "models")
@@ -242,7 +314,7 @@ class Welcome(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., lease_ttl_seconds: _Optional[int] = ..., telemetry_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision")
+    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision", "drift_reference")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +322,7 @@ class LoadModel(_message.Message):
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     artifact_uri: str
@@ -257,7 +330,8 @@ class LoadModel(_message.Message):
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
     serving: ServingConfig
     placement_revision: int
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., placement_revision: _Optional[int] = ...) -> None: ...
+    drift_reference: DriftProfile
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., placement_revision: _Optional[int] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
     __slots__ = ("model", "variant", "placement_revision")
@@ -270,19 +344,41 @@ class UnloadModel(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., placement_revision: _Optional[int] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
-    __slots__ = ("welcome", "load", "unload", "infer_request")
+    __slots__ = ("welcome", "load", "unload", "infer_request", "feedback")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_FIELD_NUMBER: _ClassVar[int]
     INFER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     load: LoadModel
     unload: UnloadModel
     infer_request: TunnelRequest
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ...) -> None: ...
+    feedback: FeedbackBatch
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ..., feedback: _Optional[_Union[FeedbackBatch, _Mapping]] = ...) -> None: ...
+
+class FeedbackBatch(_message.Message):
+    __slots__ = ("model", "items")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    items: _containers.RepeatedCompositeFieldContainer[FeedbackItem]
+    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[FeedbackItem, _Mapping]]] = ...) -> None: ...
+
+class FeedbackItem(_message.Message):
+    __slots__ = ("request_id", "label", "text_label", "value")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    label: int
+    text_label: str
+    value: float
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[int] = ..., text_label: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling", "slo_ms")
+    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling", "slo_ms", "drift_reference")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +400,7 @@ class ModelSpec(_message.Message):
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     variant: str
     artifact_uri: str
@@ -318,7 +415,8 @@ class ModelSpec(_message.Message):
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
     autoscaling: Autoscaling
     slo_ms: float
-    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., slo_ms: _Optional[float] = ...) -> None: ...
+    drift_reference: DriftProfile
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., slo_ms: _Optional[float] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("min_copies", "max_copies", "target_in_flight", "scale_down_delay_s")
@@ -608,3 +706,87 @@ class ListPlacementsResponse(_message.Message):
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     placements: _containers.RepeatedCompositeFieldContainer[Placement]
     def __init__(self, placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("model", "items")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    items: _containers.RepeatedCompositeFieldContainer[FeedbackItem]
+    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[FeedbackItem, _Mapping]]] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("accepted", "nodes")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    nodes: int
+    def __init__(self, accepted: _Optional[int] = ..., nodes: _Optional[int] = ...) -> None: ...
+
+class ModelHealthRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("name", "psi", "ks")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    KS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    psi: float
+    ks: float
+    def __init__(self, name: _Optional[str] = ..., psi: _Optional[float] = ..., ks: _Optional[float] = ...) -> None: ...
+
+class VariantHealth(_message.Message):
+    __slots__ = ("variant", "feedback_joined", "feedback_correct", "accuracy", "mean_abs_error", "predictions_logged", "windows", "output_psi", "max_feature_psi", "features", "drifting", "reference_source", "registered_accuracy")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_JOINED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_LOGGED_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PSI_FIELD_NUMBER: _ClassVar[int]
+    MAX_FEATURE_PSI_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DRIFTING_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    feedback_joined: int
+    feedback_correct: int
+    accuracy: float
+    mean_abs_error: float
+    predictions_logged: int
+    windows: int
+    output_psi: float
+    max_feature_psi: float
+    features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    drifting: bool
+    reference_source: str
+    registered_accuracy: float
+    def __init__(self, variant: _Optional[str] = ..., feedback_joined: _Optional[int] = ..., feedback_correct: _Optional[int] = ..., accuracy: _Optional[float] = ..., mean_abs_error: _Optional[float] = ..., predictions_logged: _Optional[int] = ..., windows: _Optional[int] = ..., output_psi: _Optional[float] = ..., max_feature_psi: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., drifting: _Optional[bool] = ..., reference_source: _Optional[str] = ..., registered_accuracy: _Optional[float] = ...) -> None: ...
+
+class ModelHealthResponse(_message.Message):
+    __slots__ = ("variants",)
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    variants: _containers.RepeatedCompositeFieldContainer[VariantHealth]
+    def __init__(self, variants: _Optional[_Iterable[_Union[VariantHealth, _Mapping]]] = ...) -> None: ...
+
+class SetDriftProfileRequest(_message.Message):
+    __slots__ = ("model", "variant", "profile")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    profile: DriftProfile
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., profile: _Optional[_Union[DriftProfile, _Mapping]] = ...) -> None: ...
+
+class SetDriftProfileResponse(_message.Message):
+    __slots__ = ("features",)
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    features: int
+    def __init__(self, features: _Optional[int] = ...) -> None: ...

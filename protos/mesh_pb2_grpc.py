@@ -173,6 +173,21 @@ class AdminStub:
                 request_serializer=protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/meshserve.v1.Admin/Feedback',
+                request_serializer=protos_dot_mesh__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
+        self.ModelHealth = channel.unary_unary(
+                '/meshserve.v1.Admin/ModelHealth',
+                request_serializer=protos_dot_mesh__pb2.ModelHealthRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ModelHealthResponse.FromString,
+                _registered_method=True)
+        self.SetDriftProfile = channel.unary_unary(
+                '/meshserve.v1.Admin/SetDriftProfile',
+                request_serializer=protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -252,6 +267,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """True labels or values for answered queries (by request id), joined to logged predictions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelHealth(self, request, context):
+        """Live accuracy per variant from joined feedback, and drift scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDriftProfile(self, request, context):
+        """Store a variant's drift reference profile (from `meshctl model profile`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -309,6 +345,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DrainNode,
                     request_deserializer=protos_dot_mesh__pb2.DrainNodeRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=protos_dot_mesh__pb2.FeedbackRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'ModelHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelHealth,
+                    request_deserializer=protos_dot_mesh__pb2.ModelHealthRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ModelHealthResponse.SerializeToString,
+            ),
+            'SetDriftProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDriftProfile,
+                    request_deserializer=protos_dot_mesh__pb2.SetDriftProfileRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.SetDriftProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -611,6 +662,87 @@ class Admin:
             '/meshserve.v1.Admin/DrainNode',
             protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
             protos_dot_mesh__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/Feedback',
+            protos_dot_mesh__pb2.FeedbackRequest.SerializeToString,
+            protos_dot_mesh__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/ModelHealth',
+            protos_dot_mesh__pb2.ModelHealthRequest.SerializeToString,
+            protos_dot_mesh__pb2.ModelHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDriftProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/SetDriftProfile',
+            protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
+            protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

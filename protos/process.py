@@ -20,6 +20,7 @@ __all__ = [
     "configure_logging",
     "configure_metrics",
     "configure_tracing",
+    "default_sampler",
     "install_task_dump",
     "otlp_span_exporter",
     "run",
@@ -57,7 +58,7 @@ def configure_tracing(service_name: str) -> None:
     (``MESHSERVE_TRACE_CONSOLE=1``), always through a ``BatchSpanProcessor``: a bounded queue
     and a background thread, so exporting never blocks the hot path (``OTEL_BSP_*`` tune it).
     The rest of the standard configuration applies as the SDK reads it: sampling
-    (``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``, default parent-based always-on), the
+    (``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``; unset: :func:`default_sampler`), the
     resource (``OTEL_SERVICE_NAME`` overrides ``service_name``; ``OTEL_RESOURCE_ATTRIBUTES``),
     propagation (``OTEL_PROPAGATORS``, default W3C trace context and baggage) and
     ``OTEL_SDK_DISABLED=true``. With no exporter no provider is installed: recording a span
@@ -78,7 +79,11 @@ def configure_tracing(service_name: str) -> None:
         processors.append(BatchSpanProcessor(ConsoleSpanExporter()))
     if not processors:
         return
-    provider = TracerProvider(resource=service_resource(service_name))
+    from protos.tracing import set_root_ratio
+
+    sampler = default_sampler()
+    set_root_ratio(DEFAULT_TRACE_RATIO if sampler is not None else None)
+    provider = TracerProvider(resource=service_resource(service_name), sampler=sampler)
     for processor in processors:
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
@@ -134,6 +139,26 @@ def service_resource(service_name: str) -> Resource:
     return resource
 
 
+#: Root traces sampled when ``OTEL_TRACES_SAMPLER`` is unset (a traced caller's decision is
+#: always followed): every query is still counted and timed by the metrics; one in a hundred also
+#: records its spans, which keeps tracing's cost within a few percent at full load.
+DEFAULT_TRACE_RATIO = 0.01
+
+
+def default_sampler() -> Any:
+    """The sampler: the standard ``OTEL_TRACES_SAMPLER``/``_ARG`` when set (None lets the SDK
+    read them), else parent-based, with :data:`DEFAULT_TRACE_RATIO` of the queries that start a
+    trace sampled at the hop they enter."""
+    if os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    # The ratio is applied where queries enter (protos.tracing.server_span, which skips even
+    # creating the spans of an unsampled query); other root spans (loads, scheduling passes)
+    # are rare and always kept.
+    return ParentBased(ALWAYS_ON)
+
+
 def configure_metrics(service_name: str, listen: str) -> None:
     """Serve this process's OpenTelemetry metrics for Prometheus on ``listen`` (host:port; empty:
     no endpoint, the instruments stay no-ops). The scrape runs in prometheus_client's own
@@ -151,6 +176,11 @@ def configure_metrics(service_name: str, listen: str) -> None:
         resource=service_resource(service_name), metric_readers=[PrometheusMetricReader()]
     )
     metrics.set_meter_provider(provider)
+    from prometheus_client import REGISTRY
+
+    from protos.instruments import REQUESTS
+
+    REGISTRY.register(REQUESTS)  # hot-path request metrics, aggregated without the SDK
     logging.getLogger("meshserve").info("metrics for Prometheus on http://%s/metrics", listen)
 
 

@@ -49,11 +49,13 @@ __all__ = [
     "MAX_POLICY_BYTES",
     "SCHEMA_ID",
     "MatchRuleSpec",
+    "MonitoringSpec",
     "Policy",
     "PolicyError",
     "PolicySpec",
     "RuleSpec",
     "SpecLike",
+    "WebhookSpec",
     "parse_policy",
     "policy_json_schema",
     "write_schema",
@@ -174,6 +176,54 @@ class MatchRuleSpec(RuleSpec):
         return True
 
 
+class WebhookSpec(BaseModel):
+    """Where drift and accuracy events are POSTed (JSON), e.g. to trigger retraining."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    url: str = Field(pattern=r"^https?://", description="http(s) URL the event is POSTed to.")
+    kinds: list[str] = Field(
+        default=["drift", "accuracy"], description="Event kinds sent to the webhook."
+    )
+    max_retries: int = Field(default=3, ge=0, le=10, description="Retries of a failed POST.")
+    min_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="At most one call per (kind, model, variant) this often; more are dropped.",
+    )
+    timeout_s: float = Field(default=5.0, gt=0, le=60, allow_inf_nan=False)
+
+
+class MonitoringSpec(BaseModel):
+    """Drift and accuracy alarms (events, metrics, webhook)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    drift_psi_threshold: float = Field(
+        default=0.25,
+        gt=0,
+        allow_inf_nan=False,
+        description="A sketch window drifts when a feature's or the output's PSI exceeds this.",
+    )
+    drift_windows: int = Field(
+        default=2, ge=1, le=100, description="Consecutive drifting windows that raise an event."
+    )
+    capture_windows: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Windows that make the output reference of a variant registered without one.",
+    )
+    min_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="Live accuracy below this raises an event."
+    )
+    min_feedback: int = Field(
+        default=50, ge=1, description="Labelled answers needed before accuracy is judged."
+    )
+    webhook: WebhookSpec | None = None
+
+
 class PolicySpec(BaseModel):
     """A placement-policy file."""
 
@@ -198,6 +248,9 @@ class PolicySpec(BaseModel):
         default=None,
         description="Checked in order; the first matching rule wins. Unset fields inherit "
         "from default.",
+    )
+    monitoring: MonitoringSpec = Field(
+        default_factory=MonitoringSpec, description="Drift and accuracy alarms."
     )
 
 
