@@ -125,6 +125,12 @@ class _Base:
         )
 
     @staticmethod
+    def _feedback_request(
+        model: str, outcomes: Mapping[str, int | str | float]
+    ) -> mesh_pb2.FeedbackRequest:
+        return mesh_pb2.FeedbackRequest(model=model, items=feedback_items(outcomes))
+
+    @staticmethod
     def _span(model: str) -> Any:
         return _tracer.start_as_current_span(
             "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
@@ -211,7 +217,7 @@ class MeshClient(_Base):
         """Report true outcomes of answered queries (``{result.request_id: truth}``: an int is a
         class label, a str a text label, a float a value). The nodes join them to the logged
         predictions (models registered with prediction logging); returns the items accepted."""
-        request = mesh_pb2.FeedbackRequest(model=model, items=feedback_items(outcomes))
+        request = self._feedback_request(model, outcomes)
         try:
             response = self._admin.Feedback(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
@@ -296,7 +302,7 @@ class AsyncMeshClient(_Base):
         timeout: float | None = None,
     ) -> int:
         """As :meth:`MeshClient.feedback`, awaited."""
-        request = mesh_pb2.FeedbackRequest(model=model, items=feedback_items(outcomes))
+        request = self._feedback_request(model, outcomes)
         try:
             response = await self._admin.Feedback(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:

@@ -281,6 +281,24 @@ def _digits_versions(seed: int) -> dict[str, Any]:
     }
 
 
+def digits_to_onnx(clf: Any, path: Path) -> Path:
+    """Write a fitted digits classifier as ONNX: input ``x`` FP32 ``[None, 64]``, outputs
+    ``label`` (int64) and ``probabilities`` (FP32, no ZipMap). Written atomically."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType  # type: ignore[import-untyped]
+
+    onx = to_onnx(
+        clf,
+        initial_types=[("x", FloatTensorType([None, 64]))],
+        options={id(clf): {"zipmap": False}},
+        target_opset=OPSET,
+    )
+    tmp = path.with_suffix(".onnx.tmp")
+    tmp.write_bytes(onx.SerializeToString())
+    tmp.replace(path)
+    return path
+
+
 def _digits_session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -331,8 +349,6 @@ def make_digits_family(directory: Path, *, seed: int = 0) -> list[FamilyMember]:
     the same seed, recipe and library versions and every file's SHA-256 still matches; otherwise
     they are rebuilt (training takes about a minute on 2 cores).
     """
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType  # type: ignore[import-untyped]
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -360,15 +376,7 @@ def make_digits_family(directory: Path, *, seed: int = 0) -> list[FamilyMember]:
             with warnings.catch_warnings():  # SVC(probability=True) is deprecated in 1.9
                 warnings.simplefilter("ignore", FutureWarning)
                 clf.fit(x_tr, y_tr)
-                onx = to_onnx(
-                    clf,
-                    initial_types=[("x", FloatTensorType([None, x_tr.shape[1]]))],
-                    options={id(clf): {"zipmap": False}},
-                    target_opset=OPSET,
-                )
-            tmp = paths[name].with_suffix(".onnx.tmp")
-            tmp.write_bytes(onx.SerializeToString())
-            tmp.replace(paths[name])
+                digits_to_onnx(clf, paths[name])
             accuracies[name] = _onnx_accuracy(_digits_session(paths[name]), x_te, y_te)
         meta = {
             "versions": versions,

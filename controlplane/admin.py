@@ -22,7 +22,13 @@ from controlplane.scheduler import explain_variant
 from controlplane.snapshot import Snapshot
 from protos import mesh_pb2, mesh_pb2_grpc
 from protos.sketches import MAX_CLASSES, MAX_FEATURES
-from protos.status import InvalidArgument, NotFound, ServicerContext, Unavailable
+from protos.status import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServicerContext,
+    Unavailable,
+)
 
 __all__ = ["AdminService", "validate_profile", "validate_spec"]
 
@@ -327,7 +333,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
                 try:
                     session.send(message)
                     sent += 1
-                except Exception:  # a backed-up stream: the others still get it
+                except ResourceExhausted:  # a backed-up stream: the others still get it
                     continue
         if not sent:
             raise Unavailable(f"no node serving {request.model!r} is linked to this replica; retry")

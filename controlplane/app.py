@@ -183,7 +183,7 @@ class ControlPlane:
     def _check_accuracy(self) -> None:
         if self.hub is None:
             return
-        totals = feedback_totals(s.telemetry for s in self.hub.sessions.values())
+        totals = feedback_totals([s.telemetry for s in list(self.hub.sessions.values())])
         for alarm in self.health.accuracy_alarms(totals, self._health_settings()):
             self._alarm(alarm)
 
@@ -194,7 +194,7 @@ class ControlPlane:
         def accuracy(_options: CallbackOptions) -> Iterable[Observation]:
             if self.hub is None:
                 return []
-            totals = feedback_totals(s.telemetry for s in self.hub.sessions.values())
+            totals = feedback_totals([s.telemetry for s in list(self.hub.sessions.values())])
             return [
                 Observation(h.accuracy, {"model": k[0], "variant": k[1]})
                 for k, h in totals.items()

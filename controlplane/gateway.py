@@ -146,7 +146,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         ] = {}
         self.balancer = Balancer()
         self._switcher = Switcher()
-        self._metrics = RequestMetrics("meshserve.gateway", hop="gateway")
+        self._metrics = RequestMetrics(hop="gateway")
         self.calibration = Calibration()
         self._switched: set[str] = set()  # models queried with an SLO / minimum accuracy
         self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(

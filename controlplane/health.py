@@ -25,12 +25,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from controlplane.snapshot import VariantKey
 from protos import mesh_pb2
 from protos.sketches import ks, merge_counts, psi
 
 __all__ = ["Alarm", "HealthSettings", "ModelHealth", "VariantDrift", "feedback_totals"]
 
-VariantKey = tuple[str, str]
 _TOP_FEATURES = 20
 _SEEN_LIMIT = 4096
 
@@ -75,7 +75,7 @@ class VariantDrift:
     def source(self) -> str:
         if self.reference.output.counts or self.reference.features:
             return self.reference.source or "registered"
-        if self.captured and self.windows >= 0:
+        if self.captured:
             return "production"
         return ""
 

@@ -64,6 +64,7 @@ class CopyEntry:
     reference: mesh_pb2.DriftProfile = field(default_factory=mesh_pb2.DriftProfile)
     monitor: CopyMonitor | None = field(default=None, repr=False)
     inline: bool = False  # run on the event loop: cheaper than a thread hand-off
+    pinned: bool = False  # holds one pin on its artifact in the store
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     instruments: CopyInstruments = field(kw_only=True, repr=False)  # metrics of this copy
 
@@ -165,6 +166,7 @@ class CopyManager:
         self._listeners: list[Listener] = []
         self._revisions: dict[tuple[str, str], int] = {}  # newest placement revision applied
         self._load_lock = asyncio.Lock()  # one load at a time: bounded memory spikes
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced copies being released
 
     @property
     def executor(self) -> concurrent.futures.Executor:
@@ -214,10 +216,9 @@ class CopyManager:
                 _log.info("monitoring of %s/%s reconfigured", entry.model, entry.variant)
             self._announce(entry)  # idempotent: re-announce, never load twice
             return
-        if entry is not None:
+        if entry is not None:  # another artifact for the variant: the old copy goes
             entry.instruments.unloaded("replaced")
-            if entry.task is not None:
-                entry.task.cancel()
+            self._retire_later(entry)
         entry = CopyEntry(
             cmd.model,
             cmd.variant,
@@ -242,6 +243,7 @@ class CopyManager:
             try:
                 async with self._load_lock:
                     self._store.pin(entry.sha256)  # a loaded copy's artifact is never evicted
+                    entry.pinned = True
                     path = await self._store.fetch(
                         cmd.artifact_uri, cmd.sha256, progress=self._progress_reporter(entry)
                     )
@@ -271,14 +273,14 @@ class CopyManager:
                     # Measured after warm-up: onnxruntime's arenas are allocated by then.
                     entry.memory_bytes = max(0, resident_bytes() - before)
             except (StoreError, LoadError) as exc:
-                self._store.unpin(entry.sha256)
+                self._unpin(entry)
                 entry.state, entry.reason = mesh_pb2.FAILED, str(exc)
                 span.set_status(trace.StatusCode.ERROR, entry.reason)
                 _log.warning("copy %s/%s failed: %s", entry.model, entry.variant, exc)
                 self._announce(entry)
                 return
             except Exception as exc:
-                self._store.unpin(entry.sha256)
+                self._unpin(entry)
                 entry.state, entry.reason = mesh_pb2.FAILED, f"unexpected load error: {exc!r}"
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, entry.reason)
@@ -388,19 +390,35 @@ class CopyManager:
         if entry is None:
             return
         entry.instruments.unloaded("placement")
+        await self._retire(entry)
+        entry.state = mesh_pb2.UNLOADED
+        self._announce(entry)
+
+    async def _retire(self, entry: CopyEntry) -> None:
+        """Release a copy no longer in the table: cancel its load, drop its cached answers, let
+        in-flight requests finish (bounded wait), close its batcher, release its artifact pin."""
         if entry.task is not None and not entry.task.done():
             entry.task.cancel()
-        # Let in-flight requests finish before the session goes (bounded wait).
+        self.cache.invalidate(entry.model, entry.variant)
         for _ in range(100):
             if entry.in_flight == 0:
                 break
             await asyncio.sleep(0.05)
         if entry.batcher is not None:
             await entry.batcher.close()
-        self.cache.invalidate(model, variant)
-        self._store.unpin(entry.sha256)
-        entry.state, entry.copy, entry.batcher = mesh_pb2.UNLOADED, None, None
-        self._announce(entry)
+        self._unpin(entry)
+        entry.copy, entry.batcher = None, None
+
+    def _retire_later(self, entry: CopyEntry) -> None:
+        task = asyncio.create_task(self._retire(entry), name=f"retire {entry.model}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _unpin(self, entry: CopyEntry) -> None:
+        """Release ``entry``'s pin once, however many paths end it (failure, unload, replace)."""
+        if entry.pinned:
+            entry.pinned = False
+            self._store.unpin(entry.sha256)
 
     def ready(self, model: str, variant: str) -> CopyEntry:
         """The READY copy to serve ``model`` (``variant`` may be empty if only one is ready)."""
@@ -428,5 +446,5 @@ class CopyManager:
         tasks = [e.task for e in self._copies.values() if e.task is not None and not e.task.done()]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._retiring, return_exceptions=True)
         self._copies.clear()

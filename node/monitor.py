@@ -79,7 +79,6 @@ class CopyMonitor:
         self.sample_rate = config.log_sample_rate or 1.0
         self._binner = Binner(reference)
         self._sketch_inputs = self._binner.n_features > 0
-        self._sketch_output = len(reference.output.counts) > 0 or not reference.output.edges
         self._inputs: list[NDArray[Any]] = []
         self._outputs: list[NDArray[Any]] = []
         self._buffered = 0
@@ -90,10 +89,6 @@ class CopyMonitor:
             maxlen=_KEEP_WINDOWS
         )
         self.skipped = 0
-
-    @property
-    def active(self) -> bool:
-        return not self.config.drift_off
 
     def observe(
         self, inputs: Mapping[str, NDArray[Any]], outputs: Mapping[str, NDArray[Any]]
@@ -129,7 +124,7 @@ class CopyMonitor:
                     _add(old, new) for old, new in zip(self._features, counts, strict=True)
                 ]
             predictions, classes = prediction_of(_stack(outputs))
-            if self._sketch_output and classes == self._binner.output_classes:
+            if classes == self._binner.output_classes:  # a value output needs profile edges
                 self._output = _add(self._output, self._binner.count_output(predictions))
             self._rows += int(predictions.shape[0])
         except (ValueError, TypeError) as exc:  # inputs that do not fit the profile
@@ -151,8 +146,6 @@ class CopyMonitor:
 
     def window_after(self, seq: int) -> mesh_pb2.DriftWindow | None:
         """The newest closed window with a sequence number above ``seq`` (None: none)."""
-        if self._buffered and self._rows + self._buffered >= self.window_rows:
-            self._count()
         if self.windows and self.windows[-1].seq > seq:
             return self.windows[-1]
         return None

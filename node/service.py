@@ -37,7 +37,7 @@ class InferenceHandler:
         self.node_id = node_id
         self._copies = copies
         self._fault_delay_s = fault_delay_s
-        self._metrics = RequestMetrics("meshserve.node", hop="node")
+        self._metrics = RequestMetrics(hop="node")
 
     async def infer(
         self,

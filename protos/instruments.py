@@ -119,9 +119,9 @@ REQUESTS = _RequestTable(LATENCY_MS_BUCKETS)
 
 
 class RequestMetrics:
-    def __init__(self, meter_name: str, hop: str) -> None:
-        """``meter_name``: kept for symmetry with the SDK instruments (unused: see
-        :class:`_RequestTable`)."""
+    """One hop's view of :data:`REQUESTS` (``hop``: "gateway" or "node")."""
+
+    def __init__(self, hop: str) -> None:
         self._hop = hop
 
     def record(self, model: str, variant: str, node: str, status: int, seconds: float) -> None:

@@ -21,7 +21,7 @@ Pure: numpy only, no I/O. Importing it has no side effects.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,6 @@ __all__ = [
     "merge_counts",
     "monitoring_digest",
     "prediction_of",
-    "profile_inputs",
     "psi",
 ]
 
@@ -127,18 +126,11 @@ def class_counts(classes: NDArray[Any]) -> NDArray[np.int64]:
 
 
 class Binner:
-    """Counts rows into a profile's bins (features: padded edge matrix, one vectorised pass)."""
+    """Counts rows into a profile's bins (one binary search per feature column)."""
 
     def __init__(self, profile: mesh_pb2.DriftProfile) -> None:
         self.input = profile.input
         self.n_features = len(profile.features)
-        widths = [len(s.edges) for s in profile.features]
-        self._bins = np.array([w + 1 for w in widths], dtype=np.int64)
-        width = max(widths, default=0)
-        edges = np.full((self.n_features, max(width, 1)), np.inf)
-        for j, sketch in enumerate(profile.features):
-            edges[j, : len(sketch.edges)] = sketch.edges
-        self._edges = edges
         self._feature_edges = [np.array(s.edges, dtype=np.float64) for s in profile.features]
         self.output_edges = np.array(profile.output.edges, dtype=np.float64)
         self.output_classes = len(profile.output.edges) == 0
@@ -210,12 +202,6 @@ def merge_counts(parts: Sequence[Sequence[int]]) -> list[int]:
     for p in parts:
         total[: len(p)] += np.asarray(p, dtype=np.int64)
     return [int(v) for v in total]
-
-
-def profile_inputs(profile: mesh_pb2.DriftProfile, inputs: Mapping[str, NDArray[Any]]) -> Any:
-    """The profiled input of a query as (rows, features), or None when it is absent."""
-    array = inputs.get(profile.input)
-    return None if array is None else features_of(array)
 
 
 def monitoring_digest(

@@ -21,7 +21,7 @@ import pytest
 
 from client import MeshClient
 from client._admin import AdminClient
-from client.demo_models import OPSET, digits_split, make_mlp, sha256_file
+from client.demo_models import digits_split, digits_to_onnx, make_mlp, sha256_file
 from client.local import LocalMesh, wait_until
 from protos import mesh_pb2
 
@@ -31,8 +31,6 @@ WINDOW_ROWS = 250
 
 def _digits_variants(directory: Path) -> dict[str, Path]:
     """Two quick digits classifiers as ONNX (input x FP32 [n, 64]; outputs label, probabilities)."""
-    from skl2onnx import to_onnx  # type: ignore[import-untyped]
-    from skl2onnx.common.data_types import FloatTensorType  # type: ignore[import-untyped]
     from sklearn.ensemble import RandomForestClassifier  # type: ignore[import-untyped]
     from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
@@ -43,15 +41,7 @@ def _digits_variants(directory: Path) -> dict[str, Path]:
         ("forest", RandomForestClassifier(n_estimators=4, max_depth=4, random_state=0)),
     ):
         clf.fit(x_tr, y_tr)
-        onx = to_onnx(
-            clf,
-            initial_types=[("x", FloatTensorType([None, x_tr.shape[1]]))],
-            options={id(clf): {"zipmap": False}},
-            target_opset=OPSET,
-        )
-        path = directory / f"digits-{name}.onnx"
-        path.write_bytes(onx.SerializeToString())
-        out[name] = path
+        out[name] = digits_to_onnx(clf, directory / f"digits-{name}.onnx")
     return out
 
 

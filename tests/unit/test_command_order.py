@@ -7,12 +7,16 @@ import asyncio
 import concurrent.futures
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from client.demo_models import make_mlp, sha256_file
 from controlplane.hub import Hub, NodeSession
 from controlplane.snapshot import Snapshot
-from node.copies import CopyManager
+from node.copies import CopyEntry, CopyManager
 from node.store import ModelStore
 from protos import mesh_pb2
+from protos.status import Unavailable
 
 KEY = ("mlp", "default")
 SHA = "ab" * 32
@@ -111,6 +115,52 @@ def test_node_ignores_a_command_older_than_the_last_it_applied(tmp_path: Path) -
             assert copies.statuses() == []
             copies.load(load)  # decided at 8, before the unload at 9
             assert copies.statuses() == [], "a load older than the unload is ignored"
+
+    asyncio.run(scenario())
+
+
+def test_a_replaced_copy_releases_its_batcher_and_its_artifact(tmp_path: Path) -> None:
+    first, second = make_mlp(tmp_path / "a.onnx"), make_mlp(tmp_path / "b.onnx", seed=1)
+    batching = mesh_pb2.ServingConfig(batching=mesh_pb2.BatchingConfig(enabled=True))
+
+    def load(path: Path, revision: int) -> mesh_pb2.LoadModel:
+        return mesh_pb2.LoadModel(
+            model="mlp",
+            variant="default",
+            artifact_uri=path.as_uri(),
+            sha256=sha256_file(path),
+            serving=batching,
+            placement_revision=revision,
+        )
+
+    async def ready(copies: CopyManager, sha: str) -> CopyEntry:
+        for _ in range(200):
+            [entry] = copies.entries()
+            if entry.sha256 == sha and entry.state == mesh_pb2.READY:
+                return entry
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no READY copy of {sha}")
+
+    async def scenario() -> None:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            store = ModelStore(tmp_path / "store")
+            copies = CopyManager(store, pool)
+            copies.load(load(first, 1))
+            old = await ready(copies, sha256_file(first))
+            assert old.batcher is not None
+            batcher = old.batcher
+            copies.load(load(second, 2))  # a new artifact for the same variant
+            await ready(copies, sha256_file(second))
+            for _ in range(100):
+                if old.batcher is None:
+                    break
+                await asyncio.sleep(0.05)
+            pinned = {e.sha256: e.pinned for e in store.entries()}
+            assert pinned == {sha256_file(first): False, sha256_file(second): True}
+            assert old.batcher is None and old.copy is None
+            with pytest.raises(Unavailable, match="closed"):
+                await batcher.submit({"x": np.zeros((1, 64), dtype=np.float32)})
+            await copies.close()
 
     asyncio.run(scenario())
 
