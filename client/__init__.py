@@ -6,6 +6,16 @@
 ...     result["y"], result.node
 """
 
+from client._retry import NO_RETRY, RetryPolicy
 from client._sdk import AsyncMeshClient, InferResult, MeshClient, MeshError
+from protos.security import TLSFiles
 
-__all__ = ["AsyncMeshClient", "InferResult", "MeshClient", "MeshError"]
+__all__ = [
+    "NO_RETRY",
+    "AsyncMeshClient",
+    "InferResult",
+    "MeshClient",
+    "MeshError",
+    "RetryPolicy",
+    "TLSFiles",
+]

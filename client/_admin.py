@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import grpc
 
 from protos import mesh_pb2, mesh_pb2_grpc
+from protos.security import TLSFiles, sync_channel
 from protos.status import from_code
 
 __all__ = ["AdminClient", "feedback_items"]
@@ -29,8 +30,17 @@ def feedback_items(outcomes: Mapping[str, int | str | float]) -> list[mesh_pb2.F
 
 
 class AdminClient:
-    def __init__(self, target: str, *, timeout: float = 10.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 10.0,
+        tls: TLSFiles | None = None,
+        token: str | None = None,
+    ) -> None:
+        """``tls``: dial with TLS (see :class:`protos.security.TLSFiles`). ``token``: the admin
+        token, sent as ``authorization: Bearer <token>`` (only over TLS or to loopback)."""
+        self._channel = sync_channel(target, tls, token)
         self._stub = mesh_pb2_grpc.AdminStub(self._channel)
         self._timeout = timeout
 
@@ -163,6 +173,29 @@ class AdminClient:
         out = self._call("SetDriftProfile", request)
         assert isinstance(out, mesh_pb2.SetDriftProfileResponse)
         return out
+
+    def rollout(
+        self, model: str, version: str, *, alias: str = "", canary_percent: float = 0.0
+    ) -> mesh_pb2.AliasStatus:
+        """Point ``alias`` (default "live") at ``version``; with ``canary_percent`` in (0, 100)
+        send that share of its queries to ``version`` instead (see docs/rollout.md)."""
+        request = mesh_pb2.RolloutRequest(
+            model=model, alias=alias, version=version, canary_percent=canary_percent
+        )
+        out = self._call("Rollout", request)
+        assert isinstance(out, mesh_pb2.RolloutResponse)
+        return out.status
+
+    def rollback(self, model: str, *, alias: str = "") -> mesh_pb2.AliasStatus:
+        """Drop the alias's canary, else point it back at its previous version."""
+        out = self._call("Rollback", mesh_pb2.RollbackRequest(model=model, alias=alias))
+        assert isinstance(out, mesh_pb2.RollbackResponse)
+        return out.status
+
+    def list_aliases(self, model: str) -> list[mesh_pb2.AliasStatus]:
+        out = self._call("ListAliases", mesh_pb2.ListAliasesRequest(model=model))
+        assert isinstance(out, mesh_pb2.ListAliasesResponse)
+        return list(out.aliases)
 
     def close(self) -> None:
         self._channel.close()

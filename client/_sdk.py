@@ -16,17 +16,26 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
-from grpc import aio
 from opentelemetry import trace
 
 from client._admin import feedback_items
+from client._retry import NO_RETRY, RetryPolicy, call_async, call_sync, translate
 from client.codec import ParameterValue, build_request, decode_response_outputs, get_parameter
 from protos import inference_pb2, inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 from protos.params import CLIENT_ZONE
-from protos.status import StatusError, from_code
+from protos.security import TLSFiles, aio_channel, sync_channel
+from protos.status import StatusError
 from protos.tracing import metadata_with_context
 
-__all__ = ["AsyncMeshClient", "InferResult", "MeshClient", "MeshError"]
+__all__ = [
+    "NO_RETRY",
+    "AsyncMeshClient",
+    "InferResult",
+    "MeshClient",
+    "MeshError",
+    "RetryPolicy",
+    "channel_target",
+]
 
 _tracer = trace.get_tracer("meshserve.client")
 MeshError = StatusError
@@ -89,17 +98,39 @@ def _with_routing(
     return out
 
 
-def _translate(exc: grpc.RpcError) -> StatusError:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return from_code(code.value[0], details or code.name)
+_translate = translate
+
+
+def channel_target(target: str) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target for ``target`` ("host:port", or several comma-separated: the replicas
+    of one mesh) and the channel options it needs. Several IP addresses become one channel that
+    spreads calls round-robin over the live ones (a replica that goes away is skipped; the SDK's
+    retries move a failed call to another); hostnames: the first is used."""
+    parts = [p.strip() for p in target.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return target, []
+    hosts = [p.rsplit(":", 1)[0].strip("[]") for p in parts]
+    if all(h.replace(".", "").isdigit() for h in hosts):
+        return "ipv4:" + ",".join(parts), [("grpc.lb_policy_name", "round_robin")]
+    if all(":" in h for h in hosts):
+        return "ipv6:" + ",".join(parts), [("grpc.lb_policy_name", "round_robin")]
+    return parts[0], []
 
 
 class _Base:
-    def __init__(self, target: str, *, timeout: float, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float,
+        max_message_bytes: int,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self._options = _options(max_message_bytes)
+        self.retry = retry or RetryPolicy()
+        self._target, extra = channel_target(target)
+        self._options = _options(max_message_bytes) + extra
 
     def _request(
         self,
@@ -147,9 +178,26 @@ class _Base:
 class MeshClient(_Base):
     """Blocking client. ``with MeshClient("127.0.0.1:8001") as c: c.infer("m", {"x": arr})``."""
 
-    def __init__(self, target: str, *, timeout: float = 10.0, max_message_bytes: int = 64 << 20):
-        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes)
-        self._channel = grpc.insecure_channel(target, options=self._options)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 10.0,
+        max_message_bytes: int = 64 << 20,
+        tls: TLSFiles | None = None,
+        api_key: str | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        """``tls``: dial with TLS (``TLSFiles(ca=..., cert=..., key=...)``: the CA the gateway's
+        certificate chains to; a client certificate where the gateway requires one).
+        ``api_key``: sent as ``authorization: Bearer <key>`` on every call, only over TLS or to
+        a loopback address (see :mod:`protos.security`). ``target``: one gateway, or several
+        comma-separated (the mesh's replicas; calls spread over the live ones).
+        ``retry``: how :meth:`infer` retries UNAVAILABLE (and RESOURCE_EXHAUSTED with a
+        retry-after hint) inside the call's deadline, and whether it hedges a slow call
+        (default :class:`RetryPolicy`: up to 5 attempts, no hedging; ``NO_RETRY``: one)."""
+        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, retry=retry)
+        self._channel = sync_channel(self._target, tls, api_key, self._options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._admin = mesh_pb2_grpc.AdminStub(self._channel)
 
@@ -177,12 +225,12 @@ class MeshClient(_Base):
             model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone, request_id
         )
         with self._span(model):
-            try:
-                response = self._stub.ModelInfer(
-                    request, timeout=timeout or self.timeout, metadata=metadata_with_context()
-                )
-            except grpc.RpcError as exc:
-                raise _translate(exc) from None
+            metadata = metadata_with_context()
+
+            def attempt(remaining: float) -> Any:
+                return self._stub.ModelInfer.future(request, timeout=remaining, metadata=metadata)
+
+            response = call_sync(attempt, self.retry, timeout or self.timeout)
         return self._result(response)
 
     def model_ready(self, model: str, version: str = "", *, timeout: float | None = None) -> bool:
@@ -237,9 +285,19 @@ class MeshClient(_Base):
 class AsyncMeshClient(_Base):
     """asyncio client with the same methods as :class:`MeshClient`, awaited."""
 
-    def __init__(self, target: str, *, timeout: float = 10.0, max_message_bytes: int = 64 << 20):
-        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes)
-        self._channel = aio.insecure_channel(target, options=self._options)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 10.0,
+        max_message_bytes: int = 64 << 20,
+        tls: TLSFiles | None = None,
+        api_key: str | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        """``tls``, ``api_key``: as :class:`MeshClient`."""
+        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, retry=retry)
+        self._channel = aio_channel(self._target, tls, api_key, self._options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._admin = mesh_pb2_grpc.AdminStub(self._channel)
 
@@ -262,12 +320,15 @@ class AsyncMeshClient(_Base):
             model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone, request_id
         )
         with self._span(model):
-            try:
-                response = await self._stub.ModelInfer(
-                    request, timeout=timeout or self.timeout, metadata=metadata_with_context()
+            metadata = metadata_with_context()
+
+            async def attempt(remaining: float) -> inference_pb2.ModelInferResponse:
+                answer: inference_pb2.ModelInferResponse = await self._stub.ModelInfer(
+                    request, timeout=remaining, metadata=metadata
                 )
-            except grpc.RpcError as exc:
-                raise _translate(exc) from None
+                return answer
+
+            response = await call_async(attempt, self.retry, timeout or self.timeout)
         return self._result(response)
 
     async def model_ready(

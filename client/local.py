@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import grpc
-
 from protos import inference_pb2, inference_pb2_grpc
+from protos.security import TLSFiles, sync_channel
 
 __all__ = ["LocalMesh", "ManagedProcess", "free_port", "wait_until"]
 
@@ -60,6 +59,7 @@ class ManagedProcess:
     log_path: Path
     address: str = ""
     env: Mapping[str, str] | None = None
+    role: str = ""  # "controlplane", "node" (or "" for another process)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -122,8 +122,8 @@ class ManagedProcess:
             return ""
 
 
-def _live(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def _live(address: str, tls: TLSFiles | None = None) -> bool:
+    with sync_channel(address, tls) as channel:
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
         return bool(stub.ServerLive(inference_pb2.ServerLiveRequest(), timeout=1.0).live)
 
@@ -132,9 +132,17 @@ class LocalMesh:
     """Start and own the processes of a mesh on loopback. Use as a context manager."""
 
     def __init__(
-        self, workdir: Path, *, lease_ttl_s: int = 5, env: Mapping[str, str] | None = None
+        self,
+        workdir: Path,
+        *,
+        lease_ttl_s: int = 5,
+        env: Mapping[str, str] | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
+        """``tls``: what the readiness probe dials control planes with (a secured mesh: pass
+        the security flags in ``extra`` of :meth:`start_controlplane` / :meth:`start_node`)."""
         self.workdir = workdir
+        self.tls = tls
         self.lease_ttl_s = lease_ttl_s
         self.env = env
         self.etcd: Any = None
@@ -174,10 +182,16 @@ class LocalMesh:
             str(self.lease_ttl_s),
             *extra,
         ]
-        proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", address, self.env).start()
+        proc = ManagedProcess(
+            name, argv, self.workdir / f"{name}.log", address, self.env, role="controlplane"
+        ).start()
         self.processes.append(proc)
         try:
-            wait_until(lambda: not proc.alive() or _live(address), timeout, what=f"{name} to serve")
+            wait_until(
+                lambda: not proc.alive() or _live(address, self.tls),
+                timeout,
+                what=f"{name} to serve",
+            )
         except TimeoutError:
             raise RuntimeError(f"{name} did not start:\n{proc.tail()}") from None
         if not proc.alive():
@@ -213,12 +227,17 @@ class LocalMesh:
             argv += ["--listen", "127.0.0.1:0"]
         argv += list(extra)
         merged = None if env is None else {**(self.env or os.environ), **env}
-        proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", env=merged or self.env)
+        proc = ManagedProcess(
+            name, argv, self.workdir / f"{name}.log", env=merged or self.env, role="node"
+        )
         self.processes.append(proc.start())
         return proc
 
     def close(self) -> None:
-        for proc in reversed(self.processes):
+        """Stop everything: the control planes first, so nodes (whose SIGTERM drains: they wait
+        for their copies to move) find no replica to hand over to and leave at once."""
+        planes = [p for p in self.processes if p.role == "controlplane"]
+        for proc in [*reversed(planes), *reversed(self.processes)]:
             with contextlib.suppress(Exception):
                 proc.stop(grace_s=10.0)
         if self.etcd is not None:

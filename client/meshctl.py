@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -17,10 +20,16 @@ from rich.table import Table
 
 from client._admin import AdminClient
 from protos import mesh_pb2
+from protos.security import SecurityConfigError, TLSFiles, read_secret
 from protos.status import StatusError
 
+if TYPE_CHECKING:
+    from client import MeshClient
+
 app = typer.Typer(help="Operate a meshserve mesh.", no_args_is_help=True, add_completion=False)
-models_app = typer.Typer(help="Register, evaluate, list and remove models.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Register, evaluate, roll out, list and remove models.", no_args_is_help=True
+)
 nodes_app = typer.Typer(help="List, drain and undrain nodes.", no_args_is_help=True)
 placements_app = typer.Typer(help="List placements.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -40,10 +49,88 @@ Target = Annotated[
 ]
 
 
+@dataclass(frozen=True)
+class _Security:
+    """The global credential options (``meshctl --tls-ca ... COMMAND``), secrets hidden."""
+
+    tls: TLSFiles | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)
+
+
+#: Set by the global options callback for the command that follows it.
+_SECURITY: ContextVar[_Security] = ContextVar("meshctl_security")
+
+
+def _security() -> _Security:
+    return _SECURITY.get(_Security())
+
+
+@app.callback()
+def _global_options(
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHSERVE_ADMIN_TOKEN_FILE",
+            help="file holding the admin token (or set MESHSERVE_ADMIN_TOKEN)",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHSERVE_API_KEY_FILE",
+            help="file holding a tenant API key for queries (or set MESHSERVE_API_KEY)",
+        ),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHSERVE_TLS_CA", help="CA the control plane's certificate chains to"
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(envvar="MESHSERVE_TLS_CERT", help="client certificate (mutual TLS)"),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(envvar="MESHSERVE_TLS_KEY", help="key of --tls-cert")
+    ] = None,
+) -> None:
+    """Operate a meshserve mesh. Credentials (docs/security.md) apply to every command."""
+    try:
+        security = _Security(
+            tls=TLSFiles.from_options(tls_ca, tls_cert, tls_key),
+            admin_token=(
+                read_secret(admin_token_file, "admin token file")
+                if admin_token_file
+                else os.environ.get("MESHSERVE_ADMIN_TOKEN") or None
+            ),
+            api_key=(
+                read_secret(api_key_file, "API key file")
+                if api_key_file
+                else os.environ.get("MESHSERVE_API_KEY") or None
+            ),
+        )
+    except SecurityConfigError as exc:
+        _console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    _SECURITY.set(security)
+
+
+def _client(target: str, timeout: float) -> MeshClient:
+    """A MeshClient with the global credentials."""
+    from client import MeshClient
+
+    sec = _security()
+    return MeshClient(target, timeout=timeout, tls=sec.tls, api_key=sec.api_key)
+
+
 @contextlib.contextmanager
 def _admin(target: str) -> Iterator[AdminClient]:
-    """An AdminClient whose errors end the command with their status (exit code 1)."""
-    with AdminClient(target) as admin:
+    """An AdminClient (with the global credentials) whose errors end the command with their
+    status (exit code 1)."""
+    sec = _security()
+    with AdminClient(target, tls=sec.tls, token=sec.admin_token) as admin:
         try:
             yield admin
         except StatusError as exc:
@@ -223,8 +310,6 @@ def models_evaluate(
     """Measure a variant's accuracy on a labelled file, through the mesh; store it (--update)."""
     from rich.progress import Progress
 
-    from client import MeshClient
-
     arrays = _load_npz(data)
     if labels not in arrays:
         _console.print(f"[red]error[/red] {data} has no {labels!r} array (has {sorted(arrays)})")
@@ -236,7 +321,7 @@ def models_evaluate(
         raise typer.Exit(2)
     correct = 0
     try:
-        with MeshClient(target, timeout=60) as client, Progress(console=_console) as bar:
+        with _client(target, 60) as client, Progress(console=_console) as bar:
             task = bar.add_task(f"evaluating {name}/{variant}", total=rows)
             for start in range(0, rows, max(1, batch)):
                 part = {k: v[start : start + batch] for k, v in arrays.items()}
@@ -289,7 +374,6 @@ def models_profile(
 ) -> None:
     """Store a drift reference for a variant: quantile-bin sketches of each input feature (and of
     the predictions) of a sample you give. Only these sketches are stored and sent to nodes."""
-    from client import MeshClient
     from protos.sketches import build_profile, prediction_of
 
     arrays = _load_npz(data)
@@ -305,7 +389,7 @@ def models_profile(
     if outputs:
         parts = []
         try:
-            with MeshClient(target, timeout=60) as client:
+            with _client(target, 60) as client:
                 for start in range(0, rows, max(1, batch)):
                     part = {k: v[start : start + batch] for k, v in arrays.items()}
                     result = client.infer(name, part, version=variant)
@@ -404,6 +488,130 @@ def models_remove(name: str, variant: str = "", target: Target = "127.0.0.1:8001
     with _admin(target) as admin:
         removed = admin.remove_model(name, variant)
     _console.print(f"removed {removed} variant(s)")
+
+
+@models_app.command("rollout")
+def models_rollout(
+    name: str,
+    version: str,
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "live",
+    canary: Annotated[
+        float,
+        typer.Option(
+            help="send only this percentage of the alias's queries to VERSION (0 < PCT < 100); "
+            "0 or 100: all of them"
+        ),
+    ] = 0.0,
+    wait: Annotated[
+        bool, typer.Option(help="follow until VERSION's copies are READY and traffic shifted")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """Point an alias (default: live, what queries naming no version follow) at VERSION, a
+    registered variant. Its copies load and warm first; traffic shifts once they are READY.
+    With --canary PCT only that share of the alias's queries goes to VERSION."""
+    with _admin(target) as admin:
+        status = admin.rollout(name, version, alias=alias, canary_percent=canary)
+        _console.print(f"{name}/{alias}: {_alias_text(status)}")
+        if wait:
+            _follow_rollout(admin, name, alias, version, timeout)
+
+
+def _alias_text(status: mesh_pb2.AliasStatus) -> str:
+    a = status.alias
+    text = f"-> {a.version}, serving {status.serving or '-'}"
+    if a.canary_version:
+        state = "active" if status.canary_active else "waiting for ready copies"
+        text += f", canary {a.canary_version} {a.canary_percent:g}% ({state})"
+    return text
+
+
+def _follow_rollout(
+    admin: AdminClient, model: str, alias: str, version: str, timeout: float
+) -> None:
+    """Poll until ``version`` takes the alias's traffic (or its canary share), printing each
+    change of its readiness; exit 1 on a timeout, a failed version or a concurrent change."""
+    deadline = time.monotonic() + timeout
+    last, canary, percent = "", False, 0.0
+    with _console.status(f"rolling {model}/{alias} to {version}") as spinner:
+        while True:
+            status = next((s for s in admin.list_aliases(model) if s.alias.alias == alias), None)
+            a = status.alias if status is not None else mesh_pb2.Alias()
+            canary, percent = a.canary_version == version, a.canary_percent
+            if status is None or (a.version != version and not canary):
+                spinner.stop()  # the Admin API reads etcd: this is a change, not a lagging view
+                now = _alias_text(status) if status is not None else "removed"
+                _console.print(f"[red]error[/red] {model}/{alias} was changed meanwhile: {now}")
+                raise typer.Exit(1)
+            ready = {v.version: v for v in status.versions}.get(version)
+            line = f"{version}: not placed yet; serving {status.serving or '-'}"
+            if ready is not None:
+                line = (
+                    f"{version}: {ready.ready}/{ready.wanted} copies ready; "
+                    f"serving {status.serving or '-'}"
+                )
+            if line != last:
+                _console.print(line, highlight=False)
+                spinner.update(line)
+                last = line
+            if status.canary_active if canary else status.serving == version:
+                break
+            failed = _failed_everywhere(admin, model, version)
+            if failed:
+                spinner.stop()
+                for node_id, why in failed.items():
+                    _console.print(f"[red]failed[/red] {version} on {node_id}: {why}")
+                raise typer.Exit(1)
+            if time.monotonic() >= deadline:
+                spinner.stop()
+                _console.print(
+                    f"[yellow]timed out[/yellow] after {timeout:.0f}s; the rollout goes on "
+                    f"(meshctl model aliases {model})"
+                )
+                raise typer.Exit(1)
+            time.sleep(0.25)
+    share = f"{percent:g}% of " if canary else ""
+    _console.print(f"[green]✓[/green] {model}/{alias}: {share}traffic on {version}")
+
+
+def _failed_everywhere(admin: AdminClient, model: str, version: str) -> dict[str, str]:
+    """Why ``version``'s copies failed, when it failed on every node it was placed on."""
+    for p in admin.list_placements(model):
+        if p.variant == version and p.failed and not p.nodes:
+            return dict(p.failed)
+    return {}
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: str,
+    alias: Annotated[str, typer.Option(help="the alias to roll back")] = "live",
+    target: Target = "127.0.0.1:8001",
+) -> None:
+    """Drop the alias's canary, else point it back at its previous version: instant, as that
+    version's copies stay loaded."""
+    with _admin(target) as admin:
+        status = admin.rollback(name, alias=alias)
+    _console.print(f"{name}/{alias}: {_alias_text(status)}")
+
+
+@models_app.command("aliases")
+def models_aliases(name: str, target: Target = "127.0.0.1:8001") -> None:
+    """A model's aliases: the version each points at, the one serving now, canary, readiness."""
+    with _admin(target) as admin:
+        aliases = admin.list_aliases(name)
+    table = Table("alias", "version", "serving", "canary", "previous", "copies ready", "why")
+    for s in aliases:
+        a = s.alias
+        canary = f"{a.canary_version} {a.canary_percent:g}%" if a.canary_version else "-"
+        if a.canary_version and not s.canary_active:
+            canary += " (not ready)"
+        ready = ", ".join(f"{v.version} {v.ready}/{v.wanted}" for v in s.versions)
+        table.add_row(
+            a.alias, a.version, s.serving, canary, a.previous_version or "-", ready, s.reason
+        )
+    _console.print(table)
 
 
 @nodes_app.command("list")
@@ -670,6 +878,50 @@ def up(
             with _console.status("stopping the mesh"):
                 mesh.close()
     _console.print("[green]✓[/green] stopped; nothing left running")
+
+
+certs_app = typer.Typer(
+    help="Development certificates for a mutual-TLS mesh.", no_args_is_help=True
+)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="where the CA and certificates go")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="extra DNS name / IP in the server certificates (repeatable)"),
+    ] = None,
+    node: Annotated[
+        list[str] | None,
+        typer.Option(help="issue a certificate for this node id (repeatable; default node-1)"),
+    ] = None,
+    days: Annotated[int, typer.Option(help="validity of every certificate")] = 365,
+    force: Annotated[bool, typer.Option(help="overwrite existing files")] = False,
+) -> None:
+    """Create a development CA in DIRECTORY and issue the control plane's, the nodes' and a
+    client certificate (keys 0600). For development and tests; see docs/security.md."""
+    from client._certs import init_certs
+
+    try:
+        issued = init_certs(
+            directory, hosts=host or (), nodes=node or ("node-1",), days=days, force=force
+        )
+    except (FileExistsError, ValueError) as exc:
+        _console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("file", "what")
+    table.add_row(str(issued.ca_cert), "CA certificate: --tls-ca of every process")
+    table.add_row(str(issued.ca_key), "CA key (0600): keep it off the mesh's machines")
+    cp_cert, cp_key = issued.controlplane
+    table.add_row(f"{cp_cert}, {cp_key}", "control plane: --tls-cert / --tls-key")
+    for node_id, (cert, key) in issued.nodes.items():
+        table.add_row(f"{cert}, {key}", f"node {node_id}: --tls-cert / --tls-key")
+    cert, key = issued.client
+    table.add_row(f"{cert}, {key}", "client (SDK, meshctl): --tls-cert / --tls-key")
+    _console.print(table)
+    _console.print(f"wrote {len(issued.all())} files in {directory}")
 
 
 def main() -> None:

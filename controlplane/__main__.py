@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import gc
 import signal
+from pathlib import Path
 
 from controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
+from controlplane.auth import AuthConfig, load_api_keys
 from protos.process import (
     configure_logging,
     configure_metrics,
@@ -15,6 +17,7 @@ from protos.process import (
     install_task_dump,
     run,
 )
+from protos.security import SecurityConfigError, TLSFiles, read_secret, read_secrets
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +58,21 @@ def _parser() -> argparse.ArgumentParser:
         help="this gateway's zone: queries naming no client_zone prefer copies on nodes "
         "labelled zone=<this> (default: no preference)",
     )
+    p.add_argument(
+        "--max-in-flight-per-copy",
+        type=int,
+        default=128,
+        help="admission: queries a model may have in flight at this gateway, per ready copy; "
+        "beyond, RESOURCE_EXHAUSTED at once with a retry-after hint (0: no limit)",
+    )
+    p.add_argument(
+        "--max-in-flight-per-client",
+        type=int,
+        default=1024,
+        help="admission: queries one client (x-client-id metadata, else its host) may have in "
+        "flight at this gateway (0: no limit)",
+    )
+    _security_options(p)
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--metrics-listen",
@@ -62,6 +80,67 @@ def _parser() -> argparse.ArgumentParser:
         help="host:port serving Prometheus metrics at /metrics (default: off)",
     )
     return p
+
+
+def _security_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--tls-cert", default="", help="PEM certificate of the listener (enables TLS)")
+    g.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    g.add_argument(
+        "--tls-ca",
+        default="",
+        help="PEM CA certificates clients must chain to (mutual TLS; node ids are checked "
+        "against their certificates) and that nodes' direct ports are verified with",
+    )
+    g.add_argument(
+        "--tls-client-auth",
+        choices=("required", "none"),
+        default="required",
+        help="with --tls-ca: 'required' (every caller presents a certificate) or 'none' "
+        "(server TLS only: nodes prove themselves by join token, clients by API key)",
+    )
+    g.add_argument(
+        "--join-token-file", default="", help="bootstrap tokens nodes must present, one a line"
+    )
+    g.add_argument(
+        "--admin-token-file",
+        default="",
+        help="token every Admin API call must present as 'authorization: Bearer <token>'",
+    )
+    g.add_argument(
+        "--api-keys-file",
+        default="",
+        help="YAML of tenants, their API keys and the models each may query; inference then "
+        "needs a key (x-api-key or authorization: Bearer)",
+    )
+
+
+def _security(ns: argparse.Namespace) -> tuple[TLSFiles | None, bool, AuthConfig]:
+    """TLS files, whether client certificates are required, and the auth configuration, from
+    the command line; a bad file ends the process with a message naming it (never a secret)."""
+    try:
+        tls = TLSFiles.from_options(ns.tls_ca, ns.tls_cert, ns.tls_key)
+        if tls is not None and tls.cert is None:
+            raise SecurityConfigError("--tls-ca needs the listener's --tls-cert and --tls-key")
+        if tls is not None:
+            tls.pair()  # unreadable files fail now, not at the first handshake
+            tls.ca_bytes()
+        auth = AuthConfig(
+            join_tokens=tuple(
+                read_secrets(Path(ns.join_token_file), "join token file")
+                if ns.join_token_file
+                else ()
+            ),
+            admin_token=(
+                read_secret(Path(ns.admin_token_file), "admin token file")
+                if ns.admin_token_file
+                else None
+            ),
+            tenants=load_api_keys(Path(ns.api_keys_file)) if ns.api_keys_file else None,
+        )
+    except SecurityConfigError as exc:
+        raise SystemExit(f"meshserve-controlplane: {exc}") from None
+    return tls, ns.tls_client_auth == "required", auth
 
 
 async def _serve(config: ControlPlaneConfig, metrics_listen: str = "") -> None:
@@ -89,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--lease-ttl must be at least 2 seconds")
     if ns.telemetry_interval_ms < 100:
         raise SystemExit("--telemetry-interval-ms must be at least 100")
+    tls, require_client_cert, auth = _security(ns)
     config = ControlPlaneConfig(
         etcd_url=ns.etcd,
         listen=ns.listen,
@@ -100,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         keepalive_ms=max(500, ns.keepalive_ms),
         admissions_per_s=max(0.1, ns.admissions_per_s),
         zone=ns.zone.strip(),
+        max_in_flight_per_copy=max(0, ns.max_in_flight_per_copy),
+        max_in_flight_per_client=max(0, ns.max_in_flight_per_client),
+        tls=tls,
+        require_client_cert=require_client_cert,
+        auth=auth,
     )
     run(_serve(config, ns.metrics_listen))
 

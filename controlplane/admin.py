@@ -6,23 +6,28 @@ Every write is validated here first, so nothing malformed ever reaches etcd.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 from controlplane import keys
+from controlplane.etcd._client import get, get_prefix
 from controlplane.events import EventLog
 from controlplane.gateway import Gateway
 from controlplane.health import ModelHealth, feedback_totals
 from controlplane.hub import Hub
 from controlplane.policies.config import Policy, PolicyError, parse_policy
+from controlplane.rollout import DEFAULT_ALIAS, plan_rollback, plan_rollout
 from controlplane.scheduler import explain_variant
 from controlplane.snapshot import Snapshot
 from protos import mesh_pb2, mesh_pb2_grpc
 from protos.sketches import MAX_CLASSES, MAX_FEATURES
 from protos.status import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -51,6 +56,7 @@ _OIP_TYPES = {
 }
 MAX_COPIES = 1000
 MAX_FEEDBACK_ITEMS = 10_000
+_ALIAS_CAS_ATTEMPTS = 5
 
 
 def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
@@ -152,6 +158,11 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self, request: mesh_pb2.RegisterModelRequest, context: ServicerContext
     ) -> mesh_pb2.RegisterModelResponse:
         spec = validate_spec(request.model)
+        if await get(self._etcd, keys.alias_key(spec.name, spec.variant).encode()) is not None:
+            raise InvalidArgument(
+                f"{spec.variant!r} is an alias of model {spec.name!r} (meshctl model aliases "
+                f"{spec.name}); give the version another name"
+            )
         key = keys.model_key(spec.name, spec.variant).encode()
         previous = await self._etcd.put(key, keys.encode(spec), prev_kv=True)
         created = not getattr(previous, "prev_kv", None)
@@ -171,6 +182,14 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         if not _NAME.match(request.name):
             raise InvalidArgument(f"invalid model name {request.name!r}")
         if request.variant:
+            for alias in await self._aliases(request.name):
+                if request.variant in (alias.version, alias.canary_version):
+                    role = "canary" if request.variant == alias.canary_version else "version"
+                    raise FailedPrecondition(
+                        f"{request.variant!r} is the {role} of alias {alias.alias!r} of model "
+                        f"{request.name!r}; roll the alias to another version (or roll back) "
+                        "before removing it"
+                    )
             deleted = await self._etcd.delete(
                 keys.model_key(request.name, request.variant).encode()
             )
@@ -178,6 +197,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         else:
             result = await self._etcd.delete_prefix(f"{keys.MODELS}{request.name}/".encode())
             removed = int(getattr(result, "deleted", 0))
+            await self._etcd.delete_prefix(f"{keys.ALIASES}{request.name}/".encode())
         return mesh_pb2.RemoveModelResponse(removed=removed)
 
     async def ListNodes(
@@ -372,3 +392,129 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         spec.drift_reference.CopyFrom(request.profile)
         await self._etcd.put(key, keys.encode(spec))
         return mesh_pb2.SetDriftProfileResponse(features=len(request.profile.features))
+
+    # -- aliases and rollouts (docs/rollout.md) ---------------------------------------------------
+
+    async def _aliases(self, model: str) -> list[mesh_pb2.Alias]:
+        """The model's aliases as stored (a linearizable read, not the mirrored view)."""
+        _, kvs = await get_prefix(self._etcd, f"{keys.ALIASES}{model}/".encode())
+        return sorted(
+            (keys.decode(kv.value, mesh_pb2.Alias()) for kv in kvs), key=lambda a: a.alias
+        )
+
+    async def _change_alias(
+        self,
+        model: str,
+        alias: str,
+        plan: Callable[[mesh_pb2.Alias | None, list[str]], mesh_pb2.Alias],
+    ) -> tuple[mesh_pb2.Alias, mesh_pb2.Alias | None]:
+        """Apply ``plan(current alias, registered versions)`` as one compare-and-swap on the
+        alias's mod revision (retried on a lost race); returns (new, old). ``plan`` returning
+        the current record itself writes nothing."""
+        for name, value in (("model", model), ("alias", alias)):
+            if not _NAME.match(value):
+                raise InvalidArgument(
+                    f"invalid {name} name {value!r}: 1-128 of [A-Za-z0-9_.-], starting with a "
+                    "letter or digit"
+                )
+        key = keys.alias_key(model, alias).encode()
+        for _ in range(_ALIAS_CAS_ATTEMPTS):
+            _, kvs = await get_prefix(self._etcd, f"{keys.MODELS}{model}/".encode())
+            registered = [keys.split_key(kv.key.decode(), keys.MODELS)[1] for kv in kvs]
+            if not registered:
+                raise NotFound(f"unknown model {model!r}")
+            kv = await get(self._etcd, key)
+            current = None if kv is None else keys.decode(kv.value, mesh_pb2.Alias())
+            new = plan(current, registered)
+            if new is current:
+                return new, current
+            t = self._etcd.transactions
+            ok, _ = await self._etcd.transaction(
+                compare=[t.mod(key) == (kv.mod_revision if kv is not None else 0)],
+                success=[t.put(key, keys.encode(new))],
+                failure=[],
+            )
+            if ok:
+                await self._until_seen(model, alias, new)
+                return new, current
+        raise Unavailable(f"alias {alias!r} of model {model!r} is changing concurrently; retry")
+
+    async def _until_seen(self, model: str, alias: str, record: mesh_pb2.Alias) -> None:
+        """Wait (at most 2 s) until this replica's view holds ``record``: once a rollout or a
+        rollback returns, this replica's gateway routes by it (others follow their watch)."""
+        deadline = time.monotonic() + 2.0
+        while self._snapshot().aliases.get((model, alias)) != record:
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.005)
+
+    async def Rollout(
+        self, request: mesh_pb2.RolloutRequest, context: ServicerContext
+    ) -> mesh_pb2.RolloutResponse:
+        model, alias, version = request.model, request.alias or DEFAULT_ALIAS, request.version
+        if not version:
+            raise InvalidArgument("rollout needs the version (a registered variant) to roll out")
+        percent = request.canary_percent
+
+        def plan(current: mesh_pb2.Alias | None, registered: list[str]) -> mesh_pb2.Alias:
+            if current is not None:  # what answers now keeps answering while VERSION warms
+                serving = self._gateway.alias_status(model, current).serving
+            else:  # a new `live` alias takes over the queries that name no version
+                serving = self._gateway.serving_version(model) if alias == DEFAULT_ALIAS else ""
+            return plan_rollout(
+                current,
+                model=model,
+                alias=alias,
+                version=version,
+                canary_percent=percent,
+                registered=registered,
+                serving_now=serving,
+                now_ms=int(time.time() * 1000),
+            )
+
+        new, old = await self._change_alias(model, alias, plan)
+        if new is not old:
+            if new.canary_version and 0 < percent < 100:
+                text = f"{alias}: canary {version} at {percent:g}% (stable {new.version})"
+            else:
+                was = old.version if old is not None else "unset"
+                text = f"{alias} -> {version} (was {was})"
+                if new.previous_version:
+                    text += f"; {new.previous_version} serves until {version} is warm"
+            self._events.record("rollout", model=model, variant=version, message=text)
+        return mesh_pb2.RolloutResponse(status=self._gateway.alias_status(model, new))
+
+    async def Rollback(
+        self, request: mesh_pb2.RollbackRequest, context: ServicerContext
+    ) -> mesh_pb2.RollbackResponse:
+        model, alias = request.model, request.alias or DEFAULT_ALIAS
+
+        def plan(current: mesh_pb2.Alias | None, registered: list[str]) -> mesh_pb2.Alias:
+            return plan_rollback(
+                current,
+                model=model,
+                alias=alias,
+                registered=registered,
+                now_ms=int(time.time() * 1000),
+            )
+
+        new, old = await self._change_alias(model, alias, plan)
+        assert old is not None  # plan_rollback refuses a missing alias
+        if old.canary_version:
+            text = f"{alias}: canary {old.canary_version} dropped; {new.version} takes every query"
+        else:
+            text = f"{alias} -> {new.version} (rolled back from {old.version})"
+        self._events.record("rollback", model=model, variant=new.version, message=text)
+        return mesh_pb2.RollbackResponse(status=self._gateway.alias_status(model, new))
+
+    async def ListAliases(
+        self, request: mesh_pb2.ListAliasesRequest, context: ServicerContext
+    ) -> mesh_pb2.ListAliasesResponse:
+        if not _NAME.match(request.model):
+            raise InvalidArgument(f"invalid model name {request.model!r}")
+        aliases = await self._aliases(request.model)
+        if not aliases and not self._snapshot().variants(request.model):
+            raise NotFound(f"unknown model {request.model!r}")
+        return mesh_pb2.ListAliasesResponse(
+            aliases=[self._gateway.alias_status(request.model, a) for a in aliases]
+        )

@@ -20,6 +20,8 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from controlplane import keys
 from controlplane.admin import AdminService
+from controlplane.admission import Admission
+from controlplane.auth import AuthConfig, Guard
 from controlplane.etcd import Election, PrefixMirror, Session, connect
 from controlplane.events import EventLog
 from controlplane.gateway import Gateway
@@ -30,7 +32,8 @@ from controlplane.policies.config import DEFAULT_POLICY, Policy, PolicyError, pa
 from controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
 from controlplane.webhook import Webhook
 from protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
-from protos.status import map_errors
+from protos.security import TLSFiles, channel_credentials, server_credentials
+from protos.status import map_errors, tolerant_decoding
 
 __all__ = ["ControlPlane", "ControlPlaneConfig"]
 
@@ -58,6 +61,11 @@ class ControlPlaneConfig:
     etcd_wait_s: float = 30.0  # keep retrying etcd at start this long
     admissions_per_s: float = 200.0  # new node streams admitted per second
     zone: str = ""  # this gateway's zone: preferred for queries that name none ("": none)
+    tls: TLSFiles | None = None  # the listener's certificate (+ CA: nodes' direct ports too)
+    require_client_cert: bool = True  # with tls and a CA: mTLS for every caller, node ids checked
+    auth: AuthConfig = field(default_factory=AuthConfig)  # join tokens, admin token, API keys
+    max_in_flight_per_copy: int = 128  # gateway admission per model: x ready copies (0: off)
+    max_in_flight_per_client: int = 1024  # gateway admission per client (0: off)
 
 
 def server_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[tuple[str, Any]]:
@@ -108,6 +116,7 @@ class ControlPlane:
                 placements_revision=m[keys.PLACEMENTS].revision,
                 draining=m[keys.DRAINING].items(),
                 wake=m[keys.WAKE].items(),
+                aliases=m[keys.ALIASES].items(),
             )
         return self._snapshot
 
@@ -310,7 +319,13 @@ class ControlPlane:
         self._etcd = await self._connect_etcd(cfg.etcd_url, cfg.etcd_wait_s)
         options = server_options(cfg.max_message_bytes, cfg.keepalive_ms)
         self._server = aio.server(options=options)
-        port = self._server.add_insecure_port(cfg.listen)
+        mtls = cfg.tls is not None and cfg.tls.ca is not None and cfg.require_client_cert
+        if cfg.tls is None:
+            port = self._server.add_insecure_port(cfg.listen)
+        else:
+            creds = server_credentials(cfg.tls, require_client_cert=mtls)
+            port = self._server.add_secure_port(cfg.listen, creds)
+        guard = Guard(cfg.auth, verify_node_identity=mtls)
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = cfg.advertise or f"{host}:{port}"
 
@@ -324,6 +339,7 @@ class ControlPlane:
             keys.DRAINING,
             keys.POLICY,
             keys.WAKE,
+            keys.ALIASES,
         )
         for prefix in prefixes:
             mirror = PrefixMirror(self._etcd, prefix)
@@ -341,6 +357,8 @@ class ControlPlane:
             telemetry_interval_ms=cfg.telemetry_interval_ms,
             admissions_per_s=cfg.admissions_per_s,
             on_telemetry=self._on_telemetry,
+            identify=guard.identify_node,
+            max_message_bytes=cfg.max_message_bytes,
         )
         self.events = EventLog(self._etcd, self.replica_id)
         self.events.start()
@@ -355,24 +373,33 @@ class ControlPlane:
             events=self.events,
             wake=self._wake,
             zone=cfg.zone,
+            node_credentials=channel_credentials(cfg.tls) if cfg.tls and cfg.tls.ca else None,
+            stream_check=guard.stream_check,
+            admission=Admission(
+                per_copy=cfg.max_in_flight_per_copy, per_client=cfg.max_in_flight_per_client
+            ),
         )
-        mesh_pb2_grpc.add_NodeLinkServicer_to_server(map_errors(self.hub), self._server)
+        mesh_pb2_grpc.add_NodeLinkServicer_to_server(
+            map_errors(guard.node_link(self.hub)), tolerant_decoding(self._server)
+        )
         mesh_pb2_grpc.add_AdminServicer_to_server(
             map_errors(
-                AdminService(
-                    etcd=self._etcd,
-                    snapshot=self.snapshot,
-                    hub=self.hub,
-                    policy=self.policy,
-                    events=self.events,
-                    gateway=self.gateway,
-                    health=self.health,
+                guard.admin(
+                    AdminService(
+                        etcd=self._etcd,
+                        snapshot=self.snapshot,
+                        hub=self.hub,
+                        policy=self.policy,
+                        events=self.events,
+                        gateway=self.gateway,
+                        health=self.health,
+                    )
                 )
             ),
-            self._server,
+            tolerant_decoding(self._server),
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            map_errors(self.gateway), self._server
+            map_errors(guard.inference(self.gateway)), tolerant_decoding(self._server)
         )
         await self._server.start()
 

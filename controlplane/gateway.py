@@ -5,8 +5,12 @@ port when it has one, else down the node's stream held by this replica (the tunn
 reachable copies the gateway picks by power of two choices on live load (its own in-flight count
 and the node's reported queue depth, weighted by observed latency; see :mod:`controlplane.routing`).
 Copies in the query's zone (request parameter ``client_zone``, else the gateway's own zone) are
-picked among first (see :mod:`controlplane.locality`). An UNAVAILABLE answer is retried once on
-another copy (in any zone; inference is idempotent), never past the caller's deadline. A query
+picked among first (see :mod:`controlplane.locality`). An UNAVAILABLE or RESOURCE_EXHAUSTED
+answer, or a first attempt that stalled (a grey failure: no answer within 20 x the copy's
+observed latency, at least 0.5 s, when the deadline leaves room for two), is retried once on
+another copy (in any zone; inference is idempotent), never past the caller's deadline. Before
+any of it, :class:`~controlplane.admission.Admission` bounds the queries in flight per model and
+per client: beyond, RESOURCE_EXHAUSTED at once with a retry-after hint. A query
 for a variant scaled to zero (autoscaling with ``min_copies: 0``) asks the leader for a copy (an
 etcd "wake" key) and waits for it to be ready, up to its deadline (or ``cold_start_max_s``
 without one); the wait is the measured cold start (span attribute, event).
@@ -32,9 +36,20 @@ from grpc import aio
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 
+from controlplane.admission import Admission
 from controlplane.events import EventSink
 from controlplane.hub import Hub
 from controlplane.locality import prefer_local
+from controlplane.rollout import (
+    DEFAULT_ALIAS,
+    Route,
+    VersionState,
+    alias_for,
+    alias_status,
+    canary_draw,
+    resolve,
+    versions_of,
+)
 from controlplane.routing import Balancer, CopyKey
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
 from controlplane.switching import (
@@ -50,6 +65,7 @@ from protos.instruments import RequestMetrics
 from protos.params import CLIENT_ZONE, PREFER
 from protos.status import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ServicerContext,
@@ -63,6 +79,7 @@ from protos.tracing import context_from_metadata, inject_map, metadata_with_cont
 __all__ = ["Gateway"]
 
 _tracer = trace.get_tracer("meshserve.gateway")
+CLIENT_ID_KEY = "x-client-id"
 _VERSION = "0.1.0"
 
 
@@ -103,6 +120,20 @@ def _zone_of(request: inference_pb2.ModelInferRequest) -> str:
     return param.string_param.strip()
 
 
+def _client_of(metadata: Any, peer: str) -> str:
+    """Who a query counts against for admission: its ``x-client-id`` metadata, else the
+    caller's host (the peer address without its port)."""
+    for key, value in metadata or ():
+        if key == CLIENT_ID_KEY:
+            return str(value)[:128]
+    host = peer.rsplit(":", 1)[0] if peer else ""
+    return host
+
+
+def key_of(spec: mesh_pb2.ModelSpec) -> VariantKey:
+    return (spec.name, spec.variant)
+
+
 def _scales_to_zero(spec: mesh_pb2.ModelSpec) -> bool:
     return spec.HasField("autoscaling") and spec.autoscaling.min_copies == 0
 
@@ -117,6 +148,14 @@ def _child(
         return _tracer.start_as_current_span(name, kind=kind)
     return contextlib.nullcontext(span)
 
+
+#: A first attempt with another copy to fall back on gets at most this factor of the copy's
+#: observed latency (and at least _STUCK_MIN_S), when the caller's deadline leaves room for two.
+_STUCK_FACTOR = 20.0
+_STUCK_MIN_S = 0.5
+
+#: Answers retried once on another copy (inference is idempotent): the copy is gone, or full.
+_RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 _COPY_FAULTS = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -135,8 +174,17 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         wake: Callable[[VariantKey, bool], Awaitable[None]] | None = None,
         cold_start_max_s: float = 60.0,
         zone: str = "",
+        admission: Admission | None = None,
+        node_credentials: grpc.ChannelCredentials | None = None,
+        stream_check: Callable[[ServicerContext], Callable[[str], None]] | None = None,
     ) -> None:
-        """``zone``: this gateway's zone, preferred for queries that name none ("" for none)."""
+        """``zone``: this gateway's zone, preferred for queries that name none ("" for none).
+        ``admission``: in-flight limits per model and client (default: :class:`Admission`).
+        ``node_credentials``: TLS to nodes' direct ports (None: insecure). ``stream_check``:
+        authenticates a ModelStreamInfer stream and returns its per-model check (raising the
+        refusal; :attr:`controlplane.auth.Guard.stream_check`); None: open."""
+        self._node_credentials = node_credentials
+        self._stream_check = stream_check
         self._hub = hub
         self._snapshot = snapshot
         self._channel_options = channel_options
@@ -157,6 +205,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._cold_start_max_s = cold_start_max_s
         self.zone = zone
         self._changed = asyncio.Event()
+        self.admission = admission or Admission()
 
     def notify(self) -> None:
         """The view changed (called by the replica on every snapshot change)."""
@@ -220,23 +269,37 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         context: ServicerContext,
     ) -> None:
         """Each request of the stream is routed like a ModelInfer; answers in completion order."""
-        parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
-        await serve_infer_stream(
-            request_iterator, lambda r: self._route(r, parent, None), context.write
-        )
+        metadata = context.invocation_metadata()
+        parent = context_from_metadata(metadata)  # type: ignore[arg-type]
+        client = _client_of(metadata, context.peer())
+        allow = None if self._stream_check is None else self._stream_check(context)
+
+        async def infer(
+            request: inference_pb2.ModelInferRequest,
+        ) -> inference_pb2.ModelInferResponse:
+            if allow is not None:  # API keys: this request's model must be the tenant's
+                name = getattr(request, "model_name", None)  # None: malformed, refused below
+                if name is not None:
+                    allow(name)
+            return await self._route(request, parent, None, client)
+
+        await serve_infer_stream(request_iterator, infer, context.write)
 
     async def ModelInfer(
         self, request: inference_pb2.ModelInferRequest, context: ServicerContext
     ) -> inference_pb2.ModelInferResponse:
-        parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        metadata = context.invocation_metadata()
+        parent = context_from_metadata(metadata)  # type: ignore[arg-type]
         remaining = context.time_remaining()
-        return await self._metrics.measure(self._route(request, parent, remaining), request)
+        client = _client_of(metadata, context.peer())
+        return await self._metrics.measure(self._route(request, parent, remaining, client), request)
 
     async def _route(
         self,
         request: inference_pb2.ModelInferRequest,
         parent: Context,
         remaining: float | None,
+        client: str = "",
     ) -> inference_pb2.ModelInferResponse:
         with server_span(
             _tracer, "gateway ModelInfer", parent, {"meshserve.model": request.model_name}
@@ -252,9 +315,19 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 slo_s = _default_slo(snapshot.variants(request.model_name))
             tried: set[str] = set()
             with _child(span, "gateway route") as route:
-                if request.model_version or (slo_s is None and min_accuracy is None):
-                    spec = self._variant(snapshot, request.model_name, request.model_version)
+                # A version or alias named, or the model's `live` alias: no switching.
+                pinned = (request.model_name, DEFAULT_ALIAS) in snapshot.aliases
+                if request.model_version or pinned or (slo_s is None and min_accuracy is None):
+                    spec, followed = self._resolve(
+                        snapshot,
+                        request.model_name,
+                        request.model_version,
+                        canary_draw(request.id),
+                    )
                     reason, predicted_s = "p2c", math.inf
+                    if followed is not None:
+                        reason = f"alias {followed.reason}"
+                        span.set_attribute("meshserve.alias", followed.alias)
                 else:
                     choice = self._switch(
                         request, snapshot, request.model_name, slo_s, min_accuracy, span
@@ -268,42 +341,86 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 node = self._select(snapshot, spec, zone, tried, route, reason, predicted_s)
             if node is None:
                 raise self._no_copy(snapshot, spec)
-            for attempt in (1, 2):
-                if attempt == 2:
-                    with _child(span, "gateway route") as route:
-                        node = self._select(snapshot, spec, zone, tried, route, "retry")
-                    if node is None:
-                        break
-                timeout = None if deadline is None else deadline - time.monotonic()
-                if timeout is not None and timeout <= 0:
-                    break
-                try:
-                    response = await self._forward(node, spec, request, timeout, span, attempt)
-                except StatusError as exc:
-                    if exc.code != grpc.StatusCode.UNAVAILABLE or attempt == 2:
-                        raise
-                    span.add_event("retry", {"meshserve.node": node.node_id, "reason": exc.message})
-                    if self._events is not None:
-                        self._events.record(
-                            "reroute",
-                            model=spec.name,
-                            variant=spec.variant,
-                            node_id=node.node_id,
-                            message=f"retried on another copy: {exc.message}",
-                        )
-                    snapshot = self._snapshot()
-                    continue
-                span.set_attribute("meshserve.node", node.node_id)
-                if slo_s is not None:
-                    met = time.monotonic() - started <= slo_s
-                    response.parameters["meshserve_slo_met"].bool_param = met
-                    span.set_attribute("meshserve.slo_met", met)
-                    if not met:
-                        self._slo_misses.add(1, {"model": spec.name, "variant": spec.variant})
-                return response
-            raise Unavailable(
-                f"model {spec.name!r}: no copy answered (tried {', '.join(sorted(tried))})"
+            ticket = self.admission.admit(
+                spec.name, len(snapshot.ready_nodes(key_of(spec))), client
             )
+            try:
+                response = await self._attempts(
+                    request, spec, snapshot, node, zone, tried, deadline, span
+                )
+            except BaseException:
+                ticket.release(ok=False)
+                raise
+            ticket.release()
+            if slo_s is not None:
+                met = time.monotonic() - started <= slo_s
+                response.parameters["meshserve_slo_met"].bool_param = met
+                span.set_attribute("meshserve.slo_met", met)
+                if not met:
+                    self._slo_misses.add(1, {"model": spec.name, "variant": spec.variant})
+            return response
+
+    async def _attempts(
+        self,
+        request: inference_pb2.ModelInferRequest,
+        spec: mesh_pb2.ModelSpec,
+        snapshot: Snapshot,
+        node: NodeView,
+        zone: str,
+        tried: set[str],
+        deadline: float | None,
+        span: trace.Span,
+    ) -> inference_pb2.ModelInferResponse:
+        """Forward to ``node``; an UNAVAILABLE or RESOURCE_EXHAUSTED answer, or a first attempt
+        that stalled, is retried once on another copy (when there is none, the first error
+        stands: a full copy's RESOURCE_EXHAUSTED keeps its retry-after hint)."""
+        failure: StatusError | None = None
+        for attempt in (1, 2):
+            if attempt == 2:
+                with _child(span, "gateway route") as route:
+                    other = self._select(snapshot, spec, zone, tried, route, "retry")
+                if other is None:
+                    assert failure is not None
+                    if failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise failure
+                    break
+                node = other
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                break
+            limit = timeout
+            if attempt == 1 and len(self._candidates(snapshot, spec)) > 1:
+                # A grey failure (a frozen or stalled node) answers nothing rather than an
+                # error: give the first copy a bounded share, so another can still answer.
+                stuck = max(
+                    _STUCK_MIN_S,
+                    _STUCK_FACTOR * self.balancer.observed((node.node_id, spec.name, spec.variant)),
+                )
+                if timeout is None or timeout > 2 * stuck:
+                    limit = stuck
+            try:
+                response = await self._forward(node, spec, request, limit, span, attempt)
+            except StatusError as exc:
+                stalled = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and limit != timeout
+                if (exc.code not in _RETRIABLE and not stalled) or attempt == 2:
+                    raise
+                failure = exc
+                span.add_event("retry", {"meshserve.node": node.node_id, "reason": exc.message})
+                if self._events is not None and exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self._events.record(
+                        "reroute",
+                        model=spec.name,
+                        variant=spec.variant,
+                        node_id=node.node_id,
+                        message=f"retried on another copy: {exc.message}",
+                    )
+                snapshot = self._snapshot()
+                continue
+            span.set_attribute("meshserve.node", node.node_id)
+            return response
+        raise Unavailable(
+            f"model {spec.name!r}: no copy answered (tried {', '.join(sorted(tried))})"
+        )
 
     async def _cold_start(
         self, spec: mesh_pb2.ModelSpec, deadline: float | None, span: trace.Span
@@ -465,17 +582,72 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     def _variant(self, snapshot: Snapshot, model: str, version: str) -> mesh_pb2.ModelSpec:
+        """The variant a query naming ``version`` (a variant, an alias or "") gets; an alias's
+        canary is never drawn here (metadata and readiness describe the serving version)."""
+        return self._resolve(snapshot, model, version, 100.0)[0]
+
+    def _resolve(
+        self, snapshot: Snapshot, model: str, version: str, draw: float
+    ) -> tuple[mesh_pb2.ModelSpec, Route | None]:
+        """The variant for a query naming ``version``, and the alias route it followed (None:
+        none). ``draw`` in [0, 100): below the alias's canary percent selects the canary."""
         if not model:
             raise NotFound("model name is empty")
         variants = snapshot.variants(model)
         if not variants:
             raise NotFound(f"unknown model {model!r}")
+        by_name = {s.variant: s for s in variants}
+        alias = alias_for(snapshot.aliases, by_name, model, version)
+        if alias is not None:
+            route = resolve(alias, self._version_states(snapshot, model, alias), draw)
+            spec = by_name.get(route.version)
+            if spec is None:
+                raise FailedPrecondition(
+                    f"alias {alias.alias!r} of model {model!r} points at version "
+                    f"{route.version!r}, which is not registered; roll the alias out to a "
+                    f"registered version (meshctl model rollout {model} VERSION)"
+                )
+            return spec, route
         if version:
-            for spec in variants:
-                if spec.variant == version:
-                    return spec
-            names = ", ".join(sorted(s.variant for s in variants))
-            raise NotFound(f"model {model!r} has no variant {version!r} (has: {names})")
+            spec = by_name.get(version)
+            if spec is not None:
+                return spec, None
+            names = ", ".join(sorted(by_name))
+            raise NotFound(f"model {model!r} has no variant or alias {version!r} (has: {names})")
+        return self._best(snapshot, variants), None
+
+    def _version_states(
+        self, snapshot: Snapshot, model: str, alias: mesh_pb2.Alias
+    ) -> dict[str, VersionState]:
+        """Ready and wanted copies of each registered version ``alias`` may route to. Wanted:
+        the nodes its placement names (copies that cannot be placed are not waited for), else
+        the registered copies."""
+        out = {}
+        for name in versions_of(alias):
+            spec = snapshot.models.get((model, name))
+            if spec is None:
+                continue
+            placement = snapshot.placements.get((model, name))
+            wanted = len(placement.nodes) if placement is not None else 0
+            ready = len(self._candidates(snapshot, spec))
+            out[name] = VersionState(ready, wanted or max(1, spec.copies))
+        return out
+
+    def alias_status(self, model: str, alias: mesh_pb2.Alias) -> mesh_pb2.AliasStatus:
+        """What ``alias`` serves now on this replica's view (for the Admin API)."""
+        snapshot = self._snapshot()
+        return alias_status(alias, self._version_states(snapshot, model, alias))
+
+    def serving_version(self, model: str, version: str = "") -> str:
+        """The variant a query to ``model`` naming ``version`` (an alias, or none) gets now,
+        its canary aside; "" when it would get none."""
+        try:
+            return self._variant(self._snapshot(), model, version).variant
+        except StatusError:
+            return ""
+
+    def _best(self, snapshot: Snapshot, variants: list[mesh_pb2.ModelSpec]) -> mesh_pb2.ModelSpec:
+        """The most accurate variant with a ready copy (any variant when none has one)."""
         ready = [s for s in variants if self._candidates(snapshot, s)]
         pool = ready or variants
         return max(pool, key=lambda s: (s.accuracy, s.variant == "default", s.variant))
@@ -588,7 +760,12 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         """One channel and one stub per node address, reused by every query."""
         entry = self._channels.get(address)
         if entry is None:
-            channel = aio.insecure_channel(address, options=self._channel_options)
+            if self._node_credentials is None:
+                channel = aio.insecure_channel(address, options=self._channel_options)
+            else:  # mTLS: the replica's certificate as the client's
+                channel = aio.secure_channel(
+                    address, self._node_credentials, options=self._channel_options
+                )
             entry = self._channels[address] = (
                 channel,
                 inference_pb2_grpc.GRPCInferenceServiceStub(channel),

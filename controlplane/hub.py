@@ -12,7 +12,9 @@ Contract:
   is refused with UNAVAILABLE and retries with the node's jittered backoff (reconnect storms).
 - :meth:`NodeSession.tunnel` multiplexes queries down the stream with correlation ids; each waits
   for its answer at most until its deadline, and every pending query fails with UNAVAILABLE the
-  moment the stream ends. The outgoing queue is bounded (RESOURCE_EXHAUSTED when full).
+  moment the stream ends. The outgoing queue is bounded (RESOURCE_EXHAUSTED when full), and so
+  is each frame: a query too big for the stream's message limit is refused (RESOURCE_EXHAUSTED)
+  rather than sent, which would end the stream. A message that does not decode is dropped.
 - :meth:`Hub.reconcile` sends Load for placed variants a node does not hold and Unload for copies
   no placement wants; commands are idempotent on the node, so resending is harmless.
 """
@@ -25,13 +27,14 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from functools import partial
 from typing import Any
 
 import grpc
 
 from controlplane import keys
+from controlplane.etcd._client import delete_if
 from controlplane.metrics import controlplane_metrics
 from controlplane.snapshot import Snapshot, VariantKey
 from protos import inference_pb2, mesh_pb2, mesh_pb2_grpc
@@ -39,6 +42,7 @@ from protos.sketches import monitoring_digest
 from protos.status import (
     EOF,
     DeadlineExceeded,
+    Malformed,
     ResourceExhausted,
     ServicerContext,
     Unavailable,
@@ -48,7 +52,10 @@ from protos.status import (
 __all__ = ["Hub", "NodeSession", "TokenBucket"]
 
 _log = logging.getLogger("meshserve.controlplane.hub")
+#: The value of a ``draining/<node>`` key a node set by shutting down (an operator's is "").
+SHUTDOWN_DRAIN = b"shutdown"
 ADOPTION_GRACE_S = 5.0  # a reconnected node's unplaced READY copies wait this long for adoption
+_FRAME_SLACK = 4096  # framing a query for the tunnel adds less than this (ids, trace context)
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
@@ -74,11 +81,33 @@ class TokenBucket:
         return False
 
 
+def _awaits_replacement(snapshot: Snapshot, node_id: str, key: VariantKey) -> bool:
+    """Make before break: a draining node's READY copy stays until the copies that replace it
+    are READY (as many as the placement names elsewhere, at least one), so a drain never
+    leaves a variant without a ready copy; the gateway routes to it only while it is the last."""
+    if node_id not in snapshot.draining:
+        return False
+    placement = snapshot.placements.get(key)
+    if placement is None:
+        return False  # the variant was removed: nothing to hand over
+    others = [n for n in placement.nodes if n != node_id and n not in snapshot.draining]
+    ready = {n.node_id for n in snapshot.ready_nodes(key)}
+    want = max(1, min(len(others), placement.desired_copies or len(others)))
+    return sum(n in ready for n in others) < want
+
+
 class NodeSession:
     """One live stream from one node."""
 
-    def __init__(self, hello: mesh_pb2.Hello, replica_id: str, outbox_size: int) -> None:
+    def __init__(
+        self,
+        hello: mesh_pb2.Hello,
+        replica_id: str,
+        outbox_size: int,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
         self.hello = hello
+        self.max_message_bytes = max_message_bytes
         self.node_id = hello.node_id
         self.replica_id = replica_id
         self.copies: dict[VariantKey, mesh_pb2.CopyStatus] = {
@@ -93,6 +122,7 @@ class NodeSession:
         self.started = time.monotonic()
         self._ids = itertools.count(1)
         self.closed = False
+        self.draining = False  # the node said it is shutting down
 
     def record(self) -> mesh_pb2.NodeInfo:
         return mesh_pb2.NodeInfo(
@@ -128,9 +158,20 @@ class NodeSession:
             trace_context=trace_context,
             timeout_ms=int(timeout * 1000) if timeout is not None else 0,
         )
+        message = mesh_pb2.ControlMessage(infer_request=frame)
+        # A frame over the stream's message limit would end the stream (every query on it
+        # fails and the node drops out): refuse the query instead. Exact size only when close.
+        if request.ByteSize() > self.max_message_bytes - _FRAME_SLACK:
+            size = message.ByteSize()
+            if size > self.max_message_bytes:
+                raise ResourceExhausted(
+                    f"the query is {size} bytes once framed for the tunnel to node "
+                    f"{self.node_id}, over its limit of {self.max_message_bytes} bytes; "
+                    "send a smaller request"
+                )
         self.pending[correlation_id] = future
         try:
-            self.send(mesh_pb2.ControlMessage(infer_request=frame))
+            self.send(message)
             answer = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise DeadlineExceeded(
@@ -167,13 +208,18 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         replicas: Callable[[], list[mesh_pb2.ReplicaInfo]],
         telemetry_interval_ms: int = 2000,
         outbox_size: int = 4096,
+        max_message_bytes: int = 64 << 20,
         hello_timeout_s: float = 10.0,
         admissions_per_s: float = 200.0,
         on_telemetry: Callable[[str, mesh_pb2.Telemetry], None] | None = None,
+        identify: Callable[[ServicerContext, str], None] | None = None,
     ) -> None:
-        """``on_telemetry``: called with every Telemetry a node sends (drift windows)."""
+        """``on_telemetry``: called with every Telemetry a node sends (drift windows).
+        ``identify``: checks that the caller may claim the Hello's node id (raising the status
+        that refuses the stream; :meth:`controlplane.auth.Guard.identify_node`); None: trusted."""
         self._etcd = etcd
         self._on_telemetry = on_telemetry
+        self._identify = identify
         self._digests: dict[VariantKey, tuple[mesh_pb2.ModelSpec, str]] = {}
         self.replica_id = replica_id
         self._ttl = lease_ttl_s
@@ -182,10 +228,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._replicas = replicas
         self._telemetry_interval_ms = telemetry_interval_ms
         self._outbox_size = outbox_size
+        self._max_message_bytes = max_message_bytes
         self._hello_timeout = hello_timeout_s
         self.admission = TokenBucket(rate=admissions_per_s, burst=max(1.0, admissions_per_s))
         self.sessions: dict[str, NodeSession] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Future[None]] = set()
         controlplane_metrics().watch_streams(self)
 
     # -- the stream --------------------------------------------------------------------------
@@ -201,7 +249,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 "the first NodeMessage must be a Hello, sent at once",
             )
             return
-        if first is EOF or not first.HasField("hello"):
+        if first is EOF or isinstance(first, Malformed) or not first.HasField("hello"):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first NodeMessage must be a Hello"
             )
@@ -214,6 +262,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 "starting with a letter or digit",
             )
             return
+        if self._identify is not None:
+            self._identify(context, hello.node_id)  # a refusal ends the stream with its status
         if not self.admission.take():
             # A reconnect storm (a region back from an outage): nodes retry with jittered
             # backoff, so refusing the excess spreads them out instead of stalling everyone.
@@ -229,8 +279,10 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 f"node {hello.node_id} already has a live stream to replica {self.replica_id}",
             )
             return
-        session = NodeSession(hello, self.replica_id, self._outbox_size)
+        session = NodeSession(hello, self.replica_id, self._outbox_size, self._max_message_bytes)
         self.sessions[hello.node_id] = session
+        if hello.node_id in self._snapshot().draining:  # back from a shutdown drain: clear it
+            self._spawn(self._mark_draining(hello.node_id, False))
         tasks: list[asyncio.Task[None]] = []
         try:
             previous = self._cleanups.get(hello.node_id)
@@ -262,6 +314,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 message = await context.read()
                 if message is EOF:
                     break
+                if isinstance(message, Malformed):  # did not decode: dropped, the stream lives
+                    _log.warning("node %s: %s; ignored", session.node_id, message.reason)
+                    continue
                 self._on_message(session, message)
         finally:
             session.fail_pending()
@@ -316,6 +371,28 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 self._on_telemetry(session.node_id, message.telemetry)
         elif kind == "hello":
             _log.warning("node %s sent a second Hello; ignored", session.node_id)
+        elif kind == "draining" and not session.draining:
+            session.draining = True
+            self._spawn(self._mark_draining(session.node_id, True))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _mark_draining(self, node_id: str, on: bool) -> None:
+        """A node shutting down drains itself: ``draining/<node>`` = ``SHUTDOWN_DRAIN`` (under
+        this replica's lease), so the leader moves its copies and gateways stop routing to it.
+        Its next Hello (a restart) clears that mark; an operator's drain (value "") stays."""
+        key = f"{keys.DRAINING}{node_id}".encode()
+        try:
+            if on:
+                await self._etcd.put(key, SHUTDOWN_DRAIN, lease=self._lease_id())
+                _log.info("node %s is shutting down: draining it", node_id)
+                return
+            await delete_if(self._etcd, key, value=SHUTDOWN_DRAIN)
+        except Exception as exc:
+            _log.warning("draining mark of node %s: %r", node_id, exc)
 
     async def _write_loop(self, session: NodeSession, context: ServicerContext) -> None:
         while True:
@@ -426,6 +503,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 (current is not None and node_id in current.nodes)
                 or (short and fresh and held.state == mesh_pb2.READY)
                 or session.sent.get(key) == "unload"
+                or (held.state == mesh_pb2.READY and _awaits_replacement(snapshot, node_id, key))
             ):
                 continue
             revision = snapshot.placement_revision(key)
@@ -452,4 +530,4 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             session.fail_pending()
-        await asyncio.gather(*self._cleanups.values(), return_exceptions=True)
+        await asyncio.gather(*self._cleanups.values(), *self._background, return_exceptions=True)

@@ -11,6 +11,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 __all__ = [
+    "ALIASES",
     "DRAINING",
     "EVENTS",
     "LEADER",
@@ -20,6 +21,7 @@ __all__ = [
     "POLICY",
     "REPLICAS",
     "WAKE",
+    "alias_key",
     "decode",
     "encode",
     "model_key",
@@ -39,12 +41,17 @@ POLICY = ROOT + "policy"  # the placement policy, YAML text as applied (admin)
 EVENTS = ROOT + "events/"  # events/<seq, 20 digits>       -> Event       (ring, any replica)
 WAKE = ROOT + "wake/"  # wake/<model>/<variant>         -> unix ms (leased; gateway: scale from 0)
 DRAINING = ROOT + "draining/"  # draining/<node>               -> "" (admin; present = draining)
+ALIASES = ROOT + "aliases/"  # aliases/<model>/<alias>        -> Alias       (admin)
 
 M = TypeVar("M", bound=Message)
 
 
 def model_key(model: str, variant: str) -> str:
     return f"{MODELS}{model}/{variant}"
+
+
+def alias_key(model: str, alias: str) -> str:
+    return f"{ALIASES}{model}/{alias}"
 
 
 def placement_key(model: str, variant: str) -> str:

@@ -54,6 +54,8 @@ class Snapshot:
     # Live demand: queries in flight per node and variant (telemetry the leader holds). Not part
     # of the etcd view; the leader attaches it per pass with dataclasses.replace.
     in_flight: Mapping[str, Mapping[VariantKey, float]] = field(default_factory=dict)
+    # Aliases by (model, alias name): a name that points at a version (see controlplane.rollout).
+    aliases: Mapping[tuple[str, str], mesh_pb2.Alias] = field(default_factory=dict)
     # Derived indexes, built on first use (a query must not scan every model and node).
     _index: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -114,6 +116,7 @@ class SnapshotBuilder:
         placements_revision: int = 0,
         draining: Mapping[str, bytes] | None = None,
         wake: Mapping[str, bytes] | None = None,
+        aliases: Mapping[str, bytes] | None = None,
     ) -> Snapshot:
         model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
         for key, value in models.items():
@@ -142,7 +145,11 @@ class SnapshotBuilder:
             nodes[node_id] = view
             views[node_id] = (values, view)
         self._views = views
-        live = set(models) | set(placements) | set(links)
+        alias_map = {
+            keys.split_key(key, keys.ALIASES): self._decode(key, value, mesh_pb2.Alias)
+            for key, value in (aliases or {}).items()
+        }
+        live = set(models) | set(placements) | set(links) | set(aliases or ())
         if len(self._decoded) > len(live):
             self._decoded = {k: v for k, v in self._decoded.items() if k in live}
         revisions = {
@@ -157,6 +164,7 @@ class SnapshotBuilder:
             placements_revision,
             frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
             frozenset(keys.split_key(key, keys.WAKE) for key in (wake or {})),
+            aliases=MappingProxyType(alias_map),
         )
 
 

@@ -15,6 +15,7 @@ from protos.process import (
     install_task_dump,
     run,
 )
+from protos.security import SecurityConfigError, TLSFiles, read_secret
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -101,6 +102,40 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="memory offered to the mesh for model copies (default: all of the machine's)",
     )
+    p.add_argument(
+        "--max-in-flight-per-copy",
+        type=int,
+        default=256,
+        help="admission: queries one copy holds at once; beyond, and for queries that could "
+        "not finish before their deadline, RESOURCE_EXHAUSTED at once (0: no limit)",
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, wait up to this long for the control plane to move this node's "
+        "copies elsewhere (new copies warm first) before finishing in-flight work and leaving",
+    )
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument(
+        "--tls-ca", default="", help="PEM CA the control plane's certificate must chain to"
+    )
+    g.add_argument(
+        "--tls-cert",
+        default="",
+        help="PEM certificate naming this node's id (CN): presented to the control plane, and "
+        "served on --listen (with --tls-ca, --listen then admits only mTLS clients)",
+    )
+    g.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    g.add_argument(
+        "--join-token-file", default="", help="file holding the join token the mesh expects"
+    )
+    p.add_argument(
+        "--no-deadline-shedding",
+        action="store_true",
+        help="queue every query whatever its deadline (benchmark baseline; default: refuse "
+        "queries that cannot finish in time, drop those whose deadline passed in the queue)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--metrics-listen",
@@ -121,12 +156,25 @@ async def _serve(config: NodeConfig, metrics_listen: str = "") -> None:
     configure_metrics("meshserve-node", metrics_listen)
     node = Node(config)
     stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     install_task_dump(loop)
     await node.start()
     await stop.wait()
+    if received[0] == signal.SIGTERM:  # a graceful stop: hand the copies over first
+        stop.clear()  # a second signal cuts the drain short
+        waits = [asyncio.ensure_future(node.drain()), asyncio.ensure_future(stop.wait())]
+        _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     await node.stop()
 
 
@@ -135,6 +183,18 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(ns.log_level)
     labels: dict[str, str] = ns.labels
     labels.setdefault("tier", "core" if ns.listen else "edge")
+    try:
+        tls = TLSFiles.from_options(ns.tls_ca, ns.tls_cert, ns.tls_key)
+        if tls is not None:
+            tls.pair()  # unreadable files fail now, not at the first handshake
+            tls.ca_bytes()
+            if ns.listen and tls.cert is None:
+                raise SecurityConfigError("--listen with TLS needs --tls-cert and --tls-key")
+        token = (
+            read_secret(Path(ns.join_token_file), "join token file") if ns.join_token_file else None
+        )
+    except SecurityConfigError as exc:
+        raise SystemExit(f"meshserve-node: {exc}") from None
     config = NodeConfig(
         control_planes=[a.strip() for a in ns.control_plane.split(",") if a.strip()],
         node_id=ns.node_id or default_node_id(),
@@ -153,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         telemetry_max_bytes_per_s=max(0, ns.telemetry_max_bytes_per_s),
         telemetry_buffer_bytes=max(0, ns.telemetry_buffer_kb) << 10,
         telemetry_log_s=max(0.0, ns.telemetry_log_s),
+        max_in_flight_per_copy=max(0, ns.max_in_flight_per_copy),
+        drain_timeout_s=max(0.0, ns.drain_timeout_s),
+        tls=tls,
+        join_token=token,
     )
     run(_serve(config, ns.metrics_listen))
 

@@ -32,6 +32,7 @@ from node.runtime import available_providers, resident_bytes
 from node.service import InferenceHandler
 from node.telemetry import OfflineBuffer, TelemetryBudget, wire_size
 from protos import mesh_pb2, mesh_pb2_grpc
+from protos.security import JOIN_TOKEN_HEADER, TLSFiles, channel_credentials
 from protos.status import EOF, wire_status
 from protos.tracing import context_from_map
 
@@ -87,12 +88,18 @@ class Agent:
         telemetry_max_bytes_per_s: int = 2048,
         telemetry_buffer_bytes: int = 64 << 10,
         telemetry_log_s: float = 0.0,
+        tls: TLSFiles | None = None,
+        join_token: str | None = None,
     ) -> None:
         """``memory_bytes``: memory offered to the mesh for model copies (0: all of the
         machine's, as /proc/meminfo reports it). ``telemetry_max_bytes_per_s``: the telemetry
         budget of each link (0: unbounded); ``telemetry_buffer_bytes``: the bound of the offline
         buffer; ``telemetry_log_s``: log the telemetry bytes each link sent this often (0: never).
+        ``tls``: dial the replicas with TLS (their CA; this node's certificate, which must name
+        its id); ``join_token``: sent on every Connect (metadata ``x-meshserve-join-token``).
         """
+        self.credentials = channel_credentials(tls)
+        self.connect_metadata = ((JOIN_TOKEN_HEADER, join_token),) if join_token else None
         self.node_id = node_id
         self.labels = labels
         self.direct_address = direct_address
@@ -110,6 +117,7 @@ class Agent:
         self.telemetry_interval_s = 2.0
         self._links: dict[str, _Link] = {}
         self._closing = False
+        self.draining_ms = 0  # > 0 once the node is shutting down (SIGTERM): told to every link
         self._tasks: list[asyncio.Task[None]] = []
         self.hardware = mesh_pb2.Hardware(
             cpu_cores=os.cpu_count() or 1,
@@ -148,6 +156,13 @@ class Agent:
             for link in self._links.values()
             if link is not exclude and link.connected and link.replica_id
         }
+
+    def drain(self, timeout_s: float) -> None:
+        """Tell every replica (now, and any linked later) that this node is shutting down."""
+        self.draining_ms = max(1, int(timeout_s * 1000))
+        for link in list(self._links.values()):
+            if link.connected:
+                link.say_draining()
 
     def learn(self, replicas: Sequence[mesh_pb2.ReplicaInfo]) -> None:
         held = self.connected_replicas()
@@ -309,6 +324,11 @@ class _Link:
             node_metrics().reconnected(self.address)
             await asyncio.sleep(delay)
 
+    def say_draining(self) -> None:
+        self._offer(
+            mesh_pb2.NodeMessage(draining=mesh_pb2.Draining(timeout_ms=self._agent.draining_ms))
+        )
+
     def _offer(self, message: mesh_pb2.NodeMessage) -> None:
         try:
             self._outbox.put_nowait(message)
@@ -321,9 +341,13 @@ class _Link:
     async def _session(self) -> None:
         agent = self._agent
         options = channel_options(agent.max_message_bytes, agent.keepalive_ms)
-        async with aio.insecure_channel(self.address, options=options) as channel:
+        if agent.credentials is None:
+            channel = aio.insecure_channel(self.address, options=options)
+        else:
+            channel = aio.secure_channel(self.address, agent.credentials, options=options)
+        async with channel:
             stub = mesh_pb2_grpc.NodeLinkStub(channel)
-            call = stub.Connect()
+            call = stub.Connect(metadata=agent.connect_metadata)
             self._call = call
             self._outbox = asyncio.Queue(maxsize=4096)
             tasks: list[asyncio.Task[None]] = []
@@ -349,6 +373,8 @@ class _Link:
                 backlog = agent.offline.drain()  # summaries made offline: sent first
                 if backlog:
                     _log.info("sending %d telemetry summaries buffered offline", len(backlog))
+                if agent.draining_ms:
+                    self.say_draining()
                 tasks.append(asyncio.create_task(self._write_loop(call, backlog)))
                 tasks.append(asyncio.create_task(self._telemetry_loop(interval)))
                 while True:
@@ -423,7 +449,19 @@ class _Link:
             out.status_message = f"deadline of {req.timeout_ms} ms exceeded on the node"
         except Exception as exc:
             out.status_code, out.status_message = wire_status(exc)
-        self._offer(mesh_pb2.NodeMessage(infer_response=out))
+        message = mesh_pb2.NodeMessage(infer_response=out)
+        # An answer over the link's message limit would end the link: send the error instead.
+        limit = self._agent.max_message_bytes
+        if out.response.ByteSize() > limit - 4096 and message.ByteSize() > limit:
+            message = mesh_pb2.NodeMessage(
+                infer_response=mesh_pb2.TunnelResponse(
+                    correlation_id=req.correlation_id,
+                    status_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                    status_message=f"the answer is {message.ByteSize()} bytes, over the "
+                    f"{limit}-byte message limit of node {self._agent.node_id}'s link",
+                )
+            )
+        self._offer(message)
 
     async def _write_loop(
         self,

@@ -1,7 +1,8 @@
 """The node process: composes store, copies, inference handler, optional OIP server and agent.
 
-Lifecycle (one place): :meth:`Node.start` → serve → :meth:`Node.stop` (close the links, stop the
-server with a grace period for in-flight queries, unload, shut the worker pool down).
+Lifecycle (one place): :meth:`Node.start` → serve → (SIGTERM: :meth:`Node.drain`, the copies
+move elsewhere first) → :meth:`Node.stop` (close the links, stop the server with a grace period
+for in-flight queries, unload, shut the worker pool down).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import concurrent.futures
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,9 @@ from node.copies import CopyManager
 from node.monitor import PredictionLog
 from node.service import InferenceHandler, NodeInferenceServicer
 from node.store import ModelStore
-from protos import inference_pb2_grpc
-from protos.status import map_errors
+from protos import inference_pb2_grpc, mesh_pb2
+from protos.security import TLSFiles, server_credentials
+from protos.status import map_errors, tolerant_decoding
 
 __all__ = ["Node", "NodeConfig"]
 
@@ -56,6 +59,11 @@ class NodeConfig:
         None  # models that opt in log here; None: cache_dir/predictions
     )
     prediction_log_max_bytes: int = 128 << 20  # the log's bound on disk (rotating files)
+    max_in_flight_per_copy: int = 256  # admission: queries one copy holds (0: no limit)
+    drain_timeout_s: float = 30.0  # SIGTERM: wait this long for copies to move elsewhere
+    shed_late: bool = True  # refuse / drop queries that cannot finish before their deadline
+    tls: TLSFiles | None = None  # dial the CP with TLS; serve --listen with TLS (+CA: mTLS only)
+    join_token: str | None = field(default=None, repr=False)  # sent on NodeLink.Connect
 
 
 class Node:
@@ -78,7 +86,12 @@ class Node:
             prediction_log=self.prediction_log,
         )
         self.handler = InferenceHandler(
-            config.node_id, self.copies, fault_delay_s=config.fault_delay_s
+            config.node_id,
+            self.copies,
+            fault_delay_s=config.fault_delay_s,
+            max_in_flight_per_copy=config.max_in_flight_per_copy,
+            parallelism=config.workers,
+            shed_late=config.shed_late,
         )
         self._server: aio.Server | None = None
         self.direct_address = ""
@@ -97,9 +110,14 @@ class Node:
                 ],
             )
             inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-                map_errors(NodeInferenceServicer(self.handler, self.copies)), self._server
+                map_errors(NodeInferenceServicer(self.handler, self.copies)),
+                tolerant_decoding(self._server),
             )
-            port = self._server.add_insecure_port(cfg.listen)
+            if cfg.tls is None:
+                port = self._server.add_insecure_port(cfg.listen)
+            else:  # with a CA, only callers with a certificate it issued (the gateways)
+                creds = server_credentials(cfg.tls, require_client_cert=cfg.tls.ca is not None)
+                port = self._server.add_secure_port(cfg.listen, creds)
             host = (cfg.advertise or cfg.listen).rsplit(":", 1)[0]
             self.direct_address = "" if cfg.lan_only else cfg.advertise or f"{host}:{port}"
             await self._server.start()
@@ -122,6 +140,8 @@ class Node:
             telemetry_max_bytes_per_s=cfg.telemetry_max_bytes_per_s,
             telemetry_buffer_bytes=cfg.telemetry_buffer_bytes,
             telemetry_log_s=cfg.telemetry_log_s,
+            tls=cfg.tls,
+            join_token=cfg.join_token,
         )
         self.agent.start()
         self._flusher = asyncio.create_task(self._flush_log(), name="prediction log flush")
@@ -132,6 +152,41 @@ class Node:
         while True:
             await asyncio.sleep(interval_s)
             self.prediction_log.flush()
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Leave gracefully (SIGTERM): tell the control plane this node is going, so it moves the
+        copies elsewhere (the new ones warm before these are unloaded, see the hub) while this
+        node keeps answering; return once no copy is left, no replica is linked (nobody to hand
+        over to), or ``timeout_s`` (default: the config's) has passed; then wait (bounded) for
+        the queries in flight. :meth:`stop` follows (deregisters: the streams end)."""
+        if self.agent is None:
+            return
+        timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        started = time.monotonic()
+        self.agent.drain(timeout)
+        _log.info(
+            "node %s draining: waiting up to %.0f s for its copies to move",
+            self.config.node_id,
+            timeout,
+        )
+        while time.monotonic() - started < timeout:
+            held = [e for e in self.copies.entries() if e.state == mesh_pb2.READY]
+            if not held or not self.agent.connected_replicas():
+                break
+            await asyncio.sleep(0.1)
+        left = [
+            f"{e.model}/{e.variant}" for e in self.copies.entries() if e.state == mesh_pb2.READY
+        ]
+        for _ in range(100):  # in-flight queries finish (at most ~10 s)
+            if not any(e.in_flight for e in self.copies.entries()):
+                break
+            await asyncio.sleep(0.1)
+        _log.info(
+            "node %s drained in %.1f s%s",
+            self.config.node_id,
+            time.monotonic() - started,
+            f" (still held, not moved: {', '.join(left)})" if left else "",
+        )
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._flusher is not None:

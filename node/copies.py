@@ -28,7 +28,7 @@ from node.store import ModelStore, StoreError
 from protos import mesh_pb2
 from protos.instruments import Reading
 from protos.sketches import monitoring_digest
-from protos.status import NotFound, Unavailable
+from protos.status import Unavailable
 
 __all__ = ["CopyEntry", "CopyManager"]
 
@@ -57,6 +57,7 @@ class CopyEntry:
     requests: int = 0
     errors: int = 0
     run_seconds: float = 0.0  # median batch-1 run, measured after warm-up
+    run_ewma_s: float = 0.0  # live mean of runs on a worker thread (slower under contention)
     # (batch size, median run seconds) per size the batcher may use, measured after warm-up
     latency_profile: list[tuple[int, float]] = field(default_factory=list)
     execution_provider: str = ""  # the session's first provider
@@ -421,15 +422,17 @@ class CopyManager:
             self._store.unpin(entry.sha256)
 
     def ready(self, model: str, variant: str) -> CopyEntry:
-        """The READY copy to serve ``model`` (``variant`` may be empty if only one is ready)."""
+        """The READY copy to serve ``model`` (``variant`` may be empty if only one is ready).
+        A copy not held here is UNAVAILABLE, not NOT_FOUND: the mesh routes by a view that may
+        lag a move (drain, eviction, rollout) by a moment, and the query is retriable."""
         if variant:
             entry = self._copies.get((model, variant))
             if entry is None:
-                raise NotFound(f"model {model!r} variant {variant!r} is not loaded on this node")
+                raise Unavailable(f"model {model!r} variant {variant!r} is not loaded on this node")
         else:
             candidates = [e for (m, _), e in self._copies.items() if m == model]
             if not candidates:
-                raise NotFound(f"model {model!r} is not loaded on this node")
+                raise Unavailable(f"model {model!r} is not loaded on this node")
             ready = [e for e in candidates if e.state == mesh_pb2.READY]
             entry = ready[0] if ready else candidates[0]
         if entry.state != mesh_pb2.READY or entry.copy is None:

@@ -19,10 +19,17 @@ from opentelemetry.context import Context
 from client.codec import decode_request_inputs, encode_response_outputs
 from node.cache import ResponseCache, cache_key
 from node.copies import CopyEntry, CopyManager
+from node.runtime import OnnxCopy
 from protos import inference_pb2, inference_pb2_grpc
 from protos.instruments import RequestMetrics
 from protos.params import PREFER
-from protos.status import InvalidArgument, ServicerContext, StatusError
+from protos.status import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServicerContext,
+    StatusError,
+)
 from protos.streaming import serve_infer_stream
 from protos.tracing import context_from_metadata, server_span
 
@@ -33,11 +40,31 @@ _VERSION = "0.1.0"
 
 
 class InferenceHandler:
-    def __init__(self, node_id: str, copies: CopyManager, *, fault_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        copies: CopyManager,
+        *,
+        fault_delay_s: float = 0.0,
+        max_in_flight_per_copy: int = 256,
+        parallelism: int = 1,
+        shed_late: bool = True,
+    ) -> None:
+        """Admission on the node: a copy holds at most ``max_in_flight_per_copy`` queries (0:
+        no limit), and a query that would wait longer than its remaining deadline (in-flight
+        queries x the copy's measured run time / ``parallelism``, the worker threads) is refused
+        at once; both with RESOURCE_EXHAUSTED and a retry-after hint, so the gateway tries
+        another copy and callers back off instead of queueing work that cannot finish in time.
+        A query whose deadline passed while it waited for a worker is dropped unrun.
+        ``shed_late=False`` turns the deadline rules off (the overload benchmark's baseline)."""
         self.node_id = node_id
         self._copies = copies
         self._fault_delay_s = fault_delay_s
+        self._max_in_flight = max_in_flight_per_copy
+        self._parallelism = max(1, parallelism)
+        self._shed_late = shed_late
         self._metrics = RequestMetrics(hop="node")
+        self.refused = 0
 
     async def infer(
         self,
@@ -84,6 +111,7 @@ class InferenceHandler:
                 span.set_attribute("meshserve.variant", entry.variant)
                 span.set_attribute("meshserve.cache_hit", True)
             else:
+                self._admit(entry, deadline)
                 entry.in_flight += 1
                 entry.requests += 1
                 try:
@@ -105,6 +133,30 @@ class InferenceHandler:
             if entry.serving.cache:
                 response.parameters["meshserve_cache_hit"].bool_param = hit
             return response
+
+    def _admit(self, entry: CopyEntry, deadline: float | None) -> None:
+        """Refuse a query this copy cannot take now (see the constructor)."""
+        waiting = entry.in_flight if entry.batcher is None else entry.batcher.queue_depth
+        per_run = max(entry.run_seconds, entry.run_ewma_s)
+        if self._max_in_flight and entry.in_flight >= self._max_in_flight:
+            self.refused += 1
+            raise ResourceExhausted(
+                f"node {self.node_id}: {entry.model}/{entry.variant} holds {entry.in_flight} "
+                f"queries (limit {self._max_in_flight})",
+                max(0.01, waiting * per_run / self._parallelism),
+            )
+        if deadline is None or not per_run or entry.batcher is not None or not self._shed_late:
+            return  # the batcher sheds by deadline itself
+        wait = waiting * per_run / self._parallelism
+        remaining = deadline - time.monotonic()
+        if wait + per_run > remaining:
+            self.refused += 1
+            raise ResourceExhausted(
+                f"node {self.node_id}: {entry.model}/{entry.variant} would answer in about "
+                f"{(wait + per_run) * 1000:.0f} ms, past the query's deadline "
+                f"({max(0.0, remaining) * 1000:.0f} ms left)",
+                max(0.01, wait + per_run - remaining),
+            )
 
     def _monitor(
         self,
@@ -194,12 +246,34 @@ class InferenceHandler:
             outputs = copy.run_blocking(inputs, names_to_run)
         else:
             loop = asyncio.get_running_loop()
+            started = time.monotonic()
             outputs = await loop.run_in_executor(
-                self._copies.executor, copy.run_blocking, inputs, names_to_run
+                self._copies.executor,
+                _run_unless_late,
+                copy,
+                inputs,
+                names_to_run,
+                deadline if self._shed_late else None,
+            )
+            # The hand-off and the run as they are now (wait for a worker excluded: the
+            # parallelism accounts for it): divided by the queries that shared the workers.
+            elapsed = (time.monotonic() - started) / max(1.0, entry.in_flight / self._parallelism)
+            entry.run_ewma_s = (
+                elapsed if not entry.run_ewma_s else (0.9 * entry.run_ewma_s + 0.1 * elapsed)
             )
         if cache is not None:
             cache.put(key, outputs, model=entry.model, variant=entry.variant)
         return {n: outputs[n] for n in names}, False
+
+
+def _run_unless_late(
+    copy: OnnxCopy, inputs: dict[str, NDArray[Any]], names: list[str], deadline: float | None
+) -> dict[str, NDArray[Any]]:
+    """Run on a worker thread, unless the query's deadline passed while it waited for one (its
+    caller has given up: the run would only delay the queries behind it)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("deadline passed while the query waited for a worker")
+    return copy.run_blocking(inputs, names)
 
 
 class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):

@@ -281,17 +281,25 @@ class TunnelResponse(_message.Message):
     status_message: str
     def __init__(self, correlation_id: _Optional[int] = ..., response: _Optional[_Union[_inference_pb2.ModelInferResponse, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ...) -> None: ...
 
+class Draining(_message.Message):
+    __slots__ = ("timeout_ms",)
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    timeout_ms: int
+    def __init__(self, timeout_ms: _Optional[int] = ...) -> None: ...
+
 class NodeMessage(_message.Message):
-    __slots__ = ("hello", "copy_status", "telemetry", "infer_response")
+    __slots__ = ("hello", "copy_status", "telemetry", "infer_response", "draining")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     COPY_STATUS_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     INFER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     copy_status: CopyStatus
     telemetry: Telemetry
     infer_response: TunnelResponse
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., copy_status: _Optional[_Union[CopyStatus, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., infer_response: _Optional[_Union[TunnelResponse, _Mapping]] = ...) -> None: ...
+    draining: Draining
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., copy_status: _Optional[_Union[CopyStatus, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., infer_response: _Optional[_Union[TunnelResponse, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
     __slots__ = ("replica_id", "address")
@@ -790,3 +798,89 @@ class SetDriftProfileResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     features: int
     def __init__(self, features: _Optional[int] = ...) -> None: ...
+
+class Alias(_message.Message):
+    __slots__ = ("model", "alias", "version", "canary_version", "canary_percent", "previous_version", "updated_unix_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    alias: str
+    version: str
+    canary_version: str
+    canary_percent: float
+    previous_version: str
+    updated_unix_ms: int
+    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., previous_version: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
+
+class VersionReadiness(_message.Message):
+    __slots__ = ("version", "ready", "wanted")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    ready: int
+    wanted: int
+    def __init__(self, version: _Optional[str] = ..., ready: _Optional[int] = ..., wanted: _Optional[int] = ...) -> None: ...
+
+class AliasStatus(_message.Message):
+    __slots__ = ("alias", "serving", "canary_active", "reason", "versions")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    CANARY_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    alias: Alias
+    serving: str
+    canary_active: bool
+    reason: str
+    versions: _containers.RepeatedCompositeFieldContainer[VersionReadiness]
+    def __init__(self, alias: _Optional[_Union[Alias, _Mapping]] = ..., serving: _Optional[str] = ..., canary_active: _Optional[bool] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionReadiness, _Mapping]]] = ...) -> None: ...
+
+class RolloutRequest(_message.Message):
+    __slots__ = ("model", "alias", "version", "canary_percent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    alias: str
+    version: str
+    canary_percent: float
+    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., canary_percent: _Optional[float] = ...) -> None: ...
+
+class RolloutResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: AliasStatus
+    def __init__(self, status: _Optional[_Union[AliasStatus, _Mapping]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("model", "alias")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    alias: str
+    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: AliasStatus
+    def __init__(self, status: _Optional[_Union[AliasStatus, _Mapping]] = ...) -> None: ...
+
+class ListAliasesRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListAliasesResponse(_message.Message):
+    __slots__ = ("aliases",)
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedCompositeFieldContainer[AliasStatus]
+    def __init__(self, aliases: _Optional[_Iterable[_Union[AliasStatus, _Mapping]]] = ...) -> None: ...

@@ -188,6 +188,21 @@ class AdminStub:
                 request_serializer=protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
                 _registered_method=True)
+        self.Rollout = channel.unary_unary(
+                '/meshserve.v1.Admin/Rollout',
+                request_serializer=protos_dot_mesh__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.RolloutResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/meshserve.v1.Admin/Rollback',
+                request_serializer=protos_dot_mesh__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.RollbackResponse.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/meshserve.v1.Admin/ListAliases',
+                request_serializer=protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -288,6 +303,28 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollout(self, request, context):
+        """Point an alias (default "live") at a version (a registered variant), or send a canary share
+        of its queries there. Traffic shifts once the version's copies are READY (docs/rollout.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Drop the alias's canary, else point it back at its previous version (instant: still loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """A model's aliases, with the version each one serves now and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -360,6 +397,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetDriftProfile,
                     request_deserializer=protos_dot_mesh__pb2.SetDriftProfileRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.SetDriftProfileResponse.SerializeToString,
+            ),
+            'Rollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollout,
+                    request_deserializer=protos_dot_mesh__pb2.RolloutRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.RolloutResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_mesh__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.RollbackResponse.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=protos_dot_mesh__pb2.ListAliasesRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ListAliasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -743,6 +795,87 @@ class Admin:
             '/meshserve.v1.Admin/SetDriftProfile',
             protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
             protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/Rollout',
+            protos_dot_mesh__pb2.RolloutRequest.SerializeToString,
+            protos_dot_mesh__pb2.RolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/Rollback',
+            protos_dot_mesh__pb2.RollbackRequest.SerializeToString,
+            protos_dot_mesh__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/ListAliases',
+            protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
+            protos_dot_mesh__pb2.ListAliasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,36 +9,51 @@ Hierarchy::
       Unavailable                       UNAVAILABLE: retriable, nothing is ready to answer
       DeadlineExceeded                  DEADLINE_EXCEEDED
       FailedPrecondition                FAILED_PRECONDITION
+      Unauthenticated                   UNAUTHENTICATED: no or wrong credential
+      PermissionDenied                  PERMISSION_DENIED: a known caller may not do this
 
 Servers raise these from domain code; servicers registered through :func:`map_errors` turn them
 into the status (and
 any other exception into INTERNAL with a generic message, logged with its traceback). Tunneled
 answers carry ``(code, message)`` pairs, rebuilt on the other side with :func:`from_code`.
+
+A request that does not decode as its message type (corrupt wire format, a string field that is
+not UTF-8) would be answered UNKNOWN by gRPC itself; registered on :func:`tolerant_decoding`
+``(server)``, it reaches the handler as a :class:`Malformed` value instead, and
+:func:`map_errors` answers it INVALID_ARGUMENT (streaming handlers check for it per message).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeAlias, TypeVar
 
 import grpc
 from grpc import aio
 
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
 __all__ = [
     "EOF",
+    "RETRY_AFTER_KEY",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
+    "Malformed",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "ServicerContext",
     "StatusError",
+    "Unauthenticated",
     "Unavailable",
     "from_code",
     "map_errors",
     "status_of",
+    "tolerant_decoding",
     "wire_status",
 ]
 
@@ -74,7 +89,21 @@ class NotFound(StatusError):
 
 
 class ResourceExhausted(StatusError):
+    """A queue or limit is full. ``retry_after_s``: when a retry may be admitted (a hint; None:
+    no estimate). The hint travels as trailing metadata ``retry-after-ms`` and, through tunnel
+    frames and between servers, at the end of the message ("...; retry after 40 ms")."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        if retry_after_s is not None:
+            retry_after_s = max(0.001, retry_after_s)
+            if _RETRY_AFTER.search(message) is None:
+                message = f"{message}; retry after {round(retry_after_s * 1000)} ms"
+        elif (found := _RETRY_AFTER.search(message)) is not None:
+            retry_after_s = int(found.group(1)) / 1000.0
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(StatusError):
@@ -89,6 +118,19 @@ class FailedPrecondition(StatusError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(StatusError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(StatusError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+#: How a retry-after hint ends a RESOURCE_EXHAUSTED message (so it survives any hop).
+_RETRY_AFTER = re.compile(r"retry after (\d+) ms$")
+#: The trailing metadata key of the hint (milliseconds, an integer).
+RETRY_AFTER_KEY: Final = "retry-after-ms"
+
 _BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -102,6 +144,8 @@ def from_code(code: int, message: str) -> StatusError:
         Unavailable,
         DeadlineExceeded,
         FailedPrecondition,
+        Unauthenticated,
+        PermissionDenied,
     ):
         if cls.code == status:
             return cls(message)
@@ -125,16 +169,93 @@ def wire_status(exc: BaseException) -> tuple[int, str]:
     return value, message
 
 
+class Malformed:
+    """A request message that did not decode; ``reason`` says why (:func:`tolerant_decoding`)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(self.reason)
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    decode = deserializer
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception as exc:  # protobuf's DecodeError: corrupt wire format, bad UTF-8
+            return Malformed(f"the request message does not decode: {exc}")
+
+    return tolerant
+
+
+def _tolerant_handler(handler: _Handler) -> _Handler:
+    replace = getattr(handler, "_replace", None)  # grpc's handlers are namedtuples
+    if replace is None:
+        return handler
+    tolerant: _Handler = replace(request_deserializer=_tolerant(handler.request_deserializer))
+    return tolerant
+
+
+class _TolerantGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:  # type: ignore[type-arg]
+        self._inner = inner
+        self._handlers: dict[str, _Handler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        handler = self._handlers.get(method)
+        if handler is None:
+            found = self._inner.service(handler_call_details)
+            if found is None:
+                return None
+            handler = self._handlers[method] = _tolerant_handler(found)  # one per RPC name
+        return handler
+
+
+class _TolerantServer:
+    """What the generated ``add_*_to_server`` functions need of a server, decoding leniently."""
+
+    def __init__(self, server: aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_TolerantGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, _Handler]) -> None:
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service, {name: _tolerant_handler(h) for name, h in handlers.items()}
+        )
+
+
+def tolerant_decoding(server: aio.Server) -> Any:
+    """``server`` for a generated ``add_*_to_server``: requests that do not decode reach the
+    handler as :class:`Malformed` (answered INVALID_ARGUMENT by :func:`map_errors`) instead of
+    gRPC's UNKNOWN."""
+    return _TolerantServer(server)
+
+
 def _wrap_unary(
     behavior: Callable[[Any, ServicerContext], Awaitable[Any]],
 ) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
     async def handler(request: Any, context: ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
             return await behavior(request, context)
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
                 raise
             code, message = status_of(exc)
+            hint = getattr(exc, "retry_after_s", None)
+            if hint is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(round(hint * 1000))),))
             await context.abort(code, message)
 
     return handler

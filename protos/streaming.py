@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from protos import inference_pb2
-from protos.status import status_of
+from protos.status import Malformed, status_of
 
 __all__ = ["serve_infer_stream"]
 
@@ -34,12 +34,15 @@ async def serve_infer_stream(
     async def one(request: inference_pb2.ModelInferRequest) -> None:
         out = inference_pb2.ModelStreamInferResponse()
         try:
+            if isinstance(request, Malformed):  # did not decode (see tolerant_decoding)
+                raise request.error()
             out.infer_response.CopyFrom(await infer(request))
         except Exception as exc:
             code, message = status_of(exc)
             out.error_message = f"{code.name}: {message}"
-            out.infer_response.id = request.id
-            out.infer_response.model_name = request.model_name
+            if not isinstance(request, Malformed):
+                out.infer_response.id = request.id
+                out.infer_response.model_name = request.model_name
         finally:
             slots.release()
         async with write_lock:

@@ -64,6 +64,8 @@ __all__ = [
 MAX_POLICY_BYTES: Final = 256 * 1024
 # Node count with aliases expanded; bounds validation work against "billion laughs" documents.
 _MAX_EXPANDED_NODES: Final = 100_000
+# Nesting levels a document may have (a real policy has about five).
+_MAX_DEPTH: Final = 32
 # Resolved-rule cache entries per policy before it is dropped and refilled.
 _CACHE_LIMIT: Final = 65_536
 SCHEMA_ID: Final = "https://meshserve.dev/schemas/policy-schema.json"
@@ -335,7 +337,10 @@ DEFAULT_POLICY: Final = Policy(spec=PolicySpec(name="built-in"), source_yaml="na
 
 def _compose(text: str) -> tuple[yaml.Node, Any]:
     """The node tree and the data of a single YAML document (one parse for both)."""
-    loader = yaml.SafeLoader(text)
+    try:  # the reader checks the characters as soon as it is made
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"invalid YAML: {exc}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -349,19 +354,29 @@ def _compose(text: str) -> tuple[yaml.Node, Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise PolicyError(f"invalid YAML: {exc}") from None
+    except PolicyError:
+        raise
+    except RecursionError:  # the composer recurses once per nesting level
+        raise PolicyError(f"invalid YAML: nested more than {_MAX_DEPTH} levels deep") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a tagged scalar that does not convert
+        raise PolicyError(f"invalid YAML value: {exc}") from None
     finally:
         loader.dispose()
     return node, data
 
 
 def _check_tree(root: yaml.Node) -> None:
-    """Reject duplicate keys (YAML keeps the last silently) and alias bombs."""
+    """Reject duplicate keys (YAML keeps the last silently), alias bombs and deep nesting."""
     sizes: dict[int, int] = {}
 
-    def size(node: yaml.Node) -> int:
+    def size(node: yaml.Node, depth: int = 1) -> int:
         known = sizes.get(id(node))
         if known is not None:
             return known
+        if depth > _MAX_DEPTH:
+            raise PolicyError(
+                f"nested more than {_MAX_DEPTH} levels deep", node.start_mark.line + 1
+            )
         sizes[id(node)] = 1  # cycles (recursive aliases) count once
         total = 1
         if isinstance(node, yaml.MappingNode):
@@ -371,9 +386,9 @@ def _check_tree(root: yaml.Node) -> None:
                     if key.value in seen:
                         raise PolicyError(f"duplicate key {key.value!r}", key.start_mark.line + 1)
                     seen.add(key.value)
-                total += size(key) + size(value)
+                total += size(key, depth + 1) + size(value, depth + 1)
         elif isinstance(node, yaml.SequenceNode):
-            total += sum(size(item) for item in node.value)
+            total += sum(size(item, depth + 1) for item in node.value)
         if total > _MAX_EXPANDED_NODES:
             raise PolicyError(
                 f"document too large: more than {_MAX_EXPANDED_NODES} nodes once aliases "

@@ -1,0 +1,201 @@
+"""Retries and hedging of SDK calls, inside the caller's deadline.
+
+Contract:
+- :class:`RetryPolicy` is pure: which statuses are retriable and how long to wait before the
+  next attempt (full jitter on an exponential backoff, never less than the server's retry-after
+  hint, see :data:`protos.status.RETRY_AFTER_KEY`).
+- :func:`call_sync` / :func:`call_async` run ``attempt(timeout_s)`` until one answers, a
+  non-retriable status comes back, the attempts are used up, or the next attempt could not start
+  before the caller's deadline: then the last error is raised (a :class:`StatusError`). Every
+  attempt gets only the time left of the one deadline.
+- Hedging (opt-in, ``hedge_after_s``): when an attempt has not answered after that long, a
+  second one is sent (through a gateway, the second usually lands on another copy: the first
+  still counts as in flight on its copy); the first answer wins and the other is cancelled.
+  Only idempotent calls (inference) are retried or hedged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from protos.status import RETRY_AFTER_KEY, StatusError, from_code
+
+__all__ = ["NO_RETRY", "RetryPolicy", "call_async", "call_sync", "translate"]
+
+T = TypeVar("T")
+
+#: Retried always; RESOURCE_EXHAUSTED only with a retry-after hint (a full queue, not a size
+#: limit: an oversized message fails the same way every time).
+_RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``max_attempts`` counts the first; ``hedge_after_s``: send one hedged attempt when the
+    first has not answered after this long (None: never)."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    retriable: frozenset[grpc.StatusCode] = _RETRIABLE
+    hedge_after_s: float | None = None
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.hedge_after_s is not None and self.hedge_after_s <= 0:
+            raise ValueError("hedge_after_s must be > 0 (or None)")
+
+    def retriable_error(self, error: StatusError) -> bool:
+        if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return _hint(error) is not None
+        return error.code in self.retriable
+
+    def delay(self, attempt: int, hint_s: float | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * (2 ** (attempt - 1)))
+        wait = self.rng.uniform(0.0, cap)
+        if hint_s is not None:  # the server said when: spread the returns a little past it
+            wait = max(wait, hint_s * self.rng.uniform(1.0, 1.5))
+        return wait
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def translate(exc: grpc.RpcError) -> StatusError:
+    """The :class:`StatusError` of a failed gRPC call, with its retry-after hint if any."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    error = from_code(code.value[0], details or code.name)
+    hint = None
+    if hasattr(exc, "trailing_metadata"):
+        for item in exc.trailing_metadata() or ():
+            key, value = (item[0], item[1]) if isinstance(item, tuple) else ("", "")
+            if key == RETRY_AFTER_KEY:
+                try:
+                    hint = int(value) / 1000.0
+                except (TypeError, ValueError):
+                    hint = None
+    if hint is not None:
+        error.retry_after_s = hint  # type: ignore[attr-defined]
+    return error
+
+
+def _hint(error: StatusError) -> float | None:
+    value = getattr(error, "retry_after_s", None)
+    return float(value) if value is not None else None
+
+
+def _out_of_time(error: StatusError, attempts: int) -> StatusError:
+    if attempts > 1:
+        error.message = f"{error.message} (after {attempts} attempts)"
+        error.args = (error.message,)
+    return error
+
+
+def call_sync(attempt: Callable[[float], Any], policy: RetryPolicy, timeout: float) -> Any:
+    """Blocking: ``attempt(timeout_s)`` returns a started gRPC future (``stub.X.future``)."""
+    deadline = time.monotonic() + timeout
+    for number in range(1, policy.max_attempts + 1):
+        try:
+            return _hedged_sync(attempt, policy, deadline)
+        except grpc.RpcError as exc:
+            error = translate(exc)
+        if not policy.retriable_error(error) or number == policy.max_attempts:
+            raise _out_of_time(error, number) from None
+        wait = policy.delay(number, _hint(error))
+        if time.monotonic() + wait >= deadline:
+            raise _out_of_time(error, number) from None
+        time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _hedged_sync(attempt: Callable[[float], Any], policy: RetryPolicy, deadline: float) -> Any:
+    first = attempt(max(0.001, deadline - time.monotonic()))
+    if policy.hedge_after_s is None:
+        return first.result()
+    done = threading.Event()
+    first.add_done_callback(lambda _f: done.set())
+    if done.wait(min(policy.hedge_after_s, max(0.0, deadline - time.monotonic()))):
+        return first.result()
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return first.result()
+    second = attempt(remaining)
+    second.add_done_callback(lambda _f: done.set())
+    futures = [first, second]
+    while True:
+        done.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+        done.clear()
+        finished = [f for f in futures if f.done()]
+        for f in finished:
+            if f.exception() is None:
+                for other in futures:
+                    if other is not f:
+                        other.cancel()
+                return f.result()
+        if len(finished) == len(futures):
+            return futures[-1].result()  # both failed: the hedge's error
+        if time.monotonic() > deadline + 1.0:
+            for f in futures:
+                f.cancel()
+            return first.result()
+
+
+async def call_async(
+    attempt: Callable[[float], Awaitable[T]], policy: RetryPolicy, timeout: float
+) -> T:
+    """asyncio: ``attempt(timeout_s)`` awaits one call."""
+    deadline = time.monotonic() + timeout
+    for number in range(1, policy.max_attempts + 1):
+        try:
+            return await _hedged_async(attempt, policy, deadline)
+        except grpc.RpcError as exc:
+            error = translate(exc)
+        if not policy.retriable_error(error) or number == policy.max_attempts:
+            raise _out_of_time(error, number) from None
+        wait = policy.delay(number, _hint(error))
+        if time.monotonic() + wait >= deadline:
+            raise _out_of_time(error, number) from None
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+async def _hedged_async(
+    attempt: Callable[[float], Awaitable[T]], policy: RetryPolicy, deadline: float
+) -> T:
+    if policy.hedge_after_s is None:
+        return await attempt(max(0.001, deadline - time.monotonic()))
+    first = asyncio.ensure_future(attempt(max(0.001, deadline - time.monotonic())))
+    done, _ = await asyncio.wait(
+        {first}, timeout=min(policy.hedge_after_s, max(0.0, deadline - time.monotonic()))
+    )
+    remaining = deadline - time.monotonic()
+    if done or remaining <= 0:
+        return await first
+    second = asyncio.ensure_future(attempt(remaining))
+    pending: set[asyncio.Future[T]] = {first, second}
+    last: BaseException | None = None
+    try:
+        while pending:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for f in finished:
+                if f.exception() is None:
+                    return f.result()
+                last = f.exception()
+        assert last is not None
+        raise last
+    finally:
+        for f in (first, second):
+            if not f.done():
+                f.cancel()

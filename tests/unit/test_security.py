@@ -1,0 +1,120 @@
+"""The pure parts of security: certificates, TLS file checks, secret files, the API keys file."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from client._certs import init_certs
+from controlplane.auth import AuthConfig, Guard, Tenant, load_api_keys
+from protos.security import SecurityConfigError, TLSFiles, channel_credentials, read_secrets
+
+KEY_A = "a" * 20
+KEY_B = "b-secret-key-0123456789"
+
+
+def test_certs_chain_to_the_ca_and_name_their_node(tmp_path: Path) -> None:
+    issued = init_certs(tmp_path, nodes=["edge-1"], hosts=["10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(issued.ca_cert.read_bytes())
+    cert_path = issued.nodes["edge-1"][0]
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    assert cn == "edge-1"
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "edge-1" in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1",
+        "::1",
+        "10.0.0.5",
+    ]
+    for path in issued.all():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o600 if path.suffix == ".key" else 0o644), path
+    with pytest.raises(FileExistsError):
+        init_certs(tmp_path)
+    init_certs(tmp_path, force=True)
+
+
+def test_tls_files_need_a_cert_with_its_key_and_name_missing_files(tmp_path: Path) -> None:
+    assert TLSFiles.from_options("", None, "") is None
+    with pytest.raises(SecurityConfigError, match="go together"):
+        TLSFiles.from_options(None, tmp_path / "c.crt", None)
+    files = TLSFiles(ca=tmp_path / "missing.crt")
+    with pytest.raises(SecurityConfigError, match=r"missing\.crt"):
+        files.ca_bytes()
+    assert channel_credentials(None) is None
+    assert channel_credentials(None, "token") is not None  # loopback-only local credentials
+
+
+def test_secret_files_skip_comments_and_refuse_empty(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("# comment\n\n  one  \ntwo\n")
+    assert read_secrets(path) == ["one", "two"]
+    path.write_text("# nothing\n")
+    with pytest.raises(SecurityConfigError, match="holds no secret"):
+        read_secrets(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("tenants: []", "tenants"),
+        (f"tenants: [{{name: a, keys: [{KEY_A}]}}]", "models"),
+        ("tenants: [{name: a, keys: [short-key], models: [m]}]", "at least 16 characters"),
+        (
+            f"tenants: [{{name: a, keys: [{KEY_A}], models: [m]}}, "
+            f"{{name: b, keys: [{KEY_A}], models: [m]}}]",
+            "share an API key",
+        ),
+        (
+            f"tenants: [{{name: a, keys: [{KEY_A}], models: [m]}}, "
+            f"{{name: a, keys: [{KEY_B}], models: [m]}}]",
+            "unique",
+        ),
+        (f"tenants: [{{name: a, keys: [{KEY_A}], models: [m], extra: 1}}]", "extra"),
+        (f"tenants: [{{name: a, keys: [{KEY_A}]", "not valid YAML"),
+    ],
+)
+def test_a_bad_api_keys_file_is_named_without_echoing_keys(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(SecurityConfigError) as err:
+        load_api_keys(path)
+    message = str(err.value)
+    assert str(path) in message and problem in message
+    assert KEY_A not in message and KEY_B not in message and "short-key" not in message
+
+
+def test_api_keys_find_their_tenant_and_its_models(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"tenants:\n  - {{name: a, keys: [{KEY_A}], models: [m1]}}\n"
+        f"  - {{name: b, keys: [{KEY_B}], models: ['*']}}\n"
+    )
+    tenants = load_api_keys(path)
+    a, b = tenants.find(KEY_A), tenants.find(KEY_B)
+    assert a == Tenant("a", frozenset({"m1"})) and b is not None
+    assert a.may_query("m1") and not a.may_query("m2") and b.may_query("anything")
+    assert tenants.find("x" * 20) is None
+    assert KEY_A not in repr(tenants) and KEY_A not in repr(AuthConfig(tenants=tenants))
+    assert "tok-secret" not in repr(AuthConfig(join_tokens=("tok-secret",), admin_token="tok"))
+
+
+def test_an_unconfigured_guard_wraps_nothing() -> None:
+    class Servicer:
+        async def ModelInfer(self, request: object, context: object) -> None:
+            return None
+
+    servicer = Servicer()
+    method = servicer.ModelInfer
+    guard = Guard(AuthConfig())
+    assert guard.inference(servicer).ModelInfer == method
+    assert guard.admin(servicer).ModelInfer == method
+    assert guard.node_link(servicer) is servicer
+    assert guard.identify_node is None and guard.stream_check is None
