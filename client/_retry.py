@@ -103,6 +103,18 @@ def _out_of_time(error: StatusError, attempts: int) -> StatusError:
     return error
 
 
+def _after_failure(policy: RetryPolicy, exc: grpc.RpcError, number: int, deadline: float) -> float:
+    """Seconds to wait after failed attempt ``number``; raises its error when no retry may
+    follow (not retriable, attempts used up, or the wait would reach the deadline)."""
+    error = translate(exc)
+    if not policy.retriable_error(error) or number == policy.max_attempts:
+        raise _out_of_time(error, number) from None
+    wait = policy.delay(number, _hint(error))
+    if time.monotonic() + wait >= deadline:
+        raise _out_of_time(error, number) from None
+    return wait
+
+
 def call_sync(attempt: Callable[[float], Any], policy: RetryPolicy, timeout: float) -> Any:
     """Blocking: ``attempt(timeout_s)`` returns a started gRPC future (``stub.X.future``)."""
     deadline = time.monotonic() + timeout
@@ -110,12 +122,7 @@ def call_sync(attempt: Callable[[float], Any], policy: RetryPolicy, timeout: flo
         try:
             return _hedged_sync(attempt, policy, deadline)
         except grpc.RpcError as exc:
-            error = translate(exc)
-        if not policy.retriable_error(error) or number == policy.max_attempts:
-            raise _out_of_time(error, number) from None
-        wait = policy.delay(number, _hint(error))
-        if time.monotonic() + wait >= deadline:
-            raise _out_of_time(error, number) from None
+            wait = _after_failure(policy, exc, number, deadline)
         time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -161,12 +168,7 @@ async def call_async(
         try:
             return await _hedged_async(attempt, policy, deadline)
         except grpc.RpcError as exc:
-            error = translate(exc)
-        if not policy.retriable_error(error) or number == policy.max_attempts:
-            raise _out_of_time(error, number) from None
-        wait = policy.delay(number, _hint(error))
-        if time.monotonic() + wait >= deadline:
-            raise _out_of_time(error, number) from None
+            wait = _after_failure(policy, exc, number, deadline)
         await asyncio.sleep(wait)
     raise AssertionError("unreachable")
 

@@ -31,9 +31,14 @@ BATCHED_CACHED = mesh_pb2.ServingConfig(
 
 @pytest.fixture(scope="module", autouse=True)
 def _provider() -> None:
-    provider = TracerProvider()
+    """Export this process's spans to ``_EXPORTER`` too, whichever test set the provider (the
+    global provider can be set once per process; a later call is ignored)."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
     provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-    trace.set_tracer_provider(provider)  # once per process; later calls are ignored
 
 
 async def _register(
