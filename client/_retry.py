@@ -17,8 +17,8 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import queue
 import random
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -131,32 +131,23 @@ def _hedged_sync(attempt: Callable[[float], Any], policy: RetryPolicy, deadline:
     first = attempt(max(0.001, deadline - time.monotonic()))
     if policy.hedge_after_s is None:
         return first.result()
-    done = threading.Event()
-    first.add_done_callback(lambda _f: done.set())
-    if done.wait(min(policy.hedge_after_s, max(0.0, deadline - time.monotonic()))):
-        return first.result()
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        return first.result()
-    second = attempt(remaining)
-    second.add_done_callback(lambda _f: done.set())
-    futures = [first, second]
-    while True:
-        done.wait(max(0.0, deadline - time.monotonic()) + 1.0)
-        done.clear()
-        finished = [f for f in futures if f.done()]
-        for f in finished:
-            if f.exception() is None:
-                for other in futures:
-                    if other is not f:
-                        other.cancel()
-                return f.result()
-        if len(finished) == len(futures):
-            return futures[-1].result()  # both failed: the hedge's error
-        if time.monotonic() > deadline + 1.0:
-            for f in futures:
-                f.cancel()
+    finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    first.add_done_callback(finished.put)
+    try:  # every attempt carries the deadline, so each completes by it
+        done = finished.get(
+            timeout=min(policy.hedge_after_s, max(0.0, deadline - time.monotonic()))
+        )
+    except queue.Empty:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             return first.result()
+        second = attempt(remaining)
+        second.add_done_callback(finished.put)
+        done = finished.get()
+        if done.exception() is not None:  # the first to end failed: the other has the say
+            done = finished.get()
+        (second if done is first else first).cancel()
+    return done.result()
 
 
 async def call_async(

@@ -98,9 +98,6 @@ def _with_routing(
     return out
 
 
-_translate = translate
-
-
 def channel_target(target: str) -> tuple[str, list[tuple[str, Any]]]:
     """The gRPC target for ``target`` ("host:port", or several comma-separated: the replicas
     of one mesh) and the channel options it needs. Several IP addresses become one channel that
@@ -240,7 +237,7 @@ class MeshClient(_Base):
                 timeout=timeout or self.timeout,
             )
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise translate(exc) from None
         return bool(response.ready)
 
     def model_metadata(
@@ -252,7 +249,7 @@ class MeshClient(_Base):
                 timeout=timeout or self.timeout,
             )
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise translate(exc) from None
         return response
 
     def feedback(
@@ -269,7 +266,7 @@ class MeshClient(_Base):
         try:
             response = self._admin.Feedback(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise translate(exc) from None
         return int(response.accepted)
 
     def close(self) -> None:
@@ -340,7 +337,7 @@ class AsyncMeshClient(_Base):
                 timeout=timeout or self.timeout,
             )
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise translate(exc) from None
         return bool(response.ready)
 
     async def model_metadata(
@@ -352,7 +349,7 @@ class AsyncMeshClient(_Base):
                 timeout=timeout or self.timeout,
             )
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise translate(exc) from None
         return response
 
     async def feedback(
@@ -367,7 +364,7 @@ class AsyncMeshClient(_Base):
         try:
             response = await self._admin.Feedback(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise translate(exc) from None
         return int(response.accepted)
 
     async def close(self) -> None:

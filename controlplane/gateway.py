@@ -130,10 +130,6 @@ def _client_of(metadata: Any, peer: str) -> str:
     return host
 
 
-def key_of(spec: mesh_pb2.ModelSpec) -> VariantKey:
-    return (spec.name, spec.variant)
-
-
 def _scales_to_zero(spec: mesh_pb2.ModelSpec) -> bool:
     return spec.HasField("autoscaling") and spec.autoscaling.min_copies == 0
 
@@ -341,12 +337,11 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 node = self._select(snapshot, spec, zone, tried, route, reason, predicted_s)
             if node is None:
                 raise self._no_copy(snapshot, spec)
-            ticket = self.admission.admit(
-                spec.name, len(snapshot.ready_nodes(key_of(spec))), client
-            )
+            copies = snapshot.ready_count((spec.name, spec.variant))
+            ticket = self.admission.admit(spec.name, copies, client)
             try:
                 response = await self._attempts(
-                    request, spec, snapshot, node, zone, tried, deadline, span
+                    request, spec, snapshot, node, zone, tried, deadline, span, copies > 1
                 )
             except BaseException:
                 ticket.release(ok=False)
@@ -370,10 +365,12 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         tried: set[str],
         deadline: float | None,
         span: trace.Span,
+        fallback: bool,
     ) -> inference_pb2.ModelInferResponse:
         """Forward to ``node``; an UNAVAILABLE or RESOURCE_EXHAUSTED answer, or a first attempt
         that stalled, is retried once on another copy (when there is none, the first error
-        stands: a full copy's RESOURCE_EXHAUSTED keeps its retry-after hint)."""
+        stands: a full copy's RESOURCE_EXHAUSTED keeps its retry-after hint). ``fallback``:
+        another READY copy exists, so a stalled first attempt is cut short."""
         failure: StatusError | None = None
         for attempt in (1, 2):
             if attempt == 2:
@@ -389,7 +386,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if timeout is not None and timeout <= 0:
                 break
             limit = timeout
-            if attempt == 1 and len(self._candidates(snapshot, spec)) > 1:
+            if attempt == 1 and fallback:
                 # A grey failure (a frozen or stalled node) answers nothing rather than an
                 # error: give the first copy a bounded share, so another can still answer.
                 stuck = max(

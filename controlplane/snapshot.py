@@ -75,6 +75,13 @@ class Snapshot:
 
     def ready_nodes(self, key: VariantKey) -> list[NodeView]:
         """Nodes holding a READY copy of ``key``, in node-id order."""
+        return list(self._ready().get(key, ()))
+
+    def ready_count(self, key: VariantKey) -> int:
+        """How many nodes hold a READY copy of ``key`` (no list built: the query path)."""
+        return len(self._ready().get(key, ()))
+
+    def _ready(self) -> dict[VariantKey, list[NodeView]]:
         ready: dict[VariantKey, list[NodeView]] | None = self._index.get("ready")
         if ready is None:
             ready = {}
@@ -84,7 +91,7 @@ class Snapshot:
                     if status.state == mesh_pb2.READY:
                         ready.setdefault(variant, []).append(node)
             self._index["ready"] = ready
-        return list(ready.get(key, ()))
+        return ready
 
 
 class SnapshotBuilder:

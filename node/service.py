@@ -138,16 +138,16 @@ class InferenceHandler:
         """Refuse a query this copy cannot take now (see the constructor)."""
         waiting = entry.in_flight if entry.batcher is None else entry.batcher.queue_depth
         per_run = max(entry.run_seconds, entry.run_ewma_s)
+        wait = waiting * per_run / self._parallelism
         if self._max_in_flight and entry.in_flight >= self._max_in_flight:
             self.refused += 1
             raise ResourceExhausted(
                 f"node {self.node_id}: {entry.model}/{entry.variant} holds {entry.in_flight} "
                 f"queries (limit {self._max_in_flight})",
-                max(0.01, waiting * per_run / self._parallelism),
+                max(0.01, wait),
             )
         if deadline is None or not per_run or entry.batcher is not None or not self._shed_late:
             return  # the batcher sheds by deadline itself
-        wait = waiting * per_run / self._parallelism
         remaining = deadline - time.monotonic()
         if wait + per_run > remaining:
             self.refused += 1
@@ -246,8 +246,7 @@ class InferenceHandler:
             outputs = copy.run_blocking(inputs, names_to_run)
         else:
             loop = asyncio.get_running_loop()
-            started = time.monotonic()
-            outputs = await loop.run_in_executor(
+            outputs, seconds = await loop.run_in_executor(
                 self._copies.executor,
                 _run_unless_late,
                 copy,
@@ -255,12 +254,9 @@ class InferenceHandler:
                 names_to_run,
                 deadline if self._shed_late else None,
             )
-            # The hand-off and the run as they are now (wait for a worker excluded: the
-            # parallelism accounts for it): divided by the queries that shared the workers.
-            elapsed = (time.monotonic() - started) / max(1.0, entry.in_flight / self._parallelism)
-            entry.run_ewma_s = (
-                elapsed if not entry.run_ewma_s else (0.9 * entry.run_ewma_s + 0.1 * elapsed)
-            )
+            # The run as it goes now (slower than the idle warm-up's under contention).
+            ewma = entry.run_ewma_s
+            entry.run_ewma_s = seconds if not ewma else 0.9 * ewma + 0.1 * seconds
         if cache is not None:
             cache.put(key, outputs, model=entry.model, variant=entry.variant)
         return {n: outputs[n] for n in names}, False
@@ -268,12 +264,15 @@ class InferenceHandler:
 
 def _run_unless_late(
     copy: OnnxCopy, inputs: dict[str, NDArray[Any]], names: list[str], deadline: float | None
-) -> dict[str, NDArray[Any]]:
-    """Run on a worker thread, unless the query's deadline passed while it waited for one (its
-    caller has given up: the run would only delay the queries behind it)."""
-    if deadline is not None and time.monotonic() >= deadline:
+) -> tuple[dict[str, NDArray[Any]], float]:
+    """Run on a worker thread (the outputs and the run's seconds), unless the query's deadline
+    passed while it waited for a worker (its caller has given up: the run would only delay the
+    queries behind it)."""
+    started = time.monotonic()
+    if deadline is not None and started >= deadline:
         raise DeadlineExceeded("deadline passed while the query waited for a worker")
-    return copy.run_blocking(inputs, names)
+    outputs = copy.run_blocking(inputs, names)
+    return outputs, time.monotonic() - started
 
 
 class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):

@@ -90,6 +90,10 @@ class Chaos:
         with self.admin() as admin:
             return {n.node_id for n in admin.list_nodes()}
 
+    def linked_to_every_replica(self) -> bool:
+        with self.admin() as admin:
+            return all(len(n.replicas) == len(self.planes) for n in admin.list_nodes())
+
     def start_node(self, name: str) -> ManagedProcess:
         direct = name != "n2"
         proc = self.mesh.start_node(name, self.targets, direct=direct)
@@ -222,7 +226,7 @@ def test_kill_9_the_control_plane_leader(chaos: Chaos) -> None:
     _run_fault(chaos, "kill -9 the control-plane leader", inject, recovered)
     chaos.start_plane(leader)
     wait_until(
-        lambda: all(len(n.replicas) == 2 for n in chaos.admin().list_nodes()),
+        chaos.linked_to_every_replica,
         60,
         what=f"nodes linked to {leader} again",
     )
@@ -244,7 +248,7 @@ def test_sigterm_a_control_plane_replica(chaos: Chaos) -> None:
     assert row["sdk_failed"] == 0
     chaos.start_plane(leaving)
     wait_until(
-        lambda: all(len(n.replicas) == 2 for n in chaos.admin().list_nodes()),
+        chaos.linked_to_every_replica,
         60,
         what=f"nodes linked to {leaving} again",
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 
 import grpc
 import pytest
 
-from client._retry import NO_RETRY, RetryPolicy, call_async
+from client._retry import NO_RETRY, RetryPolicy, call_async, call_sync
 from protos.status import StatusError
 
 
@@ -101,3 +103,22 @@ async def test_a_slow_attempt_is_hedged_and_the_first_answer_wins() -> None:
     assert result == "answer 2" and time.monotonic() - started < 1.0
     await asyncio.sleep(0)
     assert cancelled == [1]
+
+
+def test_the_blocking_client_hedges_too_and_the_first_answer_wins() -> None:
+    futures: list[concurrent.futures.Future[str]] = []
+
+    def attempt(remaining: float) -> concurrent.futures.Future[str]:
+        future: concurrent.futures.Future[str] = concurrent.futures.Future()
+        number = len(futures) + 1
+        futures.append(future)
+        delay = 5.0 if number == 1 else 0.01  # the first is stuck; the hedge answers
+        answer = threading.Timer(delay, lambda: future.done() or future.set_result(f"{number}"))
+        answer.daemon = True
+        answer.start()
+        return future
+
+    started = time.monotonic()
+    assert call_sync(attempt, RetryPolicy(hedge_after_s=0.05), timeout=10.0) == "2"
+    assert time.monotonic() - started < 1.0
+    assert futures[0].cancelled()
