@@ -5,7 +5,9 @@ Contract:
 * :func:`cache_key` is a digest over the model name, variant, version (the artifact sha256) and
   every input in sorted name order (name, dtype, shape, bytes). Every field is length-prefixed,
   so distinct requests can never collide by concatenation; the order of the input mapping does not
-  matter. BYTES (object) arrays hash each element's length-prefixed bytes.
+  matter. BYTES (object) arrays hash each element's length-prefixed bytes. The inputs are hashed
+  once (:func:`inputs_digest`); :func:`key_for` binds that digest to one artifact, so a query
+  looked up for several variants hashes its tensors once.
 * :class:`ResponseCache` is an LRU bounded in *bytes*: an entry costs the sum of its outputs'
   ``nbytes`` (object arrays: the sum of element lengths) + the key length + :data:`ENTRY_OVERHEAD`.
   ``stats().bytes <= max_bytes`` holds after every operation. An entry larger than ``max_bytes``
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["ENTRY_OVERHEAD", "CacheStats", "ResponseCache", "cache_key"]
+__all__ = ["ENTRY_OVERHEAD", "CacheStats", "ResponseCache", "cache_key", "inputs_digest", "key_for"]
 
 ENTRY_OVERHEAD = 64
 """Fixed bytes charged per entry on top of its outputs and key (bookkeeping, not measured)."""
@@ -55,11 +57,10 @@ def _array_buffer(a: NDArray[Any]) -> bytes | memoryview:
     return np.ascontiguousarray(a).tobytes()
 
 
-def cache_key(model: str, variant: str, version: str, inputs: Mapping[str, NDArray[Any]]) -> bytes:
-    """Return a blake2b digest identifying this request; see the module docstring."""
-    h = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"meshserve-rc1")
-    for text in (model, variant, version):
-        _field(h, text.encode("utf-8"))
+def inputs_digest(inputs: Mapping[str, NDArray[Any]]) -> bytes:
+    """A blake2b digest of every input (name, dtype, shape, bytes) in sorted name order: the
+    costly part of a key, computed once per query whatever the variants it is looked up for."""
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"meshserve-in1")
     h.update(len(inputs).to_bytes(8, "little"))
     for name in sorted(inputs):
         a = inputs[name]
@@ -76,6 +77,20 @@ def cache_key(model: str, variant: str, version: str, inputs: Mapping[str, NDArr
         else:
             _field(h, _array_buffer(a))
     return h.digest()
+
+
+def key_for(model: str, variant: str, version: str, digest: bytes) -> bytes:
+    """The cache key of inputs with :func:`inputs_digest` ``digest`` for one artifact."""
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"meshserve-rc1")
+    for text in (model, variant, version):
+        _field(h, text.encode("utf-8"))
+    _field(h, digest)
+    return h.digest()
+
+
+def cache_key(model: str, variant: str, version: str, inputs: Mapping[str, NDArray[Any]]) -> bytes:
+    """Return a blake2b digest identifying this request; see the module docstring."""
+    return key_for(model, variant, version, inputs_digest(inputs))
 
 
 def _array_cost(a: NDArray[Any]) -> int:

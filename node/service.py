@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from client.codec import decode_request_inputs, encode_response_outputs
-from node.cache import ResponseCache, cache_key
+from node.cache import ResponseCache, inputs_digest, key_for
 from node.copies import CopyEntry, CopyManager
 from node.runtime import OnnxCopy
 from protos import inference_pb2, inference_pb2_grpc
@@ -37,6 +37,22 @@ __all__ = ["InferenceHandler", "NodeInferenceServicer"]
 
 _tracer = trace.get_tracer("meshserve.node")
 _VERSION = "0.1.0"
+
+
+class _Key:
+    """A query's cache keys: its inputs hashed at most once (only if a cache is asked), then
+    bound to each copy looked up (:func:`node.cache.key_for`)."""
+
+    __slots__ = ("_digest", "_inputs")
+
+    def __init__(self, inputs: dict[str, NDArray[Any]]) -> None:
+        self._inputs = inputs
+        self._digest: bytes | None = None
+
+    def of(self, entry: CopyEntry) -> bytes:
+        if self._digest is None:
+            self._digest = inputs_digest(self._inputs)
+        return key_for(entry.model, entry.variant, entry.sha256, self._digest)
 
 
 class InferenceHandler:
@@ -103,7 +119,8 @@ class InferenceHandler:
             inputs = decode_request_inputs(request)
             copy.validate(inputs, {t.name: t.datatype for t in request.inputs})
             names = copy.output_names([o.name for o in request.outputs])
-            better = self._cached_better(request, inputs, names)
+            key = _Key(inputs)
+            better = self._cached_better(request, key, names)
             if better is not None:  # a more accurate variant already answered exactly this
                 entry, outputs = better
                 hit = True
@@ -117,7 +134,7 @@ class InferenceHandler:
                 try:
                     if self._fault_delay_s:
                         await asyncio.sleep(self._fault_delay_s)
-                    outputs, hit = await self._compute(entry, inputs, names, deadline, span)
+                    outputs, hit = await self._compute(entry, inputs, key, names, deadline, span)
                 except Exception:
                     entry.errors += 1
                     raise
@@ -179,7 +196,7 @@ class InferenceHandler:
     def _cached_better(
         self,
         request: inference_pb2.ModelInferRequest,
-        inputs: dict[str, NDArray[Any]],
+        key: _Key,
         names: list[str],
     ) -> tuple[CopyEntry, dict[str, NDArray[Any]]] | None:
         """A cached answer of a more accurate variant the gateway named acceptable
@@ -194,8 +211,10 @@ class InferenceHandler:
                 continue
             if not other.serving.cache:
                 continue
-            key = cache_key(other.model, other.variant, other.sha256, inputs)
-            hit = self._copies.cache.get(key)
+            cached = key.of(other)
+            if cached not in self._copies.cache:  # a probe, not a miss of this query's copy
+                continue
+            hit = self._copies.cache.get(cached)
             if hit is not None and all(n in hit for n in names):
                 other.instruments.cache(True)
                 return other, {n: hit[n] for n in names}
@@ -203,24 +222,25 @@ class InferenceHandler:
 
     @staticmethod
     def _lookup(
-        entry: CopyEntry, cache: ResponseCache, inputs: dict[str, NDArray[Any]], span: trace.Span
+        entry: CopyEntry, cache: ResponseCache, key: _Key, span: trace.Span
     ) -> tuple[bytes, dict[str, NDArray[Any]] | None]:
-        """The cache key of ``inputs`` and their cached outputs (None: a miss), counted; a
-        "node cache" span (child of ``span``, the query's) when the query is traced."""
+        """The query's cache key for ``entry`` and its cached outputs (None: a miss), counted;
+        a "node cache" span (child of ``span``, the query's) when the query is traced."""
         lookup = _tracer.start_span("node cache") if span.is_recording() else None
-        key = cache_key(entry.model, entry.variant, entry.sha256, inputs)
-        hit = cache.get(key)
+        cached = key.of(entry)
+        hit = cache.get(cached)
         entry.instruments.cache(hit is not None)
         span.set_attribute("meshserve.cache_hit", hit is not None)
         if lookup is not None:
             lookup.set_attribute("meshserve.cache_hit", hit is not None)
             lookup.end()
-        return key, hit
+        return cached, hit
 
     async def _compute(
         self,
         entry: CopyEntry,
         inputs: dict[str, NDArray[Any]],
+        key: _Key,
         names: list[str],
         deadline: float | None,
         span: trace.Span,
@@ -232,9 +252,9 @@ class InferenceHandler:
         copy = entry.copy
         assert copy is not None
         cache = self._copies.cache if entry.serving.cache else None
-        key = b""
+        cached = b""
         if cache is not None:
-            key, hit = self._lookup(entry, cache, inputs, span)
+            cached, hit = self._lookup(entry, cache, key, span)
             if hit is not None:
                 return {n: hit[n] for n in names}, True
             names_to_run = copy.all_outputs  # cache every output: any later subset hits
@@ -258,7 +278,7 @@ class InferenceHandler:
             ewma = entry.run_ewma_s
             entry.run_ewma_s = seconds if not ewma else 0.9 * ewma + 0.1 * seconds
         if cache is not None:
-            cache.put(key, outputs, model=entry.model, variant=entry.variant)
+            cache.put(cached, outputs, model=entry.model, variant=entry.variant)
         return {n: outputs[n] for n in names}, False
 
 
