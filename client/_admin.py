@@ -81,9 +81,7 @@ class AdminClient:
             slo_ms=slo_ms,
             execution_providers=list(execution_providers),
         )
-        out = self._call("RegisterModel", mesh_pb2.RegisterModelRequest(model=spec))
-        assert isinstance(out, mesh_pb2.RegisterModelResponse)
-        return out
+        return self.register_spec(spec)
 
     def register_spec(self, spec: mesh_pb2.ModelSpec) -> mesh_pb2.RegisterModelResponse:
         """Register (or update) a complete ModelSpec as is."""

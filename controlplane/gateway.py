@@ -51,6 +51,7 @@ from controlplane.rollout import (
     versions_of,
 )
 from controlplane.routing import Balancer, CopyKey
+from controlplane.scheduler import min_copies
 from controlplane.snapshot import NodeView, Snapshot, VariantKey
 from controlplane.switching import (
     Calibration,
@@ -128,10 +129,6 @@ def _client_of(metadata: Any, peer: str) -> str:
             return str(value)[:128]
     host = peer.rsplit(":", 1)[0] if peer else ""
     return host
-
-
-def _scales_to_zero(spec: mesh_pb2.ModelSpec) -> bool:
-    return spec.HasField("autoscaling") and spec.autoscaling.min_copies == 0
 
 
 def _child(
@@ -332,7 +329,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     predicted_s = choice.predicted_s
                 request.model_version = spec.variant
                 span.set_attribute("meshserve.variant", spec.variant)
-                if not self._candidates(snapshot, spec) and _scales_to_zero(spec):
+                if not self._candidates(snapshot, spec) and min_copies(spec) == 0:
                     snapshot = await self._cold_start(spec, deadline, span)
                 node = self._select(snapshot, spec, zone, tried, route, reason, predicted_s)
             if node is None:
@@ -560,11 +557,10 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         profile = {p.batch_size: p.seconds for p in status.latency_profile} if status else {}
         reported, max_batch = 0, spec.serving.batching.max_batch_size or 32
         session = self._hub.sessions.get(node.node_id)
-        if session is not None:
-            for m in session.telemetry.models:
-                if m.model == spec.name and m.variant == spec.variant:
-                    reported = int(m.in_flight)
-                    max_batch = int(m.max_batch_size) or max_batch
+        m = session.copy_telemetry((spec.name, spec.variant)) if session is not None else None
+        if m is not None:
+            reported = int(m.in_flight)
+            max_batch = int(m.max_batch_size) or max_batch
         copy_key = (node.node_id, spec.name, spec.variant)
         inline = bool(profile) and profile.get(1, 1.0) <= 100e-6
         return CopyLoad(
@@ -668,14 +664,12 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         def key(node: NodeView) -> CopyKey:
             return (node.node_id, spec.name, spec.variant)
 
+        variant = (spec.name, spec.variant)
+
         def queue_depth(node: NodeView) -> int:
             session = self._hub.sessions.get(node.node_id)
-            if session is None:
-                return 0
-            for m in session.telemetry.models:
-                if m.model == spec.name and m.variant == spec.variant:
-                    return int(m.queue_depth)
-            return 0
+            m = session.copy_telemetry(variant) if session is not None else None
+            return int(m.queue_depth) if m is not None else 0
 
         return self.balancer.pick(candidates, key, queue_depth)
 

@@ -60,7 +60,6 @@ class VariantDrift:
     captured: list[list[int]] = field(default_factory=list)
     windows: int = 0
     output_psi: float = -1.0
-    output_ks: float = -1.0
     features: list[tuple[str, float, float]] = field(default_factory=list)  # name, psi, ks
     over: int = 0
     under: int = 0
@@ -87,8 +86,10 @@ class ModelHealth:
 
     def _state(self, key: VariantKey, spec: mesh_pb2.ModelSpec | None) -> VariantDrift:
         reference = spec.drift_reference if spec is not None else mesh_pb2.DriftProfile()
-        ref_key = reference.SerializeToString(deterministic=True)
         state = self.drift.get(key)
+        if state is not None and state.reference is reference:
+            return state  # the same spec object: unchanged (the snapshot keeps unchanged specs)
+        ref_key = reference.SerializeToString(deterministic=True)
         if state is None or state.reference_key != ref_key:
             state = self.drift[key] = VariantDrift(reference, ref_key)
         return state
@@ -123,7 +124,6 @@ class ModelHealth:
         state.windows += 1
         if output_ref and current_output:
             state.output_psi = psi(output_ref, current_output)
-            state.output_ks = ks(output_ref, current_output)
         scored = []
         if len(window.features) == len(ref.features):
             for sketch, counts in zip(ref.features, window.features, strict=True):

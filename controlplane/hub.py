@@ -114,6 +114,7 @@ class NodeSession:
             (c.model, c.variant): c for c in hello.copies
         }
         self.telemetry = mesh_pb2.Telemetry()
+        self._by_copy: dict[VariantKey, mesh_pb2.ModelTelemetry] = {}
         self.outbox: asyncio.Queue[mesh_pb2.ControlMessage] = asyncio.Queue(maxsize=outbox_size)
         self.pending: dict[int, asyncio.Future[mesh_pb2.TunnelResponse]] = {}
         self.sent: dict[VariantKey, str] = {}  # last command per variant: "load:<sha>" / "unload"
@@ -123,6 +124,15 @@ class NodeSession:
         self._ids = itertools.count(1)
         self.closed = False
         self.draining = False  # the node said it is shutting down
+
+    def observe(self, telemetry: mesh_pb2.Telemetry) -> None:
+        """The node's latest telemetry, indexed by copy for the query path."""
+        self.telemetry = telemetry
+        self._by_copy = {(m.model, m.variant): m for m in telemetry.models}
+
+    def copy_telemetry(self, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
+        """The latest telemetry entry of one copy (None: none reported)."""
+        return self._by_copy.get(key)
 
     def record(self) -> mesh_pb2.NodeInfo:
         return mesh_pb2.NodeInfo(
@@ -366,7 +376,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             session.record_dirty.set()
             self.reconcile_session(session, self._snapshot())
         elif kind == "telemetry":
-            session.telemetry = message.telemetry
+            session.observe(message.telemetry)
             if self._on_telemetry is not None:
                 self._on_telemetry(session.node_id, message.telemetry)
         elif kind == "hello":

@@ -25,11 +25,10 @@ from typing import Protocol
 from opentelemetry import metrics
 from opentelemetry.metrics import Meter
 
+from controlplane.snapshot import VariantKey
 from protos.instruments import SECONDS_BUCKETS, Reading, SharedObservable
 
 __all__ = ["ControlPlaneMetrics", "controlplane_metrics"]
-
-VariantKey = tuple[str, str]
 
 
 class _HoldsStreams(Protocol):

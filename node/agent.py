@@ -250,12 +250,13 @@ class Agent:
                     continue
                 _log.info(
                     "telemetry: %d bytes in %.3f s to %s (%d total; %d entries dropped, "
-                    "%d ticks skipped; %d buffered offline)",
+                    "%d drift windows left out, %d ticks skipped; %d buffered offline)",
                     sent,
                     now - since,
                     address,
                     total,
                     link.budget.dropped_entries,
+                    link.budget.dropped_windows,
                     link.budget.skipped,
                     len(self.offline),
                 )

@@ -17,7 +17,7 @@ Contract:
   request id and counts it per (model, variant): joined, correct (labels), absolute error
   (values).
 * Nothing here raises into the inference path for monitoring reasons: a query whose inputs do not
-  fit the profile is simply not sketched (counted in ``skipped``).
+  fit the profile is simply not sketched (logged at debug level).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from protos import mesh_pb2
-from protos.sketches import Binner, features_of, prediction_of
+from protos.sketches import Binner, add_counts, features_of, prediction_of
 
 __all__ = ["CopyMonitor", "FeedbackCounts", "PredictionLog"]
 
@@ -88,7 +88,6 @@ class CopyMonitor:
         self.windows: collections.deque[mesh_pb2.DriftWindow] = collections.deque(
             maxlen=_KEEP_WINDOWS
         )
-        self.skipped = 0
 
     def observe(
         self, inputs: Mapping[str, NDArray[Any]], outputs: Mapping[str, NDArray[Any]]
@@ -98,12 +97,10 @@ class CopyMonitor:
             return
         out = outputs.get(self.label_output)
         if out is None:
-            self.skipped += 1
             return
         if self._sketch_inputs:
             array = inputs.get(self._binner.input)
             if array is None:
-                self.skipped += 1
                 return
             self._inputs.append(array)
         self._outputs.append(out)
@@ -121,14 +118,13 @@ class CopyMonitor:
                 matrix = features_of(_stack(inputs))
                 counts = self._binner.count_features(matrix)
                 self._features = [
-                    _add(old, new) for old, new in zip(self._features, counts, strict=True)
+                    add_counts(old, new) for old, new in zip(self._features, counts, strict=True)
                 ]
             predictions, classes = prediction_of(_stack(outputs))
             if classes == self._binner.output_classes:  # a value output needs profile edges
-                self._output = _add(self._output, self._binner.count_output(predictions))
+                self._output = add_counts(self._output, self._binner.count_output(predictions))
             self._rows += int(predictions.shape[0])
         except (ValueError, TypeError) as exc:  # inputs that do not fit the profile
-            self.skipped += len(outputs)
             _log.debug("%s/%s: rows not sketched: %s", self.model, self.variant, exc)
             return
         if self._rows >= self.window_rows:
@@ -161,16 +157,6 @@ def _stack(arrays: list[NDArray[Any]]) -> NDArray[Any]:
     return np.concatenate([a if a.ndim else a.reshape(1) for a in arrays], axis=0)
 
 
-def _add(total: NDArray[np.int64], counts: NDArray[np.int64]) -> NDArray[np.int64]:
-    if total.size == counts.size:
-        return total + counts
-    if total.size < counts.size:
-        total = np.pad(total, (0, counts.size - total.size))
-    elif counts.size < total.size:
-        counts = np.pad(counts, (0, total.size - counts.size))
-    return total + counts
-
-
 @dataclass
 class FeedbackCounts:
     joined: int = 0
@@ -200,7 +186,6 @@ class PredictionLog:
     _file: TextIO | None = None
     _file_no: int = 0
     _file_bytes: int = 0
-    _last_flush: float = 0.0
 
     def open(self) -> None:
         """Create the directory and index what earlier runs logged (their records still join)."""
@@ -275,12 +260,8 @@ class PredictionLog:
         if self._file is None or self._file_bytes + len(line) > self.max_file_bytes:
             self._rotate()
         assert self._file is not None
-        self._file.write(line)
+        self._file.write(line)  # flushed by flush() (the node, every second) and close()
         self._file_bytes += len(line)
-        now = time.monotonic()
-        if now - self._last_flush > 1.0:
-            self._file.flush()
-            self._last_flush = now
 
     def _rotate(self) -> None:
         if self._file is not None:
@@ -302,7 +283,6 @@ class PredictionLog:
         """Push buffered records to the file (the node calls this every second)."""
         if self._file is not None:
             self._file.flush()
-            self._last_flush = time.monotonic()
 
     def join(self, model: str, item: mesh_pb2.FeedbackItem) -> bool:
         """Join one outcome to its logged prediction; False when unknown or already joined."""

@@ -195,12 +195,21 @@ def ks(reference: Sequence[int] | NDArray[Any], current: Sequence[int] | NDArray
     return float(np.max(np.abs(np.cumsum(r) - np.cumsum(c))))
 
 
+def add_counts(total: NDArray[np.int64], counts: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Element-wise sum of two count vectors of possibly different lengths (the shorter one
+    padded with zeros)."""
+    if total.size < counts.size:
+        total = np.pad(total, (0, counts.size - total.size))
+    elif counts.size < total.size:
+        counts = np.pad(counts, (0, total.size - counts.size))
+    return total + counts
+
+
 def merge_counts(parts: Sequence[Sequence[int]]) -> list[int]:
     """Element-wise sum of count vectors of possibly different lengths."""
-    n = max((len(p) for p in parts), default=0)
-    total = np.zeros(n, dtype=np.int64)
+    total = np.zeros(0, dtype=np.int64)
     for p in parts:
-        total[: len(p)] += np.asarray(p, dtype=np.int64)
+        total = add_counts(total, np.asarray(p, dtype=np.int64))
     return [int(v) for v in total]
 
 

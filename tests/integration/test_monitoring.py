@@ -24,6 +24,7 @@ from client._admin import AdminClient
 from client.demo_models import digits_split, digits_to_onnx, make_mlp, sha256_file
 from client.local import LocalMesh, wait_until
 from protos import mesh_pb2
+from tests.support.mesh import wait_copies
 
 ROWS_PER_QUERY = 25
 WINDOW_ROWS = 250
@@ -45,11 +46,6 @@ def _digits_variants(directory: Path) -> dict[str, Path]:
     return out
 
 
-def _ready(admin: AdminClient, model: str, count: int) -> bool:
-    states = [c.state for n in admin.list_nodes() for c in n.copies if c.model == model]
-    return states.count(mesh_pb2.READY) == count
-
-
 def test_feedback_accuracy_equals_the_true_accuracy_of_served_answers(tmp_path: Path) -> None:
     variants = _digits_variants(tmp_path)
     _, x_te, _, y_te = digits_split(0)
@@ -66,7 +62,7 @@ def test_feedback_accuracy_equals_the_true_accuracy_of_served_answers(tmp_path: 
                 admin.register_model(
                     "digits", path.as_uri(), sha256_file(path), variant=variant, serving=serving
                 )
-            wait_until(lambda: _ready(admin, "digits", 2), 60, what="both variants READY")
+            wait_copies(admin, "digits", 2)  # both variants
             served: dict[str, float] = {}
             with MeshClient(cp.address, timeout=10) as client:
                 for variant in variants:
@@ -144,7 +140,11 @@ class _Tap:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self._upstream)
+            try:
+                server = socket.create_connection(self._upstream)
+            except OSError:  # the control plane is gone (teardown): the node retries elsewhere
+                client.close()
+                continue
             threading.Thread(target=self._pipe, args=(client, server, self.up), daemon=True).start()
             threading.Thread(
                 target=self._pipe, args=(server, client, self.down), daemon=True
@@ -201,7 +201,7 @@ def test_drift_alarms_on_a_shift_only_and_only_sketches_leave_the_node(
         )
         with AdminClient(cp.address) as admin:
             admin.register_model("mlp", model.as_uri(), sha256_file(model), serving=serving)
-            wait_until(lambda: _ready(admin, "mlp", 1), 60, what="mlp READY")
+            wait_copies(admin, "mlp", 1)
             admin.apply_policy(
                 "name: watched\nmonitoring:\n  drift_psi_threshold: 0.25\n  drift_windows: 2\n"
                 f"  webhook:\n    url: {webhook}\n    min_interval_s: 0\n"

@@ -15,9 +15,10 @@ import pytest
 from client import MeshClient
 from client._admin import AdminClient
 from client.demo_models import make_mlp, sha256_file
-from client.local import LocalMesh, wait_until
+from client.local import LocalMesh
 from protos import mesh_pb2
 from protos.status import FailedPrecondition
+from tests.support.mesh import wait_copies
 
 X = np.random.default_rng(4).standard_normal((1, 64)).astype(np.float32)
 SLO_MS = 40.0  # targets 45 % of it: the accurate variant alone fits, 16 queued on it do not
@@ -29,18 +30,7 @@ def _register_family(admin: AdminClient, accurate: Path, fast: Path, **options: 
         admin.register_model(
             "clf", path.as_uri(), sha256_file(path), variant=variant, accuracy=accuracy, **options
         )
-    wait_until(
-        lambda: (
-            sum(
-                c.model == "clf" and c.state == mesh_pb2.READY
-                for n in admin.list_nodes()
-                for c in n.copies
-            )
-            == 2
-        ),
-        60,
-        what="both variants READY",
-    )
+    wait_copies(admin, "clf", 2)  # both variants
 
 
 def test_a_burst_shifts_the_mix_to_the_fast_variant_and_back(tmp_path: Path) -> None:

@@ -60,7 +60,8 @@ def test_queries_go_to_their_zone_and_leave_it_only_when_it_has_no_copy(tmp_path
                 parts = pool.map(lambda _: _answers(client, 5, expected, None), range(8))
                 anywhere = sum(parts, Counter[str]())
             assert anywhere["node-a"] >= 1 and anywhere["node-b"] >= 1, dict(anywhere)
-            assert _answers(client, 10, expected, "nowhere").total() == 10  # no such zone: any
+            nowhere = _answers(client, 10, expected, "nowhere")  # no such zone: any copy
+            assert set(nowhere) <= {"node-a", "node-b"}, dict(nowhere)
         with MeshClient(cp_b.address, timeout=10) as client:
             assert _answers(client, 20, expected, None) == {"node-b": 20}  # the gateway's zone
             assert _answers(client, 20, expected, "a") == {"node-a": 20}  # the query's wins

@@ -33,14 +33,21 @@ def register_file(
     )
 
 
-def copy_states(admin: AdminClient, model: str) -> dict[str, int]:
-    """node_id -> CopyState of ``model`` (any variant) as the control plane sees it."""
-    return {n.node_id: c.state for n in admin.list_nodes() for c in n.copies if c.model == model}
+def copy_states(admin: AdminClient, model: str) -> dict[tuple[str, str], int]:
+    """(node_id, variant) -> CopyState of every copy of ``model`` as the control plane sees
+    it (two variants on one node are two copies)."""
+    return {
+        (n.node_id, c.variant): c.state
+        for n in admin.list_nodes()
+        for c in n.copies
+        if c.model == model
+    }
 
 
 def wait_copies(
     admin: AdminClient, model: str, count: int, state: int = mesh_pb2.READY, timeout: float = 60.0
-) -> dict[str, int]:
+) -> dict[tuple[str, str], int]:
+    """Wait until ``model`` has at least ``count`` copies (any variants) in ``state``."""
     return dict(
         wait_until(
             lambda: (

@@ -17,6 +17,7 @@ from node.copies import CopyEntry, CopyManager
 from node.store import ModelStore
 from protos import mesh_pb2
 from protos.status import Unavailable
+from tests.support.inproc import eventually
 
 KEY = ("mlp", "default")
 SHA = "ab" * 32
@@ -106,11 +107,7 @@ def test_node_ignores_a_command_older_than_the_last_it_applied(tmp_path: Path) -
             copies.load(load)
             await copies.unload("mlp", "default", placement_revision=5)  # decided on an older view
             assert [s.model for s in copies.statuses()] == ["mlp"]
-            for _ in range(200):
-                if copies.statuses()[0].state == mesh_pb2.READY:
-                    break
-                await asyncio.sleep(0.05)
-            assert copies.statuses()[0].state == mesh_pb2.READY
+            await eventually(lambda: copies.statuses()[0].state == mesh_pb2.READY, 10)
             await copies.unload("mlp", "default", placement_revision=9)
             assert copies.statuses() == []
             copies.load(load)  # decided at 8, before the unload at 9
@@ -134,12 +131,12 @@ def test_a_replaced_copy_releases_its_batcher_and_its_artifact(tmp_path: Path) -
         )
 
     async def ready(copies: CopyManager, sha: str) -> CopyEntry:
-        for _ in range(200):
+        def found() -> CopyEntry | None:
             [entry] = copies.entries()
-            if entry.sha256 == sha and entry.state == mesh_pb2.READY:
-                return entry
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no READY copy of {sha}")
+            return entry if entry.sha256 == sha and entry.state == mesh_pb2.READY else None
+
+        entry: CopyEntry = await eventually(found, 10, what=f"a READY copy of {sha}")
+        return entry
 
     async def scenario() -> None:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -151,10 +148,7 @@ def test_a_replaced_copy_releases_its_batcher_and_its_artifact(tmp_path: Path) -
             batcher = old.batcher
             copies.load(load(second, 2))  # a new artifact for the same variant
             await ready(copies, sha256_file(second))
-            for _ in range(100):
-                if old.batcher is None:
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(lambda: old.batcher is None, 5, what="the old batcher closed")
             pinned = {e.sha256: e.pinned for e in store.entries()}
             assert pinned == {sha256_file(first): False, sha256_file(second): True}
             assert old.batcher is None and old.copy is None
