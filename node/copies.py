@@ -57,7 +57,7 @@ class CopyEntry:
     requests: int = 0
     errors: int = 0
     run_seconds: float = 0.0  # median batch-1 run, measured after warm-up
-    run_ewma_s: float = 0.0  # live mean of runs on a worker thread (slower under contention)
+    run_ewma_s: float = 0.0  # live effective service time per query (see InferenceHandler)
     # (batch size, median run seconds) per size the batcher may use, measured after warm-up
     latency_profile: list[tuple[int, float]] = field(default_factory=list)
     execution_provider: str = ""  # the session's first provider
