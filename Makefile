@@ -34,10 +34,10 @@ up: setup
 	$(VENV)/bin/meshctl up $(UP_ARGS)
 
 protos: $(VENV)/.installed
-	$(PY) -m protos.generate
+	$(PY) -m meshserve.protos.generate
 
 protos-check: $(VENV)/.installed
-	$(PY) -m protos.generate --check
+	$(PY) -m meshserve.protos.generate --check
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,8 @@ telemetry ingestion over real node streams (``bench/telemetry_ingest.py``).
 (a) Placement. A synthetic snapshot: N nodes (10 zones, 20 % core / 80 % edge, 4-64 GiB,
 10 % with CUDA) and 1,000 models (1-3 copies, 10 MiB - 2 GiB, some with a node_selector, some
 needing CUDA). One *decision* = placing one variant's copies: filter -> score -> select over
-all N nodes (:func:`controlplane.policies.pipeline.choose`) plus the bookkeeping. Reported per N:
+all N nodes (:func:`meshserve.controlplane.placement.policies.pipeline.choose`) plus the
+bookkeeping. Reported per N:
 decisions/s over a full pass from an empty mesh (``plan_placements``, table build included),
 p50/p99 of single decisions (timed one by one, same work), and the rebuild cost of the node
 table. Both the built-in default policy and a bin-pack + affinity policy are run.
@@ -35,12 +36,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._report import emit  # noqa: E402
-from controlplane import keys  # noqa: E402
-from controlplane.policies.pipeline import choose  # noqa: E402
-from controlplane.policies.rule import DEFAULT_RULE, Rule  # noqa: E402
-from controlplane.scheduler import _candidate, _Demand, _table, plan_placements  # noqa: E402
-from controlplane.snapshot import NodeView, Snapshot, SnapshotBuilder  # noqa: E402
-from protos import mesh_pb2  # noqa: E402
+from meshserve.common.policy.rule import DEFAULT_RULE, Rule  # noqa: E402
+from meshserve.controlplane import keys  # noqa: E402
+from meshserve.controlplane.placement.policies.pipeline import choose  # noqa: E402
+from meshserve.controlplane.placement.scheduler import _candidate, _Demand, _table, plan_placements  # noqa: E402
+from meshserve.controlplane.snapshot import NodeView, Snapshot, SnapshotBuilder  # noqa: E402
+from meshserve.protos import mesh_pb2  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"

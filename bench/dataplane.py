@@ -49,11 +49,11 @@ if str(ROOT) not in sys.path:
 
 from bench._report import emit  # noqa: E402
 from bench.servers import ort_session  # noqa: E402
-from client._admin import AdminClient  # noqa: E402
-from client.codec import build_request, encode_response_outputs  # noqa: E402
-from client.demo_models import make_mlp, sha256_file  # noqa: E402
-from client.local import LocalMesh, ManagedProcess, free_port, wait_until  # noqa: E402
-from protos import inference_pb2, mesh_pb2  # noqa: E402
+from meshserve.client._admin import AdminClient  # noqa: E402
+from meshserve.common.codec import build_request, encode_response_outputs  # noqa: E402
+from meshserve.devtools.demo_models import make_mlp, sha256_file  # noqa: E402
+from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until  # noqa: E402
+from meshserve.protos import inference_pb2, mesh_pb2  # noqa: E402
 
 # Peers measured on this machine (issue 3): same MLP, tritonclient.grpc closed loop, C=32, 10 s.
 PEERS_RPS = {"kserve": 1570.0, "mlserver": 1400.0, "pytriton": 1400.0, "ray_serve": 170.0}
@@ -357,7 +357,7 @@ def run_monitoring(args: argparse.Namespace) -> dict[str, Any]:
     drift sketches of all 64 input features and the output; "off" has none of them. Rounds
     alternate off/on so drift in the machine's load hits both alike; the ratio of the medians
     is the cost."""
-    from protos.sketches import build_profile
+    from meshserve.common.sketches import build_profile
 
     workdir = Path(tempfile.mkdtemp(prefix="meshserve-bench-monitoring-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -185,7 +185,7 @@ async def run_client_load(
     warmup_end = now + int(warmup_s * 1e9)
     rec = Recorder(warmup_end, warmup_end + int(duration_s * 1e9), max_requests)
     if client == "sdk":
-        from client import AsyncMeshClient
+        from meshserve.client import AsyncMeshClient
 
         sdk = AsyncMeshClient(target, timeout=timeout_s)
         inputs = {input_name: array}
@@ -339,7 +339,7 @@ def _random_input(shape: list[int], datatype: str, seed: int = 0) -> np.ndarray[
 
 def build_payload(args: argparse.Namespace) -> bytes:
     """The serialised ModelInferRequest for the command line's model and inputs."""
-    from client.codec import build_request
+    from meshserve.common.codec import build_request
 
     if args.input_npz:
         with np.load(args.input_npz, allow_pickle=False) as npz:

@@ -1,7 +1,8 @@
 """Model-switching benchmark: a real digits family under a load spike, with and without switching.
 
 A model name ("digits") has three variants trained on scikit-learn's digits
-(:func:`client.demo_models.make_digits_family`): ``fast`` (a small forest), ``medium`` (an MLP)
+(:func:`meshserve.devtools.demo_models.make_digits_family`): ``fast`` (a small forest), ``medium``
+(an MLP)
 and ``accurate`` (200 bagged SVCs, several ms per query). The mesh (etcd, one control plane with
 ``--telemetry-interval-ms 500``, two nodes, one of them with a direct port) holds every variant.
 
@@ -51,17 +52,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._report import emit  # noqa: E402
-from client import AsyncMeshClient, MeshError  # noqa: E402
-from client._admin import AdminClient  # noqa: E402
-from client.demo_models import (  # noqa: E402
+from meshserve.client import AsyncMeshClient, MeshError  # noqa: E402
+from meshserve.client._admin import AdminClient  # noqa: E402
+from meshserve.devtools.demo_models import (  # noqa: E402
     DIGITS_VARIANTS,
     FamilyMember,
     digits_split,
     make_digits_family,
     sha256_file,
 )
-from client.local import LocalMesh, wait_until  # noqa: E402
-from protos import mesh_pb2  # noqa: E402
+from meshserve.devtools.local import LocalMesh, wait_until  # noqa: E402
+from meshserve.protos import mesh_pb2  # noqa: E402
 
 MODEL = "digits"
 PHASES = ("base", "spike", "recovery")

@@ -37,11 +37,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._report import emit  # noqa: E402
-from client._admin import AdminClient  # noqa: E402
-from client.codec import build_request  # noqa: E402
-from client.demo_models import make_mlp, sha256_file  # noqa: E402
-from client.local import LocalMesh, wait_until  # noqa: E402
-from protos import inference_pb2_grpc, mesh_pb2  # noqa: E402
+from meshserve.client._admin import AdminClient  # noqa: E402
+from meshserve.common.codec import build_request  # noqa: E402
+from meshserve.devtools.demo_models import make_mlp, sha256_file  # noqa: E402
+from meshserve.devtools.local import LocalMesh, wait_until  # noqa: E402
+from meshserve.protos import inference_pb2_grpc, mesh_pb2  # noqa: E402
 
 ARMS = {
     "admission": ([], []),

@@ -7,7 +7,8 @@ one; without it the request bytes are echoed), and ``ModelStreamInfer`` answers 
 stream with that response wrapped in a ``ModelStreamInferResponse``.
 
 ``ort``: what a user would write by hand — a grpc.aio OIP server that decodes the request with
-``client.codec``, runs ``session.run`` per request in a thread pool (one worker per core), and
+``meshserve.common.codec``, runs ``session.run`` per request in a thread pool (one worker per
+core), and
 encodes the answer. Same onnxruntime session options as a meshserve node.
 
 Both run on uvloop, like meshserve's own processes::
@@ -54,7 +55,7 @@ def ort_session(path: Path, intra_op_threads: int = 1) -> Any:
 
 def echo_handler(response: bytes | None) -> grpc.GenericRpcHandler:
     """Generic (bytes in, bytes out) handlers for ModelInfer and ModelStreamInfer."""
-    from protos import inference_pb2
+    from meshserve.protos import inference_pb2
 
     stream_response = b""
     if response is not None:
@@ -80,8 +81,8 @@ def echo_handler(response: bytes | None) -> grpc.GenericRpcHandler:
 
 def handwritten_servicer(path: Path, name: str, workers: int) -> Any:
     """The hand-written OIP servicer (see the module docstring)."""
-    from client.codec import decode_request_inputs, encode_response_outputs
-    from protos import inference_pb2, inference_pb2_grpc
+    from meshserve.common.codec import decode_request_inputs, encode_response_outputs
+    from meshserve.protos import inference_pb2, inference_pb2_grpc
 
     session = ort_session(path)
     output_names = [o.name for o in session.get_outputs()]
@@ -118,7 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
         response = args.response_file.read_bytes() if args.response_file else None
         server.add_generic_rpc_handlers((echo_handler(response),))
     else:
-        from protos import inference_pb2_grpc
+        from meshserve.protos import inference_pb2_grpc
 
         servicer = handwritten_servicer(args.model, args.name, args.workers)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

@@ -2,8 +2,9 @@
 
 Method
 ------
-One real etcd and one real control-plane process (``python -m controlplane``, started through
-:class:`client.local.LocalMesh` on loopback, ``--lease-ttl`` as LocalMesh passes it). A
+One real etcd and one real control-plane process (``python -m meshserve.controlplane``, started
+through
+:class:`meshserve.devtools.local.LocalMesh` on loopback, ``--lease-ttl`` as LocalMesh passes it). A
 *simulator* runs in a separate process (this file with ``--simulate``) so that its CPU is not
 charged to the control plane. It opens N ``meshserve.v1.NodeLink/Connect`` streams with grpc.aio
 on uvloop, spread over ceil(N / 100) channels (one HTTP/2 connection each: every channel has its
@@ -87,10 +88,10 @@ import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
 from bench._report import emit  # noqa: E402
-from client.local import LocalMesh, ManagedProcess  # noqa: E402
-from controlplane import keys  # noqa: E402
-from protos import mesh_pb2, mesh_pb2_grpc  # noqa: E402
-from protos.status import EOF  # noqa: E402
+from meshserve.common.errors import EOF  # noqa: E402
+from meshserve.controlplane import keys  # noqa: E402
+from meshserve.devtools.local import LocalMesh, ManagedProcess  # noqa: E402
+from meshserve.protos import mesh_pb2, mesh_pb2_grpc  # noqa: E402
 
 __all__ = ["run_ingest"]
 
@@ -99,7 +100,8 @@ TARGET_NODES = 10_000
 CPU_LIMIT_SHARE = 0.9  # stop when the control plane uses more than this share of one core
 LATE_S = 0.25  # a telemetry send this far behind its schedule counts as late
 
-# Like node.agent.channel_options, plus a subchannel pool per channel: without it gRPC shares one
+# Like meshserve.node.agent.channel_options, plus a subchannel pool per channel: without it gRPC
+# shares one
 # TCP connection between every channel to the same target.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -166,8 +168,8 @@ class Sample:
 
 async def _node_records(etcd_url: str) -> tuple[int, int]:
     """(number of link records under /meshserve/nodes/, their total value bytes)."""
-    from controlplane.etcd import connect
-    from controlplane.etcd._client import get_prefix
+    from meshserve.controlplane.etcd import connect
+    from meshserve.controlplane.etcd._client import get_prefix
 
     client = await connect(etcd_url)
     try:

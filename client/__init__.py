@@ -6,9 +6,9 @@
 ...     result["y"], result.node
 """
 
-from client._retry import NO_RETRY, RetryPolicy
-from client._sdk import AsyncMeshClient, InferResult, MeshClient, MeshError
-from protos.security import TLSFiles
+from meshserve.client._retry import NO_RETRY, RetryPolicy
+from meshserve.client._sdk import AsyncMeshClient, InferResult, MeshClient, MeshError
+from meshserve.common.security import TLSFiles
 
 __all__ = [
     "NO_RETRY",

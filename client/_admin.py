@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 
 import grpc
 
-from protos import mesh_pb2, mesh_pb2_grpc
-from protos.security import TLSFiles, sync_channel
-from protos.status import from_code
+from meshserve.common.errors import from_code
+from meshserve.common.security import TLSFiles, sync_channel
+from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["AdminClient", "feedback_items"]
 
@@ -38,7 +38,8 @@ class AdminClient:
         tls: TLSFiles | None = None,
         token: str | None = None,
     ) -> None:
-        """``tls``: dial with TLS (see :class:`protos.security.TLSFiles`). ``token``: the admin
+        """``tls``: dial with TLS (see :class:`meshserve.common.security.TLSFiles`). ``token``: the
+        admin
         token, sent as ``authorization: Bearer <token>`` (only over TLS or to loopback)."""
         self._channel = sync_channel(target, tls, token)
         self._stub = mesh_pb2_grpc.AdminStub(self._channel)

@@ -3,7 +3,7 @@
 Contract:
 - :class:`RetryPolicy` is pure: which statuses are retriable and how long to wait before the
   next attempt (full jitter on an exponential backoff, never less than the server's retry-after
-  hint, see :data:`protos.status.RETRY_AFTER_KEY`).
+  hint, see :data:`meshserve.common.errors.RETRY_AFTER_KEY`).
 - :func:`call_sync` / :func:`call_async` run ``attempt(timeout_s)`` until one answers, a
   non-retriable status comes back, the attempts are used up, or the next attempt could not start
   before the caller's deadline: then the last error is raised (a :class:`StatusError`). Every
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from protos.status import RETRY_AFTER_KEY, StatusError, from_code
+from meshserve.common.errors import RETRY_AFTER_KEY, StatusError, from_code
 
 __all__ = ["NO_RETRY", "RetryPolicy", "call_async", "call_sync", "translate"]
 

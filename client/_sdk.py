@@ -4,7 +4,8 @@ Shared logic lives once in :class:`_Base` (request building, response decoding, 
 translation); the sync and async twins differ only in how they call gRPC. Each call opens an
 OpenTelemetry CLIENT span and sends its W3C trace context in the call metadata.
 
-Errors: every failed call raises :class:`MeshError` (a :class:`protos.status.StatusError`) with
+Errors: every failed call raises :class:`MeshError` (a
+:class:`meshserve.common.errors.StatusError`) with
 the server's status code and message, e.g. ``NotFound``, ``InvalidArgument``, ``Unavailable``.
 """
 
@@ -18,14 +19,19 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
-from client._admin import feedback_items
-from client._retry import NO_RETRY, RetryPolicy, call_async, call_sync, translate
-from client.codec import ParameterValue, build_request, decode_response_outputs, get_parameter
-from protos import inference_pb2, inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
-from protos.params import CLIENT_ZONE
-from protos.security import TLSFiles, aio_channel, sync_channel
-from protos.status import StatusError
-from protos.tracing import metadata_with_context
+from meshserve.client._admin import feedback_items
+from meshserve.client._retry import NO_RETRY, RetryPolicy, call_async, call_sync, translate
+from meshserve.common.codec import (
+    ParameterValue,
+    build_request,
+    decode_response_outputs,
+    get_parameter,
+)
+from meshserve.common.errors import StatusError
+from meshserve.common.params import CLIENT_ZONE
+from meshserve.common.security import TLSFiles, aio_channel, sync_channel
+from meshserve.common.tracing import metadata_with_context
+from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
 __all__ = [
     "NO_RETRY",
@@ -188,7 +194,8 @@ class MeshClient(_Base):
         """``tls``: dial with TLS (``TLSFiles(ca=..., cert=..., key=...)``: the CA the gateway's
         certificate chains to; a client certificate where the gateway requires one).
         ``api_key``: sent as ``authorization: Bearer <key>`` on every call, only over TLS or to
-        a loopback address (see :mod:`protos.security`). ``target``: one gateway, or several
+        a loopback address (see :mod:`meshserve.common.security`). ``target``: one gateway, or
+        several
         comma-separated (the mesh's replicas; calls spread over the live ones).
         ``retry``: how :meth:`infer` retries UNAVAILABLE (and RESOURCE_EXHAUSTED with a
         retry-after hint) inside the call's deadline, and whether it hedges a slow call

@@ -8,16 +8,16 @@ import gc
 import signal
 from pathlib import Path
 
-from controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
-from controlplane.auth import AuthConfig, load_api_keys
-from protos.process import (
+from meshserve.common.process import (
     configure_logging,
     configure_metrics,
     configure_tracing,
     install_task_dump,
     run,
 )
-from protos.security import SecurityConfigError, TLSFiles, read_secret, read_secrets
+from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret, read_secrets
+from meshserve.controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
+from meshserve.controlplane.auth import AuthConfig, load_api_keys
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,19 +14,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from controlplane import keys
-from controlplane.etcd._client import get, get_prefix
-from controlplane.events import EventLog
-from controlplane.gateway import Gateway
-from controlplane.health import ModelHealth, feedback_totals
-from controlplane.hub import Hub
-from controlplane.policies.config import Policy, PolicyError, parse_policy
-from controlplane.rollout import DEFAULT_ALIAS, plan_rollback, plan_rollout
-from controlplane.scheduler import explain_variant
-from controlplane.snapshot import Snapshot
-from protos import mesh_pb2, mesh_pb2_grpc
-from protos.sketches import MAX_CLASSES, MAX_FEATURES
-from protos.status import (
+from meshserve.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -34,6 +22,18 @@ from protos.status import (
     ServicerContext,
     Unavailable,
 )
+from meshserve.common.policy.config import Policy, PolicyError, parse_policy
+from meshserve.common.sketches import MAX_CLASSES, MAX_FEATURES
+from meshserve.controlplane import keys
+from meshserve.controlplane.dataplane.gateway import Gateway
+from meshserve.controlplane.dataplane.rollout import DEFAULT_ALIAS, plan_rollback, plan_rollout
+from meshserve.controlplane.etcd._client import get, get_prefix
+from meshserve.controlplane.link.hub import Hub
+from meshserve.controlplane.observe.events import EventLog
+from meshserve.controlplane.observe.health import ModelHealth, feedback_totals
+from meshserve.controlplane.placement.scheduler import explain_variant
+from meshserve.controlplane.snapshot import Snapshot
+from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["AdminService", "validate_profile", "validate_spec"]
 

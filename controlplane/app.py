@@ -18,22 +18,27 @@ from grpc import aio
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from controlplane import keys
-from controlplane.admin import AdminService
-from controlplane.admission import Admission
-from controlplane.auth import AuthConfig, Guard
-from controlplane.etcd import Election, PrefixMirror, Session, connect
-from controlplane.events import EventLog
-from controlplane.gateway import Gateway
-from controlplane.health import Alarm, HealthSettings, ModelHealth, feedback_totals
-from controlplane.hub import Hub
-from controlplane.leader import LeaderLoop
-from controlplane.policies.config import DEFAULT_POLICY, Policy, PolicyError, parse_policy
-from controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
-from controlplane.webhook import Webhook
-from protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
-from protos.security import TLSFiles, channel_credentials, server_credentials
-from protos.status import map_errors, tolerant_decoding
+from meshserve.common.errors import map_errors, tolerant_decoding
+from meshserve.common.policy.config import DEFAULT_POLICY, Policy, PolicyError, parse_policy
+from meshserve.common.security import TLSFiles, channel_credentials, server_credentials
+from meshserve.controlplane import keys
+from meshserve.controlplane.admin import AdminService
+from meshserve.controlplane.auth import AuthConfig, Guard
+from meshserve.controlplane.dataplane.admission import Admission
+from meshserve.controlplane.dataplane.gateway import Gateway
+from meshserve.controlplane.etcd import Election, PrefixMirror, Session, connect
+from meshserve.controlplane.link.hub import Hub
+from meshserve.controlplane.observe.events import EventLog
+from meshserve.controlplane.observe.health import (
+    Alarm,
+    HealthSettings,
+    ModelHealth,
+    feedback_totals,
+)
+from meshserve.controlplane.observe.webhook import Webhook
+from meshserve.controlplane.placement.leader import LeaderLoop
+from meshserve.controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
+from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["ControlPlane", "ControlPlaneConfig"]
 

@@ -2,7 +2,8 @@
 
 Every check of a control-plane replica lives here, applied in one of two ways:
 
-- at registration, like :func:`protos.status.map_errors` (and before it, so a refusal becomes its
+- at registration, like :func:`meshserve.common.errors.map_errors` (and before it, so a refusal
+becomes its
   status): :meth:`Guard.node_link` (join token on ``NodeLink.Connect``, checked before the stream
   reaches the hub), :meth:`Guard.admin` (every Admin RPC), :meth:`Guard.inference` (ModelInfer,
   ModelMetadata, ModelReady);
@@ -38,13 +39,13 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protos.security import (
+from meshserve.common.errors import Malformed, PermissionDenied, ServicerContext, Unauthenticated
+from meshserve.common.security import (
     API_KEY_HEADER,
     AUTHORIZATION_HEADER,
     JOIN_TOKEN_HEADER,
     SecurityConfigError,
 )
-from protos.status import Malformed, PermissionDenied, ServicerContext, Unauthenticated
 
 __all__ = ["AuthConfig", "Guard", "Tenant", "Tenants", "load_api_keys"]
 

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from controlplane import keys
-from protos import mesh_pb2
+from meshserve.controlplane import keys
+from meshserve.protos import mesh_pb2
 
 __all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey"]
 
@@ -54,7 +54,8 @@ class Snapshot:
     # Live demand: queries in flight per node and variant (telemetry the leader holds). Not part
     # of the etcd view; the leader attaches it per pass with dataclasses.replace.
     in_flight: Mapping[str, Mapping[VariantKey, float]] = field(default_factory=dict)
-    # Aliases by (model, alias name): a name that points at a version (see controlplane.rollout).
+    # Aliases by (model, alias name): a name that points at a version (see
+    # meshserve.controlplane.dataplane.rollout).
     aliases: Mapping[tuple[str, str], mesh_pb2.Alias] = field(default_factory=dict)
     # Derived indexes, built on first use (a query must not scan every model and node).
     _index: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)

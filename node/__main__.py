@@ -7,15 +7,15 @@ import asyncio
 import signal
 from pathlib import Path
 
-from node.app import Node, NodeConfig, default_node_id
-from protos.process import (
+from meshserve.common.process import (
     configure_logging,
     configure_metrics,
     configure_tracing,
     install_task_dump,
     run,
 )
-from protos.security import SecurityConfigError, TLSFiles, read_secret
+from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret
+from meshserve.node.app import Node, NodeConfig, default_node_id
 
 
 def parse_labels(text: str) -> dict[str, str]:

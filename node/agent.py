@@ -7,9 +7,11 @@ re-synchronises everything and a lost status message costs nothing. Replicas nam
 that the node has no stream to yet get a link of their own; a second link to a replica that
 already has one closes itself.
 
-Telemetry is bounded per link by a :class:`~node.telemetry.TelemetryBudget`; the agent counts the
+Telemetry is bounded per link by a :class:`~meshserve.node.telemetry.TelemetryBudget`; the agent
+counts the
 telemetry bytes each link wrote (:attr:`Agent.telemetry_bytes_sent`). While no link is connected
-the node keeps summarising into a bounded :class:`~node.telemetry.OfflineBuffer`; the first link
+the node keeps summarising into a bounded :class:`~meshserve.node.telemetry.OfflineBuffer`; the
+first link
 to connect sends those summaries first, oldest first, then live telemetry resumes.
 """
 
@@ -26,15 +28,15 @@ from collections.abc import Sequence
 import grpc
 from grpc import aio
 
-from node.copies import CopyManager
-from node.metrics import node_metrics
-from node.runtime import available_providers, resident_bytes
-from node.service import InferenceHandler
-from node.telemetry import OfflineBuffer, TelemetryBudget, wire_size
-from protos import mesh_pb2, mesh_pb2_grpc
-from protos.security import JOIN_TOKEN_HEADER, TLSFiles, channel_credentials
-from protos.status import EOF, wire_status
-from protos.tracing import context_from_map
+from meshserve.common.errors import EOF, wire_status
+from meshserve.common.security import JOIN_TOKEN_HEADER, TLSFiles, channel_credentials
+from meshserve.common.tracing import context_from_map
+from meshserve.node.copies import CopyManager
+from meshserve.node.metrics import node_metrics
+from meshserve.node.runtime import available_providers, resident_bytes
+from meshserve.node.service import InferenceHandler
+from meshserve.node.telemetry import OfflineBuffer, TelemetryBudget, wire_size
+from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["Agent", "channel_options"]
 

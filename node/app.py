@@ -19,14 +19,14 @@ from pathlib import Path
 
 from grpc import aio
 
-from node.agent import Agent
-from node.copies import CopyManager
-from node.monitor import PredictionLog
-from node.service import InferenceHandler, NodeInferenceServicer
-from node.store import ModelStore
-from protos import inference_pb2_grpc, mesh_pb2
-from protos.security import TLSFiles, server_credentials
-from protos.status import map_errors, tolerant_decoding
+from meshserve.common.errors import map_errors, tolerant_decoding
+from meshserve.common.security import TLSFiles, server_credentials
+from meshserve.node.agent import Agent
+from meshserve.node.copies import CopyManager
+from meshserve.node.monitor import PredictionLog
+from meshserve.node.service import InferenceHandler, NodeInferenceServicer
+from meshserve.node.store import ModelStore
+from meshserve.protos import inference_pb2_grpc, mesh_pb2
 
 __all__ = ["Node", "NodeConfig"]
 

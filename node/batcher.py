@@ -56,7 +56,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
-from protos.status import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 
 __all__ = [
     "BatchObserver",

@@ -19,16 +19,16 @@ from typing import Any
 
 from opentelemetry import trace
 
-from node.batcher import Batcher, BatchPolicy
-from node.cache import ResponseCache
-from node.metrics import CopyInstruments, NodeMetrics, node_metrics
-from node.monitor import CopyMonitor, PredictionLog
-from node.runtime import LoadError, OnnxCopy, TensorInfo, resident_bytes
-from node.store import ModelStore, StoreError
-from protos import mesh_pb2
-from protos.instruments import Reading
-from protos.sketches import monitoring_digest
-from protos.status import Unavailable
+from meshserve.common.errors import Unavailable
+from meshserve.common.instruments import Reading
+from meshserve.common.sketches import monitoring_digest
+from meshserve.node.batcher import Batcher, BatchPolicy
+from meshserve.node.cache import ResponseCache
+from meshserve.node.metrics import CopyInstruments, NodeMetrics, node_metrics
+from meshserve.node.monitor import CopyMonitor, PredictionLog
+from meshserve.node.runtime import LoadError, OnnxCopy, TensorInfo, resident_bytes
+from meshserve.node.store import ModelStore, StoreError
+from meshserve.protos import mesh_pb2
 
 __all__ = ["CopyEntry", "CopyManager"]
 

@@ -1,6 +1,6 @@
 """The node's OpenTelemetry instruments (no-ops until a meter provider is configured, see
-:func:`protos.process.configure_metrics`); request counts and latency are
-:class:`protos.instruments.RequestMetrics`.
+:func:`meshserve.common.process.configure_metrics`); request counts and latency are
+:class:`meshserve.common.instruments.RequestMetrics`.
 
 ==============================  ==============  =============================================
 name                            kind, unit      attributes
@@ -30,7 +30,12 @@ from typing import Protocol
 from opentelemetry import metrics
 from opentelemetry.metrics import Meter
 
-from protos.instruments import LATENCY_MS_BUCKETS, SECONDS_BUCKETS, Reading, SharedObservable
+from meshserve.common.instruments import (
+    LATENCY_MS_BUCKETS,
+    SECONDS_BUCKETS,
+    Reading,
+    SharedObservable,
+)
 
 __all__ = ["CopyInstruments", "NodeMetrics", "node_metrics"]
 
@@ -131,7 +136,8 @@ def _misses(copy: CopyInstruments) -> Iterable[Reading]:
 
 class CopyInstruments:
     """The node instruments bound to one copy (its attribute dict built once); implements
-    :class:`node.batcher.BatchObserver`. Cache lookups are plain counts, read at collection."""
+    :class:`meshserve.node.batcher.BatchObserver`. Cache lookups are plain counts, read at
+    collection."""
 
     __slots__ = ("__weakref__", "_metrics", "attributes", "hits", "misses")
 

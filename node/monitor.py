@@ -4,7 +4,8 @@ Contract:
 
 * :class:`CopyMonitor` (one per READY copy) keeps the copy's drift sketch over tumbling windows of
   ``drift_window_rows`` rows. Per query it only keeps references to the profiled input and the
-  label output (O(1)); rows are counted into the bins in bulk (:class:`protos.sketches.Binner`)
+  label output (O(1)); rows are counted into the bins in bulk
+  (:class:`meshserve.common.sketches.Binner`)
   every :data:`_BIN_EVERY` rows and when a window closes. At most :data:`_KEEP_WINDOWS` closed
   windows are kept; :meth:`CopyMonitor.window_after` hands the newest one a link has not sent.
   Only counts ever leave the node. Without a reference the input is not sketched; the output is
@@ -37,8 +38,8 @@ from typing import Any, TextIO
 import numpy as np
 from numpy.typing import NDArray
 
-from protos import mesh_pb2
-from protos.sketches import Binner, add_counts, features_of, prediction_of
+from meshserve.common.sketches import Binner, add_counts, features_of, prediction_of
+from meshserve.protos import mesh_pb2
 
 __all__ = ["CopyMonitor", "FeedbackCounts", "PredictionLog"]
 

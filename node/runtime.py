@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from protos.status import InvalidArgument
+from meshserve.common.errors import InvalidArgument
 
 __all__ = ["LoadError", "OnnxCopy", "TensorInfo", "available_providers"]
 
@@ -143,13 +143,13 @@ class OnnxCopy:
     @property
     def batch_axis(self) -> bool:
         """Every input and output has a dynamic first dimension: requests can be batched."""
-        from node.batcher import has_batch_axis
+        from meshserve.node.batcher import has_batch_axis
 
         return has_batch_axis([t.shape for t in self.inputs], [t.shape for t in self.outputs])
 
     def synthetic_inputs(self, batch: int = 1) -> dict[str, npt.NDArray[Any]]:
         """Zeros shaped like the model's inputs (dynamic dims: ``batch`` first, else 1)."""
-        from client.codec import numpy_dtype
+        from meshserve.common.codec import numpy_dtype
 
         out: dict[str, npt.NDArray[Any]] = {}
         for info in self.inputs:

@@ -16,22 +16,22 @@ from numpy.typing import NDArray
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from client.codec import decode_request_inputs, encode_response_outputs
-from node.cache import ResponseCache, inputs_digest, key_for
-from node.copies import CopyEntry, CopyManager
-from node.runtime import OnnxCopy
-from protos import inference_pb2, inference_pb2_grpc
-from protos.instruments import RequestMetrics
-from protos.params import PREFER
-from protos.status import (
+from meshserve.common.codec import decode_request_inputs, encode_response_outputs
+from meshserve.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
     ServicerContext,
     StatusError,
 )
-from protos.streaming import serve_infer_stream
-from protos.tracing import context_from_metadata, server_span
+from meshserve.common.instruments import RequestMetrics
+from meshserve.common.params import PREFER
+from meshserve.common.streaming import serve_infer_stream
+from meshserve.common.tracing import context_from_metadata, server_span
+from meshserve.node.cache import ResponseCache, inputs_digest, key_for
+from meshserve.node.copies import CopyEntry, CopyManager
+from meshserve.node.runtime import OnnxCopy
+from meshserve.protos import inference_pb2, inference_pb2_grpc
 
 __all__ = ["InferenceHandler", "NodeInferenceServicer"]
 
@@ -46,7 +46,7 @@ _HEADROOM = 0.75
 
 class _Key:
     """A query's cache keys: its inputs hashed at most once (only if a cache is asked), then
-    bound to each copy looked up (:func:`node.cache.key_for`)."""
+    bound to each copy looked up (:func:`meshserve.node.cache.key_for`)."""
 
     __slots__ = ("_digest", "_inputs")
 

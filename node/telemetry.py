@@ -27,7 +27,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from protos import mesh_pb2
+from meshserve.protos import mesh_pb2
 
 __all__ = ["FRAME_OVERHEAD_BYTES", "OfflineBuffer", "TelemetryBudget", "wire_size"]
 

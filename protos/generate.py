@@ -1,7 +1,17 @@
 """Regenerate the committed *_pb2.py / *_pb2_grpc.py / *.pyi from protos/*.proto.
 
-Usage: ``python -m protos.generate`` (from the repository root). ``--check`` regenerates into a
-temporary folder and exits 1 if anything differs from what is committed (CI runs this).
+Usage: ``python -m meshserve.protos.generate``. ``--check`` regenerates into a temporary folder
+and exits 1 if anything differs from what is committed (CI runs this).
+
+The protos are compiled as ``meshserve/protos/*.proto`` (through the ``meshserve/protos`` link at
+the repository root), so the generated modules import each other as ``meshserve.protos.*``.
+
+One rewrite follows protoc: the OIP service is declared in the private proto package
+``meshserve.inference`` (so its messages never clash with tritonclient's ``inference.*`` in the
+default descriptor pool), but on the wire it must answer at the standard method paths
+``/inference.GRPCInferenceService/<Method>``. The rewrite replaces the service's full name in the
+generated gRPC module only (stubs, servicer registration); the wire format of the messages carries
+no package names, so they are compatible as they are.
 """
 
 from __future__ import annotations
@@ -13,8 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-_PROTOS = ("protos/inference.proto", "protos/mesh.proto")
+_ROOT = Path(__file__).resolve().parent.parent  # the repository root (protos/ is a top folder)
+_PROTOS = ("meshserve/protos/inference.proto", "meshserve/protos/mesh.proto")
+_PRIVATE_SERVICE = "meshserve.inference.GRPCInferenceService"
+WIRE_SERVICE = "inference.GRPCInferenceService"
 
 
 def _generate(out: Path) -> list[Path]:
@@ -31,7 +43,12 @@ def _generate(out: Path) -> list[Path]:
     ]
     if protoc.main([str(a) for a in args]) != 0:
         raise SystemExit("protoc failed")
-    return sorted((out / "protos").glob("*_pb2*"))
+    generated = sorted((out / "meshserve" / "protos").glob("*_pb2*"))
+    for path in generated:
+        if path.name.endswith("_pb2_grpc.py"):
+            text = path.read_text()
+            path.write_text(text.replace(_PRIVATE_SERVICE, WIRE_SERVICE))
+    return generated
 
 
 def main() -> int:
@@ -49,7 +66,10 @@ def main() -> int:
             else:
                 shutil.copyfile(path, target)
         if stale:
-            print(f"generated protos are stale: {', '.join(stale)}; run python -m protos.generate")
+            print(
+                f"generated protos are stale: {', '.join(stale)}; "
+                "run python -m meshserve.protos.generate"
+            )
             return 1
     print("protos up to date" if ns.check else f"generated {len(generated)} files")
     return 0

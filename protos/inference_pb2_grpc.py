@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import inference_pb2 as protos_dot_inference__pb2
+from meshserve.protos import inference_pb2 as meshserve_dot_protos_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/inference_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/protos/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=protos_dot_inference__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.ServerLiveResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_inference__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_inference__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=protos_dot_inference__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.ServerReadyResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_inference__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_inference__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=protos_dot_inference__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.ModelReadyResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_inference__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=protos_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.ServerMetadataResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_inference__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=protos_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.ModelMetadataResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.ModelInferResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
 
 
@@ -125,38 +125,38 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=protos_dot_inference__pb2.ServerLiveRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_inference__pb2.ServerLiveRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_inference__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=protos_dot_inference__pb2.ServerReadyRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_inference__pb2.ServerReadyRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_inference__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=protos_dot_inference__pb2.ModelReadyRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelReadyRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_inference__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=protos_dot_inference__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_inference__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_inference__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=protos_dot_inference__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_inference__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=protos_dot_inference__pb2.ModelInferRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelInferRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_inference__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=protos_dot_inference__pb2.ModelInferRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_inference__pb2.ModelInferRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_inference__pb2.ModelStreamInferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,8 +184,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            protos_dot_inference__pb2.ServerLiveRequest.SerializeToString,
-            protos_dot_inference__pb2.ServerLiveResponse.FromString,
+            meshserve_dot_protos_dot_inference__pb2.ServerLiveRequest.SerializeToString,
+            meshserve_dot_protos_dot_inference__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -211,8 +211,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            protos_dot_inference__pb2.ServerReadyRequest.SerializeToString,
-            protos_dot_inference__pb2.ServerReadyResponse.FromString,
+            meshserve_dot_protos_dot_inference__pb2.ServerReadyRequest.SerializeToString,
+            meshserve_dot_protos_dot_inference__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -238,8 +238,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            protos_dot_inference__pb2.ModelReadyRequest.SerializeToString,
-            protos_dot_inference__pb2.ModelReadyResponse.FromString,
+            meshserve_dot_protos_dot_inference__pb2.ModelReadyRequest.SerializeToString,
+            meshserve_dot_protos_dot_inference__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -265,8 +265,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            protos_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
-            protos_dot_inference__pb2.ServerMetadataResponse.FromString,
+            meshserve_dot_protos_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
+            meshserve_dot_protos_dot_inference__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -292,8 +292,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            protos_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-            protos_dot_inference__pb2.ModelMetadataResponse.FromString,
+            meshserve_dot_protos_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+            meshserve_dot_protos_dot_inference__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
-            protos_dot_inference__pb2.ModelInferResponse.FromString,
+            meshserve_dot_protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
+            meshserve_dot_protos_dot_inference__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class GRPCInferenceService:
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
-            protos_dot_inference__pb2.ModelStreamInferResponse.FromString,
+            meshserve_dot_protos_dot_inference__pb2.ModelInferRequest.SerializeToString,
+            meshserve_dot_protos_dot_inference__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,

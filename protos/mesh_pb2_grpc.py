@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import mesh_pb2 as protos_dot_mesh__pb2
+from meshserve.protos import mesh_pb2 as meshserve_dot_protos_dot_mesh__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/mesh_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/protos/mesh_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,8 +39,8 @@ class NodeLinkStub:
         """
         self.Connect = channel.stream_stream(
                 '/meshserve.v1.NodeLink/Connect',
-                request_serializer=protos_dot_mesh__pb2.NodeMessage.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ControlMessage.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.NodeMessage.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ControlMessage.FromString,
                 _registered_method=True)
 
 
@@ -61,8 +61,8 @@ def add_NodeLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
-                    request_deserializer=protos_dot_mesh__pb2.NodeMessage.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ControlMessage.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.NodeMessage.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ControlMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,8 +93,8 @@ class NodeLink:
             request_iterator,
             target,
             '/meshserve.v1.NodeLink/Connect',
-            protos_dot_mesh__pb2.NodeMessage.SerializeToString,
-            protos_dot_mesh__pb2.ControlMessage.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.NodeMessage.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ControlMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -120,88 +120,88 @@ class AdminStub:
         """
         self.RegisterModel = channel.unary_unary(
                 '/meshserve.v1.Admin/RegisterModel',
-                request_serializer=protos_dot_mesh__pb2.RegisterModelRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.RegisterModelResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.RegisterModelRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.RegisterModelResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/meshserve.v1.Admin/ListModels',
-                request_serializer=protos_dot_mesh__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ListModelsResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.RemoveModel = channel.unary_unary(
                 '/meshserve.v1.Admin/RemoveModel',
-                request_serializer=protos_dot_mesh__pb2.RemoveModelRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.RemoveModelResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.RemoveModelRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.RemoveModelResponse.FromString,
                 _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/meshserve.v1.Admin/ListNodes',
-                request_serializer=protos_dot_mesh__pb2.ListNodesRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ListNodesResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
         self.ListPlacements = channel.unary_unary(
                 '/meshserve.v1.Admin/ListPlacements',
-                request_serializer=protos_dot_mesh__pb2.ListPlacementsRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ListPlacementsResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ListPlacementsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListPlacementsResponse.FromString,
                 _registered_method=True)
         self.ExplainPlacement = channel.unary_unary(
                 '/meshserve.v1.Admin/ExplainPlacement',
-                request_serializer=protos_dot_mesh__pb2.ExplainPlacementRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ExplainPlacementResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ExplainPlacementRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ExplainPlacementResponse.FromString,
                 _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/meshserve.v1.Admin/ApplyPolicy',
-                request_serializer=protos_dot_mesh__pb2.ApplyPolicyRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ApplyPolicyResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ApplyPolicyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ApplyPolicyResponse.FromString,
                 _registered_method=True)
         self.GetPolicy = channel.unary_unary(
                 '/meshserve.v1.Admin/GetPolicy',
-                request_serializer=protos_dot_mesh__pb2.GetPolicyRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.GetPolicyResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.GetPolicyResponse.FromString,
                 _registered_method=True)
         self.ListEvents = channel.unary_unary(
                 '/meshserve.v1.Admin/ListEvents',
-                request_serializer=protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ListEventsResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
         self.ExplainSwitching = channel.unary_unary(
                 '/meshserve.v1.Admin/ExplainSwitching',
-                request_serializer=protos_dot_mesh__pb2.ExplainSwitchingRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ExplainSwitchingResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ExplainSwitchingRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ExplainSwitchingResponse.FromString,
                 _registered_method=True)
         self.DrainNode = channel.unary_unary(
                 '/meshserve.v1.Admin/DrainNode',
-                request_serializer=protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.DrainNodeResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
         self.Feedback = channel.unary_unary(
                 '/meshserve.v1.Admin/Feedback',
-                request_serializer=protos_dot_mesh__pb2.FeedbackRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.FeedbackResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.FeedbackResponse.FromString,
                 _registered_method=True)
         self.ModelHealth = channel.unary_unary(
                 '/meshserve.v1.Admin/ModelHealth',
-                request_serializer=protos_dot_mesh__pb2.ModelHealthRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ModelHealthResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ModelHealthRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ModelHealthResponse.FromString,
                 _registered_method=True)
         self.SetDriftProfile = channel.unary_unary(
                 '/meshserve.v1.Admin/SetDriftProfile',
-                request_serializer=protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
                 _registered_method=True)
         self.Rollout = channel.unary_unary(
                 '/meshserve.v1.Admin/Rollout',
-                request_serializer=protos_dot_mesh__pb2.RolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.RolloutResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.RolloutResponse.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/meshserve.v1.Admin/Rollback',
-                request_serializer=protos_dot_mesh__pb2.RollbackRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.RollbackResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.RollbackResponse.FromString,
                 _registered_method=True)
         self.ListAliases = channel.unary_unary(
                 '/meshserve.v1.Admin/ListAliases',
-                request_serializer=protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh__pb2.ListAliasesResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesResponse.FromString,
                 _registered_method=True)
 
 
@@ -330,88 +330,88 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterModel': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterModel,
-                    request_deserializer=protos_dot_mesh__pb2.RegisterModelRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.RegisterModelResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.RegisterModelRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.RegisterModelResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_mesh__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListModelsRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ListModelsResponse.SerializeToString,
             ),
             'RemoveModel': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveModel,
-                    request_deserializer=protos_dot_mesh__pb2.RemoveModelRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.RemoveModelResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.RemoveModelRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.RemoveModelResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
-                    request_deserializer=protos_dot_mesh__pb2.ListNodesRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ListNodesResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListNodesRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ListNodesResponse.SerializeToString,
             ),
             'ListPlacements': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPlacements,
-                    request_deserializer=protos_dot_mesh__pb2.ListPlacementsRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ListPlacementsResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListPlacementsRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ListPlacementsResponse.SerializeToString,
             ),
             'ExplainPlacement': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainPlacement,
-                    request_deserializer=protos_dot_mesh__pb2.ExplainPlacementRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ExplainPlacementResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ExplainPlacementRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ExplainPlacementResponse.SerializeToString,
             ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPolicy,
-                    request_deserializer=protos_dot_mesh__pb2.ApplyPolicyRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ApplyPolicyResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ApplyPolicyRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ApplyPolicyResponse.SerializeToString,
             ),
             'GetPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicy,
-                    request_deserializer=protos_dot_mesh__pb2.GetPolicyRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.GetPolicyResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.GetPolicyRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.GetPolicyResponse.SerializeToString,
             ),
             'ListEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEvents,
-                    request_deserializer=protos_dot_mesh__pb2.ListEventsRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ListEventsResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListEventsRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ListEventsResponse.SerializeToString,
             ),
             'ExplainSwitching': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainSwitching,
-                    request_deserializer=protos_dot_mesh__pb2.ExplainSwitchingRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ExplainSwitchingResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ExplainSwitchingRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ExplainSwitchingResponse.SerializeToString,
             ),
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
-                    request_deserializer=protos_dot_mesh__pb2.DrainNodeRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.DrainNodeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.DrainNodeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.DrainNodeResponse.SerializeToString,
             ),
             'Feedback': grpc.unary_unary_rpc_method_handler(
                     servicer.Feedback,
-                    request_deserializer=protos_dot_mesh__pb2.FeedbackRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.FeedbackResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.FeedbackRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.FeedbackResponse.SerializeToString,
             ),
             'ModelHealth': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelHealth,
-                    request_deserializer=protos_dot_mesh__pb2.ModelHealthRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ModelHealthResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ModelHealthRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ModelHealthResponse.SerializeToString,
             ),
             'SetDriftProfile': grpc.unary_unary_rpc_method_handler(
                     servicer.SetDriftProfile,
-                    request_deserializer=protos_dot_mesh__pb2.SetDriftProfileRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.SetDriftProfileResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.SetDriftProfileRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.SetDriftProfileResponse.SerializeToString,
             ),
             'Rollout': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollout,
-                    request_deserializer=protos_dot_mesh__pb2.RolloutRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.RolloutResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.RolloutRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.RolloutResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=protos_dot_mesh__pb2.RollbackRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.RollbackResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.RollbackRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.RollbackResponse.SerializeToString,
             ),
             'ListAliases': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAliases,
-                    request_deserializer=protos_dot_mesh__pb2.ListAliasesRequest.FromString,
-                    response_serializer=protos_dot_mesh__pb2.ListAliasesResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,8 +442,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/RegisterModel',
-            protos_dot_mesh__pb2.RegisterModelRequest.SerializeToString,
-            protos_dot_mesh__pb2.RegisterModelResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.RegisterModelRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.RegisterModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -469,8 +469,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ListModels',
-            protos_dot_mesh__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_mesh__pb2.ListModelsResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ListModelsRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -496,8 +496,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/RemoveModel',
-            protos_dot_mesh__pb2.RemoveModelRequest.SerializeToString,
-            protos_dot_mesh__pb2.RemoveModelResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.RemoveModelRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.RemoveModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -523,8 +523,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ListNodes',
-            protos_dot_mesh__pb2.ListNodesRequest.SerializeToString,
-            protos_dot_mesh__pb2.ListNodesResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ListNodesRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -550,8 +550,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ListPlacements',
-            protos_dot_mesh__pb2.ListPlacementsRequest.SerializeToString,
-            protos_dot_mesh__pb2.ListPlacementsResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ListPlacementsRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ListPlacementsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -577,8 +577,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ExplainPlacement',
-            protos_dot_mesh__pb2.ExplainPlacementRequest.SerializeToString,
-            protos_dot_mesh__pb2.ExplainPlacementResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ExplainPlacementRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ExplainPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -604,8 +604,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ApplyPolicy',
-            protos_dot_mesh__pb2.ApplyPolicyRequest.SerializeToString,
-            protos_dot_mesh__pb2.ApplyPolicyResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ApplyPolicyRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ApplyPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -631,8 +631,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/GetPolicy',
-            protos_dot_mesh__pb2.GetPolicyRequest.SerializeToString,
-            protos_dot_mesh__pb2.GetPolicyResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.GetPolicyRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.GetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -658,8 +658,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ListEvents',
-            protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
-            protos_dot_mesh__pb2.ListEventsResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ListEventsRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -685,8 +685,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ExplainSwitching',
-            protos_dot_mesh__pb2.ExplainSwitchingRequest.SerializeToString,
-            protos_dot_mesh__pb2.ExplainSwitchingResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ExplainSwitchingRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ExplainSwitchingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -712,8 +712,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/DrainNode',
-            protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
-            protos_dot_mesh__pb2.DrainNodeResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.DrainNodeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -739,8 +739,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/Feedback',
-            protos_dot_mesh__pb2.FeedbackRequest.SerializeToString,
-            protos_dot_mesh__pb2.FeedbackResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.FeedbackRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -766,8 +766,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ModelHealth',
-            protos_dot_mesh__pb2.ModelHealthRequest.SerializeToString,
-            protos_dot_mesh__pb2.ModelHealthResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ModelHealthRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ModelHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -793,8 +793,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/SetDriftProfile',
-            protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
-            protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.SetDriftProfileRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.SetDriftProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -820,8 +820,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/Rollout',
-            protos_dot_mesh__pb2.RolloutRequest.SerializeToString,
-            protos_dot_mesh__pb2.RolloutResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.RolloutRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.RolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -847,8 +847,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/Rollback',
-            protos_dot_mesh__pb2.RollbackRequest.SerializeToString,
-            protos_dot_mesh__pb2.RollbackResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.RollbackRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -874,8 +874,8 @@ class Admin:
             request,
             target,
             '/meshserve.v1.Admin/ListAliases',
-            protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
-            protos_dot_mesh__pb2.ListAliasesResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ListAliasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.etcd import connect
+from meshserve.controlplane.etcd import connect
 from tests.support.etcd import EtcdServer
 
 

@@ -5,8 +5,8 @@
 * :class:`Election` -- leader election on one key, bound to a session;
 * :func:`connect` -- parse an etcd URL and open a client.
 
-:class:`~controlplane.etcd.server.EtcdProcess` (a local etcd child process for tests
-and ``meshctl up``) lives in :mod:`controlplane.etcd.server` and is not imported here.
+:class:`~meshserve.devtools.etcd.EtcdProcess` (a local etcd child process for tests
+and ``meshctl up``) lives in :mod:`meshserve.devtools.etcd` and is not imported here.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from urllib.parse import urlsplit
 
 import aetcd
 
-from controlplane.etcd._client import EtcdClient
-from controlplane.etcd.election import Election
-from controlplane.etcd.session import Session, SessionLostError
-from controlplane.etcd.watch import PrefixMirror
+from meshserve.controlplane.etcd._client import EtcdClient
+from meshserve.controlplane.etcd.election import Election
+from meshserve.controlplane.etcd.session import Session, SessionLostError
+from meshserve.controlplane.etcd.watch import PrefixMirror
 
 __all__ = [
     "DEFAULT_PORT",

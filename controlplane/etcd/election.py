@@ -1,4 +1,4 @@
-"""Leader election on one etcd key, tied to a :class:`~controlplane.etcd.session.Session`.
+"""Leader election on one etcd key, tied to a :class:`~meshserve.controlplane.etcd.session.Session`.
 
 The leader is whoever holds ``key``; the key is attached to the leader's session
 lease, so leadership ends when that session is closed, or when its process stops
@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controlplane.etcd import _client
-from controlplane.etcd._client import EtcdClient
-from controlplane.etcd.session import Session, SessionLostError
+from meshserve.controlplane.etcd import _client
+from meshserve.controlplane.etcd._client import EtcdClient
+from meshserve.controlplane.etcd.session import Session, SessionLostError
 
 __all__ = ["Election"]
 

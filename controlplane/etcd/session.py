@@ -12,8 +12,8 @@ import logging
 from types import TracebackType
 from typing import Self
 
-from controlplane.etcd import _client
-from controlplane.etcd._client import EtcdClient
+from meshserve.controlplane.etcd import _client
+from meshserve.controlplane.etcd._client import EtcdClient
 
 __all__ = ["Session", "SessionLostError"]
 

@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Self
 
-from controlplane.etcd import _client
-from controlplane.etcd._client import EtcdClient, WatchEvent
+from meshserve.controlplane.etcd import _client
+from meshserve.controlplane.etcd._client import EtcdClient, WatchEvent
 
 __all__ = ["PrefixMirror"]
 

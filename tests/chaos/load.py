@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from client import NO_RETRY, MeshClient, MeshError, RetryPolicy
+from meshserve.client import NO_RETRY, MeshClient, MeshError, RetryPolicy
 
 __all__ = ["Load", "Outcome"]
 

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client._admin import AdminClient
-from client.demo_models import make_mlp, reference_outputs
-from client.local import LocalMesh, ManagedProcess, wait_until
-from controlplane import keys
-from controlplane.etcd import connect
-from protos import mesh_pb2
+from meshserve.client._admin import AdminClient
+from meshserve.controlplane import keys
+from meshserve.controlplane.etcd import connect
+from meshserve.devtools.demo_models import make_mlp, reference_outputs
+from meshserve.devtools.local import LocalMesh, ManagedProcess, wait_until
+from meshserve.protos import mesh_pb2
 from tests.chaos.load import RETRIABLE, Load, Outcome
 from tests.support.mesh import register_file
 from tests.support.rollout import roll_out

@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 from hypothesis import HealthCheck, event, settings
 
-from client._admin import AdminClient
-from client.demo_models import make_mlp, sha256_file
-from node.runtime import resident_bytes
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.node.runtime import resident_bytes
 from tests.support.etcd import EtcdServer
 from tests.support.inproc import InProcMesh, eventually, inproc_mesh
 

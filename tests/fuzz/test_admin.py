@@ -11,8 +11,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane import keys
-from protos import mesh_pb2, mesh_pb2_grpc
+from meshserve.controlplane import keys
+from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 from tests.fuzz._support import FUZZ, LiveMesh, answer
 from tests.fuzz.test_policy import policy_texts
 

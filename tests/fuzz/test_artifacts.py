@@ -24,13 +24,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from client.codec import build_request
-from client.demo_models import make_mlp
-from node.copies import CopyManager
-from node.service import InferenceHandler
-from node.store import ModelStore
-from protos import mesh_pb2
-from protos.status import StatusError
+from meshserve.common.codec import build_request
+from meshserve.common.errors import StatusError
+from meshserve.devtools.demo_models import make_mlp
+from meshserve.node.copies import CopyManager
+from meshserve.node.service import InferenceHandler
+from meshserve.node.store import ModelStore
+from meshserve.protos import mesh_pb2
 from tests.fuzz._support import FUZZ
 
 CLEAR_REASONS = ("not a loadable ONNX model", "sha256 mismatch", "which meshserve cannot serve")

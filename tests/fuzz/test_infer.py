@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.codec import DATATYPES, build_request, decode_response_outputs
-from protos import inference_pb2, inference_pb2_grpc
+from meshserve.common.codec import DATATYPES, build_request, decode_response_outputs
+from meshserve.protos import inference_pb2, inference_pb2_grpc
 from tests.fuzz._support import FUZZ, MAX_MESSAGE, LiveMesh, answer, mlp_expected
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -12,7 +12,7 @@ import grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protos import mesh_pb2
+from meshserve.protos import mesh_pb2
 from tests.fuzz._support import FUZZ, PRECISE, LiveMesh, answer
 from tests.fuzz.test_infer import _still_serves
 

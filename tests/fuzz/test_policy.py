@@ -9,8 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.policies.config import Policy, PolicyError, parse_policy
-from controlplane.policies.rule import FILTERS, SCORES
+from meshserve.common.policy.config import Policy, PolicyError, parse_policy
+from meshserve.common.policy.rule import FILTERS, SCORES
 from tests.fuzz._support import FUZZ
 
 scalars = st.one_of(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client._admin import AdminClient
-from client.local import LocalMesh, wait_until
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.local import LocalMesh, wait_until
 
 
 def test_a_storm_of_nodes_is_admitted_at_a_bounded_rate_and_all_join(tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from grpc import aio
 
-from client import AsyncMeshClient, MeshError
-from client._admin import AdminClient
-from client.codec import build_request
-from client.demo_models import make_mlp, sha256_file, write_not_onnx
-from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from meshserve.client import AsyncMeshClient, MeshError
+from meshserve.client._admin import AdminClient
+from meshserve.common.codec import build_request
+from meshserve.devtools.demo_models import make_mlp, sha256_file, write_not_onnx
+from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from tests.support.etcd import EtcdServer
 from tests.support.inproc import InProcMesh, eventually, inproc_mesh
 

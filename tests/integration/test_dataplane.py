@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncMeshClient
-from client._admin import AdminClient
-from client.codec import build_request, decode_response_outputs
-from client.demo_models import make_mlp, reference_outputs, sha256_file
-from protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from meshserve.client import AsyncMeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.common.codec import build_request, decode_response_outputs
+from meshserve.devtools.demo_models import make_mlp, reference_outputs, sha256_file
+from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from tests.support.etcd import EtcdServer
 from tests.support.inproc import InProcMesh, eventually, inproc_mesh
 

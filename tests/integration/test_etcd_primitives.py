@@ -1,4 +1,4 @@
-"""controlplane.etcd primitives against a real etcd (one fresh server per test)."""
+"""meshserve.controlplane.etcd primitives against a real etcd (one fresh server per test)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from controlplane.etcd import Election, PrefixMirror, Session, SessionLostError, connect, parse_url
+from meshserve.controlplane.etcd import (
+    Election,
+    PrefixMirror,
+    Session,
+    SessionLostError,
+    connect,
+    parse_url,
+)
 from tests.support.etcd import EtcdServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
@@ -117,7 +124,7 @@ async def test_session_without_revoke_expires_by_ttl(client: Any) -> None:
 
 _CRASHING_OWNER = """
 import asyncio, sys
-from controlplane.etcd import Session, connect
+from meshserve.controlplane.etcd import Session, connect
 
 async def main() -> None:
     client = await connect(sys.argv[1])

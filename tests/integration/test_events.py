@@ -1,4 +1,5 @@
-"""controlplane.events.EventLog against a real etcd (one fresh server per test)."""
+"""meshserve.controlplane.observe.events.EventLog against a real etcd (one fresh server per
+test)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from controlplane import keys
-from controlplane.etcd import connect
-from controlplane.events import SEQ_KEY, EventLog
+from meshserve.controlplane import keys
+from meshserve.controlplane.etcd import connect
+from meshserve.controlplane.observe.events import SEQ_KEY, EventLog
 from tests.support.etcd import EtcdServer
 from tests.support.inproc import eventually
 

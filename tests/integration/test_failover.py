@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from client import MeshClient
-from client._admin import AdminClient
-from client.demo_models import make_mlp, reference_outputs
-from client.local import LocalMesh, wait_until
-from controlplane import keys
-from controlplane.etcd import connect
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.controlplane import keys
+from meshserve.controlplane.etcd import connect
+from meshserve.devtools.demo_models import make_mlp, reference_outputs
+from meshserve.devtools.local import LocalMesh, wait_until
 from tests.support.mesh import register_file, wait_copies
 
 TTL = 3

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from client._admin import AdminClient
-from client.demo_models import make_fixed_model, make_mlp, sha256_file
-from protos import mesh_pb2
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import make_fixed_model, make_mlp, sha256_file
+from meshserve.protos import mesh_pb2
 from tests.support.etcd import EtcdServer
 from tests.support.inproc import InProcMesh, eventually, inproc_mesh
 

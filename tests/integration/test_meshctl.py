@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from client.demo_models import make_mlp, write_not_onnx
-from client.local import LocalMesh, ManagedProcess
+from meshserve.devtools.demo_models import make_mlp, write_not_onnx
+from meshserve.devtools.local import LocalMesh, ManagedProcess
 
-MESHCTL = [sys.executable, "-m", "client.meshctl"]
+MESHCTL = [sys.executable, "-m", "meshserve.client.cli"]
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 
 
@@ -140,8 +140,8 @@ def test_policy_validate_apply_get_explain_and_events(live: ManagedProcess, tmp_
 def test_models_evaluate_measures_and_stores_accuracy(live: ManagedProcess, tmp_path: Path) -> None:
     import numpy as np
 
-    from client._admin import AdminClient
-    from client.demo_models import reference_outputs
+    from meshserve.client._admin import AdminClient
+    from meshserve.devtools.demo_models import reference_outputs
 
     model = make_mlp(tmp_path / "mlp.onnx")
     proc = meshctl(

@@ -12,11 +12,11 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from client import MeshClient
-from client._admin import AdminClient
-from client.demo_models import make_mlp, sha256_file
-from client.local import LocalMesh, free_port, wait_until
-from protos import mesh_pb2
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.devtools.local import LocalMesh, free_port, wait_until
+from meshserve.protos import mesh_pb2
 from tests.support.mesh import wait_copies
 
 QUERIES = 25

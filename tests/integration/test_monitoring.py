@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client import MeshClient
-from client._admin import AdminClient
-from client.demo_models import digits_split, digits_to_onnx, make_mlp, sha256_file
-from client.local import LocalMesh, wait_until
-from protos import mesh_pb2
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import digits_split, digits_to_onnx, make_mlp, sha256_file
+from meshserve.devtools.local import LocalMesh, wait_until
+from meshserve.protos import mesh_pb2
 from tests.support.mesh import wait_copies
 
 ROWS_PER_QUERY = 25
@@ -210,7 +210,7 @@ def test_drift_alarms_on_a_shift_only_and_only_sketches_leave_the_node(
             np.savez(sample, x=rng.standard_normal((2000, 64)).astype(np.float32))
             env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
             proc = subprocess.run(
-                [sys.executable, "-m", "client.meshctl", "model", "profile", "mlp",
+                [sys.executable, "-m", "meshserve.client.cli", "model", "profile", "mlp",
                  "--data", str(sample), "--target", cp.address],
                 capture_output=True, text=True, timeout=120, env=env,
             )  # fmt: skip

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from client.demo_models import make_mlp
-from client.local import ManagedProcess, wait_until
-from controlplane.etcd.server import find_etcd_binary
+from meshserve.devtools.demo_models import make_mlp
+from meshserve.devtools.etcd import find_etcd_binary
+from meshserve.devtools.local import ManagedProcess, wait_until
 from tests.support.netns import Nat, nat_available, nat_network
 
 TTL = 5
@@ -94,7 +94,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
                     [
                         sys.executable,
                         "-m",
-                        "controlplane",
+                        "meshserve.controlplane",
                         "--etcd",
                         f"http://127.0.0.1:{ETCD_PORT}",
                         "--listen",
@@ -124,7 +124,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
                     [
                         sys.executable,
                         "-m",
-                        "node",
+                        "meshserve.node",
                         "--control-plane",
                         f"{nat.cloud_ip}:{CP_PORT}",
                         "--node-id",

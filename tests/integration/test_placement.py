@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import MeshClient
-from client._admin import AdminClient
-from client.demo_models import make_mlp, sha256_file
-from client.local import LocalMesh, wait_until
-from protos import mesh_pb2
-from protos.status import InvalidArgument
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.common.errors import InvalidArgument
+from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.devtools.local import LocalMesh, wait_until
+from meshserve.protos import mesh_pb2
 from tests.support.mesh import wait_copies
 
 MiB = 1 << 20

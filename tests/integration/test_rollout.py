@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client import MeshClient
-from client._admin import AdminClient
-from client.demo_models import make_mlp, reference_outputs
-from client.local import LocalMesh
-from protos.status import FailedPrecondition, InvalidArgument, NotFound, StatusError
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, StatusError
+from meshserve.devtools.demo_models import make_mlp, reference_outputs
+from meshserve.devtools.local import LocalMesh
 from tests.support.mesh import register_file, wait_copies
 from tests.support.rollout import roll_out, wait_shifted
 
@@ -84,7 +84,7 @@ class QueryLoop:
 def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "client.meshctl", *args],
+        [sys.executable, "-m", "meshserve.client.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

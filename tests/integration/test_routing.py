@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client import MeshClient
-from client._admin import AdminClient
-from client.demo_models import make_mlp, reference_outputs
-from client.local import LocalMesh, wait_until
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import make_mlp, reference_outputs
+from meshserve.devtools.local import LocalMesh, wait_until
 from tests.support.mesh import register_file, wait_copies
 
 X = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)

@@ -27,14 +27,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from client import MeshClient, TLSFiles
-from client._admin import AdminClient
-from client.codec import build_request
-from client.demo_models import make_mlp, reference_outputs, sha256_file
-from client.local import LocalMesh, ManagedProcess, wait_until
-from protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
-from protos.security import JOIN_TOKEN_HEADER, channel_credentials
-from protos.status import PermissionDenied, StatusError, Unauthenticated
+from meshserve.client import MeshClient, TLSFiles
+from meshserve.client._admin import AdminClient
+from meshserve.common.codec import build_request
+from meshserve.common.errors import PermissionDenied, StatusError, Unauthenticated
+from meshserve.common.security import JOIN_TOKEN_HEADER, channel_credentials
+from meshserve.devtools.demo_models import make_mlp, reference_outputs, sha256_file
+from meshserve.devtools.local import LocalMesh, ManagedProcess, wait_until
+from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,7 @@ def _span_exporter() -> None:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    from client._certs import init_certs
+    from meshserve.devtools.certs import init_certs
 
     _span_exporter()
     work = tmp_path_factory.mktemp("secured")
@@ -164,7 +164,7 @@ def test_certs_init_issues_a_working_chain(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "client.meshctl",
+            "meshserve.client.cli",
             "certs",
             "init",
             str(tmp_path / "c"),
@@ -190,7 +190,7 @@ def test_certs_init_issues_a_working_chain(tmp_path: Path) -> None:
     sans = cp.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", "mesh.example"} <= set(sans.get_values_for_type(x509.DNSName))
     again = subprocess.run(
-        [sys.executable, "-m", "client.meshctl", "certs", "init", str(tmp_path / "c")],
+        [sys.executable, "-m", "meshserve.client.cli", "certs", "init", str(tmp_path / "c")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -249,7 +249,7 @@ def test_admin_api_needs_the_admin_token(secured: Secured) -> None:
         f"--tls-key={secured.certs / 'client.key'}",
     ]
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    meshctl = [sys.executable, "-m", "client.meshctl", *tls]
+    meshctl = [sys.executable, "-m", "meshserve.client.cli", *tls]
     listed = subprocess.run(
         [*meshctl, "nodes", "list", "-t", secured.cp.address],
         capture_output=True,

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client import MeshClient
-from client._admin import AdminClient
-from client.demo_models import make_mlp, sha256_file
-from client.local import LocalMesh
-from protos import mesh_pb2
-from protos.status import FailedPrecondition
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.common.errors import FailedPrecondition
+from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.devtools.local import LocalMesh
+from meshserve.protos import mesh_pb2
 from tests.support.mesh import wait_copies
 
 X = np.random.default_rng(4).standard_normal((1, 64)).astype(np.float32)

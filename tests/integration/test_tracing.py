@@ -15,11 +15,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from client import AsyncMeshClient
-from client._admin import AdminClient
-from client.demo_models import make_mlp, sha256_file
-from protos import inference_pb2, mesh_pb2
-from protos.status import Unavailable
+from meshserve.client import AsyncMeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.common.errors import Unavailable
+from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.protos import inference_pb2, mesh_pb2
 from tests.support.etcd import EtcdServer
 from tests.support.inproc import InProcMesh, eventually, inproc_mesh
 

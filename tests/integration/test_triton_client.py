@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client._admin import AdminClient
-from client.demo_models import make_int_model, make_mlp, reference_outputs
-from client.local import LocalMesh, ManagedProcess
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import make_int_model, make_mlp, reference_outputs
+from meshserve.devtools.local import LocalMesh, ManagedProcess
 from tests.support.mesh import register_file, wait_copies
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ Run in a subprocess, one module per process::
 
     python -m tests.support.dump_descriptors MODULE [--messages A,B,...] [--service NAME]
 
-Our ``protos.inference_pb2`` and Triton's ``tritonclient.grpc.service_pb2`` both define
+Our ``meshserve.protos.inference_pb2`` and Triton's ``tritonclient.grpc.service_pb2`` both define
 symbols in package ``inference``; protobuf's default descriptor pool refuses duplicates, so the
 two can never be imported into the same process. tests/unit/test_wire_compat.py runs this
 script once per module and compares the JSON.

@@ -1,13 +1,13 @@
-"""Real-etcd test fixture support: a thin re-export of :mod:`controlplane.etcd.server`.
+"""Real-etcd test fixture support: a thin re-export of :mod:`meshserve.devtools.etcd`.
 
-``EtcdServer`` is :class:`~controlplane.etcd.server.EtcdProcess`: ``.url``, ``.stop()``,
+``EtcdServer`` is :class:`~meshserve.devtools.etcd.EtcdProcess`: ``.url``, ``.stop()``,
 ``.kill()``, ``.restart()`` (same ports and data dir), ``.close()``; logs go to
 ``<workdir>/etcd.log``.
 """
 
 from __future__ import annotations
 
-from controlplane.etcd.server import (
+from meshserve.devtools.etcd import (
     EtcdNotFoundError,
     EtcdProcess,
     EtcdStartError,

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane.app import ControlPlane, ControlPlaneConfig
-from node.app import Node, NodeConfig
+from meshserve.controlplane.app import ControlPlane, ControlPlaneConfig
+from meshserve.node.app import Node, NodeConfig
 
 __all__ = ["InProcMesh", "eventually", "inproc_mesh"]
 

@@ -1,12 +1,13 @@
-"""Helpers for integration tests that run a mesh of real processes (see client.local)."""
+"""Helpers for integration tests that run a mesh of real processes (see
+meshserve.devtools.local)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from client._admin import AdminClient
-from client.local import wait_until
-from protos import mesh_pb2
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.local import wait_until
+from meshserve.protos import mesh_pb2
 
 __all__ = ["copy_states", "register_file", "wait_copies"]
 
@@ -21,7 +22,7 @@ def register_file(
     selector: dict[str, str] | None = None,
     variant: str = "",
 ) -> None:
-    from client.demo_models import sha256_file
+    from meshserve.devtools.demo_models import sha256_file
 
     admin.register_model(
         name,

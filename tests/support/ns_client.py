@@ -17,11 +17,11 @@ import numpy as np
 
 
 def main(argv: list[str]) -> None:
-    from client import MeshClient
-    from client._admin import AdminClient
-    from client.demo_models import reference_outputs, sha256_file
-    from protos import mesh_pb2
-    from protos.status import StatusError
+    from meshserve.client import MeshClient
+    from meshserve.client._admin import AdminClient
+    from meshserve.common.errors import StatusError
+    from meshserve.devtools.demo_models import reference_outputs, sha256_file
+    from meshserve.protos import mesh_pb2
 
     command, target = argv[0], argv[1]
     out: dict[str, object]

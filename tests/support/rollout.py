@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client._admin import AdminClient
-from client.local import wait_until
-from protos import mesh_pb2
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.local import wait_until
+from meshserve.protos import mesh_pb2
 from tests.support.mesh import register_file
 
 __all__ = ["roll_out", "wait_shifted"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from controlplane.snapshot import NodeView
-from protos import mesh_pb2
+from meshserve.controlplane.snapshot import NodeView
+from meshserve.protos import mesh_pb2
 
 __all__ = ["GiB", "node"]
 

@@ -7,9 +7,9 @@ import random
 import grpc
 import pytest
 
-from client._retry import RetryPolicy
-from controlplane.admission import Admission
-from protos.status import ResourceExhausted, from_code
+from meshserve.client._retry import RetryPolicy
+from meshserve.common.errors import ResourceExhausted, from_code
+from meshserve.controlplane.dataplane.admission import Admission
 
 
 class Clock:

@@ -1,12 +1,13 @@
-"""Copies follow demand (controlplane.autoscale), on hand-fed telemetry and a fake clock."""
+"""Copies follow demand (meshserve.controlplane.placement.autoscale), on hand-fed telemetry and a
+fake clock."""
 
 from __future__ import annotations
 
 from types import MappingProxyType
 
-from controlplane.autoscale import Autoscaler
-from controlplane.snapshot import Snapshot
-from protos import mesh_pb2
+from meshserve.controlplane.placement.autoscale import Autoscaler
+from meshserve.controlplane.snapshot import Snapshot
+from meshserve.protos import mesh_pb2
 
 KEY = ("m", "default")
 

@@ -1,4 +1,5 @@
-"""Tests for node.batcher: the batching logic with a fake executor, and once with onnxruntime.
+"""Tests for meshserve.node.batcher: the batching logic with a fake executor, and once with
+onnxruntime.
 
 No assertion depends on wall-clock time: a fake clock drives deadlines and measured latency, an
 asyncio.Event holds a batch "running", and counters/histograms show what ran together.
@@ -18,11 +19,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer
 
-from client.demo_models import make_mlp
-from node import batcher as batcher_module
-from node.batcher import Batcher, BatchPolicy, Tensors, has_batch_axis
-from node.runtime import OnnxCopy
-from protos.status import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from meshserve.devtools.demo_models import make_mlp
+from meshserve.node import batcher as batcher_module
+from meshserve.node.batcher import Batcher, BatchPolicy, Tensors, has_batch_axis
+from meshserve.node.runtime import OnnxCopy
 
 HOUR_US = 3_600_000_000
 

@@ -1,4 +1,4 @@
-"""Tests for node.cache: request digests and the byte-bounded LRU response cache."""
+"""Tests for meshserve.node.cache: request digests and the byte-bounded LRU response cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from node.cache import ENTRY_OVERHEAD, ResponseCache, cache_key
+from meshserve.node.cache import ENTRY_OVERHEAD, ResponseCache, cache_key
 
 SHA = "ab" * 32
 Inputs = dict[str, NDArray[Any]]

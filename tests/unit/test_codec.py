@@ -1,4 +1,4 @@
-"""Tests for client.codec: numpy <-> Open Inference Protocol tensors."""
+"""Tests for meshserve.common.codec: numpy <-> Open Inference Protocol tensors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from client import codec
-from protos.inference_pb2 import (
+from meshserve.common import codec
+from meshserve.common.errors import InvalidArgument
+from meshserve.protos.inference_pb2 import (
     InferParameter,
     InferTensorContents,
     ModelInferRequest,
     ModelInferResponse,
 )
-from protos.status import InvalidArgument
 
 FIXED = [name for name in codec.DATATYPES if name != "BYTES"]
 TYPED_FIXED = [name for name in FIXED if name != "FP16"]

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.demo_models import make_mlp, sha256_file
-from controlplane.hub import Hub, NodeSession
-from controlplane.snapshot import Snapshot
-from node.copies import CopyEntry, CopyManager
-from node.store import ModelStore
-from protos import mesh_pb2
-from protos.status import Unavailable
+from meshserve.common.errors import Unavailable
+from meshserve.controlplane.link.hub import Hub, NodeSession
+from meshserve.controlplane.snapshot import Snapshot
+from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.node.copies import CopyEntry, CopyManager
+from meshserve.node.store import ModelStore
+from meshserve.protos import mesh_pb2
 from tests.support.inproc import eventually
 
 KEY = ("mlp", "default")
@@ -160,7 +160,7 @@ def test_a_replaced_copy_releases_its_batcher_and_its_artifact(tmp_path: Path) -
 
 
 def test_new_streams_are_admitted_at_a_bounded_rate() -> None:
-    from controlplane.hub import TokenBucket
+    from meshserve.controlplane.link.hub import TokenBucket
 
     now = [0.0]
     bucket = TokenBucket(rate=10, burst=10, clock=lambda: now[0])

@@ -1,4 +1,4 @@
-"""Tests for client.demo_models: the models are valid ONNX and run in onnxruntime."""
+"""Tests for meshserve.devtools.demo_models: the models are valid ONNX and run in onnxruntime."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from client.demo_models import (
+from meshserve.devtools.demo_models import (
     make_fixed_model,
     make_int_model,
     make_mlp,

@@ -14,9 +14,9 @@ from opentelemetry.sdk.metrics.export import (
     NumberDataPoint,
 )
 
-from controlplane.metrics import ControlPlaneMetrics
-from node.metrics import NodeMetrics
-from protos.instruments import Reading, SharedObservable
+from meshserve.common.instruments import Reading, SharedObservable
+from meshserve.controlplane.observe.metrics import ControlPlaneMetrics
+from meshserve.node.metrics import NodeMetrics
 
 Points = dict[tuple[tuple[str, object], ...], float]
 

@@ -1,4 +1,5 @@
-"""Location-aware narrowing of candidate copies (controlplane.locality), and the zone's trip
+"""Location-aware narrowing of candidate copies (meshserve.controlplane.dataplane.locality), and
+the zone's trip
 from the SDK keyword to the gateway's reading of the request parameter."""
 
 from __future__ import annotations
@@ -7,13 +8,13 @@ from types import MappingProxyType
 
 import pytest
 
-from client._sdk import _with_routing
-from controlplane.gateway import _zone_of
-from controlplane.locality import prefer_local
-from controlplane.snapshot import NodeView
-from protos import inference_pb2, mesh_pb2
-from protos.params import CLIENT_ZONE
-from protos.status import InvalidArgument
+from meshserve.client._sdk import _with_routing
+from meshserve.common.errors import InvalidArgument
+from meshserve.common.params import CLIENT_ZONE
+from meshserve.controlplane.dataplane.gateway import _zone_of
+from meshserve.controlplane.dataplane.locality import prefer_local
+from meshserve.controlplane.snapshot import NodeView
+from meshserve.protos import inference_pb2, mesh_pb2
 
 
 def _node(node_id: str, **labels: str) -> NodeView:

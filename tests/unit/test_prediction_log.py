@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from node.monitor import CopyMonitor, PredictionLog
-from protos import mesh_pb2
+from meshserve.node.monitor import CopyMonitor, PredictionLog
+from meshserve.protos import mesh_pb2
 
 
 def _monitor(**config: object) -> CopyMonitor:

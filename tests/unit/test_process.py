@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from protos.process import otlp_span_exporter, service_resource
+from meshserve.common.process import otlp_span_exporter, service_resource
 
 _OTEL_VARIABLES = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",

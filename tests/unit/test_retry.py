@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from client._retry import NO_RETRY, RetryPolicy, call_async, call_sync
-from protos.status import StatusError
+from meshserve.client._retry import NO_RETRY, RetryPolicy, call_async, call_sync
+from meshserve.common.errors import StatusError
 
 
 class _Failed(grpc.RpcError):

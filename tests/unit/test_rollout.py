@@ -1,4 +1,5 @@
-"""Aliases and rollouts (controlplane.rollout): which version answers, and how records change."""
+"""Aliases and rollouts (meshserve.controlplane.dataplane.rollout): which version answers, and how
+records change."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.rollout import (
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.controlplane.dataplane.rollout import (
     DEFAULT_ALIAS,
     VersionState,
     alias_for,
@@ -18,8 +20,7 @@ from controlplane.rollout import (
     plan_rollout,
     resolve,
 )
-from protos import mesh_pb2
-from protos.status import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.protos import mesh_pb2
 
 
 def alias(

@@ -1,4 +1,5 @@
-"""Power of two choices on live load (controlplane.routing), on hand-fed observations."""
+"""Power of two choices on live load (meshserve.controlplane.dataplane.routing), on hand-fed
+observations."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from controlplane.routing import Balancer
+from meshserve.controlplane.dataplane.routing import Balancer
 
 
 class Clock:

@@ -6,9 +6,9 @@ from types import MappingProxyType
 
 import pytest
 
-from controlplane.scheduler import plan_placements
-from controlplane.snapshot import NodeView, Snapshot
-from protos import mesh_pb2
+from meshserve.controlplane.placement.scheduler import plan_placements
+from meshserve.controlplane.snapshot import NodeView, Snapshot
+from meshserve.protos import mesh_pb2
 from tests.support.views import GiB, node
 
 

@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from client._certs import init_certs
-from controlplane.auth import AuthConfig, Guard, Tenant, load_api_keys
-from protos.security import SecurityConfigError, TLSFiles, channel_credentials, read_secrets
+from meshserve.common.security import (
+    SecurityConfigError,
+    TLSFiles,
+    channel_credentials,
+    read_secrets,
+)
+from meshserve.controlplane.auth import AuthConfig, Guard, Tenant, load_api_keys
+from meshserve.devtools.certs import init_certs
 
 KEY_A = "a" * 20
 KEY_B = "b-secret-key-0123456789"

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from controlplane.health import HealthSettings, ModelHealth
-from protos import mesh_pb2
-from protos.sketches import Binner, build_profile, ks, monitoring_digest, prediction_of, psi
+from meshserve.common.sketches import (
+    Binner,
+    build_profile,
+    ks,
+    monitoring_digest,
+    prediction_of,
+    psi,
+)
+from meshserve.controlplane.observe.health import HealthSettings, ModelHealth
+from meshserve.protos import mesh_pb2
 
 RNG = np.random.default_rng(7)
 

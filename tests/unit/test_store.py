@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from node.store import ModelStore, StoreError
+from meshserve.node.store import ModelStore, StoreError
 
 MiB = 1 << 20
 

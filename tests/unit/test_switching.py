@@ -1,4 +1,5 @@
-"""The SLO-aware variant selector (controlplane.switching) on constructed states (pure)."""
+"""The SLO-aware variant selector (meshserve.controlplane.dataplane.switching) on constructed
+states (pure)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,15 @@ import math
 
 import pytest
 
-from controlplane.switching import (
+from meshserve.common.errors import FailedPrecondition
+from meshserve.controlplane.dataplane.switching import (
     Calibration,
     CopyLoad,
     Switcher,
     VariantOption,
     predict_seconds,
 )
-from protos import mesh_pb2
-from protos.status import FailedPrecondition
+from meshserve.protos import mesh_pb2
 
 T = 0.0005  # transport used in these tests
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.telemetry import OfflineBuffer, TelemetryBudget, wire_size
-from protos import mesh_pb2
+from meshserve.node.telemetry import OfflineBuffer, TelemetryBudget, wire_size
+from meshserve.protos import mesh_pb2
 
 
 def _telemetry(

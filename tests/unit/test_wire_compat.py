@@ -2,7 +2,8 @@
 
 Both files define package ``inference``, and protobuf's default descriptor pool refuses
 duplicate symbols, so their descriptors cannot be loaded into one process (nor into this test
-process, which other tests may share with ``protos.inference_pb2``). Each side is therefore
+process, which other tests may share with ``meshserve.protos.inference_pb2``). Each side is
+therefore
 dumped to JSON by tests/support/dump_descriptors.py in its own subprocess and compared here.
 
 Rules: every message defined in our file (nested messages and map entries included) exists in
@@ -24,7 +25,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "inference.GRPCInferenceService"
-OURS = "protos.inference_pb2"
+OURS = "meshserve.protos.inference_pb2"
 TRITON = "tritonclient.grpc.service_pb2"
 MUST_COMPARE = {
     "inference.ModelInferRequest",

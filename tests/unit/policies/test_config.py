@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.policies.config import (
+from meshserve.common.policy.config import (
     DEFAULT_POLICY,
     MAX_POLICY_BYTES,
     Policy,
@@ -18,8 +18,8 @@ from controlplane.policies.config import (
     parse_policy,
     policy_json_schema,
 )
-from controlplane.policies.rule import DEFAULT_RULE, FILTERS, SCORES, Rule
-from protos import mesh_pb2
+from meshserve.common.policy.rule import DEFAULT_RULE, FILTERS, SCORES, Rule
+from meshserve.protos import mesh_pb2
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((ROOT / "deploy" / "policies").glob("*.yaml"))
@@ -375,7 +375,7 @@ def test_committed_json_schema_is_current() -> None:
     committed = (ROOT / "docs" / "policy-schema.json").read_text()
     assert committed == json.dumps(policy_json_schema(), indent=2, sort_keys=True) + "\n", (
         "docs/policy-schema.json is stale: regenerate it with "
-        "controlplane.policies.config.write_schema"
+        "meshserve.common.policy.config.write_schema"
     )
 
 

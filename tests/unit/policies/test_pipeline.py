@@ -7,11 +7,16 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from controlplane.policies.pipeline import FILTER_PLUGINS, SCORE_PLUGINS, choose, explain
-from controlplane.policies.rule import Rule
-from controlplane.policies.table import Candidate, NodeTable
-from controlplane.snapshot import NodeView, Snapshot
-from protos import mesh_pb2
+from meshserve.common.policy.rule import Rule
+from meshserve.controlplane.placement.policies.pipeline import (
+    FILTER_PLUGINS,
+    SCORE_PLUGINS,
+    choose,
+    explain,
+)
+from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
+from meshserve.controlplane.snapshot import NodeView, Snapshot
+from meshserve.protos import mesh_pb2
 from tests.support.views import GiB, node
 
 KEY = ("m", "default")

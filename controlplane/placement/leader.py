@@ -1,0 +1,168 @@
+"""The scheduling loop, run only by the replica that holds the etcd election.
+
+Each pass takes a fresh snapshot plus the live demand (node telemetry this replica holds: nodes
+link to every replica), lets the autoscaler set the copy counts of autoscaled variants, plans
+under the policy in force, and writes the changed placements in transactions (at most
+``_TXN_OPS`` operations each, etcd's limit is 128) that also check this replica still holds the
+leader key (a deposed leader can never write). Every placement and scale change is an event. A
+pass that fails is logged and retried; the loop itself never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from meshserve.controlplane import keys
+from meshserve.controlplane.etcd import Election
+from meshserve.controlplane.observe.events import EventSink
+from meshserve.controlplane.observe.metrics import ControlPlaneMetrics, controlplane_metrics
+from meshserve.controlplane.placement.autoscale import Autoscaler, ScaleChange
+from meshserve.controlplane.placement.scheduler import Plan, RuleSource, plan_placements
+from meshserve.controlplane.snapshot import Snapshot, VariantKey
+
+__all__ = ["LeaderLoop"]
+
+_log = logging.getLogger("meshserve.controlplane.leader")
+_TXN_OPS = 100
+
+
+class LeaderLoop:
+    def __init__(
+        self,
+        *,
+        etcd: Any,
+        election: Callable[[], Election],
+        replica_id: str,
+        snapshot: Callable[[], Snapshot],
+        interval_s: float = 1.0,
+        policy: Callable[[], RuleSource | None] = lambda: None,
+        in_flight: Callable[[], Mapping[str, Mapping[VariantKey, float]]] = dict,
+        events: EventSink | None = None,
+        metrics: ControlPlaneMetrics | None = None,
+    ) -> None:
+        """``metrics``: where decisions are counted (default: :func:`controlplane_metrics`)."""
+        self._etcd = etcd
+        self._new_election = election  # a fresh Election on the replica's current session
+        self.election: Election | None = None
+        self._replica_id = replica_id
+        self._snapshot = snapshot
+        self._interval = interval_s
+        self._policy = policy
+        self._in_flight = in_flight
+        self._events = events
+        self._metrics = metrics or controlplane_metrics()
+        self._wake = asyncio.Event()
+        self.autoscaler = Autoscaler()
+        self._idle_inputs: tuple[object, ...] | None = None
+        self.passes = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.election = election = self._new_election()
+                await election.campaign()
+                _log.info("replica %s is the scheduling leader", self._replica_id)
+                while election.is_leader:
+                    started = time.perf_counter()
+                    await self.step()
+                    self._metrics.scheduled(time.perf_counter() - started)
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self._interval)
+                    except TimeoutError:
+                        pass
+                    self._wake.clear()
+                _log.warning("replica %s lost leadership", self._replica_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("leader loop failed; retrying")
+                await asyncio.sleep(self._interval)
+
+    async def step(self) -> None:
+        started = time.perf_counter()
+        base = self._snapshot()
+        flights = self._in_flight()
+        snapshot = dataclasses.replace(base, in_flight=flights) if flights else base
+        desired, changes = self.autoscaler.decide(snapshot)
+        policy = self._policy()
+        # Nothing a decision depends on changed since a pass that wrote nothing: skip. (Live load
+        # only orders candidates; it never makes an unplaceable copy placeable.)
+        inputs = (base, policy, desired)
+        idle = self._idle_inputs
+        if idle is not None and idle[0] is base and idle[1] is policy and idle[2] == desired:
+            return
+        plan = plan_placements(snapshot, policy, desired=desired)
+        if not plan.upserts and not plan.deletes:
+            self._idle_inputs = inputs
+            return
+        self._idle_inputs = None
+        t = self._etcd.transactions
+        ops = [
+            t.put(keys.placement_key(*k).encode(), keys.encode(p)) for k, p in plan.upserts.items()
+        ]
+        ops += [t.delete(keys.placement_key(*k).encode()) for k in plan.deletes]
+        for first in range(0, len(ops), _TXN_OPS):
+            ok, _ = await self._etcd.transaction(
+                compare=[t.value(keys.LEADER.encode()) == self._replica_id.encode()],
+                success=ops[first : first + _TXN_OPS],
+                failure=[],
+            )
+            if not ok:
+                _log.warning("placement write refused: this replica no longer holds the leader key")
+                return
+        self.passes += 1
+        self._count(base, plan, changes)
+        for change in changes:
+            self._event(
+                "scale",
+                change.key,
+                message=f"copies {change.old} -> {change.new} (demand {change.demand} in flight)",
+            )
+        for key, placement in plan.upserts.items():
+            text = f"nodes {list(placement.nodes)}"
+            if placement.failed:
+                text += f", failed {dict(placement.failed)}"
+            if len(placement.nodes) < placement.desired_copies:
+                text += f", {placement.desired_copies - len(placement.nodes)} copies unplaceable"
+            _log.info("placement %s/%s -> %s", key[0], key[1], text)
+            self._event("placement", key, message=text)
+        for key in plan.deletes:
+            self._event("placement", key, message="removed (model unregistered)")
+        for ev in plan.evictions:
+            text = (
+                f"copy on {ev.node_id} evicted for {ev.for_key[0]}/{ev.for_key[1]} "
+                f"(value {ev.value:.3g})"
+            )
+            _log.info("evict %s/%s: %s", ev.key[0], ev.key[1], text)
+            if self._events is not None:
+                self._events.record(
+                    "evict", model=ev.key[0], variant=ev.key[1], node_id=ev.node_id, message=text
+                )
+        _log.debug("scheduling pass took %.1f ms", (time.perf_counter() - started) * 1e3)
+
+    def _count(self, base: Snapshot, plan: Plan, changes: Sequence[ScaleChange]) -> None:
+        """Count the decisions of a written pass: copies placed and unplaced (an evicted copy
+        counts as an eviction only), removals, evictions, autoscaler changes."""
+        evicted = {(ev.key, ev.node_id) for ev in plan.evictions}
+        for key, placement in plan.upserts.items():
+            old = base.placements.get(key)
+            before = [n for n in (old.nodes if old else ()) if (key, n) not in evicted]
+            self._metrics.placed(key, before, placement.nodes)
+        for key in plan.deletes:
+            self._metrics.decided(key, "remove")
+        for ev in plan.evictions:
+            self._metrics.evicted(ev.key)
+        for change in changes:
+            self._metrics.decided(change.key, "scale")
+
+    def _event(self, kind: str, key: VariantKey, *, message: str) -> None:
+        if self._events is not None:
+            self._events.record(kind, model=key[0], variant=key[1], message=message)

@@ -1,0 +1,136 @@
+"""The columnar view plugins compute on: one row per node, numpy arrays per attribute.
+
+Built once per scheduling pass from an immutable
+:class:`~meshserve.controlplane.snapshot.Snapshot`; label
+values are interned to integer codes so a label test over 10,000 nodes is one vectorised
+comparison. ``used`` / ``copies`` / ``loads`` are the pass's working state: the planner adds to
+them as it places copies, so later decisions in the same pass see earlier ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from meshserve.controlplane.snapshot import NodeView, Snapshot, VariantKey
+
+__all__ = ["Candidate", "NodeTable"]
+
+Mask = npt.NDArray[np.bool_]
+Floats = npt.NDArray[np.float64]
+Ints = npt.NDArray[np.int64]
+
+
+@dataclass
+class NodeTable:
+    ids: list[str]  # sorted: row order is node-id order (deterministic tie-breaks)
+    index: dict[str, int]
+    memory: Floats  # bytes; 0 = unknown (never "full")
+    used: Floats  # bytes placed on the node (all variants)
+    copies: Ints  # copies placed on the node
+    loads: Ints  # new copies given to the node in this pass (rate limit)
+    in_flight: Floats  # queries in flight on the node (telemetry; 0 when unknown)
+    draining: Mask
+    _labels: dict[str, tuple[Ints, dict[str, int]]] = field(default_factory=dict)
+    _providers: dict[str, Mask] = field(default_factory=dict)
+    _nodes: list[NodeView] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        snapshot: Snapshot,
+        *,
+        draining: Iterable[str] = (),
+        in_flight: Mapping[str, float] | None = None,
+    ) -> NodeTable:
+        ids = sorted(snapshot.nodes)
+        nodes = [snapshot.nodes[i] for i in ids]
+        n = len(ids)
+        drain = set(draining)
+        flights = in_flight or {}
+        return cls(
+            ids=ids,
+            index={node_id: i for i, node_id in enumerate(ids)},
+            memory=np.fromiter((v.hardware.memory_bytes for v in nodes), np.float64, n),
+            used=np.zeros(n),
+            copies=np.zeros(n, np.int64),
+            loads=np.zeros(n, np.int64),
+            in_flight=np.fromiter((flights.get(i, 0.0) for i in ids), np.float64, n),
+            draining=np.fromiter((i in drain for i in ids), np.bool_, n),
+            _nodes=nodes,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def node(self, row: int) -> NodeView:
+        return self._nodes[row]
+
+    def label(self, key: str) -> tuple[Ints, dict[str, int]]:
+        """(codes, vocabulary) of label ``key``: code -1 = the node lacks the label."""
+        cached = self._labels.get(key)
+        if cached is None:
+            vocab: dict[str, int] = {}
+            codes = np.full(len(self.ids), -1, np.int64)
+            for row, node in enumerate(self._nodes):
+                value = node.labels.get(key)
+                if value is not None:
+                    codes[row] = vocab.setdefault(value, len(vocab))
+            cached = self._labels[key] = (codes, vocab)
+        return cached
+
+    def has_labels(self, wanted: Mapping[str, str]) -> Mask:
+        """Rows carrying every ``key: value`` of ``wanted``."""
+        mask = np.ones(len(self.ids), np.bool_)
+        for key, value in wanted.items():
+            codes, vocab = self.label(key)
+            mask &= codes == vocab.get(value, -2)
+        return mask
+
+    def any_label(self, avoid: Mapping[str, str]) -> Mask:
+        """Rows carrying at least one ``key: value`` of ``avoid``."""
+        mask = np.zeros(len(self.ids), np.bool_)
+        for key, value in avoid.items():
+            codes, vocab = self.label(key)
+            mask |= codes == vocab.get(value, -2)
+        return mask
+
+    def provider(self, name: str) -> Mask:
+        cached = self._providers.get(name)
+        if cached is None:
+            cached = self._providers[name] = np.fromiter(
+                (name in v.hardware.execution_providers for v in self._nodes),
+                np.bool_,
+                len(self.ids),
+            )
+        return cached
+
+    def rows(self, node_ids: Iterable[str]) -> Ints:
+        return np.fromiter((self.index[i] for i in node_ids if i in self.index), np.int64)
+
+    def place(self, row: int, footprint: float, *, new: bool) -> None:
+        self.used[row] += footprint
+        self.copies[row] += 1
+        if new:
+            self.loads[row] += 1
+
+    def unplace(self, row: int, footprint: float) -> None:
+        self.used[row] -= footprint
+        self.copies[row] -= 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One placement decision's question: where should copies of ``key`` go?"""
+
+    key: VariantKey
+    spec: Any  # mesh_pb2.ModelSpec
+    rule: Any  # meshserve.common.policy.rule.Rule
+    footprint: float  # bytes one copy takes
+    holders: Ints  # rows already holding a copy (kept): never chosen again
+    failed: Ints  # rows where a copy FAILED: never retried
+    demand_domains: Mapping[str, float] = field(default_factory=dict)  # spread_by value -> demand

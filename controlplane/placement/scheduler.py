@@ -1,0 +1,320 @@
+"""Placement: how many copies of every registered variant, and on which nodes.
+
+A pure function of a :class:`Snapshot` and a policy (no I/O, never raises for "no fit"): it
+returns the placements to write and the ones to delete. The leader writes them; every replica
+acts on them. Per variant, in key order:
+
+1. keep the nodes already placed that are alive, not draining, and whose copy has not FAILED;
+2. a copy that FAILED on a node is recorded in ``placement.failed`` and never retried there;
+3. shed copies beyond the desired count (the busiest go last: the least busy are shed first);
+4. adopt READY copies nodes already hold but no placement names (a node back from a network
+   cut, a control plane that lost its placements): serving copies are never reloaded;
+5. top up to the desired count with
+:func:`meshserve.controlplane.placement.policies.pipeline.choose` under the
+   rule the policy gives the variant (filters: not draining, not failed, node_selector,
+   execution providers, anti-affinity, fits memory; weighted scores), at most
+   ``max_loads_per_node`` new copies per node per pass;
+6. a variant still below its minimum (:func:`min_copies`) only for lack of memory evicts, on the
+   best node where that frees enough, the cheapest copies (:func:`_copy_value`: use x reload
+   cost x size) of variants that stay at or above their own minimum. Evicting only for a
+   minimum, never below one, means two variants can never evict each other back and forth.
+
+The desired count is ``copies`` (at least 1), or the autoscaler's decision for variants with
+``autoscaling`` (see :mod:`meshserve.controlplane.placement.autoscale`), passed in as ``desired``.
+A copy's memory
+footprint is the larger of its declared ``size_bytes`` and the resident memory its copies were
+measured at: real numbers win once known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from meshserve.common.policy.rule import DEFAULT_RULE, Rule
+from meshserve.controlplane.placement.policies.pipeline import Verdict, choose, explain
+from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
+from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.protos import mesh_pb2
+
+__all__ = ["Eviction", "Plan", "RuleSource", "explain_variant", "min_copies", "plan_placements"]
+
+
+class RuleSource(Protocol):
+    def rule_for(self, spec: mesh_pb2.ModelSpec) -> Rule: ...
+
+
+class _Default:
+    def rule_for(self, spec: mesh_pb2.ModelSpec) -> Rule:
+        return DEFAULT_RULE
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    key: VariantKey  # the variant whose copy goes
+    node_id: str
+    for_key: VariantKey  # the variant that needed the room
+    value: float  # what the evicted copy was worth (see _copy_value)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    upserts: dict[VariantKey, mesh_pb2.Placement]
+    deletes: list[VariantKey]
+    evictions: list[Eviction] = field(default_factory=list)
+
+
+def min_copies(spec: mesh_pb2.ModelSpec) -> int:
+    """Copies a variant keeps even under memory pressure: ``autoscaling.min_copies`` for
+    autoscaled variants, else 1 (copies beyond the first may be evicted for another variant's
+    first copy)."""
+    return int(spec.autoscaling.min_copies) if spec.HasField("autoscaling") else 1
+
+
+def plan_placements(
+    snapshot: Snapshot,
+    policy: RuleSource | None = None,
+    *,
+    desired: Mapping[VariantKey, int] | None = None,
+) -> Plan:
+    rules = policy or _Default()
+    deletes = [key for key in snapshot.placements if key not in snapshot.models]
+    table, sizes = _table(snapshot)
+    demand = _Demand(snapshot)
+    order = sorted(snapshot.models)
+    wants: dict[VariantKey, int] = {}
+    nodes_of: dict[VariantKey, list[str]] = {}
+    failed_of: dict[VariantKey, dict[str, str]] = {}
+    # Pass 1: keep what is alive and healthy, shed what is beyond the desired count.
+    for key in order:
+        spec = snapshot.models[key]
+        want = (desired or {}).get(key, max(1, spec.copies))
+        kept, failed = _kept(snapshot, table, key, spec, snapshot.placements.get(key), sizes[key])
+        if len(kept) > want:  # shed the least busy copies first
+            kept.sort(key=lambda n: -_busy(snapshot, n, key))
+            for node_id in kept[want:]:
+                table.unplace(table.index[node_id], sizes[key])
+            kept = kept[:want]
+        wants[key], nodes_of[key], failed_of[key] = want, kept, failed
+    # Pass 2: adopt copies nodes already hold (a node back from a network cut keeps serving what
+    # it loaded: no reload, nothing dropped), then top up through the pipeline; a variant below
+    # its minimum may evict cheaper copies.
+    evictions: list[Eviction] = []
+    for key in order:
+        spec = snapshot.models[key]
+        kept = nodes_of[key]
+        for node in snapshot.ready_nodes(key):
+            if len(kept) >= wants[key]:
+                break
+            node_id = node.node_id
+            row = table.index[node_id]
+            fits = table.memory[row] == 0 or table.memory[row] - table.used[row] >= sizes[key]
+            if (
+                fits
+                and node_id not in kept
+                and node_id not in failed_of[key]
+                and node_id not in snapshot.draining
+                and node.copies[key].sha256 == spec.sha256.lower()
+                and node.matches(spec.node_selector)
+            ):
+                kept.append(node_id)
+                table.place(row, sizes[key], new=False)
+        if len(kept) >= wants[key]:
+            continue
+        rule = rules.rule_for(spec)
+        candidate = _candidate(table, key, spec, rule, kept, failed_of[key], sizes[key], demand)
+        for row in choose(table, candidate, wants[key] - len(kept)):
+            kept.append(table.ids[row])
+            table.place(row, sizes[key], new=True)
+        if len(kept) < min(wants[key], min_copies(spec)) and sizes[key] > 0:
+            evictions += _evict_for(snapshot, table, sizes, nodes_of, candidate, rule)
+    upserts: dict[VariantKey, mesh_pb2.Placement] = {}
+    for key in order:
+        new = mesh_pb2.Placement(
+            model=key[0],
+            variant=key[1],
+            nodes=nodes_of[key],
+            failed=failed_of[key],
+            desired_copies=wants[key],
+        )
+        old = snapshot.placements.get(key)
+        if old is None or old != new:
+            upserts[key] = new
+    return Plan(upserts, deletes, evictions)
+
+
+def _copy_value(snapshot: Snapshot, key: VariantKey, node_id: str, size: int) -> float:
+    """What keeping a copy is worth: (1 + its live use) x its reload cost (measured load and
+    warm-up seconds) x its size. The cheapest copies are evicted first."""
+    node = snapshot.nodes.get(node_id)
+    status = node.copies.get(key) if node is not None else None
+    reload_s = (status.load_seconds + status.warmup_seconds) if status is not None else 1.0
+    return (1.0 + _busy(snapshot, node_id, key)) * (reload_s + 0.05) * max(size, 1)
+
+
+def _evict_for(
+    snapshot: Snapshot,
+    table: NodeTable,
+    sizes: Mapping[VariantKey, int],
+    nodes_of: dict[VariantKey, list[str]],
+    c: Candidate,
+    rule: Rule,
+) -> list[Eviction]:
+    """Make room for one copy of ``c`` by evicting the cheapest copies of variants that stay at
+    or above their minimum, on the best node where that frees enough memory."""
+    relaxed = dataclasses.replace(
+        rule, filters=tuple(f for f in rule.filters if f != "fits_memory")
+    )
+    c = dataclasses.replace(c, rule=relaxed, holders=table.rows(nodes_of[c.key]))
+    on_node: dict[str, list[VariantKey]] = {}
+    for key, nodes in nodes_of.items():
+        for node_id in nodes:
+            on_node.setdefault(node_id, []).append(key)
+    for row in choose(table, c, 16):
+        node_id = table.ids[row]
+        if table.memory[row] <= 0:
+            continue
+        missing = c.footprint - (table.memory[row] - table.used[row])
+        victims = sorted(
+            (_copy_value(snapshot, key, node_id, sizes[key]), key)
+            for key in on_node.get(node_id, [])
+            if key != c.key and len(nodes_of[key]) > min_copies(snapshot.models[key])
+        )
+        chosen: list[tuple[float, VariantKey]] = []
+        for value, key in victims:
+            if missing <= 0:
+                break
+            chosen.append((value, key))
+            missing -= sizes[key]
+        if missing > 0:
+            continue
+        out = []
+        for value, key in chosen:
+            nodes_of[key].remove(node_id)
+            table.unplace(row, sizes[key])
+            out.append(Eviction(key, node_id, c.key, value))
+        nodes_of[c.key].append(node_id)
+        table.place(row, c.footprint, new=True)
+        return out
+    return []
+
+
+def explain_variant(
+    snapshot: Snapshot, key: VariantKey, policy: RuleSource | None = None
+) -> tuple[Rule, int, list[str], list[Verdict]]:
+    """(rule, desired copies, placed nodes, every node's verdict) for ``key`` on the current
+    view: the placed nodes are holders; the verdicts are for placing the missing copies (or,
+    when none is missing, one more)."""
+    spec = snapshot.models[key]
+    rule = (policy or _Default()).rule_for(spec)
+    table, sizes = _table(snapshot)
+    placement = snapshot.placements.get(key)
+    placed = [n for n in (placement.nodes if placement else []) if n in table.index]
+    failed = dict(placement.failed) if placement else {}
+    want = placement.desired_copies if placement and placement.desired_copies else spec.copies
+    candidate = _candidate(table, key, spec, rule, placed, failed, sizes[key], _Demand(snapshot))
+    verdicts = explain(table, candidate, max(1, want - len(placed)))
+    return rule, max(1, want), placed, verdicts
+
+
+def _table(snapshot: Snapshot) -> tuple[NodeTable, dict[VariantKey, int]]:
+    in_flight = {n: float(sum(v.values())) for n, v in snapshot.in_flight.items()}
+    table = NodeTable.build(snapshot, draining=snapshot.draining, in_flight=in_flight)
+    sizes = _footprints(snapshot)
+    for key, placement in snapshot.placements.items():
+        for node_id in placement.nodes:
+            row = table.index.get(node_id)
+            if row is not None:
+                table.place(row, sizes.get(key, 0), new=False)
+    return table, sizes
+
+
+def _kept(
+    snapshot: Snapshot,
+    table: NodeTable,
+    key: VariantKey,
+    spec: mesh_pb2.ModelSpec,
+    old: mesh_pb2.Placement | None,
+    size: int,
+) -> tuple[list[str], dict[str, str]]:
+    failed = dict(old.failed) if old is not None else {}
+    kept: list[str] = []
+    for node_id in old.nodes if old is not None else []:
+        node = snapshot.nodes.get(node_id)
+        if node is None:
+            continue  # gone: its placement accounting was never added
+        status = node.copies.get(key)
+        if (
+            status is not None
+            and status.state == mesh_pb2.FAILED
+            and (not status.sha256 or status.sha256 == spec.sha256.lower())
+        ):
+            failed[node_id] = status.reason or "copy failed"
+            table.unplace(table.index[node_id], size)
+        elif node_id in snapshot.draining:
+            table.unplace(table.index[node_id], size)
+        else:
+            kept.append(node_id)
+    return kept, failed
+
+
+class _Demand:
+    """Where each variant's demand is, per domain label value; indexed once per label."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        self._by_label: dict[str, dict[VariantKey, dict[str, float]]] = {}
+
+    def domains(self, label: str, key: VariantKey) -> dict[str, float]:
+        if not label:
+            return {}
+        index = self._by_label.get(label)
+        if index is None:
+            index = self._by_label[label] = {}
+            for node_id, flights in self._snapshot.in_flight.items():
+                node = self._snapshot.nodes.get(node_id)
+                if node is None:
+                    continue
+                domain = node.labels.get(label, "")
+                for variant, count in flights.items():
+                    per = index.setdefault(variant, {})
+                    per[domain] = per.get(domain, 0.0) + count
+        return index.get(key, {})
+
+
+def _candidate(
+    table: NodeTable,
+    key: VariantKey,
+    spec: mesh_pb2.ModelSpec,
+    rule: Rule,
+    holders: list[str],
+    failed: Mapping[str, str],
+    footprint: int,
+    demand: _Demand,
+) -> Candidate:
+    return Candidate(
+        key=key,
+        spec=spec,
+        rule=rule,
+        footprint=float(footprint),
+        holders=table.rows(holders),
+        failed=table.rows(failed),
+        demand_domains=demand.domains(rule.spread_by, key),
+    )
+
+
+def _busy(snapshot: Snapshot, node_id: str, key: VariantKey) -> float:
+    return snapshot.in_flight.get(node_id, {}).get(key, 0.0)
+
+
+def _footprints(snapshot: Snapshot) -> dict[VariantKey, int]:
+    """Memory a copy of each variant takes: the larger of its declared ``size_bytes`` and the
+    resident memory nodes measured after loading it (real numbers win once known)."""
+    sizes = {key: int(spec.size_bytes) for key, spec in snapshot.models.items()}
+    for node in snapshot.nodes.values():
+        for key, status in node.copies.items():
+            if key in sizes and status.state == mesh_pb2.READY:
+                sizes[key] = max(sizes[key], int(status.memory_bytes))
+    return sizes
