@@ -240,6 +240,9 @@ def test_scale_to_zero_and_the_first_query_waits_for_a_warm_copy(tmp_path: Path)
         mesh.start_node("n1", [cp.address])
         model = make_mlp(tmp_path / "mlp.onnx")
         with AdminClient(cp.address) as admin:
+            # The node must be linked first: registered with no node, the variant has nowhere to
+            # go and (min_copies 0, no demand) rightly scales to zero before the first copy.
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="n1 linked")
             _register(
                 admin,
                 "lazy",
