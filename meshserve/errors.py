@@ -20,6 +20,7 @@ Catch the base class for any failure, or one subclass for one case::
         ...
 """
 
+from meshserve.client import MeshError
 from meshserve.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -31,7 +32,6 @@ from meshserve.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from meshserve.client import MeshError
 
 __all__ = [
     "DeadlineExceeded",
