@@ -1,4 +1,4 @@
-"""The placement-policy YAML file: its schema, its validation, and its resolution to rules.
+"""The placement-policy YAML file: its validation and its resolution to rules.
 
 Contract:
 
@@ -11,39 +11,41 @@ Contract:
   :meth:`Policy.rule_for` only matches (first match wins) and is cached per
   (model name, node selector).
 * Resolution: fields left unset in ``default`` fall back to :data:`DEFAULT_RULE`; fields
-  left unset in a rule fall back to the resolved default. A rule's ``scores`` map replaces
-  the default's map as a whole; every other field overrides one value.
+  left unset in a rule fall back to the resolved default. A rule's ``scores`` map and its
+  ``eviction`` step (plugin and parameters) replace the default's as a whole; every other
+  field overrides one value.
 * :data:`DEFAULT_POLICY` is the empty policy named ``built-in`` (its default is
   :data:`DEFAULT_RULE`'s behaviour).
-* :func:`policy_json_schema` is the JSON schema of the file (``docs/policy-schema.json``,
-  written by :func:`write_schema`), for editors.
+* The file's schema (pydantic models, :func:`policy_json_schema`, :func:`write_schema`) lives
+  in :mod:`meshserve.common.policy.spec` and is re-exported here.
 
 Importing this module has no side effects.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import Annotated, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-    model_validator,
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from meshserve.common.policy.eviction import EVICTIONS
+from meshserve.common.policy.rule import DEFAULT_RULE, FILTERS, Rule
+from meshserve.common.policy.spec import (
+    SCHEMA_ID,
+    MatchRuleSpec,
+    MonitoringSpec,
+    PolicySpec,
+    RuleSpec,
+    WebhookSpec,
+    policy_json_schema,
+    write_schema,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
 
-from meshserve.common.policy.rule import DEFAULT_RULE, FILTERS, SCORES, Rule
-
+# The schema's names are re-exported: this module is where users import the policy file from.
 __all__ = [
     "DEFAULT_POLICY",
     "MAX_POLICY_BYTES",
@@ -68,7 +70,6 @@ _MAX_EXPANDED_NODES: Final = 100_000
 _MAX_DEPTH: Final = 32
 # Resolved-rule cache entries per policy before it is dropped and refilled.
 _CACHE_LIMIT: Final = 65_536
-SCHEMA_ID: Final = "https://meshserve.dev/schemas/policy-schema.json"
 
 
 class PolicyError(ValueError):
@@ -78,182 +79,6 @@ class PolicyError(ValueError):
         self.reason = reason
         self.line = line
         super().__init__(f"line {line}: {reason}" if line is not None else reason)
-
-
-# --------------------------------------------------------------------------- the file schema
-
-
-def _check_filter(name: str) -> str:
-    if name not in FILTERS:
-        raise PydanticCustomError(
-            "unknown_filter",
-            "unknown filter plugin {name}; known: {known}",
-            {"name": repr(name), "known": ", ".join(FILTERS)},
-        )
-    return name
-
-
-def _check_score(name: str) -> str:
-    if name not in SCORES:
-        raise PydanticCustomError(
-            "unknown_score",
-            "unknown score plugin {name}; known: {known}",
-            {"name": repr(name), "known": ", ".join(SCORES)},
-        )
-    return name
-
-
-FilterName = Annotated[
-    str,
-    AfterValidator(_check_filter),
-    WithJsonSchema({"type": "string", "enum": list(FILTERS)}),
-]
-ScoreName = Annotated[
-    str,
-    AfterValidator(_check_score),
-    WithJsonSchema({"type": "string", "enum": list(SCORES)}),
-]
-Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Labels = dict[str, str]
-
-
-class RuleSpec(BaseModel):
-    """Placement settings; every field is optional and unset means "inherit"."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    filters: list[FilterName] | None = Field(
-        default=None,
-        description="Filter plugins to run (always in their built-in order). "
-        f"Default: all of {', '.join(FILTERS)}.",
-    )
-    scores: dict[ScoreName, Weight] | None = Field(
-        default=None,
-        description="Score plugin -> weight (>= 0; absent = off). In a rule, replaces the "
-        "default's map entirely.",
-    )
-    spread_by: str | None = Field(
-        default=None,
-        description="Node label that defines a topology domain (spread, demand_locality); "
-        '"" disables both.',
-    )
-    prefer_labels: Labels | None = Field(
-        default=None, description="Node labels the affinity score favours."
-    )
-    avoid_labels: Labels | None = Field(
-        default=None, description="Node labels the anti_affinity filter rejects."
-    )
-    max_loads_per_node: int | None = Field(
-        default=None, ge=1, description="New copies a node is given per scheduling pass."
-    )
-
-
-class MatchRuleSpec(RuleSpec):
-    """A rule: which models it applies to, and the settings it overrides."""
-
-    models: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        default=None,
-        min_length=1,
-        description="fnmatch globs on the model name (case-sensitive); any may match.",
-    )
-    selector: Labels | None = Field(
-        default=None,
-        min_length=1,
-        description="Matches models whose node_selector contains all of these pairs.",
-    )
-
-    @model_validator(mode="after")
-    def _needs_a_match(self) -> MatchRuleSpec:
-        if self.models is None and self.selector is None:
-            raise PydanticCustomError(
-                "rule_matches_nothing", "a rule needs 'models', 'selector' or both"
-            )
-        return self
-
-    def matches(self, name: str, selector: Mapping[str, str]) -> bool:
-        if self.models is not None and not any(fnmatchcase(name, g) for g in self.models):
-            return False
-        if self.selector is not None:
-            return all(selector.get(k) == v for k, v in self.selector.items())
-        return True
-
-
-class WebhookSpec(BaseModel):
-    """Where drift and accuracy events are POSTed (JSON), e.g. to trigger retraining."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    url: str = Field(pattern=r"^https?://", description="http(s) URL the event is POSTed to.")
-    kinds: list[str] = Field(
-        default=["drift", "accuracy"], description="Event kinds sent to the webhook."
-    )
-    max_retries: int = Field(default=3, ge=0, le=10, description="Retries of a failed POST.")
-    min_interval_s: float = Field(
-        default=60.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="At most one call per (kind, model, variant) this often; more are dropped.",
-    )
-    timeout_s: float = Field(default=5.0, gt=0, le=60, allow_inf_nan=False)
-
-
-class MonitoringSpec(BaseModel):
-    """Drift and accuracy alarms (events, metrics, webhook)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    drift_psi_threshold: float = Field(
-        default=0.25,
-        gt=0,
-        allow_inf_nan=False,
-        description="A sketch window drifts when a feature's or the output's PSI exceeds this.",
-    )
-    drift_windows: int = Field(
-        default=2, ge=1, le=100, description="Consecutive drifting windows that raise an event."
-    )
-    capture_windows: int = Field(
-        default=3,
-        ge=1,
-        le=100,
-        description="Windows that make the output reference of a variant registered without one.",
-    )
-    min_accuracy: float | None = Field(
-        default=None, ge=0, le=1, description="Live accuracy below this raises an event."
-    )
-    min_feedback: int = Field(
-        default=50, ge=1, description="Labelled answers needed before accuracy is judged."
-    )
-    webhook: WebhookSpec | None = None
-
-
-class PolicySpec(BaseModel):
-    """A placement-policy file."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        frozen=True,
-        title="meshserve placement policy",
-        json_schema_extra={"$id": SCHEMA_ID},
-    )
-
-    name: str = Field(
-        pattern=r"^[A-Za-z0-9._-]{1,63}$",
-        description="Policy name: 1-63 characters from [A-Za-z0-9._-].",
-    )
-    description: str | None = Field(default=None, description="Free text for humans.")
-    default: RuleSpec | None = Field(
-        default=None,
-        description="Settings for models no rule matches; unset fields use the built-in ones.",
-    )
-    rules: list[MatchRuleSpec] | None = Field(
-        default=None,
-        description="Checked in order; the first matching rule wins. Unset fields inherit "
-        "from default.",
-    )
-    monitoring: MonitoringSpec = Field(
-        default_factory=MonitoringSpec, description="Drift and accuracy alarms."
-    )
 
 
 # --------------------------------------------------------------------------- resolution
@@ -283,6 +108,7 @@ def _resolve(spec: RuleSpec, base: Rule, name: str) -> Rule:
         max_loads_per_node=(
             base.max_loads_per_node if spec.max_loads_per_node is None else spec.max_loads_per_node
         ),
+        eviction=base.eviction if spec.eviction is None else spec.eviction,
     )
 
 
@@ -441,18 +267,36 @@ def _locate(root: yaml.Node, loc: tuple[int | str, ...], key_wanted: bool) -> tu
 def _message(err: ErrorDetails) -> str:
     kind = err["type"]
     loc = err["loc"]
+    if kind == "extra_forbidden" and len(loc) >= 3 and loc[-3] == "eviction":
+        return f"unknown parameter {str(loc[-1])!r} of eviction plugin {loc[-2]!r}"
     if kind == "extra_forbidden":
         return f"unknown field {str(loc[-1])!r}" if loc else "unknown field"
     if kind == "missing":
         return "required field is missing"
+    if kind == "union_tag_invalid":  # the only tagged union is the eviction step
+        tag = (err.get("ctx") or {}).get("tag", "")
+        return f"unknown eviction plugin {tag!r}; known: {', '.join(EVICTIONS)}"
+    if kind == "union_tag_not_found":
+        return f"the eviction step needs 'plugin': one of {', '.join(EVICTIONS)}"
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
+
+
+def _untag(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """``loc`` without the plugin tag pydantic adds after ``eviction`` (not a key of the file)."""
+    return tuple(
+        step
+        for i, step in enumerate(loc)
+        if not (i > 0 and loc[i - 1] == "eviction" and step in EVICTIONS)
+    )
 
 
 def _error(root: yaml.Node, exc: ValidationError) -> PolicyError:
     errors = exc.errors(include_url=False)
     first = errors[0]
-    loc = tuple(first["loc"])
+    loc = _untag(tuple(first["loc"]))
+    if first["type"] == "union_tag_invalid":
+        loc += ("plugin",)  # point at the name, not at the mapping holding it
     line, path = _locate(root, loc, key_wanted=first["type"] in {"extra_forbidden", "missing"})
     reason = f"{path}: {_message(first)}" if path else _message(first)
     if len(errors) > 1:
@@ -478,20 +322,3 @@ def parse_policy(text: str) -> Policy:
     except ValidationError as exc:
         raise _error(root, exc) from None
     return Policy(spec=spec, source_yaml=text)
-
-
-# --------------------------------------------------------------------------- JSON schema
-
-
-def policy_json_schema() -> dict[str, Any]:
-    """The JSON schema (draft 2020-12) of a policy file."""
-    schema = PolicySpec.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = SCHEMA_ID
-    schema["title"] = "meshserve placement policy"
-    return schema
-
-
-def write_schema(path: Path) -> None:
-    """Write :func:`policy_json_schema` to ``path``: 2-space indent, sorted keys, final newline."""
-    path.write_text(json.dumps(policy_json_schema(), indent=2, sort_keys=True) + "\n")

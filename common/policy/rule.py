@@ -2,7 +2,8 @@
 
 A :class:`Rule` is plain immutable data. The YAML policy (:mod:`meshserve.common.policy.config`)
 resolves to one per variant; the pipeline
-(:mod:`meshserve.controlplane.placement.policies.pipeline`) runs it.
+(:mod:`meshserve.controlplane.placement.policies.pipeline`) runs its filters and scores, and the
+scheduler its eviction step (:mod:`meshserve.common.policy.eviction`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["DEFAULT_RULE", "FILTERS", "SCORES", "Rule"]
+from meshserve.common.policy.eviction import (
+    DEFAULT_EVICTION,
+    EVICTIONS,
+    CheapestReloadParams,
+    EvictionParams,
+    NeverEvictParams,
+)
+
+__all__ = ["DEFAULT_RULE", "EVICTIONS", "FILTERS", "SCORES", "Rule"]
 
 # Filter plugins, in the order they run (the first that rejects a node names the reason).
 FILTERS: tuple[str, ...] = (
@@ -45,7 +54,8 @@ class Rule:
     ``weights``: score plugin name -> weight >= 0 (missing = 0, i.e. off).
     ``spread_by``: the node label that defines a failure/topology domain (``spread``,
     ``demand_locality``); empty disables both. ``prefer_labels`` feed ``affinity``;
-    ``avoid_labels`` feed ``anti_affinity``. ``name`` says where the rule came from (explain).
+    ``avoid_labels`` feed ``anti_affinity``. ``eviction``: the eviction plugin (one of
+    :data:`EVICTIONS`) with its parameters. ``name`` says where the rule came from (explain).
     """
 
     name: str = "built-in default"
@@ -57,6 +67,7 @@ class Rule:
     prefer_labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     avoid_labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_loads_per_node: int = 2  # new copies a node is given per scheduling pass (rate limit)
+    eviction: EvictionParams = DEFAULT_EVICTION
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.filters if f not in FILTERS]
@@ -70,6 +81,8 @@ class Rule:
             raise ValueError(f"score weights must be >= 0: {negative}")
         if self.max_loads_per_node < 1:
             raise ValueError("max_loads_per_node must be >= 1")
+        if not isinstance(self.eviction, CheapestReloadParams | NeverEvictParams):
+            raise ValueError(f"unknown eviction plugin {self.eviction!r}; known: {list(EVICTIONS)}")
         object.__setattr__(self, "weights", _frozen(self.weights))
         object.__setattr__(self, "prefer_labels", _frozen(self.prefer_labels))
         object.__setattr__(self, "avoid_labels", _frozen(self.avoid_labels))

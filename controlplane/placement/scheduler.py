@@ -14,10 +14,15 @@ acts on them. Per variant, in key order:
    rule the policy gives the variant (filters: not draining, not failed, node_selector,
    execution providers, anti-affinity, fits memory; weighted scores), at most
    ``max_loads_per_node`` new copies per node per pass;
-6. a variant still below its minimum (:func:`min_copies`) only for lack of memory evicts, on the
-   best node where that frees enough, the cheapest copies (:func:`_copy_value`: use x reload
-   cost x size) of variants that stay at or above their own minimum. Evicting only for a
-   minimum, never below one, means two variants can never evict each other back and forth.
+6. a variant still below its minimum (:func:`min_copies`) only for lack of memory may evict
+   copies of variants that stay at or above their own minimum. *Where*: the nodes the rule's
+   pipeline ranks best (its filters but ``fits_memory``, its scores), best first. *What*: the
+   rule's eviction plugin (``rule.eviction``, built by
+   :func:`~meshserve.controlplane.placement.policies.pipeline.eviction_step`; the built-in
+   ``cheapest_reload`` takes the copies cheapest to lose: use x reload cost x size) is asked,
+   node by node, which of the node's evictable copies to take off; the first node where its
+   answer frees enough memory gets the copy. Evicting only for a minimum, never below one,
+   means two variants can never evict each other back and forth.
 
 The desired count is ``copies`` (at least 1), or the autoscaler's decision for variants with
 ``autoscaling`` (see :mod:`meshserve.controlplane.placement.autoscale`), passed in as ``desired``.
@@ -34,7 +39,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshserve.common.policy.rule import DEFAULT_RULE, Rule
-from meshserve.controlplane.placement.policies.pipeline import Verdict, choose, explain
+from meshserve.controlplane.placement.policies.pipeline import (
+    Verdict,
+    choose,
+    eviction_step,
+    explain,
+)
+from meshserve.controlplane.placement.policies.plugins import Resident, Shortfall, Victim
 from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
@@ -56,7 +67,7 @@ class Eviction:
     key: VariantKey  # the variant whose copy goes
     node_id: str
     for_key: VariantKey  # the variant that needed the room
-    value: float  # what the evicted copy was worth (see _copy_value)
+    value: float  # what the evicted copy was worth, as the eviction plugin values copies
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +156,8 @@ def plan_placements(
     return Plan(upserts, deletes, evictions)
 
 
-def _copy_value(snapshot: Snapshot, key: VariantKey, node_id: str, size: int) -> float:
-    """What keeping a copy is worth: (1 + its live use) x its reload cost (measured load and
-    warm-up seconds) x its size. The cheapest copies are evicted first."""
-    node = snapshot.nodes.get(node_id)
-    status = node.copies.get(key) if node is not None else None
-    reload_s = (status.load_seconds + status.warmup_seconds) if status is not None else 1.0
-    return (1.0 + _busy(snapshot, node_id, key)) * (reload_s + 0.05) * max(size, 1)
+# Nodes the eviction step is asked about, best-ranked first, before the variant stays short.
+_EVICTION_NODES = 16
 
 
 def _evict_for(
@@ -162,8 +168,9 @@ def _evict_for(
     c: Candidate,
     rule: Rule,
 ) -> list[Eviction]:
-    """Make room for one copy of ``c`` by evicting the cheapest copies of variants that stay at
-    or above their minimum, on the best node where that frees enough memory."""
+    """Make room for one copy of ``c``: ask the rule's eviction plugin, on the best-ranked
+    nodes first, which copies of variants that stay at or above their minimum to evict."""
+    step = eviction_step(rule.eviction)
     relaxed = dataclasses.replace(
         rule, filters=tuple(f for f in rule.filters if f != "fits_memory")
     )
@@ -172,33 +179,41 @@ def _evict_for(
     for key, nodes in nodes_of.items():
         for node_id in nodes:
             on_node.setdefault(node_id, []).append(key)
-    for row in choose(table, c, 16):
+    for row in choose(table, c, _EVICTION_NODES):
         node_id = table.ids[row]
         if table.memory[row] <= 0:
             continue
         missing = c.footprint - (table.memory[row] - table.used[row])
-        victims = sorted(
-            (_copy_value(snapshot, key, node_id, sizes[key]), key)
-            for key in on_node.get(node_id, [])
-            if key != c.key and len(nodes_of[key]) > min_copies(snapshot.models[key])
-        )
-        chosen: list[tuple[float, VariantKey]] = []
-        for value, key in victims:
-            if missing <= 0:
-                break
-            chosen.append((value, key))
-            missing -= sizes[key]
+        victims: tuple[Victim, ...] = ()
         if missing > 0:
-            continue
+            residents = tuple(
+                Resident(key, float(sizes[key]))
+                for key in sorted(on_node.get(node_id, []))
+                if key != c.key and len(nodes_of[key]) > min_copies(snapshot.models[key])
+            )
+            if sum(r.footprint for r in residents) < missing:
+                continue  # no answer could free enough here
+            victims = step.victims(Shortfall(snapshot, table, c, row, missing, residents))
+            if not _frees(victims, residents, missing):
+                continue
         out = []
-        for value, key in chosen:
-            nodes_of[key].remove(node_id)
-            table.unplace(row, sizes[key])
-            out.append(Eviction(key, node_id, c.key, value))
+        for victim in victims:
+            nodes_of[victim.key].remove(node_id)
+            table.unplace(row, sizes[victim.key])
+            out.append(Eviction(victim.key, node_id, c.key, victim.value))
         nodes_of[c.key].append(node_id)
         table.place(row, c.footprint, new=True)
         return out
     return []
+
+
+def _frees(victims: tuple[Victim, ...], residents: tuple[Resident, ...], missing: float) -> bool:
+    """The plugin's answer names distinct residents that free at least ``missing`` bytes."""
+    sizes = {r.key: r.footprint for r in residents}
+    keys = [v.key for v in victims]
+    if not keys or len(set(keys)) < len(keys) or any(k not in sizes for k in keys):
+        return False
+    return sum(sizes[k] for k in keys) >= missing
 
 
 def explain_variant(

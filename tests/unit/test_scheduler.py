@@ -6,7 +6,9 @@ from types import MappingProxyType
 
 import pytest
 
-from meshserve.controlplane.placement.scheduler import plan_placements
+from meshserve.common.policy.config import parse_policy
+from meshserve.controlplane.placement.policies.plugins import Resident, Victim
+from meshserve.controlplane.placement.scheduler import _frees, plan_placements
 from meshserve.controlplane.snapshot import NodeView, Snapshot
 from meshserve.protos import mesh_pb2
 from tests.support.views import GiB, node
@@ -225,3 +227,92 @@ def test_a_copy_a_node_already_holds_is_adopted_not_reloaded_elsewhere() -> None
         nodes=MappingProxyType({"back": back, "other": other}),
     )
     assert list(plan_placements(snapshot).upserts[("m", "default")].nodes) == ["back"]
+
+
+# -- the eviction step as the policy selects it ------------------------------------------------
+
+
+def tight_mesh(tight_gib: float, spares: tuple[str, ...]) -> Snapshot:
+    """A pinned 2 GiB variant that only fits on ``tight``, which holds one 1 GiB copy of each
+    spare variant (each with a second copy on ``roomy``, so each may lose one)."""
+    tight = node("tight", memory=int(tight_gib * GiB), labels={"pin": "yes"})
+    roomy = node("roomy", memory=8 * GiB)
+    models = {(s, "default"): model(s, copies=2, size=GiB) for s in spares}
+    models[("pinned", "default")] = model("pinned", size=2 * GiB, selector={"pin": "yes"})
+    placements = {
+        (s, "default"): mesh_pb2.Placement(
+            model=s, variant="default", nodes=["tight", "roomy"], desired_copies=2
+        )
+        for s in spares
+    }
+    return Snapshot(
+        models=MappingProxyType(models),
+        placements=MappingProxyType(placements),
+        nodes=MappingProxyType({"tight": tight, "roomy": roomy}),
+    )
+
+
+def test_the_eviction_reports_what_the_built_in_plugin_valued_the_copy_at() -> None:
+    [ev] = plan_placements(tight_mesh(2.5, ("spare",))).evictions
+    # No status for the copy on the node (reload 1 s assumed), idle: (1 + 0) x (1 + 0.05) x size.
+    assert (ev.key, ev.node_id) == (("spare", "default"), "tight")
+    assert ev.value == pytest.approx(1.05 * GiB)
+
+
+def test_a_policy_selecting_never_keeps_every_copy_and_leaves_the_variant_short() -> None:
+    policy = parse_policy("name: p\ndefault:\n  eviction: {plugin: never}\n")
+    plan = plan_placements(tight_mesh(2.5, ("spare",)), policy)
+    assert plan.evictions == []
+    assert list(plan.upserts[("pinned", "default")].nodes) == []
+    assert ("spare", "default") not in plan.upserts, "spare keeps both copies"
+
+
+def test_the_eviction_plugin_is_the_one_of_the_rule_matching_the_short_variant() -> None:
+    policy = parse_policy(
+        "name: p\ndefault:\n  eviction: {plugin: never}\n"
+        "rules:\n  - models: [pinned]\n    eviction: {plugin: cheapest_reload}\n"
+    )
+    [ev] = plan_placements(tight_mesh(2.5, ("spare",)), policy).evictions
+    assert (ev.key, ev.for_key) == (("spare", "default"), ("pinned", "default"))
+
+
+@pytest.mark.parametrize(
+    ("max_victims", "evicted"),
+    [
+        ("", [("a", "tight"), ("b", "tight")]),
+        ("max_victims: 2", [("a", "tight"), ("b", "tight")]),
+        ("max_victims: 1", []),
+    ],
+    ids=["no bound: both 1 GiB copies go", "a bound of 2 allows both", "a bound of 1: none go"],
+)
+def test_max_victims_bounds_the_copies_one_placement_takes_off_a_node(
+    max_victims: str, evicted: list[tuple[str, str]]
+) -> None:
+    # 2.5 GiB with 2 GiB placed: 0.5 GiB free, so the 2 GiB copy needs both 1 GiB copies gone.
+    policy = parse_policy(
+        f"name: p\ndefault:\n  eviction: {{plugin: cheapest_reload, {max_victims}}}\n"
+    )
+    plan = plan_placements(tight_mesh(2.5, ("a", "b")), policy)
+    assert [(ev.key[0], ev.node_id) for ev in plan.evictions] == evicted
+    assert list(plan.upserts[("pinned", "default")].nodes) == (["tight"] if evicted else [])
+
+
+A, B = ("a", "default"), ("b", "default")
+RESIDENTS = (Resident(A, 1.0), Resident(B, 2.0))
+ANSWERS = [
+    ("one resident that frees enough", (Victim(A, 0.0),), 1.0, True),
+    ("two residents that free enough together", (Victim(A, 0.0), Victim(B, 0.0)), 3.0, True),
+    ("no answer", (), 1.0, False),
+    ("too little freed", (Victim(A, 0.0),), 1.5, False),
+    ("a copy that is not a resident", (Victim(("c", "default"), 0.0),), 0.5, False),
+    ("the same copy twice", (Victim(B, 0.0), Victim(B, 0.0)), 3.0, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("victims", "missing", "applied"), [a[1:] for a in ANSWERS], ids=[a[0] for a in ANSWERS]
+)
+def test_an_eviction_answer_is_applied_only_if_it_frees_enough_with_residents(
+    victims: tuple[Victim, ...], missing: float, applied: bool
+) -> None:
+    assert _frees(victims, RESIDENTS, missing) is applied

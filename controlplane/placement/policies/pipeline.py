@@ -7,26 +7,34 @@ Contract:
   the lower row (node-id order), so a decision is deterministic for a given table.
 - :func:`explain` gives the same decision with its reasons: for every node, the first filter that
   rejected it (and why), or its total and per-plugin scores, and whether it was selected.
+- :func:`eviction_step` gives the eviction plugin a rule names (``rule.eviction``), built from
+  its parameters; the scheduler asks it which copies to evict when a variant is short of its
+  minimum for lack of memory.
 - Cost: each filter is one vectorised pass over the table; scores run on the feasible rows
   only; selection is a partial sort (O(n + k log k)).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from meshserve.common.policy.rule import FILTERS, SCORES
-from meshserve.controlplane.placement.policies.plugins import Filter, Score
+from meshserve.common.policy.eviction import EvictionParams
+from meshserve.common.policy.rule import EVICTIONS, FILTERS, SCORES
+from meshserve.controlplane.placement.policies.plugins import Evict, Filter, Score
 from meshserve.controlplane.placement.policies.plugins.affinity import Affinity
 from meshserve.controlplane.placement.policies.plugins.anti_affinity import AntiAffinity
 from meshserve.controlplane.placement.policies.plugins.bin_packing import BinPacking
+from meshserve.controlplane.placement.policies.plugins.cheapest_reload import CheapestReload
 from meshserve.controlplane.placement.policies.plugins.demand_locality import DemandLocality
 from meshserve.controlplane.placement.policies.plugins.fits_memory import FitsMemory
 from meshserve.controlplane.placement.policies.plugins.least_loaded import LeastLoaded
 from meshserve.controlplane.placement.policies.plugins.load_cost import LoadCost
+from meshserve.controlplane.placement.policies.plugins.never_evict import NeverEvict
 from meshserve.controlplane.placement.policies.plugins.not_draining import NotDraining
 from meshserve.controlplane.placement.policies.plugins.not_failed import NotFailed
 from meshserve.controlplane.placement.policies.plugins.providers import Providers
@@ -34,7 +42,16 @@ from meshserve.controlplane.placement.policies.plugins.selector import Selector
 from meshserve.controlplane.placement.policies.plugins.spread import Spread
 from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
 
-__all__ = ["FILTER_PLUGINS", "SCORE_PLUGINS", "Verdict", "choose", "explain", "feasible"]
+__all__ = [
+    "EVICTION_PLUGINS",
+    "FILTER_PLUGINS",
+    "SCORE_PLUGINS",
+    "Verdict",
+    "choose",
+    "eviction_step",
+    "explain",
+    "feasible",
+]
 
 FILTER_PLUGINS: dict[str, Filter] = {
     p.name: p
@@ -44,7 +61,13 @@ SCORE_PLUGINS: dict[str, Score] = {
     p.name: p
     for p in (LeastLoaded(), BinPacking(), Spread(), Affinity(), DemandLocality(), LoadCost())
 }
+# Eviction plugins are built per rule from their parameter model (name -> factory).
+EVICTION_PLUGINS: dict[str, Callable[[Any], Evict]] = {
+    CheapestReload.name: CheapestReload,
+    NeverEvict.name: NeverEvict,
+}
 assert tuple(FILTER_PLUGINS) == FILTERS and set(SCORE_PLUGINS) == set(SCORES)
+assert tuple(EVICTION_PLUGINS) == EVICTIONS
 
 RATE_LIMIT = "rate_limit"  # pseudo-filter name in explanations
 
@@ -58,6 +81,11 @@ class Verdict:
     score: float = 0.0
     scores: dict[str, float] = field(default_factory=dict)
     selected: bool = False
+
+
+def eviction_step(params: EvictionParams) -> Evict:
+    """The eviction plugin ``params`` names (a rule's ``eviction``), built from them."""
+    return EVICTION_PLUGINS[params.plugin](params)
 
 
 def _filters(c: Candidate) -> list[Filter]:

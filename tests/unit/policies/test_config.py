@@ -18,7 +18,7 @@ from meshserve.common.policy.config import (
     parse_policy,
     policy_json_schema,
 )
-from meshserve.common.policy.rule import DEFAULT_RULE, FILTERS, SCORES, Rule
+from meshserve.common.policy.rule import DEFAULT_RULE, EVICTIONS, FILTERS, SCORES, Rule
 from meshserve.protos import mesh_pb2
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -385,7 +385,7 @@ def test_json_schema_lists_the_plugins() -> None:
     assert schema["additionalProperties"] is False
     assert schema["required"] == ["name"]
     text = json.dumps(schema)
-    assert all(name in text for name in (*FILTERS, *SCORES))
+    assert all(name in text for name in (*FILTERS, *SCORES, *EVICTIONS))
 
 
 def test_policy_type() -> None:
