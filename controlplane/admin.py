@@ -25,7 +25,12 @@ from meshserve.common.errors import (
 from meshserve.common.policy.config import Policy, PolicyError, parse_policy
 from meshserve.common.sketches import MAX_CLASSES, MAX_FEATURES
 from meshserve.controlplane import keys
-from meshserve.controlplane.dataplane.gateway import Gateway
+from meshserve.controlplane.dataplane.resolve import (
+    LiveLoad,
+    alias_state,
+    explain_switching,
+    serving_version,
+)
 from meshserve.controlplane.dataplane.rollout import DEFAULT_ALIAS, plan_rollback, plan_rollout
 from meshserve.controlplane.etcd._client import get, get_prefix
 from meshserve.controlplane.link.hub import Hub
@@ -143,7 +148,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         hub: Hub,
         policy: Callable[[], Policy],
         events: EventLog,
-        gateway: Gateway,
+        live_load: Callable[[str], LiveLoad],
         health: ModelHealth,
     ) -> None:
         self._etcd = etcd
@@ -151,7 +156,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self._hub = hub
         self._policy = policy
         self._events = events
-        self._gateway = gateway
+        self._live_load = live_load  # the gateway's live measurements of a model's copies
         self._health = health
 
     async def RegisterModel(
@@ -320,7 +325,18 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         for name, value in (("slo_ms", request.slo_ms), ("min_accuracy", request.min_accuracy)):
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
-        return self._gateway.explain_switching(request.model, request.slo_ms, request.min_accuracy)
+        return explain_switching(
+            self._snapshot(),
+            request.model,
+            request.slo_ms,
+            request.min_accuracy,
+            linked=self._hub.sessions,
+            live=self._live_load(request.model),
+        )
+
+    def _alias_status(self, model: str, alias: mesh_pb2.Alias) -> mesh_pb2.AliasStatus:
+        """What ``alias`` serves now on this replica's view (as its gateway routes)."""
+        return alias_state(self._snapshot(), model, alias, self._hub.sessions)
 
     async def Feedback(
         self, request: mesh_pb2.FeedbackRequest, context: ServicerContext
@@ -458,9 +474,13 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
 
         def plan(current: mesh_pb2.Alias | None, registered: list[str]) -> mesh_pb2.Alias:
             if current is not None:  # what answers now keeps answering while VERSION warms
-                serving = self._gateway.alias_status(model, current).serving
+                serving = self._alias_status(model, current).serving
             else:  # a new `live` alias takes over the queries that name no version
-                serving = self._gateway.serving_version(model) if alias == DEFAULT_ALIAS else ""
+                serving = (
+                    serving_version(self._snapshot(), model, "", self._hub.sessions)
+                    if alias == DEFAULT_ALIAS
+                    else ""
+                )
             return plan_rollout(
                 current,
                 model=model,
@@ -482,7 +502,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
                 if new.previous_version:
                     text += f"; {new.previous_version} serves until {version} is warm"
             self._events.record("rollout", model=model, variant=version, message=text)
-        return mesh_pb2.RolloutResponse(status=self._gateway.alias_status(model, new))
+        return mesh_pb2.RolloutResponse(status=self._alias_status(model, new))
 
     async def Rollback(
         self, request: mesh_pb2.RollbackRequest, context: ServicerContext
@@ -505,7 +525,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         else:
             text = f"{alias} -> {new.version} (rolled back from {old.version})"
         self._events.record("rollback", model=model, variant=new.version, message=text)
-        return mesh_pb2.RollbackResponse(status=self._gateway.alias_status(model, new))
+        return mesh_pb2.RollbackResponse(status=self._alias_status(model, new))
 
     async def ListAliases(
         self, request: mesh_pb2.ListAliasesRequest, context: ServicerContext
@@ -516,5 +536,5 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         if not aliases and not self._snapshot().variants(request.model):
             raise NotFound(f"unknown model {request.model!r}")
         return mesh_pb2.ListAliasesResponse(
-            aliases=[self._gateway.alias_status(request.model, a) for a in aliases]
+            aliases=[self._alias_status(request.model, a) for a in aliases]
         )

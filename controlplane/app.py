@@ -310,8 +310,7 @@ class ControlPlane:
                 self._check_accuracy()
                 if self.gateway is not None:
                     known = partial(_node_known, self.snapshot().nodes)
-                    self.gateway.balancer.forget(known)
-                    self.gateway.calibration.forget(known)  # type: ignore[arg-type]
+                    self.gateway.forget(known)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -396,7 +395,7 @@ class ControlPlane:
                         hub=self.hub,
                         policy=self.policy,
                         events=self.events,
-                        gateway=self.gateway,
+                        live_load=self.gateway.live_load,
                         health=self.health,
                     )
                 )

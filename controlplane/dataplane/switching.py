@@ -9,11 +9,13 @@ Contract:
   A profile is measured on an idle node; under load the same run takes longer (cores shared
   with other copies, the gateway, clients). :class:`Calibration` learns, per copy, the ratio of
   observed latency to the profile's prediction at dispatch, and predictions are scaled by it.
-- :meth:`Switcher.choose` returns, among variants that reach ``min_accuracy``, the most accurate
+- :func:`choose_variant` returns, among variants that reach ``min_accuracy``, the most accurate
   whose best ready copy is predicted within ``safety`` x the budget (the prediction is a median;
   the margin covers the tail); if none fits, the fastest (an SLO miss).
   Hysteresis: after stepping down, a model steps back up to a more accurate variant only when
-  that variant is predicted within ``headroom`` x budget, so choices do not flap at the edge.
+  that variant is predicted within ``headroom`` x budget, so choices do not flap at the edge;
+  :class:`Switcher` keeps each model's level (the accuracy last chosen under a budget) between
+  queries, the one piece of state here.
   With no budget: the most accurate ready variant. No variant can ever meet ``min_accuracy`` ->
   :class:`~meshserve.common.errors.FailedPrecondition` naming the best accuracy on offer.
 - Cost: O(ready copies of the model); microseconds for a handful of variants.
@@ -30,7 +32,18 @@ from dataclasses import dataclass
 from meshserve.common.errors import FailedPrecondition
 from meshserve.protos import mesh_pb2
 
-__all__ = ["Calibration", "Choice", "CopyLoad", "Switcher", "VariantOption", "predict_seconds"]
+__all__ = [
+    "HEADROOM",
+    "SAFETY",
+    "TRANSPORT_S",
+    "Calibration",
+    "Choice",
+    "CopyLoad",
+    "Switcher",
+    "VariantOption",
+    "choose_variant",
+    "predict_seconds",
+]
 
 TRANSPORT_S = 0.0015  # gateway + node hops beyond compute (measured p50 here: ~1.6 ms)
 
@@ -130,14 +143,72 @@ class Calibration:
             del self._ratio[key]
 
 
+SAFETY = 0.45  # a prediction (a median) must fit within this share of the budget
+HEADROOM = 0.8  # stepping back up needs the prediction within this share of that again
+
+
+def choose_variant(
+    model: str,
+    options: Sequence[VariantOption],
+    slo_s: float | None,
+    min_accuracy: float | None = None,
+    *,
+    level: float | None = None,
+    safety: float = SAFETY,
+    headroom: float = HEADROOM,
+    transport_s: float = TRANSPORT_S,
+) -> Choice:
+    """The variant a query to ``model`` gets (the contract above). ``level``: the accuracy of
+    the variant last chosen for the model (hysteresis; None: none yet)."""
+    if not options:
+        raise ValueError("no variants")
+    floor = min_accuracy or 0.0
+    eligible = [o for o in options if o.spec.accuracy >= floor - 1e-12]
+    if not eligible:
+        best = max(o.spec.accuracy for o in options)
+        raise FailedPrecondition(
+            f"model {model!r}: no variant reaches min_accuracy {floor:g} "
+            f"(the most accurate has {best:g})"
+        )
+    ranked = sorted(eligible, key=lambda o: (-o.spec.accuracy, o.spec.variant))
+    predicted = [
+        (min((predict_seconds(c, transport_s) for c in o.copies), default=math.inf), o)
+        for o in ranked
+    ]
+    ready = [(p, o) for p, o in predicted if o.copies]
+    if not ready:
+        return Choice(ranked[0].spec, math.inf, None, "no ready copy yet")
+    if slo_s is None:
+        p, o = ready[0]
+        return Choice(o.spec, p, None, "most accurate (no SLO)")
+    for p, o in ready:
+        stepping_up = level is not None and o.spec.accuracy > level + 1e-12
+        budget = slo_s * safety * (headroom if stepping_up else 1.0)
+        if p <= budget:
+            why = "most accurate within SLO" if o is ready[0][1] else "switched to meet SLO"
+            return Choice(o.spec, p, True, why)
+    p, o = min(ready, key=lambda item: item[0])
+    return Choice(o.spec, p, False, "none fits: fastest")
+
+
 class Switcher:
+    """:func:`choose_variant` with the hysteresis level of each model kept between queries."""
+
     def __init__(
-        self, *, safety: float = 0.45, headroom: float = 0.8, transport_s: float = TRANSPORT_S
+        self,
+        *,
+        safety: float = SAFETY,
+        headroom: float = HEADROOM,
+        transport_s: float = TRANSPORT_S,
     ) -> None:
         self._safety = safety
         self._headroom = headroom
         self._transport_s = transport_s
         self._level: dict[str, float] = {}  # model -> accuracy of the variant last chosen
+
+    def level(self, model: str) -> float | None:
+        """The accuracy of the variant last chosen for ``model`` with a budget (None: none)."""
+        return self._level.get(model)
 
     def choose(
         self,
@@ -149,37 +220,16 @@ class Switcher:
         commit: bool = True,
     ) -> Choice:
         """``commit=False`` answers without moving the model's hysteresis level (explain)."""
-        if not options:
-            raise ValueError("no variants")
-        floor = min_accuracy or 0.0
-        eligible = [o for o in options if o.spec.accuracy >= floor - 1e-12]
-        if not eligible:
-            best = max(o.spec.accuracy for o in options)
-            raise FailedPrecondition(
-                f"model {model!r}: no variant reaches min_accuracy {floor:g} "
-                f"(the most accurate has {best:g})"
-            )
-        ranked = sorted(eligible, key=lambda o: (-o.spec.accuracy, o.spec.variant))
-        predicted = [
-            (min((predict_seconds(c, self._transport_s) for c in o.copies), default=math.inf), o)
-            for o in ranked
-        ]
-        ready = [(p, o) for p, o in predicted if o.copies]
-        if not ready:
-            return Choice(ranked[0].spec, math.inf, None, "no ready copy yet")
-        if slo_s is None:
-            p, o = ready[0]
-            return Choice(o.spec, p, None, "most accurate (no SLO)")
-        level = self._level.get(model)
-        for p, o in ready:
-            stepping_up = level is not None and o.spec.accuracy > level + 1e-12
-            budget = slo_s * self._safety * (self._headroom if stepping_up else 1.0)
-            if p <= budget:
-                if commit:
-                    self._level[model] = o.spec.accuracy
-                why = "most accurate within SLO" if o is ready[0][1] else "switched to meet SLO"
-                return Choice(o.spec, p, True, why)
-        p, o = min(ready, key=lambda item: item[0])
-        if commit:
-            self._level[model] = o.spec.accuracy
-        return Choice(o.spec, p, False, "none fits: fastest")
+        choice = choose_variant(
+            model,
+            options,
+            slo_s,
+            min_accuracy,
+            level=self._level.get(model),
+            safety=self._safety,
+            headroom=self._headroom,
+            transport_s=self._transport_s,
+        )
+        if commit and choice.fits is not None:
+            self._level[model] = choice.spec.accuracy
+        return choice

@@ -13,6 +13,7 @@ from meshserve.controlplane.dataplane.switching import (
     CopyLoad,
     Switcher,
     VariantOption,
+    choose_variant,
     predict_seconds,
 )
 from meshserve.protos import mesh_pb2
@@ -113,3 +114,17 @@ def test_the_safety_margin_keeps_predictions_clear_of_the_budget() -> None:
         "accurate"
     )
     assert Switcher(safety=0.6, transport_s=T).choose("m", options, 0.020).spec.variant == "fast"
+
+
+def test_the_switcher_keeps_a_level_only_for_choices_under_a_budget() -> None:
+    s = Switcher(safety=1.0, transport_s=T)
+    options = [option("accurate", 0.98, 0.008), option("fast", 0.90, 0.001)]
+    s.choose("digits", options, slo_s=None)
+    assert s.level("digits") is None, "no budget: nothing to step back up from"
+    s.choose("digits", options, slo_s=0.005, commit=False)
+    assert s.level("digits") is None, "explaining moves nothing"
+    assert s.choose("digits", options, slo_s=0.005).spec.variant == "fast"
+    assert s.level("digits") == 0.90
+    again = choose_variant("digits", options, 0.0096, level=s.level("digits"), safety=1.0)
+    assert again.spec.variant == "fast", "the pure choice honours the level it is given"
+    assert choose_variant("digits", options, 0.0096, safety=1.0).spec.variant == "accurate"

@@ -1,0 +1,342 @@
+"""Which variant a query gets and which copies may answer it (pure; no I/O).
+
+Everything here is a function of an immutable :class:`~meshserve.controlplane.snapshot.Snapshot`,
+the facts of one query (model, the version it names, its canary draw, its SLO) and small explicit
+inputs: ``linked``, the ids of the nodes whose stream the router holds (it can tunnel to them; a
+router without streams, such as an SDK, passes an empty set), and the router's live measurements
+of each copy (:class:`CopyFacts`, looked up by a ``facts`` function, or :class:`LiveLoad` as
+data). No I/O, no clock, no randomness, and no import of a server, the hub or etcd: the gateway
+uses it now, the SDK can route with the same code later.
+
+Contract:
+
+- :func:`candidates`: the nodes a new query for a variant may go to, in node-id order: its READY
+  copies the router can reach (the node has a direct address, or is in ``linked``), narrowed to
+  those the placement still wants on nodes not draining, else those not draining, else every
+  reachable one (an evicted or drained copy finishes what it has and is queried only while it is
+  the last). Empty when no copy can answer.
+- :func:`resolve_variant`: the variant a query naming ``version`` gets and the alias route it
+  followed. A variant's name selects it; an alias's name (or no name, when the model has the
+  ``live`` alias) follows the alias (:func:`~.rollout.resolve` on :func:`version_states`, the
+  canary drawn by ``draw``); no name and no alias: :func:`best_variant`. Raises
+  :class:`~meshserve.common.errors.NotFound` (empty or unknown model, unknown variant or alias)
+  or :class:`~meshserve.common.errors.FailedPrecondition` (an alias pointing at a version that is
+  not registered), each with a message a user can act on.
+- :func:`serving_variant` / :func:`serving_version` / :func:`alias_state`: the same view without
+  drawing the canary (readiness, metadata and the Admin API describe the serving version).
+- :func:`uses_switching`: a query picks among variants by SLO (:mod:`.switching`) only when it
+  names no version, the model has no ``live`` alias, and it has an SLO or a minimum accuracy;
+  :func:`variant_options` and :func:`copy_load` are what the switcher needs of each variant;
+  :func:`explain_switching` answers "what would a query get now, and why" from the same inputs.
+- :func:`no_copy`: the UNAVAILABLE error for a variant without a candidate, telling the
+  placement's story (failed copies and why, or where it is loading).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from meshserve.common.errors import FailedPrecondition, NotFound, StatusError, Unavailable
+from meshserve.controlplane.dataplane.rollout import (
+    DEFAULT_ALIAS,
+    Route,
+    VersionState,
+    alias_for,
+    alias_status,
+    resolve,
+    versions_of,
+)
+from meshserve.controlplane.dataplane.routing import CopyKey
+from meshserve.controlplane.dataplane.switching import (
+    Choice,
+    CopyLoad,
+    VariantOption,
+    choose_variant,
+    predict_seconds,
+)
+from meshserve.controlplane.snapshot import NodeView, Snapshot
+from meshserve.protos import mesh_pb2
+
+__all__ = [
+    "IDLE",
+    "CopyFacts",
+    "FactsOf",
+    "LiveLoad",
+    "alias_state",
+    "best_variant",
+    "cached_alternatives",
+    "candidates",
+    "copy_load",
+    "default_slo",
+    "explain_switching",
+    "no_copy",
+    "resolve_variant",
+    "serving_variant",
+    "serving_version",
+    "uses_switching",
+    "variant_options",
+    "version_states",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFacts:
+    """What a router measures of one copy beyond the snapshot."""
+
+    in_flight: int = 0  # queries this router has in flight on the copy
+    reported: int = 0  # queries in flight on the copy by the node's latest telemetry
+    max_batch: int = 0  # the copy's batch limit by the node's telemetry (0: not reported)
+    observed_s: float = 0.0  # this router's recent latency on the copy (0: never measured)
+    slowdown: float = 1.0  # observed / predicted latency (see switching.Calibration)
+
+
+#: The facts of a copy the router has measured nothing of.
+IDLE = CopyFacts()
+
+#: The router's live facts of one copy, by (node, model, variant); read only.
+FactsOf = Callable[[CopyKey], CopyFacts]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveLoad:
+    """A router's live measurements of one model, as data (what the Admin API explains from)."""
+
+    copies: Mapping[CopyKey, CopyFacts] = field(default_factory=dict)
+    level: float | None = None  # the accuracy the model's switching last settled on
+
+    def facts(self, key: CopyKey) -> CopyFacts:
+        return self.copies.get(key, IDLE)
+
+
+# -- copies --------------------------------------------------------------------------------------
+
+
+def candidates(
+    snapshot: Snapshot, spec: mesh_pb2.ModelSpec, linked: Container[str]
+) -> list[NodeView]:
+    """The nodes a new query for ``spec`` may go to (see the module's contract)."""
+    key = (spec.name, spec.variant)
+    reachable = [n for n in snapshot.ready_nodes(key) if n.direct_address or n.node_id in linked]
+    placement = snapshot.placements.get(key)
+    wanted = set(placement.nodes) if placement is not None else set()
+    serving = [n for n in reachable if n.node_id not in snapshot.draining]
+    preferred = [n for n in serving if n.node_id in wanted]
+    return preferred or serving or reachable
+
+
+def no_copy(snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> StatusError:
+    """The error for a query to ``spec`` when no copy can answer it."""
+    placement = snapshot.placements.get((spec.name, spec.variant))
+    detail = ""
+    if placement is not None and placement.failed:
+        reasons = "; ".join(f"{n}: {r}" for n, r in sorted(placement.failed.items()))
+        detail = f"; failed copies: {reasons}"
+    elif placement is not None and placement.nodes:
+        detail = f"; placed on {', '.join(placement.nodes)}, not ready yet"
+    return Unavailable(f"model {spec.name!r} variant {spec.variant!r} has no ready copy{detail}")
+
+
+# -- versions and aliases ------------------------------------------------------------------------
+
+
+def best_variant(
+    snapshot: Snapshot, variants: Sequence[mesh_pb2.ModelSpec], linked: Container[str]
+) -> mesh_pb2.ModelSpec:
+    """The most accurate of ``variants`` (not empty) with a candidate, any of them when none has
+    one; ties go to ``default``, then to the greater name."""
+    ready = [s for s in variants if candidates(snapshot, s, linked)]
+    pool = ready or variants
+    return max(pool, key=lambda s: (s.accuracy, s.variant == "default", s.variant))
+
+
+def version_states(
+    snapshot: Snapshot, model: str, alias: mesh_pb2.Alias, linked: Container[str]
+) -> dict[str, VersionState]:
+    """Ready and wanted copies of each registered version ``alias`` may route to. Ready: its
+    candidates; wanted: the nodes its placement names (copies that cannot be placed are not
+    waited for), else its registered copies (at least 1)."""
+    out = {}
+    for name in versions_of(alias):
+        spec = snapshot.models.get((model, name))
+        if spec is None:
+            continue
+        placement = snapshot.placements.get((model, name))
+        wanted = len(placement.nodes) if placement is not None else 0
+        ready = len(candidates(snapshot, spec, linked))
+        out[name] = VersionState(ready, wanted or max(1, spec.copies))
+    return out
+
+
+def alias_state(
+    snapshot: Snapshot, model: str, alias: mesh_pb2.Alias, linked: Container[str]
+) -> mesh_pb2.AliasStatus:
+    """What ``alias`` serves now, and each of its versions' readiness."""
+    return alias_status(alias, version_states(snapshot, model, alias, linked))
+
+
+def resolve_variant(
+    snapshot: Snapshot, model: str, version: str, draw: float, linked: Container[str]
+) -> tuple[mesh_pb2.ModelSpec, Route | None]:
+    """The variant a query naming ``version`` (a variant, an alias, or "") gets, and the alias
+    route it followed (None: none). ``draw`` in [0, 100): below the alias's canary percent
+    selects the canary (100: never)."""
+    if not model:
+        raise NotFound("model name is empty")
+    variants = snapshot.variants(model)
+    if not variants:
+        raise NotFound(f"unknown model {model!r}")
+    by_name = {s.variant: s for s in variants}
+    alias = alias_for(snapshot.aliases, by_name, model, version)
+    if alias is not None:
+        route = resolve(alias, version_states(snapshot, model, alias, linked), draw)
+        spec = by_name.get(route.version)
+        if spec is None:
+            raise FailedPrecondition(
+                f"alias {alias.alias!r} of model {model!r} points at version "
+                f"{route.version!r}, which is not registered; roll the alias out to a "
+                f"registered version (meshctl model rollout {model} VERSION)"
+            )
+        return spec, route
+    if version:
+        spec = by_name.get(version)
+        if spec is not None:
+            return spec, None
+        names = ", ".join(sorted(by_name))
+        raise NotFound(f"model {model!r} has no variant or alias {version!r} (has: {names})")
+    return best_variant(snapshot, variants, linked), None
+
+
+def serving_variant(
+    snapshot: Snapshot, model: str, version: str, linked: Container[str]
+) -> mesh_pb2.ModelSpec:
+    """The variant a query naming ``version`` gets, an alias's canary never drawn (what
+    readiness and metadata describe). Raises like :func:`resolve_variant`."""
+    return resolve_variant(snapshot, model, version, 100.0, linked)[0]
+
+
+def serving_version(snapshot: Snapshot, model: str, version: str, linked: Container[str]) -> str:
+    """The name of :func:`serving_variant`; "" when a query would get none."""
+    try:
+        return serving_variant(snapshot, model, version, linked).variant
+    except StatusError:
+        return ""
+
+
+# -- SLO switching -------------------------------------------------------------------------------
+
+
+def default_slo(variants: Sequence[mesh_pb2.ModelSpec]) -> float | None:
+    """A model's latency budget in seconds: that of its most accurate variant (None: none)."""
+    if not variants:
+        return None
+    best = max(variants, key=lambda s: (s.accuracy, s.variant))
+    return best.slo_ms / 1000.0 if best.slo_ms > 0 else None
+
+
+def uses_switching(
+    snapshot: Snapshot,
+    model: str,
+    version: str,
+    slo_s: float | None,
+    min_accuracy: float | None,
+) -> bool:
+    """Whether a query picks its variant by SLO rather than by :func:`resolve_variant`: not
+    when it names a version or alias, nor when the model has a ``live`` alias (rollouts decide
+    then), nor without an SLO or a minimum accuracy."""
+    pinned = (model, DEFAULT_ALIAS) in snapshot.aliases
+    return not (version or pinned or (slo_s is None and min_accuracy is None))
+
+
+def copy_load(node: NodeView, spec: mesh_pb2.ModelSpec, facts: CopyFacts) -> CopyLoad:
+    """What the switcher knows of one ready copy: its latency profile and how it runs (from the
+    snapshot), its queue (the larger of the router's and the node's count) and the router's
+    latency (used without a profile) and slowdown."""
+    status = node.copies.get((spec.name, spec.variant))
+    profile = {p.batch_size: p.seconds for p in status.latency_profile} if status else {}
+    inline = bool(profile) and profile.get(1, 1.0) <= 100e-6
+    return CopyLoad(
+        node_id=node.node_id,
+        profile=profile,
+        queued=max(facts.in_flight, facts.reported),
+        batched=bool(status and status.batched),
+        max_batch=facts.max_batch or spec.serving.batching.max_batch_size or 32,
+        parallel=1 if inline else max(1, int(node.hardware.cpu_cores)),
+        observed_s=0.0 if profile else facts.observed_s,
+        slowdown=facts.slowdown,
+    )
+
+
+def variant_options(
+    snapshot: Snapshot,
+    variants: Sequence[mesh_pb2.ModelSpec],
+    linked: Container[str],
+    facts: FactsOf,
+) -> list[VariantOption]:
+    """Each of ``variants`` with the load of each of its candidates."""
+    return [
+        VariantOption(
+            spec,
+            [
+                copy_load(node, spec, facts((node.node_id, spec.name, spec.variant)))
+                for node in candidates(snapshot, spec, linked)
+            ],
+        )
+        for spec in variants
+    ]
+
+
+def cached_alternatives(
+    options: Sequence[VariantOption], choice: Choice, min_accuracy: float | None
+) -> list[str]:
+    """More accurate variants than the one chosen (at least ``min_accuracy``), with ready copies
+    that cache answers, most accurate first: a node holding one of them may have this exact
+    answer cached, a better answer for free."""
+    floor = min_accuracy or 0.0
+    better = sorted(
+        (
+            o.spec
+            for o in options
+            if o.copies
+            and o.spec.serving.cache
+            and o.spec.accuracy > choice.spec.accuracy
+            and o.spec.accuracy >= floor
+        ),
+        key=lambda s: -s.accuracy,
+    )
+    return [s.variant for s in better]
+
+
+def explain_switching(
+    snapshot: Snapshot,
+    model: str,
+    slo_ms: float,
+    min_accuracy: float,
+    *,
+    linked: Container[str],
+    live: LiveLoad,
+) -> mesh_pb2.ExplainSwitchingResponse:
+    """What a query to ``model`` with ``slo_ms`` (0: the model's default) and ``min_accuracy``
+    (0: none) would get now, and each variant's prediction; moves no hysteresis level."""
+    variants = snapshot.variants(model)
+    if not variants:
+        raise NotFound(f"unknown model {model!r}")
+    slo_s = slo_ms / 1000.0 if slo_ms > 0 else default_slo(variants)
+    options = variant_options(snapshot, variants, linked, live.facts)
+    choice = choose_variant(model, options, slo_s, min_accuracy or None, level=live.level)
+    out = mesh_pb2.ExplainSwitchingResponse(
+        chosen=choice.spec.variant, reason=choice.reason, slo_ms=(slo_s or 0.0) * 1000
+    )
+    for option in sorted(options, key=lambda o: -o.spec.accuracy):
+        best = min(option.copies, key=predict_seconds, default=None)
+        predicted = predict_seconds(best) if best is not None else math.inf
+        out.variants.add(
+            variant=option.spec.variant,
+            accuracy=option.spec.accuracy,
+            predicted_ms=predicted * 1000 if math.isfinite(predicted) else -1.0,
+            ready_copies=len(option.copies),
+            queued=best.queued if best is not None else 0,
+            slowdown=best.slowdown if best is not None else 1.0,
+        )
+    return out
