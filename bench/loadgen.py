@@ -52,6 +52,8 @@ import grpc
 import numpy as np
 from grpc import aio
 
+from meshserve.common.datatypes import DATATYPES
+
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 _IN_BAND_ERROR_TAG = b"\x0a"  # ModelStreamInferResponse.error_message is field 1 (length-delim.)
@@ -308,25 +310,10 @@ def run_on_uvloop(
         return runner.run(coro), factory is not None
 
 
-_DTYPES = {
-    "FP32": "float32",
-    "FP64": "float64",
-    "FP16": "float16",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "UINT8": "uint8",
-    "BOOL": "bool",
-}
-
-
 def _random_input(shape: list[int], datatype: str, seed: int = 0) -> np.ndarray[Any, Any]:
-    # No import of meshserve's protos here: tritonclient (--mode triton) registers the same
-    # protobuf package and the two cannot share a process.
-    if datatype not in _DTYPES and datatype != "BYTES":
-        raise SystemExit(f"unsupported --dtype {datatype}; use one of {sorted(_DTYPES)}")
-    dtype = np.dtype(_DTYPES.get(datatype, "object"))
+    if datatype not in DATATYPES:
+        raise SystemExit(f"unsupported --dtype {datatype}; use one of {sorted(DATATYPES)}")
+    dtype = DATATYPES[datatype]
     rng = np.random.default_rng(seed)
     if datatype == "BYTES":
         return np.full(shape, b"x", dtype=object)

@@ -10,18 +10,21 @@ Converts between numpy arrays and OIP tensors, in either of the protocol's two e
 
 Every decoding error is an :class:`~meshserve.common.errors.InvalidArgument` whose message names the
 tensor, e.g. ``input 'x': raw contents are 12 bytes, expected 16 for FP32 [2, 2]``.
+
+The datatype table itself (dtypes, typed fields, ONNX types) is :mod:`meshserve.common.datatypes`;
+``DATATYPES``, ``datatype_of`` and ``numpy_dtype`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, MutableMapping, Sequence
-from types import MappingProxyType
 from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
+from meshserve.common.datatypes import DATATYPES, TABLE, datatype_of, numpy_dtype
 from meshserve.common.errors import InvalidArgument
 from meshserve.protos.inference_pb2 import (
     InferParameter,
@@ -49,73 +52,13 @@ __all__ = [
 
 ParameterValue = bool | int | float | str
 
-#: OIP datatype name -> numpy dtype (native byte order). ``BYTES`` is an object array of ``bytes``.
-DATATYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType(
-    {
-        "BOOL": np.dtype(np.bool_),
-        "UINT8": np.dtype(np.uint8),
-        "UINT16": np.dtype(np.uint16),
-        "UINT32": np.dtype(np.uint32),
-        "UINT64": np.dtype(np.uint64),
-        "INT8": np.dtype(np.int8),
-        "INT16": np.dtype(np.int16),
-        "INT32": np.dtype(np.int32),
-        "INT64": np.dtype(np.int64),
-        "FP16": np.dtype(np.float16),
-        "FP32": np.dtype(np.float32),
-        "FP64": np.dtype(np.float64),
-        "BYTES": np.dtype(np.object_),
-    }
-)
-
 #: Most dimensions a tensor may have (numpy's limit on every supported version).
 MAX_DIMS: Final = 32
 #: Most elements a tensor may declare; a protobuf message cannot exceed 2 GiB anyway. Zero-size
 #: tensors are held to the same bound on the product of their non-zero dimensions.
 MAX_ELEMENTS: Final = 2**31
 
-# Typed contents field for each datatype (FP16 has none).
-_TYPED_FIELD: Final[Mapping[str, str]] = MappingProxyType(
-    {
-        "BOOL": "bool_contents",
-        "UINT8": "uint_contents",
-        "UINT16": "uint_contents",
-        "UINT32": "uint_contents",
-        "UINT64": "uint64_contents",
-        "INT8": "int_contents",
-        "INT16": "int_contents",
-        "INT32": "int_contents",
-        "INT64": "int64_contents",
-        "FP32": "fp32_contents",
-        "FP64": "fp64_contents",
-        "BYTES": "bytes_contents",
-    }
-)
-# Datatypes narrower than their typed field, whose values must be range-checked on decode.
-_NARROW: Final = frozenset({"UINT8", "UINT16", "INT8", "INT16"})
-_BY_KIND_SIZE: Final[Mapping[tuple[str, int], str]] = MappingProxyType(
-    {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"}
-)
 _LEN: Final = struct.Struct("<I")
-
-
-def datatype_of(array: NDArray[Any]) -> str:
-    """The OIP datatype for ``array``'s dtype (str, bytes and object arrays are ``BYTES``)."""
-    dt = np.asarray(array).dtype
-    if dt.kind in "USO":
-        return "BYTES"
-    name = _BY_KIND_SIZE.get((dt.kind, dt.itemsize))
-    if name is None:
-        raise InvalidArgument(f"unsupported dtype {dt} (no Open Inference Protocol datatype)")
-    return name
-
-
-def numpy_dtype(datatype: str) -> np.dtype[Any]:
-    """The numpy dtype for an OIP datatype name."""
-    try:
-        return DATATYPES[datatype]
-    except KeyError:
-        raise InvalidArgument(f"unknown datatype {datatype!r}") from None
 
 
 def _element_bytes(value: object) -> bytes:
@@ -128,10 +71,17 @@ def _element_bytes(value: object) -> bytes:
     raise InvalidArgument(f"BYTES elements must be bytes or str, got {type(value).__name__}")
 
 
+def _typed_field(datatype: str) -> str:
+    """The ``InferTensorContents`` field of a datatype that has one (every one but FP16)."""
+    field = TABLE[datatype].contents_field
+    assert field is not None, datatype
+    return field
+
+
 def _fill_contents(arr: NDArray[Any], datatype: str, contents: InferTensorContents) -> None:
     if datatype == "FP16":
         raise InvalidArgument("FP16 tensors must use raw contents")
-    field = getattr(contents, _TYPED_FIELD[datatype])
+    field = getattr(contents, _typed_field(datatype))
     if datatype == "BYTES":
         field.extend([_element_bytes(v) for v in arr.ravel().tolist()])
     else:
@@ -269,7 +219,7 @@ def _decode_typed(
 ) -> NDArray[Any]:
     if datatype == "FP16":
         raise InvalidArgument(f"{label}: FP16 tensors must use raw contents")
-    expected_field = _TYPED_FIELD[datatype]
+    expected_field = _typed_field(datatype)
     for descriptor, _ in contents.ListFields():
         if descriptor.name != expected_field:
             raise InvalidArgument(
@@ -284,7 +234,7 @@ def _decode_typed(
     if datatype == "BYTES":
         return _object_array(list(field), shape)
     dt = DATATYPES[datatype]
-    if datatype in _NARROW:
+    if TABLE[datatype].narrow:
         wide = np.array(field, dtype=np.int64)
         info = np.iinfo(dt)
         bad = (wide < info.min) | (wide > info.max)
@@ -321,10 +271,6 @@ def decode_tensor(
     return _decode_typed(label, datatype, shape, count, contents)
 
 
-def _has_typed(contents: InferTensorContents) -> bool:
-    return bool(contents.ListFields())
-
-
 def _decode_all(
     kind: str,
     tensors: Sequence[Any],  # InferInputTensor or InferOutputTensor messages
@@ -340,7 +286,7 @@ def _decode_all(
         if tensor.name in result:
             raise InvalidArgument(f"duplicate {kind} {tensor.name!r}")
         if raw_contents:
-            if _has_typed(tensor.contents):
+            if tensor.contents.ListFields():
                 raise InvalidArgument(
                     f"{kind} {tensor.name!r}: has typed contents while {raw_field} is used"
                 )

@@ -2,7 +2,8 @@
 
 Every builder writes a self-contained ``.onnx`` file (weights embedded) made with the
 ``onnx.helper`` API and returns its path. Weights come from ``numpy.random.default_rng(seed)``,
-so the same arguments always produce byte-identical files (see :func:`sha256_file`).
+so the same arguments always produce byte-identical files, hence the same sha256
+(:func:`~meshserve.common.digest.sha256_file`, re-exported here).
 
 ``onnx`` and ``onnxruntime`` are imported lazily inside the functions: importing this module
 has no side effects and does not pull either library in.
@@ -10,7 +11,6 @@ has no side effects and does not pull either library in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from meshserve.common.digest import sha256_file  # re-exported: tests and bench hash with it
 
 __all__ = [
     "DIGITS_VARIANTS",
@@ -43,7 +45,6 @@ OPSET = 17
 #: ONNX IR version written into the models (IR 8 pairs with opset 17; onnxruntime reads it).
 IR_VERSION = 8
 
-_CHUNK = 1 << 20
 _NOT_ONNX = b"this is not an onnx model\n" * 10
 
 
@@ -174,15 +175,6 @@ def write_not_onnx(path: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(_NOT_ONNX)
     return out
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Return the hex SHA-256 digest of the file at ``path``, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def reference_outputs(

@@ -18,26 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from meshserve.common.datatypes import BY_ORT_TYPE, numpy_dtype
 from meshserve.common.errors import InvalidArgument
 
 __all__ = ["LoadError", "OnnxCopy", "TensorInfo", "available_providers"]
-
-# onnxruntime element type strings -> Open Inference Protocol datatypes.
-_ORT_TO_OIP = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 
 class LoadError(Exception):
@@ -60,7 +44,7 @@ def available_providers() -> list[str]:
 def _tensor_infos(args: Sequence[Any]) -> tuple[TensorInfo, ...]:
     infos = []
     for arg in args:
-        datatype = _ORT_TO_OIP.get(arg.type)
+        datatype = BY_ORT_TYPE.get(arg.type)
         if datatype is None:
             raise LoadError(
                 f"tensor {arg.name!r} has type {arg.type}, which meshserve cannot serve"
@@ -149,8 +133,6 @@ class OnnxCopy:
 
     def synthetic_inputs(self, batch: int = 1) -> dict[str, npt.NDArray[Any]]:
         """Zeros shaped like the model's inputs (dynamic dims: ``batch`` first, else 1)."""
-        from meshserve.common.codec import numpy_dtype
-
         out: dict[str, npt.NDArray[Any]] = {}
         for info in self.inputs:
             shape = [(batch if i == 0 else 1) if d == -1 else d for i, d in enumerate(info.shape)]
