@@ -9,14 +9,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from grpc import aio
-from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from meshserve.common.errors import map_errors, tolerant_decoding
 from meshserve.common.policy.config import DEFAULT_POLICY, Policy, PolicyError, parse_policy
@@ -28,13 +26,8 @@ from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.gateway import Gateway
 from meshserve.controlplane.etcd import Election, PrefixMirror, Session, connect
 from meshserve.controlplane.link.hub import Hub
+from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.observe.events import EventLog
-from meshserve.controlplane.observe.health import (
-    Alarm,
-    HealthSettings,
-    ModelHealth,
-    feedback_totals,
-)
 from meshserve.controlplane.observe.webhook import Webhook
 from meshserve.controlplane.placement.leader import LeaderLoop
 from meshserve.controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
@@ -105,7 +98,14 @@ class ControlPlane:
         self.leader: LeaderLoop | None = None
         self.events: EventLog | None = None
         self._policy: tuple[int, Policy] = (0, DEFAULT_POLICY)
-        self.health = ModelHealth()
+        self.alarms = Alarms(
+            monitoring=lambda: self.policy().spec.monitoring,
+            models=lambda: self.snapshot().models,
+            telemetry=self._telemetry,
+            is_leader=self._is_leader,
+            events=lambda: self.events,
+        )
+        self.health = self.alarms.health
         self.webhook = Webhook(lambda: self.policy().spec.monitoring.webhook)
 
     # -- the view ----------------------------------------------------------------------------
@@ -159,85 +159,14 @@ class ControlPlane:
                 out[node_id] = flights
         return out
 
-    def _health_settings(self) -> HealthSettings:
-        m = self.policy().spec.monitoring
-        return HealthSettings(
-            psi_threshold=m.drift_psi_threshold,
-            windows=m.drift_windows,
-            capture_windows=m.capture_windows,
-            min_accuracy=m.min_accuracy,
-            min_feedback=m.min_feedback,
-        )
+    def _telemetry(self) -> list[mesh_pb2.Telemetry]:
+        """The latest telemetry of every node streaming to this replica (a copied list: gauges
+        read it from the exporter's thread)."""
+        return [] if self.hub is None else [s.telemetry for s in list(self.hub.sessions.values())]
 
     def _is_leader(self) -> bool:
         election = self.leader.election if self.leader is not None else None
         return election is not None and election.is_leader
-
-    def _alarm(self, alarm: Alarm) -> None:
-        """Record a drift/accuracy alarm as an event (the leader only: every replica scores the
-        same windows, one event is enough; the webhook follows the events)."""
-        if self.events is not None and self._is_leader():
-            self.events.record(
-                alarm.kind, model=alarm.model, variant=alarm.variant, message=alarm.message
-            )
-
-    def _on_telemetry(self, node_id: str, telemetry: mesh_pb2.Telemetry) -> None:
-        """Score the drift windows a node's telemetry carries."""
-        settings: HealthSettings | None = None
-        models = self.snapshot().models
-        for entry in telemetry.models:
-            if not entry.HasField("drift"):
-                continue
-            settings = settings or self._health_settings()
-            spec = models.get((entry.model, entry.variant))
-            alarm = self.health.observe(node_id, entry, spec, settings)
-            if alarm is not None:
-                self._alarm(alarm)
-
-    def _check_accuracy(self) -> None:
-        if self.hub is None:
-            return
-        totals = feedback_totals([s.telemetry for s in list(self.hub.sessions.values())])
-        for alarm in self.health.accuracy_alarms(totals, self._health_settings()):
-            self._alarm(alarm)
-
-    def _health_gauges(self) -> None:
-        """Live accuracy and drift scores as OpenTelemetry gauges (read at scrape time)."""
-        meter = metrics.get_meter("meshserve.controlplane")
-
-        def accuracy(_options: CallbackOptions) -> Iterable[Observation]:
-            if self.hub is None:
-                return []
-            totals = feedback_totals([s.telemetry for s in list(self.hub.sessions.values())])
-            return [
-                Observation(h.accuracy, {"model": k[0], "variant": k[1]})
-                for k, h in totals.items()
-                if h.feedback_joined
-            ]
-
-        def psi(_options: CallbackOptions) -> Iterable[Observation]:
-            out = []
-            for (model, variant), state in list(self.health.drift.items()):
-                if state.output_psi >= 0:
-                    attrs = {"model": model, "variant": variant, "signal": "output"}
-                    out.append(Observation(state.output_psi, attrs))
-                if state.features:
-                    attrs = {"model": model, "variant": variant, "signal": "max_feature"}
-                    out.append(Observation(state.max_feature_psi, attrs))
-            return out
-
-        meter.create_observable_gauge(
-            "meshserve.model.accuracy",
-            callbacks=[accuracy],
-            unit="1",
-            description="live accuracy from feedback joined to logged predictions",
-        )
-        meter.create_observable_gauge(
-            "meshserve.drift.psi",
-            callbacks=[psi],
-            unit="1",
-            description="population stability index of the latest sketch window",
-        )
 
     def _changed(self) -> None:
         self._snapshot = None
@@ -307,7 +236,7 @@ class ControlPlane:
                 if self.hub is not None:
                     await self.hub.sweep(list(self._mirrors[keys.NODES].items()))
                     self.hub.reconcile(self.snapshot())  # decisions that waited on a grace
-                self._check_accuracy()
+                self.alarms.check_accuracy()
                 if self.gateway is not None:
                     known = partial(_node_known, self.snapshot().nodes)
                     self.gateway.forget(known)
@@ -360,7 +289,7 @@ class ControlPlane:
             replicas=self.replicas,
             telemetry_interval_ms=cfg.telemetry_interval_ms,
             admissions_per_s=cfg.admissions_per_s,
-            on_telemetry=self._on_telemetry,
+            on_telemetry=self.alarms.on_telemetry,
             identify=guard.identify_node,
             max_message_bytes=cfg.max_message_bytes,
         )
@@ -368,7 +297,7 @@ class ControlPlane:
         self.events.start()
         self.events.subscribe(self.webhook.offer)
         self.webhook.start()
-        self._health_gauges()
+        self.alarms.watch()
         self.gateway = Gateway(
             hub=self.hub,
             snapshot=self.snapshot,
