@@ -12,11 +12,9 @@ import re
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
 
 from meshserve.common.datatypes import DATATYPES
 from meshserve.common.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -25,7 +23,6 @@ from meshserve.common.errors import (
 )
 from meshserve.common.policy.config import Policy, PolicyError, parse_policy
 from meshserve.common.sketches import MAX_CLASSES, MAX_FEATURES
-from meshserve.controlplane import keys
 from meshserve.controlplane.dataplane.resolve import (
     LiveLoad,
     alias_state,
@@ -33,11 +30,11 @@ from meshserve.controlplane.dataplane.resolve import (
     serving_version,
 )
 from meshserve.controlplane.dataplane.rollout import DEFAULT_ALIAS, plan_rollback, plan_rollout
-from meshserve.controlplane.etcd._client import get, get_prefix
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.health import ModelHealth, feedback_totals
 from meshserve.controlplane.placement.scheduler import explain_variant
+from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
@@ -47,7 +44,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_COPIES = 1000
 MAX_FEEDBACK_ITEMS = 10_000
-_ALIAS_CAS_ATTEMPTS = 5
 
 
 def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
@@ -129,7 +125,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     def __init__(
         self,
         *,
-        etcd: Any,
+        registry: Registry,
         snapshot: Callable[[], Snapshot],
         hub: Hub,
         policy: Callable[[], Policy],
@@ -137,7 +133,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         live_load: Callable[[str], LiveLoad],
         health: ModelHealth,
     ) -> None:
-        self._etcd = etcd
+        self._registry = registry  # every write, and the reads a write depends on
         self._snapshot = snapshot
         self._hub = hub
         self._policy = policy
@@ -149,14 +145,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self, request: mesh_pb2.RegisterModelRequest, context: ServicerContext
     ) -> mesh_pb2.RegisterModelResponse:
         spec = validate_spec(request.model)
-        if await get(self._etcd, keys.alias_key(spec.name, spec.variant).encode()) is not None:
-            raise InvalidArgument(
-                f"{spec.variant!r} is an alias of model {spec.name!r} (meshctl model aliases "
-                f"{spec.name}); give the version another name"
-            )
-        key = keys.model_key(spec.name, spec.variant).encode()
-        previous = await self._etcd.put(key, keys.encode(spec), prev_kv=True)
-        created = not getattr(previous, "prev_kv", None)
+        created = await self._registry.register_model(spec)  # refused if an alias has the name
         return mesh_pb2.RegisterModelResponse(model=spec, created=created)
 
     async def ListModels(
@@ -172,23 +161,10 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     ) -> mesh_pb2.RemoveModelResponse:
         if not _NAME.match(request.name):
             raise InvalidArgument(f"invalid model name {request.name!r}")
-        if request.variant:
-            for alias in await self._aliases(request.name):
-                if request.variant in (alias.version, alias.canary_version):
-                    role = "canary" if request.variant == alias.canary_version else "version"
-                    raise FailedPrecondition(
-                        f"{request.variant!r} is the {role} of alias {alias.alias!r} of model "
-                        f"{request.name!r}; roll the alias to another version (or roll back) "
-                        "before removing it"
-                    )
-            deleted = await self._etcd.delete(
-                keys.model_key(request.name, request.variant).encode()
-            )
-            removed = 1 if deleted else 0
-        else:
-            result = await self._etcd.delete_prefix(f"{keys.MODELS}{request.name}/".encode())
-            removed = int(getattr(result, "deleted", 0))
-            await self._etcd.delete_prefix(f"{keys.ALIASES}{request.name}/".encode())
+        if request.variant:  # refused while an alias points at it
+            removed = await self._registry.remove_variant(request.name, request.variant)
+        else:  # every version and alias, in one write
+            removed = await self._registry.remove_model(request.name)
         return mesh_pb2.RemoveModelResponse(removed=removed)
 
     async def ListNodes(
@@ -269,20 +245,17 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
             raise InvalidArgument(f"invalid policy: {exc}") from None
         if request.dry_run:
             return mesh_pb2.ApplyPolicyResponse(name=policy.name)
-        result = await self._etcd.put(keys.POLICY.encode(), request.yaml.encode())
-        revision = int(result.header.revision)
+        revision = await self._registry.apply_policy(request.yaml)  # a blind replace: no race
         self._events.record("policy", message=f"policy {policy.name!r} applied (rev {revision})")
         return mesh_pb2.ApplyPolicyResponse(name=policy.name, revision=revision)
 
     async def GetPolicy(
         self, request: mesh_pb2.GetPolicyRequest, context: ServicerContext
     ) -> mesh_pb2.GetPolicyResponse:
-        kv = await self._etcd.get(keys.POLICY.encode())
-        if kv is None:
+        stored = await self._registry.policy()
+        if stored is None:
             return mesh_pb2.GetPolicyResponse()
-        return mesh_pb2.GetPolicyResponse(
-            yaml=bytes(kv.value).decode("utf-8", "replace"), revision=int(kv.mod_revision)
-        )
+        return mesh_pb2.GetPolicyResponse(yaml=stored[0], revision=stored[1])
 
     async def ListEvents(
         self, request: mesh_pb2.ListEventsRequest, context: ServicerContext
@@ -294,14 +267,13 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self, request: mesh_pb2.DrainNodeRequest, context: ServicerContext
     ) -> mesh_pb2.DrainNodeResponse:
         node_id = request.node_id
-        key = f"{keys.DRAINING}{node_id}".encode()
         if request.undrain:
-            await self._etcd.delete(key)
+            await self._registry.undrain(node_id)
             self._events.record("drain", node_id=node_id, message="undrained")
             return mesh_pb2.DrainNodeResponse(draining=False)
         if node_id not in self._snapshot().nodes:
             raise NotFound(f"node {node_id!r} is not linked to the mesh")
-        await self._etcd.put(key, b"")
+        await self._registry.drain(node_id)  # (a node that left meanwhile is drained if it returns)
         self._events.record("drain", node_id=node_id, message="draining: no new copies or queries")
         return mesh_pb2.DrainNodeResponse(draining=True)
 
@@ -385,24 +357,11 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     ) -> mesh_pb2.SetDriftProfileResponse:
         validate_profile(request.profile)
         variant = request.variant or "default"
-        key = keys.model_key(request.model, variant).encode()
-        current = self._snapshot().models.get((request.model, variant))
-        if current is None:
-            raise NotFound(f"model {request.model!r} has no variant {variant!r}")
-        spec = mesh_pb2.ModelSpec()
-        spec.CopyFrom(current)
-        spec.drift_reference.CopyFrom(request.profile)
-        await self._etcd.put(key, keys.encode(spec))
+        # a compare-and-swap on the stored spec: a concurrent register is never undone
+        await self._registry.set_drift_profile(request.model, variant, request.profile)
         return mesh_pb2.SetDriftProfileResponse(features=len(request.profile.features))
 
     # -- aliases and rollouts (docs/rollout.md) ---------------------------------------------------
-
-    async def _aliases(self, model: str) -> list[mesh_pb2.Alias]:
-        """The model's aliases as stored (a linearizable read, not the mirrored view)."""
-        _, kvs = await get_prefix(self._etcd, f"{keys.ALIASES}{model}/".encode())
-        return sorted(
-            (keys.decode(kv.value, mesh_pb2.Alias()) for kv in kvs), key=lambda a: a.alias
-        )
 
     async def _change_alias(
         self,
@@ -410,36 +369,19 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         alias: str,
         plan: Callable[[mesh_pb2.Alias | None, list[str]], mesh_pb2.Alias],
     ) -> tuple[mesh_pb2.Alias, mesh_pb2.Alias | None]:
-        """Apply ``plan(current alias, registered versions)`` as one compare-and-swap on the
-        alias's mod revision (retried on a lost race); returns (new, old). ``plan`` returning
-        the current record itself writes nothing."""
+        """Apply ``plan(current alias, registered versions)`` as one compare-and-swap
+        (:meth:`~meshserve.controlplane.registry.Registry.change_alias`, retried on a lost
+        race); returns (new, old). ``plan`` returning the current record itself writes nothing."""
         for name, value in (("model", model), ("alias", alias)):
             if not _NAME.match(value):
                 raise InvalidArgument(
                     f"invalid {name} name {value!r}: 1-128 of [A-Za-z0-9_.-], starting with a "
                     "letter or digit"
                 )
-        key = keys.alias_key(model, alias).encode()
-        for _ in range(_ALIAS_CAS_ATTEMPTS):
-            _, kvs = await get_prefix(self._etcd, f"{keys.MODELS}{model}/".encode())
-            registered = [keys.split_key(kv.key.decode(), keys.MODELS)[1] for kv in kvs]
-            if not registered:
-                raise NotFound(f"unknown model {model!r}")
-            kv = await get(self._etcd, key)
-            current = None if kv is None else keys.decode(kv.value, mesh_pb2.Alias())
-            new = plan(current, registered)
-            if new is current:
-                return new, current
-            t = self._etcd.transactions
-            ok, _ = await self._etcd.transaction(
-                compare=[t.mod(key) == (kv.mod_revision if kv is not None else 0)],
-                success=[t.put(key, keys.encode(new))],
-                failure=[],
-            )
-            if ok:
-                await self._until_seen(model, alias, new)
-                return new, current
-        raise Unavailable(f"alias {alias!r} of model {model!r} is changing concurrently; retry")
+        new, current = await self._registry.change_alias(model, alias, plan)
+        if new is not current:
+            await self._until_seen(model, alias, new)
+        return new, current
 
     async def _until_seen(self, model: str, alias: str, record: mesh_pb2.Alias) -> None:
         """Wait (at most 2 s) until this replica's view holds ``record``: once a rollout or a
@@ -518,7 +460,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     ) -> mesh_pb2.ListAliasesResponse:
         if not _NAME.match(request.model):
             raise InvalidArgument(f"invalid model name {request.model!r}")
-        aliases = await self._aliases(request.model)
+        aliases = await self._registry.aliases(request.model)
         if not aliases and not self._snapshot().variants(request.model):
             raise NotFound(f"unknown model {request.model!r}")
         return mesh_pb2.ListAliasesResponse(

@@ -30,6 +30,7 @@ from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.webhook import Webhook
 from meshserve.controlplane.placement.leader import LeaderLoop
+from meshserve.controlplane.registry import EtcdRegistry, Registry
 from meshserve.controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
 from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
@@ -87,6 +88,7 @@ class ControlPlane:
         self.replica_id = config.replica_id
         self.address = ""
         self._etcd: Any = None
+        self.registry: Registry | None = None  # every etcd write (set by start)
         self._session: Session | None = None
         self._mirrors: dict[str, PrefixMirror] = {}
         self._snapshot: Snapshot | None = None
@@ -180,12 +182,11 @@ class ControlPlane:
     async def _wake(self, key: VariantKey, on: bool) -> None:
         """Ask the leader for a copy of a scaled-to-zero variant (``on``), or withdraw it. The key
         lives under this replica's lease: it cannot outlive the replica."""
-        etcd_key = f"{keys.WAKE}{key[0]}/{key[1]}".encode()
+        assert self.registry is not None
         if on:
-            value = str(int(time.time() * 1000)).encode()
-            await self._etcd.put(etcd_key, value, lease=self._lease().lease_id)
+            await self.registry.wake(key, self._lease().lease_id)
         else:
-            await self._etcd.delete(etcd_key)
+            await self.registry.unwake(key)
 
     def replicas(self) -> list[mesh_pb2.ReplicaInfo]:
         out = []
@@ -215,11 +216,8 @@ class ControlPlane:
 
     async def _register_replica(self) -> None:
         info = mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=self.address)
-        await self._etcd.put(
-            keys.replica_key(self.replica_id).encode(),
-            keys.encode(info),
-            lease=self._lease().lease_id,
-        )
+        assert self.registry is not None
+        await self.registry.register_replica(info, self._lease().lease_id)
 
     async def _maintain(self, interval_s: float = 2.0) -> None:
         """Keep this replica's lease (renew it if lost: re-register, rewrite every node record,
@@ -234,7 +232,7 @@ class ControlPlane:
                     if self.hub is not None:
                         self.hub.rewrite_all()
                 if self.hub is not None:
-                    await self.hub.sweep(list(self._mirrors[keys.NODES].items()))
+                    await self.hub.sweep(self._mirrors[keys.NODES].mod_revisions())
                     self.hub.reconcile(self.snapshot())  # decisions that waited on a grace
                 self.alarms.check_accuracy()
                 if self.gateway is not None:
@@ -250,6 +248,7 @@ class ControlPlane:
     async def start(self) -> None:
         cfg = self.config
         self._etcd = await self._connect_etcd(cfg.etcd_url, cfg.etcd_wait_s)
+        self.registry = registry = EtcdRegistry(self._etcd)
         options = server_options(cfg.max_message_bytes, cfg.keepalive_ms)
         self._server = aio.server(options=options)
         mtls = cfg.tls is not None and cfg.tls.ca is not None and cfg.require_client_cert
@@ -281,7 +280,7 @@ class ControlPlane:
             self._mirrors[prefix] = mirror
 
         self.hub = Hub(
-            etcd=self._etcd,
+            registry=registry,
             replica_id=self.replica_id,
             lease_ttl_s=cfg.lease_ttl_s,
             lease_id=lambda: self._lease().lease_id,
@@ -293,7 +292,7 @@ class ControlPlane:
             identify=guard.identify_node,
             max_message_bytes=cfg.max_message_bytes,
         )
-        self.events = EventLog(self._etcd, self.replica_id)
+        self.events = EventLog(registry, self.replica_id)
         self.events.start()
         self.events.subscribe(self.webhook.offer)
         self.webhook.start()
@@ -319,7 +318,7 @@ class ControlPlane:
             map_errors(
                 guard.admin(
                     AdminService(
-                        etcd=self._etcd,
+                        registry=registry,
                         snapshot=self.snapshot,
                         hub=self.hub,
                         policy=self.policy,
@@ -337,7 +336,7 @@ class ControlPlane:
         await self._server.start()
 
         self.leader = LeaderLoop(
-            etcd=self._etcd,
+            registry=registry,
             election=lambda: Election(self._etcd, self._lease(), keys.LEADER, self.replica_id),
             replica_id=self.replica_id,
             snapshot=self.snapshot,

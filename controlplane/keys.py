@@ -1,6 +1,8 @@
-"""The etcd key schema (see docs/etcd-schema.md) and value codecs.
+"""The etcd key schema (see docs/etcd-schema.md) and value codecs (pure: no I/O).
 
 Values are protobuf messages stored as JSON (readable with ``etcdctl get --prefix /meshserve``).
+Readers (the watch mirrors, the snapshot builder, tests) may use these names; every write goes
+through :mod:`meshserve.controlplane.registry`, the one module that writes them.
 """
 
 from __future__ import annotations
@@ -14,21 +16,29 @@ __all__ = [
     "ALIASES",
     "DRAINING",
     "EVENTS",
+    "EVENTS_SEQ",
     "LEADER",
     "MODELS",
     "NODES",
     "PLACEMENTS",
     "POLICY",
     "REPLICAS",
+    "SHUTDOWN_DRAIN",
     "WAKE",
     "alias_key",
+    "alias_prefix",
     "decode",
+    "draining_key",
     "encode",
+    "event_key",
     "model_key",
+    "model_prefix",
     "node_link_key",
     "placement_key",
+    "prefix_end",
     "replica_key",
     "split_key",
+    "wake_key",
 ]
 
 ROOT = "/meshserve/"
@@ -39,9 +49,16 @@ REPLICAS = ROOT + "replicas/"  # replicas/<replica>            -> ReplicaInfo (l
 LEADER = ROOT + "leader"  # the elected scheduler's replica id (leased)
 POLICY = ROOT + "policy"  # the placement policy, YAML text as applied (admin)
 EVENTS = ROOT + "events/"  # events/<seq, 20 digits>       -> Event       (ring, any replica)
+#: The event ring's sequence counter (decimal text): outside ``EVENTS``, so that a prefix read
+#: of the ring sees events only.
+EVENTS_SEQ = ROOT + "events-seq"
 WAKE = ROOT + "wake/"  # wake/<model>/<variant>         -> unix ms (leased; gateway: scale from 0)
 DRAINING = ROOT + "draining/"  # draining/<node>               -> "" (admin; present = draining)
 ALIASES = ROOT + "aliases/"  # aliases/<model>/<alias>        -> Alias       (admin)
+
+#: The value of a ``draining/<node>`` key a node set by shutting down (an operator's is "").
+SHUTDOWN_DRAIN = b"shutdown"
+_SEQ_DIGITS = 20
 
 M = TypeVar("M", bound=Message)
 
@@ -50,8 +67,31 @@ def model_key(model: str, variant: str) -> str:
     return f"{MODELS}{model}/{variant}"
 
 
+def model_prefix(model: str) -> str:
+    """Every variant of one model."""
+    return f"{MODELS}{model}/"
+
+
 def alias_key(model: str, alias: str) -> str:
     return f"{ALIASES}{model}/{alias}"
+
+
+def alias_prefix(model: str) -> str:
+    """Every alias of one model."""
+    return f"{ALIASES}{model}/"
+
+
+def draining_key(node_id: str) -> str:
+    return f"{DRAINING}{node_id}"
+
+
+def wake_key(model: str, variant: str) -> str:
+    return f"{WAKE}{model}/{variant}"
+
+
+def event_key(seq: int) -> str:
+    """Zero-padded, so the ring's keys sort in sequence order."""
+    return f"{EVENTS}{seq:0{_SEQ_DIGITS}d}"
 
 
 def placement_key(model: str, variant: str) -> str:
@@ -64,6 +104,15 @@ def node_link_key(node_id: str, replica_id: str) -> str:
 
 def replica_key(replica_id: str) -> str:
     return f"{REPLICAS}{replica_id}"
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The etcd ``range_end`` covering every key that starts with ``prefix`` (its last byte
+    below 0xff incremented, the rest dropped; ``b"\\0"``, every key, for an all-0xff prefix)."""
+    for i in range(len(prefix) - 1, -1, -1):
+        if prefix[i] < 0xFF:
+            return prefix[:i] + bytes([prefix[i] + 1])
+    return b"\0"
 
 
 def split_key(key: str, prefix: str) -> tuple[str, str]:

@@ -27,7 +27,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any
 
@@ -44,16 +44,14 @@ from meshserve.common.errors import (
 )
 from meshserve.common.sketches import monitoring_digest
 from meshserve.controlplane import keys
-from meshserve.controlplane.etcd._client import delete_if
 from meshserve.controlplane.observe.metrics import controlplane_metrics
+from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import inference_pb2, mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["Hub", "NodeSession", "TokenBucket"]
 
 _log = logging.getLogger("meshserve.controlplane.hub")
-#: The value of a ``draining/<node>`` key a node set by shutting down (an operator's is "").
-SHUTDOWN_DRAIN = b"shutdown"
 ADOPTION_GRACE_S = 5.0  # a reconnected node's unplaced READY copies wait this long for adoption
 _FRAME_SLACK = 4096  # framing a query for the tunnel adds less than this (ids, trace context)
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -210,7 +208,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
     def __init__(
         self,
         *,
-        etcd: Any,
+        registry: Registry,
         replica_id: str,
         lease_ttl_s: int,
         lease_id: Callable[[], int],
@@ -228,7 +226,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         ``identify``: checks that the caller may claim the Hello's node id (raising the status
         that refuses the stream; :meth:`meshserve.controlplane.auth.Guard.identify_node`); None:
         trusted."""
-        self._etcd = etcd
+        self._registry = registry
         self._on_telemetry = on_telemetry
         self._identify = identify
         self._digests: dict[VariantKey, tuple[mesh_pb2.ModelSpec, str]] = {}
@@ -349,10 +347,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        key = keys.node_link_key(session.node_id, self.replica_id).encode()
         for attempt in range(60):  # ~30 s; after that the sweeper takes over
             try:
-                await self._etcd.delete(key)
+                await self._registry.delete_node_record(session.node_id, self.replica_id)
                 break
             except Exception as exc:
                 if attempt == 0:
@@ -392,16 +389,16 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         task.add_done_callback(self._background.discard)
 
     async def _mark_draining(self, node_id: str, on: bool) -> None:
-        """A node shutting down drains itself: ``draining/<node>`` = ``SHUTDOWN_DRAIN`` (under
-        this replica's lease), so the leader moves its copies and gateways stop routing to it.
-        Its next Hello (a restart) clears that mark; an operator's drain (value "") stays."""
-        key = f"{keys.DRAINING}{node_id}".encode()
+        """A node shutting down drains itself: ``draining/<node>`` = ``keys.SHUTDOWN_DRAIN``
+        (under this replica's lease, unless the node is drained already), so the leader moves its
+        copies and gateways stop routing to it. Its next Hello (a restart) clears that mark; an
+        operator's drain (value "") stays, and is never replaced by a shutdown mark."""
         try:
             if on:
-                await self._etcd.put(key, SHUTDOWN_DRAIN, lease=self._lease_id())
-                _log.info("node %s is shutting down: draining it", node_id)
+                if await self._registry.mark_shutdown_drain(node_id, self._lease_id()):
+                    _log.info("node %s is shutting down: draining it", node_id)
                 return
-            await delete_if(self._etcd, key, value=SHUTDOWN_DRAIN)
+            await self._registry.clear_shutdown_drain(node_id)
         except Exception as exc:
             _log.warning("draining mark of node %s: %r", node_id, exc)
 
@@ -412,11 +409,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
 
     async def _write_record(self, session: NodeSession) -> None:
         session.record_dirty.clear()
-        await self._etcd.put(
-            keys.node_link_key(session.node_id, self.replica_id).encode(),
-            keys.encode(session.record()),
-            lease=self._lease_id(),
-        )
+        await self._registry.put_node_record(self.replica_id, session.record(), self._lease_id())
 
     async def _record_loop(self, session: NodeSession) -> None:
         """Write the link record whenever it changed; coalesces bursts, retries on errors."""
@@ -434,8 +427,10 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         for session in self.sessions.values():
             session.record_dirty.set()
 
-    async def sweep(self, links: Iterable[str]) -> int:
-        """Delete this replica's node records that no live stream backs; returns how many."""
+    async def sweep(self, links: Mapping[str, int]) -> int:
+        """Delete this replica's node records that no live stream backs; returns how many.
+        ``links``: every link record's key and mod revision (the mirror); a record is deleted
+        only if it is still that revision (a stream that came back meanwhile keeps its own)."""
         stale = []
         for key in links:
             node_id, replica_id = keys.split_key(key, keys.NODES)
@@ -445,10 +440,16 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 and (node_id not in self._cleanups)
             ):
                 stale.append(key)
+        swept = 0
         for key in stale:
-            await self._etcd.delete(key.encode())
-            _log.warning("swept stale record %s", key)
-        return len(stale)
+            node_id, _ = keys.split_key(key, keys.NODES)
+            revision = links[key]
+            if await self._registry.delete_node_record(
+                node_id, self.replica_id, mod_revision=revision
+            ):
+                swept += 1
+                _log.warning("swept stale record %s", key)
+        return swept
 
     # -- reconciliation ----------------------------------------------------------------------
 

@@ -8,19 +8,20 @@ Contract:
   passes it to every subscriber (:meth:`EventLog.subscribe`) and queues it. The queue holds at
   most ``max_pending`` events: when full, the oldest queued event is dropped and counted
   (``stats["dropped"]``); the batch being written is kept until it lands.
-- A background writer (:meth:`EventLog.start`) drains the queue in batches. Each batch is one etcd
-  transaction that compare-and-swaps the sequence counter ``/meshserve/events-seq`` (decimal text,
-  the last sequence number handed out; compared on its mod revision), puts the batch's events at
+- A background writer (:meth:`EventLog.start`) drains the queue in batches. Each batch is one
+  transaction of the registry (:meth:`~meshserve.controlplane.registry.Registry.append_events`)
+  that compare-and-swaps the sequence counter ``/meshserve/events-seq`` (decimal text, the last
+  sequence number handed out; compared on its mod revision), puts the batch's events at
   ``events/<seq, 20 digits>`` and deletes every event older than the newest ``capacity`` ones. So
   sequence numbers are unique and increasing across every replica, keys appear in sequence order,
   and the ring never holds more than ``capacity`` events (as long as all replicas agree on it).
   A lost race re-reads the counter (from the same transaction's failure branch) and retries.
-- On etcd errors the batch stays pending and the writer retries with backoff (0.2 s doubling to
+- On store errors the batch stays pending and the writer retries with backoff (0.2 s doubling to
   5 s). A transaction whose outcome is unknown (timeout, broken connection) is checked before it is
-  retried: if its first event is in etcd byte for byte, the batch committed and is not rewritten.
+  retried: if its first event is stored byte for byte, the batch committed and is not rewritten.
 - :meth:`EventLog.close` gives the writer up to 2 s to flush what is pending, then cancels it;
   events still pending are lost (``stats["pending"]`` says how many).
-- :meth:`EventLog.list` reads the ring from etcd (all replicas' events, never this replica's
+- :meth:`EventLog.list` reads the ring from the store (all replicas' events, never this replica's
   unwritten ones) and returns the newest ``limit`` events matching the filters, oldest first.
 
 Call :meth:`EventLog.record` from the event loop's thread.
@@ -35,23 +36,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from opentelemetry import metrics, trace
 
 from meshserve.controlplane import keys
+from meshserve.controlplane.registry import Registry, SeqCounter
 from meshserve.protos import mesh_pb2
 
-__all__ = ["SEQ_KEY", "EventLog", "EventSink"]
+__all__ = ["EventLog", "EventSink"]
 
 _log = logging.getLogger("meshserve.events")
 
-#: The sequence counter: the last sequence number handed out, as decimal text. Deliberately
-#: outside ``keys.EVENTS`` so that a prefix read of the ring sees events only.
-SEQ_KEY = keys.ROOT + "events-seq"
-
-_SEQ_DIGITS = 20
-_FIRST_KEY = (keys.EVENTS + "0" * _SEQ_DIGITS).encode()
 _DEFAULT_LIMIT = 50
 #: Events per transaction: etcd refuses more than 128 operations per txn by default
 #: (``--max-txn-ops``); a batch also uses one put for the counter and one range delete.
@@ -69,10 +65,6 @@ _OP_TIMEOUT = 5.0
 _Events = builtins.list[mesh_pb2.Event]
 
 
-def _event_key(seq: int) -> bytes:
-    return f"{keys.EVENTS}{seq:0{_SEQ_DIGITS}d}".encode()
-
-
 class EventSink(Protocol):
     """Where decisions are reported (an :class:`EventLog`; tests may pass a list-backed one)."""
 
@@ -86,7 +78,7 @@ class EventLog:
 
     def __init__(
         self,
-        etcd: Any,
+        registry: Registry,
         replica_id: str,
         *,
         capacity: int = 1000,
@@ -96,7 +88,7 @@ class EventLog:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        self._etcd = etcd
+        self._registry = registry
         self._replica_id = replica_id
         self._capacity = capacity
         self._max_pending = max_pending
@@ -104,12 +96,11 @@ class EventLog:
         self._pending: collections.deque[mesh_pb2.Event] = collections.deque()
         # The batch being written (or retried); still pending until a transaction lands it.
         self._inflight: _Events = []
-        # (key, value) of the first event of a transaction whose outcome is unknown.
-        self._uncertain: tuple[bytes, bytes] | None = None
-        # Cached counter state (last seq, mod revision; 0 = key absent). A stale guess only
-        # costs one failed compare, whose failure branch returns the real value.
-        self._last_seq = 0
-        self._seq_rev = 0
+        # The first event (numbered) of a transaction whose outcome is unknown.
+        self._uncertain: mesh_pb2.Event | None = None
+        # Cached counter state. A stale guess only costs one failed compare, whose failure
+        # branch returns the real value.
+        self._counter_seen = SeqCounter()
         self._written = 0
         self._dropped = 0
         self._wake = asyncio.Event()  # something was queued
@@ -265,55 +256,29 @@ class EventLog:
             self._inflight.append(self._pending.popleft())
 
     async def _write_batch(self) -> None:
-        """Write the in-flight batch (taking one first if needed); raises on etcd errors."""
+        """Write the in-flight batch (taking one first if needed); raises on store errors."""
         self._take_batch()
         batch = self._inflight
         if self._uncertain is not None:
-            key, value = self._uncertain
-            found = await asyncio.wait_for(self._etcd.get(key), _OP_TIMEOUT)
+            first = self._uncertain
+            stored = await asyncio.wait_for(self._registry.has_event(first), _OP_TIMEOUT)
             self._uncertain = None
-            if found is not None and bytes(found.value) == value:
+            if stored:
                 self._done(batch)  # the transaction that timed out did commit
                 return
-        t = self._etcd.transactions
-        seq_key = SEQ_KEY.encode()
         for _ in range(_MAX_CAS_ATTEMPTS):
-            first = self._last_seq + 1
-            last = self._last_seq + len(batch)
-            ops: builtins.list[Any] = [t.put(seq_key, str(last).encode())]
-            values: builtins.list[bytes] = []
-            for offset, event in enumerate(batch):
-                event.seq = first + offset
-                values.append(keys.encode(event))
-                ops.append(t.put(_event_key(event.seq), values[-1]))
-            oldest_kept = last - self._capacity + 1
-            if oldest_kept > 1:  # keys [first .. last] are all >= oldest_kept: no overlap
-                ops.append(t.delete(_FIRST_KEY, _event_key(oldest_kept)))
             try:
-                ok, responses = await asyncio.wait_for(
-                    self._etcd.transaction(
-                        compare=[t.mod(seq_key) == self._seq_rev],
-                        success=ops,
-                        failure=[t.get(seq_key)],
-                    ),
+                ok, self._counter_seen = await asyncio.wait_for(
+                    self._registry.append_events(batch, self._counter_seen, self._capacity),
                     _OP_TIMEOUT,
                 )
             except BaseException:
-                self._uncertain = (_event_key(first), values[0])
+                self._uncertain = mesh_pb2.Event()  # numbered by append_events
+                self._uncertain.CopyFrom(batch[0])
                 raise
             if ok:
-                self._last_seq = last
-                self._seq_rev = int(responses[0].response_put.header.revision)
                 self._done(batch)
                 return
-            ranged = list(responses[0]) if responses else []
-            if ranged:
-                value, got = ranged[0]
-                self._last_seq = int(bytes(value).decode() or "0")
-                self._seq_rev = int(got.mod_revision)
-            else:  # the counter does not exist (yet): start at 1
-                self._last_seq = 0
-                self._seq_rev = 0
         raise RuntimeError(f"event sequence counter contended {_MAX_CAS_ATTEMPTS} times in a row")
 
     def _done(self, batch: _Events) -> None:
@@ -324,26 +289,22 @@ class EventLog:
     # -- reading ----------------------------------------------------------------------------
 
     async def list(self, limit: int = _DEFAULT_LIMIT, kind: str = "", model: str = "") -> _Events:
-        """The newest ``limit`` events in etcd matching ``kind`` and ``model`` (empty = any),
+        """The newest ``limit`` events in the ring matching ``kind`` and ``model`` (empty = any),
         oldest first. ``limit`` 0 means 50; it is clamped to ``1..capacity``.
 
         :raises aetcd.exceptions.ClientError: etcd unreachable.
-        :raises TimeoutError: etcd did not answer within 5 s.
+        :raises TimeoutError: the store did not answer within 5 s.
         """
         if limit == 0:
             limit = _DEFAULT_LIMIT
         limit = max(1, min(limit, self._capacity))
-        # aetcd has no range limit (it drops RangeRequest.limit), so read the whole ring
-        # (<= capacity keys), newest first, and decode only as far as needed.
-        result = await asyncio.wait_for(
-            self._etcd.get_prefix(keys.EVENTS.encode(), sort_order="descend"), _OP_TIMEOUT
-        )
+        values = await asyncio.wait_for(self._registry.read_events(), _OP_TIMEOUT)
         found: _Events = []
-        for raw in result.kvs:
+        for value in values:  # newest first: decode only as far as needed
             try:
-                event = keys.decode(bytes(raw.value), mesh_pb2.Event())
+                event = keys.decode(value, mesh_pb2.Event())
             except Exception:
-                _log.warning("undecodable event at %r", bytes(raw.key))
+                _log.warning("undecodable event in the ring: %r", value[:80])
                 continue
             if (kind and event.kind != kind) or (model and event.model != model):
                 continue

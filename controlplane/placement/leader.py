@@ -2,10 +2,11 @@
 
 Each pass takes a fresh snapshot plus the live demand (node telemetry this replica holds: nodes
 link to every replica), lets the autoscaler set the copy counts of autoscaled variants, plans
-under the policy in force, and writes the changed placements in transactions (at most
-``_TXN_OPS`` operations each, etcd's limit is 128) that also check this replica still holds the
-leader key (a deposed leader can never write). Every placement and scale change is an event. A
-pass that fails is logged and retried; the loop itself never dies.
+under the policy in force, and writes the changed placements through the registry
+(:meth:`~meshserve.controlplane.registry.Registry.write_placements`: transactions that also
+check this replica still holds the leader key, so a deposed leader can never write). Every
+placement and scale change is an event. A pass that fails is logged and retried; the loop itself
+never dies.
 """
 
 from __future__ import annotations
@@ -15,27 +16,25 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
-from meshserve.controlplane import keys
 from meshserve.controlplane.etcd import Election
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.observe.metrics import ControlPlaneMetrics, controlplane_metrics
 from meshserve.controlplane.placement.autoscale import Autoscaler, ScaleChange
 from meshserve.controlplane.placement.scheduler import Plan, RuleSource, plan_placements
+from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 
 __all__ = ["LeaderLoop"]
 
 _log = logging.getLogger("meshserve.controlplane.leader")
-_TXN_OPS = 100
 
 
 class LeaderLoop:
     def __init__(
         self,
         *,
-        etcd: Any,
+        registry: Registry,
         election: Callable[[], Election],
         replica_id: str,
         snapshot: Callable[[], Snapshot],
@@ -46,7 +45,7 @@ class LeaderLoop:
         metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         """``metrics``: where decisions are counted (default: :func:`controlplane_metrics`)."""
-        self._etcd = etcd
+        self._registry = registry
         self._new_election = election  # a fresh Election on the replica's current session
         self.election: Election | None = None
         self._replica_id = replica_id
@@ -104,20 +103,9 @@ class LeaderLoop:
             self._idle_inputs = inputs
             return
         self._idle_inputs = None
-        t = self._etcd.transactions
-        ops = [
-            t.put(keys.placement_key(*k).encode(), keys.encode(p)) for k, p in plan.upserts.items()
-        ]
-        ops += [t.delete(keys.placement_key(*k).encode()) for k in plan.deletes]
-        for first in range(0, len(ops), _TXN_OPS):
-            ok, _ = await self._etcd.transaction(
-                compare=[t.value(keys.LEADER.encode()) == self._replica_id.encode()],
-                success=ops[first : first + _TXN_OPS],
-                failure=[],
-            )
-            if not ok:
-                _log.warning("placement write refused: this replica no longer holds the leader key")
-                return
+        if not await self._registry.write_placements(plan.upserts, plan.deletes, self._replica_id):
+            _log.warning("placement write refused: this replica no longer holds the leader key")
+            return
         self.passes += 1
         self._count(base, plan, changes)
         for change in changes:

@@ -1,5 +1,5 @@
-"""meshserve.controlplane.observe.events.EventLog against a real etcd (one fresh server per
-test)."""
+"""meshserve.controlplane.observe.events.EventLog on the etcd registry against a real etcd (one
+fresh server per test)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from meshserve.controlplane import keys
 from meshserve.controlplane.etcd import connect
-from meshserve.controlplane.observe.events import SEQ_KEY, EventLog
+from meshserve.controlplane.observe.events import EventLog
+from meshserve.controlplane.registry import EtcdRegistry
 from tests.support.etcd import EtcdServer
+from tests.support.fake_registry import FakeRegistry
 from tests.support.inproc import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
@@ -29,7 +31,7 @@ async def ring_keys(client: Any) -> list[str]:
 
 async def test_two_replicas_get_unique_increasing_seqs(etcd: EtcdServer, client: Any) -> None:
     other = await connect(etcd.url)
-    logs = [EventLog(client, "r1"), EventLog(other, "r2")]
+    logs = [EventLog(EtcdRegistry(client), "r1"), EventLog(EtcdRegistry(other), "r2")]
     try:
         for log in logs:
             log.start()
@@ -56,14 +58,14 @@ async def test_two_replicas_get_unique_increasing_seqs(etcd: EtcdServer, client:
             mine = [int(e.message[2:]) for e in events if e.message.startswith(prefix)]
             assert mine == list(range(15))
         assert all(e.unix_ms > 0 and e.kind == "placement" for e in events)
-        assert (await client.get(SEQ_KEY.encode())).value == b"30"
+        assert (await client.get(keys.EVENTS_SEQ.encode())).value == b"30"
         assert len(await ring_keys(client)) == 30
     finally:
         await other.close()
 
 
 async def test_ring_keeps_newest_capacity_events(client: Any) -> None:
-    log = EventLog(client, "r1", capacity=10)
+    log = EventLog(EtcdRegistry(client), "r1", capacity=10)
     log.start()
     for i in range(25):
         log.record("scale", model="m", message=str(i))
@@ -81,7 +83,7 @@ async def test_ring_keeps_newest_capacity_events(client: Any) -> None:
 
 
 async def test_filters_by_kind_and_model(client: Any) -> None:
-    log = EventLog(client, "r1")
+    log = EventLog(EtcdRegistry(client), "r1")
     log.start()
     for i in range(12):
         kind = ["placement", "evict", "drain"][i % 3]
@@ -105,20 +107,20 @@ async def test_filters_by_kind_and_model(client: Any) -> None:
 
 
 async def test_close_flushes_pending(client: Any) -> None:
-    log = EventLog(client, "r1")
+    log = EventLog(EtcdRegistry(client), "r1")
     log.start()
     for i in range(40):  # no await in between: everything is still pending at close()
         log.record("reroute", message=str(i))
     assert log.stats["pending"] == 40
     await log.close()
     assert log.stats == {"pending": 0, "written": 40, "dropped": 0}
-    reader = EventLog(client, "reader")
+    reader = EventLog(EtcdRegistry(client), "reader")
     assert [e.message for e in await reader.list(limit=100)] == [str(i) for i in range(40)]
     await log.close()  # idempotent
 
 
 async def test_bounded_queue_drops_oldest(client: Any) -> None:
-    log = EventLog(client, "r1", max_pending=5)
+    log = EventLog(EtcdRegistry(client), "r1", max_pending=5)
     for i in range(8):  # writer not started yet: all queued
         log.record("policy", message=str(i))
     assert log.stats == {"pending": 5, "written": 0, "dropped": 3}
@@ -128,7 +130,7 @@ async def test_bounded_queue_drops_oldest(client: Any) -> None:
 
 
 def test_empty_kind_is_rejected() -> None:
-    log = EventLog(object(), "r1")
+    log = EventLog(FakeRegistry(), "r1")
     with pytest.raises(ValueError, match="kind"):
         log.record("")
     log.record("evict", model="m")  # no writer, no loop: queued, no error
@@ -139,7 +141,7 @@ def test_event_is_added_to_the_current_span() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    log = EventLog(object(), "r1")
+    log = EventLog(FakeRegistry(), "r1")
     with provider.get_tracer("test").start_as_current_span("decide"):
         log.record("evict", model="m", node_id="n1", message="idle")
     (span,) = exporter.get_finished_spans()
@@ -153,7 +155,7 @@ def test_event_is_added_to_the_current_span() -> None:
 
 
 async def test_record_survives_etcd_outage(etcd: EtcdServer, client: Any) -> None:
-    log = EventLog(client, "r1", max_pending=15)
+    log = EventLog(EtcdRegistry(client), "r1", max_pending=15)
     log.start()
     log.record("drain", message="before")
     await eventually(lambda: log.stats["written"] == 1, 5.0)
@@ -200,7 +202,7 @@ class _LosesFirstReply:
 
 async def test_committed_batch_with_lost_reply_is_not_rewritten(client: Any) -> None:
     wrapped = _LosesFirstReply(client)
-    log = EventLog(wrapped, "r1")
+    log = EventLog(EtcdRegistry(wrapped), "r1")
     log.start()
     for i in range(3):
         log.record("placement", message=str(i))

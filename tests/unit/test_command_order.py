@@ -17,6 +17,7 @@ from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.node.copies import CopyEntry, CopyManager
 from meshserve.node.store import ModelStore
 from meshserve.protos import mesh_pb2
+from tests.support.fake_registry import FakeRegistry
 from tests.support.inproc import eventually
 
 KEY = ("mlp", "default")
@@ -32,7 +33,7 @@ def _snapshot(nodes: list[str] | None, revision: int, view: int) -> Snapshot:
 
 def _hub() -> Hub:
     return Hub(
-        etcd=None,
+        registry=FakeRegistry(),
         replica_id="cp-1",
         lease_ttl_s=3,
         lease_id=lambda: 1,

@@ -1,0 +1,430 @@
+"""The registry seam: every etcd write of the control plane, behind one typed interface.
+
+:class:`Registry` is the contract; :class:`EtcdRegistry` implements it on an etcd client (the
+key schema and value codecs are :mod:`meshserve.controlplane.keys`; see docs/etcd-schema.md).
+No other module of the control plane writes to etcd except :mod:`meshserve.controlplane.etcd`
+(sessions, elections). Reads that want the watched view use the prefix mirrors; the registry
+reads only where a write depends on what it read.
+
+Racing writes are single etcd transactions, as in etcd's ``clientv3/concurrency``: a write that
+depends on a read compares what it read (a key's ``mod_revision``, a prefix unchanged since the
+read's revision, a key's existence) in the same transaction as the write. A lost race is retried
+from a fresh read where the call means "apply my change to whatever is there" (the drift
+profile, an alias change, a variant's removal), at most a few times; then the call fails with
+UNAVAILABLE ("retry"). Nothing is ever written half: a call's keys change at one revision.
+
+Errors: the domain errors of :mod:`meshserve.common.errors` (the admin API passes them on as
+gRPC statuses); etcd trouble surfaces as aetcd's own errors (``TRANSIENT_ERRORS``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from meshserve.controlplane import keys
+from meshserve.controlplane.etcd._client import (
+    EtcdClient,
+    KeyValue,
+    create_if_absent,
+    delete_if,
+    get,
+    get_prefix,
+)
+from meshserve.protos import mesh_pb2
+
+__all__ = ["AliasPlan", "EtcdRegistry", "Registry", "SeqCounter"]
+
+VariantKey = tuple[str, str]
+#: ``plan(current alias or None, registered versions) -> new alias``: pure, may raise a domain
+#: error; returning ``current`` itself means "no change" (nothing is written).
+AliasPlan = Callable[[mesh_pb2.Alias | None, list[str]], mesh_pb2.Alias]
+
+#: Attempts of a compare-and-swap that is retried on a lost race.
+CAS_ATTEMPTS = 5
+#: Operations per placement transaction (etcd refuses more than 128 by default).
+TXN_OPS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class SeqCounter:
+    """The event ring's sequence counter as last seen: the last sequence number handed out and
+    the counter key's ``mod_revision`` (0: the key does not exist yet)."""
+
+    last: int = 0
+    revision: int = 0
+
+
+class Registry(Protocol):
+    """Every write the control plane makes to its store. Implementations: :class:`EtcdRegistry`
+    (production, integration tests) and an in-memory fake for unit tests.
+
+    Contract shared by all methods: a call changes its keys atomically (one revision); a call
+    that raises wrote nothing, except an etcd error whose reply was lost (the outcome is
+    unknown, as for any remote write).
+    """
+
+    # -- models, versions and aliases (Admin API) --------------------------------------------
+
+    async def register_model(self, spec: mesh_pb2.ModelSpec) -> bool:
+        """Store ``spec`` (validated by the caller) at ``models/<name>/<variant>``, replacing
+        what is there; True when the variant is new. InvalidArgument if an alias of the model
+        has the variant's name — checked in the same transaction as the write."""
+        ...
+
+    async def set_drift_profile(
+        self, model: str, variant: str, profile: mesh_pb2.DriftProfile
+    ) -> None:
+        """Set the stored spec's drift reference, keeping every other field as stored now
+        (read-modify-write on the key's mod revision, retried). NotFound: no such variant."""
+        ...
+
+    async def remove_variant(self, model: str, variant: str) -> int:
+        """Delete one variant (1 removed, 0 absent). FailedPrecondition while an alias points
+        at it (version or canary); the write compares that no alias changed since the check."""
+        ...
+
+    async def remove_model(self, model: str) -> int:
+        """Delete every variant and every alias of ``model`` in one transaction; returns how
+        many variants were removed."""
+        ...
+
+    async def aliases(self, model: str) -> list[mesh_pb2.Alias]:
+        """The model's aliases as stored (a linearizable read), by name."""
+        ...
+
+    async def change_alias(
+        self, model: str, alias: str, plan: AliasPlan
+    ) -> tuple[mesh_pb2.Alias, mesh_pb2.Alias | None]:
+        """Apply ``plan`` to the alias as stored and the model's registered versions; returns
+        ``(new, old)``. The write compares the alias's mod revision, that no variant of the
+        model was written since the read, and that the versions the new record names still
+        exist. NotFound: the model has no variant."""
+        ...
+
+    # -- policy, drain and wake marks -------------------------------------------------------
+
+    async def apply_policy(self, text: str) -> int:
+        """Store the policy YAML as given (validated by the caller); returns its revision."""
+        ...
+
+    async def policy(self) -> tuple[str, int] | None:
+        """The stored policy text and its mod revision; None when none was applied."""
+        ...
+
+    async def drain(self, node_id: str) -> None:
+        """An operator's drain mark (value "", no lease: it stays until :meth:`undrain`)."""
+        ...
+
+    async def undrain(self, node_id: str) -> None:
+        """Remove the node's drain mark, whoever set it."""
+        ...
+
+    async def mark_shutdown_drain(self, node_id: str, lease: int) -> bool:
+        """A node shutting down: mark it draining under ``lease`` unless a mark exists (an
+        operator's drain is never replaced); True when this call set it."""
+        ...
+
+    async def clear_shutdown_drain(self, node_id: str) -> bool:
+        """Remove the node's mark only if it is a shutdown mark; True when removed."""
+        ...
+
+    async def wake(self, key: VariantKey, lease: int) -> None:
+        """A query waits for a copy of a variant scaled to zero: set ``wake/<m>/<v>`` under
+        ``lease``. Calls are counted per variant on this registry."""
+        ...
+
+    async def unwake(self, key: VariantKey) -> None:
+        """The end of one :meth:`wake`; the last one deletes the mark if it is still the one
+        this registry wrote (another replica's mark stays)."""
+        ...
+
+    # -- replicas, node link records, placements ------------------------------------------
+
+    async def register_replica(self, info: mesh_pb2.ReplicaInfo, lease: int) -> None:
+        """This replica's record, under its session lease."""
+        ...
+
+    async def put_node_record(self, replica_id: str, info: mesh_pb2.NodeInfo, lease: int) -> None:
+        """The link record of a node whose stream ``replica_id`` holds, under its lease."""
+        ...
+
+    async def delete_node_record(
+        self, node_id: str, replica_id: str, *, mod_revision: int | None = None
+    ) -> bool:
+        """Delete a link record; with ``mod_revision`` only if the record is still that one
+        (a sweep must not delete a record a new stream just wrote). True when deleted."""
+        ...
+
+    async def write_placements(
+        self,
+        upserts: Mapping[VariantKey, mesh_pb2.Placement],
+        deletes: Iterable[VariantKey],
+        leader: str,
+    ) -> bool:
+        """Write a scheduling pass, in transactions of at most ``TXN_OPS`` operations each
+        guarded by ``leader`` still holding the leader key; False (and the rest unwritten) as
+        soon as one is refused."""
+        ...
+
+    # -- the event ring --------------------------------------------------------------------
+
+    async def append_events(
+        self, batch: Sequence[mesh_pb2.Event], counter: SeqCounter, capacity: int
+    ) -> tuple[bool, SeqCounter]:
+        """Number ``batch`` (at most ``capacity`` events) after ``counter.last`` (setting each
+        event's ``seq``), and in one transaction that compares the counter's mod revision with
+        ``counter.revision``: store the events, advance the counter and trim the ring to its
+        newest ``capacity`` events.
+        Returns ``(True, new counter)``, or ``(False, the counter as stored)`` after a lost
+        race (nothing written: renumber and retry)."""
+        ...
+
+    async def has_event(self, event: mesh_pb2.Event) -> bool:
+        """Whether ``event`` is stored at its ``seq`` byte for byte (did a write whose reply
+        was lost commit?)."""
+        ...
+
+    async def read_events(self) -> list[bytes]:
+        """The ring's stored values, newest first."""
+        ...
+
+
+class EtcdRegistry:
+    """:class:`Registry` on an etcd client (the caller owns and closes the client)."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self._etcd = client
+        self._wakes: dict[VariantKey, tuple[bytes, int]] = {}  # value written, holders
+
+    async def _txn(
+        self, compare: list[Any], success: list[Any], failure: list[Any] | None = None
+    ) -> tuple[bool, list[Any]]:
+        ok, responses = await self._etcd.transaction(
+            compare=compare, success=success, failure=failure or []
+        )
+        return bool(ok), list(responses)
+
+    def _unchanged_since(self, prefix: str, revision: int) -> Any:
+        """Compare: no key under ``prefix`` was written after ``revision`` (deletes aside)."""
+        raw = prefix.encode()
+        return self._etcd.transactions.mod(raw, keys.prefix_end(raw)) < revision + 1
+
+    # -- models, versions and aliases --------------------------------------------------------
+
+    async def register_model(self, spec: mesh_pb2.ModelSpec) -> bool:
+        t = self._etcd.transactions
+        key = keys.model_key(spec.name, spec.variant).encode()
+        alias = keys.alias_key(spec.name, spec.variant).encode()
+        ok, responses = await self._txn(
+            [t.create(alias) == 0], [t.put(key, keys.encode(spec), prev_kv=True)]
+        )
+        if not ok:
+            raise InvalidArgument(
+                f"{spec.variant!r} is an alias of model {spec.name!r} (meshctl model aliases "
+                f"{spec.name}); give the version another name"
+            )
+        return not responses[0].response_put.HasField("prev_kv")
+
+    async def set_drift_profile(
+        self, model: str, variant: str, profile: mesh_pb2.DriftProfile
+    ) -> None:
+        t = self._etcd.transactions
+        key = keys.model_key(model, variant).encode()
+        kv = await get(self._etcd, key)
+        for _ in range(CAS_ATTEMPTS):
+            if kv is None:
+                raise NotFound(f"model {model!r} has no variant {variant!r}")
+            spec = keys.decode(kv.value, mesh_pb2.ModelSpec())
+            spec.drift_reference.CopyFrom(profile)
+            ok, responses = await self._txn(
+                [t.mod(key) == kv.mod_revision], [t.put(key, keys.encode(spec))], [t.get(key)]
+            )
+            if ok:
+                return
+            kv = _ranged(responses)
+        raise Unavailable(f"model {model!r} variant {variant!r} is changing concurrently; retry")
+
+    async def remove_variant(self, model: str, variant: str) -> int:
+        t = self._etcd.transactions
+        prefix = keys.alias_prefix(model)
+        for _ in range(CAS_ATTEMPTS):
+            revision, kvs = await get_prefix(self._etcd, prefix.encode())
+            for kv in kvs:
+                alias = keys.decode(kv.value, mesh_pb2.Alias())
+                if variant in (alias.version, alias.canary_version):
+                    role = "canary" if variant == alias.canary_version else "version"
+                    raise FailedPrecondition(
+                        f"{variant!r} is the {role} of alias {alias.alias!r} of model {model!r}; "
+                        "roll the alias to another version (or roll back) before removing it"
+                    )
+            ok, responses = await self._txn(
+                [self._unchanged_since(prefix, revision)],
+                [t.delete(keys.model_key(model, variant).encode())],
+            )
+            if ok:
+                return int(responses[0].response_delete_range.deleted)
+        raise Unavailable(f"the aliases of model {model!r} are changing concurrently; retry")
+
+    async def remove_model(self, model: str) -> int:
+        t = self._etcd.transactions
+        ranges = [keys.model_prefix(model).encode(), keys.alias_prefix(model).encode()]
+        _, responses = await self._txn([], [t.delete(r, keys.prefix_end(r)) for r in ranges])
+        return int(responses[0].response_delete_range.deleted)
+
+    async def aliases(self, model: str) -> list[mesh_pb2.Alias]:
+        _, kvs = await get_prefix(self._etcd, keys.alias_prefix(model).encode())
+        found = (keys.decode(kv.value, mesh_pb2.Alias()) for kv in kvs)
+        return sorted(found, key=lambda a: a.alias)
+
+    async def change_alias(
+        self, model: str, alias: str, plan: AliasPlan
+    ) -> tuple[mesh_pb2.Alias, mesh_pb2.Alias | None]:
+        t = self._etcd.transactions
+        key = keys.alias_key(model, alias).encode()
+        for _ in range(CAS_ATTEMPTS):
+            revision, kvs = await get_prefix(self._etcd, keys.model_prefix(model).encode())
+            registered = [keys.split_key(kv.key.decode(), keys.MODELS)[1] for kv in kvs]
+            if not registered:
+                raise NotFound(f"unknown model {model!r}")
+            kv = await get(self._etcd, key)
+            current = None if kv is None else keys.decode(kv.value, mesh_pb2.Alias())
+            new = plan(current, registered)
+            if new is current:
+                return new, current
+            compare = [
+                t.mod(key) == (kv.mod_revision if kv is not None else 0),
+                self._unchanged_since(keys.model_prefix(model), revision),
+            ]
+            for version in sorted({new.version, new.canary_version} & set(registered)):
+                compare.append(t.version(keys.model_key(model, version).encode()) > 0)
+            ok, _ = await self._txn(compare, [t.put(key, keys.encode(new))])
+            if ok:
+                return new, current
+        raise Unavailable(f"alias {alias!r} of model {model!r} is changing concurrently; retry")
+
+    # -- policy, drain and wake marks ----------------------------------------------------------
+
+    async def apply_policy(self, text: str) -> int:
+        result = await self._etcd.put(keys.POLICY.encode(), text.encode())
+        return int(result.header.revision)
+
+    async def policy(self) -> tuple[str, int] | None:
+        kv = await get(self._etcd, keys.POLICY.encode())
+        if kv is None:
+            return None
+        return kv.value.decode("utf-8", "replace"), kv.mod_revision
+
+    async def drain(self, node_id: str) -> None:
+        await self._etcd.put(keys.draining_key(node_id).encode(), b"")
+
+    async def undrain(self, node_id: str) -> None:
+        await self._etcd.delete(keys.draining_key(node_id).encode())
+
+    async def mark_shutdown_drain(self, node_id: str, lease: int) -> bool:
+        key = keys.draining_key(node_id).encode()
+        created, _, _ = await create_if_absent(self._etcd, key, keys.SHUTDOWN_DRAIN, lease)
+        return created
+
+    async def clear_shutdown_drain(self, node_id: str) -> bool:
+        key = keys.draining_key(node_id).encode()
+        return await delete_if(self._etcd, key, value=keys.SHUTDOWN_DRAIN)
+
+    async def wake(self, key: VariantKey, lease: int) -> None:
+        value = str(time.time_ns() // 1_000_000).encode()
+        await self._etcd.put(keys.wake_key(*key).encode(), value, lease=lease)
+        _, holders = self._wakes.get(key, (b"", 0))
+        self._wakes[key] = (value, holders + 1)
+
+    async def unwake(self, key: VariantKey) -> None:
+        value, holders = self._wakes.get(key, (b"", 0))
+        if holders > 1:
+            self._wakes[key] = (value, holders - 1)
+            return
+        if self._wakes.pop(key, None) is not None:
+            await delete_if(self._etcd, keys.wake_key(*key).encode(), value=value)
+
+    # -- replicas, node link records, placements ----------------------------------------------
+
+    async def register_replica(self, info: mesh_pb2.ReplicaInfo, lease: int) -> None:
+        key = keys.replica_key(info.replica_id).encode()
+        await self._etcd.put(key, keys.encode(info), lease=lease)
+
+    async def put_node_record(self, replica_id: str, info: mesh_pb2.NodeInfo, lease: int) -> None:
+        key = keys.node_link_key(info.node_id, replica_id).encode()
+        await self._etcd.put(key, keys.encode(info), lease=lease)
+
+    async def delete_node_record(
+        self, node_id: str, replica_id: str, *, mod_revision: int | None = None
+    ) -> bool:
+        key = keys.node_link_key(node_id, replica_id).encode()
+        if mod_revision is not None:
+            return await delete_if(self._etcd, key, mod_revision=mod_revision)
+        return await self._etcd.delete(key) is not None
+
+    async def write_placements(
+        self,
+        upserts: Mapping[VariantKey, mesh_pb2.Placement],
+        deletes: Iterable[VariantKey],
+        leader: str,
+    ) -> bool:
+        t = self._etcd.transactions
+        ops = [t.put(keys.placement_key(*k).encode(), keys.encode(p)) for k, p in upserts.items()]
+        ops += [t.delete(keys.placement_key(*k).encode()) for k in deletes]
+        guard = t.value(keys.LEADER.encode()) == leader.encode()
+        for first in range(0, len(ops), TXN_OPS):
+            ok, _ = await self._txn([guard], ops[first : first + TXN_OPS])
+            if not ok:
+                return False
+        return True
+
+    # -- the event ring ---------------------------------------------------------------------------
+
+    async def append_events(
+        self, batch: Sequence[mesh_pb2.Event], counter: SeqCounter, capacity: int
+    ) -> tuple[bool, SeqCounter]:
+        t = self._etcd.transactions
+        seq_key = keys.EVENTS_SEQ.encode()
+        last = counter.last + len(batch)
+        ops: list[Any] = [t.put(seq_key, str(last).encode())]
+        for offset, event in enumerate(batch):
+            event.seq = counter.last + 1 + offset
+            ops.append(t.put(keys.event_key(event.seq).encode(), keys.encode(event)))
+        oldest_kept = last - capacity + 1
+        if oldest_kept > 1:  # the batch's keys are all >= oldest_kept: no overlap
+            ops.append(t.delete(keys.event_key(0).encode(), keys.event_key(oldest_kept).encode()))
+        ok, responses = await self._txn([t.mod(seq_key) == counter.revision], ops, [t.get(seq_key)])
+        if ok:
+            return True, SeqCounter(last, int(responses[0].response_put.header.revision))
+        stored = _ranged(responses)
+        if stored is None:  # the counter does not exist (yet): start at 1
+            return False, SeqCounter()
+        return False, SeqCounter(int(stored.value.decode() or "0"), stored.mod_revision)
+
+    async def has_event(self, event: mesh_pb2.Event) -> bool:
+        kv = await get(self._etcd, keys.event_key(event.seq).encode())
+        return kv is not None and kv.value == keys.encode(event)
+
+    async def read_events(self) -> list[bytes]:
+        # aetcd has no range limit (it drops RangeRequest.limit): the whole ring, newest first.
+        result = await self._etcd.get_prefix(keys.EVENTS.encode(), sort_order="descend")
+        return [bytes(raw.value) for raw in result.kvs]
+
+
+def _ranged(responses: list[Any]) -> KeyValue | None:
+    """The key a transaction's failure branch read with one ``get`` (None: absent)."""
+    ranged: list[tuple[bytes, Any]] = list(responses[0]) if responses else []
+    if not ranged:
+        return None
+    value, got = ranged[0]
+    return KeyValue(
+        key=bytes(got.key),
+        value=bytes(value),
+        create_revision=int(got.create_revision),
+        mod_revision=int(got.mod_revision),
+        version=int(got.version),
+        lease=int(got.lease),
+    )
