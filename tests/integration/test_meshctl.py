@@ -172,3 +172,29 @@ def test_models_evaluate_measures_and_stores_accuracy(live: ManagedProcess, tmp_
         "models", "evaluate", "graded", "--data", str(tmp_path / "nope.npz"), "-t", live.address
     )
     assert proc.returncode == 2 and "cannot read" in proc.stdout
+
+
+def test_list_switching_drain_remove_and_unreadable_credentials(
+    live: ManagedProcess, tmp_path: Path
+) -> None:
+    model = make_mlp(tmp_path / "mlp.onnx")
+    proc = meshctl("models", "register", "listed", "--artifact", str(model), "-t", live.address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = meshctl("models", "list", "-t", live.address)
+    assert proc.returncode == 0 and "listed" in proc.stdout and "default" in proc.stdout
+    proc = meshctl("explain", "switching", "listed", "--slo-ms", "50", "-t", live.address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SLO 50.0 ms" in proc.stdout and "default" in proc.stdout
+    proc = meshctl("nodes", "drain", "edge-1", "-t", live.address)
+    assert proc.returncode == 0 and "node edge-1: draining" in proc.stdout, proc.stdout
+    proc = meshctl("nodes", "drain", "edge-1", "--undo", "-t", live.address)
+    assert proc.returncode == 0 and "node edge-1: serving" in proc.stdout, proc.stdout
+    proc = meshctl("models", "remove", "listed", "-t", live.address)
+    assert proc.returncode == 0 and "removed 1 variant(s)" in proc.stdout, proc.stdout
+    proc = meshctl("models", "list", "-t", live.address)
+    assert proc.returncode == 0 and "listed" not in proc.stdout
+    proc = meshctl("models", "remove", "no such/name", "-t", live.address)
+    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stdout, proc.stdout
+    missing = tmp_path / "no-token"
+    proc = meshctl("--admin-token-file", str(missing), "nodes", "list", "-t", live.address)
+    assert proc.returncode == 2 and "cannot read admin token file" in proc.stdout, proc.stdout

@@ -1,0 +1,59 @@
+"""``meshctl explain placement | switching``: why the control plane decided what it did.
+
+``placement`` prints, per variant, each node's verdict: the filter that removed it and why, or
+its score and the score of every plugin. ``switching`` prints which variant a query would get now
+under an SLO and minimum accuracy, with each variant's predicted latency.
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from meshserve.client.cli._common import DEFAULT_TARGET, Target, admin_client, console
+
+__all__ = ["placement", "switching"]
+
+
+def placement(model: str, variant: str = "", target: Target = DEFAULT_TARGET) -> None:
+    """Why each node was filtered out, or how it scored, for a model's placement."""
+    with admin_client(target) as admin:
+        variants = admin.explain_placement(model, variant)
+    for v in variants:
+        console.print(
+            f"[bold]{v.model}/{v.variant}[/bold]: {v.desired_copies} copies wanted, placed on "
+            f"{', '.join(v.placed) or 'no node'}; rule: {v.policy}"
+        )
+        table = Table("node", "verdict", "score", "detail")
+        for n in v.nodes:
+            if n.feasible:
+                verdict = "[green]selected[/green]" if n.selected else "feasible"
+                detail = ", ".join(f"{k}={val:.3f}" for k, val in sorted(n.scores.items()))
+                table.add_row(n.node_id, verdict, f"{n.score:.3f}", detail)
+            else:
+                table.add_row(n.node_id, f"[red]{n.filtered_by}[/red]", "", n.reason)
+        console.print(table)
+
+
+def switching(
+    model: str,
+    slo_ms: float = 0.0,
+    min_accuracy: float = 0.0,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Which variant a query to MODEL would get now (SLO-aware switching), and each prediction."""
+    with admin_client(target) as admin:
+        out = admin.explain_switching(model, slo_ms=slo_ms, min_accuracy=min_accuracy)
+    budget = f"SLO {out.slo_ms:.1f} ms" if out.slo_ms else "no SLO"
+    console.print(f"[bold]{model}[/bold] ({budget}): [green]{out.chosen}[/green] — {out.reason}")
+    table = Table("variant", "accuracy", "predicted ms", "ready copies", "queued", "slowdown")
+    for v in out.variants:
+        predicted = f"{v.predicted_ms:.2f}" if v.predicted_ms >= 0 else "-"
+        table.add_row(
+            v.variant,
+            f"{v.accuracy:.4f}",
+            predicted,
+            str(v.ready_copies),
+            str(v.queued),
+            f"{v.slowdown:.2f}",
+        )
+    console.print(table)

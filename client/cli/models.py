@@ -1,0 +1,188 @@
+"""``meshctl models register | list | remove``: the registry of model variants.
+
+``register`` computes a local artifact's sha256 (so a user names a file, not a digest) and, with
+``--wait``, follows each copy's pull and load until the wanted number is READY, exiting 1 when
+every placed copy failed or the wait timed out.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from meshserve.client._admin import AdminClient
+from meshserve.client.cli._common import (
+    DEFAULT_TARGET,
+    Target,
+    admin_client,
+    console,
+    copy_state,
+    usage_error,
+)
+from meshserve.common.digest import sha256_file
+from meshserve.protos import mesh_pb2
+
+__all__ = ["list_models", "register", "remove"]
+
+
+def register(
+    name: str,
+    artifact: Annotated[str, typer.Option(help="path or file:// / http(s):// URI")],
+    sha256: Annotated[
+        str, typer.Option(help="hex sha256 (computed for local files if omitted)")
+    ] = "",
+    variant: str = "default",
+    copies: int = 1,
+    selector: Annotated[str, typer.Option(help="node labels required, e.g. tier=edge")] = "",
+    batching: Annotated[
+        bool, typer.Option(help="dynamic batching (models with a batch axis)")
+    ] = False,
+    max_batch_size: int = 32,
+    max_queue_delay_us: int = 0,
+    cache: Annotated[bool, typer.Option(help="response cache for identical queries")] = False,
+    log_predictions: Annotated[
+        bool, typer.Option(help="log predictions on the nodes (for feedback and audits)")
+    ] = False,
+    log_sample_rate: Annotated[float, typer.Option(help="fraction of queries logged")] = 1.0,
+    log_inputs: Annotated[
+        bool, typer.Option(help="log the inputs themselves, not only a summary")
+    ] = False,
+    drift_window_rows: Annotated[int, typer.Option(help="rows per drift sketch window")] = 500,
+    size_mb: Annotated[int, typer.Option(help="memory a copy takes, if known (MiB)")] = 0,
+    accuracy: Annotated[float, typer.Option(help="the variant's accuracy, 0..1")] = 0.0,
+    slo_ms: Annotated[
+        float, typer.Option(help="default latency budget of a query (model switching)")
+    ] = 0.0,
+    min_copies: Annotated[
+        int | None, typer.Option(help="autoscale: at least this many copies (0 = scale to zero)")
+    ] = None,
+    max_copies: Annotated[int, typer.Option(help="autoscale: at most this many copies")] = 0,
+    target_in_flight: Annotated[
+        float, typer.Option(help="autoscale: queries in flight per copy to aim at")
+    ] = 4.0,
+    scale_down_delay_s: Annotated[
+        int, typer.Option(help="autoscale: low demand must last this long before a copy goes")
+    ] = 30,
+    wait: Annotated[
+        bool, typer.Option(help="show pull/load progress until copies are ready")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Register (or update) a model variant; with --wait, follow its copies until READY."""
+    uri = artifact
+    if "://" not in artifact:
+        path = Path(artifact).resolve()
+        if not path.is_file():
+            usage_error(f"{artifact}: no such file")
+        uri = path.as_uri()
+        sha256 = sha256 or sha256_file(path)
+    labels = dict(item.split("=", 1) for item in selector.split(",") if "=" in item)
+    serving = mesh_pb2.ServingConfig(
+        batching=mesh_pb2.BatchingConfig(
+            enabled=batching, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us
+        ),
+        cache=cache,
+        monitoring=mesh_pb2.MonitoringConfig(
+            log_predictions=log_predictions,
+            log_sample_rate=log_sample_rate if log_predictions else 0.0,
+            log_inputs=log_inputs,
+            drift_window_rows=drift_window_rows,
+        ),
+    )
+    autoscaling = None
+    if min_copies is not None or max_copies:
+        autoscaling = mesh_pb2.Autoscaling(
+            min_copies=min_copies or 0,
+            max_copies=max_copies,
+            target_in_flight=target_in_flight,
+            scale_down_delay_s=scale_down_delay_s,
+        )
+    with admin_client(target) as admin:
+        out = admin.register_model(
+            name,
+            uri,
+            sha256,
+            variant=variant,
+            copies=copies,
+            node_selector=labels,
+            serving=serving,
+            size_bytes=size_mb << 20,
+            autoscaling=autoscaling,
+            accuracy=accuracy,
+            slo_ms=slo_ms,
+        )
+        verb = "registered" if out.created else "updated"
+        console.print(f"{verb} {out.model.name}/{out.model.variant} ({out.model.copies} copies)")
+        if wait:
+            _follow_copies(admin, out.model.name, out.model.variant, out.model.copies, timeout)
+
+
+def _follow_copies(
+    admin: AdminClient, model: str, variant: str, copies: int, timeout: float
+) -> None:
+    """A progress bar per copy (download bytes, then load), until ``copies`` are READY."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    deadline = time.monotonic() + timeout
+    bars: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console
+    ) as progress:
+        while time.monotonic() < deadline:
+            ready = 0
+            for node in admin.list_nodes():
+                for c in node.copies:
+                    if (c.model, c.variant) != (model, variant):
+                        continue
+                    if node.node_id not in bars:
+                        bars[node.node_id] = progress.add_task(node.node_id, total=None)
+                    state = copy_state(c.state)
+                    total = c.bytes_total or None
+                    done = c.bytes_total if c.state == mesh_pb2.READY else c.bytes_fetched
+                    progress.update(
+                        bars[node.node_id],
+                        completed=done,
+                        total=total,
+                        description=f"{node.node_id:12} {state:8}",
+                    )
+                    ready += c.state == mesh_pb2.READY
+            failed = {}
+            for p in admin.list_placements(model):
+                if p.variant == variant:
+                    failed = dict(p.failed)
+            if ready >= copies:
+                break
+            if failed and not ready and len(failed) >= copies:
+                progress.stop()
+                for node_id, why in failed.items():
+                    console.print(f"[red]failed[/red] on {node_id}: {why}")
+                raise typer.Exit(1)
+            time.sleep(0.25)
+        else:
+            console.print(
+                f"[yellow]timed out[/yellow] after {timeout:.0f}s; see `meshctl nodes list`"
+            )
+            raise typer.Exit(1)
+    console.print(
+        f"[green]✓[/green] {model}/{variant}: {copies} cop{'y' if copies == 1 else 'ies'} ready"
+    )
+
+
+def list_models(target: Target = DEFAULT_TARGET) -> None:
+    with admin_client(target) as admin:
+        models = admin.list_models()
+    table = Table("model", "variant", "copies", "artifact", "sha256")
+    for m in models:
+        table.add_row(m.name, m.variant, str(m.copies), m.artifact_uri, m.sha256[:12])
+    console.print(table)
+
+
+def remove(name: str, variant: str = "", target: Target = DEFAULT_TARGET) -> None:
+    with admin_client(target) as admin:
+        removed = admin.remove_model(name, variant)
+    console.print(f"removed {removed} variant(s)")

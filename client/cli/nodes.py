@@ -1,0 +1,57 @@
+"""``meshctl nodes list | drain`` and ``meshctl placements list``: where copies are and should be.
+
+``nodes list`` shows each node's admin-side labels, its direct address (or ``(tunnel)`` for a node
+without an inbound port), the replicas holding its streams and its copies with their states.
+``placements list`` shows what the leader decided: desired copies, chosen nodes, failures.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from meshserve.client.cli._common import (
+    DEFAULT_TARGET,
+    Target,
+    admin_client,
+    console,
+    copy_state,
+)
+
+__all__ = ["drain", "list_nodes", "list_placements"]
+
+
+def list_nodes(target: Target = DEFAULT_TARGET) -> None:
+    with admin_client(target) as admin:
+        nodes = admin.list_nodes()
+    table = Table("node", "labels", "direct", "replicas", "copies")
+    for n in nodes:
+        copies = ", ".join(f"{c.model}/{c.variant}:{copy_state(c.state)}" for c in n.copies)
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
+        table.add_row(
+            n.node_id, labels, n.direct_address or "(tunnel)", ",".join(n.replicas), copies
+        )
+    console.print(table)
+
+
+def drain(
+    node_id: str,
+    undo: Annotated[bool, typer.Option("--undo", help="undrain instead")] = False,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Drain a node: no new copies or queries; its copies move elsewhere (in-flight ones finish)."""
+    with admin_client(target) as admin:
+        draining = admin.drain_node(node_id, undrain=undo)
+    console.print(f"node {node_id}: {'draining' if draining else 'serving'}")
+
+
+def list_placements(model: str = "", target: Target = DEFAULT_TARGET) -> None:
+    with admin_client(target) as admin:
+        placements = admin.list_placements(model)
+    table = Table("model", "variant", "desired", "nodes", "failed")
+    for p in placements:
+        failed = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
+        table.add_row(p.model, p.variant, str(p.desired_copies), ", ".join(p.nodes), failed)
+    console.print(table)

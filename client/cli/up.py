@@ -1,0 +1,164 @@
+"""``meshctl up`` (a local mesh with demo traffic) and ``meshctl certs init`` (a development CA).
+
+These are the only meshctl commands built on ``meshserve.devtools`` (the local-mesh launcher, the
+demo models, the dev CA), and the only place in ``meshserve.client`` that imports it: always
+inside the command function, so the SDK and every other command run without devtools (a
+deployment may ship the client alone; DESIGN.md: nothing imports devtools but tests, bench and
+``meshctl up``).
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from meshserve.client._admin import AdminClient
+from meshserve.client.cli._common import console
+from meshserve.common.digest import sha256_file
+from meshserve.protos import mesh_pb2
+
+__all__ = ["certs_init", "up"]
+
+
+def up(
+    duration: Annotated[float, typer.Option(help="seconds to stay up; 0 = until Ctrl-C")] = 0.0,
+    queries: Annotated[int, typer.Option(help="demo queries to send once ready")] = 8,
+    workdir: Annotated[
+        Path | None, typer.Option(help="where logs, etcd data and models go")
+    ] = None,
+    etcd: Annotated[str, typer.Option(help="use this etcd instead of starting one")] = "",
+) -> None:
+    """Run a local mesh: etcd, a control plane, two nodes (one edge, tunnel-only), a demo model,
+    and demo traffic. Everything is stopped on Ctrl-C (or after --duration)."""
+    # Lazy on purpose: devtools is a development dependency of this one command (module docstring).
+    from meshserve.client import MeshClient
+    from meshserve.devtools.demo_models import make_mlp, reference_outputs
+    from meshserve.devtools.local import LocalMesh, wait_until
+
+    work = workdir or Path(tempfile.mkdtemp(prefix="meshserve-up-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stop_requested = False
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    with LocalMesh(work) as mesh:
+        try:
+            with console.status("starting etcd"):
+                url = etcd or mesh.start_etcd()
+                mesh.use_etcd(url)
+            console.print(f"[green]✓[/green] etcd          {url}")
+            with console.status("starting the control plane"):
+                cp = mesh.start_controlplane("cp-1")
+            console.print(f"[green]✓[/green] control plane {cp.address}")
+            mesh.start_node(
+                "core-1", [cp.address], labels={"tier": "core", "zone": "a"}, direct=True
+            )
+            mesh.start_node("edge-1", [cp.address], labels={"tier": "edge", "zone": "b"})
+            with AdminClient(cp.address) as admin:
+                wait_until(lambda: len(admin.list_nodes()) >= 2, 60, what="two nodes to join")
+                for n in admin.list_nodes():
+                    path = n.direct_address or "tunnel only (no inbound port)"
+                    console.print(
+                        f"[green]✓[/green] node          {n.node_id:8} "
+                        f"tier={n.labels.get('tier')} {path}"
+                    )
+                model = make_mlp(work / "models" / "demo-mlp.onnx")
+                admin.register_model("demo-mlp", model.as_uri(), sha256_file(model), copies=2)
+                console.print("[green]✓[/green] registered    demo-mlp (64→256→256→10, 2 copies)")
+                with console.status("placing and loading demo-mlp"):
+                    wait_until(
+                        lambda: (
+                            sum(
+                                c.state == mesh_pb2.READY
+                                for n in admin.list_nodes()
+                                for c in n.copies
+                            )
+                            >= 2
+                        ),
+                        120,
+                        what="two ready copies of demo-mlp",
+                    )
+            console.print("[green]✓[/green] ready         demo-mlp on both nodes")
+            rng = np.random.default_rng(0)
+            table = Table(
+                "query", "served by", "argmax", "matches in-process onnxruntime", "latency ms"
+            )
+            with MeshClient(cp.address) as client:
+                for i in range(queries):
+                    x = rng.standard_normal((1, 64)).astype(np.float32)
+                    t0 = time.perf_counter()
+                    result = client.infer("demo-mlp", {"x": x})
+                    ms = (time.perf_counter() - t0) * 1e3
+                    expected = reference_outputs(model, {"x": x})["y"]
+                    ok = bool(np.allclose(result["y"], expected, rtol=1e-5, atol=1e-5))
+                    table.add_row(
+                        str(i + 1),
+                        result.node,
+                        str(int(result["y"].argmax())),
+                        "[green]yes[/green]" if ok else "[red]NO[/red]",
+                        f"{ms:.2f}",
+                    )
+            console.print(table)
+            console.print(f"mesh is up: gateway {cp.address} (OIP v2 gRPC), logs in {work}")
+            console.print("Ctrl-C to stop" if not duration else f"stopping in {duration:.0f}s")
+            end = time.monotonic() + duration if duration else None
+            while not stop_requested and (end is None or time.monotonic() < end):
+                if not all(p.alive() for p in mesh.processes):
+                    dead = [p.name for p in mesh.processes if not p.alive()]
+                    console.print(f"[red]process exited:[/red] {', '.join(dead)}")
+                    raise typer.Exit(1)
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            with console.status("stopping the mesh"):
+                mesh.close()
+    console.print("[green]✓[/green] stopped; nothing left running")
+
+
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="where the CA and certificates go")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="extra DNS name / IP in the server certificates (repeatable)"),
+    ] = None,
+    node: Annotated[
+        list[str] | None,
+        typer.Option(help="issue a certificate for this node id (repeatable; default node-1)"),
+    ] = None,
+    days: Annotated[int, typer.Option(help="validity of every certificate")] = 365,
+    force: Annotated[bool, typer.Option(help="overwrite existing files")] = False,
+) -> None:
+    """Create a development CA in DIRECTORY and issue the control plane's, the nodes' and a
+    client certificate (keys 0600). For development and tests; see docs/security.md."""
+    # Lazy on purpose: the dev CA lives in devtools (module docstring).
+    from meshserve.devtools.certs import init_certs
+
+    try:
+        issued = init_certs(
+            directory, hosts=host or (), nodes=node or ("node-1",), days=days, force=force
+        )
+    except (FileExistsError, ValueError) as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("file", "what")
+    table.add_row(str(issued.ca_cert), "CA certificate: --tls-ca of every process")
+    table.add_row(str(issued.ca_key), "CA key (0600): keep it off the mesh's machines")
+    cp_cert, cp_key = issued.controlplane
+    table.add_row(f"{cp_cert}, {cp_key}", "control plane: --tls-cert / --tls-key")
+    for node_id, (cert, key) in issued.nodes.items():
+        table.add_row(f"{cert}, {key}", f"node {node_id}: --tls-cert / --tls-key")
+    cert, key = issued.client
+    table.add_row(f"{cert}, {key}", "client (SDK, meshctl): --tls-cert / --tls-key")
+    console.print(table)
+    console.print(f"wrote {len(issued.all())} files in {directory}")
