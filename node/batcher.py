@@ -22,10 +22,9 @@ Contract:
 * At most ``max_queue`` requests wait: beyond that :meth:`submit` raises
   :class:`ResourceExhausted` at once. An exception from ``execute`` reaches every caller of that
   batch; the batcher keeps working.
-* Adaptive mode (``adaptive`` with ``latency_slo_ms``): the cap starts at ``max_batch_size``,
-  halves (min 1) after a batch slower than the SLO and grows by ``max(1, max_batch_size // 16)``
-  (never above ``max_batch_size``) after a batch faster than 0.8 x SLO that left compatible
-  requests queued.
+* Adaptive mode (``adaptive`` with ``latency_slo_ms``): the cap follows the latency of finished
+  batches (:class:`~meshserve.node.batch_timing.BatchTiming`). Signatures, joining and splitting
+  rows are :mod:`meshserve.node.batch_rows`.
 * :meth:`close` rejects new requests and fails queued ones with :class:`Unavailable`, lets running
   batches finish and awaits every task it started. The dispatcher task only exists while requests
   are queued, so an idle batcher holds no task.
@@ -46,22 +45,18 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 from numpy.typing import NDArray
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
-from meshserve.common.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-)
+from meshserve.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from meshserve.node.batch_rows import Signature, Tensors, has_batch_axis, join, signature, split
+from meshserve.node.batch_timing import BatchPolicy, BatchTiming
 
 __all__ = [
     "BatchObserver",
@@ -76,12 +71,7 @@ __all__ = [
 _log = logging.getLogger("meshserve.node.batcher")
 _tracer = trace.get_tracer("meshserve.node")
 
-Tensors = dict[str, NDArray[Any]]
 Execute = Callable[[Tensors], Awaitable[Tensors]]
-_Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
-
-_EWMA_ALPHA = 0.3
-_GROW_BELOW = 0.8  # adaptive: grow while a batch takes less than this fraction of the SLO
 
 
 class BatchObserver(Protocol):
@@ -93,33 +83,6 @@ class BatchObserver(Protocol):
 
     def batched(self, rows: int, requests: int) -> None:
         """A batch of ``rows`` rows from ``requests`` requests starts."""
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch_size: int = 32  # rows
-    max_queue_delay_us: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue: int = 1024  # requests
-    adaptive: bool = False
-    latency_slo_ms: float | None = None
-    max_concurrent_batches: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_concurrent_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue_delay_us < 0:
-            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
-        bad = [p for p in self.preferred_batch_sizes if not 1 <= p <= self.max_batch_size]
-        if bad:
-            raise ValueError(
-                f"preferred_batch_sizes {bad} outside 1..max_batch_size ({self.max_batch_size})"
-            )
-        if self.latency_slo_ms is not None and not self.latency_slo_ms > 0:
-            raise ValueError(f"latency_slo_ms must be > 0, got {self.latency_slo_ms}")
-        if self.adaptive and self.latency_slo_ms is None:
-            raise ValueError("adaptive batching needs latency_slo_ms")
 
 
 @dataclass
@@ -138,7 +101,7 @@ class BatcherStats:
 @dataclass(eq=False)
 class _Request:
     inputs: Mapping[str, NDArray[Any]]
-    signature: _Signature
+    signature: Signature
     rows: int
     deadline: float | None
     enqueued: float
@@ -148,18 +111,6 @@ class _Request:
     queued: bool = True
     origin: SpanContext | None = None  # the caller's span, when it records (linked by its batch)
     span: trace.Span | None = None  # "node queue": from submit to the start of its batch
-
-
-def has_batch_axis(
-    input_shapes: Sequence[Sequence[int]], output_shapes: Sequence[Sequence[int]]
-) -> bool:
-    """True when every input and output has rank >= 1 and a dynamic (-1) first dimension."""
-    shapes = [*input_shapes, *output_shapes]
-    return (
-        bool(input_shapes)
-        and bool(output_shapes)
-        and all(len(s) >= 1 and s[0] == -1 for s in shapes)
-    )
 
 
 def _batch_span(batch: list[_Request], rows: int) -> trace.Span | None:
@@ -182,44 +133,6 @@ def _batch_span(batch: list[_Request], rows: int) -> trace.Span | None:
     return span
 
 
-def _bucket(rows: int) -> int:
-    return 1 if rows <= 1 else 1 << (rows - 1).bit_length()
-
-
-def _signature(inputs: Mapping[str, NDArray[Any]]) -> tuple[_Signature, int]:
-    if not inputs:
-        raise InvalidArgument("a batched request needs at least one input")
-    rows: int | None = None
-    sig = []
-    for name, arr in inputs.items():
-        if arr.ndim == 0:
-            raise InvalidArgument(f"input {name!r} is a scalar; batching needs a batch dimension")
-        if rows is None:
-            rows = int(arr.shape[0])
-        elif arr.shape[0] != rows:
-            raise InvalidArgument(
-                f"input {name!r} has {arr.shape[0]} rows, other inputs have {rows}"
-            )
-        sig.append((name, arr.dtype.str, tuple(int(d) for d in arr.shape[1:])))
-    assert rows is not None
-    return tuple(sorted(sig)), rows
-
-
-def _split(outputs: Tensors, rows: list[int]) -> list[Tensors]:
-    total = sum(rows)
-    offsets = np.cumsum(rows[:-1])
-    parts: list[Tensors] = [{} for _ in rows]
-    for name, arr in outputs.items():
-        if arr.ndim == 0 or arr.shape[0] != total:
-            raise RuntimeError(
-                f"output {name!r} has shape {list(arr.shape)}; a batch of {total} rows "
-                f"needs that leading dimension"
-            )
-        for part, piece in zip(parts, np.split(arr, offsets, axis=0), strict=True):
-            part[name] = piece
-    return parts
-
-
 class Batcher:
     """Dynamic batcher for one copy; see the module docstring for the contract."""
 
@@ -239,13 +152,10 @@ class Batcher:
         self._clock = clock
         self.stats = BatcherStats()
         self._label = f"batcher {name!r}" if name else "batcher"
-        self._groups: dict[_Signature, deque[_Request]] = {}
+        self._groups: dict[Signature, deque[_Request]] = {}
         self._seq = itertools.count()
-        self._current_max = policy.max_batch_size
-        self._step = max(1, policy.max_batch_size // 16)
+        self._timing = BatchTiming(policy)
         self._running = 0
-        self._latency: dict[int, float] = {}  # EWMA seconds per batch-size bucket
-        self._latency_all: float | None = None
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
@@ -253,7 +163,7 @@ class Batcher:
 
     @property
     def current_max_batch_size(self) -> int:
-        return self._current_max
+        return self._timing.cap
 
     @property
     def queue_depth(self) -> int:
@@ -265,7 +175,7 @@ class Batcher:
 
     def expected_latency(self, rows: int) -> float | None:
         """EWMA execution seconds of batches of about ``rows`` rows (None before any batch)."""
-        return self._latency.get(_bucket(rows), self._latency_all)
+        return self._timing.expected(rows)
 
     async def submit(
         self, inputs: Mapping[str, NDArray[Any]], *, deadline: float | None = None
@@ -273,7 +183,7 @@ class Batcher:
         """Run ``inputs`` (rows on axis 0) in some batch; return this request's output rows."""
         if self._closed:
             raise Unavailable(f"{self._label} is closed")
-        signature, rows = _signature(inputs)
+        sig, rows = signature(inputs)
         st = self.stats
         now = self._clock()
         if deadline is not None and deadline <= now:
@@ -287,13 +197,13 @@ class Batcher:
         loop = asyncio.get_running_loop()
         lone = st.queue_depth == 0 and self._running == 0
         req = _Request(
-            inputs, signature, rows, deadline, now, next(self._seq), lone, loop.create_future()
+            inputs, sig, rows, deadline, now, next(self._seq), lone, loop.create_future()
         )
         caller = trace.get_current_span()
         if caller.is_recording():
             req.origin = caller.get_span_context()
             req.span = _tracer.start_span("node queue", attributes={"meshserve.rows": rows})
-        self._groups.setdefault(signature, deque()).append(req)
+        self._groups.setdefault(sig, deque()).append(req)
         st.queue_depth += 1
         st.requests += 1
         if self._dispatcher is None or self._dispatcher.done():
@@ -371,9 +281,9 @@ class Batcher:
                 return None if earliest is None else earliest - now
         return None
 
-    def _form(self, sig: _Signature, now: float) -> tuple[list[_Request], float]:
+    def _form(self, sig: Signature, now: float) -> tuple[list[_Request], float]:
         """The next batch of ``sig`` (expired requests failed) and when it may leave."""
-        cap = self._current_max
+        cap = self._timing.cap
         batch: list[_Request] = []
         expired: list[_Request] = []
         rows, full = 0, False
@@ -408,7 +318,7 @@ class Batcher:
             hold_until = now if expected is None else min(hold_until, min(deadlines) - expected)
         return batch, hold_until
 
-    def _start(self, sig: _Signature, batch: list[_Request]) -> None:
+    def _start(self, sig: Signature, batch: list[_Request]) -> None:
         group = self._groups[sig]
         for req in batch:
             assert group.popleft() is req
@@ -442,17 +352,13 @@ class Batcher:
         if span is not None:  # this task's own context: spans ``execute`` opens nest under it
             otel_context.attach(trace.set_span_in_context(span))
         try:
-            if len(batch) == 1:
-                inputs = dict(batch[0].inputs)
-            else:
-                inputs = {
-                    name: np.concatenate([r.inputs[name] for r in batch], axis=0)
-                    for name in batch[0].inputs
-                }
+            inputs = join([r.inputs for r in batch])
             started = self._clock()
             outputs = await self._execute(inputs)
-            self._observe(total, self._clock() - started, backlog)
-            parts = [outputs] if len(batch) == 1 else _split(outputs, [r.rows for r in batch])
+            latency = self._clock() - started
+            self.stats.last_batch_latency_s = latency
+            self._timing.observe(total, latency, backlog)
+            parts = [outputs] if len(batch) == 1 else split(outputs, [r.rows for r in batch])
         except asyncio.CancelledError:
             for req in batch:
                 if not req.future.done():
@@ -475,18 +381,3 @@ class Batcher:
             self._wakeup.set()
             if span is not None:
                 span.end()
-
-    def _observe(self, rows: int, latency: float, backlog: bool) -> None:
-        self.stats.last_batch_latency_s = latency
-        bucket = _bucket(rows)
-        prev = self._latency.get(bucket)
-        self._latency[bucket] = latency if prev is None else prev + _EWMA_ALPHA * (latency - prev)
-        prev = self._latency_all
-        self._latency_all = latency if prev is None else prev + _EWMA_ALPHA * (latency - prev)
-        slo_ms = self.policy.latency_slo_ms
-        if not self.policy.adaptive or slo_ms is None:
-            return
-        if latency > slo_ms / 1000:
-            self._current_max = max(1, self._current_max // 2)
-        elif latency < _GROW_BELOW * slo_ms / 1000 and backlog:
-            self._current_max = min(self.policy.max_batch_size, self._current_max + self._step)

@@ -4,7 +4,11 @@ Contract: :meth:`CopyManager.load` is idempotent — asking for a copy that is a
 ready with the same sha256 does nothing but re-announce its status, so several control-plane
 replicas may send the same command. Every state change is announced to the listeners (the links
 to the control plane). A copy is READY only once its session is loaded and verified; nothing is
-ever served from a copy that is LOADING or FAILED.
+ever served from a copy that is LOADING or FAILED. Commands carry the placement revision they
+were decided at: a Load or Unload older than the newest one applied to that variant is ignored.
+An unloaded or replaced copy is retired: its load cancelled, its cached answers dropped, its
+in-flight queries given a bounded time (5 s), its batcher closed, its artifact pin released once.
+The record of each copy and its status message are :mod:`meshserve.node.copy_entry`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
@@ -24,9 +27,10 @@ from meshserve.common.instruments import Reading
 from meshserve.common.sketches import monitoring_digest
 from meshserve.node.batcher import Batcher, BatchPolicy
 from meshserve.node.cache import ResponseCache
-from meshserve.node.metrics import CopyInstruments, NodeMetrics, node_metrics
-from meshserve.node.monitor import CopyMonitor, PredictionLog
-from meshserve.node.runtime import LoadError, OnnxCopy, TensorInfo, resident_bytes
+from meshserve.node.copy_entry import CopyEntry
+from meshserve.node.metrics import NodeMetrics, node_metrics
+from meshserve.node.monitor import PredictionLog
+from meshserve.node.runtime import LoadError, OnnxCopy, resident_bytes
 from meshserve.node.store import ModelStore, StoreError
 from meshserve.protos import mesh_pb2
 
@@ -36,74 +40,6 @@ _log = logging.getLogger("meshserve.node.copies")
 _tracer = trace.get_tracer("meshserve.node")
 
 Listener = Callable[[mesh_pb2.CopyStatus], None]
-
-
-@dataclass(slots=True)
-class CopyEntry:
-    model: str
-    variant: str
-    sha256: str
-    state: int = mesh_pb2.LOADING
-    reason: str = ""
-    copy: OnnxCopy | None = None
-    memory_bytes: int = 0
-    load_seconds: float = 0.0
-    warmup_seconds: float = 0.0
-    serving: mesh_pb2.ServingConfig = field(default_factory=mesh_pb2.ServingConfig)
-    batcher: Batcher | None = field(default=None, repr=False)
-    in_flight: int = 0
-    bytes_fetched: int = 0
-    bytes_total: int = 0
-    requests: int = 0
-    errors: int = 0
-    run_seconds: float = 0.0  # median batch-1 run, measured after warm-up
-    run_ewma_s: float = 0.0  # live effective service time per query (see InferenceHandler)
-    # (batch size, median run seconds) per size the batcher may use, measured after warm-up
-    latency_profile: list[tuple[int, float]] = field(default_factory=list)
-    execution_provider: str = ""  # the session's first provider
-    monitoring: mesh_pb2.MonitoringConfig = field(default_factory=mesh_pb2.MonitoringConfig)
-    reference: mesh_pb2.DriftProfile = field(default_factory=mesh_pb2.DriftProfile)
-    monitor: CopyMonitor | None = field(default=None, repr=False)
-    inline: bool = False  # run on the event loop: cheaper than a thread hand-off
-    pinned: bool = False  # holds one pin on its artifact in the store
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
-    instruments: CopyInstruments = field(kw_only=True, repr=False)  # metrics of this copy
-
-    def status(self) -> mesh_pb2.CopyStatus:
-        msg = mesh_pb2.CopyStatus(
-            model=self.model,
-            variant=self.variant,
-            state=self.state,  # type: ignore[arg-type]
-            reason=self.reason,
-            memory_bytes=self.memory_bytes,
-            load_seconds=self.load_seconds,
-            sha256=self.sha256,
-            warmup_seconds=self.warmup_seconds,
-            batched=self.batcher is not None,
-            bytes_fetched=self.bytes_fetched,
-            bytes_total=self.bytes_total,
-            monitoring_digest=monitoring_digest(self.monitoring, self.reference),
-        )
-        if self.copy is not None:
-            msg.inputs.extend(_specs(self.copy.inputs))
-            msg.outputs.extend(_specs(self.copy.outputs))
-        if self.state == mesh_pb2.READY:
-            msg.latency_profile.extend(
-                mesh_pb2.LatencyPoint(batch_size=size, seconds=seconds)
-                for size, seconds in sorted(self.latency_profile)
-            )
-            msg.execution_provider = self.execution_provider
-        return msg
-
-    def configure_monitoring(
-        self, config: mesh_pb2.MonitoringConfig, reference: mesh_pb2.DriftProfile
-    ) -> None:
-        """Apply monitoring settings (at load, and when they change on a loaded copy)."""
-        self.monitoring, self.reference = config, reference
-        if self.copy is None:
-            return
-        outputs = [t.name for t in self.copy.outputs]
-        self.monitor = CopyMonitor(self.model, self.variant, config, reference, outputs)
 
 
 def _warmup_sizes(serving: mesh_pb2.ServingConfig) -> list[int]:
@@ -128,10 +64,6 @@ def _rows(inputs: dict[str, Any]) -> int:
 
 def _cache_evictions(cache: ResponseCache) -> list[Reading]:
     return [(float(cache.stats().evictions), {})]
-
-
-def _specs(infos: tuple[TensorInfo, ...]) -> list[mesh_pb2.TensorSpec]:
-    return [mesh_pb2.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in infos]
 
 
 class CopyManager:

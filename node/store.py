@@ -7,13 +7,11 @@ Contract:
   sha256 is computed over the whole final file, and a file that does not match is deleted.
 * Files are cached as ``<root>/<sha256>.onnx``; a second fetch of the same artifact costs one hash
   check and never touches the source.
-* http(s) downloads go to ``<root>/<sha256>.part``. A connection error or a body shorter than its
-  ``Content-Length`` is retried up to ``retries`` times with a short backoff, resuming with
-  ``Range: bytes=<have>-`` (a 206 reply is appended; a 200 reply restarts from zero). A ``.part``
-  left by an earlier, interrupted process is resumed the same way. A ``.part`` is deleted when its
-  content is refused (sha256 mismatch, over the size limit) and kept when the network failed.
-* An artifact over ``max_artifact_bytes`` is refused: before downloading when its size is known,
-  otherwise as soon as the stream passes the limit.
+* Bytes are moved into ``<root>/<sha256>.part`` by :class:`~meshserve.node.transfer.Transfer`:
+  http(s) downloads are retried up to ``retries`` times, resuming with a ``Range`` request (a
+  ``.part`` left by an earlier, interrupted process is resumed the same way); an artifact over
+  ``max_artifact_bytes`` is refused. A ``.part`` is deleted when its content is refused (sha256
+  mismatch, over the size limit) and kept when the network failed.
 * The cache is bounded by ``max_cache_bytes`` (the ``.onnx`` files): after every successful fetch
   the least-recently-used artifacts are deleted until the total fits, except the one just fetched,
   any being fetched, and any pinned with :meth:`ModelStore.pin`. Recency is the last fetch (a hit
@@ -26,14 +24,11 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import http.client
 import itertools
 import logging
 import os
 import re
 import threading
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -43,20 +38,13 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from meshserve.common.digest import sha256_file
+from meshserve.node.transfer import Progress, StoreError, Transfer
 
 __all__ = ["CacheEntry", "ModelStore", "Progress", "StoreError"]
 
 _log = logging.getLogger("meshserve.node.store")
 
-_CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_BACKOFF_S = 0.2  # first retry delay; doubles per attempt, capped at _BACKOFF_MAX_S
-_BACKOFF_MAX_S = 5.0
-
-Progress = Callable[[int, int | None], None]
-"""``progress(bytes_so_far, total_or_None)``; see :meth:`ModelStore.fetch`."""
-
 
 L = TypeVar("L")
 
@@ -84,14 +72,6 @@ class _KeyedLocks(Generic[L]):
             self._entries[key] = (lock, users - 1)
 
 
-class StoreError(Exception):
-    """An artifact could not be fetched or failed verification; ``str()`` is the reason."""
-
-
-class _Transient(Exception):
-    """A network failure worth retrying (with a resume)."""
-
-
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
     """One cached artifact, as listed by :meth:`ModelStore.entries`."""
@@ -117,9 +97,7 @@ class ModelStore:
     ) -> None:
         self._root = root
         self._max_cache = max_cache_bytes
-        self._max = max_artifact_bytes
-        self._timeout = timeout_s
-        self._retries = max(0, retries)
+        self._transfer = Transfer(max_artifact_bytes, timeout_s, max(0, retries))
         self._mutex = threading.Lock()  # guards everything below (used from worker threads)
         self._pins: Counter[str] = Counter()
         self._active: Counter[str] = Counter()  # sha256s being fetched by a worker thread
@@ -241,9 +219,9 @@ class ModelStore:
         part = self._root / f"{sha256}.part"
         if parsed.scheme == "file":
             src = Path(urllib.request.url2pathname(parsed.path))
-            digest = self._copy_file(src, part, progress, cancel)
+            digest = self._transfer.copy_file(src, part, progress, cancel)
         else:
-            digest = self._download(uri, sha256, part, progress, cancel)
+            digest = self._transfer.download(uri, sha256, part, progress, cancel)
         if digest != sha256:
             part.unlink(missing_ok=True)
             raise StoreError(
@@ -252,138 +230,6 @@ class ModelStore:
             )
         os.replace(part, final)
         return final
-
-    def _copy_file(
-        self, src: Path, part: Path, progress: Progress | None, cancel: threading.Event
-    ) -> str:
-        try:
-            size = src.stat().st_size
-        except OSError as exc:
-            raise StoreError(f"cannot read artifact {src}: {exc.strerror}") from exc
-        if size > self._max:
-            raise StoreError(f"artifact {src} is {size} bytes, over the limit of {self._max}")
-        digest = hashlib.sha256()
-        done = 0
-        try:
-            with src.open("rb") as f, part.open("wb") as out:
-                while chunk := f.read(_CHUNK):
-                    if cancel.is_set():
-                        raise StoreError(f"copy of {src} was cancelled")
-                    done += len(chunk)
-                    if done > self._max:
-                        raise StoreError(f"artifact {src} exceeds the limit of {self._max} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if progress is not None:
-                        progress(done, size)
-        except OSError as exc:
-            part.unlink(missing_ok=True)
-            raise StoreError(f"cannot read artifact {src}: {exc}") from exc
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        return digest.hexdigest()
-
-    def _download(
-        self,
-        uri: str,
-        sha256: str,
-        part: Path,
-        progress: Progress | None,
-        cancel: threading.Event,
-    ) -> str:
-        attempt = 0
-        while True:
-            try:
-                return self._download_once(uri, sha256, part, progress, cancel)
-            except _Transient as exc:
-                attempt += 1
-                if attempt > self._retries:
-                    raise StoreError(
-                        f"cannot download {uri} after {attempt} attempt(s): {exc}; "
-                        "the partial download is kept and will be resumed by the next fetch"
-                    ) from exc
-                delay = min(_BACKOFF_S * 2 ** (attempt - 1), _BACKOFF_MAX_S)
-                _log.info("download of %s failed (%s); retry %d in %.1fs", uri, exc, attempt, delay)
-                if cancel.wait(delay):
-                    raise StoreError(f"download of {uri} was cancelled") from exc
-
-    def _download_once(
-        self,
-        uri: str,
-        sha256: str,
-        part: Path,
-        progress: Progress | None,
-        cancel: threading.Event,
-    ) -> str:
-        digest, have = self._resume_point(part)
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        request = urllib.request.Request(uri, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as resp:
-                length_header = resp.headers.get("Content-Length")
-                remaining = int(length_header) if length_header is not None else None
-                total: int | None
-                if have and resp.status == 206:
-                    start, total = _content_range(resp.headers.get("Content-Range"))
-                    if start != have:  # not the range we asked for: start over cleanly
-                        part.unlink(missing_ok=True)
-                        raise _Transient(f"server sent a range starting at {start}, not {have}")
-                    if total is None and remaining is not None:
-                        total = have + remaining
-                    mode = "ab"
-                else:  # 200: a full body (the server may have ignored our Range)
-                    digest, have, total, mode = hashlib.sha256(), 0, remaining, "wb"
-                if total is not None and total > self._max:
-                    part.unlink(missing_ok=True)
-                    raise StoreError(
-                        f"artifact {uri} is {total} bytes, over the limit of {self._max}"
-                    )
-                done = have
-                with part.open(mode) as out:
-                    while chunk := resp.read(_CHUNK):
-                        if cancel.is_set():
-                            raise StoreError(f"download of {uri} was cancelled")
-                        done += len(chunk)
-                        if done > self._max:
-                            out.close()
-                            part.unlink(missing_ok=True)
-                            raise StoreError(
-                                f"artifact {uri} exceeds the limit of {self._max} bytes"
-                            )
-                        digest.update(chunk)
-                        out.write(chunk)
-                        if progress is not None:
-                            progress(done, total)
-                if total is not None and done < total:
-                    raise _Transient(f"connection closed after {done} of {total} bytes")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have:  # nothing past our part: it may be complete already
-                if digest.hexdigest() == sha256:
-                    return sha256
-                part.unlink(missing_ok=True)
-                raise _Transient("the partial download was invalid; restarting") from exc
-            if exc.code >= 500 or exc.code in (408, 429):
-                raise _Transient(f"HTTP {exc.code} {exc.reason}") from exc
-            raise StoreError(f"cannot download {uri}: HTTP {exc.code} {exc.reason}") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Transient(str(exc) or type(exc).__name__) from exc
-        return digest.hexdigest()
-
-    def _resume_point(self, part: Path) -> tuple[hashlib._Hash, int]:
-        """The digest of the bytes already in ``part`` and their count (0: start from zero)."""
-        digest = hashlib.sha256()
-        try:
-            size = part.stat().st_size
-        except FileNotFoundError:
-            return digest, 0
-        if size == 0 or size > self._max:
-            part.unlink(missing_ok=True)
-            return digest, 0
-        with part.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        return digest, size
 
     # -- recency and eviction -----------------------------------------------------------------
 
@@ -442,12 +288,3 @@ class ModelStore:
                     total,
                     self._max_cache,
                 )
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """``(start, total)`` from a ``Content-Range: bytes a-b/total`` header (None: unknown)."""
-    match = _CONTENT_RANGE.match((value or "").strip())
-    if match is None:
-        return None, None
-    total = match.group(3)
-    return int(match.group(1)), (None if total == "*" else int(total))

@@ -1,0 +1,285 @@
+"""One outbound stream from the node to one control-plane replica, kept alive.
+
+Contract:
+
+* :meth:`Link.start` runs the link until :meth:`Link.close`: dial, send a Hello carrying the
+  node's complete state, read the Welcome, then serve the stream; when it ends or fails, wait a
+  full-jitter exponential backoff (reset after a stream that lived 10 s) and dial again. A lost
+  message costs nothing: the next Hello re-synchronises everything.
+* A replica that already has a connected link from this node is not linked twice: the second
+  link raises :class:`DuplicateLink` inside its session and stands by (longer backoff).
+* Control messages are dispatched in arrival order: Load and Unload to the copy manager (an
+  Unload runs as a task so the stream keeps reading), tunneled queries to the inference handler
+  (at most ``max_in_flight`` at once; above it the query is answered RESOURCE_EXHAUSTED at
+  once), Welcome to the agent's replica list, Feedback to the prediction log.
+* Everything the node sends goes through one bounded outbox; a replica that stops reading fills
+  it and the stream is reset rather than buffered without bound. An answer over the link's
+  message limit is replaced by a RESOURCE_EXHAUSTED status for that query alone.
+* Telemetry: the offline backlog is written first (oldest first; what was not written is handed
+  back to the agent's buffer), then one summary per interval under the link's own
+  :class:`~meshserve.node.telemetry.TelemetryBudget`, each drift window sent once per link.
+
+The node-wide state (copies, labels, the replica list, the offline buffer) belongs to
+:class:`~meshserve.node.agent.Agent`; a link reads it and never outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc import aio
+
+from meshserve.common.errors import EOF, wire_status
+from meshserve.common.tracing import context_from_map
+from meshserve.node.metrics import node_metrics
+from meshserve.node.telemetry import TelemetryBudget, wire_size
+from meshserve.protos import mesh_pb2, mesh_pb2_grpc
+
+if TYPE_CHECKING:
+    from meshserve.node.agent import Agent
+
+__all__ = ["DuplicateLink", "Link", "channel_options"]
+
+_log = logging.getLogger("meshserve.node.agent")
+
+
+def channel_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[tuple[str, int]]:
+    """Client-side channel options: keepalive pings notice a dead path (a NAT mapping lost, a cut
+    link) in about ``keepalive_ms`` x 1.5, and keep NAT mappings alive on idle streams."""
+    return [
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms // 2)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class DuplicateLink(Exception):
+    """This link reached a replica the node already holds a stream to."""
+
+
+class Link:
+    """One stream to one replica, reconnected for as long as the node runs."""
+
+    def __init__(self, agent: Agent, address: str) -> None:
+        self._agent = agent
+        self.address = address
+        self.replica_id = ""
+        self.connected = False
+        self.reconnects = 0
+        self._task: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[mesh_pb2.NodeMessage] = asyncio.Queue(maxsize=4096)
+        self._call: aio.StreamStreamCall | None = None  # type: ignore[type-arg]
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.budget = TelemetryBudget(agent.telemetry_max_bytes_per_s)
+        self.telemetry_bytes_sent = 0
+        self.windows_sent: dict[tuple[str, str], int] = {}  # newest drift window sent per copy
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"link {self.address}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        base, cap = self._agent.backoff
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+                _log.info("stream to %s ended", self.address)
+            except DuplicateLink:
+                _log.info(
+                    "%s is replica %s, already linked; standing by", self.address, self.replica_id
+                )
+                attempt = max(attempt, 5)
+            except aio.AioRpcError as exc:
+                _log.info(
+                    "stream to %s failed: %s %s", self.address, exc.code().name, exc.details()
+                )
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                _log.info("stream to %s failed: %r", self.address, exc)
+            if time.monotonic() - started > 10.0:
+                attempt = 0
+            delay = random.uniform(0.0, min(cap, base * (2**attempt)))  # full jitter
+            attempt += 1
+            self.reconnects += 1
+            node_metrics().reconnected(self.address)
+            await asyncio.sleep(delay)
+
+    def say_draining(self) -> None:
+        self._offer(
+            mesh_pb2.NodeMessage(draining=mesh_pb2.Draining(timeout_ms=self._agent.draining_ms))
+        )
+
+    def _offer(self, message: mesh_pb2.NodeMessage) -> None:
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            # The replica is not reading: drop the stream; the next Hello re-syncs everything.
+            _log.warning("outbox to %s full; resetting the stream", self.address)
+            if self._call is not None:
+                self._call.cancel()
+
+    async def _session(self) -> None:
+        agent = self._agent
+        options = channel_options(agent.max_message_bytes, agent.keepalive_ms)
+        if agent.credentials is None:
+            channel = aio.insecure_channel(self.address, options=options)
+        else:
+            channel = aio.secure_channel(self.address, agent.credentials, options=options)
+        async with channel:
+            stub = mesh_pb2_grpc.NodeLinkStub(channel)
+            call = stub.Connect(metadata=agent.connect_metadata)
+            self._call = call
+            self._outbox = asyncio.Queue(maxsize=4096)
+            tasks: list[asyncio.Task[None]] = []
+            unsubscribe = None
+            backlog: list[mesh_pb2.Telemetry] = []
+            try:
+                await call.write(mesh_pb2.NodeMessage(hello=agent.hello()))
+                first = await asyncio.wait_for(call.read(), timeout=15.0)
+                if first is EOF or not first.HasField("welcome"):
+                    raise ConnectionError("the control plane did not answer with a Welcome")
+                welcome = first.welcome
+                self.replica_id = welcome.replica_id
+                if self.replica_id in agent.connected_replicas(exclude=self):
+                    raise DuplicateLink
+                self.connected = True
+                _log.info("linked to replica %s at %s", self.replica_id, self.address)
+                agent.learn(welcome.replicas)
+                unsubscribe = agent.copies.subscribe(
+                    lambda st: self._offer(mesh_pb2.NodeMessage(copy_status=st))
+                )
+                interval = (welcome.telemetry_interval_ms or 2000) / 1000.0
+                agent.telemetry_interval_s = interval
+                backlog = agent.offline.drain()  # summaries made offline: sent first
+                if backlog:
+                    _log.info("sending %d telemetry summaries buffered offline", len(backlog))
+                if agent.draining_ms:
+                    self.say_draining()
+                tasks.append(asyncio.create_task(self._write_loop(call, backlog)))
+                tasks.append(asyncio.create_task(self._telemetry_loop(interval)))
+                while True:
+                    message = await call.read()
+                    if message is EOF:
+                        return
+                    self._dispatch(message)
+            finally:
+                self.connected = False
+                self._call = None
+                if unsubscribe is not None:
+                    unsubscribe()
+                for t in tasks + list(self._inflight):
+                    t.cancel()
+                await asyncio.gather(*tasks, *self._inflight, return_exceptions=True)
+                self._inflight.clear()
+                if backlog:  # not all written: keep them for the next link
+                    agent.offline.requeue(backlog)
+                call.cancel()
+
+    def _dispatch(self, message: mesh_pb2.ControlMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "infer_request":
+            self._tunneled(message.infer_request)
+        elif kind == "load":
+            self._agent.copies.load(message.load)
+        elif kind == "unload":
+            task = asyncio.create_task(
+                self._agent.copies.unload(
+                    message.unload.model,
+                    message.unload.variant,
+                    message.unload.placement_revision,
+                )
+            )
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        elif kind == "welcome":
+            self._agent.learn(message.welcome.replicas)
+        elif kind == "feedback":
+            self._agent.join_feedback(message.feedback)
+
+    def _tunneled(self, req: mesh_pb2.TunnelRequest) -> None:
+        if len(self._inflight) >= self._agent.max_in_flight:
+            self._offer(
+                mesh_pb2.NodeMessage(
+                    infer_response=mesh_pb2.TunnelResponse(
+                        correlation_id=req.correlation_id,
+                        status_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                        status_message=f"node {self._agent.node_id} has "
+                        f"{self._agent.max_in_flight} queries in flight; retry later",
+                    )
+                )
+            )
+            return
+        task = asyncio.create_task(self._answer(req))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _answer(self, req: mesh_pb2.TunnelRequest) -> None:
+        out = mesh_pb2.TunnelResponse(correlation_id=req.correlation_id)
+        parent = context_from_map(req.trace_context)
+        timeout = req.timeout_ms / 1000.0 if req.timeout_ms else None
+        try:
+            deadline = time.monotonic() + timeout if timeout is not None else None
+            response = await asyncio.wait_for(
+                self._agent.handler.infer(req.request, parent, hop="tunnel", deadline=deadline),
+                timeout,
+            )
+            out.response.CopyFrom(response)
+        except TimeoutError:
+            out.status_code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+            out.status_message = f"deadline of {req.timeout_ms} ms exceeded on the node"
+        except Exception as exc:
+            out.status_code, out.status_message = wire_status(exc)
+        message = mesh_pb2.NodeMessage(infer_response=out)
+        # An answer over the link's message limit would end the link: send the error instead.
+        limit = self._agent.max_message_bytes
+        if out.response.ByteSize() > limit - 4096 and message.ByteSize() > limit:
+            message = mesh_pb2.NodeMessage(
+                infer_response=mesh_pb2.TunnelResponse(
+                    correlation_id=req.correlation_id,
+                    status_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                    status_message=f"the answer is {message.ByteSize()} bytes, over the "
+                    f"{limit}-byte message limit of node {self._agent.node_id}'s link",
+                )
+            )
+        self._offer(message)
+
+    async def _write_loop(
+        self,
+        call: aio.StreamStreamCall,  # type: ignore[type-arg]
+        backlog: list[mesh_pb2.Telemetry],
+    ) -> None:
+        """Write the offline backlog (oldest first, removed from ``backlog`` once written), then
+        the outbox."""
+        while backlog:
+            await call.write(mesh_pb2.NodeMessage(telemetry=backlog[0]))
+            self.telemetry_bytes_sent += wire_size(backlog.pop(0))
+        while True:
+            message = await self._outbox.get()
+            await call.write(message)
+            if message.HasField("telemetry"):
+                self.telemetry_bytes_sent += wire_size(message.telemetry)
+
+    async def _telemetry_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            telemetry = self.budget.apply(self._agent.summarise(self.windows_sent), interval)
+            if telemetry is not None:
+                for m in telemetry.models:
+                    if m.HasField("drift"):
+                        self.windows_sent[(m.model, m.variant)] = m.drift.seq
+                self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))
