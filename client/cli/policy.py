@@ -1,4 +1,4 @@
-"""``meshctl policy validate | apply | get``: the placement policy (YAML, docs/policies.md).
+"""``meshctl policy validate | apply | get``: the placement policy (YAML, docs/policy-reference.md).
 
 ``validate`` checks a file twice, here (the shared schema in ``meshserve.common.policy``) and on
 the control plane as a dry run, and stores nothing; ``apply`` stores it in etcd, where every
