@@ -334,18 +334,29 @@ class EtcdRegistry:
         return await delete_if(self._etcd, key, value=keys.SHUTDOWN_DRAIN)
 
     async def wake(self, key: VariantKey, lease: int) -> None:
-        value = str(time.time_ns() // 1_000_000).encode()
-        await self._etcd.put(keys.wake_key(*key).encode(), value, lease=lease)
-        _, holders = self._wakes.get(key, (b"", 0))
+        # One value per variant while any waiter holds it, counted BEFORE the put: two wakes
+        # whose replies came back out of order must not leave this registry remembering a value
+        # that is not the stored one (the last unwake would then never delete the mark).
+        value, holders = self._wakes.get(key, (str(time.time_ns() // 1_000_000).encode(), 0))
         self._wakes[key] = (value, holders + 1)
+        try:
+            await self._etcd.put(keys.wake_key(*key).encode(), value, lease=lease)
+        except BaseException:
+            self._release(key)
+            raise
 
     async def unwake(self, key: VariantKey) -> None:
+        value = self._release(key)
+        if value is not None:
+            await delete_if(self._etcd, keys.wake_key(*key).encode(), value=value)
+
+    def _release(self, key: VariantKey) -> bytes | None:
+        """One waiter fewer; the value to delete when it was the last, else None."""
         value, holders = self._wakes.get(key, (b"", 0))
         if holders > 1:
             self._wakes[key] = (value, holders - 1)
-            return
-        if self._wakes.pop(key, None) is not None:
-            await delete_if(self._etcd, keys.wake_key(*key).encode(), value=value)
+            return None
+        return value if self._wakes.pop(key, None) is not None else None
 
     # -- replicas, node link records, placements ----------------------------------------------
 

@@ -4,6 +4,7 @@ drift from what it stands for. (The races themselves: test_registry_races.py.)""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -208,7 +209,10 @@ async def test_wake_mark_lasts_until_the_last_waiter_and_spares_a_foreign_one(
     lease = await store.lease()
     key = keys.wake_key("m", "v1")
     await r.wake(("m", "v1"), lease)
+    first = await store.value(key)
+    await asyncio.sleep(0.005)  # a later millisecond: the held mark keeps its value
     await r.wake(("m", "v1"), lease)
+    assert await store.value(key) == first, "one value per variant while any waiter holds it"
     await r.unwake(("m", "v1"))
     assert await store.value(key) is not None, "a second waiter still waits"
     await r.unwake(("m", "v1"))

@@ -153,10 +153,9 @@ class FakeRegistry:
         return self._delete(keys.draining_key(node_id))
 
     async def wake(self, key: VariantKey, lease: int) -> None:
-        value = str(time.time_ns() // 1_000_000).encode()
-        self._put(keys.wake_key(*key), value, lease)
-        _, holders = self._wakes.get(key, (b"", 0))
+        value, holders = self._wakes.get(key, (str(time.time_ns() // 1_000_000).encode(), 0))
         self._wakes[key] = (value, holders + 1)
+        self._put(keys.wake_key(*key), value, lease)
 
     async def unwake(self, key: VariantKey) -> None:
         value, holders = self._wakes.get(key, (b"", 0))
