@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from meshserve.common.errors import Unavailable
-from meshserve.controlplane.link.hub import Hub, NodeSession
+from meshserve.controlplane.link.handshake import TokenBucket
+from meshserve.controlplane.link.hub import Hub
+from meshserve.controlplane.link.session import NodeSession
 from meshserve.controlplane.snapshot import Snapshot
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.node.copies import CopyEntry, CopyManager
@@ -161,8 +163,6 @@ def test_a_replaced_copy_releases_its_batcher_and_its_artifact(tmp_path: Path) -
 
 
 def test_new_streams_are_admitted_at_a_bounded_rate() -> None:
-    from meshserve.controlplane.link.hub import TokenBucket
-
     now = [0.0]
     bucket = TokenBucket(rate=10, burst=10, clock=lambda: now[0])
     assert sum(bucket.take() for _ in range(50)) == 10, "a storm gets the burst at once"

@@ -1,0 +1,187 @@
+"""Reconcile: what one node must be told so that its copies match the placements.
+
+Contract:
+- :func:`reconcile` is pure: a function of an immutable :class:`Snapshot`, the node's id, the
+  copies the node reports holding, the commands already said to it and how long its stream has
+  been linked. It does no I/O and reads no clock; it returns decisions, in order, that the hub
+  turns into messages (:meth:`Load.message`, :meth:`Unload.message`) and bookkeeping.
+- Load for every variant placed on the node that it does not hold as specified (the spec's
+  sha256 and, for a READY copy, its monitoring digest); Unload for every copy no placement puts
+  on the node. A decision already said (same mark in ``said``) is not repeated: the hub clears a
+  variant's mark whenever the node reports on it, so a dropped or refused command is re-told.
+- Make before break: a draining node's READY copy stays until the copies that replace it are
+  READY; a READY copy of a placement short of copies stays during the stream's first
+  :data:`ADOPTION_GRACE_S` seconds so the leader can adopt it.
+- Every command carries the placement revision it was decided on; the node ignores one older than
+  the last it applied, so replicas whose views lag cannot undo a newer decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+from meshserve.common.sketches import monitoring_digest
+from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.protos import mesh_pb2
+
+__all__ = [
+    "ADOPTION_GRACE_S",
+    "UNLOAD",
+    "Decision",
+    "Load",
+    "Settled",
+    "Unload",
+    "awaits_replacement",
+    "load_mark",
+    "reconcile",
+    "spec_digest",
+]
+
+ADOPTION_GRACE_S: Final = 5.0  # a reconnected node's unplaced READY copies wait this long
+UNLOAD: Final = "unload"  # the mark of an Unload said
+_NOTHING_SAID: Mapping[VariantKey, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Tell the node to load ``spec`` as ``key`` (or to replace the copy it holds)."""
+
+    key: VariantKey
+    spec: mesh_pb2.ModelSpec
+    revision: int  # the placement revision the decision is based on
+    mark: str  # what to remember as said (:func:`load_mark`)
+
+    def message(self) -> mesh_pb2.ControlMessage:
+        spec = self.spec
+        return mesh_pb2.ControlMessage(
+            load=mesh_pb2.LoadModel(
+                model=spec.name,
+                variant=spec.variant or self.key[1],
+                artifact_uri=spec.artifact_uri,
+                sha256=spec.sha256,
+                execution_providers=spec.execution_providers,
+                serving=spec.serving,
+                placement_revision=self.revision,
+                drift_reference=spec.drift_reference,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Unload:
+    """Tell the node to drop its copy of ``key``."""
+
+    key: VariantKey
+    revision: int
+
+    @property
+    def mark(self) -> str:
+        return UNLOAD
+
+    def message(self) -> mesh_pb2.ControlMessage:
+        return mesh_pb2.ControlMessage(
+            unload=mesh_pb2.UnloadModel(
+                model=self.key[0], variant=self.key[1], placement_revision=self.revision
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The node holds ``key`` as placed: nothing to send; remember ``mark`` as said."""
+
+    key: VariantKey
+    mark: str
+
+
+Decision = Load | Unload | Settled
+
+
+def spec_digest(key: VariantKey, spec: mesh_pb2.ModelSpec) -> str:
+    """The monitoring digest a copy of ``spec`` reports once loaded (``key`` unused: the
+    signature of a memo keyed by variant)."""
+    del key
+    return monitoring_digest(spec.serving.monitoring, spec.drift_reference)
+
+
+def load_mark(spec: mesh_pb2.ModelSpec, digest: str) -> str:
+    """The mark of a Load of ``spec``: changes whenever the artifact or monitoring does."""
+    return f"load:{spec.sha256.lower()}:{digest}"
+
+
+def awaits_replacement(snapshot: Snapshot, node_id: str, key: VariantKey) -> bool:
+    """Make before break: whether a draining node's copy of ``key`` must stay because the copies
+    that replace it are not READY yet (as many as the placement names elsewhere, bounded by its
+    desired copies, at least one), so a drain never leaves a variant without a ready copy; the
+    gateway routes to it only while it is the last. False for a node not draining and for a
+    variant whose placement is gone (nothing to hand over)."""
+    if node_id not in snapshot.draining:
+        return False
+    placement = snapshot.placements.get(key)
+    if placement is None:
+        return False
+    others = [n for n in placement.nodes if n != node_id and n not in snapshot.draining]
+    ready = {n.node_id for n in snapshot.ready_nodes(key)}
+    want = max(1, min(len(others), placement.desired_copies or len(others)))
+    return sum(n in ready for n in others) < want
+
+
+def reconcile(
+    snapshot: Snapshot,
+    node_id: str,
+    held: Mapping[VariantKey, mesh_pb2.CopyStatus],
+    *,
+    said: Mapping[VariantKey, str] = _NOTHING_SAID,
+    linked_s: float = math.inf,
+    digest: Callable[[VariantKey, mesh_pb2.ModelSpec], str] = spec_digest,
+) -> tuple[Decision, ...]:
+    """The decisions that move node ``node_id`` towards ``snapshot``'s placements.
+
+    ``held``: the copies the node reports (its Hello, then every CopyStatus). ``said``: the mark
+    of the last command per variant the hub sent and the node has not reported on since.
+    ``linked_s``: seconds since the node's stream was linked (the adoption grace).
+    ``digest``: the monitoring digest of a spec (a memo of :func:`spec_digest` may be passed).
+
+    Returns the Loads (in placement order, with a :class:`Settled` for each variant the node
+    holds as placed) then the Unloads (in ``held`` order). The caller sends each command and
+    records its ``mark`` in ``said`` once sent; a command it could not send is decided again.
+    """
+    decisions: list[Decision] = []
+    for key, placement in snapshot.placements.items():
+        spec = snapshot.models.get(key)
+        if spec is None or node_id not in placement.nodes:
+            continue
+        copy = held.get(key)
+        wanted = digest(key, spec)
+        mark = load_mark(spec, wanted)
+        if (
+            copy is not None
+            and copy.sha256 == spec.sha256.lower()
+            and (copy.monitoring_digest == wanted or copy.state != mesh_pb2.READY)
+        ):
+            decisions.append(Settled(key, mark))
+        elif said.get(key) != mark:
+            decisions.append(Load(key, spec, snapshot.placement_revision(key), mark))
+    fresh = linked_s < ADOPTION_GRACE_S
+    for key, copy in held.items():
+        current = snapshot.placements.get(key)
+        # A copy goes only when its placement is gone or names other nodes; a removed model's
+        # placement is deleted by the leader, and that deletion is the decision. In a stream's
+        # first seconds, a READY copy of a placement short of copies stays: the leader adopts it
+        # (a node back from a network cut keeps serving, nothing is loaded twice); a later
+        # reconcile unloads it after the grace if it was not adopted.
+        short = current is not None and len(current.nodes) < current.desired_copies
+        ready = copy.state == mesh_pb2.READY
+        if (
+            (current is not None and node_id in current.nodes)
+            or (short and fresh and ready)
+            or said.get(key) == UNLOAD
+            or (ready and awaits_replacement(snapshot, node_id, key))
+        ):
+            continue
+        decisions.append(Unload(key, snapshot.placement_revision(key)))
+    return tuple(decisions)
