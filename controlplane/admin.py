@@ -1,28 +1,29 @@
 """The Admin API (used by meshctl): models, nodes, placements and their explanations, the
-placement policy, draining, and the decision events.
+placement policy, draining, feedback and health, aliases and rollouts, and the decision events.
 
-Every write is validated here first, so nothing malformed ever reaches etcd.
+Contract: every method reads as authorize → validate → registry call → event → answer.
+
+* Authorization is not here: :class:`~meshserve.controlplane.auth.Guard` wraps this servicer
+  (admin token, mTLS), and :func:`~meshserve.common.errors.map_errors` turns the typed errors
+  raised below into gRPC status codes.
+* Every request is validated first (:mod:`meshserve.controlplane.validation`, pure), so nothing
+  malformed ever reaches etcd or a node; checks against the mesh's state (NotFound) follow, on
+  this replica's snapshot.
+* Every write goes through the registry seam (:class:`~meshserve.controlplane.registry.Registry`);
+  racing writes are its transactions, never a read-then-write here.
+* A change users should see later is recorded in the event log; answers are built by pure
+  functions of the snapshot and the nodes' telemetry (``placement/explain.py``,
+  ``observe/telemetry.py``, ``dataplane/resolve.py``, the helpers at the end of this module).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import time
-import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from meshserve.common.datatypes import DATATYPES
-from meshserve.common.errors import (
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    ServicerContext,
-    Unavailable,
-)
-from meshserve.common.policy.config import Policy, PolicyError, parse_policy
-from meshserve.common.sketches import MAX_CLASSES, MAX_FEATURES
+from meshserve.common.errors import NotFound, ResourceExhausted, ServicerContext, Unavailable
+from meshserve.common.policy.config import Policy
 from meshserve.controlplane.dataplane.resolve import (
     LiveLoad,
     alias_state,
@@ -32,93 +33,24 @@ from meshserve.controlplane.dataplane.resolve import (
 from meshserve.controlplane.dataplane.rollout import DEFAULT_ALIAS, plan_rollback, plan_rollout
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventLog
-from meshserve.controlplane.observe.health import ModelHealth, feedback_totals
-from meshserve.controlplane.placement.scheduler import explain_variant
+from meshserve.controlplane.observe.health import ModelHealth
+from meshserve.controlplane.observe.telemetry import Telemetered, model_health
+from meshserve.controlplane.placement.explain import explain_placement
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot
+from meshserve.controlplane.validation import (
+    check_model_name,
+    validate_alias_change,
+    validate_feedback,
+    validate_policy,
+    validate_profile,
+    validate_rollout,
+    validate_spec,
+    validate_switching,
+)
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
-__all__ = ["AdminService", "validate_profile", "validate_spec"]
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-MAX_COPIES = 1000
-MAX_FEEDBACK_ITEMS = 10_000
-
-
-def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
-    """A normalised copy of ``spec``, or InvalidArgument saying what is wrong."""
-    out = mesh_pb2.ModelSpec()
-    out.CopyFrom(spec)
-    out.variant = out.variant or "default"
-    out.sha256 = out.sha256.lower()
-    out.copies = out.copies or 1
-    for field, value in (("name", out.name), ("variant", out.variant)):
-        if not _NAME.match(value):
-            raise InvalidArgument(
-                f"invalid model {field} {value!r}: 1-128 of [A-Za-z0-9_.-], starting with a "
-                "letter or digit"
-            )
-    scheme = urllib.parse.urlparse(out.artifact_uri).scheme
-    if scheme not in ("file", "http", "https"):
-        raise InvalidArgument(
-            f"artifact_uri {out.artifact_uri!r} must be a file://, http:// or https:// URI"
-        )
-    if not _SHA256.match(out.sha256):
-        raise InvalidArgument(f"sha256 {spec.sha256!r} is not 64 hex characters")
-    if out.copies > MAX_COPIES:
-        raise InvalidArgument(f"copies={out.copies} is over the limit of {MAX_COPIES}")
-    for tensor in [*out.inputs, *out.outputs]:
-        if tensor.datatype not in DATATYPES:
-            raise InvalidArgument(f"tensor {tensor.name!r}: unknown datatype {tensor.datatype!r}")
-    if not (math.isfinite(out.slo_ms) and out.slo_ms >= 0):
-        raise InvalidArgument(f"slo_ms={out.slo_ms} must be a finite number >= 0")
-    if not (math.isfinite(out.accuracy) and 0 <= out.accuracy <= 1):
-        raise InvalidArgument(f"accuracy={out.accuracy} must be between 0 and 1")
-    if out.HasField("autoscaling"):
-        scale = out.autoscaling
-        if scale.max_copies > MAX_COPIES:
-            raise InvalidArgument(f"autoscaling.max_copies={scale.max_copies} is over {MAX_COPIES}")
-        if scale.max_copies and scale.min_copies > scale.max_copies:
-            raise InvalidArgument(
-                f"autoscaling.min_copies={scale.min_copies} exceeds max_copies={scale.max_copies}"
-            )
-        if not scale.target_in_flight >= 0:
-            raise InvalidArgument("autoscaling.target_in_flight must be >= 0")
-    monitoring = out.serving.monitoring
-    if not (math.isfinite(monitoring.log_sample_rate) and 0 <= monitoring.log_sample_rate <= 1):
-        raise InvalidArgument(
-            f"monitoring.log_sample_rate={monitoring.log_sample_rate} must be between 0 and 1"
-        )
-    if out.HasField("drift_reference"):
-        validate_profile(out.drift_reference)
-    return out
-
-
-MAX_PROFILE_BINS = 64
-
-
-def validate_profile(profile: mesh_pb2.DriftProfile) -> None:
-    """InvalidArgument unless ``profile`` is a well-formed, bounded reference."""
-    if len(profile.features) > MAX_FEATURES:
-        raise InvalidArgument(
-            f"drift profile has {len(profile.features)} features; at most {MAX_FEATURES}"
-        )
-    if profile.features and not profile.input:
-        raise InvalidArgument("drift profile has features but names no input tensor")
-    for sketch in [*profile.features, profile.output]:
-        edges = list(sketch.edges)
-        if len(edges) >= MAX_PROFILE_BINS or len(sketch.counts) > MAX_CLASSES + MAX_PROFILE_BINS:
-            raise InvalidArgument(f"drift profile sketch {sketch.name!r} has too many bins")
-        if not all(math.isfinite(e) for e in edges) or edges != sorted(set(edges)):
-            raise InvalidArgument(
-                f"drift profile sketch {sketch.name!r}: edges must be finite and increasing"
-            )
-        if edges and len(sketch.counts) != len(edges) + 1:
-            raise InvalidArgument(
-                f"drift profile sketch {sketch.name!r}: {len(edges)} edges need "
-                f"{len(edges) + 1} counts, got {len(sketch.counts)}"
-            )
+__all__ = ["AdminService"]
 
 
 class AdminService(mesh_pb2_grpc.AdminServicer):
@@ -159,8 +91,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     async def RemoveModel(
         self, request: mesh_pb2.RemoveModelRequest, context: ServicerContext
     ) -> mesh_pb2.RemoveModelResponse:
-        if not _NAME.match(request.name):
-            raise InvalidArgument(f"invalid model name {request.name!r}")
+        check_model_name(request.name)
         if request.variant:  # refused while an alias points at it
             removed = await self._registry.remove_variant(request.name, request.variant)
         else:  # every version and alias, in one write
@@ -170,22 +101,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     async def ListNodes(
         self, request: mesh_pb2.ListNodesRequest, context: ServicerContext
     ) -> mesh_pb2.ListNodesResponse:
-        snapshot = self._snapshot()
-        out = mesh_pb2.ListNodesResponse()
-        for node_id in sorted(snapshot.nodes):
-            node = snapshot.nodes[node_id]
-            info = out.nodes.add(
-                node_id=node_id,
-                labels=dict(node.labels),
-                direct_address=node.direct_address,
-                replicas=sorted(node.replicas),
-            )
-            info.hardware.CopyFrom(node.hardware)
-            info.copies.extend(node.copies[k] for k in sorted(node.copies))
-            session = self._hub.sessions.get(node_id)
-            if session is not None:
-                info.telemetry.CopyFrom(session.telemetry)
-        return out
+        return _node_list(self._snapshot(), self._hub.sessions)
 
     async def ListPlacements(
         self, request: mesh_pb2.ListPlacementsRequest, context: ServicerContext
@@ -202,47 +118,12 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     async def ExplainPlacement(
         self, request: mesh_pb2.ExplainPlacementRequest, context: ServicerContext
     ) -> mesh_pb2.ExplainPlacementResponse:
-        snapshot = self._snapshot()
-        wanted = [
-            k
-            for k in sorted(snapshot.models)
-            if k[0] == request.model and (not request.variant or k[1] == request.variant)
-        ]
-        if not wanted:
-            raise NotFound(
-                f"model {request.model!r}"
-                + (f" variant {request.variant!r}" if request.variant else "")
-                + " is not registered"
-            )
-        out = mesh_pb2.ExplainPlacementResponse()
-        for key in wanted:
-            rule, desired, placed, verdicts = explain_variant(snapshot, key, self._policy())
-            variant = out.variants.add(
-                model=key[0],
-                variant=key[1],
-                desired_copies=desired,
-                placed=placed,
-                policy=rule.name,
-            )
-            for v in verdicts:
-                variant.nodes.add(
-                    node_id=v.node_id,
-                    feasible=v.feasible,
-                    filtered_by=v.filtered_by,
-                    reason=v.reason,
-                    score=v.score,
-                    scores=v.scores,
-                    selected=v.selected,
-                )
-        return out
+        return explain_placement(self._snapshot(), self._policy(), request.model, request.variant)
 
     async def ApplyPolicy(
         self, request: mesh_pb2.ApplyPolicyRequest, context: ServicerContext
     ) -> mesh_pb2.ApplyPolicyResponse:
-        try:
-            policy = parse_policy(request.yaml)
-        except PolicyError as exc:
-            raise InvalidArgument(f"invalid policy: {exc}") from None
+        policy = validate_policy(request.yaml)
         if request.dry_run:
             return mesh_pb2.ApplyPolicyResponse(name=policy.name)
         revision = await self._registry.apply_policy(request.yaml)  # a blind replace: no race
@@ -280,9 +161,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     async def ExplainSwitching(
         self, request: mesh_pb2.ExplainSwitchingRequest, context: ServicerContext
     ) -> mesh_pb2.ExplainSwitchingResponse:
-        for name, value in (("slo_ms", request.slo_ms), ("min_accuracy", request.min_accuracy)):
-            if not (math.isfinite(value) and value >= 0):
-                raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
+        validate_switching(request.slo_ms, request.min_accuracy)
         return explain_switching(
             self._snapshot(),
             request.model,
@@ -301,21 +180,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     ) -> mesh_pb2.FeedbackResponse:
         """Send outcomes to every linked node serving the model: the node that logged the
         prediction joins it (request ids are unique; the others ignore it)."""
-        if not request.model:
-            raise InvalidArgument("feedback needs the model name")
-        if not request.items:
-            raise InvalidArgument("feedback has no items")
-        if len(request.items) > MAX_FEEDBACK_ITEMS:
-            raise InvalidArgument(
-                f"{len(request.items)} feedback items; send at most {MAX_FEEDBACK_ITEMS} per call"
-            )
-        for item in request.items:
-            if not item.request_id:
-                raise InvalidArgument("a feedback item has an empty request_id")
-            if item.WhichOneof("truth") is None:
-                raise InvalidArgument(f"feedback for {item.request_id!r} carries no label or value")
-            if item.WhichOneof("truth") == "value" and not math.isfinite(item.value):
-                raise InvalidArgument(f"feedback for {item.request_id!r}: value is not finite")
+        validate_feedback(request)
         if not self._snapshot().variants(request.model):
             raise NotFound(f"unknown model {request.model!r}")
         message = mesh_pb2.ControlMessage(
@@ -339,17 +204,9 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         variants = self._snapshot().variants(request.model)
         if not variants:
             raise NotFound(f"unknown model {request.model!r}")
-        totals = feedback_totals((s.telemetry for s in self._hub.sessions.values()), request.model)
-        out = mesh_pb2.ModelHealthResponse()
-        for spec in sorted(variants, key=lambda v: v.variant):
-            key = (spec.name, spec.variant)
-            health = out.variants.add()
-            health.CopyFrom(
-                totals.get(key)
-                or mesh_pb2.VariantHealth(variant=spec.variant, accuracy=-1, mean_abs_error=-1)
-            )
-            health.registered_accuracy = spec.accuracy
-            self._health.report(key, health)
+        out = model_health(request.model, variants, self._hub.sessions)
+        for health in out.variants:  # the accuracy gauges follow what was last asked
+            self._health.report((request.model, health.variant), health)
         return out
 
     async def SetDriftProfile(
@@ -372,12 +229,6 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         """Apply ``plan(current alias, registered versions)`` as one compare-and-swap
         (:meth:`~meshserve.controlplane.registry.Registry.change_alias`, retried on a lost
         race); returns (new, old). ``plan`` returning the current record itself writes nothing."""
-        for name, value in (("model", model), ("alias", alias)):
-            if not _NAME.match(value):
-                raise InvalidArgument(
-                    f"invalid {name} name {value!r}: 1-128 of [A-Za-z0-9_.-], starting with a "
-                    "letter or digit"
-                )
         new, current = await self._registry.change_alias(model, alias, plan)
         if new is not current:
             await self._until_seen(model, alias, new)
@@ -396,8 +247,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self, request: mesh_pb2.RolloutRequest, context: ServicerContext
     ) -> mesh_pb2.RolloutResponse:
         model, alias, version = request.model, request.alias or DEFAULT_ALIAS, request.version
-        if not version:
-            raise InvalidArgument("rollout needs the version (a registered variant) to roll out")
+        validate_rollout(model, alias, version)
         percent = request.canary_percent
 
         def plan(current: mesh_pb2.Alias | None, registered: list[str]) -> mesh_pb2.Alias:
@@ -422,13 +272,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
 
         new, old = await self._change_alias(model, alias, plan)
         if new is not old:
-            if new.canary_version and 0 < percent < 100:
-                text = f"{alias}: canary {version} at {percent:g}% (stable {new.version})"
-            else:
-                was = old.version if old is not None else "unset"
-                text = f"{alias} -> {version} (was {was})"
-                if new.previous_version:
-                    text += f"; {new.previous_version} serves until {version} is warm"
+            text = _rollout_message(alias, version, percent, new, old)
             self._events.record("rollout", model=model, variant=version, message=text)
         return mesh_pb2.RolloutResponse(status=self._alias_status(model, new))
 
@@ -436,6 +280,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self, request: mesh_pb2.RollbackRequest, context: ServicerContext
     ) -> mesh_pb2.RollbackResponse:
         model, alias = request.model, request.alias or DEFAULT_ALIAS
+        validate_alias_change(model, alias)
 
         def plan(current: mesh_pb2.Alias | None, registered: list[str]) -> mesh_pb2.Alias:
             return plan_rollback(
@@ -448,21 +293,66 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
 
         new, old = await self._change_alias(model, alias, plan)
         assert old is not None  # plan_rollback refuses a missing alias
-        if old.canary_version:
-            text = f"{alias}: canary {old.canary_version} dropped; {new.version} takes every query"
-        else:
-            text = f"{alias} -> {new.version} (rolled back from {old.version})"
+        text = _rollback_message(alias, new, old)
         self._events.record("rollback", model=model, variant=new.version, message=text)
         return mesh_pb2.RollbackResponse(status=self._alias_status(model, new))
 
     async def ListAliases(
         self, request: mesh_pb2.ListAliasesRequest, context: ServicerContext
     ) -> mesh_pb2.ListAliasesResponse:
-        if not _NAME.match(request.model):
-            raise InvalidArgument(f"invalid model name {request.model!r}")
+        check_model_name(request.model)
         aliases = await self._registry.aliases(request.model)
         if not aliases and not self._snapshot().variants(request.model):
             raise NotFound(f"unknown model {request.model!r}")
         return mesh_pb2.ListAliasesResponse(
             aliases=[self._alias_status(request.model, a) for a in aliases]
         )
+
+
+# -- pure answers and event texts -----------------------------------------------------------------
+
+
+def _node_list(
+    snapshot: Snapshot, sessions: Mapping[str, Telemetered]
+) -> mesh_pb2.ListNodesResponse:
+    """Every node of the view, by id, with its copies and (when it streams to this replica) its
+    latest telemetry."""
+    out = mesh_pb2.ListNodesResponse()
+    for node_id in sorted(snapshot.nodes):
+        node = snapshot.nodes[node_id]
+        info = out.nodes.add(
+            node_id=node_id,
+            labels=dict(node.labels),
+            direct_address=node.direct_address,
+            replicas=sorted(node.replicas),
+        )
+        info.hardware.CopyFrom(node.hardware)
+        info.copies.extend(node.copies[k] for k in sorted(node.copies))
+        session = sessions.get(node_id)
+        if session is not None:
+            info.telemetry.CopyFrom(session.telemetry)
+    return out
+
+
+def _rollout_message(
+    alias: str,
+    version: str,
+    percent: float,
+    new: mesh_pb2.Alias,
+    old: mesh_pb2.Alias | None,
+) -> str:
+    """The event text of a rollout that changed ``alias`` from ``old`` to ``new``."""
+    if new.canary_version and 0 < percent < 100:
+        return f"{alias}: canary {version} at {percent:g}% (stable {new.version})"
+    was = old.version if old is not None else "unset"
+    text = f"{alias} -> {version} (was {was})"
+    if new.previous_version:
+        text += f"; {new.previous_version} serves until {version} is warm"
+    return text
+
+
+def _rollback_message(alias: str, new: mesh_pb2.Alias, old: mesh_pb2.Alias) -> str:
+    """The event text of a rollback that changed ``alias`` from ``old`` to ``new``."""
+    if old.canary_version:
+        return f"{alias}: canary {old.canary_version} dropped; {new.version} takes every query"
+    return f"{alias} -> {new.version} (rolled back from {old.version})"

@@ -1,6 +1,9 @@
 """A control-plane replica: composes etcd mirrors, hub, gateway, admin API and the leader loop.
 
-Lifecycle (one place): :meth:`ControlPlane.start` → serve → :meth:`ControlPlane.stop`.
+Composition only: every part is built in its room (the node link in ``link/``, the query path in
+``dataplane/``, the leader and the policy in force in ``placement/``, events, alarms and telemetry
+readers in ``observe/``) and wired here; this module holds the lifecycle, in one place:
+:meth:`ControlPlane.start` → serve → :meth:`ControlPlane.stop`.
 """
 
 from __future__ import annotations
@@ -17,19 +20,22 @@ from typing import Any
 from grpc import aio
 
 from meshserve.common.errors import map_errors, tolerant_decoding
-from meshserve.common.policy.config import DEFAULT_POLICY, Policy, PolicyError, parse_policy
 from meshserve.common.security import TLSFiles, channel_credentials, server_credentials
 from meshserve.controlplane import keys
 from meshserve.controlplane.admin import AdminService
 from meshserve.controlplane.auth import AuthConfig, Guard
 from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.gateway import Gateway
-from meshserve.controlplane.etcd import Election, PrefixMirror, Session, connect
+from meshserve.controlplane.etcd import Election, PrefixMirror, connect
 from meshserve.controlplane.link.hub import Hub
+from meshserve.controlplane.link.options import server_options
+from meshserve.controlplane.link.presence import Presence, replica_list
 from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.observe.events import EventLog
+from meshserve.controlplane.observe.telemetry import latest_telemetry, live_in_flight
 from meshserve.controlplane.observe.webhook import Webhook
 from meshserve.controlplane.placement.leader import LeaderLoop
+from meshserve.controlplane.placement.policy_source import PolicySource
 from meshserve.controlplane.registry import EtcdRegistry, Registry
 from meshserve.controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
 from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
@@ -67,21 +73,6 @@ class ControlPlaneConfig:
     max_in_flight_per_client: int = 1024  # gateway admission per client (0: off)
 
 
-def server_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[tuple[str, Any]]:
-    """Server options: keepalive pings notice a dead path (a NAT that lost its mapping, a cut
-    cable) in about ``keepalive_ms`` x 1.5; nodes may ping as often as every second."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", keepalive_ms),
-        ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms // 2)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.so_reuseport", 0),
-    ]
-
-
 class ControlPlane:
     def __init__(self, config: ControlPlaneConfig) -> None:
         self.config = config
@@ -89,7 +80,7 @@ class ControlPlane:
         self.address = ""
         self._etcd: Any = None
         self.registry: Registry | None = None  # every etcd write (set by start)
-        self._session: Session | None = None
+        self._presence: Presence | None = None  # this replica's lease and record (set by start)
         self._mirrors: dict[str, PrefixMirror] = {}
         self._snapshot: Snapshot | None = None
         self._builder = SnapshotBuilder()
@@ -99,16 +90,15 @@ class ControlPlane:
         self.gateway: Gateway | None = None
         self.leader: LeaderLoop | None = None
         self.events: EventLog | None = None
-        self._policy: tuple[int, Policy] = (0, DEFAULT_POLICY)
+        self.policy = PolicySource(lambda: self._mirrors[keys.POLICY])  # read after start
         self.alarms = Alarms(
-            monitoring=lambda: self.policy().spec.monitoring,
+            monitoring=lambda: self.policy.current().spec.monitoring,
             models=lambda: self.snapshot().models,
             telemetry=self._telemetry,
             is_leader=self._is_leader,
             events=lambda: self.events,
         )
-        self.health = self.alarms.health
-        self.webhook = Webhook(lambda: self.policy().spec.monitoring.webhook)
+        self.webhook = Webhook(lambda: self.policy.current().spec.monitoring.webhook)
 
     # -- the view ----------------------------------------------------------------------------
 
@@ -127,44 +117,8 @@ class ControlPlane:
             )
         return self._snapshot
 
-    def policy(self) -> Policy:
-        """The placement policy in force: the YAML stored at ``keys.POLICY`` (hot-reloaded from
-        the watch), else the built-in default. A stored policy that no longer parses (written
-        around the Admin API) is logged and the last good one kept."""
-        revisions = self._mirrors[keys.POLICY].mod_revisions()
-        revision = revisions.get(keys.POLICY, 0)
-        if revision != self._policy[0]:
-            text = self._mirrors[keys.POLICY].items().get(keys.POLICY)
-            try:
-                policy = DEFAULT_POLICY if text is None else parse_policy(text.decode())
-            except (PolicyError, UnicodeDecodeError) as exc:
-                _log.error("stored policy (rev %d) is invalid, keeping the last: %s", revision, exc)
-                policy = self._policy[1]
-            else:
-                _log.info("placement policy %r in force (rev %d)", policy.name, revision)
-            self._policy = (revision, policy)
-        return self._policy[1]
-
-    def live_in_flight(self) -> dict[str, dict[VariantKey, float]]:
-        """Queries in flight per node and variant, from the telemetry of this replica's streams
-        (nodes link to every replica, so the leader sees them all)."""
-        out: dict[str, dict[VariantKey, float]] = {}
-        if self.hub is None:
-            return out
-        for node_id, session in self.hub.sessions.items():
-            flights = {  # in_flight counts every query the copy holds, batcher queue included
-                (m.model, m.variant): float(m.in_flight)
-                for m in session.telemetry.models
-                if m.in_flight
-            }
-            if flights:
-                out[node_id] = flights
-        return out
-
     def _telemetry(self) -> list[mesh_pb2.Telemetry]:
-        """The latest telemetry of every node streaming to this replica (a copied list: gauges
-        read it from the exporter's thread)."""
-        return [] if self.hub is None else [s.telemetry for s in list(self.hub.sessions.values())]
+        return [] if self.hub is None else latest_telemetry(self.hub.sessions)
 
     def _is_leader(self) -> bool:
         election = self.leader.election if self.leader is not None else None
@@ -182,21 +136,11 @@ class ControlPlane:
     async def _wake(self, key: VariantKey, on: bool) -> None:
         """Ask the leader for a copy of a scaled-to-zero variant (``on``), or withdraw it. The key
         lives under this replica's lease: it cannot outlive the replica."""
-        assert self.registry is not None
+        assert self.registry is not None and self._presence is not None
         if on:
-            await self.registry.wake(key, self._lease().lease_id)
+            await self.registry.wake(key, self._presence.lease_id)
         else:
             await self.registry.unwake(key)
-
-    def replicas(self) -> list[mesh_pb2.ReplicaInfo]:
-        out = []
-        for value in self._mirrors[keys.REPLICAS].items().values():
-            out.append(keys.decode(value, mesh_pb2.ReplicaInfo()))
-        return sorted(out, key=lambda r: r.replica_id)
-
-    def _lease(self) -> Session:
-        assert self._session is not None
-        return self._session
 
     @staticmethod
     async def _connect_etcd(url: str, wait_s: float) -> Any:
@@ -214,23 +158,16 @@ class ControlPlane:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _register_replica(self) -> None:
-        info = mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=self.address)
-        assert self.registry is not None
-        await self.registry.register_replica(info, self._lease().lease_id)
-
     async def _maintain(self, interval_s: float = 2.0) -> None:
         """Keep this replica's lease (renew it if lost: re-register, rewrite every node record,
         the leader loop re-campaigns on its own) and sweep node records no stream backs."""
+        assert self._presence is not None
+        presence = self._presence
         while True:
             await asyncio.sleep(interval_s)
             try:
-                if self._lease().done.is_set():
-                    _log.warning("replica lease lost; opening a new one")
-                    self._session = await Session.open(self._etcd, self.config.lease_ttl_s)
-                    await self._register_replica()
-                    if self.hub is not None:
-                        self.hub.rewrite_all()
+                if await presence.renew_if_lost() and self.hub is not None:
+                    self.hub.rewrite_all()
                 if self.hub is not None:
                     await self.hub.sweep(self._mirrors[keys.NODES].mod_revisions())
                     self.hub.reconcile(self.snapshot())  # decisions that waited on a grace
@@ -261,8 +198,13 @@ class ControlPlane:
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = cfg.advertise or f"{host}:{port}"
 
-        self._session = await Session.open(self._etcd, cfg.lease_ttl_s)
-        await self._register_replica()
+        self._presence = presence = Presence(
+            etcd=self._etcd,
+            registry=registry,
+            replica_id=self.replica_id,
+            lease_ttl_s=cfg.lease_ttl_s,
+        )
+        await presence.open(self.address)
         prefixes = (
             keys.MODELS,
             keys.PLACEMENTS,
@@ -283,9 +225,9 @@ class ControlPlane:
             registry=registry,
             replica_id=self.replica_id,
             lease_ttl_s=cfg.lease_ttl_s,
-            lease_id=lambda: self._lease().lease_id,
+            lease_id=lambda: presence.lease_id,
             snapshot=self.snapshot,
-            replicas=self.replicas,
+            replicas=lambda: replica_list(self._mirrors[keys.REPLICAS].items()),
             telemetry_interval_ms=cfg.telemetry_interval_ms,
             admissions_per_s=cfg.admissions_per_s,
             on_telemetry=self.alarms.on_telemetry,
@@ -321,10 +263,10 @@ class ControlPlane:
                         registry=registry,
                         snapshot=self.snapshot,
                         hub=self.hub,
-                        policy=self.policy,
+                        policy=self.policy.current,
                         events=self.events,
                         live_load=self.gateway.live_load,
-                        health=self.health,
+                        health=self.alarms.health,
                     )
                 )
             ),
@@ -335,13 +277,14 @@ class ControlPlane:
         )
         await self._server.start()
 
+        hub = self.hub
         self.leader = LeaderLoop(
             registry=registry,
-            election=lambda: Election(self._etcd, self._lease(), keys.LEADER, self.replica_id),
+            election=lambda: Election(self._etcd, presence.session, keys.LEADER, self.replica_id),
             replica_id=self.replica_id,
             snapshot=self.snapshot,
-            policy=self.policy,
-            in_flight=self.live_in_flight,
+            policy=self.policy.current,
+            in_flight=lambda: live_in_flight(hub.sessions),
             events=self.events,
         )
         self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
@@ -387,8 +330,8 @@ class ControlPlane:
             await asyncio.gather(*(m.close() for m in self._mirrors.values()))
 
         async def session() -> None:
-            if self._session is not None:
-                await self._session.close(revoke=True)
+            if self._presence is not None:
+                await self._presence.close()
 
         async def etcd() -> None:
             if self._etcd is not None:
