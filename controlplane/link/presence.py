@@ -48,6 +48,7 @@ class Presence:
         self._replica_id = replica_id
         self._address = ""
         self._session: Session | None = None
+        self._pending = False  # a new lease whose record is not written yet
 
     @property
     def session(self) -> Session:
@@ -66,12 +67,19 @@ class Presence:
         await self._register()
 
     async def renew_if_lost(self) -> bool:
-        """A new lease and record if the lease was lost (then True); else nothing (False)."""
-        if not self.session.done.is_set():
+        """A new lease and record if the lease was lost (then True); else nothing (False).
+
+        A renewal is complete only once the record is written under the new lease: if that
+        write fails (etcd went away again), the next call writes it and returns True then, so
+        the caller rewrites the node records that hung on the old lease."""
+        if self.session.done.is_set():
+            _log.warning("replica lease lost; opening a new one")
+            self._session = await Session.open(self._etcd, self._ttl)
+            self._pending = True
+        if not self._pending:
             return False
-        _log.warning("replica lease lost; opening a new one")
-        self._session = await Session.open(self._etcd, self._ttl)
         await self._register()
+        self._pending = False
         return True
 
     async def close(self) -> None:

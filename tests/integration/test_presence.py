@@ -48,6 +48,40 @@ async def test_the_record_follows_the_lease_through_a_loss_and_a_close(client: A
     assert await _record(client, "cp-a") is None
 
 
+class _FailsOnce(EtcdRegistry):
+    """The real registry, whose next replica-record write fails once (etcd gone again)."""
+
+    fail_next = False
+
+    async def register_replica(self, info: mesh_pb2.ReplicaInfo, lease: int) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("etcd unreachable")
+        await super().register_replica(info, lease)
+
+
+async def test_a_renewal_whose_record_write_failed_is_finished_by_the_next_step(
+    client: Any,
+) -> None:
+    registry = _FailsOnce(client)
+    presence = Presence(etcd=client, registry=registry, replica_id="cp-c", lease_ttl_s=3)
+    await presence.open("127.0.0.1:9003")
+    first = presence.lease_id
+    await revoke_lease(client, first)
+    await asyncio.wait_for(presence.session.done.wait(), 10)
+    registry.fail_next = True
+    with pytest.raises(ConnectionError):
+        await presence.renew_if_lost()
+    assert await _record(client, "cp-c") is None
+    # The lease is live again, but the record (and the node records the caller rewrites on
+    # True) is still missing: the next maintenance step must finish the renewal.
+    assert await presence.renew_if_lost() is True
+    stored = await _record(client, "cp-c")
+    assert stored is not None and stored[1] == presence.lease_id != first
+    assert await presence.renew_if_lost() is False
+    await presence.close()
+
+
 async def test_close_before_open_does_nothing(client: Any) -> None:
     presence = Presence(
         etcd=client, registry=EtcdRegistry(client), replica_id="cp-b", lease_ttl_s=3
