@@ -386,7 +386,7 @@ class FeedbackItem(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., label: _Optional[int] = ..., text_label: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling", "slo_ms", "drift_reference")
+    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling", "slo_ms", "drift_reference", "version")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +409,7 @@ class ModelSpec(_message.Message):
     AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     SLO_MS_FIELD_NUMBER: _ClassVar[int]
     DRIFT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     variant: str
     artifact_uri: str
@@ -424,7 +425,8 @@ class ModelSpec(_message.Message):
     autoscaling: Autoscaling
     slo_ms: float
     drift_reference: DriftProfile
-    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., slo_ms: _Optional[float] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., slo_ms: _Optional[float] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("min_copies", "max_copies", "target_in_flight", "scale_down_delay_s")
@@ -588,14 +590,16 @@ class ExplainPlacementResponse(_message.Message):
     def __init__(self, variants: _Optional[_Iterable[_Union[VariantExplanation, _Mapping]]] = ...) -> None: ...
 
 class ExplainSwitchingRequest(_message.Message):
-    __slots__ = ("model", "slo_ms", "min_accuracy")
+    __slots__ = ("model", "slo_ms", "min_accuracy", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLO_MS_FIELD_NUMBER: _ClassVar[int]
     MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     slo_ms: float
     min_accuracy: float
-    def __init__(self, model: _Optional[str] = ..., slo_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ...) -> None: ...
+    version: str
+    def __init__(self, model: _Optional[str] = ..., slo_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
 
 class VariantPrediction(_message.Message):
     __slots__ = ("variant", "accuracy", "predicted_ms", "ready_copies", "queued", "slowdown")
@@ -614,16 +618,20 @@ class VariantPrediction(_message.Message):
     def __init__(self, variant: _Optional[str] = ..., accuracy: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., ready_copies: _Optional[int] = ..., queued: _Optional[int] = ..., slowdown: _Optional[float] = ...) -> None: ...
 
 class ExplainSwitchingResponse(_message.Message):
-    __slots__ = ("chosen", "reason", "slo_ms", "variants")
+    __slots__ = ("chosen", "reason", "slo_ms", "variants", "version", "route")
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SLO_MS_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     chosen: str
     reason: str
     slo_ms: float
     variants: _containers.RepeatedCompositeFieldContainer[VariantPrediction]
-    def __init__(self, chosen: _Optional[str] = ..., reason: _Optional[str] = ..., slo_ms: _Optional[float] = ..., variants: _Optional[_Iterable[_Union[VariantPrediction, _Mapping]]] = ...) -> None: ...
+    version: str
+    route: str
+    def __init__(self, chosen: _Optional[str] = ..., reason: _Optional[str] = ..., slo_ms: _Optional[float] = ..., variants: _Optional[_Iterable[_Union[VariantPrediction, _Mapping]]] = ..., version: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class ApplyPolicyRequest(_message.Message):
     __slots__ = ("yaml", "dry_run")
@@ -818,14 +826,16 @@ class Alias(_message.Message):
     def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., previous_version: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
 
 class VersionReadiness(_message.Message):
-    __slots__ = ("version", "ready", "wanted")
+    __slots__ = ("version", "ready", "wanted", "variants")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     WANTED_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     ready: int
     wanted: int
-    def __init__(self, version: _Optional[str] = ..., ready: _Optional[int] = ..., wanted: _Optional[int] = ...) -> None: ...
+    variants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., ready: _Optional[int] = ..., wanted: _Optional[int] = ..., variants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AliasStatus(_message.Message):
     __slots__ = ("alias", "serving", "canary_active", "reason", "versions")
