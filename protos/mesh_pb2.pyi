@@ -130,7 +130,7 @@ class SketchCounts(_message.Message):
     def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CopyStatus(_message.Message):
-    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256", "warmup_seconds", "batched", "bytes_fetched", "bytes_total", "latency_profile", "execution_provider", "monitoring_digest")
+    __slots__ = ("model", "variant", "state", "reason", "inputs", "outputs", "memory_bytes", "load_seconds", "sha256", "warmup_seconds", "batched", "bytes_fetched", "bytes_total", "latency_profile", "execution_provider", "monitoring_digest", "permanent")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class CopyStatus(_message.Message):
     LATENCY_PROFILE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     MONITORING_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PERMANENT_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     state: CopyState
@@ -163,7 +164,8 @@ class CopyStatus(_message.Message):
     latency_profile: _containers.RepeatedCompositeFieldContainer[LatencyPoint]
     execution_provider: str
     monitoring_digest: str
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ..., warmup_seconds: _Optional[float] = ..., batched: _Optional[bool] = ..., bytes_fetched: _Optional[int] = ..., bytes_total: _Optional[int] = ..., latency_profile: _Optional[_Iterable[_Union[LatencyPoint, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., monitoring_digest: _Optional[str] = ...) -> None: ...
+    permanent: bool
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., reason: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., sha256: _Optional[str] = ..., warmup_seconds: _Optional[float] = ..., batched: _Optional[bool] = ..., bytes_fetched: _Optional[int] = ..., bytes_total: _Optional[int] = ..., latency_profile: _Optional[_Iterable[_Union[LatencyPoint, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., monitoring_digest: _Optional[str] = ..., permanent: _Optional[bool] = ...) -> None: ...
 
 class LatencyPoint(_message.Message):
     __slots__ = ("batch_size", "seconds")
@@ -394,7 +396,7 @@ class FeedbackItem(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., label: _Optional[int] = ..., text_label: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling", "slo_ms", "drift_reference", "version")
+    __slots__ = ("name", "variant", "artifact_uri", "sha256", "inputs", "outputs", "copies", "node_selector", "size_bytes", "accuracy", "serving", "execution_providers", "autoscaling", "slo_ms", "drift_reference", "registered_unix_ms", "retry_requests", "version")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +404,13 @@ class ModelSpec(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class RetryRequestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
@@ -417,6 +426,8 @@ class ModelSpec(_message.Message):
     AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     SLO_MS_FIELD_NUMBER: _ClassVar[int]
     DRIFT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     variant: str
@@ -433,8 +444,10 @@ class ModelSpec(_message.Message):
     autoscaling: Autoscaling
     slo_ms: float
     drift_reference: DriftProfile
+    registered_unix_ms: int
+    retry_requests: _containers.ScalarMap[str, int]
     version: str
-    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., slo_ms: _Optional[float] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., copies: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., accuracy: _Optional[float] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., slo_ms: _Optional[float] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ..., registered_unix_ms: _Optional[int] = ..., retry_requests: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("min_copies", "max_copies", "target_in_flight", "scale_down_delay_s")
@@ -522,7 +535,7 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("model", "variant", "nodes", "failed", "desired_copies")
+    __slots__ = ("model", "variant", "nodes", "failed", "desired_copies", "failures")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -530,17 +543,46 @@ class Placement(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class FailuresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CopyFailure
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CopyFailure, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     DESIRED_COPIES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     nodes: _containers.RepeatedScalarFieldContainer[str]
     failed: _containers.ScalarMap[str, str]
     desired_copies: int
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., failed: _Optional[_Mapping[str, str]] = ..., desired_copies: _Optional[int] = ...) -> None: ...
+    failures: _containers.MessageMap[str, CopyFailure]
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., failed: _Optional[_Mapping[str, str]] = ..., desired_copies: _Optional[int] = ..., failures: _Optional[_Mapping[str, CopyFailure]] = ...) -> None: ...
+
+class CopyFailure(_message.Message):
+    __slots__ = ("reason", "permanent", "attempts", "retry_unix_ms", "sha256", "artifact_uri", "registered_unix_ms", "retry_requests")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PERMANENT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    permanent: bool
+    attempts: int
+    retry_unix_ms: int
+    sha256: str
+    artifact_uri: str
+    registered_unix_ms: int
+    retry_requests: int
+    def __init__(self, reason: _Optional[str] = ..., permanent: _Optional[bool] = ..., attempts: _Optional[int] = ..., retry_unix_ms: _Optional[int] = ..., sha256: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., registered_unix_ms: _Optional[int] = ..., retry_requests: _Optional[int] = ...) -> None: ...
 
 class ExplainPlacementRequest(_message.Message):
     __slots__ = ("model", "variant")
@@ -902,3 +944,31 @@ class ListAliasesResponse(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     aliases: _containers.RepeatedCompositeFieldContainer[AliasStatus]
     def __init__(self, aliases: _Optional[_Iterable[_Union[AliasStatus, _Mapping]]] = ...) -> None: ...
+
+class RetryPlacementsRequest(_message.Message):
+    __slots__ = ("model", "variant", "node_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    node_id: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class RetryPlacementsResponse(_message.Message):
+    __slots__ = ("retried",)
+    RETRIED_FIELD_NUMBER: _ClassVar[int]
+    retried: _containers.RepeatedCompositeFieldContainer[RetriedCopy]
+    def __init__(self, retried: _Optional[_Iterable[_Union[RetriedCopy, _Mapping]]] = ...) -> None: ...
+
+class RetriedCopy(_message.Message):
+    __slots__ = ("variant", "node_id", "reason", "permanent")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PERMANENT_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    node_id: str
+    reason: str
+    permanent: bool
+    def __init__(self, variant: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., permanent: _Optional[bool] = ...) -> None: ...

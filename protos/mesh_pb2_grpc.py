@@ -203,6 +203,11 @@ class AdminStub:
                 request_serializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesResponse.FromString,
                 _registered_method=True)
+        self.RetryPlacements = channel.unary_unary(
+                '/meshserve.v1.Admin/RetryPlacements',
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -325,6 +330,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryPlacements(self, request, context):
+        """Clear the failure records of a model's copies (on one node, or all) so the leader places
+        them there again on its next pass, permanent failures included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -412,6 +425,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListAliases,
                     request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesRequest.FromString,
                     response_serializer=meshserve_dot_protos_dot_mesh__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'RetryPlacements': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryPlacements,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -876,6 +894,33 @@ class Admin:
             '/meshserve.v1.Admin/ListAliases',
             meshserve_dot_protos_dot_mesh__pb2.ListAliasesRequest.SerializeToString,
             meshserve_dot_protos_dot_mesh__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryPlacements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/RetryPlacements',
+            meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsResponse.FromString,
             options,
             channel_credentials,
             insecure,
