@@ -19,10 +19,12 @@ acts on them. Per variant, in key order:
    pipeline ranks best (its filters but ``fits_memory``, its scores), best first. *What*: the
    rule's eviction plugin (``rule.eviction``, built by
    :func:`~meshserve.controlplane.placement.policies.pipeline.eviction_step`; the built-in
-   ``cheapest_reload`` takes the copies cheapest to lose: use x reload cost x size) is asked,
-   node by node, which of the node's evictable copies to take off; the first node where its
-   answer frees enough memory gets the copy. Evicting only for a minimum, never below one,
-   means two variants can never evict each other back and forth.
+   ``cheapest_reload`` takes the cheapest set of copies that frees enough: use x reload cost x
+   size) is asked, on each of those nodes, which of the node's evictable copies to take off;
+   of the answers that free enough, the one whose victims are worth least in total wins (ties:
+   the better-ranked node), so a cheap copy on the second node beats a dear one on the first.
+   Evicting only for a minimum, never below one, means two variants can never evict each
+   other back and forth.
 
 The desired count is ``copies`` (at least 1), or the autoscaler's decision for variants with
 ``autoscaling`` (see :mod:`meshserve.controlplane.placement.autoscale`), passed in as ``desired``.
@@ -179,6 +181,7 @@ def _evict_for(
     for key, nodes in nodes_of.items():
         for node_id in nodes:
             on_node.setdefault(node_id, []).append(key)
+    best: tuple[float, int, tuple[Victim, ...]] | None = None
     for row in choose(table, c, _EVICTION_NODES):
         node_id = table.ids[row]
         if table.memory[row] <= 0:
@@ -196,15 +199,23 @@ def _evict_for(
             victims = step.victims(Shortfall(snapshot, table, c, row, missing, residents))
             if not _frees(victims, residents, missing):
                 continue
-        out = []
-        for victim in victims:
-            nodes_of[victim.key].remove(node_id)
-            table.unplace(row, sizes[victim.key])
-            out.append(Eviction(victim.key, node_id, c.key, victim.value))
-        nodes_of[c.key].append(node_id)
-        table.place(row, c.footprint, new=True)
-        return out
-    return []
+        cost = sum(v.value for v in victims)
+        if best is None or cost < best[0]:  # ties: the better-ranked node (asked first)
+            best = (cost, row, victims)
+        if cost <= 0:
+            break  # nothing to evict: nothing cheaper can come
+    if best is None:
+        return []
+    _, row, victims = best
+    node_id = table.ids[row]
+    out = []
+    for victim in victims:
+        nodes_of[victim.key].remove(node_id)
+        table.unplace(row, sizes[victim.key])
+        out.append(Eviction(victim.key, node_id, c.key, victim.value))
+    nodes_of[c.key].append(node_id)
+    table.place(row, c.footprint, new=True)
+    return out
 
 
 def _frees(victims: tuple[Victim, ...], residents: tuple[Resident, ...], missing: float) -> bool:
@@ -220,18 +231,22 @@ def explain_variant(
     snapshot: Snapshot, key: VariantKey, policy: RuleSource | None = None
 ) -> tuple[Rule, int, list[str], list[Verdict]]:
     """(rule, desired copies, placed nodes, every node's verdict) for ``key`` on the current
-    view: the placed nodes are holders; the verdicts are for placing the missing copies (or,
-    when none is missing, one more)."""
+    view: the placed nodes are holders ("holds a copy"); only the nodes chosen for the missing
+    copies are selected besides them (none when no copy is missing: the others keep their
+    scores, so the answer still says where one more copy would go)."""
     spec = snapshot.models[key]
     rule = (policy or _Default()).rule_for(spec)
     table, sizes = _table(snapshot)
     placement = snapshot.placements.get(key)
     placed = [n for n in (placement.nodes if placement else []) if n in table.index]
     failed = dict(placement.failed) if placement else {}
-    want = placement.desired_copies if placement and placement.desired_copies else spec.copies
+    if placement is not None and (placement.desired_copies or spec.HasField("autoscaling")):
+        want = int(placement.desired_copies)  # 0: scaled to zero
+    else:
+        want = max(1, spec.copies)
     candidate = _candidate(table, key, spec, rule, placed, failed, sizes[key], _Demand(snapshot))
-    verdicts = explain(table, candidate, max(1, want - len(placed)))
-    return rule, max(1, want), placed, verdicts
+    verdicts = explain(table, candidate, want - len(placed))
+    return rule, want, placed, verdicts
 
 
 def _table(snapshot: Snapshot) -> tuple[NodeTable, dict[VariantKey, int]]:

@@ -48,6 +48,15 @@ def test_every_variant_of_the_model_by_name_with_each_nodes_verdict() -> None:
     assert list(v2.placed) == ["core"]
 
 
+def test_a_holder_holds_a_copy_and_a_node_that_gets_nothing_is_not_selected() -> None:
+    # v2 wants one copy and core holds it: nothing is missing, so edge is only scored.
+    [v2] = explain_placement(SNAPSHOT, DEFAULT_POLICY, "m", "v2").variants
+    verdicts = {n.node_id: n for n in v2.nodes}
+    assert verdicts["core"].reason == "holds a copy" and not verdicts["core"].filtered_by
+    assert verdicts["edge"].feasible and not verdicts["edge"].selected
+    assert v2.desired_copies == 1
+
+
 def test_one_variant_when_named() -> None:
     out = explain_placement(SNAPSHOT, DEFAULT_POLICY, "m", "v2")
     assert [v.variant for v in out.variants] == ["v2"]

@@ -3,10 +3,15 @@
 Contract:
 - :func:`choose` returns up to ``count`` rows for new copies of ``c``: rows every filter of the
   rule accepts, that do not hold a copy yet and have not reached the rule's per-pass load limit,
-  ordered by weighted score (sum of weight x plugin score, each plugin in [0, 1]); ties go to
-  the lower row (node-id order), so a decision is deterministic for a given table.
-- :func:`explain` gives the same decision with its reasons: for every node, the first filter that
-  rejected it (and why), or its total and per-plugin scores, and whether it was selected.
+  picked one at a time by weighted score (sum of weight x plugin score, each plugin in [0, 1]);
+  after each pick the row counts as a holder ("assumed", as the Kubernetes scheduler assumes a
+  pod) before the next pick is scored, so copies of one variant placed in one pass see each
+  other (``spread`` moves the second copy to another zone). Ties go to the lower row (node-id
+  order), so a decision is deterministic for a given table.
+- :func:`explain` gives the same decision with its reasons: for every node, ``holds a copy``
+  (a holder is never run through the filters: its own copy is already counted in its memory),
+  or the first filter that rejected it (and why), or its total and per-plugin scores; only the
+  holders and the rows :func:`choose` picks are ``selected``.
 - :func:`eviction_step` gives the eviction plugin a rule names (``rule.eviction``), built from
   its parameters; the scheduler asks it which copies to evict when a variant is short of its
   minimum for lack of memory.
@@ -17,7 +22,7 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +50,7 @@ from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
 __all__ = [
     "EVICTION_PLUGINS",
     "FILTER_PLUGINS",
+    "HOLDS",
     "SCORE_PLUGINS",
     "Verdict",
     "choose",
@@ -70,6 +76,7 @@ assert tuple(FILTER_PLUGINS) == FILTERS and set(SCORE_PLUGINS) == set(SCORES)
 assert tuple(EVICTION_PLUGINS) == EVICTIONS
 
 RATE_LIMIT = "rate_limit"  # pseudo-filter name in explanations
+HOLDS = "holds a copy"  # a holder's verdict reason in explanations
 
 
 @dataclass(frozen=True)
@@ -134,10 +141,24 @@ def choose(table: NodeTable, c: Candidate, count: int) -> list[int]:
     if count <= 0 or len(table) == 0:
         return []
     rows = np.flatnonzero(_open(table, c))
-    if rows.size == 0:
-        return []
-    total, _ = _scores(table, c, rows)
-    return [int(r) for r in rows[_best(total, min(count, rows.size))]]
+    picked: list[int] = []
+    while rows.size and len(picked) < count:
+        total, _ = _scores(table, c, rows)
+        left = count - len(picked)
+        if left == 1 or not _sees_holders(c):
+            return picked + [int(r) for r in rows[_best(total, min(left, rows.size))]]
+        at = int(_best(total, 1)[0])
+        picked.append(int(rows[at]))
+        # Assume the pick: it holds a copy now, so the next pick is scored against it.
+        c = replace(c, holders=np.append(c.holders, rows[at]))
+        rows = np.delete(rows, at)
+    return picked
+
+
+def _sees_holders(c: Candidate) -> bool:
+    """Whether a score of the rule depends on where the variant's copies are (so each pick
+    changes the next one's scores): ``spread`` over a ``spread_by`` domain."""
+    return bool(c.rule.spread_by) and c.rule.weights.get("spread", 0.0) > 0
 
 
 def explain(table: NodeTable, c: Candidate, count: int) -> list[Verdict]:
@@ -147,12 +168,15 @@ def explain(table: NodeTable, c: Candidate, count: int) -> list[Verdict]:
     holders = {int(r) for r in c.holders}
     filters = _filters(c)
     masks = [(plugin, plugin.accept(table, c)) for plugin in filters]
+    held: list[Verdict] = []
     out: list[Verdict] = []
     open_rows = []
     for row in range(len(table)):
         node_id = table.ids[row]
         rejected = next((p for p, m in masks if not m[row]), None)
-        if rejected is not None:
+        if row in holders:
+            held.append(Verdict(node_id, True, reason=HOLDS, selected=True))
+        elif rejected is not None:
             out.append(Verdict(node_id, False, rejected.name, rejected.reason(table, c, row)))
         elif row not in holders and table.loads[row] >= c.rule.max_loads_per_node:
             out.append(
@@ -174,9 +198,9 @@ def explain(table: NodeTable, c: Candidate, count: int) -> list[Verdict]:
             True,
             score=round(float(total[i]), 6),
             scores={name: round(float(v[i]), 6) for name, v in parts.items()},
-            selected=row in chosen or row in holders,
+            selected=row in chosen,
         )
         for i, row in enumerate(open_rows)
     ]
     scored.sort(key=lambda v: (not v.selected, -v.score, v.node_id))
-    return scored + sorted(out, key=lambda v: v.node_id)
+    return held + scored + sorted(out, key=lambda v: v.node_id)

@@ -66,6 +66,27 @@ CASES = [
     ),
     EvictCase(
         CHEAPEST,
+        "one copy alone frees enough: the cheaper one that frees too little is not taken too",
+        (Copy("a", 0.08), Copy("b", 0.2)),
+        0.12,
+        ("b",),
+    ),
+    EvictCase(
+        CHEAPEST,
+        "the cheapest sufficient set: two small idle copies rather than one big busy copy",
+        (Copy("a", 0.3), Copy("b", 0.3), Copy("c", 1, in_flight=5)),
+        0.5,
+        ("a", "b"),
+    ),
+    EvictCase(
+        CHEAPEST,
+        "the cheapest sufficient set: one mid copy rather than the two cheapest plus a third",
+        (Copy("a", 0.2), Copy("b", 0.25), Copy("c", 0.6), Copy("d", 3, load_s=9.0)),
+        0.55,
+        ("c",),
+    ),
+    EvictCase(
+        CHEAPEST,
         "warm-up time counts as reload time",
         (Copy("a", 1, load_s=0.1, warmup_s=3.0), Copy("b", 1, load_s=1.0)),
         0.5,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meshserve.common.policy.rule import Rule
-from meshserve.controlplane.placement.policies.pipeline import choose, explain
+from meshserve.controlplane.placement.policies.pipeline import HOLDS, choose, explain
 from tests.support.views import GiB, node
 from tests.unit.policies.builders import cand, table_of
 
@@ -45,6 +45,29 @@ def test_explain_names_the_first_rejecting_filter_and_the_scores() -> None:
     assert verdicts["a"].filtered_by == "fits_memory"
     assert verdicts["c"].feasible and verdicts["c"].selected
     assert set(verdicts["c"].scores) == {"least_loaded", "spread"}
+
+
+def test_copies_chosen_in_one_call_see_each_other_so_spread_moves_the_second_zone() -> None:
+    t = table_of(
+        node("a1", labels={"zone": "a"}),
+        node("a2", labels={"zone": "a"}),
+        node("b1", labels={"zone": "b"}),
+    )
+    assert choose(t, cand(t), 2) == [0, 2], "a1, then b1: a2 shares a1's zone"
+    assert choose(t, cand(t), 3) == [0, 2, 1], "every node once, the second zone before a2"
+    no_spread = Rule(weights={"least_loaded": 1.0})
+    assert choose(t, cand(t, rule=no_spread), 2) == [0, 1], "without spread: node order"
+
+
+def test_explain_marks_holders_as_holding_a_copy_not_as_rejected_for_memory() -> None:
+    # a holds the copy and is full because of it; b is empty.
+    t = table_of(node("a", memory=1 * GiB), node("b"), placed={"a": (0.9 * GiB,)})
+    c = cand(t, footprint=0.9 * GiB, holders=("a",))
+    verdicts = {v.node_id: v for v in explain(t, c, 0)}
+    assert verdicts["a"].feasible and verdicts["a"].reason == HOLDS
+    assert verdicts["a"].filtered_by == "" and verdicts["a"].selected
+    assert verdicts["b"].feasible and not verdicts["b"].selected, "no copy missing: none chosen"
+    assert explain(t, c, 1)[1].node_id == "b" and explain(t, c, 1)[1].selected
 
 
 def test_unknown_plugins_and_negative_weights_are_refused() -> None:
