@@ -6,7 +6,9 @@ acts on them. Per variant, in key order:
 
 1. keep the nodes already placed that are alive, not draining, and whose copy has not FAILED;
 2. a copy that FAILED on a node is recorded in ``placement.failed`` and never retried there;
-3. shed copies beyond the desired count (the busiest go last: the least busy are shed first);
+3. shed copies beyond the desired count (the busiest go last: the least busy are shed first),
+   and re-plan a node whose copies no longer fit once measured
+   (:func:`~meshserve.controlplane.placement.memory.relieve`);
 4. adopt READY copies nodes already hold but no placement names (a node back from a network
    cut, a control plane that lost its placements): serving copies are never reloaded;
 5. top up to the desired count with
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshserve.common.policy.rule import DEFAULT_RULE, Rule
+from meshserve.controlplane.placement.memory import footprints, relieve
 from meshserve.controlplane.placement.policies.pipeline import (
     Verdict,
     choose,
@@ -111,6 +114,7 @@ def plan_placements(
                 table.unplace(table.index[node_id], sizes[key])
             kept = kept[:want]
         wants[key], nodes_of[key], failed_of[key] = want, kept, failed
+    relieve(snapshot, table, sizes, nodes_of)
     # Pass 2: adopt copies nodes already hold (a node back from a network cut keeps serving what
     # it loaded: no reload, nothing dropped), then top up through the pipeline; a variant below
     # its minimum may evict cheaper copies.
@@ -252,7 +256,7 @@ def explain_variant(
 def _table(snapshot: Snapshot) -> tuple[NodeTable, dict[VariantKey, int]]:
     in_flight = {n: float(sum(v.values())) for n, v in snapshot.in_flight.items()}
     table = NodeTable.build(snapshot, draining=snapshot.draining, in_flight=in_flight)
-    sizes = _footprints(snapshot)
+    sizes = footprints(snapshot)
     for key, placement in snapshot.placements.items():
         for node_id in placement.nodes:
             row = table.index.get(node_id)
@@ -338,13 +342,3 @@ def _candidate(
 def _busy(snapshot: Snapshot, node_id: str, key: VariantKey) -> float:
     return snapshot.in_flight.get(node_id, {}).get(key, 0.0)
 
-
-def _footprints(snapshot: Snapshot) -> dict[VariantKey, int]:
-    """Memory a copy of each variant takes: the larger of its declared ``size_bytes`` and the
-    resident memory nodes measured after loading it (real numbers win once known)."""
-    sizes = {key: int(spec.size_bytes) for key, spec in snapshot.models.items()}
-    for node in snapshot.nodes.values():
-        for key, status in node.copies.items():
-            if key in sizes and status.state == mesh_pb2.READY:
-                sizes[key] = max(sizes[key], int(status.memory_bytes))
-    return sizes

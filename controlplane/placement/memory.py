@@ -1,0 +1,72 @@
+"""Memory in a placement pass: what a copy of each variant takes, and what to move off a node
+whose copies no longer fit.
+
+Contract: both are pure over the immutable snapshot; :func:`footprints` returns a fresh dict,
+:func:`relieve` changes only the pass's working state it is given (the NodeTable and the
+nodes each variant is placed on), never the snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from meshserve.controlplane.placement.policies.table import NodeTable
+from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.protos import mesh_pb2
+
+__all__ = ["footprints", "relieve"]
+
+_READY = mesh_pb2.READY
+
+
+def footprints(snapshot: Snapshot) -> dict[VariantKey, int]:
+    """Memory a copy of each variant takes: the larger of its declared ``size_bytes`` (the
+    artifact's size: ``meshctl models register`` fills it in from a local file) and the
+    resident memory nodes measured after loading it (real numbers win once known). A variant
+    neither declared nor measured yet is estimated at its artifact's size as a node reported it
+    while fetching (``bytes_total``), never at 0 once anything is known."""
+    sizes = {key: int(spec.size_bytes) for key, spec in snapshot.models.items()}
+    artifact: dict[VariantKey, int] = {}
+    for node in snapshot.nodes.values():
+        for key, status in node.copies.items():
+            if key not in sizes:
+                continue
+            if status.state == mesh_pb2.READY:
+                sizes[key] = max(sizes[key], int(status.memory_bytes))
+            artifact[key] = max(artifact.get(key, 0), int(status.bytes_total))
+    for key, size in artifact.items():
+        if sizes[key] == 0:
+            sizes[key] = size
+    return sizes
+
+
+def relieve(
+    snapshot: Snapshot,
+    table: NodeTable,
+    sizes: Mapping[VariantKey, int],
+    nodes_of: dict[VariantKey, list[str]],
+) -> None:
+    """Re-plan what no longer fits: on a node whose placed copies now take more than its
+    memory (a copy measured bigger than it was estimated), take copies off its placement until
+    the rest fits, so the top-up places them elsewhere. Copies not serving yet go first, then
+    the biggest; the only copy of a variant that is READY there stays (moving it would leave
+    the variant with no serving copy)."""
+    over = np.flatnonzero((table.memory > 0) & (table.used > table.memory))
+    if over.size == 0:
+        return
+    on_node: dict[str, list[VariantKey]] = {}
+    for key, nodes in nodes_of.items():
+        for node_id in nodes:
+            on_node.setdefault(node_id, []).append(key)
+    for row in (int(r) for r in over):
+        node_id = table.ids[row]
+        ready = {k for k, st in snapshot.nodes[node_id].copies.items() if st.state == _READY}
+        movable = [k for k in on_node.get(node_id, []) if len(nodes_of[k]) > 1 or k not in ready]
+        movable.sort(key=lambda k: (k in ready, -sizes[k], k))
+        for key in movable:
+            if table.used[row] <= table.memory[row]:
+                break
+            nodes_of[key].remove(node_id)
+            table.unplace(row, sizes[key])
