@@ -500,7 +500,7 @@ class RemoveModelResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "labels", "hardware", "direct_address", "replicas", "copies", "telemetry")
+    __slots__ = ("node_id", "labels", "hardware", "direct_address", "replicas", "copies", "telemetry", "draining")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -515,6 +515,7 @@ class NodeInfo(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     labels: _containers.ScalarMap[str, str]
     hardware: Hardware
@@ -522,7 +523,8 @@ class NodeInfo(_message.Message):
     replicas: _containers.RepeatedScalarFieldContainer[str]
     copies: _containers.RepeatedCompositeFieldContainer[CopyStatus]
     telemetry: Telemetry
-    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
