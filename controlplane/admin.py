@@ -325,6 +325,7 @@ def _node_list(
             labels=dict(node.labels),
             direct_address=node.direct_address,
             replicas=sorted(node.replicas),
+            draining=node_id in snapshot.draining,
         )
         info.hardware.CopyFrom(node.hardware)
         info.copies.extend(node.copies[k] for k in sorted(node.copies))

@@ -52,7 +52,10 @@ def register(
         bool, typer.Option(help="log the inputs themselves, not only a summary")
     ] = False,
     drift_window_rows: Annotated[int, typer.Option(help="rows per drift sketch window")] = 500,
-    size_mb: Annotated[int, typer.Option(help="memory a copy takes, if known (MiB)")] = 0,
+    size_mb: Annotated[
+        int,
+        typer.Option(help="memory a copy takes, if known (MiB; default: a local file's size)"),
+    ] = 0,
     accuracy: Annotated[float, typer.Option(help="the variant's accuracy, 0..1")] = 0.0,
     slo_ms: Annotated[
         float, typer.Option(help="default latency budget of a query (model switching)")
@@ -75,12 +78,15 @@ def register(
 ) -> None:
     """Register (or update) a model variant; with --wait, follow its copies until READY."""
     uri = artifact
+    size_bytes = size_mb << 20
     if "://" not in artifact:
         path = Path(artifact).resolve()
         if not path.is_file():
             usage_error(f"{artifact}: no such file")
         uri = path.as_uri()
         sha256 = sha256 or sha256_file(path)
+        # The placement's memory estimate until a node has measured a copy (never 0 MB).
+        size_bytes = size_bytes or path.stat().st_size
     labels = dict(item.split("=", 1) for item in selector.split(",") if "=" in item)
     serving = mesh_pb2.ServingConfig(
         batching=mesh_pb2.BatchingConfig(
@@ -111,7 +117,7 @@ def register(
             copies=copies,
             node_selector=labels,
             serving=serving,
-            size_bytes=size_mb << 20,
+            size_bytes=size_bytes,
             autoscaling=autoscaling,
             accuracy=accuracy,
             slo_ms=slo_ms,

@@ -1,7 +1,10 @@
 """``meshctl nodes list | drain`` and ``meshctl placements list``: where copies are and should be.
 
-``nodes list`` shows each node's admin-side labels, its direct address (or ``(tunnel)`` for a node
-without an inbound port), the replicas holding its streams and its copies with their states.
+``nodes list`` shows each node's state (``serving`` or ``draining``), its admin-side labels, its
+direct address (or ``(tunnel)`` for a node without an inbound port), the replicas holding its
+streams and its copies with their states. ``placements list`` flags a placement with fewer READY
+copies than desired (``2/3 under-replicated``) and names a node that still serves a copy no
+placement names (a drained node, until a replacement is READY).
 ``placements list`` shows what the leader decided: desired copies, chosen nodes, failures.
 """
 
@@ -19,6 +22,7 @@ from meshserve.client.cli._common import (
     console,
     copy_state,
 )
+from meshserve.client.cli._placement_view import node_state, ready_copies, replication
 
 __all__ = ["drain", "list_nodes", "list_placements"]
 
@@ -26,12 +30,17 @@ __all__ = ["drain", "list_nodes", "list_placements"]
 def list_nodes(target: Target = DEFAULT_TARGET) -> None:
     with admin_client(target) as admin:
         nodes = admin.list_nodes()
-    table = Table("node", "labels", "direct", "replicas", "copies")
+    table = Table("node", "state", "labels", "direct", "replicas", "copies")
     for n in nodes:
         copies = ", ".join(f"{c.model}/{c.variant}:{copy_state(c.state)}" for c in n.copies)
         labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
         table.add_row(
-            n.node_id, labels, n.direct_address or "(tunnel)", ",".join(n.replicas), copies
+            n.node_id,
+            node_state(n),
+            labels,
+            n.direct_address or "(tunnel)",
+            ",".join(n.replicas),
+            copies,
         )
     console.print(table)
 
@@ -50,8 +59,12 @@ def drain(
 def list_placements(model: str = "", target: Target = DEFAULT_TARGET) -> None:
     with admin_client(target) as admin:
         placements = admin.list_placements(model)
-    table = Table("model", "variant", "desired", "nodes", "failed")
+        ready = ready_copies(admin.list_nodes())
+    table = Table("model", "variant", "desired", "ready", "nodes", "failed")
     for p in placements:
         failed = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
-        table.add_row(p.model, p.variant, str(p.desired_copies), ", ".join(p.nodes), failed)
+        r = replication(p, ready)
+        nodes = "; ".join(filter(None, (", ".join(p.nodes), r.note())))
+        cell = f"[red]{r.cell()}[/red]" if r.under else r.cell()
+        table.add_row(p.model, p.variant, str(p.desired_copies), cell, nodes, failed)
     console.print(table)

@@ -24,6 +24,7 @@ from meshserve.controlplane.placement.autoscale import Autoscaler, ScaleChange
 from meshserve.controlplane.placement.scheduler import Plan, RuleSource, plan_placements
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.protos import mesh_pb2
 
 __all__ = ["LeaderLoop"]
 
@@ -120,6 +121,9 @@ class LeaderLoop:
                 text += f", failed {dict(placement.failed)}"
             if len(placement.nodes) < placement.desired_copies:
                 text += f", {placement.desired_copies - len(placement.nodes)} copies unplaceable"
+            stray = _still_serving(base, key, placement)
+            if stray:
+                text += f"; still served by draining {stray} until a copy is READY elsewhere"
             _log.info("placement %s/%s -> %s", key[0], key[1], text)
             self._event("placement", key, message=text)
         for key in plan.deletes:
@@ -154,3 +158,15 @@ class LeaderLoop:
     def _event(self, kind: str, key: VariantKey, *, message: str) -> None:
         if self._events is not None:
             self._events.record(kind, model=key[0], variant=key[1], message=message)
+
+
+def _still_serving(snapshot: Snapshot, key: VariantKey, placement: mesh_pb2.Placement) -> list[str]:
+    """Draining nodes that keep a READY copy of ``key`` the placement no longer names (make
+    before break: they serve until a replacement is READY), by id."""
+    return sorted(
+        node_id
+        for node_id in snapshot.draining
+        if node_id not in placement.nodes
+        and (node := snapshot.nodes.get(node_id)) is not None
+        and node.state(key) == mesh_pb2.READY
+    )

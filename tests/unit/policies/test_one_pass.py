@@ -80,9 +80,7 @@ R, L = mesh_pb2.READY, mesh_pb2.LOADING
 
 
 def test_two_copies_placed_in_one_pass_go_to_two_zones_under_the_default_policy() -> None:
-    snapshot = mesh(
-        [spec("m", copies=2)], [host("a1", 600), host("a2", 600), host("b1", 600, "b")]
-    )
+    snapshot = mesh([spec("m", copies=2)], [host("a1", 600), host("a2", 600), host("b1", 600, "b")])
     assert nodes_of(snapshot, "m") == ["a1", "b1"]
 
 
@@ -136,9 +134,7 @@ def test_eviction_takes_the_cheapest_copy_across_the_candidate_nodes() -> None:
         status = mesh_pb2.CopyStatus(
             model=name, variant="default", state=R, sha256="a" * 64, load_seconds=load_s
         )
-        return NodeView(
-            node_id, base.labels, base.hardware, "", base.replicas, {key(name): status}
-        )
+        return NodeView(node_id, base.labels, base.hardware, "", base.replicas, {key(name): status})
 
     pinned = spec("pinned", size=2 * GiB)
     pinned.node_selector["pin"] = "yes"
@@ -150,3 +146,30 @@ def test_eviction_takes_the_cheapest_copy_across_the_candidate_nodes() -> None:
     plan = plan_placements(snapshot)
     assert [(e.key[0], e.node_id) for e in plan.evictions] == [("cheap", "t2")]
     assert list(plan.upserts[key("pinned")].nodes) == ["t2"]
+
+
+# -- draining the last serving node ------------------------------------------------------------
+
+
+def test_draining_the_last_serving_node_says_it_still_serves_until_a_replacement() -> None:
+    from meshserve.controlplane.placement.leader import _still_serving
+    from meshserve.controlplane.placement.scheduler import explain_variant
+
+    base = mesh([spec("m")], [host("a", 600, m=(R, 100, 0))], {"m": ["a"]})
+    snapshot = Snapshot(
+        models=base.models, placements=base.placements, nodes=base.nodes, draining=frozenset("a")
+    )
+    placement = plan_placements(snapshot).upserts[key("m")]
+    assert list(placement.nodes) == [], "nowhere else to go"
+    assert _still_serving(snapshot, key("m"), placement) == ["a"]
+    after = Snapshot(
+        models=snapshot.models,
+        placements={key("m"): placement},
+        nodes=snapshot.nodes,
+        draining=snapshot.draining,
+    )
+    *_, verdicts = explain_variant(after, key("m"))
+    [a] = verdicts
+    assert a.filtered_by == "not_draining" and "still serves its copy" in a.reason
+    elsewhere = mesh_pb2.Placement(model="m", variant="default", nodes=["b"])
+    assert _still_serving(base, key("m"), elsewhere) == [], "a node not draining is not named"
