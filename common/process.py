@@ -9,6 +9,7 @@ import asyncio
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +22,7 @@ __all__ = [
     "configure_metrics",
     "configure_tracing",
     "default_sampler",
+    "exit_deadline",
     "install_task_dump",
     "otlp_span_exporter",
     "run",
@@ -43,6 +45,35 @@ def run(coro: Coroutine[Any, Any, T], *, use_uvloop: bool | None = None) -> T:
         except ImportError:
             pass
     return asyncio.run(coro)
+
+
+def exit_deadline(seconds: float, what: str) -> threading.Timer:
+    """Arm the last resort of a shutdown: if the process is still running ``seconds`` from now,
+    log which asyncio work was left and end it with ``os._exit(1)``.
+
+    Called once a stop signal arrived, beside (never instead of) the orderly sequence (signal →
+    cancel → drain → close): that sequence bounds every step itself; this catches what no step
+    owns -- a task that swallows its cancellation, a worker thread stuck in a system call that
+    ``asyncio.run`` would join forever. A daemon thread: it never keeps the process alive, and
+    a normal exit before the deadline cancels nothing and costs nothing.
+    """
+
+    def fire() -> None:
+        logging.getLogger("meshserve").error(
+            "%s: shutdown still running %.1f s after the stop signal (its grace); exiting now "
+            "(threads left: %s)",
+            what,
+            seconds,
+            ", ".join(sorted(t.name for t in threading.enumerate())),
+        )
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(max(0.0, seconds), fire)
+    timer.daemon = True
+    timer.name = "exit-deadline"
+    timer.start()
+    return timer
 
 
 def configure_logging(level: str = "INFO") -> None:

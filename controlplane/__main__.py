@@ -12,6 +12,7 @@ from meshserve.common.process import (
     configure_logging,
     configure_metrics,
     configure_tracing,
+    exit_deadline,
     install_task_dump,
     run,
 )
@@ -71,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1024,
         help="admission: queries one client (x-client-id metadata, else its host) may have in "
         "flight at this gateway (0: no limit)",
+    )
+    p.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=10.0,
+        help="SIGTERM/SIGINT -> exit within this long, whatever etcd does: calls in flight get "
+        "up to 3 s, then streams, lease and etcd client are closed, each step bounded (min 1)",
     )
     _security_options(p)
     p.add_argument("--log-level", default="INFO")
@@ -156,9 +164,22 @@ async def _serve(config: ControlPlaneConfig, metrics_listen: str = "") -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     install_task_dump(loop)
-    await plane.start()
-    await stop.wait()
-    await plane.stop()
+    # A signal during start (etcd not reachable yet: start retries up to 30 s) stops it too.
+    starting = asyncio.ensure_future(plane.start())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        signalled.cancel()
+        await plane.stop(grace_s=0.0)
+        starting.result()  # raises: the replica could not start
+    await signalled
+    # The sequence below bounds itself to the grace; the deadline catches what it cannot
+    # (a stuck thread that asyncio.run would join forever).
+    exit_deadline(config.shutdown_grace_s + 1.0, f"control-plane replica {config.replica_id}")
+    if not starting.done():
+        starting.cancel()
+        await asyncio.wait({starting}, timeout=1.0)
+    await plane.stop(grace_s=min(3.0, config.shutdown_grace_s / 3))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,9 +203,11 @@ def main(argv: list[str] | None = None) -> None:
         zone=ns.zone.strip(),
         max_in_flight_per_copy=max(0, ns.max_in_flight_per_copy),
         max_in_flight_per_client=max(0, ns.max_in_flight_per_client),
+        shutdown_grace_s=max(1.0, ns.shutdown_grace_s),
         tls=tls,
         require_client_cert=require_client_cert,
         auth=auth,
+        retry=retry,
     )
     run(_serve(config, ns.metrics_listen))
 

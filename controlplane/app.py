@@ -45,6 +45,10 @@ __all__ = ["ControlPlane", "ControlPlaneConfig"]
 _log = logging.getLogger("meshserve.controlplane")
 
 
+#: The least time a shutdown step is given, however late the sequence runs.
+_STEP_FLOOR_S = 0.2
+
+
 def _node_known(nodes: Mapping[str, object], key: tuple[str, str, str]) -> bool:
     return key[0] in nodes
 
@@ -71,6 +75,8 @@ class ControlPlaneConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)  # join tokens, admin token, API keys
     max_in_flight_per_copy: int = 128  # gateway admission per model: x ready copies (0: off)
     max_in_flight_per_client: int = 1024  # gateway admission per client (0: off)
+    shutdown_grace_s: float = 10.0  # SIGTERM -> exit, whatever etcd does (docs/resilience.md)
+    retry: RetryPolicy = DEFAULT_RETRY  # backoff before a node where a copy failed is tried again
 
 
 class ControlPlane:
@@ -297,9 +303,15 @@ class ControlPlane:
         )
 
     async def stop(self, grace_s: float = 3.0) -> None:
-        """Stop in order, each step bounded: a step that overruns is logged by name and skipped,
-        so shutdown always finishes (leader loop → resign → server (streams end, node records are
-        revoked) → gateway channels → mirrors → own lease → etcd client)."""
+        """Stop in order within ``config.shutdown_grace_s`` whatever etcd does: leader loop →
+        resign → server (calls in flight get ``grace_s``; streams end, node records are deleted
+        or left to the lease) → gateway channels → events → mirrors → own lease → etcd client.
+
+        Every step is bounded by its own budget and by what is left of the one deadline (each
+        later step keeps a floor of :data:`_STEP_FLOOR_S`); a step that overruns is logged by
+        name and abandoned, so the sequence always ends in time. With etcd unreachable the
+        steps that need it (resign, record deletes, revoke) fail or run out fast; what they
+        would have removed expires with this replica's lease."""
 
         async def leader_loop() -> None:
             for task in self._tasks:
@@ -337,12 +349,26 @@ class ControlPlane:
             if self._etcd is not None:
                 await self._etcd.close()
 
-        steps = (leader_loop, resign, server, gateway, events, mirrors, session, etcd)
-        for step in steps:
-            budget = grace_s + 5.0 if step is server else 5.0
+        budgets = {  # each step's own bound, seconds (etcd calls are cut short by the deadline)
+            leader_loop: 2.5,
+            resign: 1.5,
+            server: grace_s + 1.5,
+            gateway: 1.0,
+            events: 1.5,
+            mirrors: 1.0,
+            session: 1.5,
+            etcd: 1.0,
+        }
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace_s
+        steps = list(budgets)
+        for index, step in enumerate(steps):
+            later = len(steps) - index - 1
+            left = deadline - loop.time() - later * _STEP_FLOOR_S
+            budget = max(_STEP_FLOOR_S, min(budgets[step], left))
             try:
                 await asyncio.wait_for(step(), budget)
             except TimeoutError:
-                _log.error("shutdown step %r overran %.0fs; skipped", step.__name__, budget)
+                _log.error("shutdown step %r overran %.1fs; skipped", step.__name__, budget)
             except Exception as exc:
                 _log.warning("shutdown step %r failed: %r", step.__name__, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from meshserve.common.process import (
     configure_logging,
     configure_metrics,
     configure_tracing,
+    exit_deadline,
     install_task_dump,
     run,
 )
@@ -116,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM, wait up to this long for the control plane to move this node's "
         "copies elsewhere (new copies warm first) before finishing in-flight work and leaving",
     )
+    p.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=10.0,
+        help="after the drain: queries in flight (up to half of it) and closing, bounded by "
+        "this; SIGTERM -> exit takes at most --drain-timeout-s plus this (min 1)",
+    )
     g = p.add_argument_group("security (docs/security.md)")
     g.add_argument(
         "--tls-ca", default="", help="PEM CA the control plane's certificate must chain to"
@@ -168,14 +177,24 @@ async def _serve(config: NodeConfig, metrics_listen: str = "") -> None:
     install_task_dump(loop)
     await node.start()
     await stop.wait()
-    if received[0] == signal.SIGTERM:  # a graceful stop: hand the copies over first
+    graceful = received[0] == signal.SIGTERM  # a graceful stop: hand the copies over first
+    grace_s = (config.drain_timeout_s if graceful else 0.0) + config.shutdown_grace_s
+    # The sequence bounds itself to the grace; the deadline catches what it cannot (a download
+    # thread stuck in a read, which the worker pool's shutdown would join forever).
+    exit_deadline(grace_s + 1.0, f"node {config.node_id}")
+    deadline = loop.time() + grace_s
+    if graceful:
         stop.clear()  # a second signal cuts the drain short
         waits = [asyncio.ensure_future(node.drain()), asyncio.ensure_future(stop.wait())]
         _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    await node.stop()
+    budget = max(0.5, deadline - loop.time())
+    try:
+        await asyncio.wait_for(node.stop(grace_s=min(5.0, budget / 2)), budget)
+    except TimeoutError:
+        logging.getLogger("meshserve.node").error("closing overran %.1fs; exiting", budget)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         telemetry_log_s=max(0.0, ns.telemetry_log_s),
         max_in_flight_per_copy=max(0, ns.max_in_flight_per_copy),
         drain_timeout_s=max(0.0, ns.drain_timeout_s),
+        shutdown_grace_s=max(1.0, ns.shutdown_grace_s),
         tls=tls,
         join_token=token,
     )

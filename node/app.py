@@ -61,6 +61,7 @@ class NodeConfig:
     prediction_log_max_bytes: int = 128 << 20  # the log's bound on disk (rotating files)
     max_in_flight_per_copy: int = 256  # admission: queries one copy holds (0: no limit)
     drain_timeout_s: float = 30.0  # SIGTERM: wait this long for copies to move elsewhere
+    shutdown_grace_s: float = 10.0  # then in-flight queries + close, bounded by this (total)
     shed_late: bool = True  # refuse / drop queries that cannot finish before their deadline
     tls: TLSFiles | None = None  # dial the CP with TLS; serve --listen with TLS (+CA: mTLS only)
     join_token: str | None = field(default=None, repr=False)  # sent on NodeLink.Connect
@@ -177,7 +178,8 @@ class Node:
         left = [
             f"{e.model}/{e.variant}" for e in self.copies.entries() if e.state == mesh_pb2.READY
         ]
-        for _ in range(100):  # in-flight queries finish (at most ~10 s)
+        flight_s = min(10.0, self.config.shutdown_grace_s / 2)  # the rest is for stop()
+        for _ in range(int(flight_s * 10)):  # in-flight queries finish
             if not any(e.in_flight for e in self.copies.entries()):
                 break
             await asyncio.sleep(0.1)

@@ -11,6 +11,7 @@ that mean "etcd unreachable / busy, retry later".
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -32,6 +33,7 @@ __all__ = [
     "get",
     "get_prefix",
     "grant_lease",
+    "jittered",
     "refresh_lease",
     "revoke_lease",
     "watch",
@@ -85,6 +87,12 @@ def _kv(raw: Any) -> KeyValue:
         version=int(raw.version),
         lease=int(raw.lease),
     )
+
+
+def jittered(delay: float) -> float:
+    """A retry pause of about ``delay``: uniformly in ``[delay / 2, delay]``, so the retries of
+    many watchers (and of many replicas) after one etcd outage do not arrive in step."""
+    return delay * random.uniform(0.5, 1.0)
 
 
 def client_closed(client: EtcdClient) -> bool:

@@ -110,7 +110,7 @@ class Election:
                 created, revision, existing = await self._create_if_absent()
             except _client.TRANSIENT_ERRORS as exc:
                 log.warning("campaign %s: %s: %s; retrying", self._key, type(exc).__name__, exc)
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(_client.jittered(backoff))
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
             if created:
@@ -125,7 +125,7 @@ class Election:
             if await self._wait_for_vacancy(revision + 1):
                 backoff = 0.05
             else:
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(_client.jittered(backoff))
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     async def _create_if_absent(self) -> tuple[bool, int, _client.KeyValue | None]:

@@ -136,7 +136,8 @@ class Session:
                         deadline - loop.time(),
                     )
                 if ttl is None:
-                    delay = min(interval, _MAX_RETRY_DELAY_S, max(0.0, deadline - loop.time()))
+                    retry = _client.jittered(min(interval, _MAX_RETRY_DELAY_S))
+                    delay = min(retry, max(0.0, deadline - loop.time()))
                     continue
                 if ttl <= 0:
                     self._mark_lost("etcd reports the lease gone (TTL <= 0)")

@@ -28,8 +28,8 @@ class PrefixMirror:
       the last applied revision (or the revision of the last full read);
     * when the watch breaks (etcd restarted, connection refused, timeouts, any other
       client error) it is re-created with exponential backoff (``initial_backoff``
-      doubling up to ``max_backoff``, 2 s by default) *from the last applied
-      revision + 1*, so no event is lost or applied twice;
+      doubling up to ``max_backoff``, 2 s by default; each pause jittered to 50-100 %)
+      *from the last applied revision + 1*, so no event is lost or applied twice;
     * when that revision has been compacted, the prefix is read again in full (keys
       deleted meanwhile disappear) and subscribers are notified;
     * subscribers (:meth:`subscribe`) are called synchronously, in the event loop, once
@@ -259,7 +259,7 @@ class PrefixMirror:
                 self._watching = False
                 if stream is not None:
                     await stream.cancel()
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(_client.jittered(backoff))
             backoff = min(backoff * 2, self._max_backoff)
 
     def __repr__(self) -> str:

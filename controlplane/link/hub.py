@@ -296,7 +296,18 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._digests[key] = (spec, digest)
         return digest
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Fail every pending tunneled query and wait for the streams' cleanups (record
+        deletes) and background writes; after ``timeout_s`` (None: no bound) those still
+        running are cancelled -- with etcd unreachable they would retry for ~30 s, while the
+        records they delete expire with this replica's lease anyway."""
         for session in list(self.sessions.values()):
             session.fail_pending()
-        await asyncio.gather(*self._cleanups.values(), *self._background, return_exceptions=True)
+        pending = {*self._cleanups.values(), *self._background}
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
