@@ -28,7 +28,7 @@ from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.gateway import Gateway
 from meshserve.controlplane.etcd import Election, PrefixMirror, connect
 from meshserve.controlplane.link.hub import Hub
-from meshserve.controlplane.link.options import server_options
+from meshserve.controlplane.link.options import node_channel_options, server_options
 from meshserve.controlplane.link.presence import Presence, replica_list
 from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.observe.events import EventLog
@@ -248,7 +248,7 @@ class ControlPlane:
         self.gateway = Gateway(
             hub=self.hub,
             snapshot=self.snapshot,
-            channel_options=options,
+            channel_options=node_channel_options(cfg.max_message_bytes, cfg.keepalive_ms),
             ready=lambda: True,
             events=self.events,
             wake=self._wake,

@@ -2,10 +2,15 @@
 
 Contract: the node dials out (no inbound port needed). :class:`Agent` keeps one
 :class:`~meshserve.node.link.Link` (one bidirectional stream, reconnected with backoff) per
-control-plane replica it knows: the seeds at start, then every replica named in a Welcome that
-the node has no connected stream to yet (:meth:`Agent.learn`); a second link to a replica that
-already has one stands by. Every link starts with a Hello carrying the node's complete state
-(:meth:`Agent.hello`), so a reconnect re-synchronises everything.
+control-plane replica it knows: the seeds at start, then every replica named in a Welcome or a
+pushed ReplicaSet (sent by the replicas whenever the set changes) that the node has no connected
+stream to yet (:meth:`Agent.learn`); a second link to a replica that already has one stands by.
+The latest set received is the replica list: a link to an address it no longer names (a replica
+that stopped, or whose lease expired) is dropped once its stream is down, i.e. at once when it
+is not connected, else when its stream ends; the seeds are never dropped (a replica restarting
+at a seed address is dialled again). :func:`plan_links` is that decision, pure. Every link
+starts with a Hello carrying the node's complete state (:meth:`Agent.hello`), so a reconnect
+re-synchronises everything.
 
 The agent owns what the links share: the node's labels and hardware, the copy manager, the
 drain notice (:meth:`Agent.drain`, told to every link now and to any linked later) and telemetry.
@@ -23,7 +28,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 from meshserve.common.security import JOIN_TOKEN_HEADER, TLSFiles, channel_credentials
 from meshserve.node.copies import CopyManager
@@ -34,7 +40,7 @@ from meshserve.node.service import InferenceHandler
 from meshserve.node.telemetry import OfflineBuffer, TelemetryBudget
 from meshserve.protos import mesh_pb2
 
-__all__ = ["Agent", "channel_options"]
+__all__ = ["Agent", "LinkView", "channel_options", "plan_links"]
 
 _log = logging.getLogger("meshserve.node.agent")
 
@@ -48,6 +54,38 @@ def _memory_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkView:
+    """What :func:`plan_links` needs of one link."""
+
+    replica_id: str  # the replica it reached last ("" before any Welcome)
+    connected: bool
+
+
+def plan_links(
+    links: Mapping[str, LinkView],
+    seeds: Collection[str],
+    replicas: Sequence[mesh_pb2.ReplicaInfo],
+) -> tuple[list[str], list[str]]:
+    """The addresses to dial and the links to drop (by address) once ``replicas`` is the
+    replica list: dial every listed replica that no connected link reaches and no link dials
+    yet; drop every link whose address is neither listed nor a seed and that is not connected
+    (a connected one is dropped when its stream ends: see :meth:`Agent.wants`)."""
+    held = {v.replica_id for v in links.values() if v.connected and v.replica_id}
+    listed = {r.address for r in replicas if r.address}
+    dial = [
+        r.address
+        for r in replicas
+        if r.address and r.replica_id not in held and r.address not in links
+    ]
+    drop = [
+        address
+        for address, view in links.items()
+        if address not in listed and address not in seeds and not view.connected
+    ]
+    return list(dict.fromkeys(dial)), drop
 
 
 class Agent:
@@ -97,6 +135,8 @@ class Agent:
         # the interval the control plane asks for; the last Welcome's (before any: the default)
         self.telemetry_interval_s = 2.0
         self._links: dict[str, Link] = {}
+        self._listed: set[str] | None = None  # addresses of the latest replica list (None: none)
+        self._dropped: list[Link] = []  # stopped links, awaited by close()
         self._closing = False
         self.draining_ms = 0  # > 0 once the node is shutting down (SIGTERM): told to every link
         self._tasks: list[asyncio.Task[None]] = []
@@ -146,10 +186,39 @@ class Agent:
                 link.say_draining()
 
     def learn(self, replicas: Sequence[mesh_pb2.ReplicaInfo]) -> None:
-        held = self.connected_replicas()
-        for info in replicas:
-            if info.replica_id not in held and info.address:
-                self._spawn(info.address)
+        """``replicas`` (a Welcome's or a pushed ReplicaSet) is now the replica list: dial
+        the new ones, drop the links to the gone ones (:func:`plan_links`). An empty list is
+        ignored (a replica that has not loaded its view yet)."""
+        if not replicas:
+            return
+        self._listed = {r.address for r in replicas if r.address}
+        views = {a: LinkView(link.replica_id, link.connected) for a, link in self._links.items()}
+        dial, drop = plan_links(views, self._seeds, replicas)
+        for address in drop:
+            link = self._links.pop(address)
+            link.stop()
+            self._dropped.append(link)
+            self._left(link)
+        for address in dial:
+            self._spawn(address)
+
+    def wants(self, address: str) -> bool:
+        """Whether a link to ``address`` should keep reconnecting: a seed, or listed by the
+        latest replica list (before any list: every link)."""
+        return self._listed is None or address in self._listed or address in self._seeds
+
+    def retire(self, link: Link) -> None:
+        """``link``'s stream ended and its replica is no longer listed: forget it (its task
+        ends by itself)."""
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
+            self._left(link)
+
+    @staticmethod
+    def _left(link: Link) -> None:
+        _log.info(
+            "replica %s at %s left the mesh; link dropped", link.replica_id or "?", link.address
+        )
 
     @property
     def links(self) -> dict[str, Link]:
@@ -247,7 +316,7 @@ class Agent:
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        links = list(self._links.values())
+        links = [*self._links.values(), *self._dropped]
         await asyncio.gather(
             *self._tasks, *(link.close() for link in links), return_exceptions=True
         )

@@ -23,6 +23,7 @@ from meshserve.common.errors import map_errors, tolerant_decoding
 from meshserve.common.security import TLSFiles, server_credentials
 from meshserve.node.agent import Agent
 from meshserve.node.copies import CopyManager
+from meshserve.node.link import direct_server_options
 from meshserve.node.monitor import PredictionLog
 from meshserve.node.service import InferenceHandler, NodeInferenceServicer
 from meshserve.node.store import ModelStore
@@ -103,13 +104,7 @@ class Node:
         cfg = self.config
         await asyncio.to_thread(self.prediction_log.open)
         if cfg.listen:
-            self._server = aio.server(
-                options=[
-                    ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                    ("grpc.max_send_message_length", cfg.max_message_bytes),
-                    ("grpc.so_reuseport", 0),
-                ],
-            )
+            self._server = aio.server(options=direct_server_options(cfg.max_message_bytes))
             inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
                 map_errors(NodeInferenceServicer(self.handler, self.copies)),
                 tolerant_decoding(self._server),

@@ -11,7 +11,9 @@ Contract:
 * Control messages are dispatched in arrival order: Load and Unload to the copy manager (an
   Unload runs as a task so the stream keeps reading), tunneled queries to the inference handler
   (at most ``max_in_flight`` at once; above it the query is answered RESOURCE_EXHAUSTED at
-  once), Welcome to the agent's replica list, Feedback to the prediction log.
+  once), Welcome and ReplicaSet to the agent's replica list, Feedback to the prediction log.
+* A link whose replica the agent no longer lists (:meth:`Agent.wants`) stops when its stream
+  ends instead of dialling again (:meth:`Agent.retire`); :meth:`Link.stop` stops it at once.
 * Everything the node sends goes through one bounded outbox; a replica that stops reading fills
   it and the stream is reset rather than buffered without bound. An answer over the link's
   message limit is replaced by a RESOURCE_EXHAUSTED status for that query alone.
@@ -44,7 +46,13 @@ from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 if TYPE_CHECKING:
     from meshserve.node.agent import Agent
 
-__all__ = ["DuplicateLink", "Link", "channel_options"]
+__all__ = [
+    "DIRECT_MIN_PING_MS",
+    "DuplicateLink",
+    "Link",
+    "channel_options",
+    "direct_server_options",
+]
 
 _log = logging.getLogger("meshserve.node.agent")
 
@@ -59,6 +67,26 @@ def channel_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+#: The node's direct port accepts keepalive pings this often, with or without calls in flight.
+#: gRPC's server default (one ping per 5 minutes without data, then GOAWAY ENHANCE_YOUR_CALM
+#: "too_many_pings") refused the gateways' keepalive; they ping at most every
+#: ``controlplane.link.options.NODE_PING_FLOOR_MS`` (twice this: timer jitter is no strike).
+DIRECT_MIN_PING_MS = 500
+
+
+def direct_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Server options of the node's direct OIP port (``--listen``): the message limit, and a
+    ping policy that accepts the gateways' and SDKs' keepalive on idle channels."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", DIRECT_MIN_PING_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -86,6 +114,11 @@ class Link:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"link {self.address}")
 
+    def stop(self) -> None:
+        """Cancel the link's task (not awaited: :meth:`close` awaits it)."""
+        if self._task is not None:
+            self._task.cancel()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -111,6 +144,9 @@ class Link:
                 )
             except (OSError, TimeoutError, ConnectionError) as exc:
                 _log.info("stream to %s failed: %r", self.address, exc)
+            if not self._agent.wants(self.address):  # its replica left the mesh
+                self._agent.retire(self)
+                return
             if time.monotonic() - started > 10.0:
                 attempt = 0
             delay = random.uniform(0.0, min(cap, base * (2**attempt)))  # full jitter
@@ -208,6 +244,8 @@ class Link:
             task.add_done_callback(self._inflight.discard)
         elif kind == "welcome":
             self._agent.learn(message.welcome.replicas)
+        elif kind == "replicas":
+            self._agent.learn(message.replicas.replicas)
         elif kind == "feedback":
             self._agent.join_feedback(message.feedback)
 

@@ -288,7 +288,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     snapshot = await forwarder.cold_start(spec, deadline, span)
                 node = forwarder.select(snapshot, spec, zone, tried, route, reason, predicted_s)
             if node is None:
-                raise no_copy(snapshot, spec)
+                raise no_copy(snapshot, spec, forwarder.linked)
             copies = snapshot.ready_count((spec.name, spec.variant))
             ticket = self.admission.admit(spec.name, copies, client)
             try:

@@ -29,7 +29,8 @@ Contract:
   :func:`variant_options` and :func:`copy_load` are what the switcher needs of each variant;
   :func:`explain_switching` answers "what would a query get now, and why" from the same inputs.
 - :func:`no_copy`: the UNAVAILABLE error for a variant without a candidate, telling the
-  placement's story (failed copies and why, or where it is loading).
+  placement's story (failed copies and why, or where it is loading), or, given ``linked``, that
+  its READY copies are not reachable from this router (so a client retries another replica).
 """
 
 from __future__ import annotations
@@ -126,9 +127,26 @@ def candidates(
     return preferred or serving or reachable
 
 
-def no_copy(snapshot: Snapshot, spec: mesh_pb2.ModelSpec) -> StatusError:
-    """The error for a query to ``spec`` when no copy can answer it."""
-    placement = snapshot.placements.get((spec.name, spec.variant))
+def no_copy(
+    snapshot: Snapshot, spec: mesh_pb2.ModelSpec, linked: Container[str] | None = None
+) -> StatusError:
+    """The error for a query to ``spec`` when no copy can answer it. With ``linked`` (the
+    router's streams), READY copies the router cannot reach are told as such: they are not
+    "not ready", and another replica (one the node is linked to) can answer."""
+    key = (spec.name, spec.variant)
+    if linked is not None:
+        unreachable = [
+            n.node_id
+            for n in snapshot.ready_nodes(key)
+            if not n.direct_address and n.node_id not in linked
+        ]
+        if unreachable:
+            return Unavailable(
+                f"model {spec.name!r} variant {spec.variant!r} is ready on "
+                f"{', '.join(unreachable)}, not reachable from this replica (no direct address "
+                "and no stream to it here yet); retry through another replica"
+            )
+    placement = snapshot.placements.get(key)
     detail = ""
     if placement is not None and placement.failed:
         reasons = "; ".join(f"{n}: {r}" for n, r in sorted(placement.failed.items()))

@@ -10,6 +10,8 @@ Contract:
 - One stream per node per replica: a second concurrent stream is refused with ALREADY_EXISTS.
 - The checks run in that order; :func:`check_hello` and :func:`welcome` are pure, and
   :meth:`Handshake.accept` is the only step that reads from or aborts the stream.
+- After the Welcome, every change of the replica set reaches the node as
+  :func:`replicas_changed` (pure, like :func:`replica_set`, the comparable form of a set).
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import grpc
 from meshserve.common.errors import ServicerContext
 from meshserve.protos import mesh_pb2
 
-__all__ = ["Handshake", "Refusal", "TokenBucket", "check_hello", "welcome"]
+__all__ = [
+    "Handshake",
+    "Refusal",
+    "TokenBucket",
+    "check_hello",
+    "replica_set",
+    "replicas_changed",
+    "welcome",
+]
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -98,6 +108,17 @@ def welcome(
             telemetry_interval_ms=telemetry_interval_ms,
         )
     )
+
+
+def replica_set(replicas: Sequence[mesh_pb2.ReplicaInfo]) -> tuple[tuple[str, str], ...]:
+    """``replicas`` as a comparable value: (id, address) pairs, sorted."""
+    return tuple(sorted((r.replica_id, r.address) for r in replicas))
+
+
+def replicas_changed(replicas: Sequence[mesh_pb2.ReplicaInfo]) -> mesh_pb2.ControlMessage:
+    """What a linked node is told when the replica set changed: every live replica (it dials
+    the new ones and drops the links to replicas no longer listed)."""
+    return mesh_pb2.ControlMessage(replicas=mesh_pb2.ReplicaSet(replicas=replicas))
 
 
 class Handshake:

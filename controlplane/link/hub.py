@@ -15,6 +15,12 @@ Contract:
 - A message that does not decode is dropped; the stream lives.
 - :meth:`Hub.reconcile` sends the commands :func:`~meshserve.controlplane.link.reconcile.reconcile`
   decides for each node; commands are idempotent on the node, so resending is harmless.
+- Every linked node knows the live replica set: its Welcome carries the set at link time, and
+  :meth:`Hub.push_replicas` (run by every :meth:`Hub.reconcile`: each change of any mirror,
+  the replicas' included, and each maintenance pass) sends a ReplicaSet to every node that was
+  told another set, so a replica started later is dialled within seconds and a removed one is
+  dropped. An empty set (a view not loaded yet) is never pushed; a set that did not fit a
+  node's queue is pushed again at the next reconcile.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ from typing import Any
 
 from meshserve.common.errors import EOF, Malformed, ResourceExhausted, ServicerContext
 from meshserve.controlplane import keys
-from meshserve.controlplane.link.handshake import Handshake, TokenBucket, welcome
+from meshserve.controlplane.link.handshake import (
+    Handshake,
+    TokenBucket,
+    replica_set,
+    replicas_changed,
+    welcome,
+)
 from meshserve.controlplane.link.reconcile import Load, Settled, reconcile, spec_digest
 from meshserve.controlplane.link.session import NodeSession
 from meshserve.controlplane.observe.metrics import controlplane_metrics
@@ -105,10 +117,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             if previous is not None:  # the node's last stream is still deleting its record
                 await asyncio.shield(previous)
             await self._write_record(session)
+            replicas = self._replicas()
+            session.replicas_said = replica_set(replicas)
             await context.write(
                 welcome(
                     replica_id=self.replica_id,
-                    replicas=self._replicas(),
+                    replicas=replicas,
                     lease_ttl_s=self._ttl,
                     telemetry_interval_ms=self._telemetry_interval_ms,
                 )
@@ -252,8 +266,34 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
     # -- reconciliation ----------------------------------------------------------------------
 
     def reconcile(self, snapshot: Snapshot) -> None:
+        self.push_replicas()
         for session in list(self.sessions.values()):
             self.reconcile_session(session, snapshot)
+
+    def push_replicas(self) -> int:
+        """Tell every linked node that was told another replica set the current one; returns
+        how many were told (see the module contract)."""
+        replicas = self._replicas()
+        current = replica_set(replicas)
+        if not current:
+            return 0
+        stale = [s for s in self.sessions.values() if s.replicas_said != current]
+        if not stale:
+            return 0
+        message = replicas_changed(replicas)
+        told = 0
+        for session in stale:
+            with contextlib.suppress(ResourceExhausted):  # full queue: the next reconcile
+                session.send(message)
+                session.replicas_said = current
+                told += 1
+        _log.info(
+            "replica set %s told to %d of %d nodes",
+            ", ".join(f"{r}={a}" for r, a in current),
+            told,
+            len(stale),
+        )
+        return told
 
     def reconcile_session(self, session: NodeSession, snapshot: Snapshot) -> None:
         """Send the commands that move ``session``'s node towards ``snapshot``'s placements.

@@ -11,6 +11,8 @@ Contract:
   moment the stream ends (:meth:`NodeSession.fail_pending`). A query too big for the stream's
   message limit once framed is refused (RESOURCE_EXHAUSTED) rather than sent, which would end the
   stream.
+- ``replicas_said``: the replica set the node was last told of (its Welcome, then every pushed
+  :class:`~meshserve.protos.mesh_pb2.ReplicaSet`), so a change is pushed once per node.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from meshserve.common.errors import DeadlineExceeded, ResourceExhausted, Unavail
 from meshserve.controlplane.snapshot import VariantKey
 from meshserve.protos import inference_pb2, mesh_pb2
 
-__all__ = ["NodeSession"]
+__all__ = ["NodeSession", "ReplicaSet"]
+
+#: A replica set as told to a node: (replica id, address) pairs, sorted (compared for changes).
+ReplicaSet = tuple[tuple[str, str], ...]
 
 _FRAME_SLACK = 4096  # framing a query for the tunnel adds less than this (ids, trace context)
 
@@ -50,6 +55,7 @@ class NodeSession:
         self.outbox: asyncio.Queue[mesh_pb2.ControlMessage] = asyncio.Queue(maxsize=outbox_size)
         self.pending: dict[int, asyncio.Future[mesh_pb2.TunnelResponse]] = {}
         self.sent: dict[VariantKey, str] = {}  # last command per variant (reconcile's marks)
+        self.replicas_said: ReplicaSet = ()  # the replica set the node was last told of
         self.record_dirty = asyncio.Event()
         self.record_dirty.set()
         self.started = time.monotonic()
