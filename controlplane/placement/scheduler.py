@@ -49,6 +49,7 @@ from meshserve.controlplane.placement.policies.pipeline import (
     choose,
     eviction_step,
     explain,
+    rank,
 )
 from meshserve.controlplane.placement.policies.plugins import Resident, Shortfall, Victim
 from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
@@ -186,7 +187,7 @@ def _evict_for(
         for node_id in nodes:
             on_node.setdefault(node_id, []).append(key)
     best: tuple[float, int, tuple[Victim, ...]] | None = None
-    for row in choose(table, c, _EVICTION_NODES):
+    for row in rank(table, c, _EVICTION_NODES):
         node_id = table.ids[row]
         if table.memory[row] <= 0:
             continue

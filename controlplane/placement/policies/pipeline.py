@@ -8,6 +8,7 @@ Contract:
   pod) before the next pick is scored, so copies of one variant placed in one pass see each
   other (``spread`` moves the second copy to another zone). Ties go to the lower row (node-id
   order), so a decision is deterministic for a given table.
+- :func:`rank` orders the open rows for one more copy (nothing assumed between them).
 - :func:`explain` gives the same decision with its reasons: for every node, ``holds a copy``
   (a holder is never run through the filters: its own copy is already counted in its memory),
   or the first filter that rejected it (and why), or its total and per-plugin scores; only the
@@ -50,6 +51,7 @@ from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
 __all__ = [
     "EVICTION_PLUGINS",
     "FILTER_PLUGINS",
+    "HOLDER_SCORES",
     "HOLDS",
     "SCORE_PLUGINS",
     "Verdict",
@@ -57,6 +59,7 @@ __all__ = [
     "eviction_step",
     "explain",
     "feasible",
+    "rank",
 ]
 
 FILTER_PLUGINS: dict[str, Filter] = {
@@ -75,6 +78,9 @@ EVICTION_PLUGINS: dict[str, Callable[[Any], Evict]] = {
 assert tuple(FILTER_PLUGINS) == FILTERS and set(SCORE_PLUGINS) == set(SCORES)
 assert tuple(EVICTION_PLUGINS) == EVICTIONS
 
+# Scores that depend on where the variant's copies are (``c.holders``): re-scored after each
+# pick of a multi-copy decision; every other score of a row is fixed within one decision.
+HOLDER_SCORES = frozenset({"spread"})
 RATE_LIMIT = "rate_limit"  # pseudo-filter name in explanations
 HOLDS = "holds a copy"  # a holder's verdict reason in explanations
 
@@ -137,28 +143,35 @@ def _best(total: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.int64]:
     return top[np.lexsort((top, -total[top]))]
 
 
-def choose(table: NodeTable, c: Candidate, count: int) -> list[int]:
+def rank(table: NodeTable, c: Candidate, count: int) -> list[int]:
+    """Up to ``count`` open rows, best first, for ONE more copy of ``c`` (nothing assumed
+    between them: the alternatives for the same copy, as the eviction step weighs them)."""
+    return choose(table, c, count, assume=False)
+
+
+def choose(table: NodeTable, c: Candidate, count: int, *, assume: bool = True) -> list[int]:
     if count <= 0 or len(table) == 0:
         return []
     rows = np.flatnonzero(_open(table, c))
+    if rows.size == 0:
+        return []
+    total, parts = _scores(table, c, rows)
+    moving = [name for name in parts if name in HOLDER_SCORES]
+    if count == 1 or not moving or not assume:
+        return [int(r) for r in rows[_best(total, min(count, rows.size))]]
+    # Pick one at a time; after each pick, assume it (it holds a copy now) and re-score only
+    # what depends on where the copies are (the other scores of a row do not change).
+    fixed = total - sum(c.rule.weights[name] * parts[name] for name in moving)
     picked: list[int] = []
     while rows.size and len(picked) < count:
-        total, _ = _scores(table, c, rows)
-        left = count - len(picked)
-        if left == 1 or not _sees_holders(c):
-            return picked + [int(r) for r in rows[_best(total, min(left, rows.size))]]
         at = int(_best(total, 1)[0])
         picked.append(int(rows[at]))
-        # Assume the pick: it holds a copy now, so the next pick is scored against it.
         c = replace(c, holders=np.append(c.holders, rows[at]))
-        rows = np.delete(rows, at)
+        rows, fixed = np.delete(rows, at), np.delete(fixed, at)
+        total = fixed.copy()
+        for name in moving:
+            total += c.rule.weights[name] * SCORE_PLUGINS[name].score(table, c, rows)
     return picked
-
-
-def _sees_holders(c: Candidate) -> bool:
-    """Whether a score of the rule depends on where the variant's copies are (so each pick
-    changes the next one's scores): ``spread`` over a ``spread_by`` domain."""
-    return bool(c.rule.spread_by) and c.rule.weights.get("spread", 0.0) > 0
 
 
 def explain(table: NodeTable, c: Candidate, count: int) -> list[Verdict]:
