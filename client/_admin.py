@@ -146,6 +146,16 @@ class AdminClient:
         assert isinstance(out, mesh_pb2.ListEventsResponse)
         return list(out.events)
 
+    def retry_placements(
+        self, model: str, *, variant: str = "", node_id: str = ""
+    ) -> list[mesh_pb2.RetriedCopy]:
+        """Clear the failure records of ``model``'s copies (one variant / node, or all): the
+        leader places them there again; returns the failures that were cleared."""
+        request = mesh_pb2.RetryPlacementsRequest(model=model, variant=variant, node_id=node_id)
+        out = self._call("RetryPlacements", request)
+        assert isinstance(out, mesh_pb2.RetryPlacementsResponse)
+        return list(out.retried)
+
     def drain_node(self, node_id: str, *, undrain: bool = False) -> bool:
         out = self._call("DrainNode", mesh_pb2.DrainNodeRequest(node_id=node_id, undrain=undrain))
         assert isinstance(out, mesh_pb2.DrainNodeResponse)

@@ -19,6 +19,7 @@ from meshserve.common.process import (
 from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret, read_secrets
 from meshserve.controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
 from meshserve.controlplane.auth import AuthConfig, load_api_keys
+from meshserve.controlplane.placement.failures import parse_backoff
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=2000,
         help="how often nodes report load (drives autoscaling and routing); min 100",
+    )
+    p.add_argument(
+        "--retry-backoff-s",
+        default="30,120,600",
+        help="seconds before a node where a copy failed transiently (network, source) is tried "
+        "again, per consecutive failure; the last value repeats (the cap)",
     )
     p.add_argument(
         "--zone",
@@ -190,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     if ns.telemetry_interval_ms < 100:
         raise SystemExit("--telemetry-interval-ms must be at least 100")
     tls, require_client_cert, auth = _security(ns)
+    try:
+        retry = parse_backoff(ns.retry_backoff_s)
+    except ValueError as exc:
+        raise SystemExit(f"--retry-backoff-s: {exc}") from None
     config = ControlPlaneConfig(
         etcd_url=ns.etcd,
         listen=ns.listen,

@@ -77,7 +77,11 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self, request: mesh_pb2.RegisterModelRequest, context: ServicerContext
     ) -> mesh_pb2.RegisterModelResponse:
         spec = validate_spec(request.model)
-        created = await self._registry.register_model(spec)  # refused if an alias has the name
+        # A new registration: failure records made under an earlier one no longer apply.
+        spec.registered_unix_ms = int(time.time() * 1000)
+        spec.ClearField("retry_requests")
+        # refused if an alias has the name; the model's first version becomes `live`
+        created = await self._registry.register_model(spec)
         return mesh_pb2.RegisterModelResponse(model=spec, created=created)
 
     async def ListModels(
@@ -143,6 +147,39 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     ) -> mesh_pb2.ListEventsResponse:
         events = await self._events.list(request.limit, request.kind, request.model)
         return mesh_pb2.ListEventsResponse(events=events)
+
+    async def RetryPlacements(
+        self, request: mesh_pb2.RetryPlacementsRequest, context: ServicerContext
+    ) -> mesh_pb2.RetryPlacementsResponse:
+        check_model_name(request.model)
+        before = self._snapshot()
+        variants = await self._registry.request_retry(
+            request.model, request.variant, request.node_id
+        )
+        out = mesh_pb2.RetryPlacementsResponse()
+        for variant in variants:
+            placement = before.placements.get((request.model, variant))
+            if placement is None:
+                continue
+            for node_id in sorted(placement.failed):
+                if request.node_id and node_id != request.node_id:
+                    continue
+                record = placement.failures.get(node_id)
+                out.retried.add(
+                    variant=variant,
+                    node_id=node_id,
+                    reason=placement.failed[node_id],
+                    permanent=record is not None and record.permanent,
+                )
+            where = f"node {request.node_id}" if request.node_id else "every node"
+            self._events.record(
+                "placement",
+                model=request.model,
+                variant=variant,
+                node_id=request.node_id,
+                message=f"manual retry on {where}: failure records cleared",
+            )
+        return out
 
     async def DrainNode(
         self, request: mesh_pb2.DrainNodeRequest, context: ServicerContext

@@ -34,6 +34,7 @@ from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.telemetry import latest_telemetry, live_in_flight
 from meshserve.controlplane.observe.webhook import Webhook
+from meshserve.controlplane.placement.failures import DEFAULT_RETRY, RetryPolicy
 from meshserve.controlplane.placement.leader import LeaderLoop
 from meshserve.controlplane.placement.policy_source import PolicySource
 from meshserve.controlplane.registry import EtcdRegistry, Registry
@@ -305,6 +306,7 @@ class ControlPlane:
     async def stop(self, grace_s: float = 3.0) -> None:
         """Stop in order within ``config.shutdown_grace_s`` whatever etcd does: leader loop →
         resign → server (calls in flight get ``grace_s``; streams end, node records are deleted
+            retry=self.config.retry,
         or left to the lease) → gateway channels → events → mirrors → own lease → etcd client.
 
         Every step is bounded by its own budget and by what is left of the one deadline (each

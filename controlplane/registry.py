@@ -95,6 +95,14 @@ class Registry(Protocol):
     async def aliases(self, model: str) -> list[mesh_pb2.Alias]:
         """The model's aliases as stored (a linearizable read), by name."""
         ...
+    async def request_retry(self, model: str, variant: str, node_id: str) -> list[str]:
+        """Ask the leader to place copies of ``model`` (only ``variant`` when given) on
+        ``node_id`` ("" = every node) again, whatever failed there: one more manual retry in
+        each stored spec's ``retry_requests`` (read-modify-write on its mod revision, retried);
+        the scheduler drops failure records made before it. Returns the variants touched, by
+        name. NotFound: no such model or variant."""
+        ...
+
 
     async def change_alias(
         self, model: str, alias: str, plan: AliasPlan
@@ -311,6 +319,39 @@ class EtcdRegistry:
     async def apply_policy(self, text: str) -> int:
         result = await self._etcd.put(keys.POLICY.encode(), text.encode())
         return int(result.header.revision)
+
+    async def request_retry(self, model: str, variant: str, node_id: str) -> list[str]:
+        t = self._etcd.transactions
+        _, kvs = await get_prefix(self._etcd, keys.model_prefix(model).encode())
+        touched: list[str] = []
+        for kv in kvs:
+            spec = keys.decode(kv.value, mesh_pb2.ModelSpec())
+            if variant and spec.variant != variant:
+                continue
+            key = keys.model_key(model, spec.variant).encode()
+            current: KeyValue | None = kv
+            for _ in range(CAS_ATTEMPTS):
+                if current is None:
+                    break  # removed meanwhile: nothing to retry
+                spec = keys.decode(current.value, mesh_pb2.ModelSpec())
+                spec.retry_requests[node_id] = spec.retry_requests.get(node_id, 0) + 1
+                ok, responses = await self._txn(
+                    [t.mod(key) == current.mod_revision],
+                    [t.put(key, keys.encode(spec))],
+                    [t.get(key)],
+                )
+                if ok:
+                    touched.append(spec.variant)
+                    break
+                current = _ranged(responses)
+            else:
+                raise Unavailable(
+                    f"model {model!r} variant {spec.variant!r} is changing concurrently; retry"
+                )
+        if not touched:
+            what = f"model {model!r}" + (f" variant {variant!r}" if variant else "")
+            raise NotFound(f"{what} is not registered (meshctl models list)")
+        return sorted(touched)
 
     async def policy(self) -> tuple[str, int] | None:
         kv = await get(self._etcd, keys.POLICY.encode())

@@ -119,6 +119,26 @@ def _parser() -> argparse.ArgumentParser:
         "copies elsewhere (new copies warm first) before finishing in-flight work and leaving",
     )
     p.add_argument(
+        "--download-deadline-s",
+        type=float,
+        default=1800.0,
+        help="an artifact download (every attempt included) fails after this long; the "
+        "control plane retries it later with backoff",
+    )
+    p.add_argument(
+        "--download-min-rate",
+        type=float,
+        default=1024.0,
+        help="bytes/s: a download that moves fewer bytes than this over --download-rate-window-s "
+        "fails (a stuck or trickling server), retried later; 0 turns the rule off",
+    )
+    p.add_argument(
+        "--download-rate-window-s",
+        type=float,
+        default=30.0,
+        help="the window of --download-min-rate, in seconds",
+    )
+    p.add_argument(
         "--shutdown-grace-s",
         type=float,
         default=10.0,
@@ -235,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
         max_in_flight_per_copy=max(0, ns.max_in_flight_per_copy),
         drain_timeout_s=max(0.0, ns.drain_timeout_s),
         shutdown_grace_s=max(1.0, ns.shutdown_grace_s),
+        download_deadline_s=max(1.0, ns.download_deadline_s),
+        download_min_rate_bps=max(0.0, ns.download_min_rate),
+        download_rate_window_s=max(0.5, ns.download_rate_window_s),
         tls=tls,
         join_token=token,
     )

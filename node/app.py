@@ -64,6 +64,9 @@ class NodeConfig:
     drain_timeout_s: float = 30.0  # SIGTERM: wait this long for copies to move elsewhere
     shutdown_grace_s: float = 10.0  # then in-flight queries + close, bounded by this (total)
     shed_late: bool = True  # refuse / drop queries that cannot finish before their deadline
+    download_deadline_s: float = 1800.0  # one artifact download, all attempts: then it fails
+    download_min_rate_bps: float = 1024.0  # a download slower than this (over the window) fails
+    download_rate_window_s: float = 30.0
     tls: TLSFiles | None = None  # dial the CP with TLS; serve --listen with TLS (+CA: mTLS only)
     join_token: str | None = field(default=None, repr=False)  # sent on NodeLink.Connect
 
@@ -81,7 +84,12 @@ class Node:
             max_files=files,
         )
         self.copies = CopyManager(
-            ModelStore(config.cache_dir),
+            ModelStore(
+                config.cache_dir,
+                deadline_s=config.download_deadline_s,
+                min_rate_bps=config.download_min_rate_bps,
+                rate_window_s=config.download_rate_window_s,
+            ),
             self._executor,
             batch_concurrency=config.workers,
             inline_max_us=config.inline_max_us,

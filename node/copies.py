@@ -6,6 +6,13 @@ replicas may send the same command. Every state change is announced to the liste
 to the control plane). A copy is READY only once its session is loaded and verified; nothing is
 ever served from a copy that is LOADING or FAILED. Commands carry the placement revision they
 were decided at: a Load or Unload older than the newest one applied to that variant is ignored.
+A FAILED copy is loaded again by a Load decided at a newer placement revision (the leader placed
+it here again: a retry); its status says whether the failure was permanent (the artifact or the
+request was refused, see :class:`~meshserve.node.store.StoreError`; a model onnxruntime cannot
+load) or transient (the network or the source, worth retrying later).
+Downloads run outside the load lock (the store serialises fetches per artifact only), so a slow
+or stuck download never holds up another copy; only reading into onnxruntime and warming up take
+the lock, one at a time, to bound memory spikes.
 An unloaded or replaced copy is retired: its load cancelled, its cached answers dropped, its
 in-flight queries given a bounded time (5 s), its batcher closed, its artifact pin released once.
 The record of each copy and its status message are :mod:`meshserve.node.copy_entry`.
@@ -22,7 +29,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from meshserve.common.errors import Unavailable
+from meshserve.common.errors import NotFound, Unavailable
 from meshserve.common.instruments import Reading
 from meshserve.common.sketches import monitoring_digest
 from meshserve.node.batcher import Batcher, BatchPolicy
@@ -98,7 +105,8 @@ class CopyManager:
         self._copies: dict[tuple[str, str], CopyEntry] = {}
         self._listeners: list[Listener] = []
         self._revisions: dict[tuple[str, str], int] = {}  # newest placement revision applied
-        self._load_lock = asyncio.Lock()  # one load at a time: bounded memory spikes
+        self._load_lock = asyncio.Lock()  # one session load + warm-up at a time: bounded memory
+        self._ordered: set[tuple[str, str]] = set()  # every variant a Load named here
         self._retiring: set[asyncio.Task[None]] = set()  # replaced copies being released
 
     @property
@@ -141,15 +149,21 @@ class CopyManager:
         key = (cmd.model, cmd.variant)
         if self._stale(key, cmd.placement_revision, "load"):
             return
+        self._ordered.add(key)
         entry = self._copies.get(key)
-        if entry is not None and entry.sha256 == cmd.sha256.lower():
+        retry = (
+            entry is not None
+            and entry.state == mesh_pb2.FAILED
+            and (cmd.placement_revision == 0 or cmd.placement_revision > entry.revision)
+        )
+        if entry is not None and entry.sha256 == cmd.sha256.lower() and not retry:
             digest = monitoring_digest(cmd.serving.monitoring, cmd.drift_reference)
             if digest != monitoring_digest(entry.monitoring, entry.reference):
                 entry.configure_monitoring(cmd.serving.monitoring, cmd.drift_reference)
                 _log.info("monitoring of %s/%s reconfigured", entry.model, entry.variant)
             self._announce(entry)  # idempotent: re-announce, never load twice
             return
-        if entry is not None:  # another artifact for the variant: the old copy goes
+        if entry is not None:  # another artifact (or a retry) for the variant: the old copy goes
             entry.instruments.unloaded("replaced")
             self._retire_later(entry)
         entry = CopyEntry(
@@ -161,6 +175,7 @@ class CopyManager:
             reference=cmd.drift_reference,
             instruments=self._metrics.copy(cmd.model, cmd.variant),
         )
+        entry.revision = cmd.placement_revision
         _log.info("loading %s/%s from %s", cmd.model, cmd.variant, cmd.artifact_uri)
         self._copies[key] = entry
         self._announce(entry)
@@ -174,12 +189,12 @@ class CopyManager:
         ) as span:
             started = time.perf_counter()
             try:
+                self._store.pin(entry.sha256)  # a loaded copy's artifact is never evicted
+                entry.pinned = True
+                path = await self._store.fetch(
+                    cmd.artifact_uri, cmd.sha256, progress=self._progress_reporter(entry)
+                )
                 async with self._load_lock:
-                    self._store.pin(entry.sha256)  # a loaded copy's artifact is never evicted
-                    entry.pinned = True
-                    path = await self._store.fetch(
-                        cmd.artifact_uri, cmd.sha256, progress=self._progress_reporter(entry)
-                    )
                     before = resident_bytes()
                     copy = await asyncio.to_thread(
                         OnnxCopy.load, path, providers, intra_op_threads=self._intra_op_threads
@@ -208,6 +223,7 @@ class CopyManager:
             except (StoreError, LoadError) as exc:
                 self._unpin(entry)
                 entry.state, entry.reason = mesh_pb2.FAILED, str(exc)
+                entry.permanent = isinstance(exc, LoadError) or exc.permanent
                 span.set_status(trace.StatusCode.ERROR, entry.reason)
                 _log.warning("copy %s/%s failed: %s", entry.model, entry.variant, exc)
                 self._announce(entry)
@@ -355,16 +371,28 @@ class CopyManager:
 
     def ready(self, model: str, variant: str) -> CopyEntry:
         """The READY copy to serve ``model`` (``variant`` may be empty if only one is ready).
-        A copy not held here is UNAVAILABLE, not NOT_FOUND: the mesh routes by a view that may
-        lag a move (drain, eviction, rollout) by a moment, and the query is retriable."""
+        A copy this node held (or was told to load) and no longer holds is UNAVAILABLE: the mesh
+        routes by a view that may lag a move (drain, eviction, rollout) by a moment, and the
+        query is retriable elsewhere. A model never ordered here is NOT_FOUND, as a standalone
+        OIP server answers for a model it does not serve."""
         if variant:
             entry = self._copies.get((model, variant))
             if entry is None:
-                raise Unavailable(f"model {model!r} variant {variant!r} is not loaded on this node")
+                if (model, variant) in self._ordered:
+                    raise Unavailable(
+                        f"model {model!r} variant {variant!r} is no longer loaded on this node "
+                        "(moved elsewhere); retry through the mesh"
+                    )
+                raise NotFound(f"model {model!r} variant {variant!r} is not served by this node")
         else:
             candidates = [e for (m, _), e in self._copies.items() if m == model]
             if not candidates:
-                raise Unavailable(f"model {model!r} is not loaded on this node")
+                if any(m == model for m, _ in self._ordered):
+                    raise Unavailable(
+                        f"model {model!r} is no longer loaded on this node (moved elsewhere); "
+                        "retry through the mesh"
+                    )
+                raise NotFound(f"model {model!r} is not served by this node")
             ready = [e for e in candidates if e.state == mesh_pb2.READY]
             entry = ready[0] if ready else candidates[0]
         if entry.state != mesh_pb2.READY or entry.copy is None:

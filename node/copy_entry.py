@@ -6,7 +6,8 @@ Contract:
 * A :class:`CopyEntry` is created LOADING by :class:`~meshserve.node.copies.CopyManager` for a
   Load command and is mutated only on the event loop, by the manager (state, measurements,
   session, batcher) and the inference handler (in-flight and request counters).
-* :meth:`CopyEntry.status` is the snapshot the control plane sees: identity, state and reason,
+* :meth:`CopyEntry.status` is the snapshot the control plane sees: identity, state and reason
+  (with, when FAILED, whether the failure is permanent),
   load and download progress, memory, whether it batches, the monitoring digest; tensor specs
   once a session exists; the latency profile and execution provider only while READY (a
   profile of a copy that is not serving must not steer routing).
@@ -36,6 +37,8 @@ class CopyEntry:
     sha256: str
     state: int = mesh_pb2.LOADING
     reason: str = ""
+    permanent: bool = False  # FAILED for a reason retrying the same artifact cannot fix
+    revision: int = 0  # the placement revision of the Load that started this copy
     copy: OnnxCopy | None = None
     memory_bytes: int = 0
     load_seconds: float = 0.0
@@ -66,6 +69,7 @@ class CopyEntry:
             variant=self.variant,
             state=self.state,  # type: ignore[arg-type]
             reason=self.reason,
+            permanent=self.permanent and self.state == mesh_pb2.FAILED,
             memory_bytes=self.memory_bytes,
             load_seconds=self.load_seconds,
             sha256=self.sha256,

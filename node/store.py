@@ -16,8 +16,11 @@ Contract:
   the least-recently-used artifacts are deleted until the total fits, except the one just fetched,
   any being fetched, and any pinned with :meth:`ModelStore.pin`. Recency is the last fetch (a hit
   counts); it is kept in memory and, via ``os.utime``, in the file's mtime, so it survives restarts.
+* A :class:`StoreError` says whether retrying can help (``permanent``: sha256 mismatch, over the
+  size limit, an unsupported URI, a refused request; see :mod:`meshserve.node.transfer`).
 * Blocking I/O runs in a worker thread; the event loop is never blocked by a fetch. Fetches of the
-  same sha256 are serialised; cancelling a fetch stops its download at the next chunk (the
+  same sha256 are serialised (one lock per artifact), fetches of different artifacts never wait
+  for each other; cancelling a fetch stops its download at the next chunk (the
   ``.part`` is kept for the next attempt).
 """
 
@@ -94,10 +97,22 @@ class ModelStore:
         max_artifact_bytes: int = 2 << 30,
         timeout_s: float = 60.0,
         retries: int = 3,
+        deadline_s: float = 1800.0,
+        min_rate_bps: float = 0.0,
+        rate_window_s: float = 30.0,
     ) -> None:
+        """``deadline_s``, ``min_rate_bps``, ``rate_window_s``: the bounds of one download
+        (see :class:`~meshserve.node.transfer.Transfer`)."""
         self._root = root
         self._max_cache = max_cache_bytes
-        self._transfer = Transfer(max_artifact_bytes, timeout_s, max(0, retries))
+        self._transfer = Transfer(
+            max_artifact_bytes,
+            timeout_s,
+            max(0, retries),
+            deadline_s=deadline_s,
+            min_rate_bps=max(0.0, min_rate_bps),
+            rate_window_s=max(0.1, rate_window_s),
+        )
         self._mutex = threading.Lock()  # guards everything below (used from worker threads)
         self._pins: Counter[str] = Counter()
         self._active: Counter[str] = Counter()  # sha256s being fetched by a worker thread
@@ -175,12 +190,15 @@ class ModelStore:
         self, uri: str, sha256: str, progress: Progress | None, cancel: threading.Event
     ) -> Path:
         if not _SHA256.match(sha256):
-            raise StoreError(f"invalid sha256 {sha256!r}: expected 64 hex characters")
+            raise StoreError(
+                f"invalid sha256 {sha256!r}: expected 64 hex characters", permanent=True
+            )
         parsed = urllib.parse.urlparse(uri)
         if parsed.scheme not in ("file", "http", "https"):
             raise StoreError(
                 f"unsupported artifact URI scheme {parsed.scheme!r} in {uri!r} "
-                "(use file://, http:// or https://)"
+                "(use file://, http:// or https://)",
+                permanent=True,
             )
         with self._mutex:
             self._active[sha256] += 1
@@ -226,7 +244,8 @@ class ModelStore:
             part.unlink(missing_ok=True)
             raise StoreError(
                 f"sha256 mismatch for {uri}: expected {sha256}, got {digest}; "
-                "the artifact was refused"
+                "the artifact was refused",
+                permanent=True,
             )
         os.replace(part, final)
         return final

@@ -13,6 +13,15 @@ Contract:
   most 5 s), resuming with ``Range: bytes=<have>-`` (a 206 reply is appended; a 200 reply
   restarts from zero). A ``.part`` already on disk (an earlier, interrupted process) is resumed
   the same way. When the network failed the ``.part`` is kept for the next fetch.
+* A download is bounded in time: it fails (transient) once ``deadline_s`` has passed since it
+  began (every attempt and retry wait included), or when fewer than ``min_rate_bps`` x
+  ``rate_window_s`` bytes arrived in the last ``rate_window_s`` seconds (a server trickling bytes,
+  or one that stalls: each read returns what has arrived, so a trickle never hides behind a full
+  chunk). The check runs after every read; the socket timeout is at most ``rate_window_s``.
+* Every :class:`StoreError` says whether retrying can help: ``permanent`` for a refusal of the
+  content or the request itself (over the size limit, an HTTP 4xx other than 404/408/429, an
+  unsupported URI, a sha256 mismatch decided by the store), not for the network (connection
+  refused, timeout, 5xx, too slow, a missing file that may appear).
 * ``progress(bytes_so_far, total_or_None)`` is called after each chunk of at most 1 MiB; setting
   ``cancel`` stops the transfer at the next chunk (or retry wait) with :class:`StoreError`.
 * Blocking: call from a worker thread, never the event loop.
@@ -20,11 +29,13 @@ Contract:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import http.client
 import logging
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -45,7 +56,14 @@ Progress = Callable[[int, int | None], None]
 
 
 class StoreError(Exception):
-    """An artifact could not be fetched or failed verification; ``str()`` is the reason."""
+    """An artifact could not be fetched or failed verification; ``str()`` is the reason.
+
+    ``permanent``: retrying the same artifact cannot help (its content or the request is
+    refused); False for a failure of the network or the source that may pass (retried later)."""
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
 
 
 class _Transient(Exception):
@@ -54,11 +72,15 @@ class _Transient(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Transfer:
-    """How artifacts are moved: their size limit, the per-request timeout and the retries."""
+    """How artifacts are moved: their size limit, the per-request timeout, the retries, and the
+    bounds of one download (overall deadline; minimum rate over a sliding window, 0: none)."""
 
     max_bytes: int
     timeout_s: float = 60.0
     retries: int = 3
+    deadline_s: float = 1800.0
+    min_rate_bps: float = 0.0
+    rate_window_s: float = 30.0
 
     def copy_file(
         self, src: Path, part: Path, progress: Progress | None, cancel: threading.Event
@@ -68,7 +90,10 @@ class Transfer:
         except OSError as exc:
             raise StoreError(f"cannot read artifact {src}: {exc.strerror}") from exc
         if size > self.max_bytes:
-            raise StoreError(f"artifact {src} is {size} bytes, over the limit of {self.max_bytes}")
+            raise StoreError(
+                f"artifact {src} is {size} bytes, over the limit of {self.max_bytes}",
+                permanent=True,
+            )
         digest = hashlib.sha256()
         done = 0
         try:
@@ -79,7 +104,8 @@ class Transfer:
                     done += len(chunk)
                     if done > self.max_bytes:
                         raise StoreError(
-                            f"artifact {src} exceeds the limit of {self.max_bytes} bytes"
+                            f"artifact {src} exceeds the limit of {self.max_bytes} bytes",
+                            permanent=True,
                         )
                     digest.update(chunk)
                     out.write(chunk)
@@ -102,9 +128,10 @@ class Transfer:
         cancel: threading.Event,
     ) -> str:
         attempt = 0
+        clock = _Clock(time.monotonic() + self.deadline_s)
         while True:
             try:
-                return self._download_once(uri, sha256, part, progress, cancel)
+                return self._download_once(uri, sha256, part, progress, cancel, clock)
             except _Transient as exc:
                 attempt += 1
                 if attempt > self.retries:
@@ -113,6 +140,8 @@ class Transfer:
                         "the partial download is kept and will be resumed by the next fetch"
                     ) from exc
                 delay = min(_BACKOFF_S * 2 ** (attempt - 1), _BACKOFF_MAX_S)
+                if time.monotonic() + delay >= clock.deadline:
+                    raise self.overdue(uri) from exc
                 _log.info("download of %s failed (%s); retry %d in %.1fs", uri, exc, attempt, delay)
                 if cancel.wait(delay):
                     raise StoreError(f"download of {uri} was cancelled") from exc
@@ -124,12 +153,19 @@ class Transfer:
         part: Path,
         progress: Progress | None,
         cancel: threading.Event,
+        clock: _Clock,
     ) -> str:
         digest, have = self._resume_point(part)
         headers = {"Range": f"bytes={have}-"} if have else {}
         request = urllib.request.Request(uri, headers=headers)
+        timeout = self.timeout_s
+        if self.min_rate_bps > 0:
+            timeout = min(timeout, self.rate_window_s)
+        timeout = max(0.05, min(timeout, clock.deadline - time.monotonic()))
+        if time.monotonic() >= clock.deadline:
+            raise self.overdue(uri)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 length_header = resp.headers.get("Content-Length")
                 remaining = int(length_header) if length_header is not None else None
                 total: int | None
@@ -146,11 +182,13 @@ class Transfer:
                 if total is not None and total > self.max_bytes:
                     part.unlink(missing_ok=True)
                     raise StoreError(
-                        f"artifact {uri} is {total} bytes, over the limit of {self.max_bytes}"
+                        f"artifact {uri} is {total} bytes, over the limit of {self.max_bytes}",
+                        permanent=True,
                     )
                 done = have
+                rate = _Rate(self.min_rate_bps, self.rate_window_s)
                 with part.open(mode) as out:
-                    while chunk := resp.read(CHUNK):
+                    while chunk := _read_some(resp, rate, clock, self, uri):
                         if cancel.is_set():
                             raise StoreError(f"download of {uri} was cancelled")
                         done += len(chunk)
@@ -158,7 +196,8 @@ class Transfer:
                             out.close()
                             part.unlink(missing_ok=True)
                             raise StoreError(
-                                f"artifact {uri} exceeds the limit of {self.max_bytes} bytes"
+                                f"artifact {uri} exceeds the limit of {self.max_bytes} bytes",
+                                permanent=True,
                             )
                         digest.update(chunk)
                         out.write(chunk)
@@ -174,10 +213,30 @@ class Transfer:
                 raise _Transient("the partial download was invalid; restarting") from exc
             if exc.code >= 500 or exc.code in (408, 429):
                 raise _Transient(f"HTTP {exc.code} {exc.reason}") from exc
-            raise StoreError(f"cannot download {uri}: HTTP {exc.code} {exc.reason}") from exc
+            raise StoreError(
+                f"cannot download {uri}: HTTP {exc.code} {exc.reason}",
+                permanent=exc.code != 404,  # a 404 may be an upload not finished yet
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() >= clock.deadline:
+                raise self.overdue(uri) from exc
             raise _Transient(str(exc) or type(exc).__name__) from exc
         return digest.hexdigest()
+
+    def overdue(self, uri: str) -> StoreError:
+        """The deadline failure of a download of ``uri``."""
+        return StoreError(
+            f"download of {uri} did not finish within its deadline of {self.deadline_s:g}s "
+            "(node flag --download-deadline-s); it will be retried later"
+        )
+
+    def too_slow(self, uri: str, got: int, window: float) -> StoreError:
+        """The minimum-rate failure of a download of ``uri``: ``got`` bytes in ``window`` s."""
+        return StoreError(
+            f"download of {uri} is too slow: {got} bytes in the last {window:.0f}s, under the "
+            f"minimum of {self.min_rate_bps:g} bytes/s (node flag --download-min-rate); "
+            "it will be retried later"
+        )
 
     def _resume_point(self, part: Path) -> tuple[hashlib._Hash, int]:
         """The digest of the bytes already in ``part`` and their count (0: start from zero)."""
@@ -193,6 +252,56 @@ class Transfer:
             while chunk := f.read(CHUNK):
                 digest.update(chunk)
         return digest, size
+
+
+@dataclass(slots=True)
+class _Clock:
+    """When one download (all its attempts) must be over, on ``time.monotonic``."""
+
+    deadline: float
+
+
+class _Rate:
+    """The minimum-rate rule over a sliding window: bytes seen per read, oldest dropped."""
+
+    def __init__(self, min_bps: float, window_s: float) -> None:
+        self._min_bytes = min_bps * window_s
+        self._window = window_s
+        self._started = time.monotonic()
+        self._seen: collections.deque[tuple[float, int]] = collections.deque()
+        self._sum = 0
+
+    def check(self, got: int) -> tuple[int, float] | None:
+        """Record ``got`` bytes now; ``(bytes in window, window)`` when the rule is broken."""
+        if self._min_bytes <= 0:
+            return None
+        now = time.monotonic()
+        self._seen.append((now, got))
+        self._sum += got
+        while self._seen and self._seen[0][0] < now - self._window:
+            self._sum -= self._seen.popleft()[1]
+        if now - self._started >= self._window and self._sum < self._min_bytes:
+            return self._sum, self._window
+        return None
+
+
+def _read_some(
+    resp: http.client.HTTPResponse, rate: _Rate, clock: _Clock, transfer: Transfer, uri: str
+) -> bytes:
+    """The next bytes of ``resp`` (at most :data:`CHUNK`; what has arrived, not a full chunk),
+    after checking the deadline and the minimum rate."""
+    try:
+        chunk = resp.read1(CHUNK)
+    except TimeoutError:
+        chunk = None
+    slow = rate.check(len(chunk or b""))
+    if slow is not None:
+        raise transfer.too_slow(uri, *slow)
+    if time.monotonic() >= clock.deadline:
+        raise transfer.overdue(uri)
+    if chunk is None:
+        raise _Transient("the connection stalled (socket timeout)")
+    return chunk
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:

@@ -61,6 +61,7 @@ def build() -> typer.Typer:
     nodes_app.command("list")(nodes.list_nodes)
     nodes_app.command("drain")(nodes.drain)
     placements_app.command("list")(nodes.list_placements)
+    placements_app.command("retry")(nodes.retry_placements)
     policy_app.command("validate")(policy.validate)
     policy_app.command("apply")(policy.apply)
     policy_app.command("get")(policy.get)

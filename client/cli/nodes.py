@@ -5,11 +5,14 @@ direct address (or ``(tunnel)`` for a node without an inbound port), the replica
 streams and its copies with their states. ``placements list`` flags a placement with fewer READY
 copies than desired (``2/3 under-replicated``) and names a node that still serves a copy no
 placement names (a drained node, until a replacement is READY).
-``placements list`` shows what the leader decided: desired copies, chosen nodes, failures.
+``placements list`` shows what the leader decided: desired copies, chosen nodes, failures (and
+when each is retried). ``placements retry MODEL [--node N]`` clears failures by hand: the leader
+places the copies there again on its next pass (permanent failures included).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -23,8 +26,9 @@ from meshserve.client.cli._common import (
     copy_state,
 )
 from meshserve.client.cli._placement_view import node_state, ready_copies, replication
+from meshserve.protos import mesh_pb2
 
-__all__ = ["drain", "list_nodes", "list_placements"]
+__all__ = ["drain", "list_nodes", "list_placements", "retry_placements"]
 
 
 def list_nodes(target: Target = DEFAULT_TARGET) -> None:
@@ -62,9 +66,38 @@ def list_placements(model: str = "", target: Target = DEFAULT_TARGET) -> None:
         ready = ready_copies(admin.list_nodes())
     table = Table("model", "variant", "desired", "ready", "nodes", "failed")
     for p in placements:
-        failed = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
+        failed = "; ".join(_failure(p, k, v) for k, v in p.failed.items())
         r = replication(p, ready)
         nodes = "; ".join(filter(None, (", ".join(p.nodes), r.note())))
         cell = f"[red]{r.cell()}[/red]" if r.under else r.cell()
         table.add_row(p.model, p.variant, str(p.desired_copies), cell, nodes, failed)
     console.print(table)
+
+
+def _failure(p: mesh_pb2.Placement, node_id: str, reason: str) -> str:
+    record = p.failures.get(node_id)
+    if record is None:
+        return f"{node_id}: {reason}"
+    if record.permanent:
+        retry = f"meshctl placements retry {p.model} --node {node_id}"
+        return f"{node_id}: {reason} (permanent; {retry})"
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(record.retry_unix_ms / 1000))
+    return f"{node_id}: {reason} (attempt {record.attempts}; retry at {at})"
+
+
+def retry_placements(
+    model: str,
+    node: Annotated[str, typer.Option("--node", help="only this node (default: every node)")] = "",
+    variant: Annotated[str, typer.Option("--variant", help="only this variant")] = "",
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Retry a model's failed copies now: clears their failure records (transient or
+    permanent) so the leader places them on those nodes again on its next pass."""
+    with admin_client(target) as admin:
+        retried = admin.retry_placements(model, variant=variant, node_id=node)
+    if not retried:
+        console.print(f"{model}: no failed copy to retry; retries asked for all the same")
+        return
+    for r in retried:
+        kind = "permanent" if r.permanent else "transient"
+        console.print(f"{model}/{r.variant} on {r.node_id}: retrying ({kind}: {r.reason})")

@@ -6,7 +6,9 @@ under the policy in force, and writes the changed placements through the registr
 (:meth:`~meshserve.controlplane.registry.Registry.write_placements`: transactions that also
 check this replica still holds the leader key, so a deposed leader can never write). Every
 placement and scale change is an event. A pass that fails is logged and retried; the loop itself
-never dies.
+never dies. The clock is read here, once per pass, and passed to the pure scheduler (``now_ms``):
+a node kept out by a transient copy failure is retried when its backoff (``retry``) is over, so
+a pass runs at that time even when nothing else changed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from meshserve.controlplane.etcd import Election
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.observe.metrics import ControlPlaneMetrics, controlplane_metrics
 from meshserve.controlplane.placement.autoscale import Autoscaler, ScaleChange
+from meshserve.controlplane.placement.failures import DEFAULT_RETRY, RetryPolicy, next_retry_ms
 from meshserve.controlplane.placement.scheduler import Plan, RuleSource, plan_placements
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
@@ -44,8 +47,11 @@ class LeaderLoop:
         in_flight: Callable[[], Mapping[str, Mapping[VariantKey, float]]] = dict,
         events: EventSink | None = None,
         metrics: ControlPlaneMetrics | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        """``metrics``: where decisions are counted (default: :func:`controlplane_metrics`)."""
+        """``metrics``: where decisions are counted (default: :func:`controlplane_metrics`).
+        ``retry``: the backoff of copy-failure retries; ``clock``: seconds since the epoch."""
         self._registry = registry
         self._new_election = election  # a fresh Election on the replica's current session
         self.election: Election | None = None
@@ -56,6 +62,8 @@ class LeaderLoop:
         self._in_flight = in_flight
         self._events = events
         self._metrics = metrics or controlplane_metrics()
+        self._retry = retry
+        self._clock = clock
         self._wake = asyncio.Event()
         self.autoscaler = Autoscaler()
         self._idle_inputs: tuple[object, ...] | None = None
@@ -97,9 +105,17 @@ class LeaderLoop:
         # only orders candidates; it never makes an unplaceable copy placeable.)
         inputs = (base, policy, desired)
         idle = self._idle_inputs
-        if idle is not None and idle[0] is base and idle[1] is policy and idle[2] == desired:
+        now_ms = int(self._clock() * 1000)
+        due = next_retry_ms(base.placements.values())
+        if (
+            idle is not None
+            and idle[0] is base
+            and idle[1] is policy
+            and idle[2] == desired
+            and (due is None or now_ms < due)
+        ):
             return
-        plan = plan_placements(snapshot, policy, desired=desired)
+        plan = plan_placements(snapshot, policy, desired=desired, now_ms=now_ms, retry=self._retry)
         if not plan.upserts and not plan.deletes:
             self._idle_inputs = inputs
             return

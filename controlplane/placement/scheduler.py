@@ -5,7 +5,11 @@ returns the placements to write and the ones to delete. The leader writes them; 
 acts on them. Per variant, in key order:
 
 1. keep the nodes already placed that are alive, not draining, and whose copy has not FAILED;
-2. a copy that FAILED on a node is recorded in ``placement.failed`` and never retried there;
+2. a copy that FAILED on a node is recorded in ``placement.failed`` (and its record in
+   ``placement.failures``): the node is kept out until the record says otherwise — a transient
+   failure after a backoff on the ``now_ms`` passed in, a permanent one after a new artifact,
+   registration or manual retry (:mod:`meshserve.controlplane.placement.failures`); a copy that
+   turns READY drops its record;
 3. shed copies beyond the desired count (the busiest go last: the least busy are shed first),
    and re-plan a node whose copies no longer fit once measured
    (:func:`~meshserve.controlplane.placement.memory.relieve`);
@@ -43,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshserve.common.policy.rule import DEFAULT_RULE, Rule
+from meshserve.controlplane.placement import failures as _failures
+from meshserve.controlplane.placement.failures import DEFAULT_RETRY, RetryPolicy
 from meshserve.controlplane.placement.memory import footprints, relieve
 from meshserve.controlplane.placement.policies.pipeline import (
     Verdict,
@@ -95,7 +101,11 @@ def plan_placements(
     policy: RuleSource | None = None,
     *,
     desired: Mapping[VariantKey, int] | None = None,
+    now_ms: int = 0,
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> Plan:
+    """``now_ms``: the leader's clock (ms since the epoch) that failure retries are timed on;
+    ``retry``: their backoff."""
     rules = policy or _Default()
     deletes = [key for key in snapshot.placements if key not in snapshot.models]
     table, sizes = _table(snapshot)
@@ -104,11 +114,16 @@ def plan_placements(
     wants: dict[VariantKey, int] = {}
     nodes_of: dict[VariantKey, list[str]] = {}
     failed_of: dict[VariantKey, dict[str, str]] = {}
+    records_of: dict[VariantKey, dict[str, mesh_pb2.CopyFailure]] = {}
     # Pass 1: keep what is alive and healthy, shed what is beyond the desired count.
     for key in order:
         spec = snapshot.models[key]
         want = (desired or {}).get(key, max(1, spec.copies))
-        kept, failed = _kept(snapshot, table, key, spec, snapshot.placements.get(key), sizes[key])
+        old = snapshot.placements.get(key)
+        failed, records_of[key] = _failures.carried(spec, old, now_ms, retry)
+        kept = _kept(
+            snapshot, table, key, spec, old, sizes[key], failed, records_of[key], now_ms, retry
+        )
         if len(kept) > want:  # shed the least busy copies first
             kept.sort(key=lambda n: -_busy(snapshot, n, key))
             for node_id in kept[want:]:
@@ -143,6 +158,9 @@ def plan_placements(
             continue
         rule = rules.rule_for(spec)
         candidate = _candidate(table, key, spec, rule, kept, failed_of[key], sizes[key], demand)
+        candidate = dataclasses.replace(
+            candidate, failed_reasons=_failed_reasons(table, key, failed_of[key], records_of[key])
+        )
         for row in choose(table, candidate, wants[key] - len(kept)):
             kept.append(table.ids[row])
             table.place(row, sizes[key], new=True)
@@ -156,6 +174,7 @@ def plan_placements(
             nodes=nodes_of[key],
             failed=failed_of[key],
             desired_copies=wants[key],
+            failures=records_of[key],
         )
         old = snapshot.placements.get(key)
         if old is None or old != new:
@@ -250,6 +269,10 @@ def explain_variant(
     else:
         want = max(1, spec.copies)
     candidate = _candidate(table, key, spec, rule, placed, failed, sizes[key], _Demand(snapshot))
+    records = dict(placement.failures) if placement else {}
+    candidate = dataclasses.replace(
+        candidate, failed_reasons=_failed_reasons(table, key, failed, records)
+    )
     verdicts = explain(table, candidate, want - len(placed))
     return rule, want, placed, verdicts
 
@@ -273,8 +296,13 @@ def _kept(
     spec: mesh_pb2.ModelSpec,
     old: mesh_pb2.Placement | None,
     size: int,
-) -> tuple[list[str], dict[str, str]]:
-    failed = dict(old.failed) if old is not None else {}
+    failed: dict[str, str],
+    records: dict[str, mesh_pb2.CopyFailure],
+    now_ms: int,
+    retry: RetryPolicy,
+) -> list[str]:
+    """The placed nodes that keep their copy; a copy that FAILED (for this artifact) adds its
+    node to ``failed`` and its record to ``records``; a READY copy drops its node's record."""
     kept: list[str] = []
     for node_id in old.nodes if old is not None else []:
         node = snapshot.nodes.get(node_id)
@@ -287,12 +315,17 @@ def _kept(
             and (not status.sha256 or status.sha256 == spec.sha256.lower())
         ):
             failed[node_id] = status.reason or "copy failed"
+            records[node_id] = _failures.record_failure(
+                spec, node_id, status, records.get(node_id), now_ms, retry
+            )
             table.unplace(table.index[node_id], size)
         elif node_id in snapshot.draining:
             table.unplace(table.index[node_id], size)
         else:
             kept.append(node_id)
-    return kept, failed
+            if status is not None and status.state == mesh_pb2.READY:
+                records.pop(node_id, None)
+    return kept
 
 
 class _Demand:
@@ -340,6 +373,19 @@ def _candidate(
     )
 
 
+def _failed_reasons(
+    table: NodeTable,
+    key: VariantKey,
+    failed: Mapping[str, str],
+    records: Mapping[str, mesh_pb2.CopyFailure],
+) -> dict[int, str]:
+    """row -> what ``explain`` says of a node kept out by a failure (and when it is retried)."""
+    return {
+        table.index[n]: _failures.describe(key[0], n, reason, records.get(n))
+        for n, reason in failed.items()
+        if n in table.index
+    }
+
+
 def _busy(snapshot: Snapshot, node_id: str, key: VariantKey) -> float:
     return snapshot.in_flight.get(node_id, {}).get(key, 0.0)
-

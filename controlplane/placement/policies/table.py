@@ -132,5 +132,6 @@ class Candidate:
     rule: Any  # meshserve.common.policy.rule.Rule
     footprint: float  # bytes one copy takes
     holders: Ints  # rows already holding a copy (kept): never chosen again
-    failed: Ints  # rows where a copy FAILED: never retried
+    failed: Ints  # rows where a copy FAILED and is not to be retried yet
+    failed_reasons: Mapping[int, str] = field(default_factory=dict)  # row -> why, until when
     demand_domains: Mapping[str, float] = field(default_factory=dict)  # spread_by value -> demand

@@ -1,4 +1,7 @@
-"""Filter: a copy that FAILED on a node (bad artifact, not loadable there) is not retried there."""
+"""Filter: a node where a copy of the variant FAILED is not a candidate until its failure
+record says so (see :mod:`meshserve.controlplane.placement.failures`): a transient failure is
+retried after a backoff, a permanent one waits for a new artifact or ``meshctl placements
+retry``. The reason names the failure and when (or how) the node is tried again."""
 
 from __future__ import annotations
 
@@ -17,4 +20,4 @@ class NotFailed:
         return mask
 
     def reason(self, table: NodeTable, c: Candidate, row: int) -> str:
-        return "a copy of this variant failed on the node before"
+        return c.failed_reasons.get(row, "a copy of this variant failed on the node before")
