@@ -160,18 +160,21 @@ def choose(table: NodeTable, c: Candidate, count: int, *, assume: bool = True) -
     if count == 1 or not moving or not assume:
         return [int(r) for r in rows[_best(total, min(count, rows.size))]]
     # Pick one at a time; after each pick, assume it (it holds a copy now) and re-score only
-    # what depends on where the copies are (the other scores of a row do not change).
+    # what depends on where the copies are (the other scores of a row do not change). A picked
+    # row's fixed part is -inf, so it is never picked again; argmax ties go to the lower row.
     fixed = total - sum(c.rule.weights[name] * parts[name] for name in moving)
     picked: list[int] = []
-    while rows.size and len(picked) < count:
-        at = int(_best(total, 1)[0])
+    count = min(count, rows.size)
+    while True:
+        at = int(np.argmax(total))
         picked.append(int(rows[at]))
+        if len(picked) == count:
+            return picked
         c = replace(c, holders=np.append(c.holders, rows[at]))
-        rows, fixed = np.delete(rows, at), np.delete(fixed, at)
+        fixed[at] = -np.inf
         total = fixed.copy()
         for name in moving:
             total += c.rule.weights[name] * SCORE_PLUGINS[name].score(table, c, rows)
-    return picked
 
 
 def explain(table: NodeTable, c: Candidate, count: int) -> list[Verdict]:
