@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIRECT_MIN_PING_MS",
+    "MIN_KEEPALIVE_MS",
     "DuplicateLink",
     "Link",
     "channel_options",
@@ -57,9 +58,15 @@ __all__ = [
 _log = logging.getLogger("meshserve.node.agent")
 
 
+#: The node never pings a replica more often than this (the replica accepts twice as often).
+MIN_KEEPALIVE_MS = 500
+
+
 def channel_options(max_message_bytes: int, keepalive_ms: int = 10_000) -> list[tuple[str, int]]:
     """Client-side channel options: keepalive pings notice a dead path (a NAT mapping lost, a cut
-    link) in about ``keepalive_ms`` x 1.5, and keep NAT mappings alive on idle streams."""
+    link) in ``keepalive_ms`` to ``keepalive_ms`` x 1.5, and keep NAT mappings alive on idle
+    streams; ``keepalive_ms`` is at least :data:`MIN_KEEPALIVE_MS`."""
+    keepalive_ms = max(MIN_KEEPALIVE_MS, keepalive_ms)
     return [
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms // 2)),

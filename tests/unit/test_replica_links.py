@@ -19,6 +19,7 @@ from meshserve.controlplane.dataplane.resolve import no_copy
 from meshserve.controlplane.link.handshake import replica_set
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.link.options import (
+    MIN_PING_FROM_NODES_MS,
     NODE_PING_FLOOR_MS,
     node_channel_options,
     server_options,
@@ -26,7 +27,12 @@ from meshserve.controlplane.link.options import (
 from meshserve.controlplane.link.session import NodeSession
 from meshserve.controlplane.snapshot import Snapshot
 from meshserve.node.agent import LinkView, plan_links
-from meshserve.node.link import DIRECT_MIN_PING_MS, direct_server_options
+from meshserve.node.link import (
+    DIRECT_MIN_PING_MS,
+    MIN_KEEPALIVE_MS,
+    channel_options,
+    direct_server_options,
+)
 from meshserve.protos import mesh_pb2
 from tests.support.fake_registry import FakeRegistry
 from tests.support.views import node
@@ -203,5 +209,10 @@ def test_the_gateways_pings_to_a_direct_port_stay_inside_the_nodes_ping_policy()
         channel = dict(node_channel_options(1 << 20, keepalive_ms))
         assert channel["grpc.keepalive_time_ms"] >= NODE_PING_FLOOR_MS
         assert channel["grpc.keepalive_time_ms"] >= keepalive_ms
-    # The replica's own server accepts the nodes' pings (every second at the least).
-    assert dict(server_options(1 << 20))["grpc.http2.min_ping_interval_without_data_ms"] <= 1000
+    # The replica's own server accepts the nodes' pings, however low --keepalive-ms is set.
+    replica = dict(server_options(1 << 20))
+    assert replica["grpc.keepalive_permit_without_calls"] == 1
+    assert replica["grpc.http2.min_ping_interval_without_data_ms"] == MIN_PING_FROM_NODES_MS
+    for keepalive_ms in (1, 500, 10_000):
+        pings_ms = dict(channel_options(1 << 20, keepalive_ms))["grpc.keepalive_time_ms"]
+        assert pings_ms >= MIN_KEEPALIVE_MS >= 2 * MIN_PING_FROM_NODES_MS
