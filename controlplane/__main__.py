@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         help="SIGTERM/SIGINT -> exit within this long, whatever etcd does: calls in flight get "
         "up to 3 s, then streams, lease and etcd client are closed, each step bounded (min 1)",
     )
+    p.add_argument(
+        "--unload-confirm-s",
+        type=float,
+        default=600.0,
+        help="safety floor: one view change that would unload more than half of the copies "
+        "the nodes hold (e.g. etcd lost its data) is held back this long, with an alarm",
+    )
     _security_options(p)
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         max_in_flight_per_copy=max(0, ns.max_in_flight_per_copy),
         max_in_flight_per_client=max(0, ns.max_in_flight_per_client),
         shutdown_grace_s=max(1.0, ns.shutdown_grace_s),
+        unload_confirm_s=max(0.0, ns.unload_confirm_s),
         tls=tls,
         require_client_cert=require_client_cert,
         auth=auth,

@@ -349,6 +349,19 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
 # -- pure answers and event texts -----------------------------------------------------------------
 
 
+def _live_progress(info: mesh_pb2.NodeInfo, session: Telemetered) -> None:
+    """Download progress of LOADING copies from the node's live stream (etcd records leave it
+    out: it would add a revision every half second)."""
+    live = getattr(session, "copies", None)
+    if not isinstance(live, Mapping):
+        return
+    for copy in info.copies:
+        status = live.get((copy.model, copy.variant))
+        if isinstance(status, mesh_pb2.CopyStatus) and status.state == copy.state:
+            copy.bytes_fetched = status.bytes_fetched
+            copy.bytes_total = status.bytes_total or copy.bytes_total
+
+
 def _node_list(
     snapshot: Snapshot, sessions: Mapping[str, Telemetered]
 ) -> mesh_pb2.ListNodesResponse:
@@ -369,6 +382,7 @@ def _node_list(
         session = sessions.get(node_id)
         if session is not None:
             info.telemetry.CopyFrom(session.telemetry)
+            _live_progress(info, session)
     return out
 
 

@@ -27,6 +27,7 @@ from meshserve.controlplane.auth import AuthConfig, Guard
 from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.gateway import Gateway
 from meshserve.controlplane.etcd import Election, PrefixMirror, connect
+from meshserve.controlplane.etcd.guard import StoreGuard
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.link.options import node_channel_options, server_options
 from meshserve.controlplane.link.presence import Presence, replica_list
@@ -77,6 +78,7 @@ class ControlPlaneConfig:
     max_in_flight_per_copy: int = 128  # gateway admission per model: x ready copies (0: off)
     max_in_flight_per_client: int = 1024  # gateway admission per client (0: off)
     shutdown_grace_s: float = 10.0  # SIGTERM -> exit, whatever etcd does (docs/resilience.md)
+    unload_confirm_s: float = 600.0  # the safety floor holds a mass unload back this long
     retry: RetryPolicy = DEFAULT_RETRY  # backoff before a node where a copy failed is tried again
 
 
@@ -106,6 +108,13 @@ class ControlPlane:
             events=lambda: self.events,
         )
         self.webhook = Webhook(lambda: self.policy.current().spec.monitoring.webhook)
+        self.store = StoreGuard(  # the store's identity and history (a maintenance step)
+            status=lambda: self._registry().store_status(),
+            compact=lambda revision: self._registry().compact(revision),
+            mirrors=lambda: list(self._mirrors.values()),
+            is_leader=self._is_leader,
+            alarm=partial(self._alarm, "etcd_data_lost"),
+        )
 
     # -- the view ----------------------------------------------------------------------------
 
@@ -126,6 +135,10 @@ class ControlPlane:
 
     def _telemetry(self) -> list[mesh_pb2.Telemetry]:
         return [] if self.hub is None else latest_telemetry(self.hub.sessions)
+
+    def _registry(self) -> Registry:
+        assert self.registry is not None, "ControlPlane.start() was not awaited"
+        return self.registry
 
     def _is_leader(self) -> bool:
         election = self.leader.election if self.leader is not None else None
@@ -165,6 +178,11 @@ class ControlPlane:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def _alarm(self, kind: str, text: str) -> None:
+        """An alarm about the store or the view: an event (webhook, ``meshctl events``)."""
+        if self.events is not None:
+            self.events.record(kind, message=text)
+
     async def _maintain(self, interval_s: float = 2.0) -> None:
         """Keep this replica's lease (renew it if lost: re-register, rewrite every node record,
         the leader loop re-campaigns on its own) and sweep node records no stream backs."""
@@ -172,6 +190,12 @@ class ControlPlane:
         presence = self._presence
         while True:
             await asyncio.sleep(interval_s)
+            try:  # the store itself first: a replaced store is reloaded before anything acts
+                await self.store.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning("store check failed: %r", exc)
             try:
                 if await presence.renew_if_lost() and self.hub is not None:
                     self.hub.rewrite_all()
@@ -240,6 +264,8 @@ class ControlPlane:
             on_telemetry=self.alarms.on_telemetry,
             identify=guard.identify_node,
             max_message_bytes=cfg.max_message_bytes,
+            on_alarm=partial(self._alarm, "unload_floor"),
+            unload_confirm_s=cfg.unload_confirm_s,
         )
         self.events = EventLog(registry, self.replica_id)
         self.events.start()
@@ -329,7 +355,7 @@ class ControlPlane:
             if self._server is not None:
                 await self._server.stop(grace_s)
             if self.hub is not None:
-                await self.hub.close()
+                await self.hub.close(timeout_s=1.0)
 
         async def gateway() -> None:
             if self.gateway is not None:

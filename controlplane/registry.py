@@ -27,13 +27,17 @@ from typing import Any, Protocol
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from meshserve.controlplane import keys
 from meshserve.controlplane.etcd._client import (
+    ClientError,
     EtcdClient,
+    EtcdStatus,
     KeyValue,
     create_if_absent,
     delete_if,
     get,
     get_prefix,
 )
+from meshserve.controlplane.etcd._client import compact as etcd_compact
+from meshserve.controlplane.etcd._client import status as etcd_status
 from meshserve.protos import mesh_pb2
 
 __all__ = ["AliasPlan", "EtcdRegistry", "Registry", "SeqCounter"]
@@ -198,6 +202,19 @@ class Registry(Protocol):
 
     async def read_events(self) -> list[bytes]:
         """The ring's stored values, newest first."""
+        ...
+
+    # -- the store itself (maintenance) ------------------------------------------------------
+
+    async def store_status(self) -> EtcdStatus:
+        """The store's identity and size now: cluster id, current revision (linearizable),
+        database size. Used to notice a store that lost its data (the revision went backwards or
+        the cluster changed) and to state its size."""
+        ...
+
+    async def compact(self, revision: int) -> bool:
+        """Drop the history older than ``revision`` (the current values stay); True when done,
+        False when that revision was compacted already."""
         ...
 
 
@@ -459,6 +476,18 @@ class EtcdRegistry:
     async def has_event(self, event: mesh_pb2.Event) -> bool:
         kv = await get(self._etcd, keys.event_key(event.seq).encode())
         return kv is not None and kv.value == keys.encode(event)
+
+    async def store_status(self) -> EtcdStatus:
+        return await etcd_status(self._etcd)
+
+    async def compact(self, revision: int) -> bool:
+        try:
+            await etcd_compact(self._etcd, revision)
+        except ClientError as exc:
+            if "compacted" in str(exc):  # that revision (or a later one) is compacted already
+                return False
+            raise
+        return True
 
     async def read_events(self) -> list[bytes]:
         # aetcd has no range limit (it drops RangeRequest.limit): the whole ring, newest first.

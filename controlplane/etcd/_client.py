@@ -18,16 +18,20 @@ from typing import Any, Literal, TypeAlias
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
 
 __all__ = [
     "TRANSIENT_ERRORS",
+    "ClientError",
     "ConnectionFailedError",
     "EtcdClient",
+    "EtcdStatus",
     "KeyValue",
     "RevisionCompactedError",
     "WatchEvent",
     "WatchStream",
     "client_closed",
+    "compact",
     "create_if_absent",
     "delete_if",
     "get",
@@ -36,6 +40,7 @@ __all__ = [
     "jittered",
     "refresh_lease",
     "revoke_lease",
+    "status",
     "watch",
 ]
 
@@ -44,6 +49,8 @@ EtcdClient: TypeAlias = Any
 
 #: etcd unreachable (gRPC UNAVAILABLE): refused connection, stream removed on restart.
 ConnectionFailedError: type[Exception] = aetcd.exceptions.ConnectionFailedError
+#: The base class of every aetcd error.
+ClientError: type[Exception] = aetcd.exceptions.ClientError
 #: A watch asked for history that etcd has compacted away.
 RevisionCompactedError: type[Exception] = aetcd.exceptions.RevisionCompactedError
 
@@ -68,6 +75,19 @@ class KeyValue:
     mod_revision: int
     version: int
     lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdStatus:
+    """What the answering member says of its store: which cluster it belongs to, the store's
+    revision now (from a linearizable read), and the database file's size."""
+
+    cluster_id: int
+    member_id: int
+    revision: int
+    raft_term: int
+    db_size: int  # bytes of the backend file (etcd's dbSize)
+    db_size_in_use: int  # bytes of it holding data (the rest is freed pages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +141,38 @@ async def refresh_lease(client: EtcdClient, lease_id: int) -> int | None:
 async def revoke_lease(client: EtcdClient, lease_id: int) -> None:
     """Revoke a lease (deleting its keys). Raises aetcd's ``ClientError`` if unknown."""
     await client.revoke_lease(lease_id)
+
+
+async def status(client: EtcdClient) -> EtcdStatus:
+    """The member's status plus a linearizable read's revision (``aetcd``'s own ``status``
+    drops the response header, which carries the cluster id).
+
+    A status answer is served by the member itself and may lag the cluster; the revision is
+    taken from a linearizable range read instead, which never goes backwards unless the store
+    itself was replaced (a lost or restored data directory)."""
+    try:
+        raw = await client.maintenancestub.Status(
+            aetcd.rpc.StatusRequest(), timeout=client._timeout, metadata=client.metadata
+        )
+    except aetcd.rpc.AioRpcError as exc:
+        aetcd.exceptions._handle_exception(exc)
+        raise  # pragma: no cover - the handler always raises
+    read = await client.get_prefix(b"\0meshserve-status-probe", keys_only=True)
+    return EtcdStatus(
+        cluster_id=int(raw.header.cluster_id),
+        member_id=int(raw.header.member_id),
+        revision=int(read.header.revision),
+        raft_term=int(raw.raftTerm),
+        db_size=int(raw.dbSize),
+        db_size_in_use=int(raw.dbSizeInUse),
+    )
+
+
+async def compact(client: EtcdClient, revision: int) -> None:
+    """Compact the key-value history up to ``revision`` (every superseded value older than it
+    is dropped; watches from before it fail with ``RevisionCompactedError``). Compacting at or
+    below the last compaction fails with aetcd's ``ClientError`` (harmless: already done)."""
+    await client.compact(revision)
 
 
 async def get(client: EtcdClient, key: bytes) -> KeyValue | None:

@@ -148,6 +148,33 @@ class PrefixMirror:
             self._run(), name=f"etcd-mirror-{self._prefix}"
         )
 
+    async def reload(self) -> None:
+        """Forget everything, read the prefix again from scratch and watch from there.
+
+        For a store that was replaced (:func:`~meshserve.controlplane.etcd.guard.store_replaced`):
+        its revisions restart lower, so the running watch, waiting for revisions after the old
+        one, would never deliver. Subscribers are notified once, with the new content.
+
+        :raises RuntimeError: not started (or closed).
+        :raises aetcd.exceptions.ClientError: the read failed (the old watch is stopped; call
+            again).
+        """
+        if self._task is None:
+            raise RuntimeError("PrefixMirror not started")
+        task = self._task
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        self._watching = False
+        await self._load()
+        self._reloads += 1
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"etcd-mirror-{self._prefix}"
+        )
+        log.warning(
+            "PrefixMirror(%s): reloaded from scratch at revision %d", self._prefix, self._revision
+        )
+
     async def close(self) -> None:
         """Stop watching; cancels and awaits the background task. Idempotent."""
         task, self._task = self._task, None

@@ -12,6 +12,9 @@ Contract:
   lease per replica, not per node, so 10,000 streams cost one keep-alive — and so expires within
   the TTL if the replica dies. A sweeper deletes any record of this replica that no live stream
   backs (e.g. after etcd was unreachable when a stream ended).
+  The record is rewritten only when what it says changed (:func:`link_record`: a copy's state,
+  its measurements; not download progress), so a node's reports add etcd revisions only on
+  state changes.
 - A message that does not decode is dropped; the stream lives.
 - :meth:`Hub.reconcile` sends the commands :func:`~meshserve.controlplane.link.reconcile.reconcile`
   decides for each node; commands are idempotent on the node, so resending is harmless.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any
@@ -41,16 +45,35 @@ from meshserve.controlplane.link.handshake import (
     replicas_changed,
     welcome,
 )
-from meshserve.controlplane.link.reconcile import Load, Settled, reconcile, spec_digest
+from meshserve.controlplane.link.reconcile import (
+    Decision,
+    Load,
+    Settled,
+    Unload,
+    exceeds_unload_floor,
+    reconcile,
+    spec_digest,
+)
 from meshserve.controlplane.link.session import NodeSession
 from meshserve.controlplane.observe.metrics import controlplane_metrics
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
-__all__ = ["Hub", "NodeSession", "TokenBucket"]  # NodeSession, TokenBucket: re-exported
+# NodeSession, TokenBucket: re-exported
+__all__ = ["Hub", "NodeSession", "TokenBucket", "link_record"]
 
 _log = logging.getLogger("meshserve.controlplane.hub")
+
+
+def link_record(info: mesh_pb2.NodeInfo) -> mesh_pb2.NodeInfo:
+    """What of a node's record goes to etcd: all of it but download progress (``bytes_fetched``
+    of a LOADING copy), which changes every half second and is read from the live stream."""
+    out = mesh_pb2.NodeInfo()
+    out.CopyFrom(info)
+    for copy in out.copies:
+        copy.ClearField("bytes_fetched")
+    return out
 
 
 class Hub(mesh_pb2_grpc.NodeLinkServicer):
@@ -72,8 +95,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         admissions_per_s: float = 200.0,
         on_telemetry: Callable[[str, mesh_pb2.Telemetry], None] | None = None,
         identify: Callable[[ServicerContext, str], None] | None = None,
+        on_alarm: Callable[[str], None] | None = None,
+        unload_confirm_s: float = 600.0,
     ) -> None:
         """``on_telemetry``: called with every Telemetry a node sends (drift windows).
+        ``on_alarm``: called with the text of a mass unload the safety floor holds back for
+        ``unload_confirm_s`` seconds (see :mod:`~meshserve.controlplane.link.reconcile`).
         ``identify``: checks that the caller may claim the Hello's node id (raising the status
         that refuses the stream; :meth:`meshserve.controlplane.auth.Guard.identify_node`); None:
         trusted."""
@@ -97,6 +124,10 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self.sessions: dict[str, NodeSession] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
+        self._on_alarm = on_alarm  # the safety floor's alarm (an event)
+        self._written: dict[str, tuple[NodeSession, bytes]] = {}  # the last record per node
+        self.unload_confirm_s = unload_confirm_s  # a mass unload is held back this long
+        self._mass_unload_since: float | None = None
         controlplane_metrics().watch_streams(self)
 
     # -- the stream --------------------------------------------------------------------------
@@ -116,7 +147,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             previous = self._cleanups.get(hello.node_id)
             if previous is not None:  # the node's last stream is still deleting its record
                 await asyncio.shield(previous)
-            await self._write_record(session)
+            await self._write_record(session, force=True)
             replicas = self._replicas()
             session.replicas_said = replica_set(replicas)
             await context.write(
@@ -166,6 +197,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._written.get(session.node_id, (None,))[0] is session:
+            del self._written[session.node_id]
         for attempt in range(60):  # ~30 s; after that the sweeper takes over
             try:
                 await self._registry.delete_node_record(session.node_id, self.replica_id)
@@ -219,9 +252,17 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             message = await session.outbox.get()
             await context.write(message)
 
-    async def _write_record(self, session: NodeSession) -> None:
+    async def _write_record(self, session: NodeSession, *, force: bool = False) -> None:
+        """Write the node's link record if it changed since this stream last wrote it (or
+        ``force``). Download progress is left out (:func:`link_record`): it travels on the
+        stream, so a download adds no etcd revisions -- only state changes do."""
         session.record_dirty.clear()
-        await self._registry.put_node_record(self.replica_id, session.record(), self._lease_id())
+        record = link_record(session.record())
+        data = record.SerializeToString(deterministic=True)
+        if not force and self._written.get(session.node_id) == (session, data):
+            return
+        await self._registry.put_node_record(self.replica_id, record, self._lease_id())
+        self._written[session.node_id] = (session, data)
 
     async def _record_loop(self, session: NodeSession) -> None:
         """Write the link record whenever it changed; coalesces bursts, retries on errors."""
@@ -236,6 +277,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
 
     def rewrite_all(self) -> None:
         """Rewrite every record (after this replica's lease was renewed)."""
+        self._written.clear()
         for session in self.sessions.values():
             session.record_dirty.set()
 
@@ -267,8 +309,36 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
 
     def reconcile(self, snapshot: Snapshot) -> None:
         self.push_replicas()
-        for session in list(self.sessions.values()):
-            self.reconcile_session(session, snapshot)
+        planned = [(s, self._decide(s, snapshot)) for s in list(self.sessions.values())]
+        unloads = sum(isinstance(d, Unload) for _, decisions in planned for d in decisions)
+        self._judge_unloads(unloads, sum(len(s.copies) for s, _ in planned))
+        for session, decisions in planned:
+            self._send(session, decisions)
+
+    def _judge_unloads(self, unloads: int, held: int) -> None:
+        """The safety floor (see :func:`exceeds_unload_floor`): a mass unload starts a hold
+        (one alarm per episode); a view that asks for no mass unload ends it."""
+        if not exceeds_unload_floor(unloads, held):
+            if self._mass_unload_since is not None:
+                _log.warning("unload floor: the view no longer asks for a mass unload; released")
+            self._mass_unload_since = None
+            return
+        if self._mass_unload_since is not None:
+            return
+        self._mass_unload_since = time.monotonic()
+        text = (
+            f"the view asks to unload {unloads} of the {held} copies the linked nodes hold at "
+            f"once; held back for {self.unload_confirm_s:.0f} s (safety floor): if etcd lost "
+            "its data, restore it or register the models again"
+        )
+        _log.error("unload floor: %s", text)
+        if self._on_alarm is not None:
+            self._on_alarm(text)
+
+    def unloads_held(self) -> bool:
+        """True while the safety floor holds a mass unload back (not confirmed yet)."""
+        since = self._mass_unload_since
+        return since is not None and time.monotonic() - since < self.unload_confirm_s
 
     def push_replicas(self) -> int:
         """Tell every linked node that was told another replica set the current one; returns
@@ -303,7 +373,10 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         dropped or ignored a command is re-told. A command that does not fit the stream's queue
         is left unmarked, so the next reconcile decides it again.
         """
-        decisions = reconcile(
+        self._send(session, self._decide(session, snapshot))
+
+    def _decide(self, session: NodeSession, snapshot: Snapshot) -> tuple[Decision, ...]:
+        return reconcile(
             snapshot,
             session.node_id,
             session.copies,
@@ -311,10 +384,15 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             linked_s=session.linked_s(),
             digest=self._digest,
         )
+
+    def _send(self, session: NodeSession, decisions: tuple[Decision, ...]) -> None:
+        held_back = self.unloads_held()
         for decision in decisions:
             if isinstance(decision, Settled):
                 session.sent[decision.key] = decision.mark
                 continue
+            if held_back and isinstance(decision, Unload):
+                continue  # the safety floor: decided again once confirmed or released
             with contextlib.suppress(ResourceExhausted):
                 session.send(decision.message())
                 session.sent[decision.key] = decision.mark

@@ -12,6 +12,10 @@ Contract:
 - Make before break: a draining node's READY copy stays until the copies that replace it are
   READY; a READY copy of a placement short of copies stays during the stream's first
   :data:`ADOPTION_GRACE_S` seconds so the leader can adopt it.
+- Safety floor (:func:`exceeds_unload_floor`): one view change that would unload more than a
+  bounded share of the copies the mesh holds (a store that lost its data looks like a mesh with
+  nothing placed) is not acted on at once; the hub holds those Unloads back until the same view
+  has asked for them for a confirmation period, and raises an alarm.
 - Every command carries the placement revision it was decided on; the node ignores one older than
   the last it applied, so replicas whose views lag cannot undo a newer decision.
 """
@@ -31,11 +35,14 @@ from meshserve.protos import mesh_pb2
 __all__ = [
     "ADOPTION_GRACE_S",
     "UNLOAD",
+    "UNLOAD_FLOOR_MIN",
+    "UNLOAD_FLOOR_SHARE",
     "Decision",
     "Load",
     "Settled",
     "Unload",
     "awaits_replacement",
+    "exceeds_unload_floor",
     "load_mark",
     "reconcile",
     "spec_digest",
@@ -44,6 +51,11 @@ __all__ = [
 ADOPTION_GRACE_S: Final = 5.0  # a reconnected node's unplaced READY copies wait this long
 UNLOAD: Final = "unload"  # the mark of an Unload said
 _NOTHING_SAID: Mapping[VariantKey, str] = MappingProxyType({})
+#: The safety floor: Unloads decided at once beyond this share of the copies held (and beyond
+#: :data:`UNLOAD_FLOOR_MIN`) wait for confirmation.
+UNLOAD_FLOOR_SHARE: Final = 0.5
+#: So many Unloads at once are always allowed (removing a 2-copy model from a small mesh).
+UNLOAD_FLOOR_MIN: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +140,18 @@ def awaits_replacement(snapshot: Snapshot, node_id: str, key: VariantKey) -> boo
     ready = {n.node_id for n in snapshot.ready_nodes(key)}
     want = max(1, min(len(others), placement.desired_copies or len(others)))
     return sum(n in ready for n in others) < want
+
+
+def exceeds_unload_floor(
+    unloads: int,
+    held: int,
+    *,
+    share: float = UNLOAD_FLOOR_SHARE,
+    minimum: int = UNLOAD_FLOOR_MIN,
+) -> bool:
+    """Whether ``unloads`` copies decided for unloading at once, out of ``held`` copies the
+    mesh's linked nodes hold, are more than the floor allows (then: hold them, alarm)."""
+    return unloads > minimum and unloads > share * held
 
 
 def reconcile(

@@ -1,0 +1,77 @@
+"""The pure judgements behind issue 14 §5: was the etcd store replaced
+(controlplane/etcd/guard.py), how far to compact it, and the hub's unload safety floor
+(controlplane/link/reconcile.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshserve.controlplane.etcd._client import EtcdStatus
+from meshserve.controlplane.etcd.guard import compaction_target, store_replaced
+from meshserve.controlplane.link.reconcile import exceeds_unload_floor
+
+
+def _status(cluster_id: int = 7, revision: int = 100) -> EtcdStatus:
+    return EtcdStatus(
+        cluster_id=cluster_id,
+        member_id=1,
+        revision=revision,
+        raft_term=2,
+        db_size=1 << 20,
+        db_size_in_use=1 << 19,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "known", "seen", "status", "why"),
+    [
+        ("first look at a store: never a replacement", 0, 0, _status(7, 5), None),
+        ("same cluster, revision moved on", 7, 90, _status(7, 100), None),
+        ("same cluster, the revision the mirrors applied", 7, 100, _status(7, 100), None),
+        ("data directory lost: revision restarts low", 7, 5000, _status(7, 12), "backwards"),
+        ("another cluster on the same address", 7, 50, _status(9, 100), "cluster id"),
+        ("first look but mirrors ahead (restored backup)", 0, 300, _status(7, 20), "backwards"),
+    ],
+)
+def test_store_replaced(
+    case: str, known: int, seen: int, status: EtcdStatus, why: str | None
+) -> None:
+    got = store_replaced(known, seen, status)
+    if why is None:
+        assert got is None, case
+    else:
+        assert got is not None and why in got, case
+
+
+@pytest.mark.parametrize(
+    ("revision", "compacted", "keep", "min_step", "want"),
+    [
+        (500, 0, 1000, 100, None),  # less history than we keep: nothing
+        (1000, 0, 1000, 100, None),  # exactly the history we keep
+        (1200, 0, 1000, 100, 200),  # 200 revisions beyond: compact them
+        (1250, 200, 1000, 100, None),  # only 50 more since the last compaction
+        (1300, 200, 1000, 100, 300),  # a step's worth more
+        (10**6, 0, 10_000, 1000, 990_000),  # a long-running mesh: one big step
+    ],
+)
+def test_compaction_target(
+    revision: int, compacted: int, keep: int, min_step: int, want: int | None
+) -> None:
+    assert compaction_target(revision, compacted, keep=keep, min_step=min_step) == want
+
+
+@pytest.mark.parametrize(
+    ("case", "unloads", "held", "exceeds"),
+    [
+        ("nothing to unload", 0, 10, False),
+        ("one copy moves", 1, 10, False),
+        ("a 2-copy model removed from a small mesh", 2, 2, False),
+        ("half of the mesh", 5, 10, False),
+        ("more than half of the mesh", 6, 10, True),
+        ("an empty view: every copy of a 4-copy mesh", 4, 4, True),
+        ("an empty view: every copy of a large mesh", 1000, 1000, True),
+        ("three of many", 3, 100, False),
+    ],
+)
+def test_unload_floor(case: str, unloads: int, held: int, exceeds: bool) -> None:
+    assert exceeds_unload_floor(unloads, held) is exceeds, case
