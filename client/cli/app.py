@@ -32,7 +32,7 @@ def build() -> typer.Typer:
         help="Register, evaluate, roll out, list and remove models.", no_args_is_help=True
     )
     nodes_app = typer.Typer(help="List, drain and undrain nodes.", no_args_is_help=True)
-    placements_app = typer.Typer(help="List placements.", no_args_is_help=True)
+    placements_app = typer.Typer(help="List placements; retry failed copies.", no_args_is_help=True)
     policy_app = typer.Typer(
         help="Validate, apply and show the placement policy.", no_args_is_help=True
     )
