@@ -8,7 +8,9 @@ Contract (pure decisions over observations; the caller owns the clock and the st
 - Up at once when need exceeds the current count (a burst must not wait); down only after need
   stayed below the current count for ``scale_down_delay_s`` (default 30 s), then to need.
 - The first decision for a variant (or after a leader change) starts from the placement's
-  ``desired_copies`` when there is one, else ``max(copies, min_copies)``.
+  ``desired_copies`` when there is one, else ``max(copies, min_copies)`` -- except that
+  ``min_copies`` 0 starts at 0: a variant allowed to scale to zero loads nothing until demand
+  (or a waiting query) asks for a copy.
 - A variant scaled to zero that a query is waiting for (``snapshot.wake``) gets at least one
   copy at once (the gateway holds the query until that copy is ready, up to its deadline).
 - Variants without ``autoscaling`` are not touched (the scheduler uses ``copies``).
@@ -72,6 +74,8 @@ class Autoscaler:
                 placement = snapshot.placements.get(key)
                 if placement is not None:
                     start = int(placement.desired_copies)
+                elif low == 0:
+                    start = 0  # scale to zero from the start: the first query wakes a copy
                 else:
                     start = int(spec.copies) if spec.copies else 1
                 state = self._state[key] = _State(current=int(min(max(start, low), high)))

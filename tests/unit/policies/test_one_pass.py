@@ -173,3 +173,22 @@ def test_draining_the_last_serving_node_says_it_still_serves_until_a_replacement
     assert a.filtered_by == "not_draining" and "still serves its copy" in a.reason
     elsewhere = mesh_pb2.Placement(model="m", variant="default", nodes=["b"])
     assert _still_serving(base, key("m"), elsewhere) == [], "a node not draining is not named"
+
+
+# -- min_copies 0 ------------------------------------------------------------------------------
+
+
+def test_a_variant_that_may_scale_to_zero_starts_at_zero_not_one_copy() -> None:
+    from meshserve.controlplane.placement.autoscale import Autoscaler
+
+    lazy = spec("lazy")
+    lazy.autoscaling.CopyFrom(mesh_pb2.Autoscaling(min_copies=0, max_copies=2))
+    eager = spec("eager")
+    eager.autoscaling.CopyFrom(mesh_pb2.Autoscaling(min_copies=1, max_copies=2))
+    snapshot = mesh([lazy, eager], [host("a", 600)])
+    desired, _ = Autoscaler(lambda: 0.0).decide(snapshot)
+    assert desired == {key("lazy"): 0, key("eager"): 1}
+    plan = plan_placements(snapshot, desired=desired)
+    assert list(plan.upserts[key("lazy")].nodes) == [] and plan.evictions == []
+    woken = Snapshot(models=snapshot.models, nodes=snapshot.nodes, wake=frozenset({key("lazy")}))
+    assert Autoscaler(lambda: 0.0).decide(woken)[0][key("lazy")] == 1, "a waiting query wakes it"
