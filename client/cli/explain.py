@@ -28,6 +28,9 @@ def placement(model: str, variant: str = "", target: Target = DEFAULT_TARGET) ->
             if n.feasible:
                 verdict = "[green]selected[/green]" if n.selected else "feasible"
                 detail = ", ".join(f"{k}={val:.3f}" for k, val in sorted(n.scores.items()))
+                if n.reason:  # a holder: "holds a copy" (not scored: it is not a candidate)
+                    table.add_row(n.node_id, verdict, "", n.reason)
+                    continue
                 table.add_row(n.node_id, verdict, f"{n.score:.3f}", detail)
             else:
                 table.add_row(n.node_id, f"[red]{n.filtered_by}[/red]", "", n.reason)
