@@ -1,4 +1,4 @@
-"""etcd loses its data (issue 14 §5): real etcd, a real replica and two real nodes on loopback.
+"""etcd loses its data, or grows (issue 14 §5): real etcd, a real replica and real nodes.
 
 etcd is stopped, its data directory moved away, and it is started again on the same address,
 empty. The replica must notice (its store's revision went backwards), raise an alarm event,
@@ -10,13 +10,19 @@ never placed.
 
 from __future__ import annotations
 
+import asyncio
+import http.server
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from meshserve.client._admin import AdminClient
-from meshserve.devtools.demo_models import make_mlp
+from meshserve.controlplane import keys
+from meshserve.controlplane.etcd import connect
+from meshserve.controlplane.etcd._client import get
+from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2
 from tests.support.mesh import copy_states, register_file, wait_copies
@@ -62,3 +68,75 @@ def test_a_replaced_store_is_noticed_reloaded_and_no_copy_is_unloaded(tmp_path: 
             assert (_ready(admin, "a"), _ready(admin, "b")) == (2, 2), admin.list_nodes()
         unloads = [line for p in mesh.processes for line in p.tail(400).splitlines()]
         assert not [line for line in unloads if "unload a/" in line or "unload b/" in line]
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """Serves :attr:`payload` in 128 KiB pieces, 0.25 s apart (a download of a few seconds)."""
+
+    payload = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        step = 128 << 10
+        for start in range(0, len(self.payload), step):
+            self.wfile.write(self.payload[start : start + step])
+            self.wfile.flush()
+            time.sleep(0.25)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _record_version(url: str, node_id: str, replica_id: str) -> int:
+    """How many times the node's link record was written since it was created (etcd's
+    ``version`` of the key)."""
+
+    async def read() -> int:
+        client = await connect(url)
+        try:
+            kv = await get(client, keys.node_link_key(node_id, replica_id).encode())
+            return 0 if kv is None else kv.version
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def test_download_progress_travels_on_the_stream_not_in_etcd(tmp_path: Path) -> None:
+    """A ~5 s download reports progress every 0.5 s. Before the fix each report rewrote the
+    node's record in etcd (a dozen revisions for one load); now the record changes only with
+    the copy's state, while ListNodes still shows the progress (from the live stream)."""
+    model = make_mlp(tmp_path / "big.onnx", hidden=(768, 768), seed=4)
+    _Trickle.payload = model.read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+            url = mesh.start_etcd()
+            cp = mesh.start_controlplane("cp-1")
+            mesh.start_node("n1", [cp.address])
+            with AdminClient(cp.address) as admin:
+                wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="n1 linked")
+                before = _record_version(url, "n1", "cp-1")
+                artifact = f"http://127.0.0.1:{server.server_address[1]}/big.onnx"
+                admin.register_model("big", artifact, sha256_file(model), copies=1)
+                progress = wait_until(
+                    lambda: [
+                        c.bytes_fetched
+                        for n in admin.list_nodes()
+                        for c in n.copies
+                        if c.state == mesh_pb2.LOADING and c.bytes_fetched > 0
+                    ],
+                    20,
+                    interval=0.05,
+                    what="download progress in ListNodes",
+                )
+                wait_copies(admin, "big", 1, timeout=60)
+                writes = _record_version(url, "n1", "cp-1") - before
+        assert progress[0] > 0
+        # LOADING, READY and at most two more (the total becoming known, measurements)
+        assert writes <= 4, f"{writes} record writes for one load"
+    finally:
+        server.shutdown()
