@@ -59,6 +59,7 @@ class AdminClient:
         sha256: str,
         *,
         variant: str = "",
+        version: str = "",
         copies: int = 1,
         node_selector: Mapping[str, str] | None = None,
         size_bytes: int = 0,
@@ -71,6 +72,7 @@ class AdminClient:
         spec = mesh_pb2.ModelSpec(
             name=name,
             variant=variant,
+            version=version,
             artifact_uri=artifact_uri,
             sha256=sha256,
             copies=copies,
@@ -117,10 +119,11 @@ class AdminClient:
         return list(out.variants)
 
     def explain_switching(
-        self, model: str, *, slo_ms: float = 0.0, min_accuracy: float = 0.0
+        self, model: str, *, slo_ms: float = 0.0, min_accuracy: float = 0.0, version: str = ""
     ) -> mesh_pb2.ExplainSwitchingResponse:
+        """``version``: a version, alias or variant ("": what a query naming none gets)."""
         request = mesh_pb2.ExplainSwitchingRequest(
-            model=model, slo_ms=slo_ms, min_accuracy=min_accuracy
+            model=model, slo_ms=slo_ms, min_accuracy=min_accuracy, version=version
         )
         out = self._call("ExplainSwitching", request)
         assert isinstance(out, mesh_pb2.ExplainSwitchingResponse)

@@ -30,7 +30,12 @@ from meshserve.controlplane.dataplane.resolve import (
     explain_switching,
     serving_version,
 )
-from meshserve.controlplane.dataplane.rollout import DEFAULT_ALIAS, plan_rollback, plan_rollout
+from meshserve.controlplane.dataplane.rollout import (
+    DEFAULT_ALIAS,
+    plan_rollback,
+    plan_rollout,
+    version_of,
+)
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.health import ModelHealth
@@ -80,8 +85,14 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         # A new registration: failure records made under an earlier one no longer apply.
         spec.registered_unix_ms = int(time.time() * 1000)
         spec.ClearField("retry_requests")
+        before = self._snapshot()
+        first = not before.variants(spec.name) and (spec.name, DEFAULT_ALIAS) not in before.aliases
         # refused if an alias has the name; the model's first version becomes `live`
         created = await self._registry.register_model(spec)
+        if created and first:
+            version = version_of(spec)
+            text = f"{DEFAULT_ALIAS} -> {version} (the model's first version)"
+            self._events.record("rollout", model=spec.name, variant=version, message=text)
         return mesh_pb2.RegisterModelResponse(model=spec, created=created)
 
     async def ListModels(
@@ -206,6 +217,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
             request.min_accuracy,
             linked=self._hub.sessions,
             live=self._live_load(request.model),
+            version=request.version,
         )
 
     def _alias_status(self, model: str, alias: mesh_pb2.Alias) -> mesh_pb2.AliasStatus:
@@ -305,6 +317,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
                 registered=registered,
                 serving_now=serving,
                 now_ms=int(time.time() * 1000),
+                variants=[s.variant for s in self._snapshot().variants(model)],
             )
 
         new, old = await self._change_alias(model, alias, plan)

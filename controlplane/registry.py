@@ -26,6 +26,12 @@ from typing import Any, Protocol
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from meshserve.controlplane import keys
+from meshserve.controlplane.dataplane.rollout import (
+    DEFAULT_ALIAS,
+    check_registration,
+    first_live,
+    version_of,
+)
 from meshserve.controlplane.etcd._client import (
     ClientError,
     EtcdClient,
@@ -75,8 +81,11 @@ class Registry(Protocol):
 
     async def register_model(self, spec: mesh_pb2.ModelSpec) -> bool:
         """Store ``spec`` (validated by the caller) at ``models/<name>/<variant>``, replacing
-        what is there; True when the variant is new. InvalidArgument if an alias of the model
-        has the variant's name — checked in the same transaction as the write."""
+        what is there; True when the variant is new. The model's first version becomes its
+        ``live`` alias in the same write (``rollout.first_live``; a model without one gets it
+        now). InvalidArgument if an alias of the model has the variant's or the version's name,
+        or the names clash with the model's other variants (``rollout.check_registration``) —
+        checked against the same revision as the write."""
         ...
 
     async def set_drift_profile(
@@ -87,8 +96,10 @@ class Registry(Protocol):
         ...
 
     async def remove_variant(self, model: str, variant: str) -> int:
-        """Delete one variant (1 removed, 0 absent). FailedPrecondition while an alias points
-        at it (version or canary); the write compares that no alias changed since the check."""
+        """Delete one variant (1 removed, 0 absent). FailedPrecondition when it is the last
+        variant of a version an alias points at (version or canary) while the model has other
+        versions; the model's last variant goes with the model's aliases. The write compares
+        that no alias or variant changed since the check."""
         ...
 
     async def remove_model(self, model: str) -> int:
@@ -99,6 +110,7 @@ class Registry(Protocol):
     async def aliases(self, model: str) -> list[mesh_pb2.Alias]:
         """The model's aliases as stored (a linearizable read), by name."""
         ...
+
     async def request_retry(self, model: str, variant: str, node_id: str) -> list[str]:
         """Ask the leader to place copies of ``model`` (only ``variant`` when given) on
         ``node_id`` ("" = every node) again, whatever failed there: one more manual retry in
@@ -107,11 +119,11 @@ class Registry(Protocol):
         name. NotFound: no such model or variant."""
         ...
 
-
     async def change_alias(
         self, model: str, alias: str, plan: AliasPlan
     ) -> tuple[mesh_pb2.Alias, mesh_pb2.Alias | None]:
-        """Apply ``plan`` to the alias as stored and the model's registered versions; returns
+        """Apply ``plan`` to the alias as stored and the model's registered versions (names of
+        versions, ``rollout.version_of`` each variant); returns
         ``(new, old)``. The write compares the alias's mod revision, that no variant of the
         model was written since the read, and that the versions the new record names still
         exist. NotFound: the model has no variant."""
@@ -243,16 +255,34 @@ class EtcdRegistry:
     async def register_model(self, spec: mesh_pb2.ModelSpec) -> bool:
         t = self._etcd.transactions
         key = keys.model_key(spec.name, spec.variant).encode()
-        alias = keys.alias_key(spec.name, spec.variant).encode()
-        ok, responses = await self._txn(
-            [t.create(alias) == 0], [t.put(key, keys.encode(spec), prev_kv=True)]
-        )
-        if not ok:
-            raise InvalidArgument(
-                f"{spec.variant!r} is an alias of model {spec.name!r} (meshctl model aliases "
-                f"{spec.name}); give the version another name"
-            )
-        return not responses[0].response_put.HasField("prev_kv")
+        prefix = keys.model_prefix(spec.name)
+        live = keys.alias_key(spec.name, DEFAULT_ALIAS).encode()
+        names = sorted({spec.variant, version_of(spec)})
+        for _ in range(CAS_ATTEMPTS):
+            revision, kvs = await get_prefix(self._etcd, prefix.encode())
+            existing = [keys.decode(kv.value, mesh_pb2.ModelSpec()) for kv in kvs]
+            others = [s for s in existing if s.variant != spec.variant]
+            check_registration(spec, existing)
+            live_kv = await get(self._etcd, live)
+            compare = [
+                self._unchanged_since(prefix, revision),
+                t.mod(live) == (live_kv.mod_revision if live_kv is not None else 0),
+            ]
+            compare += [t.create(keys.alias_key(spec.name, n).encode()) == 0 for n in names]
+            success = [t.put(key, keys.encode(spec))]
+            if live_kv is None:  # the model's first version takes the queries that name none
+                first = first_live(spec, others, int(time.time() * 1000))
+                success.append(t.put(live, keys.encode(first)))
+            ok, _ = await self._txn(compare, success)
+            if ok:
+                return len(others) == len(existing)
+            for name in names:
+                if await get(self._etcd, keys.alias_key(spec.name, name).encode()) is not None:
+                    raise InvalidArgument(
+                        f"{name!r} is an alias of model {spec.name!r} (meshctl model aliases "
+                        f"{spec.name}); give the version or variant another name"
+                    )
+        raise Unavailable(f"model {spec.name!r} is changing concurrently; retry")
 
     async def set_drift_profile(
         self, model: str, variant: str, profile: mesh_pb2.DriftProfile
@@ -275,19 +305,34 @@ class EtcdRegistry:
 
     async def remove_variant(self, model: str, variant: str) -> int:
         t = self._etcd.transactions
-        prefix = keys.alias_prefix(model)
+        aliases, prefix = keys.alias_prefix(model), keys.model_prefix(model)
         for _ in range(CAS_ATTEMPTS):
             revision, kvs = await get_prefix(self._etcd, prefix.encode())
-            for kv in kvs:
+            decoded = (keys.decode(kv.value, mesh_pb2.ModelSpec()) for kv in kvs)
+            specs = {s.variant: s for s in decoded}
+            doomed = specs.get(variant)
+            if doomed is None:
+                return 0
+            if len(specs) == 1:  # the model's last variant: the model goes, aliases too
+                return await self.remove_model(model)
+            version = version_of(doomed)
+            last = not any(version_of(s) == version for v, s in specs.items() if v != variant)
+            alias_revision, alias_kvs = await get_prefix(self._etcd, aliases.encode())
+            for kv in alias_kvs if last else ():
                 alias = keys.decode(kv.value, mesh_pb2.Alias())
-                if variant in (alias.version, alias.canary_version):
-                    role = "canary" if variant == alias.canary_version else "version"
+                if version in (alias.version, alias.canary_version):
+                    role = "canary" if version == alias.canary_version else "version"
                     raise FailedPrecondition(
-                        f"{variant!r} is the {role} of alias {alias.alias!r} of model {model!r}; "
-                        "roll the alias to another version (or roll back) before removing it"
+                        f"{variant!r} is the last variant of version {version!r}, the {role} "
+                        f"of alias {alias.alias!r} of model {model!r}; roll the alias to "
+                        "another version (or roll back) before removing it"
                     )
             ok, responses = await self._txn(
-                [self._unchanged_since(prefix, revision)],
+                [
+                    self._unchanged_since(aliases, alias_revision),
+                    self._unchanged_since(prefix, revision),
+                    t.version(keys.model_key(model, variant).encode()) > 0,
+                ],
                 [t.delete(keys.model_key(model, variant).encode())],
             )
             if ok:
@@ -312,7 +357,8 @@ class EtcdRegistry:
         key = keys.alias_key(model, alias).encode()
         for _ in range(CAS_ATTEMPTS):
             revision, kvs = await get_prefix(self._etcd, keys.model_prefix(model).encode())
-            registered = [keys.split_key(kv.key.decode(), keys.MODELS)[1] for kv in kvs]
+            specs = [keys.decode(kv.value, mesh_pb2.ModelSpec()) for kv in kvs]
+            registered = sorted({version_of(s) for s in specs})
             if not registered:
                 raise NotFound(f"unknown model {model!r}")
             kv = await get(self._etcd, key)
@@ -324,8 +370,9 @@ class EtcdRegistry:
                 t.mod(key) == (kv.mod_revision if kv is not None else 0),
                 self._unchanged_since(keys.model_prefix(model), revision),
             ]
-            for version in sorted({new.version, new.canary_version} & set(registered)):
-                compare.append(t.version(keys.model_key(model, version).encode()) > 0)
+            for spec in specs:  # (deletes do not move the prefix's mod revision)
+                if version_of(spec) in (new.version, new.canary_version):
+                    compare.append(t.version(keys.model_key(model, spec.variant).encode()) > 0)
             ok, _ = await self._txn(compare, [t.put(key, keys.encode(new))])
             if ok:
                 return new, current

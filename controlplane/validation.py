@@ -66,11 +66,15 @@ def check_model_name(name: str) -> None:
 
 
 def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
-    """A normalised copy of ``spec`` (variant ``default``, lower-case sha256, at least one copy),
-    or InvalidArgument saying what is wrong. ``spec`` itself is not changed."""
+    """A normalised copy of ``spec`` (variant: as given, else the version's name, else
+    ``default``; lower-case sha256; at least one copy), or InvalidArgument saying what is wrong.
+    ``spec`` itself is not changed. A spec without a version belongs to the model's implicit
+    version ``default``."""
     out = mesh_pb2.ModelSpec()
     out.CopyFrom(spec)
-    out.variant = out.variant or "default"
+    out.variant = out.variant or out.version or "default"
+    if out.version:
+        check_name("model version", out.version)
     out.sha256 = out.sha256.lower()
     out.copies = out.copies or 1
     check_name("model name", out.name)
@@ -183,5 +187,5 @@ def validate_alias_change(model: str, alias: str) -> None:
 def validate_rollout(model: str, alias: str, version: str) -> None:
     """InvalidArgument unless the rollout names a version and valid model and alias names."""
     if not version:
-        raise InvalidArgument("rollout needs the version (a registered variant) to roll out")
+        raise InvalidArgument("rollout needs the version to roll out (a registered version)")
     validate_alias_change(model, alias)

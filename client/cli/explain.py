@@ -1,12 +1,16 @@
 """``meshctl explain placement | switching``: why the control plane decided what it did.
 
 ``placement`` prints, per variant, each node's verdict: the filter that removed it and why, or
-its score and the score of every plugin. ``switching`` prints which variant a query would get now
-under an SLO and minimum accuracy, with each variant's predicted latency.
+its score and the score of every plugin. ``switching`` prints the version a query resolves to
+(through ``live`` or the version/alias named) and which of that version's variants it would get
+now under an SLO and minimum accuracy, with each variant's predicted latency.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich.table import Table
 
 from meshserve.client.cli._common import DEFAULT_TARGET, Target, admin_client, console
@@ -41,13 +45,23 @@ def switching(
     model: str,
     slo_ms: float = 0.0,
     min_accuracy: float = 0.0,
+    version: Annotated[
+        str, typer.Option(help="a version, alias or variant the query names (default: none)")
+    ] = "",
     target: Target = DEFAULT_TARGET,
 ) -> None:
-    """Which variant a query to MODEL would get now (SLO-aware switching), and each prediction."""
+    """Which variant a query to MODEL would get now: the version it resolves to (live, or the
+    one named), then SLO-aware switching among that version's variants, with each prediction."""
     with admin_client(target) as admin:
-        out = admin.explain_switching(model, slo_ms=slo_ms, min_accuracy=min_accuracy)
+        out = admin.explain_switching(
+            model, slo_ms=slo_ms, min_accuracy=min_accuracy, version=version
+        )
     budget = f"SLO {out.slo_ms:.1f} ms" if out.slo_ms else "no SLO"
-    console.print(f"[bold]{model}[/bold] ({budget}): [green]{out.chosen}[/green] — {out.reason}")
+    route = f" ({out.route})" if out.route else ""
+    console.print(
+        f"[bold]{model}[/bold] version [bold]{out.version}[/bold]{route}, {budget}: "
+        f"[green]{out.chosen}[/green] — {out.reason}"
+    )
     table = Table("variant", "accuracy", "predicted ms", "ready copies", "queued", "slowdown")
     for v in out.variants:
         predicted = f"{v.predicted_ms:.2f}" if v.predicted_ms >= 0 else "-"

@@ -1,4 +1,10 @@
-"""``meshctl models register | list | remove``: the registry of model variants.
+"""``meshctl models register | list | remove``: the registry of models, versions and variants.
+
+A model has versions (what a rollout moves); a version has one or more variants (alternatives
+SLO switching chooses among). ``register --version V --variant X`` adds variant X of version V
+(``--variant`` defaults to the version's name; without ``--version`` the variant joins the
+model's implicit version ``default``). The model's first version becomes its ``live`` alias; a
+later one takes no traffic until ``meshctl model rollout``. ``list`` prints the tree.
 
 ``register`` computes a local artifact's sha256 (so a user names a file, not a digest) and, with
 ``--wait``, follows each copy's pull and load until the wanted number is READY, exiting 1 when
@@ -35,7 +41,12 @@ def register(
     sha256: Annotated[
         str, typer.Option(help="hex sha256 (computed for local files if omitted)")
     ] = "",
-    variant: str = "default",
+    version: Annotated[
+        str, typer.Option(help="the version this variant belongs to (what a rollout moves)")
+    ] = "",
+    variant: Annotated[
+        str, typer.Option(help="the variant's name, unique in the model (default: the version's)")
+    ] = "",
     copies: int = 1,
     selector: Annotated[str, typer.Option(help="node labels required, e.g. tier=edge")] = "",
     batching: Annotated[
@@ -76,7 +87,8 @@ def register(
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
     target: Target = DEFAULT_TARGET,
 ) -> None:
-    """Register (or update) a model variant; with --wait, follow its copies until READY."""
+    """Register (or update) a variant of a model's version; with --wait, follow its copies
+    until READY. The model's first version becomes `live`; later ones wait for a rollout."""
     uri = artifact
     size_bytes = size_mb << 20
     if "://" not in artifact:
@@ -114,6 +126,7 @@ def register(
             uri,
             sha256,
             variant=variant,
+            version=version,
             copies=copies,
             node_selector=labels,
             serving=serving,
@@ -122,10 +135,35 @@ def register(
             accuracy=accuracy,
             slo_ms=slo_ms,
         )
-        verb = "registered" if out.created else "updated"
-        console.print(f"{verb} {out.model.name}/{out.model.variant} ({out.model.copies} copies)")
+        console.print(_registered_text(out, admin.list_aliases(out.model.name)), highlight=False)
         if wait:
             _follow_copies(admin, out.model.name, out.model.variant, out.model.copies, timeout)
+
+
+def _version(spec: mesh_pb2.ModelSpec) -> str:
+    return spec.version or "default"
+
+
+def _copies(n: int) -> str:
+    return f"{n} cop{'y' if n == 1 else 'ies'}"
+
+
+def _registered_text(
+    out: mesh_pb2.RegisterModelResponse, aliases: list[mesh_pb2.AliasStatus]
+) -> str:
+    """One line: what was stored and whether it serves the queries that name no version."""
+    m = out.model
+    verb = "registered" if out.created else "updated"
+    text = f"{verb} {m.name} version {_version(m)} variant {m.variant} ({_copies(m.copies)})"
+    live = next((s.alias for s in aliases if s.alias.alias == "live"), None)
+    if live is not None and live.version == _version(m):
+        return text + "; live"
+    if live is not None:
+        return (
+            f"{text}; live stays on {live.version} until "
+            f"`meshctl model rollout {m.name} {_version(m)} [--canary PCT]`"
+        )
+    return text
 
 
 def _follow_copies(
@@ -174,17 +212,33 @@ def _follow_copies(
                 f"[yellow]timed out[/yellow] after {timeout:.0f}s; see `meshctl nodes list`"
             )
             raise typer.Exit(1)
-    console.print(
-        f"[green]✓[/green] {model}/{variant}: {copies} cop{'y' if copies == 1 else 'ies'} ready"
-    )
+    console.print(f"[green]✓[/green] {model}/{variant}: {_copies(copies)} ready")
 
 
 def list_models(target: Target = DEFAULT_TARGET) -> None:
+    """The tree: model -> versions (with the aliases pointing at each) -> variants."""
     with admin_client(target) as admin:
         models = admin.list_models()
-    table = Table("model", "variant", "copies", "artifact", "sha256")
-    for m in models:
-        table.add_row(m.name, m.variant, str(m.copies), m.artifact_uri, m.sha256[:12])
+        names = sorted({m.name for m in models})
+        aliases = {n: [s.alias for s in admin.list_aliases(n)] for n in names}
+    table = Table("model", "version", "aliases", "variant", "accuracy", "copies", "artifact")
+    for m in sorted(models, key=lambda m: (m.name, _version(m), m.variant)):
+        version = _version(m)
+        pointing = []
+        for a in aliases.get(m.name, ()):
+            if a.version == version:
+                pointing.append(a.alias)
+            if a.canary_version == version:
+                pointing.append(f"{a.alias} canary {a.canary_percent:g}%")
+        table.add_row(
+            m.name,
+            version,
+            ", ".join(pointing) or "-",
+            m.variant,
+            f"{m.accuracy:.4f}" if m.accuracy else "-",
+            str(m.copies),
+            m.artifact_uri,
+        )
     console.print(table)
 
 

@@ -39,8 +39,8 @@ def rollout(
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Point an alias (default: live, what queries naming no version follow) at VERSION, a
-    registered variant. Its copies load and warm first; traffic shifts once they are READY.
-    With --canary PCT only that share of the alias's queries goes to VERSION."""
+    registered version (all its variants). Its copies load and warm first; traffic shifts once
+    they are READY. With --canary PCT only that share of the alias's queries goes to VERSION."""
     with admin_client(target) as admin:
         status = admin.rollout(name, version, alias=alias, canary_percent=canary)
         console.print(f"{name}/{alias}: {_alias_text(status)}")
@@ -106,9 +106,15 @@ def _follow_rollout(
 
 
 def _failed_everywhere(admin: AdminClient, model: str, version: str) -> dict[str, str]:
-    """Why ``version``'s copies failed, when it failed on every node it was placed on."""
+    """Why ``version``'s copies failed, when one of its variants failed on every node it was
+    placed on."""
+    variants = {
+        m.variant
+        for m in admin.list_models()
+        if m.name == model and (m.version or "default") == version
+    }
     for p in admin.list_placements(model):
-        if p.variant == version and p.failed and not p.nodes:
+        if p.variant in variants and p.failed and not p.nodes:
             return dict(p.failed)
     return {}
 
@@ -130,12 +136,15 @@ def aliases(name: str, target: Target = DEFAULT_TARGET) -> None:
     with admin_client(target) as admin:
         statuses = admin.list_aliases(name)
     table = Table("alias", "version", "serving", "canary", "previous", "copies ready", "why")
+    # a version's readiness sums its variants', named after it: "v2 [v2, v2-int8] 2/2"
     for s in statuses:
         a = s.alias
         canary = f"{a.canary_version} {a.canary_percent:g}%" if a.canary_version else "-"
         if a.canary_version and not s.canary_active:
             canary += " (not ready)"
-        ready = ", ".join(f"{v.version} {v.ready}/{v.wanted}" for v in s.versions)
+        ready = ", ".join(
+            f"{v.version} [{', '.join(v.variants)}] {v.ready}/{v.wanted}" for v in s.versions
+        )
         table.add_row(
             a.alias, a.version, s.serving, canary, a.previous_version or "-", ready, s.reason
         )

@@ -2,8 +2,9 @@
 
 For each query it decodes the request's facts (SLO, minimum accuracy, zone, client), resolves
 the variant and its candidate copies with the pure functions of
-:mod:`~meshserve.controlplane.dataplane.resolve` (an alias and its canary, a named variant, or SLO
-switching, :mod:`~meshserve.controlplane.dataplane.switching`), admits it
+:mod:`~meshserve.controlplane.dataplane.resolve` (first the version: a named version, an alias
+and its canary, or ``live``; then the variant among that version's variants: a pinned variant, SLO
+switching, :mod:`~meshserve.controlplane.dataplane.switching`, or the most accurate), admits it
 (:class:`~meshserve.controlplane.dataplane.admission.Admission`: bounded queries in flight per
 model and per client, beyond which RESOURCE_EXHAUSTED at once with a retry-after hint), and hands
 it to the :class:`~meshserve.controlplane.dataplane.forward.Forwarder`, which picks the copy
@@ -15,8 +16,9 @@ another copy, and wakes a variant scaled to zero. Errors are domain errors
 Contract of the answers: ServerLive is always true; ServerReady is the replica's readiness;
 ModelReady is true when the variant a query naming that version would get has a candidate copy
 (false for an unknown model); ModelMetadata describes that variant (its registered tensors, else
-those a ready copy reported; UNAVAILABLE while neither is known). A ModelInfer answer to a query
-with an SLO (its own ``slo_ms``, else the model's) carries ``meshserve_slo_met``.
+those a ready copy reported; UNAVAILABLE while neither is known) and lists the model's versions.
+A ModelInfer answer to a query with an SLO (its own ``slo_ms``, else its version's) carries
+``meshserve_slo_met``.
 
 Tracing: the ``gateway ModelInfer`` span (SERVER) has a ``gateway route`` child per routing
 decision (the variant choice and the copy picked; a retry decides again) and a ``gateway forward``
@@ -44,14 +46,16 @@ from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.forward import Forwarder, child_span
 from meshserve.controlplane.dataplane.resolve import (
     LiveLoad,
+    best_variant,
     cached_alternatives,
     candidates,
     default_slo,
     no_copy,
-    resolve_variant,
+    resolve_version,
     serving_variant,
     uses_switching,
     variant_options,
+    versions,
 )
 from meshserve.controlplane.dataplane.rollout import canary_draw
 from meshserve.controlplane.dataplane.routing import CopyKey
@@ -170,7 +174,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             for spec in snapshot.variants(model)
             for node in candidates(snapshot, spec, linked)
         }
-        return LiveLoad(copies=copies, level=self._switcher.level(model))
+        return LiveLoad(copies=copies, levels=self._switcher.levels(model))
 
     async def close(self) -> None:
         await self.forwarder.close()
@@ -218,7 +222,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         T = inference_pb2.ModelMetadataResponse.TensorMetadata
         return inference_pb2.ModelMetadataResponse(
             name=spec.name,
-            versions=sorted(s.variant for s in snapshot.variants(spec.name)),
+            versions=list(versions(snapshot, spec.name)),
             platform="onnxruntime_onnx",
             inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in inputs],
             outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in outputs],
@@ -274,12 +278,10 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             zone = _zone_of(request) or self.zone
             if zone:
                 span.set_attribute("meshserve.client_zone", zone)
-            if slo_s is None:  # the model's default SLO (that of its most accurate variant)
-                slo_s = default_slo(snapshot.variants(request.model_name))
             tried: set[str] = set()
             forwarder = self.forwarder
             with child_span(span, "gateway route") as route:
-                spec, reason, predicted_s = self._variant(
+                spec, reason, predicted_s, slo_s = self._variant(
                     request, snapshot, slo_s, min_accuracy, span
                 )
                 request.model_version = spec.variant
@@ -314,25 +316,33 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         slo_s: float | None,
         min_accuracy: float | None,
         span: trace.Span,
-    ) -> tuple[mesh_pb2.ModelSpec, str, float]:
-        """The variant for a query, why (the route span's reason) and its predicted completion
-        (inf: none). A version or alias named, or the model's ``live`` alias, or no SLO and no
-        minimum accuracy: resolution (the canary drawn from the request id); else switching."""
+    ) -> tuple[mesh_pb2.ModelSpec, str, float, float | None]:
+        """The variant for a query, why (the route span's reason), its predicted completion
+        (inf: none) and the query's budget (``slo_s``, else the version's default). First the
+        version (:func:`resolve_version`: a named version, alias or variant, else ``live``; the
+        canary drawn from the request id), then the variant among that version's variants: by
+        SLO switching when the query or the version has a budget or a minimum accuracy, else
+        the most accurate ready one."""
         model, linked = request.model_name, self.forwarder.linked
-        if not uses_switching(snapshot, model, request.model_version, slo_s, min_accuracy):
-            spec, followed = resolve_variant(
-                snapshot, model, request.model_version, canary_draw(request.id), linked
+        found = resolve_version(
+            snapshot, model, request.model_version, canary_draw(request.id), linked
+        )
+        if found.route is not None:
+            span.set_attribute("meshserve.alias", found.route.alias)
+        span.set_attribute("meshserve.version", found.version)
+        routed = f"alias {found.route.reason}" if found.route is not None else ""
+        if slo_s is None and not found.pinned:  # the version's default budget
+            slo_s = default_slo(found.variants)
+        if not uses_switching(found, slo_s, min_accuracy):
+            spec = (
+                found.variants[0]
+                if found.pinned
+                else best_variant(snapshot, found.variants, linked)
             )
-            if followed is None:
-                return spec, "p2c", math.inf
-            span.set_attribute("meshserve.alias", followed.alias)
-            return spec, f"alias {followed.reason}", math.inf
-        variants = snapshot.variants(model)
-        if not variants:
-            raise NotFound(f"unknown model {model!r}" if model else "model name is empty")
+            return spec, routed or "p2c", math.inf, slo_s
         self.forwarder.calibrate(model)
-        options = variant_options(snapshot, variants, linked, self.forwarder.facts)
-        choice = self._switcher.choose(model, options, slo_s, min_accuracy)
+        options = variant_options(snapshot, found.variants, linked, self.forwarder.facts)
+        choice = self._switcher.choose(model, options, slo_s, min_accuracy, version=found.version)
         better = cached_alternatives(options, choice, min_accuracy)
         if better:  # a node holding one of them may have this exact answer cached: free
             request.parameters[PREFER].string_param = ",".join(better)
@@ -341,4 +351,5 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             span.set_attribute("meshserve.predicted_ms", round(choice.predicted_s * 1000, 3))
         if slo_s is not None:
             span.set_attribute("meshserve.slo_ms", slo_s * 1000)
-        return choice.spec, f"switch: {choice.reason}", choice.predicted_s
+        reason = f"switch: {choice.reason}" + (f" ({routed})" if routed else "")
+        return choice.spec, reason, choice.predicted_s, slo_s

@@ -15,17 +15,22 @@ Contract:
   those the placement still wants on nodes not draining, else those not draining, else every
   reachable one (an evicted or drained copy finishes what it has and is queried only while it is
   the last). Empty when no copy can answer.
-- :func:`resolve_variant`: the variant a query naming ``version`` gets and the alias route it
-  followed. A variant's name selects it; an alias's name (or no name, when the model has the
-  ``live`` alias) follows the alias (:func:`~.rollout.resolve` on :func:`version_states`, the
-  canary drawn by ``draw``); no name and no alias: :func:`best_variant`. Raises
-  :class:`~meshserve.common.errors.NotFound` (empty or unknown model, unknown variant or alias)
-  or :class:`~meshserve.common.errors.FailedPrecondition` (an alias pointing at a version that is
-  not registered), each with a message a user can act on.
+- :func:`resolve_version`: the version a query naming ``name`` resolves to (a model has versions;
+  a version has variants; a variant registered without a version belongs to
+  :data:`IMPLICIT_VERSION`) and the variants that may answer it. An alias's name (or no name,
+  when the model has the ``live`` alias) follows the alias (:func:`~.rollout.resolve` on
+  :func:`version_states`, the canary drawn by ``draw``); a version's name selects it; a
+  variant's name pins that one variant (direct pinning, no switching); no name and no alias:
+  the model's only version. Raises :class:`~meshserve.common.errors.NotFound` (empty or unknown
+  model, unknown name) or :class:`~meshserve.common.errors.FailedPrecondition` (an alias
+  pointing at a version that is not registered; several versions and no ``live`` alias), each
+  with a message a user can act on. :func:`resolve_variant`: the variant without switching
+  (:func:`best_variant` of the version).
 - :func:`serving_variant` / :func:`serving_version` / :func:`alias_state`: the same view without
   drawing the canary (readiness, metadata and the Admin API describe the serving version).
-- :func:`uses_switching`: a query picks among variants by SLO (:mod:`.switching`) only when it
-  names no version, the model has no ``live`` alias, and it has an SLO or a minimum accuracy;
+- :func:`uses_switching`: a query picks among the variants of its version by SLO
+  (:mod:`.switching`) when it has an SLO or a minimum accuracy and pinned no variant, whether it
+  followed an alias or named a version (rollouts and switching compose);
   :func:`variant_options` and :func:`copy_load` are what the switcher needs of each variant;
   :func:`explain_switching` answers "what would a query get now, and why" from the same inputs.
 - :func:`no_copy`: the UNAVAILABLE error for a variant without a candidate, telling the
@@ -42,11 +47,13 @@ from dataclasses import dataclass, field
 from meshserve.common.errors import FailedPrecondition, NotFound, StatusError, Unavailable
 from meshserve.controlplane.dataplane.rollout import (
     DEFAULT_ALIAS,
+    IMPLICIT_VERSION,
     Route,
     VersionState,
     alias_for,
     alias_status,
     resolve,
+    version_of,
     versions_of,
 )
 from meshserve.controlplane.dataplane.routing import CopyKey
@@ -62,9 +69,11 @@ from meshserve.protos import mesh_pb2
 
 __all__ = [
     "IDLE",
+    "IMPLICIT_VERSION",
     "CopyFacts",
     "FactsOf",
     "LiveLoad",
+    "Resolution",
     "alias_state",
     "best_variant",
     "cached_alternatives",
@@ -74,11 +83,14 @@ __all__ = [
     "explain_switching",
     "no_copy",
     "resolve_variant",
+    "resolve_version",
     "serving_variant",
     "serving_version",
     "uses_switching",
     "variant_options",
+    "version_of",
     "version_states",
+    "versions",
 ]
 
 
@@ -105,7 +117,8 @@ class LiveLoad:
     """A router's live measurements of one model, as data (what the Admin API explains from)."""
 
     copies: Mapping[CopyKey, CopyFacts] = field(default_factory=dict)
-    level: float | None = None  # the accuracy the model's switching last settled on
+    level: float | None = None  # the accuracy switching last settled on (any version)
+    levels: Mapping[str, float] = field(default_factory=dict)  # the same, per version
 
     def facts(self, key: CopyKey) -> CopyFacts:
         return self.copies.get(key, IDLE)
@@ -159,6 +172,24 @@ def no_copy(
 # -- versions and aliases ------------------------------------------------------------------------
 
 
+def versions(snapshot: Snapshot, model: str) -> dict[str, list[mesh_pb2.ModelSpec]]:
+    """The model's tree: each version's variants (by variant name), versions by name."""
+    out: dict[str, list[mesh_pb2.ModelSpec]] = {}
+    for spec in sorted(snapshot.variants(model), key=lambda s: s.variant):
+        out.setdefault(version_of(spec), []).append(spec)
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The version a query resolves to and the variants it may be answered by."""
+
+    version: str
+    variants: tuple[mesh_pb2.ModelSpec, ...]  # the version's variants; one when pinned
+    route: Route | None = None  # the alias route followed (None: none)
+    pinned: bool = False  # the query named one variant directly (no switching)
+
+
 def best_variant(
     snapshot: Snapshot, variants: Sequence[mesh_pb2.ModelSpec], linked: Container[str]
 ) -> mesh_pb2.ModelSpec:
@@ -172,58 +203,85 @@ def best_variant(
 def version_states(
     snapshot: Snapshot, model: str, alias: mesh_pb2.Alias, linked: Container[str]
 ) -> dict[str, VersionState]:
-    """Ready and wanted copies of each registered version ``alias`` may route to. Ready: its
-    candidates; wanted: the nodes its placement names (copies that cannot be placed are not
-    waited for), else its registered copies (at least 1)."""
+    """Ready and wanted copies of each registered version ``alias`` may route to, summed over
+    the version's variants. Ready: their candidates; wanted: the nodes each placement names
+    (copies that cannot be placed are not waited for), else its registered copies (at least 1)."""
+    tree = versions(snapshot, model)
     out = {}
     for name in versions_of(alias):
-        spec = snapshot.models.get((model, name))
-        if spec is None:
-            continue
-        placement = snapshot.placements.get((model, name))
-        wanted = len(placement.nodes) if placement is not None else 0
-        ready = len(candidates(snapshot, spec, linked))
-        out[name] = VersionState(ready, wanted or max(1, spec.copies))
+        ready = wanted = 0
+        for spec in tree.get(name, ()):
+            placement = snapshot.placements.get((model, spec.variant))
+            placed = len(placement.nodes) if placement is not None else 0
+            wanted += placed or max(1, spec.copies)
+            ready += len(candidates(snapshot, spec, linked))
+        if name in tree:
+            out[name] = VersionState(ready, wanted)
     return out
 
 
 def alias_state(
     snapshot: Snapshot, model: str, alias: mesh_pb2.Alias, linked: Container[str]
 ) -> mesh_pb2.AliasStatus:
-    """What ``alias`` serves now, and each of its versions' readiness."""
-    return alias_status(alias, version_states(snapshot, model, alias, linked))
+    """What ``alias`` serves now, and each of its versions' readiness and variants."""
+    tree = {v: [s.variant for s in specs] for v, specs in versions(snapshot, model).items()}
+    return alias_status(alias, version_states(snapshot, model, alias, linked), tree)
 
 
-def resolve_variant(
-    snapshot: Snapshot, model: str, version: str, draw: float, linked: Container[str]
-) -> tuple[mesh_pb2.ModelSpec, Route | None]:
-    """The variant a query naming ``version`` (a variant, an alias, or "") gets, and the alias
-    route it followed (None: none). ``draw`` in [0, 100): below the alias's canary percent
-    selects the canary (100: never)."""
+def resolve_version(
+    snapshot: Snapshot, model: str, name: str, draw: float, linked: Container[str]
+) -> Resolution:
+    """The version a query naming ``name`` gets and the variants that may answer it. ``name``:
+    an alias (followed, its canary drawn by ``draw`` in [0, 100): below the canary percent
+    selects it; 100: never), a version, a variant (pinned: that variant only), or "" (the
+    ``live`` alias; without one, the model's only version). Raises NotFound (empty or unknown
+    model, unknown name) or FailedPrecondition (an alias pointing at a version that is not
+    registered; several versions and no ``live`` alias), each saying what to do."""
     if not model:
         raise NotFound("model name is empty")
-    variants = snapshot.variants(model)
-    if not variants:
+    tree = versions(snapshot, model)
+    if not tree:
         raise NotFound(f"unknown model {model!r}")
-    by_name = {s.variant: s for s in variants}
-    alias = alias_for(snapshot.aliases, by_name, model, version)
+    alias = alias_for(snapshot.aliases, model, name)
     if alias is not None:
         route = resolve(alias, version_states(snapshot, model, alias, linked), draw)
-        spec = by_name.get(route.version)
-        if spec is None:
+        if route.version not in tree:
             raise FailedPrecondition(
                 f"alias {alias.alias!r} of model {model!r} points at version "
                 f"{route.version!r}, which is not registered; roll the alias out to a "
                 f"registered version (meshctl model rollout {model} VERSION)"
             )
-        return spec, route
-    if version:
-        spec = by_name.get(version)
+        return Resolution(route.version, tuple(tree[route.version]), route)
+    if name in tree:
+        return Resolution(name, tuple(tree[name]))
+    if name:
+        spec = snapshot.models.get((model, name))
         if spec is not None:
-            return spec, None
-        names = ", ".join(sorted(by_name))
-        raise NotFound(f"model {model!r} has no variant or alias {version!r} (has: {names})")
-    return best_variant(snapshot, variants, linked), None
+            return Resolution(version_of(spec), (spec,), pinned=True)
+        raise NotFound(
+            f"model {model!r} has no version, alias or variant {name!r} (versions: "
+            f"{', '.join(tree)}; meshctl models list)"
+        )
+    if len(tree) == 1:
+        only = next(iter(tree))
+        return Resolution(only, tuple(tree[only]))
+    raise FailedPrecondition(
+        f"model {model!r} has versions {', '.join(tree)} and no {DEFAULT_ALIAS!r} alias for "
+        f"queries that name none; name a version, or point {DEFAULT_ALIAS!r} at one (meshctl "
+        f"model rollout {model} VERSION)"
+    )
+
+
+def resolve_variant(
+    snapshot: Snapshot, model: str, version: str, draw: float, linked: Container[str]
+) -> tuple[mesh_pb2.ModelSpec, Route | None]:
+    """The variant a query naming ``version`` gets without switching (the pinned variant, else
+    :func:`best_variant` of the version it resolves to) and the alias route it followed.
+    Raises like :func:`resolve_version`."""
+    found = resolve_version(snapshot, model, version, draw, linked)
+    if found.pinned:
+        return found.variants[0], found.route
+    return best_variant(snapshot, found.variants, linked), found.route
 
 
 def serving_variant(
@@ -235,9 +293,10 @@ def serving_variant(
 
 
 def serving_version(snapshot: Snapshot, model: str, version: str, linked: Container[str]) -> str:
-    """The name of :func:`serving_variant`; "" when a query would get none."""
+    """The version a query naming ``version`` resolves to, the canary never drawn; "" when a
+    query would get none."""
     try:
-        return serving_variant(snapshot, model, version, linked).variant
+        return resolve_version(snapshot, model, version, 100.0, linked).version
     except StatusError:
         return ""
 
@@ -253,18 +312,12 @@ def default_slo(variants: Sequence[mesh_pb2.ModelSpec]) -> float | None:
     return best.slo_ms / 1000.0 if best.slo_ms > 0 else None
 
 
-def uses_switching(
-    snapshot: Snapshot,
-    model: str,
-    version: str,
-    slo_s: float | None,
-    min_accuracy: float | None,
-) -> bool:
-    """Whether a query picks its variant by SLO rather than by :func:`resolve_variant`: not
-    when it names a version or alias, nor when the model has a ``live`` alias (rollouts decide
-    then), nor without an SLO or a minimum accuracy."""
-    pinned = (model, DEFAULT_ALIAS) in snapshot.aliases
-    return not (version or pinned or (slo_s is None and min_accuracy is None))
+def uses_switching(resolution: Resolution, slo_s: float | None, min_accuracy: float | None) -> bool:
+    """Whether a query picks among the variants of the version it resolves to by SLO (else
+    :func:`best_variant`): not when it pinned one variant, nor without an SLO or a minimum
+    accuracy. Whether it named a version or an alias, or followed ``live``, does not matter:
+    rollouts choose the version, switching the variant."""
+    return not (resolution.pinned or (slo_s is None and min_accuracy is None))
 
 
 def copy_load(node: NodeView, spec: mesh_pb2.ModelSpec, facts: CopyFacts) -> CopyLoad:
@@ -334,17 +387,28 @@ def explain_switching(
     *,
     linked: Container[str],
     live: LiveLoad,
+    version: str = "",
 ) -> mesh_pb2.ExplainSwitchingResponse:
-    """What a query to ``model`` with ``slo_ms`` (0: the model's default) and ``min_accuracy``
-    (0: none) would get now, and each variant's prediction; moves no hysteresis level."""
-    variants = snapshot.variants(model)
-    if not variants:
-        raise NotFound(f"unknown model {model!r}")
-    slo_s = slo_ms / 1000.0 if slo_ms > 0 else default_slo(variants)
-    options = variant_options(snapshot, variants, linked, live.facts)
-    choice = choose_variant(model, options, slo_s, min_accuracy or None, level=live.level)
+    """What a query to ``model`` naming ``version`` ("": none; else a version, alias or variant)
+    with ``slo_ms`` (0: the version's default) and ``min_accuracy`` (0: none) would get now, as
+    the gateway decides it: the version it resolves to (the canary not drawn), then the variant
+    among that version's variants, with each one's prediction. Moves no hysteresis level."""
+    found = resolve_version(snapshot, model, version, 100.0, linked)
+    slo_s = slo_ms / 1000.0 if slo_ms > 0 else default_slo(found.variants)
+    options = variant_options(snapshot, found.variants, linked, live.facts)
+    level = live.levels.get(found.version, live.level)
+    if uses_switching(found, slo_s, min_accuracy or None):
+        choice = choose_variant(model, options, slo_s, min_accuracy or None, level=level)
+        chosen, reason = choice.spec.variant, choice.reason
+    else:
+        chosen = resolve_variant(snapshot, model, version, 100.0, linked)[0].variant
+        reason = "pinned variant" if found.pinned else "most accurate ready (no SLO)"
     out = mesh_pb2.ExplainSwitchingResponse(
-        chosen=choice.spec.variant, reason=choice.reason, slo_ms=(slo_s or 0.0) * 1000
+        chosen=chosen,
+        reason=reason,
+        slo_ms=(slo_s or 0.0) * 1000,
+        version=found.version,
+        route=found.route.reason if found.route is not None else "",
     )
     for option in sorted(options, key=lambda o: -o.spec.accuracy):
         best = min(option.copies, key=predict_seconds, default=None)

@@ -1,13 +1,17 @@
 """Aliases and rollouts: which version of a model answers a query that follows an alias (pure).
 
-A *version* is a variant of a model: registered, placed, loaded and warmed as soon as it is
-registered, like any variant. An *alias* (``mesh_pb2.Alias``, etcd ``aliases/<model>/<alias>``)
-is a name that points at one version, optionally with a *canary* version taking a share of its
-queries. See docs/rollout.md.
+A model has *versions* (what a rollout moves: v1, v2); a version has one or more *variants*
+(faster or smaller alternatives, each with its accuracy and latency profile; SLO switching
+chooses among the variants of the version a query resolves to, see :mod:`.resolve`). Every
+variant of every version is registered, placed, loaded and warmed as soon as it is registered.
+An *alias* (``mesh_pb2.Alias``, etcd ``aliases/<model>/<alias>``) is a name that points at one
+version, optionally with a *canary* version taking a share of its queries. The first version
+registered becomes ``live`` (:data:`DEFAULT_ALIAS`, created with it); a later version takes no
+unversioned traffic until a rollout moves ``live``. See docs/rollout.md.
 
-Which queries follow an alias (:func:`alias_for`): one whose ``model_version`` names the alias
-(a variant of that name wins: variant names select the variant directly), and one that names no
-version when the model has a ``live`` alias (:data:`DEFAULT_ALIAS`).
+Which queries follow an alias (:func:`alias_for`): one whose ``model_version`` names the alias,
+and one that names nothing when the model has a ``live`` alias. Alias, version and variant names
+of one model never clash (registration and rollouts refuse a clash).
 
 Contract of :func:`resolve` (no I/O, never raises):
 - The alias's ``version`` serves once it is *warm enough*: every copy its placement wants is
@@ -31,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -39,19 +43,70 @@ from meshserve.protos import mesh_pb2
 
 __all__ = [
     "DEFAULT_ALIAS",
+    "IMPLICIT_VERSION",
     "Route",
     "VersionState",
     "alias_for",
     "alias_status",
     "canary_draw",
+    "check_registration",
+    "first_live",
     "plan_rollback",
     "plan_rollout",
     "resolve",
+    "version_of",
     "versions_of",
 ]
 
 #: The alias a query that names no version follows, when the model has it.
 DEFAULT_ALIAS = "live"
+
+#: The version of a variant registered without one (a model that never names versions has one).
+IMPLICIT_VERSION = "default"
+
+
+def version_of(spec: mesh_pb2.ModelSpec) -> str:
+    """The version ``spec`` belongs to (:data:`IMPLICIT_VERSION` when it names none)."""
+    return spec.version or IMPLICIT_VERSION
+
+
+def check_registration(spec: mesh_pb2.ModelSpec, existing: Sequence[mesh_pb2.ModelSpec]) -> None:
+    """InvalidArgument when registering ``spec`` (validated) beside the model's ``existing``
+    variants would make a name ambiguous: variant names are unique within a model (a variant
+    cannot move to another version by re-registering), and no variant of one version may carry
+    the name of another version (a name in ``model_version`` selects a version before a
+    variant). A variant named after its own version is the version's default variant."""
+    version = version_of(spec)
+    for other in existing:
+        theirs = version_of(other)
+        if other.variant == spec.variant and theirs != version:
+            raise InvalidArgument(
+                f"variant {spec.variant!r} of model {spec.name!r} belongs to version {theirs!r}; "
+                f"variant names are unique within a model: give this variant of {version!r} "
+                f"another name (--variant)"
+            )
+        if theirs != version and spec.variant == theirs:
+            raise InvalidArgument(
+                f"variant name {spec.variant!r} is a version of model {spec.name!r}; give the "
+                "variant another name (--variant)"
+            )
+        if theirs != version and other.variant == version:
+            raise InvalidArgument(
+                f"version name {version!r} is a variant of version {theirs!r} of model "
+                f"{spec.name!r}; give the version another name (--version)"
+            )
+
+
+def first_live(
+    spec: mesh_pb2.ModelSpec, existing: Sequence[mesh_pb2.ModelSpec], now_ms: int
+) -> mesh_pb2.Alias:
+    """The ``live`` alias a model gets when ``spec`` is registered and it has none: the version
+    already registered (a model from before aliases existed has one, implicit), else ``spec``'s
+    own — the first version registered takes the queries that name none."""
+    version = version_of(existing[0]) if existing else version_of(spec)
+    return mesh_pb2.Alias(
+        model=spec.name, alias=DEFAULT_ALIAS, version=version, updated_unix_ms=now_ms
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +142,11 @@ def versions_of(alias: mesh_pb2.Alias) -> set[str]:
 
 
 def alias_for(
-    aliases: Mapping[tuple[str, str], mesh_pb2.Alias],
-    variants: Collection[str],
-    model: str,
-    version: str,
+    aliases: Mapping[tuple[str, str], mesh_pb2.Alias], model: str, name: str
 ) -> mesh_pb2.Alias | None:
-    """The alias a query for ``model`` naming ``version`` follows; None: it follows none."""
-    if version in variants:
-        return None
-    return aliases.get((model, version or DEFAULT_ALIAS))
+    """The alias a query for ``model`` naming ``name`` ("" for none) follows; None: it follows
+    none (``name`` is a version or a variant, or the model has no ``live`` alias)."""
+    return aliases.get((model, name or DEFAULT_ALIAS))
 
 
 def _serving(alias: mesh_pb2.Alias, states: Mapping[str, VersionState]) -> tuple[str, str]:
@@ -139,8 +190,13 @@ def canary_draw(request_id: str, rng: random.Random | None = None) -> float:
     return (rng or random).random() * 100.0
 
 
-def alias_status(alias: mesh_pb2.Alias, states: Mapping[str, VersionState]) -> mesh_pb2.AliasStatus:
-    """The alias with the version it serves now and each involved version's readiness."""
+def alias_status(
+    alias: mesh_pb2.Alias,
+    states: Mapping[str, VersionState],
+    variants: Mapping[str, Sequence[str]] | None = None,
+) -> mesh_pb2.AliasStatus:
+    """The alias with the version it serves now and each involved version's readiness (and its
+    variants, from ``variants``: version -> variant names)."""
     route = resolve(alias, states, 100.0)
     out = mesh_pb2.AliasStatus(
         alias=alias, serving=route.serving, canary_active=route.canary_active, reason=route.reason
@@ -148,21 +204,32 @@ def alias_status(alias: mesh_pb2.Alias, states: Mapping[str, VersionState]) -> m
     for name in sorted(versions_of(alias)):
         state = states.get(name)
         if state is not None:
-            out.versions.add(version=name, ready=state.ready, wanted=state.wanted)
+            out.versions.add(
+                version=name,
+                ready=state.ready,
+                wanted=state.wanted,
+                variants=sorted((variants or {}).get(name, ())),
+            )
     return out
 
 
-def _check_names(model: str, alias: str, version: str, registered: Collection[str]) -> None:
-    if alias in registered:
-        raise InvalidArgument(
-            f"alias {alias!r} is also a version of model {model!r} (a version name selects that "
-            "version directly); give the alias another name"
-        )
+def _check_names(
+    model: str, alias: str, version: str, registered: Collection[str], variants: Collection[str]
+) -> None:
+    for kind, names in (("version", registered), ("variant", variants)):
+        if alias in names:
+            raise InvalidArgument(
+                f"alias {alias!r} is also a {kind} of model {model!r} (a {kind} name selects that "
+                f"{kind} directly); give the alias another name"
+            )
     if version not in registered:
         names = ", ".join(sorted(registered)) or "none"
+        hint = ""
+        if version in variants:
+            hint = f"; {version!r} is a variant: roll out the version it belongs to"
         raise NotFound(
-            f"model {model!r} has no version {version!r} (has: {names}); register it first: "
-            f"meshctl models register {model} --variant {version} --artifact FILE"
+            f"model {model!r} has no version {version!r} (has: {names}){hint}; register it "
+            f"first: meshctl models register {model} --version {version} --artifact FILE"
         )
 
 
@@ -176,16 +243,21 @@ def plan_rollout(
     registered: Collection[str],
     serving_now: str,
     now_ms: int,
+    variants: Collection[str] = (),
 ) -> mesh_pb2.Alias:
     """The alias record after a rollout of ``version``: with ``canary_percent`` in (0, 100) a
     canary of the alias's current version, else the whole alias (0 and 100 alike).
-    ``registered``: the model's versions; ``serving_now``: the version answering the alias's
-    queries now ("" for none), which keeps serving while ``version`` warms up and is the target
-    of a rollback. Returns ``current`` itself when nothing changes."""
+    ``registered``: the model's versions; ``variants``: its variant names (an alias may not
+    take one); ``serving_now``: the version answering the alias's queries now ("" for none),
+    which keeps serving while ``version`` warms up, is the target of a rollback, and is the
+    stable side of a canary on an alias that does not exist yet. Returns ``current`` itself
+    when nothing changes."""
     if not (math.isfinite(canary_percent) and 0 <= canary_percent <= 100):
         raise InvalidArgument(f"canary percent must be between 0 and 100, got {canary_percent}")
-    _check_names(model, alias, version, registered)
+    _check_names(model, alias, version, registered, variants)
     if 0 < canary_percent < 100:
+        if (current is None or not current.version) and serving_now in registered:
+            current = mesh_pb2.Alias(model=model, alias=alias, version=serving_now)
         if current is None or not current.version:
             raise FailedPrecondition(
                 f"alias {alias!r} of model {model!r} points at no version yet, so there is nothing "

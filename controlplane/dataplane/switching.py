@@ -1,4 +1,8 @@
-"""SLO-aware model switching: which variant answers a query (pure; no I/O).
+"""SLO-aware model switching: which variant of a version answers a query (pure; no I/O).
+
+The options are the variants of the one version a query resolves to (:mod:`.resolve`: a named
+version, an alias and its canary, or the model's ``live`` alias): switching never crosses
+versions, so rollouts and switching compose.
 
 Contract:
 - :func:`predict_seconds` estimates when a new query would complete on one ready copy, from the
@@ -204,11 +208,18 @@ class Switcher:
         self._safety = safety
         self._headroom = headroom
         self._transport_s = transport_s
-        self._level: dict[str, float] = {}  # model -> accuracy of the variant last chosen
+        # (model, version) -> accuracy of the variant last chosen: each version has its own
+        # variants, so a rollout starts the new version without the old one's level
+        self._level: dict[tuple[str, str], float] = {}
 
-    def level(self, model: str) -> float | None:
-        """The accuracy of the variant last chosen for ``model`` with a budget (None: none)."""
-        return self._level.get(model)
+    def level(self, model: str, version: str = "") -> float | None:
+        """The accuracy of the variant last chosen for ``model``'s ``version`` with a budget
+        (None: none)."""
+        return self._level.get((model, version))
+
+    def levels(self, model: str) -> dict[str, float]:
+        """:meth:`level` of each version of ``model`` that has one."""
+        return {v: level for (m, v), level in self._level.items() if m == model}
 
     def choose(
         self,
@@ -217,19 +228,21 @@ class Switcher:
         slo_s: float | None,
         min_accuracy: float | None = None,
         *,
+        version: str = "",
         commit: bool = True,
     ) -> Choice:
-        """``commit=False`` answers without moving the model's hysteresis level (explain)."""
+        """:func:`choose_variant` among the variants of ``model``'s ``version`` (``options``);
+        ``commit=False`` answers without moving that version's hysteresis level (explain)."""
         choice = choose_variant(
             model,
             options,
             slo_s,
             min_accuracy,
-            level=self._level.get(model),
+            level=self._level.get((model, version)),
             safety=self._safety,
             headroom=self._headroom,
             transport_s=self._transport_s,
         )
         if commit and choice.fits is not None:
-            self._level[model] = choice.spec.accuracy
+            self._level[(model, version)] = choice.spec.accuracy
         return choice

@@ -81,10 +81,15 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         await client.close()
 
 
-def spec(model: str, variant: str, copies: int = 1) -> mesh_pb2.ModelSpec:
+def spec(
+    model: str, variant: str, copies: int = 1, version: str | None = None
+) -> mesh_pb2.ModelSpec:
+    """Variant ``variant`` of version ``version`` (None: its own version, named after it; "":
+    the implicit version)."""
     return mesh_pb2.ModelSpec(
         name=model,
         variant=variant,
+        version=variant if version is None else version,
         artifact_uri=f"file:///{model}-{variant}.onnx",
         sha256=SHA,
         copies=copies,
@@ -115,13 +120,51 @@ async def test_register_reports_created_and_replaces_the_spec(store: Store) -> N
     assert stored is not None and keys.decode(stored, mesh_pb2.ModelSpec()).copies == 3
 
 
+async def aliases(store: Store, model: str = "m") -> dict[str, tuple[str, str]]:
+    return {a.alias: (a.version, a.previous_version) for a in await store.registry.aliases(model)}
+
+
+async def test_the_first_version_registered_becomes_live_and_later_ones_do_not(
+    store: Store,
+) -> None:
+    r = store.registry
+    assert await r.register_model(spec("m", "v1")) is True
+    assert await aliases(store) == {"live": ("v1", "")}
+    assert await r.register_model(spec("m", "v1-int8", version="v1")) is True
+    assert await r.register_model(spec("m", "v2")) is True
+    assert await r.register_model(spec("m", "v2", copies=2)) is False, "an update, not new"
+    assert await aliases(store) == {"live": ("v1", "")}, "v2 waits for a rollout"
+    new, old = await r.change_alias("m", "live", to("v2"))
+    assert old is not None and (new.version, new.previous_version) == ("v2", "v1")
+    # an unversioned model has one implicit version, live too
+    assert await r.register_model(spec("u", "fast", version="")) is True
+    assert await r.register_model(spec("u", "accurate", version="")) is True
+    assert await aliases(store, "u") == {"live": ("default", "")}
+
+
+async def test_version_and_variant_names_never_clash(store: Store) -> None:
+    r = store.registry
+    await r.register_model(spec("m", "v1"))
+    await r.register_model(spec("m", "int8", version="v1"))
+    with pytest.raises(InvalidArgument, match="belongs to version 'v1'"):
+        await r.register_model(spec("m", "int8", version="v2"))
+    with pytest.raises(InvalidArgument, match="is a variant of version 'v1'"):
+        await r.register_model(spec("m", "x", version="int8"))
+    assert await store.keys_under(keys.model_prefix("m")) == [
+        keys.model_key("m", "int8"),
+        keys.model_key("m", "v1"),
+    ]
+
+
 async def test_a_version_cannot_take_an_alias_name(store: Store) -> None:
     r = store.registry
     await r.register_model(spec("m", "v1"))
     new, old = await r.change_alias("m", "live", to("v1"))
-    assert old is None and new.version == "v1"
+    assert new is old and new.version == "v1", "live already points at the first version"
     with pytest.raises(InvalidArgument, match="alias"):
         await r.register_model(spec("m", "live"))
+    with pytest.raises(InvalidArgument, match="alias"):
+        await r.register_model(spec("m", "x", version="live"))
     assert await store.keys_under(keys.model_prefix("m")) == [keys.model_key("m", "v1")]
 
 
@@ -151,6 +194,12 @@ async def test_remove_variant_refused_while_an_alias_points_at_it(store: Store) 
     assert await r.remove_variant("m", "v2") == 1
     assert await r.remove_variant("m", "v2") == 0
     assert await store.keys_under(keys.model_prefix("m")) == [keys.model_key("m", "v1")]
+    # one of several variants of the live version may go; the last variant takes the model
+    await r.register_model(spec("m", "v1-int8", version="v1"))
+    assert await r.remove_variant("m", "v1-int8") == 1
+    assert await r.remove_variant("m", "v1") == 1
+    assert await store.keys_under(keys.model_prefix("m")) == []
+    assert await store.keys_under(keys.alias_prefix("m")) == []
 
 
 async def test_remove_model_takes_versions_and_aliases_and_nothing_else(store: Store) -> None:

@@ -50,9 +50,11 @@ async def admin(mesh: InProcMesh) -> AsyncIterator[mesh_pb2_grpc.AdminStub]:
 
 
 def spec(model: str, variant: str, copies: int = 1) -> mesh_pb2.ModelSpec:
+    """Version ``variant`` of ``model``, with one variant named after it."""
     return mesh_pb2.ModelSpec(
         name=model,
         variant=variant,
+        version=variant,
         artifact_uri=f"file:///models/{model}-{variant}.onnx",
         sha256=SHA,
         copies=copies,

@@ -1,7 +1,8 @@
 """Zero-downtime rollout with real processes: a closed loop of queries through the gateway while
 the `live` alias of a model moves v1 -> canary v2 (50 %) -> v2 -> rollback to v1 -> v3 (with
 meshctl). No query fails, and every answer is the one in-process onnxruntime gives for the
-version that says it answered."""
+version that says it answered. And versions are not variants: the first version registered is
+`live`, a later one takes no traffic until a rollout moves `live` (issue 14 §1)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,67 @@ def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_a_new_version_takes_no_traffic_until_live_moves_to_it(tmp_path: Path) -> None:
+    """v1 -> register v2 (meshctl) -> 100/100 still v1 -> canary 20 % -> ~20 % v2 -> full ->
+    rollback -> v1; meshctl's tree and explain agree with what the gateway does."""
+    paths = {v: make_mlp(tmp_path / f"{v}.onnx", seed=s) for v, s in (("v1", 1), ("v2", 2))}
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        mesh.start_node("n1", [cp.address], direct=True)
+        target = ("-t", cp.address)
+        with AdminClient(cp.address) as admin, MeshClient(cp.address, timeout=10) as client:
+
+            def mix(n: int) -> Counter[str]:
+                return Counter(
+                    client.infer("flower", {"x": XS[i % len(XS)]}).variant for i in range(n)
+                )
+
+            first = meshctl("models", "register", "flower", "--artifact", str(paths["v1"]),
+                            "--version", "v1", *target)  # fmt: skip
+            assert first.returncode == 0, first.stdout + first.stderr
+            assert "registered flower version v1 variant v1 (1 copy); live" in first.stdout
+            [live] = admin.list_aliases("flower")
+            assert (live.alias.alias, live.alias.version, live.serving) == ("live", "v1", "v1")
+            assert mix(10) == {"v1": 10}
+
+            second = meshctl("models", "register", "flower", "--artifact", str(paths["v2"]),
+                             "--version", "v2", *target)  # fmt: skip
+            assert second.returncode == 0, second.stdout + second.stderr
+            assert "registered flower version v2" in second.stdout, "a new version is no update"
+            assert "live stays on v1 until `meshctl model rollout flower v2" in second.stdout
+            wait_copies(admin, "flower", 2)  # v2 is loaded and warm, and still takes nothing
+            assert mix(100) == {"v1": 100}
+            tree = meshctl("models", "list", *target)
+            assert tree.returncode == 0, tree.stdout + tree.stderr
+            rows = [
+                [cell.strip() for cell in line.split("│")]
+                for line in tree.stdout.splitlines()
+                if "flower" in line
+            ]
+            assert [r[2:5] for r in rows] == [["v1", "live", "v1"], ["v2", "-", "v2"]], tree.stdout
+            explained = meshctl("explain", "switching", "flower", *target)
+            assert "flower version v1 (live -> v1)" in explained.stdout, explained.stdout
+
+            admin.rollout("flower", "v2", canary_percent=20)
+            wait_shifted(admin, "flower", "v2")
+            canary = mix(300)
+            assert set(canary) == {"v1", "v2"}, canary
+            assert 0.12 <= canary["v2"] / 300 <= 0.28, f"canary 20 %: {canary}"
+
+            full = admin.rollout("flower", "v2")
+            assert (full.serving, full.alias.previous_version) == ("v2", "v1")
+            assert mix(50) == {"v2": 50}
+            explained = meshctl("explain", "switching", "flower", *target)
+            assert "flower version v2 (live -> v2)" in explained.stdout, explained.stdout
+
+            back = admin.rollback("flower")
+            assert (back.serving, back.alias.version) == ("v1", "v1")
+            assert mix(50) == {"v1": 50}
+            # a query may still name a version; live is untouched by it
+            assert client.infer("flower", {"x": XS[0]}, version="v2").variant == "v2"
+
+
 def test_rolling_live_through_a_canary_and_back_loses_no_query(tmp_path: Path) -> None:
     paths = {v: make_mlp(tmp_path / f"{v}.onnx", seed=s) for v, s in (("v1", 1), ("v2", 2))}
     paths["v3"] = make_mlp(tmp_path / "v3.onnx", seed=3)
@@ -103,9 +165,9 @@ def test_rolling_live_through_a_canary_and_back_loses_no_query(tmp_path: Path) -
         mesh.start_node("n1", [cp.address], direct=True)
         mesh.start_node("n2", [cp.address])  # tunnel only
         with AdminClient(cp.address) as admin:
-            register_file(admin, "clf", paths["v1"], variant="v1", copies=2)
+            register_file(admin, "clf", paths["v1"], version="v1", copies=2)
             wait_copies(admin, "clf", 2)
-            first = roll_out(admin, "clf", "v1")  # live -> v1: what already served
+            first = roll_out(admin, "clf", "v1")  # live -> v1 already: the first version
             assert first.serving == "v1" and not first.alias.previous_version
             with QueryLoop(cp.address) as loop:
                 time.sleep(0.5)
@@ -128,7 +190,7 @@ def test_rolling_live_through_a_canary_and_back_loses_no_query(tmp_path: Path) -
                     "",
                 )
                 time.sleep(1.0)
-                register_file(admin, "clf", paths["v3"], variant="v3", copies=2)
+                register_file(admin, "clf", paths["v3"], version="v3", copies=2)
                 t_v3 = time.monotonic()
                 warming = admin.rollout("clf", "v3")  # v3 is still loading: v1 serves
                 assert (warming.serving, warming.alias.version) == ("v1", "v3"), warming
@@ -180,7 +242,7 @@ def test_rolling_live_through_a_canary_and_back_loses_no_query(tmp_path: Path) -
                 register_file(admin, "clf", paths["v1"], variant="live")
             with pytest.raises(NotFound, match="no alias 'stable'"):
                 admin.rollback("clf", alias="stable")
-            # A query may name an alias; a variant name still selects that variant directly.
+            # A query may name an alias, a version, or a variant (pinned directly).
             roll_out(admin, "clf", "v2", alias="stable")
             with MeshClient(cp.address, timeout=10) as client:
                 assert client.infer("clf", {"x": XS[0]}, version="stable").variant == "v2"

@@ -1,5 +1,6 @@
 """Model switching with real processes: under a bounded burst the gateway moves a model's queries
-to its fast variant to keep their latency budget, and back to the accurate one after."""
+to its fast variant to keep their latency budget, and back to the accurate one after; switching
+chooses among the variants of the version a query resolves to, through a rollout too."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh
 from meshserve.protos import mesh_pb2
 from tests.support.mesh import wait_copies
+from tests.support.rollout import wait_shifted
 
 X = np.random.default_rng(4).standard_normal((1, 64)).astype(np.float32)
 SLO_MS = 40.0  # targets 45 % of it: the accurate variant alone fits, 16 queued on it do not
@@ -107,3 +109,51 @@ def test_a_switched_query_gets_the_accurate_variants_cached_answer_first(tmp_pat
             cached = client.infer("clf", {"x": X}, slo_ms=1)
             assert cached.variant == "accurate" and cached.parameters["meshserve_cache_hit"]
             np.testing.assert_array_equal(cached["y"], first["y"])
+
+
+def test_switching_chooses_inside_the_version_live_points_at_through_a_rollout(
+    tmp_path: Path,
+) -> None:
+    """Versions v1 and v2 of "clf", each with an accurate (~6 ms) and a fast variant: a query
+    under a budget no accurate variant meets gets the fast variant of the version it resolves to
+    (live: v1), during a canary of v2 the fast variant of whichever version it drew, after the
+    rollout v2's; explain names the version and its variants only."""
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        mesh.start_node("n1", [cp.address])
+        with AdminClient(cp.address) as admin:
+            for version, seed in (("v1", 1), ("v2", 2)):
+                accurate = make_mlp(tmp_path / f"{version}.onnx", hidden=(3072, 3072), seed=seed)
+                fast = make_mlp(tmp_path / f"{version}-fast.onnx", seed=seed)
+                for variant, path, accuracy in (
+                    (version, accurate, 0.98),
+                    (f"{version}-fast", fast, 0.9),
+                ):
+                    admin.register_model(
+                        "clf", path.as_uri(), sha256_file(path), version=version,
+                        variant=variant, accuracy=accuracy,
+                    )  # fmt: skip
+            wait_copies(admin, "clf", 4)
+            why = admin.explain_switching("clf", slo_ms=1)
+            assert (why.version, why.route, why.chosen) == ("v1", "live -> v1", "v1-fast")
+            assert [v.variant for v in why.variants] == ["v1", "v1-fast"]
+        with MeshClient(cp.address, timeout=10) as client:
+
+            def mix(n: int, **options: Any) -> Counter[str]:
+                return Counter(client.infer("clf", {"x": X}, **options).variant for _ in range(n))
+
+            assert mix(10, slo_ms=1) == {"v1-fast": 10}, "switched inside live's version"
+            assert mix(5) == {"v1": 5}, "no budget: the version's most accurate variant"
+            with AdminClient(cp.address) as admin:
+                admin.rollout("clf", "v2", canary_percent=50)
+                wait_shifted(admin, "clf", "v2")
+            during = mix(60, slo_ms=1)
+            assert set(during) == {"v1-fast", "v2-fast"}, f"each version switches: {during}"
+            with AdminClient(cp.address) as admin:
+                admin.rollout("clf", "v2")
+                why = admin.explain_switching("clf", slo_ms=1)
+                assert (why.version, why.chosen) == ("v2", "v2-fast")
+            assert mix(10, slo_ms=1) == {"v2-fast": 10}
+            assert mix(5) == {"v2": 5}
+            assert mix(3, slo_ms=1, version="v1") == {"v1-fast": 3}, "a named version switches too"

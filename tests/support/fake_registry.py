@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.controlplane import keys
+from meshserve.controlplane.dataplane.rollout import (
+    DEFAULT_ALIAS,
+    check_registration,
+    first_live,
+    version_of,
+)
 from meshserve.controlplane.registry import AliasPlan, SeqCounter, VariantKey
 from meshserve.protos import mesh_pb2
 
@@ -69,15 +75,28 @@ class FakeRegistry:
 
     # -- models, versions and aliases --------------------------------------------------------
 
+    def _specs(self, model: str) -> list[mesh_pb2.ModelSpec]:
+        return [
+            keys.decode(self.data[k].value, mesh_pb2.ModelSpec())
+            for k in self._under(keys.model_prefix(model))
+        ]
+
     async def register_model(self, spec: mesh_pb2.ModelSpec) -> bool:
-        if keys.alias_key(spec.name, spec.variant) in self.data:
-            raise InvalidArgument(
-                f"{spec.variant!r} is an alias of model {spec.name!r}; give the version "
-                "another name"
-            )
+        for name in sorted({spec.variant, version_of(spec)}):
+            if keys.alias_key(spec.name, name) in self.data:
+                raise InvalidArgument(
+                    f"{name!r} is an alias of model {spec.name!r}; give the version or variant "
+                    "another name"
+                )
+        others = [s for s in self._specs(spec.name) if s.variant != spec.variant]
+        check_registration(spec, self._specs(spec.name))
         key = keys.model_key(spec.name, spec.variant)
         created = key not in self.data
-        self._put(key, keys.encode(spec))
+        puts = {key: keys.encode(spec)}
+        live = keys.alias_key(spec.name, DEFAULT_ALIAS)
+        if live not in self.data:
+            puts[live] = keys.encode(first_live(spec, others, int(time.time() * 1000)))
+        self._commit(puts)
         return created
 
     async def set_drift_profile(
@@ -92,11 +111,20 @@ class FakeRegistry:
         self._put(key, keys.encode(spec))
 
     async def remove_variant(self, model: str, variant: str) -> int:
-        for alias in await self.aliases(model):
-            if variant in (alias.version, alias.canary_version):
-                raise FailedPrecondition(
-                    f"{variant!r} is a version of alias {alias.alias!r} of model {model!r}"
-                )
+        specs = {s.variant: s for s in self._specs(model)}
+        doomed = specs.get(variant)
+        if doomed is None:
+            return 0
+        if len(specs) == 1:
+            return await self.remove_model(model)
+        version = version_of(doomed)
+        if not any(version_of(s) == version for v, s in specs.items() if v != variant):
+            for alias in await self.aliases(model):
+                if version in (alias.version, alias.canary_version):
+                    raise FailedPrecondition(
+                        f"{variant!r} is the last variant of version {version!r} of alias "
+                        f"{alias.alias!r} of model {model!r}"
+                    )
         return int(self._delete(keys.model_key(model, variant)))
 
     async def remove_model(self, model: str) -> int:
@@ -115,8 +143,7 @@ class FakeRegistry:
     async def change_alias(
         self, model: str, alias: str, plan: AliasPlan
     ) -> tuple[mesh_pb2.Alias, mesh_pb2.Alias | None]:
-        variants = self._under(keys.model_prefix(model))
-        registered = [keys.split_key(k, keys.MODELS)[1] for k in variants]
+        registered = sorted({version_of(s) for s in self._specs(model)})
         if not registered:
             raise NotFound(f"unknown model {model!r}")
         stored = self.data.get(keys.alias_key(model, alias))

@@ -21,6 +21,7 @@ def register_file(
     copies: int = 1,
     selector: dict[str, str] | None = None,
     variant: str = "",
+    version: str = "",
 ) -> None:
     from meshserve.devtools.demo_models import sha256_file
 
@@ -31,6 +32,7 @@ def register_file(
         copies=copies,
         node_selector=selector,
         variant=variant,
+        version=version,
     )
 
 

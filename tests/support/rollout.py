@@ -44,10 +44,11 @@ def roll_out(
     copies: int = 1,
     timeout: float = 60.0,
 ) -> mesh_pb2.AliasStatus:
-    """Register ``path`` as version ``version`` of ``model`` (when given; ``copies`` copies),
+    """Register ``path`` as version ``version`` of ``model`` (when given; its one variant named
+    after it, ``copies`` copies),
     point ``alias`` at it (or canary ``canary_percent`` % of its queries there) at once, while
     it still loads, and return once the traffic shifted (:func:`wait_shifted`)."""
     if path is not None:
-        register_file(admin, model, path, variant=version, copies=copies)
+        register_file(admin, model, path, version=version, copies=copies)
     admin.rollout(model, version, alias=alias, canary_percent=canary_percent)
     return wait_shifted(admin, model, version, alias=alias, timeout=timeout)

@@ -4,6 +4,7 @@ copies may answer it, on hand-built snapshots (pure)."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
 
@@ -14,6 +15,7 @@ from meshserve.controlplane.dataplane.resolve import (
     IDLE,
     CopyFacts,
     LiveLoad,
+    Resolution,
     alias_state,
     best_variant,
     cached_alternatives,
@@ -23,12 +25,15 @@ from meshserve.controlplane.dataplane.resolve import (
     explain_switching,
     no_copy,
     resolve_variant,
+    resolve_version,
     serving_variant,
     serving_version,
     uses_switching,
     variant_options,
     version_states,
+    versions,
 )
+from meshserve.controlplane.dataplane.rollout import Route, canary_draw
 from meshserve.controlplane.dataplane.switching import Switcher
 from meshserve.controlplane.snapshot import NodeView, Snapshot
 from meshserve.protos import mesh_pb2
@@ -46,9 +51,10 @@ def spec(
     slo_ms: float = 0.0,
     cache: bool = False,
     max_batch: int = 0,
+    version: str = "",
 ) -> mesh_pb2.ModelSpec:
     out = mesh_pb2.ModelSpec(
-        name="m", variant=variant, accuracy=accuracy, copies=copies, slo_ms=slo_ms
+        name="m", variant=variant, accuracy=accuracy, copies=copies, slo_ms=slo_ms, version=version
     )
     out.serving.cache = cache
     out.serving.batching.max_batch_size = max_batch
@@ -223,7 +229,9 @@ def test_candidates(
 
 
 EVERYONE = {"n1", "n2", "n3"}
-TWO = [spec("small", 0.8), spec("big", 0.95)]
+TWO = [spec("small", 0.8), spec("big", 0.95)]  # two variants of the implicit version
+#: two versions, each with one variant named after it
+VTWO = [spec("small", 0.8, version="small"), spec("big", 0.95, version="big")]
 
 # (case, specs, copies, aliases, version, draw, expected variant, expected alias reason or None)
 RESOLVE_CASES: list[
@@ -280,7 +288,7 @@ RESOLVE_CASES: list[
     ),
     (
         "no version with a live alias follows it",
-        TWO,
+        VTWO,
         {"n1": {"small": R, "big": R}},
         [alias("small")],
         "",
@@ -290,7 +298,7 @@ RESOLVE_CASES: list[
     ),
     (
         "a named alias is followed",
-        TWO,
+        VTWO,
         {"n1": {"small": R, "big": R}},
         [alias("small", name="stable")],
         "stable",
@@ -299,18 +307,18 @@ RESOLVE_CASES: list[
         "stable -> small",
     ),
     (
-        "a variant's name wins over an alias of the same name",
-        [spec("live", 0.7), *TWO],
-        {"n1": {"small": R, "big": R, "live": R}},
+        "a named version is served whatever live points at",
+        VTWO,
+        {"n1": {"small": R, "big": R}},
         [alias("small")],
-        "live",
+        "big",
         50.0,
-        "live",
+        "big",
         None,
     ),
     (
         "an alias whose target is still loading keeps its previous version serving",
-        TWO,
+        VTWO,
         {"n1": {"small": R, "big": L}},
         [alias("big", previous="small")],
         "",
@@ -320,7 +328,7 @@ RESOLVE_CASES: list[
     ),
     (
         "a low draw goes to a warm canary",
-        TWO,
+        VTWO,
         {"n1": {"small": R, "big": R}},
         [alias("small", canary="big", percent=20)],
         "",
@@ -330,7 +338,7 @@ RESOLVE_CASES: list[
     ),
     (
         "a high draw stays on the alias's version",
-        TWO,
+        VTWO,
         {"n1": {"small": R, "big": R}},
         [alias("small", canary="big", percent=20)],
         "",
@@ -340,7 +348,7 @@ RESOLVE_CASES: list[
     ),
     (
         "a canary on a node the router cannot reach is not warm: it takes nothing",
-        TWO,
+        VTWO,
         {"n1": {"small": R}, "n9": {"big": R}},
         [alias("small", canary="big", percent=20)],
         "",
@@ -381,7 +389,7 @@ ERROR_CASES: list[tuple[str, str, str, list[mesh_pb2.Alias], type[StatusError], 
         "v9",
         [],
         NotFound,
-        "has no variant or alias 'v9' (has: big, small)",
+        "has no version, alias or variant 'v9' (versions: default;",
     ),
     (
         "an alias pointing at a version no longer registered says how to fix it",
@@ -415,7 +423,7 @@ def test_resolution_errors_name_the_fix(
 
 def test_the_serving_variant_never_draws_the_canary() -> None:
     s = snap(
-        TWO, {"n1": {"small": R, "big": R}}, aliases=[alias("small", canary="big", percent=99)]
+        VTWO, {"n1": {"small": R, "big": R}}, aliases=[alias("small", canary="big", percent=99)]
     )
     assert resolve_variant(s, "m", "", 0.0, EVERYONE)[0].variant == "big"
     assert serving_variant(s, "m", "", EVERYONE).variant == "small"
@@ -431,7 +439,11 @@ def test_best_variant_breaks_accuracy_ties_towards_default_then_the_name() -> No
 
 
 def test_version_states_count_reachable_ready_copies_against_the_placement() -> None:
-    specs = [spec("v1", copies=3), spec("v2", copies=3), spec("v3", copies=0)]
+    specs = [
+        spec("v1", copies=3, version="v1"),
+        spec("v2", copies=3, version="v2"),
+        spec("v3", copies=0, version="v3"),
+    ]
     s = snap(
         specs,
         {"n1": {"v1": R, "v2": R}, "n2": {"v1": R, "v2": L}, "n3": {"v1": R}},
@@ -486,26 +498,45 @@ def test_no_copy_tells_the_placements_story(
     assert words in error.message
 
 
-# (case, live alias, version, slo_s, min_accuracy, switches)
-SWITCHING_CASES: list[tuple[str, bool, str, float | None, float | None, bool]] = [
-    ("an SLO and nothing named: switching", False, "", 0.05, None, True),
-    ("a minimum accuracy alone: switching", False, "", None, 0.9, True),
-    ("no SLO and no minimum accuracy: resolution", False, "", None, None, False),
-    ("a named version is never switched", False, "small", 0.05, 0.9, False),
-    ("a live alias decides (rollouts), not the SLO", True, "", 0.05, None, False),
+THROUGH_LIVE = Route("live", "small", "small", False, False, "live -> small")
+
+# (case, resolution, slo_s, min_accuracy, switches)
+SWITCHING_CASES: list[tuple[str, Resolution, float | None, float | None, bool]] = [
+    ("an SLO: switching", Resolution("default", tuple(TWO)), 0.05, None, True),
+    ("a minimum accuracy alone: switching", Resolution("default", tuple(TWO)), None, 0.9, True),
+    (
+        "no SLO and no minimum accuracy: resolution",
+        Resolution("default", tuple(TWO)),
+        None,
+        None,
+        False,
+    ),
+    (
+        "a pinned variant is never switched",
+        Resolution("default", (TWO[0],), pinned=True),
+        0.05,
+        0.9,
+        False,
+    ),
+    (
+        "a version reached through live switches among its variants (rollouts compose)",
+        Resolution("small", tuple(VTWO[:1]), THROUGH_LIVE),
+        0.05,
+        None,
+        True,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("live", "version", "slo_s", "min_accuracy", "expected"),
+    ("resolution", "slo_s", "min_accuracy", "expected"),
     [c[1:] for c in SWITCHING_CASES],
     ids=[c[0] for c in SWITCHING_CASES],
 )
 def test_uses_switching(
-    live: bool, version: str, slo_s: float | None, min_accuracy: float | None, expected: bool
+    resolution: Resolution, slo_s: float | None, min_accuracy: float | None, expected: bool
 ) -> None:
-    s = snap(TWO, {}, aliases=[alias("small")] if live else [])
-    assert uses_switching(s, "m", version, slo_s, min_accuracy) is expected
+    assert uses_switching(resolution, slo_s, min_accuracy) is expected
 
 
 def test_the_default_slo_is_that_of_the_most_accurate_variant() -> None:
@@ -694,3 +725,155 @@ def test_live_load_reads_missing_copies_as_idle() -> None:
     live = LiveLoad(copies={("n1", "m", "a"): CopyFacts(in_flight=4)})
     assert live.facts(("n1", "m", "a")).in_flight == 4
     assert live.facts(("n2", "m", "a")) == IDLE
+
+
+# -- versions and their variants (issue 14 §1) ---------------------------------------------------
+
+#: flower: version v1 (variants v1, v1-fast) and version v2 (variants v2, v2-fast)
+TREE = [
+    spec("v1", 0.90, version="v1", slo_ms=30),
+    spec("v1-fast", 0.80, version="v1", slo_ms=30),
+    spec("v2", 0.95, version="v2", slo_ms=30),
+    spec("v2-fast", 0.85, version="v2", slo_ms=30),
+]
+ALL_READY = {"n1": {"v1": R, "v1-fast": R, "v2": R, "v2-fast": R}}
+
+
+def _tree_snapshot(*aliases: mesh_pb2.Alias) -> Snapshot:
+    """TREE on one one-core node: the accurate variants run in 8 ms, the fast ones in 1 ms."""
+    s = snap(TREE, ALL_READY, aliases=aliases)
+    view = dataclasses.replace(s.nodes["n1"], hardware=mesh_pb2.Hardware(cpu_cores=1))
+    for variant, seconds in (("v1", 0.008), ("v1-fast", 0.001), ("v2", 0.008), ("v2-fast", 0.001)):
+        _profiled(view, variant, {1: seconds}, batched=False)
+    return dataclasses.replace(s, nodes=MappingProxyType({"n1": view}))
+
+
+def test_versions_group_variants_and_unversioned_ones_form_the_implicit_version() -> None:
+    s = snap([*TREE, spec("old")], {})
+    tree = {v: [x.variant for x in specs] for v, specs in versions(s, "m").items()}
+    assert tree == {"default": ["old"], "v1": ["v1", "v1-fast"], "v2": ["v2", "v2-fast"]}
+
+
+# (case, aliases, name, draw, expected version, expected variants, pinned)
+VERSION_CASES: list[tuple[str, list[mesh_pb2.Alias], str, float, str, list[str], bool]] = [
+    ("nothing named follows live", [alias("v1")], "", 50.0, "v1", ["v1", "v1-fast"], False),
+    (
+        "a later version takes nothing until live moves",
+        [alias("v1")],
+        "",
+        0.0,
+        "v1",
+        ["v1", "v1-fast"],
+        False,
+    ),
+    (
+        "a version's name selects all its variants",
+        [alias("v1")],
+        "v2",
+        50.0,
+        "v2",
+        ["v2", "v2-fast"],
+        False,
+    ),
+    (
+        "a variant's name pins it (direct pinning)",
+        [alias("v1")],
+        "v2-fast",
+        50.0,
+        "v2",
+        ["v2-fast"],
+        True,
+    ),
+    (
+        "a low draw under a canary gets the canary version's variants",
+        [alias("v1", canary="v2", percent=20)],
+        "",
+        10.0,
+        "v2",
+        ["v2", "v2-fast"],
+        False,
+    ),
+    (
+        "a high draw under a canary stays on the alias's version",
+        [alias("v1", canary="v2", percent=20)],
+        "",
+        20.0,
+        "v1",
+        ["v1", "v1-fast"],
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("aliases", "name", "draw", "version", "variants", "pinned"),
+    [c[1:] for c in VERSION_CASES],
+    ids=[c[0] for c in VERSION_CASES],
+)
+def test_resolve_version(
+    aliases: list[mesh_pb2.Alias],
+    name: str,
+    draw: float,
+    version: str,
+    variants: list[str],
+    pinned: bool,
+) -> None:
+    found = resolve_version(snap(TREE, ALL_READY, aliases=aliases), "m", name, draw, EVERYONE)
+    assert found.version == version
+    assert [s.variant for s in found.variants] == variants
+    assert found.pinned is pinned
+
+
+def test_a_model_with_one_version_and_no_alias_serves_it_but_two_need_live() -> None:
+    one = snap(TWO, {"n1": {"small": R, "big": R}})
+    assert resolve_version(one, "m", "", 0.0, EVERYONE).version == "default"
+    two = snap(TREE, ALL_READY)
+    with pytest.raises(FailedPrecondition, match="meshctl model rollout m VERSION"):
+        resolve_version(two, "m", "", 0.0, EVERYONE)
+
+
+def test_version_states_sum_the_variants_of_each_version() -> None:
+    s = snap(TREE, {"n1": {"v1": R, "v1-fast": R, "v2": R}}, placed={"v2-fast": ["n2"]})
+    states = version_states(s, "m", alias("v2", previous="v1"), {"n1"})
+    assert {k: (v.ready, v.wanted) for k, v in states.items()} == {"v1": (2, 2), "v2": (1, 2)}
+    status = alias_state(s, "m", alias("v2", previous="v1"), {"n1"})
+    assert status.serving == "v1", "v2 is not warm until every variant has its copies"
+    assert [list(v.variants) for v in status.versions] == [["v1", "v1-fast"], ["v2", "v2-fast"]]
+
+
+SPIKE = LiveLoad(copies={("n1", "m", "v1"): CopyFacts(in_flight=6)})
+
+
+def test_switching_under_a_spike_stays_inside_the_live_version() -> None:
+    s = _tree_snapshot(alias("v1"))
+    calm = explain_switching(s, "m", 0.0, 0.0, linked={"n1"}, live=LiveLoad())
+    assert (calm.version, calm.route, calm.chosen) == ("v1", "live -> v1", "v1")
+    spiked = explain_switching(s, "m", 0.0, 0.0, linked={"n1"}, live=SPIKE)
+    assert (spiked.version, spiked.chosen, spiked.reason) == (
+        "v1",
+        "v1-fast",
+        "switched to meet SLO",
+    )
+    assert [v.variant for v in spiked.variants] == ["v1", "v1-fast"], "v2's variants never compete"
+    # the same through the functions the gateway composes
+    found = resolve_version(s, "m", "", 99.0, {"n1"})
+    options = variant_options(s, found.variants, {"n1"}, SPIKE.facts)
+    assert Switcher().choose("m", options, 0.030, version=found.version).spec.variant == "v1-fast"
+
+
+def test_a_rollout_during_switching_moves_the_version_and_switching_follows() -> None:
+    canary = _tree_snapshot(alias("v1", canary="v2", percent=20))
+    switcher = Switcher()
+    picks: Counter[str] = Counter()
+    for i in range(500):
+        found = resolve_version(canary, "m", "", canary_draw(f"q{i}"), {"n1"})
+        spike = LiveLoad(copies={("n1", "m", v): CopyFacts(in_flight=6) for v in ("v1", "v2")})
+        options = variant_options(canary, found.variants, {"n1"}, spike.facts)
+        picks[switcher.choose("m", options, 0.030, version=found.version).spec.variant] += 1
+    assert set(picks) == {"v1-fast", "v2-fast"}, "each query switches inside its own version"
+    assert 0.14 < picks["v2-fast"] / 500 < 0.26
+    moved = _tree_snapshot(alias("v2", previous="v1"))
+    full = explain_switching(moved, "m", 0.0, 0.0, linked={"n1"}, live=LiveLoad())
+    assert (full.version, full.chosen) == ("v2", "v2"), "a calm v2 answers with its best variant"
+    pinned = explain_switching(moved, "m", 0.0, 0.0, linked={"n1"}, live=SPIKE, version="v1-fast")
+    assert (pinned.version, pinned.chosen, pinned.reason) == ("v1", "v1-fast", "pinned variant")

@@ -12,13 +12,17 @@ import pytest
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.controlplane.dataplane.rollout import (
     DEFAULT_ALIAS,
+    IMPLICIT_VERSION,
     VersionState,
     alias_for,
     alias_status,
     canary_draw,
+    check_registration,
+    first_live,
     plan_rollback,
     plan_rollout,
     resolve,
+    version_of,
 )
 from meshserve.protos import mesh_pb2
 
@@ -167,16 +171,27 @@ def test_alias_status_reports_the_serving_version_and_readiness() -> None:
     ]
 
 
-def test_queries_follow_live_when_they_name_no_version_and_variants_win_over_aliases() -> None:
+def test_queries_follow_live_when_they_name_nothing_and_an_alias_by_its_name() -> None:
     live, stable = alias(), alias(version="v1", name="stable")
     aliases = {("m", "live"): live, ("m", "stable"): stable}
-    variants = {"v1", "v2"}
-    assert alias_for(aliases, variants, "m", "") is live
-    assert alias_for(aliases, variants, "m", "stable") is stable
-    assert alias_for(aliases, variants, "m", "v1") is None, "a variant name selects it directly"
-    assert alias_for(aliases, variants, "m", "nope") is None
-    assert alias_for({}, variants, "m", "") is None, "no live alias: today's behaviour"
-    assert alias_for(aliases, variants, "other", "") is None
+    assert alias_for(aliases, "m", "") is live
+    assert alias_for(aliases, "m", "stable") is stable
+    assert alias_for(aliases, "m", "v1") is None, "a version (or variant) name is no alias"
+    assert alias_for(aliases, "m", "nope") is None
+    assert alias_for({}, "m", "") is None, "no live alias: the model's only version decides"
+    assert alias_for(aliases, "other", "") is None
+
+
+def test_alias_status_lists_each_versions_variants() -> None:
+    status = alias_status(
+        alias(version="v2", previous="v1"),
+        {"v1": st(2), "v2": st(2)},
+        {"v1": ["v1"], "v2": ["v2-int8", "v2"]},
+    )
+    assert [(v.version, list(v.variants)) for v in status.versions] == [
+        ("v1", ["v1"]),
+        ("v2", ["v2", "v2-int8"]),
+    ]
 
 
 def test_canary_draw_is_stable_per_request_id_and_splits_evenly() -> None:
@@ -203,6 +218,7 @@ def _rollout(
     serving: str = "",
     registered: tuple[str, ...] = ("v1", "v2", "v3"),
     name: str = DEFAULT_ALIAS,
+    variants: tuple[str, ...] = ("v1", "v2", "v2-int8", "v3"),
 ) -> mesh_pb2.Alias:
     return plan_rollout(
         current,
@@ -213,6 +229,7 @@ def _rollout(
         registered=registered,
         serving_now=serving,
         now_ms=1234,
+        variants=variants,
     )
 
 
@@ -259,8 +276,10 @@ REFUSED = [
     ("percent over 100", V1, "v2", 101, "live", InvalidArgument, "between 0 and 100"),
     ("negative percent", V1, "v2", -1, "live", InvalidArgument, "between 0 and 100"),
     ("NaN percent", V1, "v2", float("nan"), "live", InvalidArgument, "between 0 and 100"),
-    ("unregistered version", V1, "v9", 0, "live", NotFound, "models register m --variant v9"),
+    ("unregistered version", V1, "v9", 0, "live", NotFound, "models register m --version v9"),
+    ("a variant is no version", V1, "v2-int8", 0, "live", NotFound, "is a variant: roll out"),
     ("alias named like a version", None, "v2", 0, "v1", InvalidArgument, "also a version"),
+    ("alias named like a variant", None, "v2", 0, "v2-int8", InvalidArgument, "also a variant"),
     ("canary without an alias", None, "v2", 10, "live", FailedPrecondition, "roll a version"),
     ("canary of its own version", V1, "v1", 10, "live", FailedPrecondition, "already points"),
 ]
@@ -281,6 +300,70 @@ def test_rollout_refuses(
 ) -> None:
     with pytest.raises(error, match=message):
         _rollout(current, version, percent, registered=("v1", "v2"), name=name)
+
+
+def test_a_canary_on_a_model_without_an_alias_yet_canaries_against_what_serves() -> None:
+    out = _rollout(None, "v2", 20, serving="v1")
+    assert (out.alias, out.version, out.canary_version, out.canary_percent) == (
+        "live",
+        "v1",
+        "v2",
+        20,
+    )
+
+
+def spec(variant: str, version: str = "") -> mesh_pb2.ModelSpec:
+    return mesh_pb2.ModelSpec(name="m", variant=variant, version=version)
+
+
+def test_a_variant_without_a_version_belongs_to_the_implicit_version() -> None:
+    assert version_of(spec("fast")) == IMPLICIT_VERSION == "default"
+    assert version_of(spec("v2-int8", "v2")) == "v2"
+
+
+def test_the_first_version_registered_becomes_live() -> None:
+    first = first_live(spec("v1", "v1"), [], 7)
+    assert (first.model, first.alias, first.version, first.updated_unix_ms) == (
+        "m",
+        "live",
+        "v1",
+        7,
+    )
+    # a model registered before aliases existed: its (implicit) version goes live, not the new one
+    assert first_live(spec("v2", "v2"), [spec("default")], 7).version == "default"
+
+
+EXISTING = [spec("v1", "v1"), spec("v1-int8", "v1")]
+
+# (case, spec registered beside EXISTING, part of the message; None: accepted)
+REGISTRATIONS = [
+    ("a new version", spec("v2", "v2"), None),
+    ("another variant of a version", spec("v1-fp16", "v1"), None),
+    ("re-registering a variant in its version", spec("v1-int8", "v1"), None),
+    ("a variant name taken by another version", spec("v1-int8", "v2"), "belongs to version 'v1'"),
+    ("a variant named like another version", spec("v1", "v2"), "belongs to version 'v1'"),
+    ("a variant named like another version (no clash)", spec("v3", "v2"), None),
+    ("a version named like another version's variant", spec("x", "v1-int8"), "is a variant"),
+]
+
+
+@pytest.mark.parametrize(
+    ("registered", "message"), [c[1:] for c in REGISTRATIONS], ids=[c[0] for c in REGISTRATIONS]
+)
+def test_registration_keeps_version_and_variant_names_unambiguous(
+    registered: mesh_pb2.ModelSpec, message: str | None
+) -> None:
+    others = [s for s in EXISTING if s.variant != registered.variant]
+    if message is None:
+        check_registration(registered, others)
+        return
+    with pytest.raises(InvalidArgument, match=message):
+        check_registration(registered, EXISTING)
+
+
+def test_a_variant_may_not_carry_the_name_of_another_version() -> None:
+    with pytest.raises(InvalidArgument, match="is a version of model"):
+        check_registration(spec("v1", "v2"), [spec("v1-int8", "v1")])
 
 
 def _rollback(current: mesh_pb2.Alias | None, registered: tuple[str, ...] = ("v1", "v2")) -> Any:

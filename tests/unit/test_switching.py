@@ -128,3 +128,16 @@ def test_the_switcher_keeps_a_level_only_for_choices_under_a_budget() -> None:
     again = choose_variant("digits", options, 0.0096, level=s.level("digits"), safety=1.0)
     assert again.spec.variant == "fast", "the pure choice honours the level it is given"
     assert choose_variant("digits", options, 0.0096, safety=1.0).spec.variant == "accurate"
+
+
+def test_the_hysteresis_level_is_kept_per_version() -> None:
+    """A rollout starts the new version's switching fresh: v1 stepping down does not hold v2's
+    more accurate variant back."""
+    idle = [option("accurate", 0.95, 0.008), option("fast", 0.80, 0.001)]
+    busy = [option("accurate", 0.95, 0.008, queued=6), option("fast", 0.80, 0.001)]
+    switcher = Switcher()
+    assert switcher.choose("m", busy, 0.022, version="v1").spec.variant == "fast"
+    assert switcher.level("m", "v1") == 0.80 and switcher.level("m", "v2") is None
+    assert switcher.choose("m", idle, 0.022, version="v2").spec.variant == "accurate"
+    assert switcher.choose("m", idle, 0.022, version="v1").spec.variant == "fast", "hysteresis"
+    assert switcher.levels("m") == {"v1": 0.80, "v2": 0.95}

@@ -383,7 +383,7 @@ OTHERS = [
     Case(
         "a rollout without a version is refused before its names are checked",
         lambda: validate_rollout("", "live", ""),
-        "rollout needs the version (a registered variant) to roll out",
+        "rollout needs the version to roll out (a registered version)",
     ),
     Case(
         "a rollout with a bad model name is refused",
