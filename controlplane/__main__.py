@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         "up to 3 s, then streams, lease and etcd client are closed, each step bounded (min 1)",
     )
     p.add_argument(
+        "--etcd-keep-revisions",
+        type=int,
+        default=10_000,
+        help="the leader compacts etcd's history, keeping this many revisions (min 100)",
+    )
+    p.add_argument(
         "--unload-confirm-s",
         type=float,
         default=600.0,
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         max_in_flight_per_client=max(0, ns.max_in_flight_per_client),
         shutdown_grace_s=max(1.0, ns.shutdown_grace_s),
         unload_confirm_s=max(0.0, ns.unload_confirm_s),
+        etcd_keep_revisions=max(100, ns.etcd_keep_revisions),
         tls=tls,
         require_client_cert=require_client_cert,
         auth=auth,

@@ -79,6 +79,7 @@ class ControlPlaneConfig:
     max_in_flight_per_client: int = 1024  # gateway admission per client (0: off)
     shutdown_grace_s: float = 10.0  # SIGTERM -> exit, whatever etcd does (docs/resilience.md)
     unload_confirm_s: float = 600.0  # the safety floor holds a mass unload back this long
+    etcd_keep_revisions: int = 10_000  # the leader compacts etcd, keeping this much history
     retry: RetryPolicy = DEFAULT_RETRY  # backoff before a node where a copy failed is tried again
 
 
@@ -114,6 +115,7 @@ class ControlPlane:
             mirrors=lambda: list(self._mirrors.values()),
             is_leader=self._is_leader,
             alarm=partial(self._alarm, "etcd_data_lost"),
+            keep=config.etcd_keep_revisions,
         )
 
     # -- the view ----------------------------------------------------------------------------

@@ -133,7 +133,9 @@ class StoreGuard:
             self.replacements += 1
         self._cluster_id = status.cluster_id
         if self._is_leader():
-            target = compaction_target(status.revision, self._compacted, keep=self._keep)
+            target = compaction_target(
+                status.revision, self._compacted, keep=self._keep, min_step=max(1, self._keep // 10)
+            )
             if target is not None:
                 await self._compact(target)
                 self._compacted = target
