@@ -205,12 +205,8 @@ async def test_a_trickling_download_does_not_block_another_load_and_fails_by_min
     files = {"/slow.onnx": slow.read_bytes(), "/fast.onnx": fast.read_bytes()}
     with artifact_server(port, files) as server:
         server.trickle.add("/slow.onnx")  # one byte per second
-        async with mesh(
-            etcd, tmp_path, download_min_rate_bps=64.0, download_rate_window_s=10.0
-        ) as (
-            cp,
-            n1,
-        ):
+        bounded = mesh(etcd, tmp_path, download_min_rate_bps=64.0, download_rate_window_s=10.0)
+        async with bounded as (cp, n1):
             base = f"http://127.0.0.1:{port}"
             await register(cp.address, "slow", f"{base}/slow.onnx", sha256_file(slow))
             slow_copy = await eventually(
