@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grpc
 
-from meshserve.common.errors import from_code
+from meshserve.common.errors import StatusError, from_code
 from meshserve.common.security import TLSFiles, sync_channel
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
-__all__ = ["AdminClient", "feedback_items"]
+__all__ = ["RETRIABLE", "AdminClient", "feedback_items"]
+
+#: Statuses :meth:`AdminClient.follow_events` waits out (the control plane is restarting, a
+#: leader is changing, the network is cut): everything else ends the follow.
+RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def feedback_items(outcomes: Mapping[str, int | str | float]) -> list[mesh_pb2.FeedbackItem]:
@@ -41,9 +47,17 @@ class AdminClient:
         """``tls``: dial with TLS (see :class:`meshserve.common.security.TLSFiles`). ``token``: the
         admin
         token, sent as ``authorization: Bearer <token>`` (only over TLS or to loopback)."""
+        self._dial = (target, tls, token)
         self._channel = sync_channel(target, tls, token)
         self._stub = mesh_pb2_grpc.AdminStub(self._channel)
         self._timeout = timeout
+
+    def _redial(self) -> None:
+        """A fresh channel (a channel that failed backs off reconnecting on its own schedule,
+        up to minutes; a new one dials at once)."""
+        self._channel.close()
+        self._channel = sync_channel(*self._dial)
+        self._stub = mesh_pb2_grpc.AdminStub(self._channel)
 
     def _call(self, method: str, request: object) -> object:
         try:
@@ -148,6 +162,58 @@ class AdminClient:
         out = self._call("ListEvents", request)
         assert isinstance(out, mesh_pb2.ListEventsResponse)
         return list(out.events)
+
+    def follow_events(
+        self,
+        limit: int = 50,
+        kind: str = "",
+        model: str = "",
+        *,
+        interval_s: float = 1.0,
+        max_backoff_s: float = 5.0,
+        on_state: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> Iterator[list[mesh_pb2.Event]]:
+        """Poll the event log for as long as the caller iterates: one list per answered poll,
+        the first with the newest ``limit`` events, each later one with the events recorded
+        after the last one yielded (by ``seq``, oldest first; possibly empty).
+
+        A retriable status (:data:`RETRIABLE`) is waited out: the channel is redialled with
+        backoff (``interval_s`` doubling to ``max_backoff_s``, with jitter) and polling resumes
+        after the last event yielded. ``on_state`` hears one line when the control plane becomes
+        unreachable and one when it answers again (never one per attempt). A sequence that went
+        backwards (the event log was lost) starts over from the ring as it is.
+
+        :raises StatusError: any other status.
+        """
+        last: int | None = None
+        delay = interval_s
+        down = False
+        while True:
+            try:
+                events = self.list_events(limit, kind, model)
+            except StatusError as exc:
+                if exc.code not in RETRIABLE:
+                    raise
+                if not down and on_state is not None:
+                    on_state(
+                        f"control plane unreachable ({exc.code.name}: {exc.message}); retrying"
+                    )
+                down = True
+                sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, max_backoff_s)
+                self._redial()
+                continue
+            if down and on_state is not None:
+                on_state("control plane reachable again; following")
+            down, delay = False, interval_s
+            newest = max((e.seq for e in events), default=0)
+            if last is not None and newest < last:
+                last = 0  # the ring restarted from 1: show what it holds now
+            fresh = [e for e in events if last is None or e.seq > last]
+            last = max(newest, last or 0)
+            yield fresh
+            sleep(interval_s)
 
     def retry_placements(
         self, model: str, *, variant: str = "", node_id: str = ""

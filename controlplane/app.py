@@ -33,7 +33,7 @@ from meshserve.controlplane.link.options import node_channel_options, server_opt
 from meshserve.controlplane.link.presence import Presence, replica_list
 from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.observe.events import EventLog
-from meshserve.controlplane.observe.telemetry import latest_telemetry, live_in_flight
+from meshserve.controlplane.observe.telemetry import live_in_flight
 from meshserve.controlplane.observe.webhook import Webhook
 from meshserve.controlplane.placement.failures import DEFAULT_RETRY, RetryPolicy
 from meshserve.controlplane.placement.leader import LeaderLoop
@@ -107,6 +107,11 @@ class ControlPlane:
             telemetry=self._telemetry,
             is_leader=self._is_leader,
             events=lambda: self.events,
+            registry=lambda: self.registry,
+            episodes=self._alarm_episodes,
+            replica_id=self.replica_id,
+            # a new leader judges accuracy once the nodes had time to link and report to it
+            grace_s=config.lease_ttl_s + 3 * config.telemetry_interval_ms / 1000,
         )
         self.webhook = Webhook(lambda: self.policy.current().spec.monitoring.webhook)
         self.store = StoreGuard(  # the store's identity and history (a maintenance step)
@@ -135,8 +140,14 @@ class ControlPlane:
             )
         return self._snapshot
 
-    def _telemetry(self) -> list[mesh_pb2.Telemetry]:
-        return [] if self.hub is None else latest_telemetry(self.hub.sessions)
+    def _telemetry(self) -> dict[str, mesh_pb2.Telemetry]:
+        """The latest telemetry of every node streaming here, by node id (a copy)."""
+        sessions = {} if self.hub is None else self.hub.sessions
+        return {node_id: s.telemetry for node_id, s in list(sessions.items())}
+
+    def _alarm_episodes(self) -> tuple[int, Mapping[str, bytes]] | None:
+        mirror = self._mirrors.get(keys.ALARMS)
+        return None if mirror is None else (mirror.revision, mirror.items())
 
     def _registry(self) -> Registry:
         assert self.registry is not None, "ControlPlane.start() was not awaited"
@@ -253,6 +264,8 @@ class ControlPlane:
             await mirror.start()
             mirror.subscribe(self._changed)
             self._mirrors[prefix] = mirror
+        self._mirrors[keys.ALARMS] = alarms = PrefixMirror(self._etcd, keys.ALARMS)
+        await alarms.start()  # open alarm episodes: read by self.alarms, not by the snapshot
 
         self.hub = Hub(
             registry=registry,

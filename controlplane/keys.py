@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 __all__ = [
+    "ALARMS",
     "ALIASES",
     "DRAINING",
     "EVENTS",
@@ -25,6 +26,7 @@ __all__ = [
     "REPLICAS",
     "SHUTDOWN_DRAIN",
     "WAKE",
+    "alarm_key",
     "alias_key",
     "alias_prefix",
     "decode",
@@ -55,6 +57,8 @@ EVENTS_SEQ = ROOT + "events-seq"
 WAKE = ROOT + "wake/"  # wake/<model>/<variant>         -> unix ms (leased; gateway: scale from 0)
 DRAINING = ROOT + "draining/"  # draining/<node>               -> "" (admin; present = draining)
 ALIASES = ROOT + "aliases/"  # aliases/<model>/<alias>        -> Alias       (admin)
+#: alarms/<kind>/<model>/<variant> -> an open alarm episode (JSON, observe/episodes.py; leader)
+ALARMS = ROOT + "alarms/"
 
 #: The value of a ``draining/<node>`` key a node set by shutting down (an operator's is "").
 SHUTDOWN_DRAIN = b"shutdown"
@@ -70,6 +74,11 @@ def model_key(model: str, variant: str) -> str:
 def model_prefix(model: str) -> str:
     """Every variant of one model."""
     return f"{MODELS}{model}/"
+
+
+def alarm_key(kind: str, model: str, variant: str) -> str:
+    """An open alarm episode of ``kind`` ("drift", "accuracy") for one variant."""
+    return f"{ALARMS}{kind}/{model}/{variant}"
 
 
 def alias_key(model: str, alias: str) -> str:

@@ -194,6 +194,23 @@ class Registry(Protocol):
         soon as one is refused."""
         ...
 
+    # -- alarm episodes (observe/alarms.py) -----------------------------------------------------
+
+    async def open_alarm(
+        self, kind: str, model: str, variant: str, value: bytes, leader: str
+    ) -> int:
+        """Open an alarm episode: put ``value`` at ``alarms/<kind>/<model>/<variant>`` iff no
+        episode is open there and ``leader`` holds the leader key (one transaction). Returns the
+        revision of the write, 0 when refused (already open: raised once per episode; or
+        ``leader`` no longer leads)."""
+        ...
+
+    async def close_alarm(self, kind: str, model: str, variant: str, leader: str) -> int:
+        """Close the open episode of ``(kind, model, variant)`` iff one is open and ``leader``
+        holds the leader key. Returns the revision of the delete, 0 when refused (nothing open:
+        cleared once; or ``leader`` no longer leads)."""
+        ...
+
     # -- the event ring --------------------------------------------------------------------
 
     async def append_events(
@@ -496,6 +513,24 @@ class EtcdRegistry:
             if not ok:
                 return False
         return True
+
+    # -- alarm episodes ---------------------------------------------------------------------------
+
+    async def open_alarm(
+        self, kind: str, model: str, variant: str, value: bytes, leader: str
+    ) -> int:
+        t = self._etcd.transactions
+        key = keys.alarm_key(kind, model, variant).encode()
+        guard = t.value(keys.LEADER.encode()) == leader.encode()
+        ok, responses = await self._txn([guard, t.create(key) == 0], [t.put(key, value)])
+        return int(responses[0].response_put.header.revision) if ok else 0
+
+    async def close_alarm(self, kind: str, model: str, variant: str, leader: str) -> int:
+        t = self._etcd.transactions
+        key = keys.alarm_key(kind, model, variant).encode()
+        guard = t.value(keys.LEADER.encode()) == leader.encode()
+        ok, responses = await self._txn([guard, t.create(key) > 0], [t.delete(key)])
+        return int(responses[0].response_delete_range.header.revision) if ok else 0
 
     # -- the event ring ---------------------------------------------------------------------------
 

@@ -1,12 +1,13 @@
 """``meshctl events``: the decision log (placements, scaling, evictions, drains, policy changes,
 drift and accuracy alarms), newest last; ``--follow`` polls and prints each new event once, in
-sequence order, until Ctrl-C.
+sequence order, until Ctrl-C or a status that retrying cannot fix: a control plane that is
+restarting (UNAVAILABLE, DEADLINE_EXCEEDED) is waited out with backoff, saying so once, and the
+follow resumes after the last event printed.
 """
 
 from __future__ import annotations
 
 import datetime
-import time
 from typing import Annotated
 
 import typer
@@ -29,7 +30,12 @@ def events(
     kind: str = "",
     model: str = "",
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="keep printing new events (Ctrl-C stops)")
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="keep printing new events; waits out a control plane that restarts (Ctrl-C stops)",
+        ),
     ] = False,
     interval_s: Annotated[float, typer.Option(help="poll interval with --follow")] = 1.0,
     target: Target = DEFAULT_TARGET,
@@ -37,18 +43,27 @@ def events(
     """The decision log: placements, scaling, evictions, drains, policy changes, drift and
     accuracy alarms (newest last)."""
     with admin_client(target) as admin:
-        items = admin.list_events(limit, kind, model)
-        table = Table("seq", "time", "kind", "model", "node", "message", "replica")
-        for e in items:
-            table.add_row(*_row(e))
-        console.print(table)
-        last = max((e.seq for e in items), default=0)
+        if not follow:
+            _table(admin.list_events(limit, kind, model))
+            return
+        polls = admin.follow_events(
+            limit, kind, model, interval_s=max(0.1, interval_s), on_state=_notice
+        )
         try:
-            while follow:
-                time.sleep(max(0.1, interval_s))
-                for e in admin.list_events(limit, kind, model):
-                    if e.seq > last:
-                        console.print("  ".join(_row(e)), highlight=False)
-                        last = e.seq
+            _table(next(polls))
+            for batch in polls:
+                for e in batch:
+                    console.print("  ".join(_row(e)), highlight=False)
         except KeyboardInterrupt:
             return
+
+
+def _table(items: list[mesh_pb2.Event]) -> None:
+    table = Table("seq", "time", "kind", "model", "node", "message", "replica")
+    for e in items:
+        table.add_row(*_row(e))
+    console.print(table)
+
+
+def _notice(line: str) -> None:
+    console.print(f"[yellow]{line}[/yellow]", highlight=False)

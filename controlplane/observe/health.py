@@ -15,9 +15,12 @@ Contract:
 * A variant is *drifting* once ``windows`` consecutive windows score above ``psi_threshold``
   (the largest of its feature and output PSIs) and is *clear* again after as many consecutive
   windows below it. Each change of state is returned once, as an :class:`Alarm`.
-* :meth:`ModelHealth.accuracy_alarms` turns feedback totals into alarms the same way: a variant
-  with at least ``min_feedback`` joined labels whose accuracy is below ``min_accuracy`` alarms
-  once, and clears once it is back above.
+* The alarm state outlives a replica in etcd (open episodes, :mod:`.episodes`): the caller
+  passes the variants whose drift episode is open to :meth:`ModelHealth.adopt_drift`, so a
+  restarted replica or a new leader starts from *drifting* and a state it builds later (a first
+  window, a new profile) starts from it too; only ``windows`` windows under the threshold clear.
+* :func:`feedback_totals` sums the feedback counters of the nodes; the accuracy decision on them
+  is :func:`.episodes.judge_accuracy`.
 * Pure: no I/O, no clock. The caller records alarms (the leader only) and serves the state.
 """
 
@@ -52,6 +55,10 @@ class Alarm:
     variant: str
     raised: bool  # True: crossed into alarm; False: cleared
     message: str
+    # accuracy: the figure the alarm was judged on (kept with the episode it opens)
+    labelled: int = 0
+    accuracy: float = -1.0
+    nodes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -83,7 +90,16 @@ class VariantDrift:
 class ModelHealth:
     def __init__(self) -> None:
         self.drift: dict[VariantKey, VariantDrift] = {}
-        self._accuracy_alarmed: set[VariantKey] = set()
+        self._open_drift: frozenset[VariantKey] = frozenset()
+
+    def adopt_drift(self, open_episodes: frozenset[VariantKey]) -> None:
+        """Take the stored alarm state: exactly the variants in ``open_episodes`` are drifting
+        (their consecutive-window counts restart)."""
+        self._open_drift = open_episodes
+        for key, state in self.drift.items():
+            drifting = key in open_episodes
+            if state.drifting != drifting:
+                state.drifting, state.over, state.under = drifting, 0, 0
 
     def _state(self, key: VariantKey, spec: mesh_pb2.ModelSpec | None) -> VariantDrift:
         reference = spec.drift_reference if spec is not None else mesh_pb2.DriftProfile()
@@ -93,6 +109,7 @@ class ModelHealth:
         ref_key = reference.SerializeToString(deterministic=True)
         if state is None or state.reference_key != ref_key:
             state = self.drift[key] = VariantDrift(reference, ref_key)
+            state.drifting = key in self._open_drift  # an open episode outlives a new profile
         return state
 
     def observe(
@@ -154,42 +171,6 @@ class ModelHealth:
                 f"drift cleared: {settings.windows} windows under PSI {settings.psi_threshold:g}",
             )
         return None
-
-    def accuracy_alarms(
-        self, totals: dict[VariantKey, mesh_pb2.VariantHealth], settings: HealthSettings
-    ) -> list[Alarm]:
-        """Alarms for variants whose live accuracy crossed ``settings.min_accuracy``."""
-        if settings.min_accuracy is None:
-            return []
-        out = []
-        for key, health in totals.items():
-            if health.feedback_joined < settings.min_feedback or health.accuracy < 0:
-                continue
-            low = health.accuracy < settings.min_accuracy
-            if low and key not in self._accuracy_alarmed:
-                self._accuracy_alarmed.add(key)
-                out.append(
-                    Alarm(
-                        "accuracy",
-                        key[0],
-                        key[1],
-                        True,
-                        f"live accuracy {health.accuracy:.4f} < {settings.min_accuracy:g} over "
-                        f"{health.feedback_joined} labelled answers",
-                    )
-                )
-            elif not low and key in self._accuracy_alarmed:
-                self._accuracy_alarmed.discard(key)
-                out.append(
-                    Alarm(
-                        "accuracy",
-                        key[0],
-                        key[1],
-                        False,
-                        f"live accuracy back to {health.accuracy:.4f}",
-                    )
-                )
-        return out
 
     def report(self, key: VariantKey, health: mesh_pb2.VariantHealth) -> None:
         """Fill ``health``'s drift fields from this replica's state of ``key``."""

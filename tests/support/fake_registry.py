@@ -220,6 +220,22 @@ class FakeRegistry:
         self._commit(puts, [keys.placement_key(*k) for k in deletes])
         return True
 
+    # -- alarm episodes --------------------------------------------------------------------
+
+    async def open_alarm(
+        self, kind: str, model: str, variant: str, value: bytes, leader: str
+    ) -> int:
+        key = keys.alarm_key(kind, model, variant)
+        if self.value(keys.LEADER) != leader.encode() or key in self.data:
+            return 0
+        return self._put(key, value)
+
+    async def close_alarm(self, kind: str, model: str, variant: str, leader: str) -> int:
+        key = keys.alarm_key(kind, model, variant)
+        if self.value(keys.LEADER) != leader.encode() or key not in self.data:
+            return 0
+        return self._commit(deletes=[key])
+
     # -- the event ring --------------------------------------------------------------------
 
     async def append_events(

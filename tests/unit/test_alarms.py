@@ -5,8 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
+
 from meshserve.common.policy.config import MonitoringSpec
-from meshserve.controlplane.observe.alarms import Alarms, health_settings
+from meshserve.controlplane import keys
+from meshserve.controlplane.observe.alarms import Alarms, health_settings, open_episodes
+from meshserve.controlplane.observe.episodes import (
+    Episode,
+    Feedback,
+    Verdict,
+    decode,
+    encode,
+    judge_accuracy,
+)
+from meshserve.controlplane.observe.health import HealthSettings, ModelHealth
 from meshserve.controlplane.snapshot import VariantKey
 from meshserve.protos import mesh_pb2
 
@@ -35,7 +47,7 @@ class Replica:
         return Alarms(
             monitoring=lambda: self.monitoring,
             models=lambda: self.models,
-            telemetry=lambda: self.telemetry,
+            telemetry=lambda: {f"n{i}": t for i, t in enumerate(self.telemetry)},
             is_leader=lambda: self.leading,
             events=lambda: self.log,
         )
@@ -108,3 +120,113 @@ def test_accuracy_alarms_once_below_the_minimum_and_clears_once_above() -> None:
     alarms.check_accuracy()
     assert [e[:3] for e in replica.log.events] == [("accuracy", "m", "v")] * 2
     assert "back to" in replica.log.events[1][3]
+
+
+# -- alarm episodes: the accuracy decision as a table ----------------------------------------
+
+
+def _episode(labelled: int, nodes: tuple[str, ...]) -> Episode:
+    return Episode("accuracy", "m", "v", labelled=labelled, accuracy=0.6433, nodes=nodes)
+
+
+BOTH = frozenset({"n1", "n2"})
+_JUDGE_CASES = [
+    # (case, now, episode, min_accuracy, settled, verdict)
+    ("no minimum accuracy in the policy: never judged", Feedback(300, 0.1, BOTH), None, None,
+     True, None),
+    ("a leader within its grace does not judge, however low", Feedback(300, 0.1, BOTH), None,
+     0.9, False, None),
+    ("fewer labelled answers than min_feedback: no judgement", Feedback(49, 0.1, BOTH), None,
+     0.9, True, None),
+    ("no label joined yet (accuracy -1): no judgement", Feedback(60, -1.0, BOTH), None, 0.9,
+     True, None),
+    ("low and no episode open: raise", Feedback(300, 0.6433, BOTH), None, 0.9, True,
+     Verdict.RAISE),
+    ("high and no episode open: nothing", Feedback(300, 0.95, BOTH), None, 0.9, True, None),
+    ("low with the episode open: not raised twice", Feedback(300, 0.6433, BOTH),
+     _episode(300, ("n1", "n2")), 0.9, True, None),
+    ("low partial figure after a restart, episode open: not raised again",
+     Feedback(226, 0.8451, frozenset({"n1"})), _episode(300, ("n1", "n2")), 0.9, True, None),
+    ("high partial figure (one node of two, fewer labels): the episode is not cleared",
+     Feedback(226, 0.95, frozenset({"n1"})), _episode(300, ("n1", "n2")), 0.9, True, None),
+    ("high with every node of the episode back: cleared", Feedback(420, 0.93, BOTH),
+     _episode(300, ("n1", "n2")), 0.9, True, Verdict.CLEAR),
+    ("high from other nodes with as many labels as the episode: cleared",
+     Feedback(300, 0.95, frozenset({"n3"})), _episode(300, ("n1", "n2")), 0.9, True,
+     Verdict.CLEAR),
+    ("high but within the grace: the episode stays open", Feedback(420, 0.93, BOTH),
+     _episode(300, ("n1", "n2")), 0.9, False, None),
+    ("an unreadable episode (no figure) clears on any sufficient high figure",
+     Feedback(60, 0.95, frozenset({"n1"})), Episode("accuracy", "m", "v"), 0.9, True,
+     Verdict.CLEAR),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("now", "episode", "min_accuracy", "settled", "verdict"),
+    [case[1:] for case in _JUDGE_CASES],
+    ids=[case[0] for case in _JUDGE_CASES],
+)
+def test_judge_accuracy(
+    now: Feedback,
+    episode: Episode | None,
+    min_accuracy: float | None,
+    settled: bool,
+    verdict: Verdict | None,
+) -> None:
+    got = judge_accuracy(now, episode, min_accuracy=min_accuracy, min_feedback=50, settled=settled)
+    assert got is verdict
+
+
+def test_an_episode_round_trips_and_an_unreadable_one_reads_as_open_with_no_figure() -> None:
+    episode = Episode(
+        "accuracy", "m", "v", message="low", labelled=300, accuracy=0.6433, nodes=("n1", "n2"),
+        unix_ms=5, replica_id="cp-1",
+    )  # fmt: skip
+    assert decode("accuracy", "m", "v", encode(episode)) == episode
+    assert decode("drift", "m", "v", b"{not json") == Episode("drift", "m", "v")
+    assert open_episodes({keys.alarm_key("drift", "m", "v"): b"{}"}) == {
+        ("drift", "m", "v"): Episode("drift", "m", "v")
+    }
+
+
+def test_an_open_drift_episode_makes_the_state_drifting_until_enough_calm_windows() -> None:
+    health = ModelHealth()
+    settings = HealthSettings(windows=2)
+    health.adopt_drift(frozenset({("m", "v")}))  # a restarted replica: the episode is open
+    spec = _spec()
+    calm = _window(1, [100, 100, 100, 100]).models[0]
+    assert health.observe("n1", calm, spec, settings) is None
+    assert health.drift[("m", "v")].drifting, "the first window finds the variant drifting"
+    calm2 = _window(2, [100, 100, 100, 100]).models[0]
+    alarm = health.observe("n1", calm2, spec, settings)
+    assert alarm is not None and not alarm.raised, "cleared after 2 windows under the threshold"
+    health.adopt_drift(frozenset())
+    assert not health.drift[("m", "v")].drifting
+
+
+def test_a_new_leader_waits_its_grace_before_judging_accuracy() -> None:
+    entry = mesh_pb2.ModelTelemetry(model="m", variant="v", feedback_joined=60, feedback_correct=6)
+    replica = Replica(
+        MonitoringSpec(min_accuracy=0.9), telemetry=[mesh_pb2.Telemetry(models=[entry])]
+    )
+    now = [100.0]
+    alarms = Alarms(
+        monitoring=lambda: replica.monitoring,
+        models=lambda: replica.models,
+        telemetry=lambda: {"n1": replica.telemetry[0]},
+        is_leader=lambda: replica.leading,
+        events=lambda: replica.log,
+        grace_s=10.0,
+        clock=lambda: now[0],
+    )
+    alarms.check_accuracy()
+    now[0] = 109.0
+    alarms.check_accuracy()
+    assert replica.log is not None and replica.log.events == [], "within the grace"
+    now[0] = 110.0
+    alarms.check_accuracy()
+    assert [e[:3] for e in replica.log.events] == [("accuracy", "m", "v")]
+    assert "over 60 labelled answers" in replica.log.events[0][3]
+    alarms.check_accuracy()
+    assert len(replica.log.events) == 1, "raised once per episode"
