@@ -12,6 +12,7 @@ Contract:
   feedback counters summed over the nodes this replica holds streams to (every node links to
   every replica) are judged by :func:`~.episodes.judge_accuracy`, not before ``grace_s`` after
   this replica took the lead (the nodes that hold the data need time to link to a new leader).
+  After the grace it also closes the episodes of variants no longer registered (nor served).
 * **Once per episode.** An alarm is recorded as an event (kind ``drift`` or ``accuracy``) by the
   **leader only**, and only after its episode was opened in the store (``open_alarm``, a
   transaction that refuses when one is open or the caller no longer leads); a clearing is
@@ -216,7 +217,14 @@ class Alarms:
         settings = self.settings()
         settled = now - self._leading_since >= self._grace_s
         open_now = self.episodes()
-        for key, figure in feedback_by_variant(self._telemetry()).items():
+        figures = feedback_by_variant(self._telemetry())
+        if settled:
+            registered = self._models()
+            for kind, model, variant in open_now:
+                if (model, variant) not in registered and (model, variant) not in figures:
+                    message = f"{kind} alarm closed: {model}/{variant} is no longer registered"
+                    self.record(Alarm(kind, model, variant, False, message))
+        for key, figure in figures.items():
             episode = open_now.get(("accuracy", *key))
             verdict = episodes.judge_accuracy(
                 figure,

@@ -178,6 +178,7 @@ class ModelHealth:
         health.output_psi = -1.0
         health.max_feature_psi = -1.0
         if state is None:
+            health.drifting = key in self._open_drift  # an open episode, no window scored yet
             return
         health.windows = state.windows
         health.output_psi = state.output_psi

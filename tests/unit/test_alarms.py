@@ -230,3 +230,21 @@ def test_a_new_leader_waits_its_grace_before_judging_accuracy() -> None:
     assert "over 60 labelled answers" in replica.log.events[0][3]
     alarms.check_accuracy()
     assert len(replica.log.events) == 1, "raised once per episode"
+
+
+def test_the_episode_of_a_removed_variant_is_closed_once_and_reported_until_then() -> None:
+    replica = Replica(MonitoringSpec(drift_windows=1), models={("m", "v"): _spec()})
+    alarms = replica.alarms()
+    alarms.on_telemetry("n1", _window(1, [400, 0, 0, 0]))
+    assert replica.log is not None and [e[0] for e in replica.log.events] == ["drift"]
+    fresh = ModelHealth()
+    fresh.adopt_drift(frozenset({("m", "v")}))
+    health = mesh_pb2.VariantHealth()
+    fresh.report(("m", "v"), health)
+    assert health.drifting, "an open episode shows before any window is scored"
+    replica.models = {}  # the variant was removed; no node serves it any more
+    alarms.check_accuracy()
+    alarms.check_accuracy()
+    assert [e[0] for e in replica.log.events] == ["drift", "drift"]
+    assert "no longer registered" in replica.log.events[1][3]
+    assert alarms.episodes() == {}
