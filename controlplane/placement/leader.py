@@ -144,6 +144,9 @@ class LeaderLoop:
             self._event("placement", key, message=text)
         for key in plan.deletes:
             self._event("placement", key, message="removed (model unregistered)")
+        for relief in plan.relieved:
+            _log.info("placement %s/%s: %s", relief.key[0], relief.key[1], relief.message())
+            self._event("placement", relief.key, message=relief.message())
         for ev in plan.evictions:
             text = (
                 f"copy on {ev.node_id} evicted for {ev.for_key[0]}/{ev.for_key[1]} "

@@ -9,6 +9,7 @@ nodes each variant is placed on), never the snapshot.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from meshserve.controlplane.placement.policies.table import NodeTable
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
 
-__all__ = ["footprints", "relieve"]
+__all__ = ["Relief", "footprints", "relieve"]
 
 _READY = mesh_pb2.READY
 
@@ -42,20 +43,38 @@ def footprints(snapshot: Snapshot) -> dict[VariantKey, int]:
     return sizes
 
 
+@dataclass(frozen=True, slots=True)
+class Relief:
+    """A copy of ``key`` taken off ``node_id``'s placement: the node's placed copies took
+    ``used`` bytes of its ``memory`` (re-planned elsewhere by the same pass's top-up)."""
+
+    key: VariantKey
+    node_id: str
+    used: float
+    memory: float
+
+    def message(self) -> str:
+        return (
+            f"copy on {self.node_id} re-planned: the node's copies measure "
+            f"{self.used / 2**20:.1f} MiB of its {self.memory / 2**20:.1f} MiB"
+        )
+
+
 def relieve(
     snapshot: Snapshot,
     table: NodeTable,
     sizes: Mapping[VariantKey, int],
     nodes_of: dict[VariantKey, list[str]],
-) -> None:
+) -> list[Relief]:
     """Re-plan what no longer fits: on a node whose placed copies now take more than its
     memory (a copy measured bigger than it was estimated), take copies off its placement until
     the rest fits, so the top-up places them elsewhere. Copies not serving yet go first, then
     the biggest; the only copy of a variant that is READY there stays (moving it would leave
-    the variant with no serving copy)."""
+    the variant with no serving copy). Returns what it took off, in that order."""
     over = np.flatnonzero((table.memory > 0) & (table.used > table.memory))
+    out: list[Relief] = []
     if over.size == 0:
-        return
+        return out
     on_node: dict[str, list[VariantKey]] = {}
     for key, nodes in nodes_of.items():
         for node_id in nodes:
@@ -68,5 +87,7 @@ def relieve(
         for key in movable:
             if table.used[row] <= table.memory[row]:
                 break
+            out.append(Relief(key, node_id, float(table.used[row]), float(table.memory[row])))
             nodes_of[key].remove(node_id)
             table.unplace(row, sizes[key])
+    return out

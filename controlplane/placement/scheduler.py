@@ -49,7 +49,7 @@ from typing import Protocol
 from meshserve.common.policy.rule import DEFAULT_RULE, Rule
 from meshserve.controlplane.placement import failures as _failures
 from meshserve.controlplane.placement.failures import DEFAULT_RETRY, RetryPolicy
-from meshserve.controlplane.placement.memory import footprints, relieve
+from meshserve.controlplane.placement.memory import Relief, footprints, relieve
 from meshserve.controlplane.placement.policies.pipeline import (
     Verdict,
     choose,
@@ -87,6 +87,7 @@ class Plan:
     upserts: dict[VariantKey, mesh_pb2.Placement]
     deletes: list[VariantKey]
     evictions: list[Eviction] = field(default_factory=list)
+    relieved: list[Relief] = field(default_factory=list)  # copies re-planned off a full node
 
 
 def min_copies(spec: mesh_pb2.ModelSpec) -> int:
@@ -130,7 +131,7 @@ def plan_placements(
                 table.unplace(table.index[node_id], sizes[key])
             kept = kept[:want]
         wants[key], nodes_of[key], failed_of[key] = want, kept, failed
-    relieve(snapshot, table, sizes, nodes_of)
+    relieved = relieve(snapshot, table, sizes, nodes_of)
     # Pass 2: adopt copies nodes already hold (a node back from a network cut keeps serving what
     # it loaded: no reload, nothing dropped), then top up through the pipeline; a variant below
     # its minimum may evict cheaper copies.
@@ -179,7 +180,7 @@ def plan_placements(
         old = snapshot.placements.get(key)
         if old is None or old != new:
             upserts[key] = new
-    return Plan(upserts, deletes, evictions)
+    return Plan(upserts, deletes, evictions, relieved)
 
 
 # Nodes the eviction step is asked about, best-ranked first, before the variant stays short.

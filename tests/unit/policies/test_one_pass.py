@@ -119,6 +119,12 @@ def test_a_copy_measured_bigger_than_its_node_holds_is_re_planned_elsewhere() ->
     )
     assert nodes_of(snapshot, "m") == ["c", "b"]
     assert nodes_of(snapshot, "big") == ["a"]
+    [relief] = plan_placements(snapshot).relieved
+    assert (relief.key, relief.node_id) == (key("m"), "a")
+    assert (
+        relief.message()
+        == "copy on a re-planned: the node's copies measure 350.0 MiB of its 300.0 MiB"
+    )
 
 
 def test_the_only_serving_copy_stays_where_it_is_though_measured_too_big() -> None:
