@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from meshserve.client import MeshClient
 from meshserve.client._admin import AdminClient
 from meshserve.devtools.demo_models import make_mlp, reference_outputs
-from meshserve.devtools.local import LocalMesh, ManagedProcess, wait_until
+from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
+from meshserve.errors import Unavailable
 from tests.support.mesh import register_file, wait_copies
 
 TTL = 3
@@ -77,6 +79,25 @@ def test_a_replica_started_after_the_node_reaches_it_and_a_stopped_one_is_droppe
         attempts = _log(node).count(f"stream to {cp2.address} failed")
         time.sleep(2.0)
         assert _log(node).count(f"stream to {cp2.address} failed") == attempts
+        assert _query(cp1.address, model) == "edge-1"
+
+
+def test_a_replica_the_node_cannot_dial_says_not_reachable_not_not_ready(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, lease_ttl_s=TTL) as mesh:
+        mesh.start_etcd()
+        cp1 = mesh.start_controlplane("cp-1")
+        mesh.start_node("edge-1", [cp1.address])  # tunnel-only
+        model = make_mlp(tmp_path / "mlp.onnx")
+        with AdminClient(cp1.address) as admin:
+            register_file(admin, "mlp", model, copies=1)
+            wait_copies(admin, "mlp", 1)
+        # cp-2 advertises an address nobody listens on: the node is told of it but never links.
+        cp2 = mesh.start_controlplane("cp-2", extra=["--advertise", f"127.0.0.1:{free_port()}"])
+        x = np.zeros((2, 64), dtype=np.float32)
+        with MeshClient(cp2.address, timeout=3) as client, pytest.raises(Unavailable) as caught:
+            client.infer("mlp", {"x": x})
+        assert "is ready on edge-1, not reachable from this replica" in caught.value.message
+        assert "not ready yet" not in caught.value.message
         assert _query(cp1.address, model) == "edge-1"
 
 
