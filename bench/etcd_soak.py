@@ -35,7 +35,7 @@ from typing import Any
 from bench._report import emit
 from meshserve.client._admin import AdminClient
 from meshserve.controlplane.etcd import connect
-from meshserve.controlplane.etcd._client import status
+from meshserve.controlplane.etcd._client import RevisionCompactedError, status, watch
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2
@@ -75,6 +75,29 @@ def _status(url: str) -> dict[str, int]:
             await client.close()
 
     return asyncio.run(read())
+
+
+def _compacted(url: str) -> bool:
+    """Whether etcd's history before revision 2 is gone (the leader compacted it): a watch
+    from there fails with RevisionCompactedError instead of replaying the first writes."""
+
+    async def probe() -> bool:
+        client = await connect(url)
+        try:
+            stream = await watch(client, b"/", start_revision=2, prefix=True)
+            try:
+                async with asyncio.timeout(5.0):
+                    async for _ in stream:
+                        return False
+            except RevisionCompactedError:
+                return True
+            finally:
+                await stream.cancel()
+            return False
+        finally:
+            await client.close()
+
+    return asyncio.run(probe())
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -146,6 +169,7 @@ def main() -> None:
                         next_sample += ns.sample_s
                 samples.append({"t_s": round(time.monotonic() - started, 1), **_status(url)})
                 result["cycles"] = cycles
+            result["compacted"] = _compacted(url)
             result["samples"] = samples
             result["final"] = samples[-1]
             result["final_db_mib"] = round(samples[-1]["db_size"] / 2**20, 2)

@@ -7,7 +7,13 @@ from typing import Any
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from tests.chaos.test_chaos import RESULTS
+    from tests.chaos.test_chaos import ETCD_DB, RESULTS
+
+    if ETCD_DB:
+        terminalreporter.write_line(
+            f"chaos: etcd after the faults: revision {ETCD_DB['revision']}, dbSize "
+            f"{ETCD_DB['db_size'] / 2**20:.2f} MiB ({ETCD_DB['in_use'] / 2**20:.2f} MiB in use)"
+        )
 
     if not RESULTS:
         return

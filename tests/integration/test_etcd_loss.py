@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -140,3 +143,25 @@ def test_download_progress_travels_on_the_stream_not_in_etcd(tmp_path: Path) -> 
         assert writes <= 4, f"{writes} record writes for one load"
     finally:
         server.shutdown()
+
+
+def test_etcd_soak_smoke() -> None:
+    """bench/etcd_soak.py in small: the noisy cycle runs, the leader compacts (history kept:
+    100 revisions), and a replica with etcd down costs little CPU and exits on SIGTERM."""
+    root = Path(__file__).resolve().parents[2]
+    argv = ["--duration", "8", "--sample-s", "4", "--keep", "100", "--outage-s", "3"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.etcd_soak", *argv],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["cycles"] >= 2 and result["final"]["revision"] > 120, result
+    assert result["compacted"] is True, result
+    assert result["outage"]["cp_cpu_share_of_a_core"] < 0.05, result["outage"]
+    assert result["outage"]["sigterm_exit_s"] is not None, result["outage"]
+    assert result["outage"]["sigterm_exit_s"] <= 12.0, result["outage"]
