@@ -117,6 +117,11 @@ SPECS = [
         "invalid model variant",
     ),
     Case(
+        "a version with a slash is refused, named as the version",
+        lambda: validate_spec(spec(version="v/2")),
+        "invalid model version 'v/2'",
+    ),
+    Case(
         "an ftp artifact is refused, naming the schemes allowed",
         lambda: validate_spec(spec(artifact_uri="ftp://host/x.onnx")),
         "must be a file://, http:// or https:// URI",
@@ -226,6 +231,12 @@ def test_a_spec_comes_back_normalised_and_the_request_is_untouched() -> None:
     out = validate_spec(sent)
     assert (out.variant, out.sha256, out.copies) == ("default", SHA, 1)
     assert (sent.variant, sent.sha256, sent.copies) == ("", SHA.upper(), 0)
+
+
+def test_a_versioned_spec_without_a_variant_names_it_after_the_version() -> None:
+    assert validate_spec(spec(variant="", version="v2")).variant == "v2"
+    assert validate_spec(spec(variant="v2-int8", version="v2")).variant == "v2-int8"
+    assert validate_spec(spec(variant="")).version == "", "no version: the implicit one"
 
 
 PROFILES = [
