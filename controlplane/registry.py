@@ -211,6 +211,15 @@ class Registry(Protocol):
         cleared once; or ``leader`` no longer leads)."""
         ...
 
+    async def keep_captured_reference(
+        self, model: str, variant: str, profile: mesh_pb2.DriftProfile
+    ) -> bool:
+        """Store a drift reference captured from production windows as the variant's, only
+        while the stored spec has none (an operator's profile always wins; read-modify-write on
+        the key's mod revision, retried). True when stored; False when the variant is gone, has
+        a reference, or kept changing."""
+        ...
+
     # -- the event ring --------------------------------------------------------------------
 
     async def append_events(
@@ -531,6 +540,27 @@ class EtcdRegistry:
         guard = t.value(keys.LEADER.encode()) == leader.encode()
         ok, responses = await self._txn([guard, t.create(key) > 0], [t.delete(key)])
         return int(responses[0].response_delete_range.header.revision) if ok else 0
+
+    async def keep_captured_reference(
+        self, model: str, variant: str, profile: mesh_pb2.DriftProfile
+    ) -> bool:
+        t = self._etcd.transactions
+        key = keys.model_key(model, variant).encode()
+        kv = await get(self._etcd, key)
+        for _ in range(CAS_ATTEMPTS):
+            if kv is None:
+                return False
+            spec = keys.decode(kv.value, mesh_pb2.ModelSpec())
+            if spec.drift_reference.output.counts or spec.drift_reference.features:
+                return False
+            spec.drift_reference.CopyFrom(profile)
+            ok, responses = await self._txn(
+                [t.mod(key) == kv.mod_revision], [t.put(key, keys.encode(spec))], [t.get(key)]
+            )
+            if ok:
+                return True
+            kv = _ranged(responses)
+        return False
 
     # -- the event ring ---------------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ Contract:
   recorded only after the episode was closed there (``close_alarm``). So a restarted replica or
   the next leader never raises an open episode again, and it clears once. The webhook follows
   the events. Without a registry (unit tests) the episodes live in this object.
+* A reference captured from production windows (a variant with no profile) is stored with the
+  variant by the leader (``keep_captured_reference``: only while it has none), so a restarted
+  replica does not capture a new one from windows that may be drifting.
 * Every replica keeps its drift state in step with the stored episodes (the ``alarms/`` mirror
   read at ``episodes``; adopted whenever its revision moves, and when this replica takes the
   lead), so ``meshctl model accuracy`` shows *drifting* on any replica and after a restart.
@@ -43,9 +46,15 @@ from opentelemetry import metrics
 
 from meshserve.common.instruments import Reading, SharedObservable
 from meshserve.common.policy.config import MonitoringSpec
-from meshserve.controlplane import keys
+from meshserve.common.sketches import merge_counts
 from meshserve.controlplane.observe import episodes
-from meshserve.controlplane.observe.episodes import Episode, Feedback, Verdict
+from meshserve.controlplane.observe.episodes import (
+    Episode,
+    EpisodeKey,
+    Feedback,
+    Verdict,
+    open_episodes,
+)
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.observe.health import (
     Alarm,
@@ -61,8 +70,6 @@ __all__ = ["Alarms", "EpisodeKey", "health_settings", "open_episodes"]
 
 _log = logging.getLogger("meshserve.alarms")
 
-#: ``(kind, model, variant)``
-EpisodeKey = tuple[str, str, str]
 #: The ``alarms/`` mirror as read: ``(revision, key -> stored value)``.
 EpisodeView = tuple[int, Mapping[str, bytes]]
 
@@ -76,17 +83,6 @@ def health_settings(monitoring: MonitoringSpec) -> HealthSettings:
         min_accuracy=monitoring.min_accuracy,
         min_feedback=monitoring.min_feedback,
     )
-
-
-def open_episodes(items: Mapping[str, bytes]) -> dict[EpisodeKey, Episode]:
-    """The episodes stored under ``alarms/`` (keys that do not parse are skipped)."""
-    out: dict[EpisodeKey, Episode] = {}
-    for key, value in items.items():
-        kind, _, rest = key[len(keys.ALARMS) :].partition("/")
-        model, _, variant = rest.partition("/")
-        if kind and model:
-            out[(kind, model, variant)] = episodes.decode(kind, model, variant, value)
-    return out
 
 
 def feedback_by_variant(telemetry: Mapping[str, mesh_pb2.Telemetry]) -> dict[VariantKey, Feedback]:
@@ -147,6 +143,7 @@ class Alarms:
         self._tasks: set[asyncio.Task[None]] = set()
         self._adopted = -1  # the mirror revision the drift state was last adopted from
         self._leading_since: float | None = None
+        self._captures: set[VariantKey] = set()  # captured references stored (or being)
 
     def settings(self) -> HealthSettings:
         return health_settings(self._monitoring())
@@ -196,6 +193,41 @@ class Alarms:
             alarm = self.health.observe(node_id, entry, spec, settings)
             if alarm is not None:
                 self.record(alarm)
+            self._keep_capture((entry.model, entry.variant), settings)
+
+    def _keep_capture(self, key: VariantKey, settings: HealthSettings) -> None:
+        """On the leader: store an output reference captured from production windows with the
+        variant (once), so that a restarted replica scores against it instead of capturing
+        again from windows that may be drifting."""
+        state = self.health.drift.get(key)
+        if (
+            state is None
+            or state.reference.output.counts
+            or state.reference.features
+            or len(state.captured) < settings.capture_windows
+            or key in self._captures
+            or not self._is_leader()
+        ):
+            return
+        registry = self._registry()
+        if registry is None:
+            return
+        self._captures.add(key)
+        counts = merge_counts(state.captured)
+        profile = mesh_pb2.DriftProfile(
+            output=mesh_pb2.Sketch(counts=counts), rows=sum(counts), source="production"
+        )
+
+        async def keep() -> None:
+            try:
+                await registry.keep_captured_reference(*key, profile)
+            except Exception as exc:
+                self._captures.discard(key)  # tried again with the next window
+                _log.warning("cannot store the captured reference of %s/%s: %r", *key, exc)
+
+        task = asyncio.get_running_loop().create_task(keep(), name=f"capture-{'/'.join(key)}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def feedback(self) -> dict[VariantKey, mesh_pb2.VariantHealth]:
         """Feedback counters per variant, summed over the nodes streaming to this replica."""

@@ -24,10 +24,25 @@ Contract:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["Episode", "Feedback", "Verdict", "decode", "encode", "judge_accuracy"]
+from meshserve.controlplane import keys
+
+__all__ = [
+    "Episode",
+    "EpisodeKey",
+    "Feedback",
+    "Verdict",
+    "decode",
+    "encode",
+    "judge_accuracy",
+    "open_episodes",
+]
+
+#: ``(kind, model, variant)``
+EpisodeKey = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,17 @@ def decode(kind: str, model: str, variant: str, value: bytes) -> Episode:
         )
     except (ValueError, TypeError, AttributeError):
         return Episode(kind, model, variant)
+
+
+def open_episodes(items: Mapping[str, bytes]) -> dict[EpisodeKey, Episode]:
+    """The episodes stored under ``alarms/`` (keys that do not parse are skipped)."""
+    out: dict[EpisodeKey, Episode] = {}
+    for key, value in items.items():
+        kind, _, rest = key[len(keys.ALARMS) :].partition("/")
+        model, _, variant = rest.partition("/")
+        if kind and model:
+            out[(kind, model, variant)] = decode(kind, model, variant, value)
+    return out
 
 
 def judge_accuracy(

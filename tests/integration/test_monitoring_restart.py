@@ -31,6 +31,7 @@ from meshserve.client._admin import AdminClient
 from meshserve.common.policy.config import MonitoringSpec
 from meshserve.controlplane import keys
 from meshserve.controlplane.etcd import PrefixMirror
+from meshserve.controlplane.etcd._client import get
 from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.registry import EtcdRegistry
 from meshserve.controlplane.snapshot import VariantKey
@@ -166,6 +167,54 @@ async def test_an_open_episode_is_not_raised_again_by_the_next_leader_and_clears
     finally:
         for mirror in mirrors:
             await mirror.close()
+
+
+def _window(seq: int, counts: list[int]) -> mesh_pb2.Telemetry:
+    window = mesh_pb2.DriftWindow(
+        seq=seq, rows=sum(counts), output=mesh_pb2.SketchCounts(counts=counts)
+    )
+    return mesh_pb2.Telemetry(
+        models=[mesh_pb2.ModelTelemetry(model="m", variant="v", drift=window)]
+    )
+
+
+@pytest.mark.timeout(30)
+async def test_a_reference_captured_from_production_outlives_the_replica(client: Any) -> None:
+    registry = EtcdRegistry(client)
+    await registry.register_model(mesh_pb2.ModelSpec(name="m", variant="v", artifact_uri="x"))
+    await client.put(keys.LEADER.encode(), b"cp-1")
+    mirror = PrefixMirror(client, keys.ALARMS)
+    await mirror.start()
+
+    async def stored() -> mesh_pb2.ModelSpec:
+        kv = await get(client, keys.model_key("m", "v").encode())
+        assert kv is not None
+        return keys.decode(kv.value, mesh_pb2.ModelSpec())
+
+    try:
+        first = Replica("cp-1", mirror, registry, leading=True)
+        models = {("m", "v"): await stored()}  # no profile: the output reference is captured
+        a1 = first.alarms(models)
+        for seq in range(1, 4):  # capture_windows 3 of a calm distribution
+            a1.on_telemetry("n1", _window(seq, [100, 100, 100, 100]))
+        await a1.close()
+        spec = await stored()
+        assert list(spec.drift_reference.output.counts) == [300, 300, 300, 300]
+        assert spec.drift_reference.source == "production"
+        # An operator's profile is never replaced by a capture.
+        assert not await registry.keep_captured_reference("m", "v", mesh_pb2.DriftProfile())
+
+        # A restarted replica scores drifting windows against the stored reference instead of
+        # capturing them as its reference.
+        second = Replica("cp-1", mirror, registry, leading=True)
+        a2 = second.alarms({("m", "v"): spec})
+        a2.on_telemetry("n1", _window(10, [400, 0, 0, 0]))
+        a2.on_telemetry("n1", _window(11, [400, 0, 0, 0]))
+        await a2.close()
+        assert a2.health.drift[("m", "v")].drifting
+        assert [e[0] for e in second.log.events] == ["drift"]
+    finally:
+        await mirror.close()
 
 
 # -- real processes ----------------------------------------------------------------------------

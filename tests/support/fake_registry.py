@@ -236,6 +236,19 @@ class FakeRegistry:
             return 0
         return self._commit(deletes=[key])
 
+    async def keep_captured_reference(
+        self, model: str, variant: str, profile: mesh_pb2.DriftProfile
+    ) -> bool:
+        stored = self.data.get(keys.model_key(model, variant))
+        if stored is None:
+            return False
+        spec = keys.decode(stored.value, mesh_pb2.ModelSpec())
+        if spec.drift_reference.output.counts or spec.drift_reference.features:
+            return False
+        spec.drift_reference.CopyFrom(profile)
+        self._put(keys.model_key(model, variant), keys.encode(spec))
+        return True
+
     # -- the event ring --------------------------------------------------------------------
 
     async def append_events(
