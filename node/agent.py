@@ -194,6 +194,7 @@ class Agent:
         self._listed = {r.address for r in replicas if r.address}
         views = {a: LinkView(link.replica_id, link.connected) for a, link in self._links.items()}
         dial, drop = plan_links(views, self._seeds, replicas)
+        self._dropped = [link for link in self._dropped if not link.done]  # bounded by churn
         for address in drop:
             link = self._links.pop(address)
             link.stop()

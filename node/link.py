@@ -121,6 +121,11 @@ class Link:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"link {self.address}")
 
+    @property
+    def done(self) -> bool:
+        """Whether the link's task has ended (stopped, or retired after its replica left)."""
+        return self._task is not None and self._task.done()
+
     def stop(self) -> None:
         """Cancel the link's task (not awaited: :meth:`close` awaits it)."""
         if self._task is not None:

@@ -15,7 +15,9 @@ Contract:
   The record is rewritten only when what it says changed (:func:`link_record`: a copy's state,
   its measurements; not download progress), so a node's reports add etcd revisions only on
   state changes.
-- A message that does not decode is dropped; the stream lives.
+- A message that does not decode is dropped; the stream lives. So does a Telemetry that the
+  ``on_telemetry`` handler fails on (logged with its traceback): a reset would only bring the same
+  node back with the same figures.
 - :meth:`Hub.reconcile` sends the commands :func:`~meshserve.controlplane.link.reconcile.reconcile`
   decides for each node; commands are idempotent on the node, so resending is harmless.
 - Every linked node knows the live replica set: its Welcome carries the set at link time, and
@@ -221,7 +223,10 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         elif kind == "telemetry":
             session.observe(message.telemetry)
             if self._on_telemetry is not None:
-                self._on_telemetry(session.node_id, message.telemetry)
+                try:
+                    self._on_telemetry(session.node_id, message.telemetry)
+                except Exception:  # a monitor's bug must not cut the node off the mesh
+                    _log.exception("node %s: telemetry handler failed", session.node_id)
         elif kind == "hello":
             _log.warning("node %s sent a second Hello; ignored", session.node_id)
         elif kind == "draining" and not session.draining:

@@ -216,3 +216,25 @@ def test_the_gateways_pings_to_a_direct_port_stay_inside_the_nodes_ping_policy()
     for keepalive_ms in (1, 500, 10_000):
         pings_ms = dict(channel_options(1 << 20, keepalive_ms))["grpc.keepalive_time_ms"]
         assert pings_ms >= MIN_KEEPALIVE_MS >= 2 * MIN_PING_FROM_NODES_MS
+
+
+def test_a_telemetry_handler_that_fails_does_not_end_the_nodes_stream() -> None:
+    def broken(node_id: str, telemetry: mesh_pb2.Telemetry) -> None:
+        raise OverflowError("Python int too large to convert to C long")  # seen under fuzzing
+
+    async def run() -> None:
+        hub = Hub(
+            registry=FakeRegistry(),
+            replica_id="cp-1",
+            lease_ttl_s=5,
+            lease_id=lambda: 1,
+            snapshot=lambda: Snapshot(),
+            replicas=lambda: [info("cp-1")],
+            on_telemetry=broken,
+        )
+        session = _session("a")
+        telemetry = mesh_pb2.Telemetry(unix_ms=1)
+        hub._on_message(session, mesh_pb2.NodeMessage(telemetry=telemetry))
+        assert session.telemetry.unix_ms == 1  # kept for routing; the stream loop goes on
+
+    asyncio.run(run())
