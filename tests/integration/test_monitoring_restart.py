@@ -381,3 +381,21 @@ def test_events_follow_keeps_running_across_a_control_plane_restart(tmp_path: Pa
             if follow.poll() is None:
                 follow.kill()
                 follow.wait(5)
+
+
+@pytest.mark.timeout(60)
+def test_events_follow_ends_on_a_status_that_retrying_cannot_fix(tmp_path: Path) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("s3cret-admin-token\n")
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1", extra=["--admin-token-file", str(token)])
+        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshserve.client.cli", "events", "--follow",
+             "--interval-s", "0.2", "--target", cp.address],
+            capture_output=True, text=True, timeout=30, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "UNAUTHENTICATED" in proc.stdout
+        assert "unreachable" not in proc.stdout, "not retried: a wrong credential stays wrong"
