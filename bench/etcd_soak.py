@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import http.server
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -192,6 +193,7 @@ def main() -> None:
                 _log(f"outage: {result['outage']}")
     finally:
         server.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
     emit(result, ns.out)
 
 
