@@ -117,7 +117,8 @@ async def test_one_query_is_one_trace(etcd: EtcdServer, tmp_path: Path, direct: 
         "meshserve.candidates": 1,
         "meshserve.node": "n1",
         "meshserve.variant": "default",
-        "meshserve.route_reason": "p2c",
+        # every model has a `live` alias (its first version; issue 14 §1): the route names it
+        "meshserve.route_reason": "alias live -> default",
     }
     assert dict(forward.attributes or {}) == {
         "meshserve.attempt": 1,
@@ -201,7 +202,7 @@ async def test_a_retry_is_a_second_forward_in_the_same_trace(
     routes = sorted(spans["gateway route"], key=lambda s: s.start_time or 0)
     assert len({_trace_id(s) for s in (gateway, first, second, *routes)}) == 1
     assert [r.attributes and r.attributes["meshserve.route_reason"] for r in routes] == [
-        "p2c",
+        "alias live -> default",
         "retry",
     ]
     assert routes[1].attributes and routes[1].attributes["meshserve.candidates"] == 1
