@@ -38,6 +38,7 @@ from meshserve.controlplane.snapshot import VariantKey
 from meshserve.devtools.demo_models import digits_split, digits_to_onnx, sha256_file
 from meshserve.devtools.local import LocalMesh, free_port, wait_until
 from meshserve.protos import mesh_pb2
+from tests.support.fake_registry import FakeRegistry
 from tests.support.inproc import eventually
 from tests.support.mesh import wait_copies
 
@@ -399,3 +400,32 @@ def test_events_follow_ends_on_a_status_that_retrying_cannot_fix(tmp_path: Path)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "UNAUTHENTICATED" in proc.stdout
         assert "unreachable" not in proc.stdout, "not retried: a wrong credential stays wrong"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("store", ["etcd", "fake"])
+async def test_alarm_episode_writes_succeed_once_and_only_for_the_leader(
+    client: Any, store: str
+) -> None:
+    """The same sequence against the etcd registry and the unit tests' fake (they must agree)."""
+    registry: Any
+    if store == "etcd":
+        registry = EtcdRegistry(client)
+        await client.put(keys.LEADER.encode(), b"cp-1")
+    else:
+        registry = FakeRegistry(leader="cp-1")
+    episode = b'{"message": "low"}'
+    assert await registry.open_alarm("accuracy", "m", "v", episode, "cp-2") == 0, "not leader"
+    opened = await registry.open_alarm("accuracy", "m", "v", episode, "cp-1")
+    assert opened > 0
+    assert await registry.open_alarm("accuracy", "m", "v", episode, "cp-1") == 0, "open already"
+    assert await registry.close_alarm("accuracy", "m", "v", "cp-2") == 0, "not leader"
+    assert await registry.close_alarm("drift", "m", "v", "cp-1") == 0, "another kind: not open"
+    closed = await registry.close_alarm("accuracy", "m", "v", "cp-1")
+    assert closed > opened
+    assert await registry.close_alarm("accuracy", "m", "v", "cp-1") == 0, "cleared once"
+    captured = mesh_pb2.DriftProfile(output=mesh_pb2.Sketch(counts=[3, 1]), source="production")
+    assert not await registry.keep_captured_reference("m", "v", captured), "no such variant"
+    await registry.register_model(mesh_pb2.ModelSpec(name="m", variant="v", artifact_uri="x"))
+    assert await registry.keep_captured_reference("m", "v", captured)
+    assert not await registry.keep_captured_reference("m", "v", captured), "has one now"
