@@ -205,11 +205,18 @@ def add_counts(total: NDArray[np.int64], counts: NDArray[np.int64]) -> NDArray[n
     return total + counts
 
 
+# A count a node sends is untrusted (uint64 on the wire): each is capped here, far above any
+# real window yet small enough that sums of many windows stay exact in int64.
+_MAX_COUNT = 2**53
+
+
 def merge_counts(parts: Sequence[Sequence[int]]) -> list[int]:
-    """Element-wise sum of count vectors of possibly different lengths."""
+    """Element-wise sum of count vectors of possibly different lengths; each count is capped at
+    :data:`_MAX_COUNT` (a hostile uint64 must neither overflow int64 nor wrap the sum)."""
     total = np.zeros(0, dtype=np.int64)
     for p in parts:
-        total = add_counts(total, np.asarray(p, dtype=np.int64))
+        counts = np.minimum(np.asarray(p, dtype=np.uint64), _MAX_COUNT).astype(np.int64)
+        total = add_counts(total, counts)
     return [int(v) for v in total]
 
 

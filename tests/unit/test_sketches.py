@@ -8,6 +8,7 @@ from meshserve.common.sketches import (
     Binner,
     build_profile,
     ks,
+    merge_counts,
     monitoring_digest,
     prediction_of,
     psi,
@@ -128,3 +129,12 @@ def test_output_reference_is_captured_when_none_is_registered() -> None:
     alarm = health.observe("n1", entry(4, [140, 5, 5]), spec, settings)
     assert alarm is not None and alarm.raised and "output PSI" in alarm.message
     assert health.drift[("m", "v")].source == "production"
+
+
+def test_merge_counts_caps_hostile_uint64_counts_instead_of_overflowing() -> None:
+    """A node's counts are uint64 on the wire: 2**64 - 1 once raised OverflowError out of the
+    drift scoring (found by tests/fuzz/test_nodelink.py); now each count is capped."""
+    huge = 2**64 - 1
+    merged = merge_counts([[huge, 1], [huge, 2, 3]])
+    assert merged == [2 * 2**53, 3, 3]
+    assert merge_counts([[1, 2], [3]]) == [4, 2]
