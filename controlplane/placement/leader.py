@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from meshserve.controlplane.etcd import Election
+from meshserve.controlplane.link.reconcile import awaits_replacement
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.observe.metrics import ControlPlaneMetrics, controlplane_metrics
 from meshserve.controlplane.placement.autoscale import Autoscaler, ScaleChange
@@ -180,12 +181,18 @@ class LeaderLoop:
 
 
 def _still_serving(snapshot: Snapshot, key: VariantKey, placement: mesh_pb2.Placement) -> list[str]:
-    """Draining nodes that keep a READY copy of ``key`` the placement no longer names (make
-    before break: they serve until a replacement is READY), by id."""
-    return sorted(
+    """Draining nodes that keep serving a READY copy of ``key`` the placement no longer names
+    because no replacement is READY yet (make before break:
+    :func:`~meshserve.controlplane.link.reconcile.awaits_replacement` on the view with this
+    placement), by id."""
+    holders = [
         node_id
-        for node_id in snapshot.draining
+        for node_id in sorted(snapshot.draining)
         if node_id not in placement.nodes
         and (node := snapshot.nodes.get(node_id)) is not None
         and node.state(key) == mesh_pb2.READY
-    )
+    ]
+    if not holders:
+        return []
+    after = dataclasses.replace(snapshot, placements={**snapshot.placements, key: placement})
+    return [node_id for node_id in holders if awaits_replacement(after, node_id, key)]

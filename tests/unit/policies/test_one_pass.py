@@ -177,8 +177,15 @@ def test_draining_the_last_serving_node_says_it_still_serves_until_a_replacement
     *_, verdicts = explain_variant(after, key("m"))
     [a] = verdicts
     assert a.filtered_by == "not_draining" and "still serves its copy" in a.reason
-    elsewhere = mesh_pb2.Placement(model="m", variant="default", nodes=["b"])
+    elsewhere = mesh_pb2.Placement(model="m", variant="default", nodes=["b"], desired_copies=1)
     assert _still_serving(base, key("m"), elsewhere) == [], "a node not draining is not named"
+    replaced = Snapshot(
+        models=base.models,
+        placements=base.placements,
+        nodes={**base.nodes, "b": host("b", 600, m=(R, 100, 0))},
+        draining=frozenset("a"),
+    )
+    assert _still_serving(replaced, key("m"), elsewhere) == [], "b's copy is READY: a unloads"
 
 
 # -- min_copies 0 ------------------------------------------------------------------------------
