@@ -121,6 +121,7 @@ class ControlPlane:
             is_leader=self._is_leader,
             alarm=partial(self._alarm, "etcd_data_lost"),
             keep=config.etcd_keep_revisions,
+            store_id=lambda candidate: self._registry().ensure_store_id(candidate),
         )
 
     # -- the view ----------------------------------------------------------------------------
@@ -264,6 +265,10 @@ class ControlPlane:
             await mirror.start()
             mirror.subscribe(self._changed)
             self._mirrors[prefix] = mirror
+        try:  # the store's id and identity before any command is sent (then every 2 s)
+            await self.store.step()
+        except Exception as exc:
+            _log.warning("store check failed: %r", exc)
         self._mirrors[keys.ALARMS] = alarms = PrefixMirror(self._etcd, keys.ALARMS)
         await alarms.start()  # open alarm episodes: read by self.alarms, not by the snapshot
 
@@ -281,6 +286,7 @@ class ControlPlane:
             max_message_bytes=cfg.max_message_bytes,
             on_alarm=partial(self._alarm, "unload_floor"),
             unload_confirm_s=cfg.unload_confirm_s,
+            store_id=lambda: self.store.store_id,
         )
         self.events = EventLog(registry, self.replica_id)
         self.events.start()

@@ -25,6 +25,7 @@ __all__ = [
     "POLICY",
     "REPLICAS",
     "SHUTDOWN_DRAIN",
+    "STORE_ID",
     "WAKE",
     "alarm_key",
     "alias_key",
@@ -59,6 +60,9 @@ DRAINING = ROOT + "draining/"  # draining/<node>               -> "" (admin; pre
 ALIASES = ROOT + "aliases/"  # aliases/<model>/<alias>        -> Alias       (admin)
 #: alarms/<kind>/<model>/<variant> -> an open alarm episode (JSON, observe/episodes.py; leader)
 ALARMS = ROOT + "alarms/"
+#: a random id written once per store (no lease): a store that lost its data gets a new one, so
+#: nodes know its placement revisions restart (LoadModel.store_id; controlplane/etcd/guard.py)
+STORE_ID = ROOT + "store-id"
 
 #: The value of a ``draining/<node>`` key a node set by shutting down (an operator's is "").
 SHUTDOWN_DRAIN = b"shutdown"

@@ -255,6 +255,11 @@ class Registry(Protocol):
         False when that revision was compacted already."""
         ...
 
+    async def ensure_store_id(self, candidate: str) -> str:
+        """The store's id (``keys.STORE_ID``): ``candidate`` written if the store has none yet
+        (create-if-absent, no lease), else the one stored."""
+        ...
+
 
 class EtcdRegistry:
     """:class:`Registry` on an etcd client (the caller owns and closes the client)."""
@@ -591,6 +596,13 @@ class EtcdRegistry:
 
     async def store_status(self) -> EtcdStatus:
         return await etcd_status(self._etcd)
+
+    async def ensure_store_id(self, candidate: str) -> str:
+        key = keys.STORE_ID.encode()
+        created, _, existing = await create_if_absent(self._etcd, key, candidate.encode(), 0)
+        if created or existing is None:
+            return candidate
+        return existing.value.decode("utf-8", "replace")
 
     async def compact(self, revision: int) -> bool:
         try:

@@ -105,6 +105,7 @@ class CopyManager:
         self._copies: dict[tuple[str, str], CopyEntry] = {}
         self._listeners: list[Listener] = []
         self._revisions: dict[tuple[str, str], int] = {}  # newest placement revision applied
+        self._stores: dict[tuple[str, str], str] = {}  # the store those revisions count in
         self._load_lock = asyncio.Lock()  # one session load + warm-up at a time: bounded memory
         self._ordered: set[tuple[str, str]] = set()  # every variant a Load named here
         self._retiring: set[asyncio.Task[None]] = set()  # replaced copies being released
@@ -128,9 +129,27 @@ class CopyManager:
         for listener in list(self._listeners):
             listener(status)
 
-    def _stale(self, key: tuple[str, str], revision: int, what: str) -> bool:
+    def _stale(self, key: tuple[str, str], revision: int, what: str, store_id: str = "") -> bool:
         """True (and the command is to be ignored) when a newer decision about ``key`` was
-        already applied; otherwise remembers ``revision`` as the newest."""
+        already applied; otherwise remembers ``revision`` as the newest. Revisions compare only
+        within one store: a command from another store (``store_id``: etcd lost its data and
+        counts from 1 again) starts the variant's count afresh."""
+        known = self._stores.get(key, "")
+        if store_id and known and store_id != known:
+            _log.warning(
+                "%s %s/%s comes from another etcd store (%s, was %s): its revisions restart",
+                what,
+                key[0],
+                key[1],
+                store_id,
+                known,
+            )
+            self._revisions.pop(key, None)
+            entry = self._copies.get(key)
+            if entry is not None:
+                entry.revision = 0
+        if store_id:
+            self._stores[key] = store_id
         last = self._revisions.get(key, 0)
         if revision and revision < last:
             _log.info(
@@ -147,7 +166,7 @@ class CopyManager:
 
     def load(self, cmd: mesh_pb2.LoadModel) -> None:
         key = (cmd.model, cmd.variant)
-        if self._stale(key, cmd.placement_revision, "load"):
+        if self._stale(key, cmd.placement_revision, "load", cmd.store_id):
             return
         self._ordered.add(key)
         entry = self._copies.get(key)
@@ -330,10 +349,13 @@ class CopyManager:
             execute, policy, name=f"{entry.model}/{entry.variant}", observer=entry.instruments
         )
 
-    async def unload(self, model: str, variant: str, placement_revision: int = 0) -> None:
+    async def unload(
+        self, model: str, variant: str, placement_revision: int = 0, store_id: str = ""
+    ) -> None:
         """Unload a copy (no-op if absent or if ``placement_revision`` is older than the last
-        decision applied for it); in-flight requests get a bounded time to finish."""
-        if self._stale((model, variant), placement_revision, "unload"):
+        decision applied for it in the same store); in-flight requests get a bounded time to
+        finish."""
+        if self._stale((model, variant), placement_revision, "unload", store_id):
             return
         entry = self._copies.pop((model, variant), None)
         if entry is None:

@@ -250,6 +250,7 @@ class Link:
                     message.unload.model,
                     message.unload.variant,
                     message.unload.placement_revision,
+                    message.unload.store_id,
                 )
             )
             self._inflight.add(task)

@@ -324,7 +324,7 @@ class Welcome(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., lease_ttl_seconds: _Optional[int] = ..., telemetry_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision", "drift_reference")
+    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision", "drift_reference", "store_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +333,7 @@ class LoadModel(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_REVISION_FIELD_NUMBER: _ClassVar[int]
     DRIFT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     artifact_uri: str
@@ -341,17 +342,20 @@ class LoadModel(_message.Message):
     serving: ServingConfig
     placement_revision: int
     drift_reference: DriftProfile
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., placement_revision: _Optional[int] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ...) -> None: ...
+    store_id: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., placement_revision: _Optional[int] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
-    __slots__ = ("model", "variant", "placement_revision")
+    __slots__ = ("model", "variant", "placement_revision", "store_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     placement_revision: int
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., placement_revision: _Optional[int] = ...) -> None: ...
+    store_id: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., placement_revision: _Optional[int] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
     __slots__ = ("welcome", "load", "unload", "infer_request", "feedback", "replicas")

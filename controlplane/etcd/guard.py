@@ -23,6 +23,7 @@ from scratch after a replacement (one alarm per episode) and, on the leader, com
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -85,7 +86,10 @@ class StoreGuard:
     * ``compact``: compacts up to a revision (the registry's ``compact``), called only while
       ``is_leader()`` -- one replica compacts for the mesh;
     * ``alarm``: called once per replacement episode with the reason (an event: the webhook and
-      ``meshctl events`` see it).
+      ``meshctl events`` see it);
+    * ``store_id``: returns the store's id, writing the given candidate if it has none; read at
+      the first step and after each replacement (:attr:`store_id`, stamped on every Load and
+      Unload so nodes compare placement revisions only within one store).
 
     :meth:`step` raises what the store raises (etcd down: the next pass tries again); a reload
     that failed part-way is retried by the next step, since the mirrors still show the old
@@ -101,6 +105,7 @@ class StoreGuard:
         is_leader: Callable[[], bool],
         alarm: Callable[[str], None],
         keep: int = COMPACT_KEEP_REVISIONS,
+        store_id: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         self._status = status
         self._compact = compact
@@ -108,6 +113,8 @@ class StoreGuard:
         self._is_leader = is_leader
         self._alarm = alarm
         self._keep = keep
+        self._ensure_store_id = store_id
+        self.store_id = ""  # the store's id (keys.STORE_ID): "" until read
         self._cluster_id = 0
         self._compacted = 0
         self._episode = False  # a replacement seen and not reloaded from yet
@@ -132,6 +139,8 @@ class StoreGuard:
             self._compacted = 0
             self.replacements += 1
         self._cluster_id = status.cluster_id
+        if self._ensure_store_id is not None and (why is not None or not self.store_id):
+            self.store_id = await self._ensure_store_id(uuid.uuid4().hex)
         if self._is_leader():
             target = compaction_target(
                 status.revision, self._compacted, keep=self._keep, min_step=max(1, self._keep // 10)

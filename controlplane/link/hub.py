@@ -99,10 +99,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         identify: Callable[[ServicerContext, str], None] | None = None,
         on_alarm: Callable[[str], None] | None = None,
         unload_confirm_s: float = 600.0,
+        store_id: Callable[[], str] = str,
     ) -> None:
         """``on_telemetry``: called with every Telemetry a node sends (drift windows).
         ``on_alarm``: called with the text of a mass unload the safety floor holds back for
         ``unload_confirm_s`` seconds (see :mod:`~meshserve.controlplane.link.reconcile`).
+        ``store_id``: the id of the store placement revisions count in ("" unknown).
         ``identify``: checks that the caller may claim the Hello's node id (raising the status
         that refuses the stream; :meth:`meshserve.controlplane.auth.Guard.identify_node`); None:
         trusted."""
@@ -127,6 +129,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._cleanups: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._on_alarm = on_alarm  # the safety floor's alarm (an event)
+        self._store_id = store_id  # stamped on every Load/Unload (see LoadModel.store_id)
         self._written: dict[str, tuple[NodeSession, bytes]] = {}  # the last record per node
         self.unload_confirm_s = unload_confirm_s  # a mass unload is held back this long
         self._mass_unload_since: float | None = None
@@ -321,14 +324,16 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             self._send(session, decisions)
 
     def _judge_unloads(self, unloads: int, held: int) -> None:
-        """The safety floor (see :func:`exceeds_unload_floor`): a mass unload starts a hold
-        (one alarm per episode); a view that asks for no mass unload ends it."""
-        if not exceeds_unload_floor(unloads, held):
-            if self._mass_unload_since is not None:
-                _log.warning("unload floor: the view no longer asks for a mass unload; released")
-            self._mass_unload_since = None
-            return
+        """The safety floor (see :func:`exceeds_unload_floor`): a mass unload starts a hold (one
+        alarm per episode) on every Unload; it ends when the view asks for no Unload at all
+        (e.g. every lost model was registered again) or, confirmed, after ``unload_confirm_s``.
+        Registering the lost models one by one thus never releases the rest early."""
         if self._mass_unload_since is not None:
+            if unloads == 0:
+                _log.warning("unload floor: the view asks for no unload any more; released")
+                self._mass_unload_since = None
+            return
+        if not exceeds_unload_floor(unloads, held):
             return
         self._mass_unload_since = time.monotonic()
         text = (
@@ -398,8 +403,11 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 continue
             if held_back and isinstance(decision, Unload):
                 continue  # the safety floor: decided again once confirmed or released
+            message = decision.message()
+            stamped = message.load if isinstance(decision, Load) else message.unload
+            stamped.store_id = self._store_id()
             with contextlib.suppress(ResourceExhausted):
-                session.send(decision.message())
+                session.send(message)
                 session.sent[decision.key] = decision.mark
                 _log.info(
                     "%s %s/%s -> node %s (rev %d)",

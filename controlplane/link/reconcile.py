@@ -14,8 +14,9 @@ Contract:
   :data:`ADOPTION_GRACE_S` seconds so the leader can adopt it.
 - Safety floor (:func:`exceeds_unload_floor`): one view change that would unload more than a
   bounded share of the copies the mesh holds (a store that lost its data looks like a mesh with
-  nothing placed) is not acted on at once; the hub holds those Unloads back until the same view
-  has asked for them for a confirmation period, and raises an alarm.
+  nothing placed) is not acted on at once; the hub raises an alarm and holds every Unload back
+  until the view asks for none (the lost models registered again) or a confirmation period
+  has passed.
 - Every command carries the placement revision it was decided on; the node ignores one older than
   the last it applied, so replicas whose views lag cannot undo a newer decision.
 """

@@ -37,12 +37,25 @@ def _ready(admin: AdminClient, model: str) -> int:
     return sum(s == mesh_pb2.READY for s in copy_states(admin, model).values())
 
 
+def _bump_revision(url: str, writes: int) -> None:
+    async def bump() -> None:
+        client = await connect(url)
+        try:
+            for i in range(writes):
+                await client.put(b"/scratch", str(i).encode())
+        finally:
+            await client.close()
+
+    asyncio.run(bump())
+
+
 def test_a_replaced_store_is_noticed_reloaded_and_no_copy_is_unloaded(tmp_path: Path) -> None:
     with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
         mesh.start_etcd()
         cp = mesh.start_controlplane("cp-1")
         for name in ("n1", "n2"):
             mesh.start_node(name, [cp.address])
+        _bump_revision(mesh.etcd_url, 300)  # the old store's placement revisions run high
         with AdminClient(cp.address) as admin:
             wait_until(lambda: len(admin.list_nodes()) == 2, 20, what="two nodes linked")
             for name, seed in (("a", 1), ("b", 2)):
@@ -69,6 +82,27 @@ def test_a_replaced_store_is_noticed_reloaded_and_no_copy_is_unloaded(tmp_path: 
 
             time.sleep(3.0)  # a few reconcile passes: nothing may have been unloaded
             assert (_ready(admin, "a"), _ready(admin, "b")) == (2, 2), admin.list_nodes()
+
+            # "a" registered again with a new artifact: the new store's placement revisions are
+            # lower than the ones the nodes applied for "a", yet the nodes load it (store ids
+            # differ); "b" is still lost, so its copies stay held.
+            new_a = make_mlp(tmp_path / "a2.onnx", seed=11)
+            register_file(admin, "a", new_a, copies=2)
+            sha = sha256_file(new_a)
+            wait_until(
+                lambda: (
+                    sum(
+                        c.state == mesh_pb2.READY and c.sha256 == sha
+                        for n in admin.list_nodes()
+                        for c in n.copies
+                        if c.model == "a"
+                    )
+                    == 2
+                ),
+                40,
+                what="the new artifact of a READY on both nodes",
+            )
+            assert _ready(admin, "b") == 2, admin.list_nodes()
         unloads = [line for p in mesh.processes for line in p.tail(400).splitlines()]
         assert not [line for line in unloads if "unload a/" in line or "unload b/" in line]
 
