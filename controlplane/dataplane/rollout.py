@@ -11,7 +11,9 @@ unversioned traffic until a rollout moves ``live``. See docs/rollout.md.
 
 Which queries follow an alias (:func:`alias_for`): one whose ``model_version`` names the alias,
 and one that names nothing when the model has a ``live`` alias. Alias, version and variant names
-of one model never clash (registration and rollouts refuse a clash).
+of one model never clash (registration, :func:`check_registration`, and rollouts refuse a clash),
+except that a version's default variant carries the version's name (the name selects the version).
+:func:`first_live` is the ``live`` record a model's first registration writes with its spec.
 
 Contract of :func:`resolve` (no I/O, never raises):
 - The alias's ``version`` serves once it is *warm enough*: every copy its placement wants is
