@@ -17,7 +17,7 @@ from meshserve.controlplane.placement.policies.table import NodeTable
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
 
-__all__ = ["Relief", "footprints", "relieve"]
+__all__ = ["FACTOR_BOUNDS", "Relief", "footprints", "load_factor", "relieve"]
 
 _READY = mesh_pb2.READY
 
@@ -27,7 +27,8 @@ def footprints(snapshot: Snapshot) -> dict[VariantKey, int]:
     artifact's size: ``meshctl models register`` fills it in from a local file) and the
     resident memory nodes measured after loading it (real numbers win once known). A variant
     neither declared nor measured yet is estimated at its artifact's size as a node reported it
-    while fetching (``bytes_total``), never at 0 once anything is known."""
+    while fetching (``bytes_total``) times :func:`load_factor`, never at 0 once anything is
+    known."""
     sizes = {key: int(spec.size_bytes) for key, spec in snapshot.models.items()}
     artifact: dict[VariantKey, int] = {}
     for node in snapshot.nodes.values():
@@ -37,10 +38,33 @@ def footprints(snapshot: Snapshot) -> dict[VariantKey, int]:
             if status.state == mesh_pb2.READY:
                 sizes[key] = max(sizes[key], int(status.memory_bytes))
             artifact[key] = max(artifact.get(key, 0), int(status.bytes_total))
+    factor = None
     for key, size in artifact.items():
-        if sizes[key] == 0:
-            sizes[key] = size
+        if sizes[key] == 0 and size > 0:
+            factor = load_factor(snapshot) if factor is None else factor
+            sizes[key] = int(size * factor)
     return sizes
+
+
+# Bounds of the measured resident-memory / artifact-bytes factor (a copy's runtime needs at
+# least its weights; more than 4x its file is a measurement gone wrong).
+FACTOR_BOUNDS = (1.0, 4.0)
+
+
+def load_factor(snapshot: Snapshot) -> float:
+    """How much memory a loaded copy takes per artifact byte on this mesh: the median, over
+    READY copies whose node reported both, of measured resident memory / artifact bytes,
+    within :data:`FACTOR_BOUNDS`; the lower bound (1) before anything is measured."""
+    ratios = sorted(
+        status.memory_bytes / status.bytes_total
+        for node in snapshot.nodes.values()
+        for status in node.copies.values()
+        if status.state == mesh_pb2.READY and status.bytes_total > 0 and status.memory_bytes > 0
+    )
+    low, high = FACTOR_BOUNDS
+    if not ratios:
+        return low
+    return min(max(ratios[len(ratios) // 2], low), high)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from meshserve.controlplane.placement.memory import footprints
+from meshserve.controlplane.placement.memory import footprints, load_factor
 from meshserve.controlplane.placement.scheduler import plan_placements
 from meshserve.controlplane.snapshot import NodeView, Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
@@ -94,6 +94,25 @@ def test_a_size_never_declared_is_estimated_from_the_artifact_a_node_reported() 
     )
     assert footprints(snapshot)[key("m")] == 150 * MiB
     assert nodes_of(snapshot, "m") == ["c", "b"], "a is too full once m counts 150 MiB"
+
+
+def test_the_artifact_estimate_is_scaled_by_the_factor_measured_on_the_mesh() -> None:
+    # Two READY copies measured at 2x and 3x their artifacts (median 3x of [2, 3]: the upper
+    # middle); m is fetching a 100 MiB artifact on c, never measured.
+    snapshot = mesh(
+        [spec("p"), spec("q"), spec("m")],
+        [
+            host("a", 900, p=(R, 200, 100)),
+            host("b", 900, q=(R, 300, 100)),
+            host("c", 900, m=(L, 0, 100)),
+        ],
+        {"p": ["a"], "q": ["b"], "m": ["c"]},
+    )
+    assert load_factor(snapshot) == 3.0
+    assert footprints(snapshot)[key("m")] == 300 * MiB
+    wild = mesh([spec("p")], [host("a", 900, p=(R, 900, 100))], {"p": ["a"]})
+    assert load_factor(wild) == 4.0, "bounded: a measurement gone wrong does not run away"
+    assert load_factor(mesh([], [host("a", 900)])) == 1.0, "nothing measured: the file's size"
 
 
 def test_declared_and_measured_sizes_still_win_over_the_artifact_estimate() -> None:
