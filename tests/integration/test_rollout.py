@@ -190,11 +190,15 @@ def test_rolling_live_through_a_canary_and_back_loses_no_query(tmp_path: Path) -
                     "",
                 )
                 time.sleep(1.0)
-                register_file(admin, "clf", paths["v3"], version="v3", copies=2)
+                # v3 first on no node (a selector nobody carries), so it is surely not warm
+                # when live moves to it; then placed for real
+                nowhere = {"tier": "nowhere"}
+                register_file(admin, "clf", paths["v3"], version="v3", copies=2, selector=nowhere)
                 t_v3 = time.monotonic()
-                warming = admin.rollout("clf", "v3")  # v3 is still loading: v1 serves
+                warming = admin.rollout("clf", "v3")  # v3 has no copy yet: v1 serves
                 assert (warming.serving, warming.alias.version) == ("v1", "v3"), warming
                 assert "warming" in warming.reason
+                register_file(admin, "clf", paths["v3"], version="v3", copies=2)
                 cli = meshctl("model", "rollout", "clf", "v3", "--timeout", "30", "-t", cp.address)
                 t_v3_on = time.monotonic()
                 assert cli.returncode == 0, cli.stdout + cli.stderr
