@@ -139,6 +139,8 @@ async def test_set_drift_profile_never_undoes_a_concurrent_register(
         assert isinstance(reply_b, mesh_pb2.SetDriftProfileResponse), reply_b
         stored = await stored_spec(client, "m", variant)
         assert stored is not None
+        assert reply_a.model.copies == new.copies
+        new = reply_a.model  # as the register wrote it (RegisterModel stamps registered_unix_ms)
         with_profile = mesh_pb2.ModelSpec()
         with_profile.CopyFrom(new)
         with_profile.drift_reference.CopyFrom(PROFILE)
