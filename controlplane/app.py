@@ -340,6 +340,7 @@ class ControlPlane:
             policy=self.policy.current,
             in_flight=lambda: live_in_flight(hub.sessions),
             events=self.events,
+            retry=self.config.retry,
         )
         self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
         self._tasks.append(asyncio.create_task(self._maintain(), name="maintain"))
@@ -353,7 +354,6 @@ class ControlPlane:
     async def stop(self, grace_s: float = 3.0) -> None:
         """Stop in order within ``config.shutdown_grace_s`` whatever etcd does: leader loop →
         resign → server (calls in flight get ``grace_s``; streams end, node records are deleted
-            retry=self.config.retry,
         or left to the lease) → gateway channels → events → mirrors → own lease → etcd client.
 
         Every step is bounded by its own budget and by what is left of the one deadline (each
