@@ -33,13 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any
 
 from meshserve.common.errors import EOF, Malformed, ResourceExhausted, ServicerContext
 from meshserve.controlplane import keys
+from meshserve.controlplane.link.floor import UnloadFloor
 from meshserve.controlplane.link.handshake import (
     Handshake,
     TokenBucket,
@@ -52,7 +52,6 @@ from meshserve.controlplane.link.reconcile import (
     Load,
     Settled,
     Unload,
-    exceeds_unload_floor,
     reconcile,
     spec_digest,
 )
@@ -128,11 +127,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self.sessions: dict[str, NodeSession] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
-        self._on_alarm = on_alarm  # the safety floor's alarm (an event)
+        self.floor = UnloadFloor(unload_confirm_s, on_alarm)  # mass unloads wait (floor.py)
         self._store_id = store_id  # stamped on every Load/Unload (see LoadModel.store_id)
         self._written: dict[str, tuple[NodeSession, bytes]] = {}  # the last record per node
-        self.unload_confirm_s = unload_confirm_s  # a mass unload is held back this long
-        self._mass_unload_since: float | None = None
         controlplane_metrics().watch_streams(self)
 
     # -- the stream --------------------------------------------------------------------------
@@ -319,36 +316,13 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self.push_replicas()
         planned = [(s, self._decide(s, snapshot)) for s in list(self.sessions.values())]
         unloads = sum(isinstance(d, Unload) for _, decisions in planned for d in decisions)
-        self._judge_unloads(unloads, sum(len(s.copies) for s, _ in planned))
+        self.floor.judge(unloads, sum(len(s.copies) for s, _ in planned))
         for session, decisions in planned:
             self._send(session, decisions)
 
-    def _judge_unloads(self, unloads: int, held: int) -> None:
-        """The safety floor (see :func:`exceeds_unload_floor`): a mass unload starts a hold (one
-        alarm per episode) on every Unload; it ends when the view asks for no Unload at all
-        (e.g. every lost model was registered again) or, confirmed, after ``unload_confirm_s``.
-        Registering the lost models one by one thus never releases the rest early."""
-        if self._mass_unload_since is not None:
-            if unloads == 0:
-                _log.warning("unload floor: the view asks for no unload any more; released")
-                self._mass_unload_since = None
-            return
-        if not exceeds_unload_floor(unloads, held):
-            return
-        self._mass_unload_since = time.monotonic()
-        text = (
-            f"the view asks to unload {unloads} of the {held} copies the linked nodes hold at "
-            f"once; held back for {self.unload_confirm_s:.0f} s (safety floor): if etcd lost "
-            "its data, restore it or register the models again"
-        )
-        _log.error("unload floor: %s", text)
-        if self._on_alarm is not None:
-            self._on_alarm(text)
-
     def unloads_held(self) -> bool:
-        """True while the safety floor holds a mass unload back (not confirmed yet)."""
-        since = self._mass_unload_since
-        return since is not None and time.monotonic() - since < self.unload_confirm_s
+        """True while the safety floor holds a mass unload back (see link/floor.py)."""
+        return self.floor.holding()
 
     def push_replicas(self) -> int:
         """Tell every linked node that was told another replica set the current one; returns

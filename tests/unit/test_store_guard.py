@@ -1,6 +1,6 @@
-"""The pure judgements behind issue 14 §5: was the etcd store replaced
-(controlplane/etcd/guard.py), how far to compact it, and the hub's unload safety floor
-(controlplane/link/reconcile.py)."""
+"""The judgements behind issue 14 §5: was the etcd store replaced (controlplane/etcd/guard.py),
+how far to compact it, and the hub's unload safety floor (controlplane/link/reconcile.py, its
+episodes in controlplane/link/floor.py, with a fake clock)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from meshserve.controlplane.etcd._client import EtcdStatus
 from meshserve.controlplane.etcd.guard import compaction_target, store_replaced
+from meshserve.controlplane.link.floor import UnloadFloor
 from meshserve.controlplane.link.reconcile import exceeds_unload_floor
 
 
@@ -75,3 +76,34 @@ def test_compaction_target(
 )
 def test_unload_floor(case: str, unloads: int, held: int, exceeds: bool) -> None:
     assert exceeds_unload_floor(unloads, held) is exceeds, case
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_unload_floor_episode_holds_until_no_unload_or_confirmed() -> None:
+    """controlplane/link/floor.py: one alarm per episode; every Unload held during it; a smaller
+    count (lost models registered one by one) does not end it; no Unload at all does; a view
+    that keeps asking past the confirmation period is obeyed."""
+    clock, alarms = _Clock(), list[str]()
+    floor = UnloadFloor(600.0, alarms.append, clock=clock)
+    floor.judge(1, 10)  # a copy moves: no episode
+    assert not floor.holding() and alarms == []
+    floor.judge(4, 4)  # the view emptied
+    assert floor.holding() and len(alarms) == 1 and "4 of the 4 copies" in alarms[0]
+    floor.judge(2, 4)  # one model registered again: the rest stays held
+    floor.judge(4, 4)
+    assert floor.holding() and len(alarms) == 1
+    floor.judge(0, 4)  # every model back: released
+    assert not floor.holding()
+    floor.judge(4, 4)  # a new episode, a new alarm
+    assert floor.holding() and len(alarms) == 2
+    clock.now += 601.0  # confirmed by time: unloads flow
+    assert not floor.holding()
+    floor.judge(4, 4)
+    assert not floor.holding() and len(alarms) == 2

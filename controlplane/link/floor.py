@@ -1,0 +1,66 @@
+"""The hub's unload safety floor: a mass unload is an episode, held back until confirmed.
+
+Contract:
+
+* :meth:`UnloadFloor.judge` is called with every mesh-wide reconcile's count of Unloads decided
+  and of copies the linked nodes hold. Unloads beyond the floor
+  (:func:`~meshserve.controlplane.link.reconcile.exceeds_unload_floor`: more than half of the
+  copies, and more than two) start an episode: ``alarm(text)`` is called once, and
+  :meth:`UnloadFloor.holding` is True -- the hub sends no Unload at all;
+* the episode ends when a reconcile decides no Unload (the lost models were registered again,
+  or the view came back), and it is confirmed -- Unloads flow again -- once ``confirm_s`` has
+  passed since it started; a view that keeps asking for the mass unload that long is obeyed;
+* while an episode lasts, a smaller count never ends it early: registering the lost models one
+  by one does not release the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from meshserve.controlplane.link.reconcile import exceeds_unload_floor
+
+__all__ = ["UnloadFloor"]
+
+_log = logging.getLogger("meshserve.controlplane.hub")
+
+
+class UnloadFloor:
+    """One replica's unload floor (see the module contract)."""
+
+    def __init__(
+        self,
+        confirm_s: float,
+        alarm: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.confirm_s = confirm_s
+        self._alarm = alarm
+        self._clock = clock
+        self._since: float | None = None  # when the current episode started
+
+    def judge(self, unloads: int, held: int) -> None:
+        """Account for one mesh-wide reconcile: ``unloads`` decided, ``held`` copies held."""
+        if self._since is not None:
+            if unloads == 0:
+                _log.warning("unload floor: the view asks for no unload any more; released")
+                self._since = None
+            return
+        if not exceeds_unload_floor(unloads, held):
+            return
+        self._since = self._clock()
+        text = (
+            f"the view asks to unload {unloads} of the {held} copies the linked nodes hold at "
+            f"once; held back for {self.confirm_s:.0f} s (safety floor): if etcd lost its data, "
+            "restore it or register the models again"
+        )
+        _log.error("unload floor: %s", text)
+        if self._alarm is not None:
+            self._alarm(text)
+
+    def holding(self) -> bool:
+        """True while an episode holds every Unload back (started, not yet confirmed)."""
+        since = self._since
+        return since is not None and self._clock() - since < self.confirm_s
