@@ -46,11 +46,21 @@ COMPACT_KEEP_REVISIONS: Final = 10_000
 COMPACT_MIN_STEP: Final = 1_000
 
 
-def store_replaced(known_cluster_id: int, seen_revision: int, status: EtcdStatus) -> str | None:
+def store_replaced(
+    known_cluster_id: int,
+    seen_revision: int,
+    status: EtcdStatus,
+    *,
+    known_store_id: str = "",
+    store_id: str = "",
+) -> str | None:
     """Why ``status`` comes from another store than the one this process watched, or None.
 
     ``known_cluster_id``: the cluster id first seen (0: none seen yet -- never a replacement);
-    ``seen_revision``: the highest revision this process has applied from the store."""
+    ``seen_revision``: the highest revision this process has applied from the store;
+    ``known_store_id`` / ``store_id``: the store's id (``keys.STORE_ID``) as first read and as
+    read now ("": not read) -- catches a replaced store whose revision has already grown past
+    the one seen (a single-member etcd restarted empty keeps its cluster id)."""
     if known_cluster_id and status.cluster_id != known_cluster_id:
         return (
             f"etcd cluster id changed from {known_cluster_id:x} to {status.cluster_id:x} "
@@ -60,6 +70,11 @@ def store_replaced(known_cluster_id: int, seen_revision: int, status: EtcdStatus
         return (
             f"etcd revision went backwards from {seen_revision} to {status.revision} "
             "(its data directory was lost or restored from an older backup)"
+        )
+    if known_store_id and store_id and store_id != known_store_id:
+        return (
+            f"etcd's store id changed from {known_store_id} to {store_id} "
+            "(its data directory was replaced)"
         )
     return None
 
@@ -88,8 +103,9 @@ class StoreGuard:
     * ``alarm``: called once per replacement episode with the reason (an event: the webhook and
       ``meshctl events`` see it);
     * ``store_id``: returns the store's id, writing the given candidate if it has none; read at
-      the first step and after each replacement (:attr:`store_id`, stamped on every Load and
-      Unload so nodes compare placement revisions only within one store).
+      every step (a changed id is a replacement too) and kept in :attr:`store_id`, which is
+      stamped on every Load and Unload so nodes compare placement revisions only within one
+      store.
 
     :meth:`step` raises what the store raises (etcd down: the next pass tries again); a reload
     that failed part-way is retried by the next step, since the mirrors still show the old
@@ -127,7 +143,13 @@ class StoreGuard:
         self.last = status
         mirrors = self._mirrors()
         seen = max((m.revision for m in mirrors), default=0)
-        why = store_replaced(self._cluster_id, seen, status)
+        current = ""  # the store's id now: create-if-absent, no write when it exists
+        if self._ensure_store_id is not None:
+            current = await self._ensure_store_id(uuid.uuid4().hex)
+        why = store_replaced(
+            self._cluster_id, seen, status, known_store_id=self.store_id, store_id=current
+        )
+        self.store_id = current
         if why is not None:
             if not self._episode:
                 self._episode = True
@@ -139,8 +161,6 @@ class StoreGuard:
             self._compacted = 0
             self.replacements += 1
         self._cluster_id = status.cluster_id
-        if self._ensure_store_id is not None and (why is not None or not self.store_id):
-            self.store_id = await self._ensure_store_id(uuid.uuid4().hex)
         if self._is_leader():
             target = compaction_target(
                 status.revision, self._compacted, keep=self._keep, min_step=max(1, self._keep // 10)

@@ -23,11 +23,14 @@ import pytest
 
 from meshserve.client._admin import AdminClient
 from meshserve.controlplane import keys
-from meshserve.controlplane.etcd import connect
+from meshserve.controlplane.etcd import PrefixMirror, connect
 from meshserve.controlplane.etcd._client import get
+from meshserve.controlplane.etcd.guard import StoreGuard
+from meshserve.controlplane.registry import EtcdRegistry
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2
+from tests.support.etcd import EtcdServer
 from tests.support.mesh import copy_states, register_file, wait_copies
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -199,3 +202,62 @@ def test_etcd_soak_smoke() -> None:
     assert result["outage"]["cp_cpu_share_of_a_core"] < 0.05, result["outage"]
     assert result["outage"]["sigterm_exit_s"] is not None, result["outage"]
     assert result["outage"]["sigterm_exit_s"] <= 12.0, result["outage"]
+
+
+async def test_a_replaced_store_whose_revision_grew_past_is_noticed_by_its_id(
+    etcd: EtcdServer,
+) -> None:
+    """A single-member etcd restarted empty keeps its cluster id; if its revision has grown
+    past the one the replica saw before the next check, only the store's id (``store-id``,
+    written once per store) tells: the guard raises the alarm and reloads the mirror."""
+    client = await connect(etcd.url)
+    registry = EtcdRegistry(client)
+    mirror = PrefixMirror(client, keys.MODELS)
+    alarms: list[str] = []
+    guard = StoreGuard(
+        status=registry.store_status,
+        compact=registry.compact,
+        mirrors=lambda: [mirror],
+        is_leader=lambda: False,
+        alarm=alarms.append,
+        store_id=registry.ensure_store_id,
+    )
+    try:
+        await client.put(keys.model_key("old", "v1").encode(), b"x")
+        await mirror.start()
+        await guard.step()
+        first = guard.store_id
+        assert (
+            first
+            and guard.replacements == 0
+            and list(mirror.items()) == [keys.model_key("old", "v1")]
+        )
+
+        etcd.stop()
+        etcd.data_dir.rename(etcd.workdir / "data.lost")
+        etcd.start()
+        other = await connect(etcd.url)
+        try:
+            for i in range(mirror.revision + 50):  # the new store's revision runs past the old
+                await other.put(b"/scratch", str(i).encode())
+        finally:
+            await other.close()
+
+        async with asyncio.timeout(20):
+            while True:  # the client reconnects to the restarted server
+                try:
+                    await guard.step()
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+        assert guard.replacements == 1 and len(alarms) == 1, alarms
+        assert "store id changed" in alarms[0], alarms
+        assert guard.store_id not in ("", first)
+        assert dict(mirror.items()) == {}  # reloaded from the new, empty store
+        await client.put(keys.model_key("new", "v1").encode(), b"y")
+        await mirror.wait_for(lambda items: keys.model_key("new", "v1") in items, 10)
+        await guard.step()
+        assert guard.replacements == 1  # the same store now: nothing more
+    finally:
+        await mirror.close()
+        await client.close()

@@ -107,3 +107,22 @@ def test_unload_floor_episode_holds_until_no_unload_or_confirmed() -> None:
     assert not floor.holding()
     floor.judge(4, 4)
     assert not floor.holding() and len(alarms) == 2
+
+
+@pytest.mark.parametrize(
+    ("case", "known_id", "current_id", "why"),
+    [
+        ("store id not read yet", "", "abc", None),
+        ("same store id", "abc", "abc", None),
+        ("a new store id, revision already past the old", "abc", "def", "store id"),
+        ("id read failed (empty)", "abc", "", None),
+    ],
+)
+def test_store_replaced_by_store_id(
+    case: str, known_id: str, current_id: str, why: str | None
+) -> None:
+    got = store_replaced(7, 100, _status(7, 500), known_store_id=known_id, store_id=current_id)
+    if why is None:
+        assert got is None, case
+    else:
+        assert got is not None and why in got, case
