@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from meshserve.controlplane.etcd import Election
+from meshserve.controlplane.etcd._client import jittered
 from meshserve.controlplane.link.reconcile import awaits_replacement
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.observe.metrics import ControlPlaneMetrics, controlplane_metrics
@@ -33,6 +34,7 @@ from meshserve.protos import mesh_pb2
 __all__ = ["LeaderLoop"]
 
 _log = logging.getLogger("meshserve.controlplane.leader")
+_MAX_RETRY_S = 5.0  # the longest pause between failed leader-loop attempts
 
 
 class LeaderLoop:
@@ -74,10 +76,12 @@ class LeaderLoop:
         self._wake.set()
 
     async def run(self) -> None:
+        failures = 0  # in a row: the first is logged with its traceback, the rest in one line
         while True:
             try:
                 self.election = election = self._new_election()
                 await election.campaign()
+                failures = 0
                 _log.info("replica %s is the scheduling leader", self._replica_id)
                 while election.is_leader:
                     started = time.perf_counter()
@@ -91,9 +95,22 @@ class LeaderLoop:
                 _log.warning("replica %s lost leadership", self._replica_id)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                _log.exception("leader loop failed; retrying")
-                await asyncio.sleep(self._interval)
+            except Exception as exc:
+                # etcd away (lease lost, no quorum): retry with a jittered, capped backoff, and
+                # do not fill the log with the same traceback every interval.
+                wait = jittered(min(self._interval * 2**failures, _MAX_RETRY_S))
+                if failures == 0:
+                    _log.exception("leader loop failed; retrying")
+                else:
+                    _log.warning(
+                        "leader loop still failing (%s: %s); retry %d in %.1f s",
+                        type(exc).__name__,
+                        exc,
+                        failures + 1,
+                        wait,
+                    )
+                failures += 1
+                await asyncio.sleep(wait)
 
     async def step(self) -> None:
         started = time.perf_counter()
