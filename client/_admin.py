@@ -225,6 +225,13 @@ class AdminClient:
         assert isinstance(out, mesh_pb2.RetryPlacementsResponse)
         return list(out.retried)
 
+    def confirm_unloads(self) -> mesh_pb2.ConfirmUnloadsResponse:
+        """Confirm the mass unload the safety floor holds back: every replica releases the
+        episode it holds now; the answer says what the answering replica released."""
+        out = self._call("ConfirmUnloads", mesh_pb2.ConfirmUnloadsRequest())
+        assert isinstance(out, mesh_pb2.ConfirmUnloadsResponse)
+        return out
+
     def drain_node(self, node_id: str, *, undrain: bool = False) -> bool:
         out = self._call("DrainNode", mesh_pb2.DrainNodeRequest(node_id=node_id, undrain=undrain))
         assert isinstance(out, mesh_pb2.DrainNodeResponse)

@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         help="safety floor: one view change that would unload more than half of the copies "
-        "the nodes hold (e.g. etcd lost its data) is held back this long, with an alarm",
+        "the nodes hold (e.g. etcd lost its data) is held back this long, with an alarm, "
+        "unless the operator confirms it first (meshctl nodes confirm-unloads)",
     )
     _security_options(p)
     p.add_argument("--log-level", default="INFO")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 
 from meshserve.common.errors import NotFound, ResourceExhausted, ServicerContext, Unavailable
 from meshserve.common.policy.config import Policy
+from meshserve.controlplane import keys
 from meshserve.controlplane.dataplane.resolve import (
     LiveLoad,
     alias_state,
@@ -191,6 +192,23 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
                 message=f"manual retry on {where}: failure records cleared",
             )
         return out
+
+    async def ConfirmUnloads(
+        self, request: mesh_pb2.ConfirmUnloadsRequest, context: ServicerContext
+    ) -> mesh_pb2.ConfirmUnloadsResponse:
+        floor = self._hub.floor
+        held, unloads = floor.holding(), floor.unloads  # before the watch can release it
+        value = await self._registry.confirm_unloads()
+        self._hub.confirm_unloads(value)  # here at once; every replica through its watch
+        replica = self._hub.replica_id
+        count = keys.unload_confirmations(value)
+        what = f"{unloads} held unloads released" if held else "nothing held"
+        self._events.record(
+            "unload_floor", message=f"confirmed by the operator (#{count}): {what} on {replica}"
+        )
+        return mesh_pb2.ConfirmUnloadsResponse(
+            held=held, released=unloads if held else 0, replica_id=replica, confirmation=count
+        )
 
     async def DrainNode(
         self, request: mesh_pb2.DrainNodeRequest, context: ServicerContext

@@ -192,6 +192,16 @@ class ControlPlane:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def _unload_confirmation(self) -> bytes:
+        """The operator's latest unload confirmation (``keys.UNLOAD_CONFIRM``; b"" absent)."""
+        mirror = self._mirrors.get(keys.UNLOAD_CONFIRM)
+        value = None if mirror is None else mirror.items().get(keys.UNLOAD_CONFIRM)
+        return b"" if value is None else bytes(value)
+
+    def _unload_confirmed(self) -> None:
+        if self.hub is not None:
+            self.hub.confirm_unloads(self._unload_confirmation())
+
     def _alarm(self, kind: str, text: str) -> None:
         """An alarm about the store or the view: an event (webhook, ``meshctl events``)."""
         if self.events is not None:
@@ -271,6 +281,11 @@ class ControlPlane:
             _log.warning("store check failed: %r", exc)
         self._mirrors[keys.ALARMS] = alarms = PrefixMirror(self._etcd, keys.ALARMS)
         await alarms.start()  # open alarm episodes: read by self.alarms, not by the snapshot
+        # the operator's unload confirmations: read by the hub's safety floor (link/floor.py)
+        self._mirrors[keys.UNLOAD_CONFIRM] = confirms = PrefixMirror(
+            self._etcd, keys.UNLOAD_CONFIRM
+        )
+        await confirms.start()
 
         self.hub = Hub(
             registry=registry,
@@ -288,6 +303,8 @@ class ControlPlane:
             unload_confirm_s=cfg.unload_confirm_s,
             store_id=lambda: self.store.store_id,
         )
+        self.hub.confirm_unloads(self._unload_confirmation())  # the one seen before any episode
+        confirms.subscribe(self._unload_confirmed)
         self.events = EventLog(registry, self.replica_id)
         self.events.start()
         self.events.subscribe(self.webhook.offer)

@@ -26,6 +26,7 @@ __all__ = [
     "REPLICAS",
     "SHUTDOWN_DRAIN",
     "STORE_ID",
+    "UNLOAD_CONFIRM",
     "WAKE",
     "alarm_key",
     "alias_key",
@@ -41,6 +42,8 @@ __all__ = [
     "prefix_end",
     "replica_key",
     "split_key",
+    "unload_confirmation",
+    "unload_confirmations",
     "wake_key",
 ]
 
@@ -63,6 +66,9 @@ ALARMS = ROOT + "alarms/"
 #: a random id written once per store (no lease): a store that lost its data gets a new one, so
 #: nodes know its placement revisions restart (LoadModel.store_id; controlplane/etcd/guard.py)
 STORE_ID = ROOT + "store-id"
+#: the operator's unload confirmations: "<count> <unix ns>" (admin, compare-and-swap increment);
+#: every replica watches it and a new value releases its held mass unload (link/floor.py)
+UNLOAD_CONFIRM = ROOT + "unload-confirm"
 
 #: The value of a ``draining/<node>`` key a node set by shutting down (an operator's is "").
 SHUTDOWN_DRAIN = b"shutdown"
@@ -126,6 +132,18 @@ def prefix_end(prefix: bytes) -> bytes:
         if prefix[i] < 0xFF:
             return prefix[:i] + bytes([prefix[i] + 1])
     return b"\0"
+
+
+def unload_confirmation(count: int, unix_ns: int) -> bytes:
+    """The value of ``UNLOAD_CONFIRM``: the count, and when (unique even when a store that lost
+    its data counts from 1 again)."""
+    return f"{count} {unix_ns}".encode()
+
+
+def unload_confirmations(value: bytes | None) -> int:
+    """How many confirmations ``UNLOAD_CONFIRM``'s value counts (0: absent or unreadable)."""
+    head = (value or b"").split(b" ", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def split_key(key: str, prefix: str) -> tuple[str, str]:

@@ -978,3 +978,19 @@ class RetriedCopy(_message.Message):
     reason: str
     permanent: bool
     def __init__(self, variant: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., permanent: _Optional[bool] = ...) -> None: ...
+
+class ConfirmUnloadsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ConfirmUnloadsResponse(_message.Message):
+    __slots__ = ("held", "released", "replica_id", "confirmation")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATION_FIELD_NUMBER: _ClassVar[int]
+    held: bool
+    released: int
+    replica_id: str
+    confirmation: int
+    def __init__(self, held: _Optional[bool] = ..., released: _Optional[int] = ..., replica_id: _Optional[str] = ..., confirmation: _Optional[int] = ...) -> None: ...

@@ -208,6 +208,11 @@ class AdminStub:
                 request_serializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsResponse.FromString,
                 _registered_method=True)
+        self.ConfirmUnloads = channel.unary_unary(
+                '/meshserve.v1.Admin/ConfirmUnloads',
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -338,6 +343,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmUnloads(self, request, context):
+        """Confirm the mass unload the safety floor holds back (docs/resilience.md): every replica
+        releases the episode it holds now; a later episode needs a new confirmation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -430,6 +443,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RetryPlacements,
                     request_deserializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsRequest.FromString,
                     response_serializer=meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsResponse.SerializeToString,
+            ),
+            'ConfirmUnloads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmUnloads,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -921,6 +939,33 @@ class Admin:
             '/meshserve.v1.Admin/RetryPlacements',
             meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsRequest.SerializeToString,
             meshserve_dot_protos_dot_mesh__pb2.RetryPlacementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmUnloads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/ConfirmUnloads',
+            meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,9 @@ def build() -> typer.Typer:
     models_app = typer.Typer(
         help="Register, evaluate, roll out, list and remove models.", no_args_is_help=True
     )
-    nodes_app = typer.Typer(help="List, drain and undrain nodes.", no_args_is_help=True)
+    nodes_app = typer.Typer(
+        help="List, drain and undrain nodes; confirm a held mass unload.", no_args_is_help=True
+    )
     placements_app = typer.Typer(help="List placements; retry failed copies.", no_args_is_help=True)
     policy_app = typer.Typer(
         help="Validate, apply and show the placement policy.", no_args_is_help=True
@@ -60,6 +62,7 @@ def build() -> typer.Typer:
     models_app.command("aliases")(rollout.aliases)
     nodes_app.command("list")(nodes.list_nodes)
     nodes_app.command("drain")(nodes.drain)
+    nodes_app.command("confirm-unloads")(nodes.confirm_unloads)
     placements_app.command("list")(nodes.list_placements)
     placements_app.command("retry")(nodes.retry_placements)
     policy_app.command("validate")(policy.validate)

@@ -1,4 +1,5 @@
-"""``meshctl nodes list | drain`` and ``meshctl placements list``: where copies are and should be.
+"""``meshctl nodes list | drain | confirm-unloads`` and ``meshctl placements list``: where copies
+are and should be.
 
 ``nodes list`` shows each node's state (``serving`` or ``draining``), its admin-side labels, its
 direct address (or ``(tunnel)`` for a node without an inbound port), the replicas holding its
@@ -8,6 +9,8 @@ placement names (a drained node, until a replacement is READY).
 ``placements list`` shows what the leader decided: desired copies, chosen nodes, failures (and
 when each is retried). ``placements retry MODEL [--node N]`` clears failures by hand: the leader
 places the copies there again on its next pass (permanent failures included).
+``nodes confirm-unloads`` confirms a mass unload the safety floor holds back (docs/resilience.md):
+every replica releases the episode it holds now, without waiting for ``--unload-confirm-s``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from meshserve.client.cli._common import (
 from meshserve.client.cli._placement_view import node_state, ready_copies, replication
 from meshserve.protos import mesh_pb2
 
-__all__ = ["drain", "list_nodes", "list_placements", "retry_placements"]
+__all__ = ["confirm_unloads", "drain", "list_nodes", "list_placements", "retry_placements"]
 
 
 def list_nodes(target: Target = DEFAULT_TARGET) -> None:
@@ -58,6 +61,23 @@ def drain(
     with admin_client(target) as admin:
         draining = admin.drain_node(node_id, undrain=undo)
     console.print(f"node {node_id}: {'draining' if draining else 'serving'}")
+
+
+def confirm_unloads(target: Target = DEFAULT_TARGET) -> None:
+    """Confirm the mass unload the safety floor holds back (after checking the view is right:
+    `meshctl events --kind unload_floor`): every replica sends the held Unloads now."""
+    with admin_client(target) as admin:
+        out = admin.confirm_unloads()
+    if out.held:
+        console.print(
+            f"confirmation #{out.confirmation}: {out.released} held unloads released on "
+            f"{out.replica_id} (every replica releases its own)"
+        )
+    else:
+        console.print(
+            f"confirmation #{out.confirmation}: nothing held on {out.replica_id} (every replica "
+            "releases the mass unload it holds now; a later one needs a new confirmation)"
+        )
 
 
 def list_placements(model: str = "", target: Target = DEFAULT_TARGET) -> None:

@@ -320,6 +320,15 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         for session, decisions in planned:
             self._send(session, decisions)
 
+    def confirm_unloads(self, confirmation: bytes) -> int:
+        """The operator's unload confirmation as seen now (``keys.UNLOAD_CONFIRM``'s value, b""
+        absent): a new one releases the episode the floor holds and the held Unloads are sent at
+        once; returns how many it released (0: nothing held, see link/floor.py)."""
+        released = self.floor.observe_confirmation(confirmation)
+        if released:
+            self.reconcile(self._snapshot())
+        return released
+
     def unloads_held(self) -> bool:
         """True while the safety floor holds a mass unload back (see link/floor.py)."""
         return self.floor.holding()

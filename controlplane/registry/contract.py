@@ -138,6 +138,12 @@ class Registry(Protocol):
         """Remove the node's mark only if it is a shutdown mark; True when removed."""
         ...
 
+    async def confirm_unloads(self) -> bytes:
+        """The operator confirms a mass unload the safety floor holds: ``UNLOAD_CONFIRM``'s count
+        incremented (compare-and-swap, no lease), stamped with the time; returns the value
+        written (every replica's watch releases its held episode on a new value)."""
+        ...
+
     async def wake(self, key: VariantKey, lease: int) -> None:
         """A query waits for a copy of a variant scaled to zero: set ``wake/<m>/<v>`` under
         ``lease``. Calls are counted per variant on this registry."""

@@ -247,6 +247,19 @@ class EtcdRegistry:
         key = keys.draining_key(node_id).encode()
         return await delete_if(self._etcd, key, value=keys.SHUTDOWN_DRAIN)
 
+    async def confirm_unloads(self) -> bytes:
+        t = self._etcd.transactions
+        key = keys.UNLOAD_CONFIRM.encode()
+        for _ in range(CAS_ATTEMPTS):
+            current = await get(self._etcd, key)
+            seen = None if current is None else current.value
+            value = keys.unload_confirmation(keys.unload_confirmations(seen) + 1, time.time_ns())
+            mod = 0 if current is None else current.mod_revision
+            ok, _ = await self._txn([t.mod(key) == mod], [t.put(key, value)])
+            if ok:
+                return value
+        raise Unavailable("unload confirmation: too many concurrent writers; try again")
+
     async def wake(self, key: VariantKey, lease: int) -> None:
         # One value per variant while any waiter holds it, counted BEFORE the put: two wakes
         # whose replies came back out of order must not leave this registry remembering a value

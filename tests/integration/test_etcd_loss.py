@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -108,6 +109,74 @@ def test_a_replaced_store_is_noticed_reloaded_and_no_copy_is_unloaded(tmp_path: 
             assert _ready(admin, "b") == 2, admin.list_nodes()
         unloads = [line for p in mesh.processes for line in p.tail(400).splitlines()]
         assert not [line for line in unloads if "unload a/" in line or "unload b/" in line]
+
+
+def _wipe_models(url: str) -> None:
+    """Every model gone in one write (what a store that lost its models looks like)."""
+
+    async def wipe() -> None:
+        client = await connect(url)
+        try:
+            await client.delete_prefix(keys.MODELS.encode())
+        finally:
+            await client.close()
+
+    asyncio.run(wipe())
+
+
+def _confirm_unloads(address: str) -> str:
+    args = [sys.executable, "-m", "meshserve.client.cli", "nodes", "confirm-unloads"]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [*args, "--target", address], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_a_held_mass_unload_is_released_by_the_operators_confirmation(tmp_path: Path) -> None:
+    """The floor holds the mass unload back until ``meshctl nodes confirm-unloads``: one written
+    before the episode does not pre-confirm it; a new one releases it on every replica (cp-2
+    through its watch) and the copies unload within seconds, long before the 600 s timer."""
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp1 = mesh.start_controlplane("cp-1")
+        cp2 = mesh.start_controlplane("cp-2")
+        for name in ("n1", "n2"):
+            mesh.start_node(name, [cp1.address])
+        with AdminClient(cp1.address) as admin:
+            wait_until(
+                lambda: [len(n.replicas) for n in admin.list_nodes()] == [2, 2],
+                30,
+                what="two nodes linked to both replicas",
+            )
+            for name, seed in (("a", 1), ("b", 2)):
+                register_file(admin, name, make_mlp(tmp_path / f"{name}.onnx", seed=seed), copies=2)
+            for name in ("a", "b"):
+                wait_copies(admin, name, 2, timeout=60)
+            early = _confirm_unloads(cp1.address)  # no episode yet: must not pre-confirm one
+            assert "#1: nothing held on cp-1" in early, early
+
+            _wipe_models(mesh.etcd_url)
+            floor = wait_until(
+                lambda: admin.list_events(kind="unload_floor"), 15, what="the unload floor's alarm"
+            )
+            assert "4 of the 4 copies" in floor[-1].message, [e.message for e in floor]
+            time.sleep(2.0)  # a few reconcile passes: still held
+            assert (_ready(admin, "a"), _ready(admin, "b")) == (2, 2), admin.list_nodes()
+
+            out = _confirm_unloads(cp1.address)
+            assert "#2: 4 held unloads released on cp-1" in out, out
+            wait_until(
+                lambda: not [c for n in admin.list_nodes() for c in n.copies],
+                20,
+                what="every copy unloaded",
+            )
+            events = [e.message for e in admin.list_events(kind="unload_floor")]
+            assert any("confirmed by the operator (#2): 4 held" in m for m in events), events
+        for cp in (cp1, cp2):
+            log = cp.log_path.read_text(errors="replace")
+            assert "confirmed by the operator; releasing 4 unloads" in log, (cp.name, log[-3000:])
 
 
 class _Trickle(http.server.BaseHTTPRequestHandler):

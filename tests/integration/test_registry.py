@@ -320,3 +320,14 @@ async def test_event_append_numbers_trims_and_refuses_a_stale_counter(store: Sto
     assert ok and late[0].seq == 6
     stored = [keys.decode(v, mesh_pb2.Event()).message for v in await r.read_events()]
     assert stored == ["late", "4", "3"]
+
+
+async def test_unload_confirmations_count_up_without_losing_one(store: Store) -> None:
+    """``meshctl nodes confirm-unloads``: a compare-and-swap increment, every value new."""
+    r = store.registry
+    first = await r.confirm_unloads()
+    assert keys.unload_confirmations(first) == 1
+    racing = await asyncio.gather(*(r.confirm_unloads() for _ in range(4)))
+    assert sorted(keys.unload_confirmations(v) for v in racing) == [2, 3, 4, 5]
+    assert len({first, *racing}) == 5
+    assert keys.unload_confirmations(await store.value(keys.UNLOAD_CONFIRM)) == 5

@@ -162,6 +162,13 @@ class FakeRegistry:
         stored = self.data.get(keys.POLICY)
         return None if stored is None else (stored.value.decode(), stored.mod_revision)
 
+    async def confirm_unloads(self) -> bytes:
+        stored = self.data.get(keys.UNLOAD_CONFIRM)
+        count = keys.unload_confirmations(None if stored is None else stored.value)
+        value = keys.unload_confirmation(count + 1, time.time_ns())
+        self._put(keys.UNLOAD_CONFIRM, value)
+        return value
+
     async def drain(self, node_id: str) -> None:
         self._put(keys.draining_key(node_id), b"")
 

@@ -110,6 +110,81 @@ def test_unload_floor_episode_holds_until_no_unload_or_confirmed() -> None:
 
 
 @pytest.mark.parametrize(
+    ("case", "steps", "holding", "released"),
+    [
+        ("a confirmation releases the held episode", ["judge 4/4", "confirm c1"], False, 4),
+        ("no episode: nothing to release", ["confirm c1"], False, 0),
+        ("a small unload is no episode", ["judge 1/10", "confirm c1"], False, 0),
+        (
+            "one written before the episode does not pre-confirm it",
+            ["confirm c1", "judge 4/4"],
+            True,
+            0,
+        ),
+        (
+            "the same value seen again (a watch echo) confirms nothing",
+            ["confirm c1", "judge 4/4", "confirm c1"],
+            True,
+            0,
+        ),
+        ("an absent key (store lost) confirms nothing", ["judge 4/4", "confirm -"], True, 0),
+        (
+            "a new value after the store lost the key confirms",
+            ["confirm c1", "judge 4/4", "confirm -", "confirm c2"],
+            False,
+            4,
+        ),
+        ("released with the latest count", ["judge 6/6", "judge 5/6", "confirm c1"], False, 5),
+        (
+            "a confirmed episode stays released while the view still asks",
+            ["judge 4/4", "confirm c1", "judge 4/4", "judge 3/4"],
+            False,
+            0,
+        ),
+        (
+            "the next episode needs a new confirmation",
+            ["judge 4/4", "confirm c1", "judge 0/4", "judge 4/4", "confirm c1"],
+            True,
+            0,
+        ),
+        (
+            "the next episode, confirmed anew",
+            ["judge 4/4", "confirm c1", "judge 0/4", "judge 4/4", "confirm c2"],
+            False,
+            4,
+        ),
+        ("the timer still releases (fallback)", ["judge 4/4", "wait 601"], False, 0),
+        (
+            "after the timer, nothing left to release",
+            ["judge 4/4", "wait 601", "confirm c1"],
+            False,
+            0,
+        ),
+    ],
+)
+def test_unload_floor_operator_confirmation(
+    case: str, steps: list[str], holding: bool, released: int
+) -> None:
+    """controlplane/link/floor.py: ``meshctl nodes confirm-unloads`` (UNLOAD_CONFIRM's value)
+    releases the current episode only; ``released``: what the last step released."""
+    clock = _Clock()
+    floor = UnloadFloor(600.0, clock=clock)
+    last = 0
+    for step in steps:
+        verb, arg = step.split(" ")
+        last = 0
+        if verb == "judge":
+            unloads, held = arg.split("/")
+            floor.judge(int(unloads), int(held))
+        elif verb == "confirm":
+            last = floor.observe_confirmation(b"" if arg == "-" else arg.encode())
+        else:
+            clock.now += float(arg)
+    assert floor.holding() is holding, case
+    assert last == released, case
+
+
+@pytest.mark.parametrize(
     ("case", "known_id", "current_id", "why"),
     [
         ("store id not read yet", "", "abc", None),
