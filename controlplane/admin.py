@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from meshserve.common.errors import NotFound, ResourceExhausted, ServicerContext, Unavailable
 from meshserve.common.policy.config import Policy
@@ -35,12 +35,14 @@ from meshserve.controlplane.dataplane.rollout import (
     DEFAULT_ALIAS,
     plan_rollback,
     plan_rollout,
+    rollback_message,
+    rollout_message,
     version_of,
 )
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.health import ModelHealth
-from meshserve.controlplane.observe.telemetry import Telemetered, model_health
+from meshserve.controlplane.observe.telemetry import model_health, node_list
 from meshserve.controlplane.placement.explain import explain_placement
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot
@@ -117,7 +119,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     async def ListNodes(
         self, request: mesh_pb2.ListNodesRequest, context: ServicerContext
     ) -> mesh_pb2.ListNodesResponse:
-        return _node_list(self._snapshot(), self._hub.sessions)
+        return node_list(self._snapshot(), self._hub.sessions)
 
     async def ListPlacements(
         self, request: mesh_pb2.ListPlacementsRequest, context: ServicerContext
@@ -340,7 +342,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
 
         new, old = await self._change_alias(model, alias, plan)
         if new is not old:
-            text = _rollout_message(alias, version, percent, new, old)
+            text = rollout_message(alias, version, percent, new, old)
             self._events.record("rollout", model=model, variant=version, message=text)
         return mesh_pb2.RolloutResponse(status=self._alias_status(model, new))
 
@@ -361,7 +363,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
 
         new, old = await self._change_alias(model, alias, plan)
         assert old is not None  # plan_rollback refuses a missing alias
-        text = _rollback_message(alias, new, old)
+        text = rollback_message(alias, new, old)
         self._events.record("rollback", model=model, variant=new.version, message=text)
         return mesh_pb2.RollbackResponse(status=self._alias_status(model, new))
 
@@ -375,67 +377,3 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         return mesh_pb2.ListAliasesResponse(
             aliases=[self._alias_status(request.model, a) for a in aliases]
         )
-
-
-# -- pure answers and event texts -----------------------------------------------------------------
-
-
-def _live_progress(info: mesh_pb2.NodeInfo, session: Telemetered) -> None:
-    """Download progress of LOADING copies from the node's live stream (etcd records leave it
-    out: it would add a revision every half second)."""
-    live = getattr(session, "copies", None)
-    if not isinstance(live, Mapping):
-        return
-    for copy in info.copies:
-        status = live.get((copy.model, copy.variant))
-        if isinstance(status, mesh_pb2.CopyStatus) and status.state == copy.state:
-            copy.bytes_fetched = status.bytes_fetched
-            copy.bytes_total = status.bytes_total or copy.bytes_total
-
-
-def _node_list(
-    snapshot: Snapshot, sessions: Mapping[str, Telemetered]
-) -> mesh_pb2.ListNodesResponse:
-    """Every node of the view, by id, with its copies and (when it streams to this replica) its
-    latest telemetry."""
-    out = mesh_pb2.ListNodesResponse()
-    for node_id in sorted(snapshot.nodes):
-        node = snapshot.nodes[node_id]
-        info = out.nodes.add(
-            node_id=node_id,
-            labels=dict(node.labels),
-            direct_address=node.direct_address,
-            replicas=sorted(node.replicas),
-            draining=node_id in snapshot.draining,
-        )
-        info.hardware.CopyFrom(node.hardware)
-        info.copies.extend(node.copies[k] for k in sorted(node.copies))
-        session = sessions.get(node_id)
-        if session is not None:
-            info.telemetry.CopyFrom(session.telemetry)
-            _live_progress(info, session)
-    return out
-
-
-def _rollout_message(
-    alias: str,
-    version: str,
-    percent: float,
-    new: mesh_pb2.Alias,
-    old: mesh_pb2.Alias | None,
-) -> str:
-    """The event text of a rollout that changed ``alias`` from ``old`` to ``new``."""
-    if new.canary_version and 0 < percent < 100:
-        return f"{alias}: canary {version} at {percent:g}% (stable {new.version})"
-    was = old.version if old is not None else "unset"
-    text = f"{alias} -> {version} (was {was})"
-    if new.previous_version:
-        text += f"; {new.previous_version} serves until {version} is warm"
-    return text
-
-
-def _rollback_message(alias: str, new: mesh_pb2.Alias, old: mesh_pb2.Alias) -> str:
-    """The event text of a rollback that changed ``alias`` from ``old`` to ``new``."""
-    if old.canary_version:
-        return f"{alias}: canary {old.canary_version} dropped; {new.version} takes every query"
-    return f"{alias} -> {new.version} (rolled back from {old.version})"

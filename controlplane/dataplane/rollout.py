@@ -56,6 +56,8 @@ __all__ = [
     "plan_rollback",
     "plan_rollout",
     "resolve",
+    "rollback_message",
+    "rollout_message",
     "version_of",
     "versions_of",
 ]
@@ -326,3 +328,27 @@ def plan_rollback(
         )
     out.version, out.previous_version = previous, ""
     return out
+
+
+def rollout_message(
+    alias: str,
+    version: str,
+    percent: float,
+    new: mesh_pb2.Alias,
+    old: mesh_pb2.Alias | None,
+) -> str:
+    """The event text of a rollout that changed ``alias`` from ``old`` to ``new``."""
+    if new.canary_version and 0 < percent < 100:
+        return f"{alias}: canary {version} at {percent:g}% (stable {new.version})"
+    was = old.version if old is not None else "unset"
+    text = f"{alias} -> {version} (was {was})"
+    if new.previous_version:
+        text += f"; {new.previous_version} serves until {version} is warm"
+    return text
+
+
+def rollback_message(alias: str, new: mesh_pb2.Alias, old: mesh_pb2.Alias) -> str:
+    """The event text of a rollback that changed ``alias`` from ``old`` to ``new``."""
+    if old.canary_version:
+        return f"{alias}: canary {old.canary_version} dropped; {new.version} takes every query"
+    return f"{alias} -> {new.version} (rolled back from {old.version})"

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from meshserve.controlplane.observe.health import feedback_totals
-from meshserve.controlplane.snapshot import VariantKey
+from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
 
-__all__ = ["Telemetered", "latest_telemetry", "live_in_flight", "model_health"]
+__all__ = ["Telemetered", "latest_telemetry", "live_in_flight", "model_health", "node_list"]
 
 
 class Telemetered(Protocol):
@@ -62,4 +62,41 @@ def model_health(
             or mesh_pb2.VariantHealth(variant=spec.variant, accuracy=-1, mean_abs_error=-1)
         )
         health.registered_accuracy = spec.accuracy
+    return out
+
+
+def _live_progress(info: mesh_pb2.NodeInfo, session: Telemetered) -> None:
+    """Download progress of LOADING copies from the node's live stream (etcd records leave it
+    out: it would add a revision every half second)."""
+    live = getattr(session, "copies", None)
+    if not isinstance(live, Mapping):
+        return
+    for copy in info.copies:
+        status = live.get((copy.model, copy.variant))
+        if isinstance(status, mesh_pb2.CopyStatus) and status.state == copy.state:
+            copy.bytes_fetched = status.bytes_fetched
+            copy.bytes_total = status.bytes_total or copy.bytes_total
+
+
+def node_list(
+    snapshot: Snapshot, sessions: Mapping[str, Telemetered]
+) -> mesh_pb2.ListNodesResponse:
+    """Every node of the view, by id, with its copies and (when it streams to this replica) its
+    latest telemetry."""
+    out = mesh_pb2.ListNodesResponse()
+    for node_id in sorted(snapshot.nodes):
+        node = snapshot.nodes[node_id]
+        info = out.nodes.add(
+            node_id=node_id,
+            labels=dict(node.labels),
+            direct_address=node.direct_address,
+            replicas=sorted(node.replicas),
+            draining=node_id in snapshot.draining,
+        )
+        info.hardware.CopyFrom(node.hardware)
+        info.copies.extend(node.copies[k] for k in sorted(node.copies))
+        session = sessions.get(node_id)
+        if session is not None:
+            info.telemetry.CopyFrom(session.telemetry)
+            _live_progress(info, session)
     return out

@@ -4,7 +4,7 @@ and the node state the Admin API answers with (pure: hand-built answers and snap
 from __future__ import annotations
 
 from meshserve.client.cli._placement_view import node_state, ready_copies, replication
-from meshserve.controlplane.admin import _node_list
+from meshserve.controlplane.observe.telemetry import node_list as _node_list
 from meshserve.controlplane.snapshot import Snapshot
 from meshserve.protos import mesh_pb2
 from tests.support.views import node
