@@ -76,8 +76,14 @@ def test_a_replaced_store_is_noticed_reloaded_and_no_copy_is_unloaded(tmp_path: 
                 lambda: admin.list_events(kind="etcd_data_lost"), 30, what="an etcd_data_lost alarm"
             )
             assert "backwards" in lost[0].message, lost[0].message
-            floor = wait_until(
-                lambda: admin.list_events(kind="unload_floor"), 15, what="the unload floor's alarm"
+            floor = wait_until(  # the early confirmation recorded an unload_floor event too
+                lambda: [
+                    e
+                    for e in admin.list_events(kind="unload_floor")
+                    if "the linked nodes hold" in e.message
+                ],
+                15,
+                what="the unload floor's alarm",
             )
             assert "4 of the 4 copies" in floor[0].message, floor[0].message
 
@@ -158,8 +164,14 @@ def test_a_held_mass_unload_is_released_by_the_operators_confirmation(tmp_path: 
             assert "#1: nothing held on cp-1" in early, early
 
             _wipe_models(mesh.etcd_url)
-            floor = wait_until(
-                lambda: admin.list_events(kind="unload_floor"), 15, what="the unload floor's alarm"
+            floor = wait_until(  # the early confirmation recorded an unload_floor event too
+                lambda: [
+                    e
+                    for e in admin.list_events(kind="unload_floor")
+                    if "the linked nodes hold" in e.message
+                ],
+                15,
+                what="the unload floor's alarm",
             )
             assert "4 of the 4 copies" in floor[-1].message, [e.message for e in floor]
             time.sleep(2.0)  # a few reconcile passes: still held
