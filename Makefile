@@ -47,7 +47,7 @@ typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test: setup protos-check lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev,bench]'
