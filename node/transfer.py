@@ -38,9 +38,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 __all__ = ["CHUNK", "Progress", "StoreError", "Transfer"]
 
@@ -95,22 +96,10 @@ class Transfer:
                 permanent=True,
             )
         digest = hashlib.sha256()
-        done = 0
         try:
             with src.open("rb") as f, part.open("wb") as out:
-                while chunk := f.read(CHUNK):
-                    if cancel.is_set():
-                        raise StoreError(f"copy of {src} was cancelled")
-                    done += len(chunk)
-                    if done > self.max_bytes:
-                        raise StoreError(
-                            f"artifact {src} exceeds the limit of {self.max_bytes} bytes",
-                            permanent=True,
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if progress is not None:
-                        progress(done, size)
+                chunks = iter(lambda: f.read(CHUNK), b"")
+                self._pump(chunks, out, part, digest, 0, size, str(src), "copy", progress, cancel)
         except OSError as exc:
             part.unlink(missing_ok=True)
             raise StoreError(f"cannot read artifact {src}: {exc}") from exc
@@ -118,6 +107,40 @@ class Transfer:
             part.unlink(missing_ok=True)
             raise
         return digest.hexdigest()
+
+    def _pump(
+        self,
+        chunks: Iterable[bytes],
+        out: IO[Any],
+        part: Path,
+        digest: Any,
+        done: int,
+        total: int | None,
+        source: str,
+        verb: str,
+        progress: Progress | None,
+        cancel: threading.Event,
+    ) -> int:
+        """Write ``chunks`` to ``out`` (the open ``part`` file) and into ``digest``, checking the
+        cancel flag and the size limit per chunk (over it: ``part`` is removed, a permanent
+        error) and reporting progress; returns the byte count after the last chunk. ``source``
+        and ``verb`` name the transfer in errors ("download of URI was cancelled")."""
+        for chunk in chunks:
+            if cancel.is_set():
+                raise StoreError(f"{verb} of {source} was cancelled")
+            done += len(chunk)
+            if done > self.max_bytes:
+                out.close()
+                part.unlink(missing_ok=True)
+                raise StoreError(
+                    f"artifact {source} exceeds the limit of {self.max_bytes} bytes",
+                    permanent=True,
+                )
+            digest.update(chunk)
+            out.write(chunk)
+            if progress is not None:
+                progress(done, total)
+        return done
 
     def download(
         self,
@@ -188,21 +211,10 @@ class Transfer:
                 done = have
                 rate = _Rate(self.min_rate_bps, self.rate_window_s)
                 with part.open(mode) as out:
-                    while chunk := _read_some(resp, rate, clock, self, uri):
-                        if cancel.is_set():
-                            raise StoreError(f"download of {uri} was cancelled")
-                        done += len(chunk)
-                        if done > self.max_bytes:
-                            out.close()
-                            part.unlink(missing_ok=True)
-                            raise StoreError(
-                                f"artifact {uri} exceeds the limit of {self.max_bytes} bytes",
-                                permanent=True,
-                            )
-                        digest.update(chunk)
-                        out.write(chunk)
-                        if progress is not None:
-                            progress(done, total)
+                    chunks = iter(lambda: _read_some(resp, rate, clock, self, uri), b"")
+                    done = self._pump(
+                        chunks, out, part, digest, done, total, uri, "download", progress, cancel
+                    )
                 if total is not None and done < total:
                     raise _Transient(f"connection closed after {done} of {total} bytes")
         except urllib.error.HTTPError as exc:
