@@ -10,6 +10,9 @@ import pytest
 from meshserve.controlplane.etcd import connect
 from tests.support.etcd import EtcdServer
 
+# Fixtures shared by several test packages: ``webhook`` (a receiver on loopback).
+pytest_plugins = ["tests.support.webhook"]
+
 
 @pytest.fixture
 def etcd() -> Iterator[EtcdServer]:

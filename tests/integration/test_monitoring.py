@@ -4,7 +4,6 @@ and one on a shifted distribution (event + webhook); only sketches leave the nod
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import socket
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from meshserve.devtools.demo_models import digits_split, digits_to_onnx, make_ml
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2
 from tests.support.mesh import wait_copies
+from tests.support.webhook import Hook as _Hook
 
 ROWS_PER_QUERY = 25
 WINDOW_ROWS = 250
@@ -95,30 +94,6 @@ def test_feedback_accuracy_equals_the_true_accuracy_of_served_answers(tmp_path: 
             records = wait_until(logged, 10, what="every prediction in the log files")
             assert {r["variant"] for r in records} == set(variants)
             assert records[0]["inputs"]["x"]["shape"] == [1, 64], "inputs summarised by default"
-
-
-class _Hook(http.server.BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> Iterator[str]:
-    _Hook.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/retrain"
-    server.shutdown()
-    server.server_close()
 
 
 class _Tap:

@@ -11,15 +11,11 @@
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +37,7 @@ from meshserve.protos import mesh_pb2
 from tests.support.fake_registry import FakeRegistry
 from tests.support.inproc import eventually
 from tests.support.mesh import wait_copies
+from tests.support.webhook import Hook as _Hook
 
 pytestmark = [pytest.mark.integration]
 
@@ -219,30 +216,6 @@ async def test_a_reference_captured_from_production_outlives_the_replica(client:
 
 
 # -- real processes ----------------------------------------------------------------------------
-
-
-class _Hook(http.server.BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append(json.loads(body)["event"])
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> Iterator[str]:
-    _Hook.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/retrain"
-    server.shutdown()
-    server.server_close()
 
 
 def _alarm_events(admin: AdminClient) -> list[mesh_pb2.Event]:
