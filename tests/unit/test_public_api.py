@@ -9,9 +9,6 @@ status.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -23,6 +20,7 @@ import pytest
 import meshserve
 import meshserve.errors
 from meshserve.protos import inference_pb2_grpc
+from tests.support.fresh import run_fresh
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,19 +163,7 @@ def test_importing_meshserve_imports_no_server_package(tmp_path: Path) -> None:
         "from meshserve import MeshClient, AsyncMeshClient; "
         "print(json.dumps(sorted(sys.modules)))"
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    modules: list[str] = json.loads(proc.stdout)
+    modules: list[str] = json.loads(run_fresh(code, cwd=tmp_path))
     assert "meshserve.client" in modules  # the walk saw the SDK itself
     servers = [m for m in modules for p in SERVER_PACKAGES if m == p or m.startswith(p + ".")]
     assert not servers, f"importing meshserve imported server code: {servers}"

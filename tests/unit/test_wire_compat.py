@@ -17,9 +17,6 @@ streaming flags, and our stubs and servicer registration use the standard method
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -40,6 +37,7 @@ from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from tests.support.fresh import run_fresh
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUR_PACKAGE = "meshserve.inference."
@@ -420,16 +418,4 @@ def test_both_import_in_one_fresh_interpreter(statements: str) -> None:
     """Registration in the default pool is process-wide and happens once, at first import, so
     each order is tried in its own fresh interpreter."""
     code = f"{statements}; print('ok')"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "ok"
+    assert run_fresh(code).strip() == "ok"
