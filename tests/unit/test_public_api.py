@@ -22,8 +22,6 @@ import meshserve.errors
 from meshserve.protos import inference_pb2_grpc
 from tests.support.fresh import run_fresh
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 PUBLIC = {
     "NO_RETRY",
     "AsyncMeshClient",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,7 +38,6 @@ from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from tests.support.fresh import run_fresh
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 OUR_PACKAGE = "meshserve.inference."
 WIRE_PACKAGE = "inference."
 SERVICE = "GRPCInferenceService"
