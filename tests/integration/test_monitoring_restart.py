@@ -37,22 +37,13 @@ from meshserve.protos import mesh_pb2
 from tests.support.fake_registry import FakeRegistry
 from tests.support.inproc import eventually
 from tests.support.mesh import wait_copies
+from tests.support.recorded import Recorded
 from tests.support.webhook import Hook as _Hook
 
 pytestmark = [pytest.mark.integration]
 
 
 # -- episodes in etcd, two replicas in this process ------------------------------------------
-
-
-@dataclass
-class Recorded:
-    events: list[tuple[str, str, str, str]] = field(default_factory=list)
-
-    def record(
-        self, kind: str, *, model: str = "", variant: str = "", node_id: str = "", message: str = ""
-    ) -> None:
-        self.events.append((kind, model, variant, message))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from types import MappingProxyType
 from meshserve.controlplane.snapshot import NodeView
 from meshserve.protos import mesh_pb2
 
-__all__ = ["GiB", "node"]
+__all__ = ["GiB", "alias", "node"]
 
 GiB = 1 << 30
 
@@ -39,4 +39,18 @@ def node(
                 for k, state in (copies or {}).items()
             }
         ),
+    )
+
+
+def alias(
+    version: str, previous: str = "", canary: str = "", percent: float = 0.0, name: str = "live"
+) -> mesh_pb2.Alias:
+    """An alias record of model ``m`` (``live`` unless named)."""
+    return mesh_pb2.Alias(
+        model="m",
+        alias=name,
+        version=version,
+        previous_version=previous,
+        canary_version=canary,
+        canary_percent=percent,
     )

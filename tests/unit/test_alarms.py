@@ -21,16 +21,7 @@ from meshserve.controlplane.observe.episodes import (
 from meshserve.controlplane.observe.health import HealthSettings, ModelHealth
 from meshserve.controlplane.snapshot import VariantKey
 from meshserve.protos import mesh_pb2
-
-
-@dataclass
-class Recorded:
-    events: list[tuple[str, str, str, str]] = field(default_factory=list)
-
-    def record(
-        self, kind: str, *, model: str = "", variant: str = "", node_id: str = "", message: str = ""
-    ) -> None:
-        self.events.append((kind, model, variant, message))
+from tests.support.recorded import Recorded
 
 
 @dataclass

@@ -37,7 +37,7 @@ from meshserve.controlplane.dataplane.rollout import Route, canary_draw
 from meshserve.controlplane.dataplane.switching import Switcher
 from meshserve.controlplane.snapshot import NodeView, Snapshot
 from meshserve.protos import mesh_pb2
-from tests.support.views import node
+from tests.support.views import alias, node
 
 R, L, F = mesh_pb2.READY, mesh_pb2.LOADING, mesh_pb2.FAILED
 NOBODY: frozenset[str] = frozenset()
@@ -94,19 +94,6 @@ def snap(
         nodes=MappingProxyType(nodes),
         draining=frozenset(draining),
         aliases=MappingProxyType({(a.model, a.alias): a for a in aliases}),
-    )
-
-
-def alias(
-    version: str, previous: str = "", canary: str = "", percent: float = 0.0, name: str = "live"
-) -> mesh_pb2.Alias:
-    return mesh_pb2.Alias(
-        model="m",
-        alias=name,
-        version=version,
-        previous_version=previous,
-        canary_version=canary,
-        canary_percent=percent,
     )
 
 

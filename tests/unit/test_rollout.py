@@ -25,23 +25,12 @@ from meshserve.controlplane.dataplane.rollout import (
     version_of,
 )
 from meshserve.protos import mesh_pb2
+from tests.support import views
 
 
-def alias(
-    version: str = "v2",
-    previous: str = "",
-    canary: str = "",
-    percent: float = 0.0,
-    name: str = DEFAULT_ALIAS,
-) -> mesh_pb2.Alias:
-    return mesh_pb2.Alias(
-        model="m",
-        alias=name,
-        version=version,
-        previous_version=previous,
-        canary_version=canary,
-        canary_percent=percent,
-    )
+def alias(version: str = "v2", **kw: Any) -> mesh_pb2.Alias:
+    """Model ``m``'s ``live`` alias, at ``v2`` unless told (see tests/support/views.alias)."""
+    return views.alias(version, **kw)
 
 
 def st(ready: int, wanted: int = 2) -> VersionState:
