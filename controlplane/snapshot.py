@@ -19,6 +19,7 @@ __all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey"]
 
 VariantKey = tuple[str, str]  # (model, variant)
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 _RANK = {mesh_pb2.READY: 3, mesh_pb2.FAILED: 3, mesh_pb2.LOADING: 2, mesh_pb2.UNLOADED: 1}
 
@@ -64,6 +65,14 @@ class Snapshot:
         """The revision a decision about ``key`` is based on: the placement's own
         mod_revision, or, with no placement in view, how far the view has seen."""
         return self.placement_revisions.get(key, self.placements_revision)
+
+    def derived(self, key: str, build: Callable[[], T]) -> T:
+        """``build()``, computed once per snapshot under ``key`` (for pure views of it that a
+        query would otherwise rebuild: the result is shared, so callers must not mutate it)."""
+        if key not in self._index:
+            self._index[key] = build()
+        value: T = self._index[key]
+        return value
 
     def variants(self, model: str) -> list[mesh_pb2.ModelSpec]:
         by_model: dict[str, list[mesh_pb2.ModelSpec]] | None = self._index.get("variants")

@@ -173,11 +173,16 @@ def no_copy(
 
 
 def versions(snapshot: Snapshot, model: str) -> dict[str, list[mesh_pb2.ModelSpec]]:
-    """The model's tree: each version's variants (by variant name), versions by name."""
-    out: dict[str, list[mesh_pb2.ModelSpec]] = {}
-    for spec in sorted(snapshot.variants(model), key=lambda s: s.variant):
-        out.setdefault(version_of(spec), []).append(spec)
-    return dict(sorted(out.items()))
+    """The model's tree: each version's variants (by variant name), versions by name. Built
+    once per snapshot and model (every query resolves through it); callers must not mutate it."""
+
+    def build() -> dict[str, list[mesh_pb2.ModelSpec]]:
+        out: dict[str, list[mesh_pb2.ModelSpec]] = {}
+        for spec in sorted(snapshot.variants(model), key=lambda s: s.variant):
+            out.setdefault(version_of(spec), []).append(spec)
+        return dict(sorted(out.items()))
+
+    return snapshot.derived(f"versions/{model}", build)
 
 
 @dataclass(frozen=True, slots=True)
