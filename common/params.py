@@ -13,5 +13,5 @@ PREFER: Final = "meshserve_prefer"
 
 # Set by a client (SDK keyword ``zone=``) on a query: the zone it runs in (a string). The gateway
 # prefers ready copies on nodes labelled with that ``zone`` (see
-# meshserve.controlplane.dataplane.locality).
+# meshserve.common.routing.locality).
 CLIENT_ZONE: Final = "client_zone"

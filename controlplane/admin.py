@@ -24,14 +24,13 @@ from collections.abc import Callable
 
 from meshserve.common.errors import NotFound, ResourceExhausted, ServicerContext, Unavailable
 from meshserve.common.policy.config import Policy
-from meshserve.controlplane import keys
-from meshserve.controlplane.dataplane.resolve import (
+from meshserve.common.routing.resolve import (
     LiveLoad,
     alias_state,
     explain_switching,
     serving_version,
 )
-from meshserve.controlplane.dataplane.rollout import (
+from meshserve.common.routing.rollout import (
     DEFAULT_ALIAS,
     plan_rollback,
     plan_rollout,
@@ -39,6 +38,7 @@ from meshserve.controlplane.dataplane.rollout import (
     rollout_message,
     version_of,
 )
+from meshserve.controlplane import keys
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.health import ModelHealth

@@ -1,15 +1,16 @@
 """Forwarding: sending a query to the copies its router resolved, and what that measures.
 
 One :class:`Forwarder` per gateway holds the live side of routing: the balancer's per-copy
-in-flight counts and latencies (:class:`~.routing.Balancer`), the learned slowdown of each copy
-(:class:`~.switching.Calibration`), one channel per node address, and the hub's streams.
+in-flight counts and latencies (:class:`~meshserve.common.routing.balance.Balancer`), the
+learned slowdown of each copy (:class:`~meshserve.common.routing.switching.Calibration`), one
+channel per node address, and the hub's streams.
 
 Contract:
 
 - :meth:`Forwarder.select` picks a copy among the candidates not tried yet (preferring the
-  query's zone, :func:`~.locality.prefer_local`; then power of two choices on live load), adds it
-  to ``tried`` and returns it; None when none is left. A retry narrows after removing the tried
-  copies, so it may leave the zone.
+  query's zone, :func:`~meshserve.common.routing.locality.prefer_local`; then power of two
+  choices on live load), adds it to ``tried`` and returns it; None when none is left. A retry
+  narrows after removing the tried copies, so it may leave the zone.
 - :meth:`Forwarder.attempts` sends the query to the chosen copy: directly to the node's own OIP
   port when it has one (one channel and stub per address, reused), else down the node's stream
   held by this replica (the tunnel). An UNAVAILABLE or RESOURCE_EXHAUSTED answer, or a first
@@ -25,8 +26,8 @@ Contract:
   etcd key the leader acts on) and waits for a ready copy up to the deadline (or
   ``cold_start_max_s``), re-checking on every view change (:meth:`notify`); the wait is the
   ``meshserve.cold_start_ms`` span attribute and a ``scale`` event. The wake is always withdrawn.
-- :meth:`Forwarder.facts` is what it measures of a copy, as :class:`~.resolve.CopyFacts` for the
-  pure resolution functions.
+- :meth:`Forwarder.facts` is what it measures of a copy, as
+  :class:`~meshserve.common.routing.resolve.CopyFacts` for the pure resolution functions.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ from grpc import aio
 from opentelemetry import trace
 
 from meshserve.common.errors import DeadlineExceeded, StatusError, Unavailable, from_code
+from meshserve.common.routing.balance import Balancer, CopyKey
+from meshserve.common.routing.locality import prefer_local
+from meshserve.common.routing.resolve import CopyFacts, candidates, copy_load
+from meshserve.common.routing.switching import Calibration, predict_seconds
 from meshserve.common.tracing import inject_map, metadata_with_context
-from meshserve.controlplane.dataplane.locality import prefer_local
-from meshserve.controlplane.dataplane.resolve import CopyFacts, candidates, copy_load
-from meshserve.controlplane.dataplane.routing import Balancer, CopyKey
-from meshserve.controlplane.dataplane.switching import Calibration, predict_seconds
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.snapshot import NodeView, Snapshot, VariantKey

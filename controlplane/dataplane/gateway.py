@@ -2,9 +2,9 @@
 
 For each query it decodes the request's facts (SLO, minimum accuracy, zone, client), resolves
 the variant and its candidate copies with the pure functions of
-:mod:`~meshserve.controlplane.dataplane.resolve` (first the version: a named version, an alias
+:mod:`~meshserve.common.routing.resolve` (first the version: a named version, an alias
 and its canary, or ``live``; then the variant among that version's variants: a pinned variant, SLO
-switching, :mod:`~meshserve.controlplane.dataplane.switching`, or the most accurate), admits it
+switching, :mod:`~meshserve.common.routing.switching`, or the most accurate), admits it
 (:class:`~meshserve.controlplane.dataplane.admission.Admission`: bounded queries in flight per
 model and per client, beyond which RESOURCE_EXHAUSTED at once with a retry-after hint), and hands
 it to the :class:`~meshserve.controlplane.dataplane.forward.Forwarder`, which picks the copy
@@ -40,11 +40,8 @@ from opentelemetry.context import Context
 from meshserve.common.errors import InvalidArgument, NotFound, ServicerContext, Unavailable
 from meshserve.common.instruments import RequestMetrics
 from meshserve.common.params import CLIENT_ZONE, PREFER
-from meshserve.common.streaming import serve_infer_stream
-from meshserve.common.tracing import context_from_metadata, server_span
-from meshserve.controlplane.dataplane.admission import Admission
-from meshserve.controlplane.dataplane.forward import Forwarder, child_span
-from meshserve.controlplane.dataplane.resolve import (
+from meshserve.common.routing.balance import CopyKey
+from meshserve.common.routing.resolve import (
     LiveLoad,
     best_variant,
     cached_alternatives,
@@ -57,9 +54,12 @@ from meshserve.controlplane.dataplane.resolve import (
     variant_options,
     versions,
 )
-from meshserve.controlplane.dataplane.rollout import canary_draw
-from meshserve.controlplane.dataplane.routing import CopyKey
-from meshserve.controlplane.dataplane.switching import Switcher
+from meshserve.common.routing.rollout import canary_draw
+from meshserve.common.routing.switching import Switcher
+from meshserve.common.streaming import serve_infer_stream
+from meshserve.common.tracing import context_from_metadata, server_span
+from meshserve.controlplane.dataplane.admission import Admission
+from meshserve.controlplane.dataplane.forward import Forwarder, child_span
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.placement.scheduler import min_copies

@@ -8,13 +8,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from meshserve.controlplane import keys
-from meshserve.controlplane.dataplane.rollout import (
+from meshserve.common.routing.rollout import (
     DEFAULT_ALIAS,
     check_registration,
     first_live,
     version_of,
 )
+from meshserve.controlplane import keys
 from meshserve.controlplane.etcd._client import (
     ClientError,
     EtcdClient,

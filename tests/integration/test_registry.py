@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.routing.rollout import plan_rollout
 from meshserve.controlplane import keys
-from meshserve.controlplane.dataplane.rollout import plan_rollout
 from meshserve.controlplane.etcd import Session, connect
 from meshserve.controlplane.etcd._client import get, get_prefix
 from meshserve.controlplane.registry import EtcdRegistry, Registry, SeqCounter

@@ -14,13 +14,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from meshserve.controlplane import keys
-from meshserve.controlplane.dataplane.rollout import (
+from meshserve.common.routing.rollout import (
     DEFAULT_ALIAS,
     check_registration,
     first_live,
     version_of,
 )
+from meshserve.controlplane import keys
 from meshserve.controlplane.registry import AliasPlan, SeqCounter, VariantKey
 from meshserve.protos import mesh_pb2
 

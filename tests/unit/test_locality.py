@@ -1,4 +1,4 @@
-"""Location-aware narrowing of candidate copies (meshserve.controlplane.dataplane.locality), and
+"""Location-aware narrowing of candidate copies (meshserve.common.routing.locality), and
 the zone's trip
 from the SDK keyword to the gateway's reading of the request parameter."""
 
@@ -11,8 +11,8 @@ import pytest
 from meshserve.client._sdk import _with_routing
 from meshserve.common.errors import InvalidArgument
 from meshserve.common.params import CLIENT_ZONE
+from meshserve.common.routing.locality import prefer_local
 from meshserve.controlplane.dataplane.gateway import _zone_of
-from meshserve.controlplane.dataplane.locality import prefer_local
 from meshserve.controlplane.snapshot import NodeView
 from meshserve.protos import inference_pb2, mesh_pb2
 

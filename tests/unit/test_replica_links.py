@@ -15,7 +15,7 @@ from types import MappingProxyType
 import pytest
 
 from meshserve.common.errors import Unavailable
-from meshserve.controlplane.dataplane.resolve import no_copy
+from meshserve.common.routing.resolve import no_copy
 from meshserve.controlplane.link.handshake import replica_set
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.link.options import (

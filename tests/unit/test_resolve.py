@@ -1,4 +1,4 @@
-"""Resolution (meshserve.controlplane.dataplane.resolve): which variant a query gets and which
+"""Resolution (meshserve.common.routing.resolve): which variant a query gets and which
 copies may answer it, on hand-built snapshots (pure)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from types import MappingProxyType
 import pytest
 
 from meshserve.common.errors import FailedPrecondition, NotFound, StatusError, Unavailable
-from meshserve.controlplane.dataplane.resolve import (
+from meshserve.common.routing.resolve import (
     IDLE,
     CopyFacts,
     LiveLoad,
@@ -33,8 +33,8 @@ from meshserve.controlplane.dataplane.resolve import (
     version_states,
     versions,
 )
-from meshserve.controlplane.dataplane.rollout import Route, canary_draw
-from meshserve.controlplane.dataplane.switching import Switcher
+from meshserve.common.routing.rollout import Route, canary_draw
+from meshserve.common.routing.switching import Switcher
 from meshserve.controlplane.snapshot import NodeView, Snapshot
 from meshserve.protos import mesh_pb2
 from tests.support.views import alias, node

@@ -1,4 +1,4 @@
-"""Aliases and rollouts (meshserve.controlplane.dataplane.rollout): which version answers, and how
+"""Aliases and rollouts (meshserve.common.routing.rollout): which version answers, and how
 records change."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from meshserve.controlplane.dataplane.rollout import (
+from meshserve.common.routing.rollout import (
     DEFAULT_ALIAS,
     IMPLICIT_VERSION,
     VersionState,

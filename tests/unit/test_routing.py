@@ -1,4 +1,4 @@
-"""Power of two choices on live load (meshserve.controlplane.dataplane.routing), on hand-fed
+"""Power of two choices on live load (meshserve.common.routing.balance), on hand-fed
 observations."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from meshserve.controlplane.dataplane.routing import Balancer
+from meshserve.common.routing.balance import Balancer
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""The SLO-aware variant selector (meshserve.controlplane.dataplane.switching) on constructed
+"""The SLO-aware variant selector (meshserve.common.routing.switching) on constructed
 states (pure)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from meshserve.common.errors import FailedPrecondition
-from meshserve.controlplane.dataplane.switching import (
+from meshserve.common.routing.switching import (
     Calibration,
     CopyLoad,
     Switcher,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meshserve.controlplane.snapshot import NodeView
+from meshserve.common.routing.view import NodeView
 
 __all__ = ["ZONE_LABEL", "prefer_local"]
 

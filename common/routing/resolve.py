@@ -45,7 +45,8 @@ from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshserve.common.errors import FailedPrecondition, NotFound, StatusError, Unavailable
-from meshserve.controlplane.dataplane.rollout import (
+from meshserve.common.routing.balance import CopyKey
+from meshserve.common.routing.rollout import (
     DEFAULT_ALIAS,
     IMPLICIT_VERSION,
     Route,
@@ -56,15 +57,14 @@ from meshserve.controlplane.dataplane.rollout import (
     version_of,
     versions_of,
 )
-from meshserve.controlplane.dataplane.routing import CopyKey
-from meshserve.controlplane.dataplane.switching import (
+from meshserve.common.routing.switching import (
     Choice,
     CopyLoad,
     VariantOption,
     choose_variant,
     predict_seconds,
 )
-from meshserve.controlplane.snapshot import NodeView, Snapshot
+from meshserve.common.routing.view import NodeView, Snapshot
 from meshserve.protos import mesh_pb2
 
 __all__ = [
