@@ -358,20 +358,40 @@ class UnloadModel(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., placement_revision: _Optional[int] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
-    __slots__ = ("welcome", "load", "unload", "infer_request", "feedback", "replicas")
+    __slots__ = ("welcome", "load", "unload", "infer_request", "feedback", "replicas", "tenants")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_FIELD_NUMBER: _ClassVar[int]
     INFER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     load: LoadModel
     unload: UnloadModel
     infer_request: TunnelRequest
     feedback: FeedbackBatch
     replicas: ReplicaSet
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ..., feedback: _Optional[_Union[FeedbackBatch, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaSet, _Mapping]] = ...) -> None: ...
+    tenants: TenantRights
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ..., feedback: _Optional[_Union[FeedbackBatch, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaSet, _Mapping]] = ..., tenants: _Optional[_Union[TenantRights, _Mapping]] = ...) -> None: ...
+
+class TenantRights(_message.Message):
+    __slots__ = ("enforce", "grants")
+    ENFORCE_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    enforce: bool
+    grants: _containers.RepeatedCompositeFieldContainer[TenantGrant]
+    def __init__(self, enforce: _Optional[bool] = ..., grants: _Optional[_Iterable[_Union[TenantGrant, _Mapping]]] = ...) -> None: ...
+
+class TenantGrant(_message.Message):
+    __slots__ = ("key_sha256", "tenant", "models")
+    KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    key_sha256: bytes
+    tenant: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_sha256: _Optional[bytes] = ..., tenant: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaSet(_message.Message):
     __slots__ = ("replicas",)
@@ -994,3 +1014,103 @@ class ConfirmUnloadsResponse(_message.Message):
     replica_id: str
     confirmation: int
     def __init__(self, held: _Optional[bool] = ..., released: _Optional[int] = ..., replica_id: _Optional[str] = ..., confirmation: _Optional[int] = ...) -> None: ...
+
+class FeedRequest(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FeedNode(_message.Message):
+    __slots__ = ("node_id", "labels", "direct_address", "replicas", "copies", "load", "draining", "hardware")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    labels: _containers.ScalarMap[str, str]
+    direct_address: str
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    copies: _containers.RepeatedCompositeFieldContainer[CopyStatus]
+    load: _containers.RepeatedCompositeFieldContainer[ModelTelemetry]
+    draining: bool
+    hardware: Hardware
+    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., direct_address: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., load: _Optional[_Iterable[_Union[ModelTelemetry, _Mapping]]] = ..., draining: _Optional[bool] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ...) -> None: ...
+
+class FeedEntry(_message.Message):
+    __slots__ = ("key", "model", "placement", "alias", "node")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    model: ModelSpec
+    placement: Placement
+    alias: Alias
+    node: FeedNode
+    def __init__(self, key: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., alias: _Optional[_Union[Alias, _Mapping]] = ..., node: _Optional[_Union[FeedNode, _Mapping]] = ...) -> None: ...
+
+class FeedUpdate(_message.Message):
+    __slots__ = ("revision", "full", "entries", "removed", "replica_id", "replicas", "heartbeat_ms")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    full: bool
+    entries: _containers.RepeatedCompositeFieldContainer[FeedEntry]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    replica_id: str
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
+    heartbeat_ms: int
+    def __init__(self, revision: _Optional[int] = ..., full: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[FeedEntry, _Mapping]]] = ..., removed: _Optional[_Iterable[str]] = ..., replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
+
+class MuxRequest(_message.Message):
+    __slots__ = ("id", "request", "trace_context", "timeout_ms", "variant", "prefer")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PREFER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: bytes
+    trace_context: _containers.ScalarMap[str, str]
+    timeout_ms: int
+    variant: str
+    prefer: str
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[bytes] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ..., variant: _Optional[str] = ..., prefer: _Optional[str] = ...) -> None: ...
+
+class MuxResponse(_message.Message):
+    __slots__ = ("id", "response", "status_code", "status_message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: bytes
+    status_code: int
+    status_message: str
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[bytes] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ...) -> None: ...

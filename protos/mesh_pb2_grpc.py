@@ -975,3 +975,178 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RoutingFeedStub:
+    """---------------------------------------------------------------------------------------------
+    Routing feed: what a router outside the replica (the SDK, a standalone gateway) needs to send
+    each query straight to a copy. Served by every control-plane replica on its own port,
+    authenticated like the inference API (API key: only the tenant's models).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Subscribe = channel.unary_stream(
+                '/meshserve.v1.RoutingFeed/Subscribe',
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.FeedRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.FeedUpdate.FromString,
+                _registered_method=True)
+
+
+class RoutingFeedServicer:
+    """---------------------------------------------------------------------------------------------
+    Routing feed: what a router outside the replica (the SDK, a standalone gateway) needs to send
+    each query straight to a copy. Served by every control-plane replica on its own port,
+    authenticated like the inference API (API key: only the tenant's models).
+
+    """
+
+    def Subscribe(self, request, context):
+        """First a full view, then coalesced deltas: at most one update per `min_interval_ms` of the
+        replica, and at least one (possibly empty: a heartbeat) every `heartbeat_ms`. A subscriber
+        too slow to take the deltas gets a fresh full view instead of a backlog.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RoutingFeedServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.FeedRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.FeedUpdate.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshserve.v1.RoutingFeed', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshserve.v1.RoutingFeed', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RoutingFeed:
+    """---------------------------------------------------------------------------------------------
+    Routing feed: what a router outside the replica (the SDK, a standalone gateway) needs to send
+    each query straight to a copy. Served by every control-plane replica on its own port,
+    authenticated like the inference API (API key: only the tenant's models).
+
+    """
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.v1.RoutingFeed/Subscribe',
+            meshserve_dot_protos_dot_mesh__pb2.FeedRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.FeedUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class NodeInferenceStub:
+    """---------------------------------------------------------------------------------------------
+    Many queries over one stream to a node's direct port: routers (gateways, SDKs) keep one per
+    node. A message on an open stream costs a fraction of a unary call.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Infer = channel.stream_stream(
+                '/meshserve.v1.NodeInference/Infer',
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.MuxRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.MuxResponse.FromString,
+                _registered_method=True)
+
+
+class NodeInferenceServicer:
+    """---------------------------------------------------------------------------------------------
+    Many queries over one stream to a node's direct port: routers (gateways, SDKs) keep one per
+    node. A message on an open stream costs a fraction of a unary call.
+
+    """
+
+    def Infer(self, request_iterator, context):
+        """Answers come in completion order, correlated by `id`; one failed query fails only itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeInferenceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Infer': grpc.stream_stream_rpc_method_handler(
+                    servicer.Infer,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.MuxRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.MuxResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshserve.v1.NodeInference', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshserve.v1.NodeInference', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeInference:
+    """---------------------------------------------------------------------------------------------
+    Many queries over one stream to a node's direct port: routers (gateways, SDKs) keep one per
+    node. A message on an open stream costs a fraction of a unary call.
+
+    """
+
+    @staticmethod
+    def Infer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshserve.v1.NodeInference/Infer',
+            meshserve_dot_protos_dot_mesh__pb2.MuxRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.MuxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
