@@ -46,6 +46,7 @@ from meshserve.common.security import (
     JOIN_TOKEN_HEADER,
     SecurityConfigError,
 )
+from meshserve.protos import mesh_pb2
 
 __all__ = ["AuthConfig", "Guard", "Tenant", "Tenants", "load_api_keys"]
 
@@ -114,6 +115,17 @@ class Tenants:
 
     def find(self, key: str) -> Tenant | None:
         return self._by_digest.get(_digest(key))
+
+    def rights(self) -> mesh_pb2.TenantRights:
+        """Every key's digest and its tenant's models: what a node enforces on its direct port
+        (the keys themselves never leave the replica)."""
+        return mesh_pb2.TenantRights(
+            enforce=True,
+            grants=[
+                mesh_pb2.TenantGrant(key_sha256=digest, tenant=t.name, models=sorted(t.models))
+                for digest, t in sorted(self._by_digest.items())
+            ],
+        )
 
     def __repr__(self) -> str:
         return f"Tenants({', '.join(self.names)})"
@@ -280,6 +292,19 @@ class Guard:
             raise Unauthenticated("the join token is not valid")
 
     # -- hooks ----------------------------------------------------------------------------------
+
+    def tenant_rights(self) -> mesh_pb2.TenantRights:
+        """What nodes enforce on their direct ports (pushed down every node stream): the
+        tenants' key digests and models, or ``enforce=False`` when no API keys are configured."""
+        tenants = self.config.tenants
+        return mesh_pb2.TenantRights(enforce=False) if tenants is None else tenants.rights()
+
+    def feed_filter(self, context: ServicerContext) -> Callable[[str], bool] | None:
+        """For the routing feed: which models the caller may see (None: every model, no API
+        keys configured); UNAUTHENTICATED without a valid key."""
+        if self.config.tenants is None:
+            return None
+        return self.tenant(context).may_query
 
     @property
     def identify_node(self) -> Callable[[ServicerContext, str], None] | None:
