@@ -1,9 +1,8 @@
 """Forwarding: sending a query to the copies its router resolved, and what that measures.
 
-One :class:`Forwarder` per gateway holds the live side of routing: the balancer's per-copy
-in-flight counts and latencies (:class:`~meshserve.common.routing.balance.Balancer`), the
-learned slowdown of each copy (:class:`~meshserve.common.routing.switching.Calibration`), one
-channel per node address, and the hub's streams.
+One :class:`Forwarder` per gateway holds the I/O side of routing: one channel per node address
+and the hub's streams. Its decisions (which copy; what each attempt measures) are the gateway's
+:class:`~meshserve.common.routing.router.Router`, the same core the SDK routes with.
 
 Contract:
 
@@ -26,18 +25,15 @@ Contract:
   etcd key the leader acts on) and waits for a ready copy up to the deadline (or
   ``cold_start_max_s``), re-checking on every view change (:meth:`notify`); the wait is the
   ``meshserve.cold_start_ms`` span attribute and a ``scale`` event. The wake is always withdrawn.
-- :meth:`Forwarder.facts` is what it measures of a copy, as
-  :class:`~meshserve.common.routing.resolve.CopyFacts` for the pure resolution functions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import math
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -45,10 +41,8 @@ from grpc import aio
 from opentelemetry import trace
 
 from meshserve.common.errors import DeadlineExceeded, StatusError, Unavailable, from_code
-from meshserve.common.routing.balance import Balancer, CopyKey
-from meshserve.common.routing.locality import prefer_local
-from meshserve.common.routing.resolve import CopyFacts, candidates, copy_load
-from meshserve.common.routing.switching import Calibration, predict_seconds
+from meshserve.common.routing.resolve import candidates
+from meshserve.common.routing.router import Router
 from meshserve.common.tracing import inject_map, metadata_with_context
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventSink
@@ -88,6 +82,7 @@ class Forwarder:
         self,
         *,
         hub: Hub,
+        router: Router,
         snapshot: Callable[[], Snapshot],
         channel_options: list[tuple[str, Any]],
         node_credentials: grpc.ChannelCredentials | None = None,
@@ -95,11 +90,13 @@ class Forwarder:
         wake: Callable[[VariantKey, bool], Awaitable[None]] | None = None,
         cold_start_max_s: float = 60.0,
     ) -> None:
-        """``snapshot``: the replica's current view (re-read after a failed attempt and while
+        """``router``: the gateway's decisions (its ``linked`` is the hub's sessions).
+        ``snapshot``: the replica's current view (re-read after a failed attempt and while
         waiting for a cold start). ``node_credentials``: TLS to nodes' direct ports (None:
         insecure). ``wake``: asks the leader for a copy of a scaled-to-zero variant (True) or
         withdraws the ask (False); None: such a query fails at once."""
         self._hub = hub
+        self.router = router
         self._snapshot = snapshot
         self._channel_options = channel_options
         self._node_credentials = node_credentials
@@ -109,43 +106,12 @@ class Forwarder:
         self._channels: dict[
             str, tuple[aio.Channel, inference_pb2_grpc.GRPCInferenceServiceStub]
         ] = {}
-        self.balancer = Balancer()
-        self.calibration = Calibration()
-        self._calibrated: set[str] = set()  # models whose predictions are calibrated
         self._changed = asyncio.Event()
-
-    @property
-    def linked(self) -> Container[str]:
-        """The nodes whose stream this replica holds (a query can be tunneled to them)."""
-        return self._hub.sessions
 
     def notify(self) -> None:
         """The view changed: a cold start waiting for a copy looks again."""
         self._changed.set()
         self._changed = asyncio.Event()
-
-    def calibrate(self, model: str) -> None:
-        """From now on, learn how much slower than predicted ``model``'s copies answer (done
-        for the models queried with an SLO: only switching reads the predictions)."""
-        self._calibrated.add(model)
-
-    def facts(self, key: CopyKey) -> CopyFacts:
-        """What this replica measures of one copy now."""
-        node_id, model, variant = key
-        session = self._hub.sessions.get(node_id)
-        m = session.copy_telemetry((model, variant)) if session is not None else None
-        return CopyFacts(
-            in_flight=self.balancer.in_flight(key),
-            reported=int(m.in_flight) if m is not None else 0,
-            max_batch=int(m.max_batch_size) if m is not None else 0,
-            observed_s=self.balancer.observed(key, decay_s=1.0),
-            slowdown=self.calibration.factor(key),
-        )
-
-    def forget(self, keep: Callable[[CopyKey], bool]) -> None:
-        """Drop what is measured of copies ``keep`` rejects (bounded as copies come and go)."""
-        self.balancer.forget(keep)
-        self.calibration.forget(keep)  # type: ignore[arg-type]
 
     # -- choosing a copy ---------------------------------------------------------------------
 
@@ -161,15 +127,11 @@ class Forwarder:
     ) -> NodeView | None:
         """Pick a copy of ``spec`` not in ``tried`` (and add it there); None when none is left.
         ``route``: the routing decision's span, told the candidates, the pick and the reason."""
-        found = [n for n in candidates(snapshot, spec, self.linked) if n.node_id not in tried]
-        # Narrowed after the tried copies are removed: a retry may leave the zone.
-        node = self._pick(prefer_local(found, zone), spec) if found else None
-        if node is not None:
-            tried.add(node.node_id)
+        node, left = self.router.select(snapshot, spec, zone, tried)
         if route.is_recording():
             route.set_attributes(
                 {
-                    "meshserve.candidates": len(found),
+                    "meshserve.candidates": left,
                     "meshserve.node": node.node_id if node is not None else "",
                     "meshserve.variant": spec.variant,
                     "meshserve.route_reason": reason,
@@ -178,19 +140,6 @@ class Forwarder:
             if math.isfinite(predicted_s):
                 route.set_attribute("meshserve.predicted_ms", round(predicted_s * 1000, 3))
         return node
-
-    def _pick(self, found: list[NodeView], spec: mesh_pb2.ModelSpec) -> NodeView:
-        variant = (spec.name, spec.variant)
-
-        def key(node: NodeView) -> CopyKey:
-            return (node.node_id, spec.name, spec.variant)
-
-        def queue_depth(node: NodeView) -> int:
-            session = self._hub.sessions.get(node.node_id)
-            m = session.copy_telemetry(variant) if session is not None else None
-            return int(m.queue_depth) if m is not None else 0
-
-        return self.balancer.pick(found, key, queue_depth)
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -228,7 +177,8 @@ class Forwarder:
                 # error: give the first copy a bounded share, so another can still answer.
                 stuck = max(
                     _STUCK_MIN_S,
-                    _STUCK_FACTOR * self.balancer.observed((node.node_id, spec.name, spec.variant)),
+                    _STUCK_FACTOR
+                    * self.router.balancer.observed((node.node_id, spec.name, spec.variant)),
                 )
                 if timeout is None or timeout > 2 * stuck:
                     limit = stuck
@@ -286,14 +236,8 @@ class Forwarder:
         request: inference_pb2.ModelInferRequest,
         timeout: float | None,
     ) -> inference_pb2.ModelInferResponse:
-        key = (node.node_id, spec.name, spec.variant)
-        baseline = 0.0
-        if spec.name in self._calibrated:  # the prediction at dispatch, uncalibrated
-            load = copy_load(node, spec, self.facts(key))
-            if load.profile:
-                baseline = predict_seconds(dataclasses.replace(load, slowdown=1.0))
-        self.balancer.started(key)
-        started, ok = time.monotonic(), True
+        attempt = self.router.begin(node, spec)
+        ok = True
         try:
             if node.direct_address:
                 stub = self._stub(node.direct_address)
@@ -313,10 +257,7 @@ class Forwarder:
             ok = exc.code not in _COPY_FAULTS  # a caller's bad input says nothing of the copy
             raise
         finally:
-            elapsed = time.monotonic() - started
-            self.balancer.finished(key, elapsed, ok)
-            if ok and baseline:
-                self.calibration.observe(key, baseline, elapsed)
+            self.router.end(attempt, ok)
 
     def _stub(self, address: str) -> inference_pb2_grpc.GRPCInferenceServiceStub:
         """One channel and one stub per node address, reused by every query."""
@@ -349,7 +290,7 @@ class Forwarder:
         try:
             while True:
                 snapshot = self._snapshot()
-                if candidates(snapshot, spec, self.linked):
+                if candidates(snapshot, spec, self.router.linked):
                     waited = time.monotonic() - started
                     span.set_attribute("meshserve.cold_start_ms", round(waited * 1000, 1))
                     if self._events is not None:

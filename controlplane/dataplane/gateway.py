@@ -43,19 +43,12 @@ from meshserve.common.params import CLIENT_ZONE, PREFER
 from meshserve.common.routing.balance import CopyKey
 from meshserve.common.routing.resolve import (
     LiveLoad,
-    best_variant,
-    cached_alternatives,
     candidates,
-    default_slo,
     no_copy,
-    resolve_version,
     serving_variant,
-    uses_switching,
-    variant_options,
     versions,
 )
-from meshserve.common.routing.rollout import canary_draw
-from meshserve.common.routing.switching import Switcher
+from meshserve.common.routing.router import Decision, Router
 from meshserve.common.streaming import serve_infer_stream
 from meshserve.common.tracing import context_from_metadata, server_span
 from meshserve.controlplane.dataplane.admission import Admission
@@ -138,8 +131,15 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._snapshot = snapshot
         self._ready = ready
         self._stream_check = stream_check
+
+        def telemetry(node_id: str, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
+            session = hub.sessions.get(node_id)
+            return session.copy_telemetry(key) if session is not None else None
+
+        self.router = Router(linked=hub.sessions, telemetry=telemetry, zone=zone)
         self.forwarder = Forwarder(
             hub=hub,
+            router=self.router,
             snapshot=snapshot,
             channel_options=channel_options,
             node_credentials=node_credentials,
@@ -147,7 +147,6 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             wake=wake,
             cold_start_max_s=cold_start_max_s,
         )
-        self._switcher = Switcher()
         self._metrics = RequestMetrics(hop="gateway")
         self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(
             "meshserve.slo_misses", unit="1", description="answers later than the query's SLO"
@@ -161,20 +160,12 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def forget(self, keep: Callable[[CopyKey], bool]) -> None:
         """Drop what is measured of copies ``keep`` rejects (the replica's maintenance)."""
-        self.forwarder.forget(keep)
+        self.router.forget(keep)
 
     def live_load(self, model: str) -> LiveLoad:
         """What this gateway measures of ``model``'s candidate copies now, as data (the Admin
         API explains switching from it with the pure functions)."""
-        snapshot, linked = self._snapshot(), self.forwarder.linked
-        copies = {
-            (node.node_id, spec.name, spec.variant): self.forwarder.facts(
-                (node.node_id, spec.name, spec.variant)
-            )
-            for spec in snapshot.variants(model)
-            for node in candidates(snapshot, spec, linked)
-        }
-        return LiveLoad(copies=copies, levels=self._switcher.levels(model))
+        return self.router.live_load(self._snapshot(), model)
 
     async def close(self) -> None:
         await self.forwarder.close()
@@ -199,7 +190,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: inference_pb2.ModelReadyRequest, context: ServicerContext
     ) -> inference_pb2.ModelReadyResponse:
-        snapshot, linked = self._snapshot(), self.forwarder.linked
+        snapshot, linked = self._snapshot(), self.router.linked
         try:
             spec = serving_variant(snapshot, request.name, request.version, linked)
         except NotFound:
@@ -210,7 +201,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: inference_pb2.ModelMetadataRequest, context: ServicerContext
     ) -> inference_pb2.ModelMetadataResponse:
         snapshot = self._snapshot()
-        spec = serving_variant(snapshot, request.name, request.version, self.forwarder.linked)
+        spec = serving_variant(snapshot, request.name, request.version, self.router.linked)
         inputs, outputs = list(spec.inputs), list(spec.outputs)
         if not inputs:
             for node in snapshot.ready_nodes((spec.name, spec.variant)):
@@ -281,16 +272,20 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             tried: set[str] = set()
             forwarder = self.forwarder
             with child_span(span, "gateway route") as route:
-                spec, reason, predicted_s, slo_s = self._variant(
-                    request, snapshot, slo_s, min_accuracy, span
+                decision = self._decide(request, snapshot, slo_s, min_accuracy, span)
+                spec, reason, predicted_s, slo_s = (
+                    decision.spec,
+                    decision.reason,
+                    decision.predicted_s,
+                    decision.slo_s,
                 )
                 request.model_version = spec.variant
                 span.set_attribute("meshserve.variant", spec.variant)
-                if not candidates(snapshot, spec, forwarder.linked) and min_copies(spec) == 0:
+                if not candidates(snapshot, spec, self.router.linked) and min_copies(spec) == 0:
                     snapshot = await forwarder.cold_start(spec, deadline, span)
                 node = forwarder.select(snapshot, spec, zone, tried, route, reason, predicted_s)
             if node is None:
-                raise no_copy(snapshot, spec, forwarder.linked)
+                raise no_copy(snapshot, spec, self.router.linked)
             copies = snapshot.ready_count((spec.name, spec.variant))
             ticket = self.admission.admit(spec.name, copies, client)
             try:
@@ -309,47 +304,28 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     self._slo_misses.add(1, {"model": spec.name, "variant": spec.variant})
             return response
 
-    def _variant(
+    def _decide(
         self,
         request: inference_pb2.ModelInferRequest,
         snapshot: Snapshot,
         slo_s: float | None,
         min_accuracy: float | None,
         span: trace.Span,
-    ) -> tuple[mesh_pb2.ModelSpec, str, float, float | None]:
-        """The variant for a query, why (the route span's reason), its predicted completion
-        (inf: none) and the query's budget (``slo_s``, else the version's default). First the
-        version (:func:`resolve_version`: a named version, alias or variant, else ``live``; the
-        canary drawn from the request id), then the variant among that version's variants: by
-        SLO switching when the query or the version has a budget or a minimum accuracy, else
-        the most accurate ready one."""
-        model, linked = request.model_name, self.forwarder.linked
-        found = resolve_version(
-            snapshot, model, request.model_version, canary_draw(request.id), linked
+    ) -> Decision:
+        """The router's decision for a query (:meth:`Router.decide`), told to the query's span;
+        a switched query names the better variants whose cached answer the node may return."""
+        decision = self.router.decide(
+            snapshot, request.model_name, request.model_version, request.id, slo_s, min_accuracy
         )
-        if found.route is not None:
-            span.set_attribute("meshserve.alias", found.route.alias)
-        span.set_attribute("meshserve.version", found.version)
-        routed = f"alias {found.route.reason}" if found.route is not None else ""
-        if slo_s is None and not found.pinned:  # the version's default budget
-            slo_s = default_slo(found.variants)
-        if not uses_switching(found, slo_s, min_accuracy):
-            spec = (
-                found.variants[0]
-                if found.pinned
-                else best_variant(snapshot, found.variants, linked)
-            )
-            return spec, routed or "p2c", math.inf, slo_s
-        self.forwarder.calibrate(model)
-        options = variant_options(snapshot, found.variants, linked, self.forwarder.facts)
-        choice = self._switcher.choose(model, options, slo_s, min_accuracy, version=found.version)
-        better = cached_alternatives(options, choice, min_accuracy)
-        if better:  # a node holding one of them may have this exact answer cached: free
-            request.parameters[PREFER].string_param = ",".join(better)
-        span.set_attribute("meshserve.switch_reason", choice.reason)
-        if choice.predicted_s != float("inf"):
-            span.set_attribute("meshserve.predicted_ms", round(choice.predicted_s * 1000, 3))
-        if slo_s is not None:
-            span.set_attribute("meshserve.slo_ms", slo_s * 1000)
-        reason = f"switch: {choice.reason}" + (f" ({routed})" if routed else "")
-        return choice.spec, reason, choice.predicted_s, slo_s
+        if decision.alias:
+            span.set_attribute("meshserve.alias", decision.alias)
+        span.set_attribute("meshserve.version", decision.version)
+        if decision.prefer:
+            request.parameters[PREFER].string_param = decision.prefer
+        if decision.switch_reason:
+            span.set_attribute("meshserve.switch_reason", decision.switch_reason)
+            if decision.predicted_s != math.inf:
+                span.set_attribute("meshserve.predicted_ms", round(decision.predicted_s * 1000, 3))
+            if decision.slo_s is not None:
+                span.set_attribute("meshserve.slo_ms", decision.slo_s * 1000)
+        return decision
