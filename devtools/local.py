@@ -59,7 +59,7 @@ class ManagedProcess:
     log_path: Path
     address: str = ""
     env: Mapping[str, str] | None = None
-    role: str = ""  # "controlplane", "node" (or "" for another process)
+    role: str = ""  # "controlplane", "node", "gateway" (or "" for another process)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -232,6 +232,48 @@ class LocalMesh:
         )
         self.processes.append(proc.start())
         return proc
+
+    def start_gateway(
+        self,
+        feed: Sequence[str],
+        *,
+        name: str = "",
+        port: int | None = None,
+        zone: str = "",
+        extra: Sequence[str] = (),
+        timeout: float = 30.0,
+    ) -> tuple[ManagedProcess, str]:
+        """Start a standalone gateway (``meshserve-gateway``) routing from the feed of the
+        replicas ``feed`` (their addresses); returns the process and its address once it
+        serves (ServerLive). Security flags (TLS, API keys) go in ``extra``."""
+        name = name or f"gw-{sum(1 for p in self.processes if p.role == 'gateway') + 1}"
+        address = f"127.0.0.1:{port or free_port()}"
+        argv = [
+            sys.executable,
+            "-m",
+            "meshserve.controlplane.dataplane.standalone",
+            "--feed",
+            ",".join(feed),
+            "--listen",
+            address,
+            *(["--zone", zone] if zone else []),
+            *extra,
+        ]
+        proc = ManagedProcess(
+            name, argv, self.workdir / f"{name}.log", address, self.env, role="gateway"
+        ).start()
+        self.processes.append(proc)
+        try:
+            wait_until(
+                lambda: not proc.alive() or _live(address, self.tls),
+                timeout,
+                what=f"{name} to serve",
+            )
+        except TimeoutError:
+            raise RuntimeError(f"{name} did not start:\n{proc.tail()}") from None
+        if not proc.alive():
+            raise RuntimeError(f"{name} exited:\n{proc.tail()}")
+        return proc, address
 
     def close(self) -> None:
         """Stop everything: the control planes first, so nodes (whose SIGTERM drains: they wait
