@@ -25,6 +25,7 @@ from meshserve.controlplane import keys
 from meshserve.controlplane.admin import AdminService
 from meshserve.controlplane.auth import AuthConfig, Guard
 from meshserve.controlplane.dataplane.admission import Admission
+from meshserve.controlplane.dataplane.feed import FeedPublisher, FeedService
 from meshserve.controlplane.dataplane.gateway import Gateway
 from meshserve.controlplane.etcd import Election, PrefixMirror, connect
 from meshserve.controlplane.etcd.guard import StoreGuard
@@ -98,6 +99,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self.hub: Hub | None = None
         self.gateway: Gateway | None = None
+        self.feed: FeedPublisher | None = None  # the routing feed (set by start)
         self.leader: LeaderLoop | None = None
         self.events: EventLog | None = None
         self.policy = PolicySource(lambda: self._mirrors[keys.POLICY])  # read after start
@@ -166,6 +168,8 @@ class ControlPlane:
             self.hub.reconcile(self.snapshot())
         if self.gateway is not None:
             self.gateway.notify()
+        if self.feed is not None:
+            self.feed.notify()
 
     async def _wake(self, key: VariantKey, on: bool) -> None:
         """Ask the leader for a copy of a scaled-to-zero variant (``on``), or withdraw it. The key
@@ -302,6 +306,7 @@ class ControlPlane:
             on_alarm=partial(self._alarm, "unload_floor"),
             unload_confirm_s=cfg.unload_confirm_s,
             store_id=lambda: self.store.store_id,
+            rights=guard.tenant_rights,
         )
         self.hub.confirm_unloads(self._unload_confirmation())  # the one seen before any episode
         confirms.subscribe(self._unload_confirmed)
@@ -346,6 +351,11 @@ class ControlPlane:
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             map_errors(guard.inference(self.gateway)), tolerant_decoding(self._server)
         )
+        self.feed = self._routing_feed(self.hub)
+        mesh_pb2_grpc.add_RoutingFeedServicer_to_server(
+            map_errors(FeedService(self.feed, guard.feed_filter)), tolerant_decoding(self._server)
+        )
+        self.feed.start()
         await self._server.start()
 
         hub = self.hub
@@ -366,6 +376,21 @@ class ControlPlane:
             self.replica_id,
             self.address,
             cfg.etcd_url,
+        )
+
+    def _routing_feed(self, hub: Hub) -> FeedPublisher:
+        """The routing feed this replica publishes: its view, and live load as its node
+        streams report it."""
+
+        def load(node_id: str, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
+            session = hub.sessions.get(node_id)
+            return None if session is None else session.copy_telemetry(key)
+
+        return FeedPublisher(
+            snapshot=self.snapshot,
+            load=load,
+            replicas=lambda: replica_list(self._mirrors[keys.REPLICAS].items()),
+            replica_id=self.replica_id,
         )
 
     async def stop(self, grace_s: float = 3.0) -> None:
@@ -390,6 +415,8 @@ class ControlPlane:
                 await election.resign()
 
         async def server() -> None:
+            if self.feed is not None:  # its streams end first: the server need not wait on them
+                await self.feed.close(timeout_s=min(1.0, grace_s))
             if self._server is not None:
                 await self._server.stop(grace_s)
             if self.hub is not None:
