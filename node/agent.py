@@ -35,6 +35,7 @@ from meshserve.common.security import JOIN_TOKEN_HEADER, TLSFiles, channel_crede
 from meshserve.node.copies import CopyManager
 from meshserve.node.link import Link, channel_options
 from meshserve.node.metrics import node_metrics
+from meshserve.node.rights import Rights
 from meshserve.node.runtime import available_providers, resident_bytes
 from meshserve.node.service import InferenceHandler
 from meshserve.node.telemetry import OfflineBuffer, TelemetryBudget
@@ -109,6 +110,7 @@ class Agent:
         telemetry_log_s: float = 0.0,
         tls: TLSFiles | None = None,
         join_token: str | None = None,
+        rights: Rights | None = None,
     ) -> None:
         """``memory_bytes``: memory offered to the mesh for model copies (0: all of the
         machine's, as /proc/meminfo reports it). ``telemetry_max_bytes_per_s``: the telemetry
@@ -116,10 +118,14 @@ class Agent:
         buffer; ``telemetry_log_s``: log the telemetry bytes each link sent this often (0: never).
         ``tls``: dial the replicas with TLS (their CA; this node's certificate, which must name
         its id); ``join_token``: sent on every Connect (metadata ``x-meshserve-join-token``).
+        ``rights``: the tenant rights the direct port enforces, updated from every replica's
+        TenantRights (default: a new one, failing closed with TLS; see
+        :mod:`meshserve.node.rights`); kept across reconnects.
         """
         self.credentials = channel_credentials(tls)
         self.connect_metadata = ((JOIN_TOKEN_HEADER, join_token),) if join_token else None
         self.node_id = node_id
+        self.rights = rights if rights is not None else Rights(node_id, fail_closed=tls is not None)
         self.labels = labels
         self.direct_address = direct_address
         self._seeds = list(dict.fromkeys(seeds))

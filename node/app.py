@@ -25,9 +25,11 @@ from meshserve.node.agent import Agent
 from meshserve.node.copies import CopyManager
 from meshserve.node.link import direct_server_options
 from meshserve.node.monitor import PredictionLog
+from meshserve.node.mux import MuxServicer
+from meshserve.node.rights import ROUTERS, Rights
 from meshserve.node.service import InferenceHandler, NodeInferenceServicer
 from meshserve.node.store import ModelStore
-from meshserve.protos import inference_pb2_grpc, mesh_pb2
+from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["Node", "NodeConfig"]
 
@@ -69,6 +71,10 @@ class NodeConfig:
     download_rate_window_s: float = 30.0
     tls: TLSFiles | None = None  # dial the CP with TLS; serve --listen with TLS (+CA: mTLS only)
     join_token: str | None = field(default=None, repr=False)  # sent on NodeLink.Connect
+    # client certificate names let through the direct port's tenant checks (the mesh's routers,
+    # which checked the tenant already; see meshserve.node.rights)
+    trusted_routers: frozenset[str] = ROUTERS
+    mux_max_in_flight: int = 1024  # queries one multiplexed stream runs at once (then: reads stop)
 
 
 class Node:
@@ -103,6 +109,10 @@ class Node:
             parallelism=config.workers,
             shed_late=config.shed_late,
         )
+        # who may query the direct port: fails closed with TLS until the control plane says
+        self.rights = Rights(
+            config.node_id, fail_closed=config.tls is not None, routers=config.trusted_routers
+        )
         self._server: aio.Server | None = None
         self.direct_address = ""
         self.agent: Agent | None = None
@@ -114,7 +124,18 @@ class Node:
         if cfg.listen:
             self._server = aio.server(options=direct_server_options(cfg.max_message_bytes))
             inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-                map_errors(NodeInferenceServicer(self.handler, self.copies)),
+                map_errors(NodeInferenceServicer(self.handler, self.copies, self.rights)),
+                tolerant_decoding(self._server),
+            )
+            mesh_pb2_grpc.add_NodeInferenceServicer_to_server(  # the multiplexed fast path
+                map_errors(
+                    MuxServicer(
+                        self.handler,
+                        rights=self.rights,
+                        max_in_flight=cfg.mux_max_in_flight,
+                        max_message_bytes=cfg.max_message_bytes,
+                    )
+                ),
                 tolerant_decoding(self._server),
             )
             if cfg.tls is None:
@@ -146,6 +167,7 @@ class Node:
             telemetry_log_s=cfg.telemetry_log_s,
             tls=cfg.tls,
             join_token=cfg.join_token,
+            rights=self.rights,
         )
         self.agent.start()
         self._flusher = asyncio.create_task(self._flush_log(), name="prediction log flush")

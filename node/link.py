@@ -11,7 +11,8 @@ Contract:
 * Control messages are dispatched in arrival order: Load and Unload to the copy manager (an
   Unload runs as a task so the stream keeps reading), tunneled queries to the inference handler
   (at most ``max_in_flight`` at once; above it the query is answered RESOURCE_EXHAUSTED at
-  once), Welcome and ReplicaSet to the agent's replica list, Feedback to the prediction log.
+  once), Welcome and ReplicaSet to the agent's replica list, Feedback to the prediction log,
+  TenantRights to the agent's :class:`~meshserve.node.rights.Rights` (the direct port's rules).
 * A link whose replica the agent no longer lists (:meth:`Agent.wants`) stops when its stream
   ends instead of dialling again (:meth:`Agent.retire`); :meth:`Link.stop` stops it at once.
 * Everything the node sends goes through one bounded outbox; a replica that stops reading fills
@@ -261,6 +262,8 @@ class Link:
             self._agent.learn(message.replicas.replicas)
         elif kind == "feedback":
             self._agent.join_feedback(message.feedback)
+        elif kind == "tenants":
+            self._agent.rights.update(message.tenants)
 
     def _tunneled(self, req: mesh_pb2.TunnelRequest) -> None:
         if len(self._inflight) >= self._agent.max_in_flight:

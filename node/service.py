@@ -30,6 +30,7 @@ from meshserve.common.streaming import serve_infer_stream
 from meshserve.common.tracing import context_from_metadata, server_span
 from meshserve.node.cache import ResponseCache, inputs_digest, key_for
 from meshserve.node.copies import CopyEntry, CopyManager
+from meshserve.node.rights import Rights
 from meshserve.node.runtime import OnnxCopy
 from meshserve.protos import inference_pb2, inference_pb2_grpc
 
@@ -305,11 +306,18 @@ def _run_unless_late(
 
 
 class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """The node's own OIP endpoint (direct path; no control plane involved)."""
+    """The node's own OIP endpoint (direct path; no control plane involved).
 
-    def __init__(self, handler: InferenceHandler, copies: CopyManager) -> None:
+    ``rights``: the tenant rights ModelInfer, ModelMetadata, ModelReady and each request of
+    ModelStreamInfer (authenticated once per stream) must meet (:mod:`meshserve.node.rights`);
+    None: open. Health RPCs stay open."""
+
+    def __init__(
+        self, handler: InferenceHandler, copies: CopyManager, rights: Rights | None = None
+    ) -> None:
         self._handler = handler
         self._copies = copies
+        self._rights = rights
         self._started = time.monotonic()
 
     async def ServerLive(
@@ -330,6 +338,8 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: inference_pb2.ModelReadyRequest, context: ServicerContext
     ) -> inference_pb2.ModelReadyResponse:
+        if self._rights is not None:
+            self._rights.check_call(context, request.name)
         try:
             self._copies.ready(request.name, request.version)
         except Exception:
@@ -339,6 +349,8 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: inference_pb2.ModelMetadataRequest, context: ServicerContext
     ) -> inference_pb2.ModelMetadataResponse:
+        if self._rights is not None:
+            self._rights.check_call(context, request.name)
         entry = self._copies.ready(request.name, request.version)
         assert entry.copy is not None
         T = inference_pb2.ModelMetadataResponse.TensorMetadata
@@ -357,16 +369,25 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[inference_pb2.ModelInferRequest],
         context: ServicerContext,
     ) -> None:
+        check = self._rights.stream_of(context) if self._rights is not None else None
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
-        await serve_infer_stream(
-            request_iterator,
-            lambda request: self._handler.infer(request, parent, hop="direct-stream"),
-            context.write,
-        )
+        handler = self._handler
+
+        async def infer(
+            request: inference_pb2.ModelInferRequest,
+        ) -> inference_pb2.ModelInferResponse:
+            if check is not None:
+                check(request.model_name)
+            return await handler.infer(request, parent, hop="direct-stream")
+
+        await serve_infer_stream(request_iterator, infer, context.write)
 
     async def ModelInfer(
         self, request: inference_pb2.ModelInferRequest, context: ServicerContext
     ) -> inference_pb2.ModelInferResponse:
+        rights = self._rights
+        if rights is not None and not rights.open:
+            rights.check_call(context, request.model_name)
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None

@@ -26,6 +26,8 @@ Contract:
   told another set, so a replica started later is dialled within seconds and a removed one is
   dropped. An empty set (a view not loaded yet) is never pushed; a set that did not fit a
   node's queue is pushed again at the next reconcile.
+- Right after the Welcome every node gets the tenant rights (``TenantRights``: API key digests
+  and the models each may query), which it enforces on its direct port.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         on_alarm: Callable[[str], None] | None = None,
         unload_confirm_s: float = 600.0,
         store_id: Callable[[], str] = str,
+        rights: Callable[[], mesh_pb2.TenantRights] = lambda: mesh_pb2.TenantRights(enforce=False),
     ) -> None:
         """``on_telemetry``: called with every Telemetry a node sends (drift windows).
         ``on_alarm``: called with the text of a mass unload the safety floor holds back for
@@ -106,8 +109,10 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         ``store_id``: the id of the store placement revisions count in ("" unknown).
         ``identify``: checks that the caller may claim the Hello's node id (raising the status
         that refuses the stream; :meth:`meshserve.controlplane.auth.Guard.identify_node`); None:
-        trusted."""
+        trusted. ``rights``: the tenant rights every node enforces on its direct port, sent down
+        each stream right after the Welcome (``Guard.tenant_rights``)."""
         self._registry = registry
+        self._rights = rights
         self._on_telemetry = on_telemetry
         self._digests: dict[VariantKey, tuple[mesh_pb2.ModelSpec, str]] = {}
         self.replica_id = replica_id
@@ -160,6 +165,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                     telemetry_interval_ms=self._telemetry_interval_ms,
                 )
             )
+            await context.write(mesh_pb2.ControlMessage(tenants=self._rights()))
             _log.info(
                 "node %s linked (direct=%s, labels=%s)",
                 session.node_id,

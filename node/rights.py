@@ -1,0 +1,186 @@
+"""Who may query this node's direct port: the tenant rights the control plane pushes.
+
+A query that reaches a node's own port (``--listen``) directly, from an SDK that routes itself,
+meets the rules it would meet at the gateway (:mod:`meshserve.controlplane.auth`): an API key
+(``x-api-key: <key>`` or ``authorization: Bearer <key>`` metadata) of a tenant allowed the model.
+The control plane sends a ``TenantRights`` down every node stream right after the Welcome (the
+keys as SHA-256 digests, never the keys); :meth:`Rights.update` keeps the latest, whichever
+replica sent it, across reconnects.
+
+Decision, in this order:
+
+1. A caller whose verified client certificate names a router of the mesh (:data:`ROUTERS`, the
+   common name ``meshctl certs init`` issues to control-plane replicas and gateways) is let
+   through: the router checked the tenant before forwarding (as for tunneled queries).
+2. Before any ``TenantRights`` has arrived the node cannot know the rules. A node started with
+   TLS fails closed: UNAVAILABLE ("node X has not received its access rights from the control
+   plane yet"; a router retries another copy, an SDK falls back to the gateway). A node without
+   TLS is open until told otherwise (a development mesh; its port carries no secret anyway).
+3. ``enforce`` false (the mesh has no API keys): open.
+4. Otherwise no key, or a key whose digest no grant holds: UNAUTHENTICATED; a key whose tenant
+   may not query the model: PERMISSION_DENIED (``tenant 'x' may not query model 'y'``), decided
+   before the model is looked up (no existence leak). A client certificate alone is not enough.
+
+Keys are looked up by their digest (a dict lookup on a hash leaks no timing about the key) and
+never logged. A stream (ModelStreamInfer, the mux stream) is authenticated once
+(:meth:`Rights.stream`); each of its queries is checked against the rights current when it
+arrives, so a revoked key stops working on open streams too. Health RPCs stay open.
+
+Everything here but :meth:`Rights.stream_of` / :meth:`Rights.check_call` (which read a servicer
+context) is pure: a function of the rights held and the caller's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from meshserve.common.errors import (
+    PermissionDenied,
+    ServicerContext,
+    Unauthenticated,
+    Unavailable,
+)
+from meshserve.common.security import API_KEY_HEADER, AUTHORIZATION_HEADER
+from meshserve.protos import mesh_pb2
+
+__all__ = ["ROUTERS", "Check", "Grant", "Rights", "api_key", "peer_names"]
+
+#: Client certificate names of the mesh's routers (control-plane replicas, gateways).
+ROUTERS: Final = frozenset({"controlplane"})
+
+#: A stream's per-query check: raises for a model its caller may not query.
+Check = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One key's tenant and the models it may query (``*``: every model)."""
+
+    tenant: str
+    models: frozenset[str]
+
+    def may_query(self, model: str) -> bool:
+        return model in self.models or "*" in self.models
+
+
+def api_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The API key in call metadata: ``x-api-key``, else ``authorization: Bearer <key>``."""
+    bearer: str | None = None
+    for key, value in metadata or ():
+        if not isinstance(value, str):
+            continue
+        if key == API_KEY_HEADER:
+            return value
+        if key == AUTHORIZATION_HEADER and value[:7].lower() == "bearer ":
+            bearer = value[7:].strip() or None
+    return bearer
+
+
+def peer_names(context: ServicerContext) -> tuple[str, ...]:
+    """The names of the caller's verified client certificate: its common name, or (without
+    one) its DNS subject alternative names; empty without a client certificate."""
+    auth = context.auth_context()
+    common = auth.get("x509_common_name") or auth.get("peer_dns") or ()
+    return tuple(v.decode(errors="replace") for v in common)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class Rights:
+    """The latest TenantRights and the decisions made from them (see the module contract).
+
+    ``fail_closed``: refuse every query until rights arrive (nodes started with TLS);
+    ``routers``: the client certificate names let through unchecked."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        fail_closed: bool,
+        routers: Collection[str] = ROUTERS,
+    ) -> None:
+        self.node_id = node_id
+        self.fail_closed = fail_closed
+        self.routers = frozenset(routers)
+        self.received = False
+        self.enforce = False
+        self._grants: dict[bytes, Grant] = {}
+        #: True while no query needs a check (the fast path: nothing looked up per query)
+        self.open = not fail_closed
+
+    def update(self, rights: mesh_pb2.TenantRights) -> None:
+        """Hold ``rights`` from now on (the latest wins)."""
+        self._grants = {
+            bytes(g.key_sha256): Grant(g.tenant, frozenset(g.models)) for g in rights.grants
+        }
+        self.enforce = rights.enforce
+        self.received = True
+        self.open = not rights.enforce
+
+    # -- pure decisions ------------------------------------------------------------------------
+
+    def _unknown(self) -> Unavailable:
+        return Unavailable(
+            f"node {self.node_id} has not received its access rights from the control plane "
+            "yet; retry shortly or query through the gateway"
+        )
+
+    def stream(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, peers: Collection[str] = ()
+    ) -> Check | None:
+        """Authenticate a caller once: None when its queries need no check (open, or a
+        router), else the per-model check (raising PERMISSION_DENIED, or UNAUTHENTICATED
+        once its key is revoked); raises UNAUTHENTICATED / UNAVAILABLE (see the contract)."""
+        if self.open or any(p in self.routers for p in peers):
+            return None
+        if not self.received:
+            raise self._unknown()
+        key = api_key(metadata)
+        if key is None:
+            raise Unauthenticated(
+                f"node {self.node_id} needs an API key: metadata {API_KEY_HEADER!r} or "
+                "'authorization: Bearer <key>' (a client certificate alone is not enough)"
+            )
+        digest = _digest(key)
+        if digest not in self._grants:
+            raise Unauthenticated("the API key is not valid")
+        return lambda model: self._check_digest(digest, model)
+
+    def _check_digest(self, digest: bytes, model: str) -> None:
+        if self.open:  # the rights changed to open since the stream began
+            return
+        grant = self._grants.get(digest)
+        if grant is None:
+            raise Unauthenticated("the API key is not valid")
+        if not grant.may_query(model):
+            raise PermissionDenied(f"tenant {grant.tenant!r} may not query model {model!r}")
+
+    def check(
+        self,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        model: str,
+        peers: Collection[str] = (),
+    ) -> None:
+        """One query: may this caller query ``model`` here? Raises the refusal's status."""
+        check = self.stream(metadata, peers)
+        if check is not None:
+            check(model)
+
+    # -- servicer hooks ------------------------------------------------------------------------
+
+    def stream_of(self, context: ServicerContext) -> Check | None:
+        """:meth:`stream` for the caller of ``context`` (metadata and client certificate)."""
+        if self.open:
+            return None
+        return self.stream(context.invocation_metadata(), peer_names(context))  # type: ignore[arg-type]
+
+    def check_call(self, context: ServicerContext, model: str) -> None:
+        """:meth:`check` for the caller of ``context``."""
+        if self.open:
+            return
+        self.check(context.invocation_metadata(), model, peer_names(context))  # type: ignore[arg-type]

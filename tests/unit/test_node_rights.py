@@ -1,0 +1,133 @@
+"""The node's direct-port decisions (meshserve.node.rights): pure, from the rights held and the
+caller's metadata and certificate names. The wording matches the gateway's (controlplane/auth)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from meshserve.common.errors import PermissionDenied, Unauthenticated, Unavailable
+from meshserve.controlplane.auth import AuthConfig, Guard, Tenant, Tenants
+from meshserve.node.rights import Rights, api_key
+from meshserve.protos import mesh_pb2
+
+ACME = "acme-key-0123456789"
+GLOBEX = "globex-key-0123456789"
+ROOT = "root-key-0123456789"
+
+
+def _pushed() -> mesh_pb2.TenantRights:
+    """What a replica with these tenants pushes (Guard.tenant_rights)."""
+    tenants = Tenants(
+        [
+            (Tenant("acme", frozenset({"mlp"})), [ACME]),
+            (Tenant("globex", frozenset({"other"})), [GLOBEX]),
+            (Tenant("root", frozenset({"*"})), [ROOT]),
+        ]
+    )
+    return Guard(AuthConfig(tenants=tenants)).tenant_rights()
+
+
+def _enforcing(fail_closed: bool = True) -> Rights:
+    rights = Rights("n1", fail_closed=fail_closed)
+    rights.update(_pushed())
+    return rights
+
+
+def test_the_key_comes_from_x_api_key_or_a_bearer_token() -> None:
+    assert api_key([("x-api-key", ACME)]) == ACME
+    assert api_key([("authorization", f"Bearer {ACME}")]) == ACME
+    assert api_key([("authorization", f"bearer  {ACME} ")]) == ACME
+    assert api_key([("authorization", f"Bearer {GLOBEX}"), ("x-api-key", ACME)]) == ACME
+    assert api_key([("authorization", f"Basic {ACME}")]) is None
+    assert api_key([("authorization", "Bearer ")]) is None
+    assert api_key([("x-api-key-bin", b"\x00")]) is None
+    assert api_key(None) is None
+
+
+def test_before_any_rights_a_tls_node_fails_closed_and_an_insecure_one_is_open() -> None:
+    closed = Rights("n1", fail_closed=True)
+    assert not closed.open
+    with pytest.raises(Unavailable, match="node n1 has not received its access rights"):
+        closed.check([("x-api-key", ACME)], "mlp")
+    with pytest.raises(Unavailable):
+        closed.stream([])
+    opened = Rights("n1", fail_closed=False)
+    assert opened.open
+    opened.check([], "mlp")
+    assert opened.stream([]) is None
+
+
+def test_a_mesh_without_api_keys_opens_every_node() -> None:
+    for fail_closed in (True, False):
+        rights = Rights("n1", fail_closed=fail_closed)
+        rights.update(Guard(AuthConfig()).tenant_rights())
+        assert rights.received and rights.open
+        rights.check([], "anything")
+
+
+def test_enforced_rights_need_a_valid_key_allowed_the_model() -> None:
+    for fail_closed in (True, False):  # once told, TLS or not
+        rights = _enforcing(fail_closed)
+        rights.check([("x-api-key", ACME)], "mlp")
+        rights.check([("authorization", f"Bearer {ROOT}")], "anything")
+        with pytest.raises(PermissionDenied, match="tenant 'acme' may not query model 'other'"):
+            rights.check([("x-api-key", ACME)], "other")
+        with pytest.raises(PermissionDenied, match="tenant 'globex' may not query model 'mlp'"):
+            rights.check([("x-api-key", GLOBEX)], "mlp")
+        with pytest.raises(Unauthenticated, match="needs an API key"):
+            rights.check([], "mlp")
+        with pytest.raises(Unauthenticated, match="the API key is not valid"):
+            rights.check([("x-api-key", "wrong-key-0123456789")], "mlp")
+
+
+def test_a_client_certificate_alone_is_not_enough_but_a_router_is_trusted() -> None:
+    rights = _enforcing()
+    with pytest.raises(Unauthenticated):
+        rights.check([], "mlp", peers=("client",))
+    with pytest.raises(Unauthenticated):
+        rights.check([], "mlp", peers=("n2",))  # another node's certificate
+    rights.check([], "mlp", peers=("controlplane",))  # a gateway: it checked the tenant
+    assert rights.stream([], ("controlplane",)) is None
+    # a router is trusted even before the rights arrive (it checked already)
+    Rights("n1", fail_closed=True).check([], "mlp", peers=("controlplane",))
+    custom = Rights("n1", fail_closed=True, routers={"gw.example"})
+    with pytest.raises(Unavailable):
+        custom.check([], "mlp", peers=("controlplane",))
+    custom.check([], "mlp", peers=("gw.example",))
+
+
+def test_a_stream_is_authenticated_once_and_each_model_checked_against_current_rights() -> None:
+    rights = _enforcing()
+    with pytest.raises(Unauthenticated):
+        rights.stream([("x-api-key", "wrong-key-0123456789")])
+    check = rights.stream([("x-api-key", ACME)])
+    assert check is not None
+    check("mlp")
+    with pytest.raises(PermissionDenied):
+        check("other")
+    # acme's key is revoked: the open stream stops working too
+    revoked = _pushed()
+    del revoked.grants[:]
+    rights.update(revoked)
+    with pytest.raises(Unauthenticated, match="not valid"):
+        check("mlp")
+    # the mesh drops its API keys: the open stream is let through
+    rights.update(mesh_pb2.TenantRights(enforce=False))
+    check("other")
+
+
+def test_the_latest_rights_win() -> None:
+    rights = _enforcing()
+    rights.update(
+        mesh_pb2.TenantRights(
+            enforce=True,
+            grants=[
+                mesh_pb2.TenantGrant(key_sha256=hashlib.sha256(ACME.encode()).digest(), tenant="x")
+            ],
+        )
+    )
+    assert not rights.open
+    with pytest.raises(PermissionDenied):
+        rights.check([("x-api-key", ACME)], "mlp")
