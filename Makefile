@@ -2,6 +2,7 @@
 #   make up     install everything (venv + etcd) and run a local mesh with demo traffic
 #   make test   install everything and run the whole suite (protos check, ruff, mypy, pytest)
 #   make bench  the data-plane benchmark (bench/dataplane.py; prints JSON; BENCH_ARGS=--quick)
+#   make bench-frontdoor  every front-door path side by side (bench/frontdoor.py; BENCH_ARGS=--quick)
 # Variables: VENV (default .venv), PYTHON (default python3), UP_ARGS (e.g. --duration 30).
 
 VENV ?= .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 UP_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup etcd up test lint typecheck protos protos-check bench clean
+.PHONY: setup etcd up test lint typecheck protos protos-check bench bench-frontdoor clean
 
 setup: $(VENV)/.installed etcd
 
@@ -55,6 +56,9 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: setup $(VENV)/.bench
 	$(PY) bench/dataplane.py $(BENCH_ARGS)
+
+bench-frontdoor: setup $(VENV)/.bench
+	$(PY) bench/frontdoor.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .meshserve

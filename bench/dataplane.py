@@ -30,14 +30,12 @@ tracing at the default sampling, metrics and drift sketches, "off" none (alterna
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,117 +46,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._report import emit  # noqa: E402
-from bench.servers import ort_session  # noqa: E402
+from bench.servers import (  # noqa: E402
+    MLP_BATCH_SLO_MS as BATCH_SLO_MS,
+)
+from bench.servers import (  # noqa: E402
+    Model,
+    floor_run,
+    log_to_stderr,
+    write_payloads,
+)
+from bench.servers import bench_models as _bench_models  # noqa: E402
+from bench.servers import serving_config as _serving  # noqa: E402
+from bench.servers import start_server as _server  # noqa: E402
 from meshserve.client._admin import AdminClient  # noqa: E402
-from meshserve.common.codec import build_request, encode_response_outputs  # noqa: E402
-from meshserve.devtools.demo_models import make_mlp, sha256_file  # noqa: E402
-from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until  # noqa: E402
-from meshserve.protos import inference_pb2, mesh_pb2  # noqa: E402
+from meshserve.devtools.demo_models import sha256_file  # noqa: E402
+from meshserve.devtools.local import LocalMesh, free_port, wait_until  # noqa: E402
+from meshserve.protos import mesh_pb2  # noqa: E402
 
 # Peers measured on this machine (issue 3): same MLP, tritonclient.grpc closed loop, C=32, 10 s.
 PEERS_RPS = {"kserve": 1570.0, "mlserver": 1400.0, "pytriton": 1400.0, "ray_serve": 170.0}
-BATCH_SLO_MS = 10.0  # the MLP's adaptive-batching latency SLO: "the batch latency bound"
-
-
-def log(message: str) -> None:
-    print(f"[dataplane] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    path: Path
-    input_name: str
-    x: np.ndarray[Any, Any]  # one request's input, batch 1
-    batch_slo_ms: float  # the adaptive batcher's latency SLO ("the batch latency bound")
-
-    @property
-    def shape_arg(self) -> str:
-        return ",".join(str(d) for d in self.x.shape)
-
-    @property
-    def dtype_arg(self) -> str:
-        return {"float32": "FP32", "int32": "INT32"}[str(self.x.dtype)]
+log = log_to_stderr("dataplane")
 
 
 def _models(workdir: Path, wanted: list[str]) -> list[Model]:
-    out = []
-    if "mlp" in wanted:
-        path = make_mlp(workdir / "mlp.onnx")  # 64 -> 256 -> 256 -> 10, dynamic batch
-        x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-        out.append(Model("mlp", path, "x", x, BATCH_SLO_MS))
-    if "magika" in wanted:
-        try:
-            import magika
-        except ImportError:
-            log("magika is not installed (pip install '.[bench]'); skipping the magika rows")
-        else:
-            path = Path(magika.__file__).parent / "models" / "standard_v3_3" / "model.onnx"
-            x = np.random.default_rng(0).integers(0, 256, (1, 2048)).astype(np.int32)
-            out.append(Model("magika", path, "bytes", x, 100.0))  # ~12 ms per row here
-    return out
-
-
-# -- the floor: in-process onnxruntime -------------------------------------------------------
-
-
-def floor_run(model: Model, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
-    """C threads calling ``session.run`` in a closed loop (onnxruntime releases the GIL)."""
-    session = ort_session(model.path)
-    feeds = {model.input_name: model.x}
-    start = time.perf_counter_ns()
-    warm_end = start + int(warmup_s * 1e9)
-    end = warm_end + int(duration_s * 1e9)
-    samples: list[list[int]] = [[] for _ in range(concurrency)]
-
-    def worker(i: int) -> None:
-        clock, mine, run = time.perf_counter_ns, samples[i], session.run
-        while True:
-            t0 = clock()
-            if t0 >= end:
-                return
-            run(None, feeds)
-            if t0 >= warm_end:
-                mine.append(clock() - t0)
-
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, range(concurrency)))
-    stopped = time.perf_counter_ns()
-    lat = np.array([v for s in samples for v in s], dtype=np.int64) / 1e6
-    return {
-        "requests": int(lat.size),
-        "errors": 0,
-        "rps": round(lat.size / ((stopped - warm_end) / 1e9), 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 4),
-        "p99_ms": round(float(np.percentile(lat, 99)), 4),
-        "mean_ms": round(float(lat.mean()), 4),
-    }
+    return _bench_models(workdir, wanted, log)
 
 
 # -- the processes under test ----------------------------------------------------------------
-
-
-def _server(workdir: Path, name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
-    address = f"127.0.0.1:{free_port()}"
-    argv = [sys.executable, str(ROOT / "bench" / "servers.py"), *args, "--listen", address]
-    proc = ManagedProcess(name, argv, workdir / f"{name}.log", address, env).start()
-    wait_until(lambda: "listening" in proc.tail(5), 30, what=f"{name} to listen")
-    return proc
-
-
-def _serving(batching: bool, slo_ms: float) -> mesh_pb2.ServingConfig:
-    if not batching:
-        return mesh_pb2.ServingConfig()
-    return mesh_pb2.ServingConfig(
-        batching=mesh_pb2.BatchingConfig(
-            enabled=True,
-            max_batch_size=32,
-            max_queue_delay_us=2000,
-            adaptive=True,
-            latency_slo_ms=slo_ms,
-            max_queue=4096,
-        )
-    )
 
 
 def _mesh_name(model: str, path: str, batching: bool) -> str:
@@ -280,15 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"mesh ready: gateway {cp.address}, node direct port {direct}")
 
         for m in models:
-            session = ort_session(m.path)
-            outputs = session.run(None, {m.input_name: m.x})
-            names = [o.name for o in session.get_outputs()]
-            request_file = workdir / f"{m.name}.request"
-            request_file.write_bytes(build_request(m.name, {m.input_name: m.x}).SerializeToString())
-            response = inference_pb2.ModelInferResponse(model_name=m.name)
-            encode_response_outputs(response, dict(zip(names, outputs, strict=True)))
-            response_file = workdir / f"{m.name}.response"
-            response_file.write_bytes(response.SerializeToString())
+            request_file, response_file = write_payloads(m, workdir)
             echo = _server(
                 workdir, f"echo-{m.name}", ["echo", "--response-file", str(response_file)], env
             )
