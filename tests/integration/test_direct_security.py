@@ -26,11 +26,11 @@ from grpc import aio
 from meshserve.client import MeshClient, TLSFiles
 from meshserve.client._admin import AdminClient
 from meshserve.common.codec import build_request, decode_response_outputs
-from meshserve.common.errors import PermissionDenied, Unauthenticated
+from meshserve.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from meshserve.common.mux import MuxChannel
 from meshserve.common.security import channel_credentials
 from meshserve.devtools.demo_models import make_mlp, reference_outputs, sha256_file
-from meshserve.devtools.local import LocalMesh, ManagedProcess, wait_until
+from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 
 pytestmark = pytest.mark.integration
@@ -209,8 +209,8 @@ async def test_a_client_certificate_alone_or_a_wrong_key_is_unauthenticated(
             ):
                 assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
             stream = stub.ModelStreamInfer(metadata=metadata, timeout=10)
-            await stream.write(_request())
-            with pytest.raises(aio.AioRpcError) as err:
+            with pytest.raises(aio.AioRpcError) as err:  # the write may already see the refusal
+                await stream.write(_request())
                 async for _ in stream:
                     pass
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -237,3 +237,42 @@ async def test_the_gateway_still_reaches_the_node_directly(secured: Secured) -> 
             return client.infer("mlp", {"x": X}).node
 
     assert await asyncio.to_thread(through_gateway) == "n1"
+
+
+async def test_a_tls_node_without_rights_yet_fails_closed(secured: Secured) -> None:
+    """A node started with TLS that has not heard from a control plane (none answers at its
+    address) cannot know the tenants' rights: it refuses, UNAVAILABLE, rather than serve open."""
+    certs = secured.certs
+    nowhere = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{free_port()}"
+    lonely = secured.mesh.start_node(
+        "lonely",
+        [nowhere],
+        extra=[
+            "--listen",
+            address,
+            f"--tls-ca={certs / 'ca.crt'}",
+            f"--tls-cert={certs / 'node-n1.crt'}",
+            f"--tls-key={certs / 'node-n1.key'}",
+        ],
+    )
+    try:
+        creds = channel_credentials(secured.tls("client"))
+        assert creds is not None
+        async with aio.secure_channel(address, creds) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            live = stub.ServerLive(inference_pb2.ServerLiveRequest(), wait_for_ready=True)
+            assert (await asyncio.wait_for(live, 30)).live  # health is open
+            acme = [("x-api-key", secured.acme_key)]
+            with pytest.raises(aio.AioRpcError) as err:
+                await stub.ModelInfer(_request(), metadata=acme, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "has not received its access rights" in (err.value.details() or "")
+            mux = MuxChannel(channel, metadata=acme)
+            try:
+                with pytest.raises(Unavailable, match="has not received its access rights"):
+                    await mux.call_message(_request(), timeout=10)
+            finally:
+                await mux.close()
+    finally:
+        lonely.stop(grace_s=2.0)
