@@ -751,22 +751,19 @@ def targets(
     out: dict[str, Any] = {}
     missing = "a row it needs was not measured (skipped, failed or not selected)"
     for m in models:
-        out[f"{m}: SDK routed C=32 >= 1.0x node direct unary (req/s)"] = _target(
-            "sdk_routed_unary.rps / node_unary.rps at C=32 >= 1.0",
-            _per_run(
-                runs, m, 32, lambda s, n: s["rps"] / n["rps"], "sdk_routed_unary", "node_unary"
-            ),
-            lambda v: v >= 1.0,
-            missing,
-        )
-        out[f"{m}: SDK routed C=1 p50 <= node direct p50 + 0.1 ms"] = _target(
-            "sdk_routed_unary.p50 - node_unary.p50 at C=1 <= 0.1 ms",
-            _per_run(
-                runs, m, 1, lambda s, n: s["p50_ms"] - n["p50_ms"], "sdk_routed_unary", "node_unary"
-            ),
-            lambda v: v <= 0.1,
-            missing,
-        )
+        for sdk in ("sdk_routed_unary", "sdk_routed_stream"):
+            out[f"{m}: {sdk} C=32 >= 1.0x node direct unary (req/s)"] = _target(
+                f"{sdk}.rps / node_unary.rps at C=32 >= 1.0",
+                _per_run(runs, m, 32, lambda s, n: s["rps"] / n["rps"], sdk, "node_unary"),
+                lambda v: v >= 1.0,
+                missing,
+            )
+            out[f"{m}: {sdk} C=1 p50 <= node direct p50 + 0.1 ms"] = _target(
+                f"{sdk}.p50 - node_unary.p50 at C=1 <= 0.1 ms",
+                _per_run(runs, m, 1, lambda s, n: s["p50_ms"] - n["p50_ms"], sdk, "node_unary"),
+                lambda v: v <= 0.1,
+                missing,
+            )
         out[f"{m}: gateway -> direct node C=32 >= 0.8x node direct"] = _target(
             "gateway_direct.rps / node_unary.rps at C=32 >= 0.8",
             _per_run(runs, m, 32, lambda g, n: g["rps"] / n["rps"], "gateway_direct", "node_unary"),
