@@ -4,7 +4,8 @@ Contract:
 - :class:`RetryPolicy` is pure: which statuses are retriable and how long to wait before the
   next attempt (full jitter on an exponential backoff, never less than the server's retry-after
   hint, see :data:`meshserve.common.errors.RETRY_AFTER_KEY`).
-- :func:`call_sync` / :func:`call_async` run ``attempt(timeout_s)`` until one answers, a
+- :func:`call_sync` / :func:`call_async` run ``attempt(timeout_s)`` (a gRPC call, or the SDK's
+  routed attempt, which raises :class:`StatusError`) until one answers, a
   non-retriable status comes back, the attempts are used up, or the next attempt could not start
   before the caller's deadline: then the last error is raised (a :class:`StatusError`). Every
   attempt gets only the time left of the one deadline.
@@ -72,8 +73,11 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-def translate(exc: grpc.RpcError) -> StatusError:
-    """The :class:`StatusError` of a failed gRPC call, with its retry-after hint if any."""
+def translate(exc: grpc.RpcError | StatusError) -> StatusError:
+    """The :class:`StatusError` of a failed gRPC call, with its retry-after hint if any (a
+    :class:`StatusError` already, as the routed path raises: itself)."""
+    if isinstance(exc, StatusError):
+        return exc
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     error = from_code(code.value[0], details or code.name)
@@ -103,7 +107,9 @@ def _out_of_time(error: StatusError, attempts: int) -> StatusError:
     return error
 
 
-def _after_failure(policy: RetryPolicy, exc: grpc.RpcError, number: int, deadline: float) -> float:
+def _after_failure(
+    policy: RetryPolicy, exc: grpc.RpcError | StatusError, number: int, deadline: float
+) -> float:
     """Seconds to wait after failed attempt ``number``; raises its error when no retry may
     follow (not retriable, attempts used up, or the wait would reach the deadline)."""
     error = translate(exc)
@@ -116,12 +122,13 @@ def _after_failure(policy: RetryPolicy, exc: grpc.RpcError, number: int, deadlin
 
 
 def call_sync(attempt: Callable[[float], Any], policy: RetryPolicy, timeout: float) -> Any:
-    """Blocking: ``attempt(timeout_s)`` returns a started gRPC future (``stub.X.future``)."""
+    """Blocking: ``attempt(timeout_s)`` returns a started gRPC future (``stub.X.future``) or a
+    :class:`concurrent.futures.Future` (the routed path)."""
     deadline = time.monotonic() + timeout
     for number in range(1, policy.max_attempts + 1):
         try:
             return _hedged_sync(attempt, policy, deadline)
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, StatusError) as exc:
             wait = _after_failure(policy, exc, number, deadline)
         time.sleep(wait)
     raise AssertionError("unreachable")
@@ -158,7 +165,7 @@ async def call_async(
     for number in range(1, policy.max_attempts + 1):
         try:
             return await _hedged_async(attempt, policy, deadline)
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, StatusError) as exc:
             wait = _after_failure(policy, exc, number, deadline)
         await asyncio.sleep(wait)
     raise AssertionError("unreachable")
