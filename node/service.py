@@ -2,7 +2,8 @@
 
 :class:`InferenceHandler` turns one ``ModelInferRequest`` into one ``ModelInferResponse`` (or a
 ``StatusError``). :class:`NodeInferenceServicer` exposes it as ``inference.GRPCInferenceService``
-for nodes started with ``--listen``.
+for nodes started with ``--listen`` (tenant rights checked by :mod:`meshserve.node.rights`), next
+to the multiplexed stream of :mod:`meshserve.node.mux`.
 """
 
 from __future__ import annotations
