@@ -9,10 +9,14 @@ last one kills and restarts ``n2``.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -63,7 +67,8 @@ def _start_slow(mesh: LocalMesh, cp: ManagedProcess, address: str) -> ManagedPro
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     work = tmp_path_factory.mktemp("mux")
     model = make_mlp(work / "mlp.onnx")
-    with LocalMesh(work) as mesh:
+    env = {**os.environ, "MESHSERVE_TRACE_CONSOLE": "1", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with LocalMesh(work, env=env) as mesh:
         mesh.start_etcd()
         cp = mesh.start_controlplane("cp-1")
         fast, slow = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -114,6 +119,42 @@ async def test_mux_answers_equal_the_unary_answers_of_the_same_node(live: Mesh) 
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+async def test_the_frame_trace_context_parents_the_node_span(live: Mesh) -> None:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    traceparent = f"00-{trace_id}-{span_id}-01"
+    async with _channel(live.fast) as channel:
+        mux = MuxChannel(channel)
+        try:
+            await mux.call_message(
+                build_request("mlp", {"x": _x(5)}),
+                trace_context={"traceparent": traceparent},
+                timeout=10,
+            )
+        finally:
+            await mux.close()
+    n1 = next(p for p in live.mesh.processes if p.name == "n1")
+
+    def node_span() -> dict[str, Any] | None:
+        text = n1.log_path.read_text(errors="replace")
+        decoder = json.JSONDecoder()
+        at = text.find('{\n    "name"')
+        while at >= 0:
+            try:
+                span, end = decoder.raw_decode(text, at)
+            except ValueError:
+                end = at + 1
+            else:
+                if span.get("context", {}).get("trace_id") == f"0x{trace_id}":
+                    return dict(span)
+            at = text.find('{\n    "name"', end)
+        return None
+
+    span = await asyncio.to_thread(wait_until, node_span, 15, what="the node's span in its log")
+    assert span["name"] == "node ModelInfer"
+    assert span["parent_id"] == f"0x{span_id}"
+    assert span["attributes"]["meshserve.hop"] == "mux"
 
 
 async def test_200_concurrent_calls_on_one_stream_are_all_correct(live: Mesh) -> None:
