@@ -335,6 +335,8 @@ class Ctx:
         targets: Sequence[str],
         c: int,
         roles: Sequence[str],
+        duration_s: float | None = None,
+        warmup_s: float | None = None,
         **spec: Any,
     ) -> dict[str, Any]:
         """One load in its own (pinned) process; figures plus CPU per 1,000 queries of
@@ -344,8 +346,8 @@ class Ctx:
             mode=mode,
             targets=list(targets),
             concurrency=c,
-            duration_s=self.args.duration,
-            warmup_s=self.args.warmup,
+            duration_s=self.args.duration if duration_s is None else duration_s,
+            warmup_s=self.args.warmup if warmup_s is None else warmup_s,
             max_requests=self.args.max_requests,
             timeout_s=self.args.timeout,
         )
@@ -357,7 +359,7 @@ class Ctx:
             json.dumps(spec),
         ]
         before = {r: process_cpu_s(self.pids[r]) for r in roles}
-        cap = self.args.warmup + self.args.duration + self.args.timeout + 60
+        cap = spec["warmup_s"] + spec["duration_s"] + self.args.timeout + 60
         done = subprocess.run(
             argv, capture_output=True, text=True, env=self.env, timeout=cap, check=False
         )
@@ -513,7 +515,8 @@ class Setup:
 def measure(ctx: Ctx, row: str, c: int, s: Setup) -> dict[str, Any]:
     """One row at concurrency ``c``: which load, against what, and whose CPU counts."""
     f, m = s.files, s.model
-    sdk = {"model": f"{m.name}-direct", "input_name": m.input_name, "input_npy": f["npy"]}
+    sdk: dict[str, Any] = {"model": f"{m.name}-direct", "input_name": m.input_name}
+    sdk["input_npy"] = f["npy"]
     if row == "floor":
         return _floor(ctx, m, c)
     if row == "echo_unary":
@@ -628,7 +631,7 @@ def run_batching(ctx: Ctx, model: Model, direct: str, run_index: int) -> dict[st
     in-process onnxruntime gets from batch 32 over batch 1 (one thread per server core)."""
     threads = max(1, len(ctx.pin.servers) or (os.cpu_count() or 1))
     log(f"run {run_index + 1}/{ctx.args.runs} batching: in-process batch 1 vs {BATCH_N}")
-    long_s = max(ctx.args.duration, 3.0)  # a batch-32 call of magika takes a good part of 1 s
+    long_s = max(ctx.args.duration, 5.0)  # a batch-32 call of magika takes a good part of 1 s
     one = _floor(ctx, model, threads, batch=1, duration_s=long_s)
     many = _floor(ctx, model, threads, batch=BATCH_N, duration_s=long_s)
     in_process = many["rows_per_s"] / one["rows_per_s"]
@@ -641,7 +644,13 @@ def run_batching(ctx: Ctx, model: Model, direct: str, run_index: int) -> dict[st
         name = f"{model.name}-direct" + ("-b" if batching else "")
         log(f"run {run_index + 1}/{ctx.args.runs} batching {'on' if batching else 'off'}")
         figures = ctx.load(
-            "unary", [direct], BATCH_C, ["node"], request_file=_request_file(ctx, model, name)
+            "unary",
+            [direct],
+            BATCH_C,
+            ["node"],
+            request_file=_request_file(ctx, model, name),
+            duration_s=long_s,
+            warmup_s=max(ctx.args.warmup, 1.0),  # a magika query waits ~1 s at C=32 here
         )
         out["on" if batching else "off"] = _keep(figures)
     mesh_gain = out["on"]["rps"] / out["off"]["rps"] if out["off"]["rps"] else 0.0
