@@ -24,7 +24,8 @@ Decision, in this order:
 Keys are looked up by their digest (a dict lookup on a hash leaks no timing about the key) and
 never logged. A stream (ModelStreamInfer, the mux stream) is authenticated once
 (:meth:`Rights.stream`); each of its queries is checked against the rights current when it
-arrives, so a revoked key stops working on open streams too. Health RPCs stay open.
+arrives, so a revoked key stops working on open streams too, and a stream opened while the node
+was open is authenticated when enforced rights arrive. Health RPCs stay open.
 
 Everything here but :meth:`Rights.stream_of` / :meth:`Rights.check_call` (which read a servicer
 context) is pure: a function of the rights held and the caller's metadata.
@@ -174,10 +175,26 @@ class Rights:
     # -- servicer hooks ------------------------------------------------------------------------
 
     def stream_of(self, context: ServicerContext) -> Check | None:
-        """:meth:`stream` for the caller of ``context`` (metadata and client certificate)."""
-        if self.open:
-            return None
-        return self.stream(context.invocation_metadata(), peer_names(context))  # type: ignore[arg-type]
+        """:meth:`stream` for the caller of ``context`` (metadata and client certificate).
+
+        A stream opened while the node is open gets a check that stays a no-op while it is
+        open and authenticates the stream (once) if enforced rights arrive later: a stream
+        opened before the rights is not exempt from them."""
+        metadata = context.invocation_metadata()
+        if not self.open:
+            return self.stream(metadata, peer_names(context))  # type: ignore[arg-type]
+        authenticated: list[Check | None] = []
+
+        def later(model: str) -> None:
+            if self.open:
+                return
+            if not authenticated:  # raises for this query (and the next) until it may
+                authenticated.append(self.stream(metadata, peer_names(context)))  # type: ignore[arg-type]
+            check = authenticated[0]
+            if check is not None:
+                check(model)
+
+        return later
 
     def check_call(self, context: ServicerContext, model: str) -> None:
         """:meth:`check` for the caller of ``context``."""

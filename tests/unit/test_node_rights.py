@@ -131,3 +131,38 @@ def test_the_latest_rights_win() -> None:
     assert not rights.open
     with pytest.raises(PermissionDenied):
         rights.check([("x-api-key", ACME)], "mlp")
+
+
+class _Context:
+    """What Rights.stream_of reads of a servicer context: metadata and certificate names."""
+
+    def __init__(self, metadata: list[tuple[str, str]], names: tuple[str, ...] = ()) -> None:
+        self._metadata = metadata
+        self._names = names
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_common_name": [n.encode() for n in self._names]} if self._names else {}
+
+
+def test_a_stream_opened_before_the_rights_is_checked_once_they_arrive() -> None:
+    rights = Rights("n1", fail_closed=False)  # an insecure node: open until told
+    anonymous = rights.stream_of(_Context([]))  # type: ignore[arg-type]
+    keyed = rights.stream_of(_Context([("x-api-key", ACME)]))  # type: ignore[arg-type]
+    router = rights.stream_of(_Context([], ("controlplane",)))  # type: ignore[arg-type]
+    assert anonymous is not None and keyed is not None and router is not None
+    anonymous("mlp")
+    keyed("other")
+    rights.update(_pushed())
+    with pytest.raises(Unauthenticated):
+        anonymous("mlp")
+    keyed("mlp")
+    with pytest.raises(PermissionDenied):
+        keyed("other")
+    router("other")  # a router stays trusted
+    # a TLS node's stream after the rights: authenticated at once
+    with pytest.raises(Unauthenticated):
+        rights.stream_of(_Context([("x-api-key", "wrong-key-0123456789")]))  # type: ignore[arg-type]
+    assert rights.stream_of(_Context([], ("controlplane",))) is None  # type: ignore[arg-type]
