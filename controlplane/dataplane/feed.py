@@ -47,6 +47,7 @@ from meshserve.common.routing.view import NodeView, Snapshot, VariantKey
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
 __all__ = [
+    "EntryBuilder",
     "FeedHistory",
     "FeedPublisher",
     "FeedService",
@@ -139,23 +140,62 @@ def node_entry(
     return mesh_pb2.FeedEntry(key=node_key(view.node_id), node=node)
 
 
+def _figures(t: mesh_pb2.ModelTelemetry | None) -> tuple[int, int, float, int] | None:
+    return None if t is None else (t.in_flight, t.queue_depth, t.latency_p50_ms, t.max_batch_size)
+
+
+class EntryBuilder:
+    """The feed entries of a snapshot, each with its serialized bytes, rebuilt only where the
+    source changed: the replica's snapshot keeps unchanged specs, placements, aliases and node
+    views as the same objects, so an entry is reused when its source is the same object (and,
+    for a node, its draining flag and live load figures are equal). A tick with nothing changed
+    costs lookups, no protobuf work."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[object, object, mesh_pb2.FeedEntry, bytes]] = {}
+
+    def build(
+        self, snapshot: Snapshot, load: LoadLookup
+    ) -> dict[str, tuple[mesh_pb2.FeedEntry, bytes]]:
+        fresh: dict[str, tuple[object, object, mesh_pb2.FeedEntry, bytes]] = {}
+
+        def keep(
+            key: str,
+            source: object,
+            extra: object,
+            make: Callable[[], mesh_pb2.FeedEntry | None],
+        ) -> None:
+            held = self._held.get(key)
+            if held is not None and held[0] is source and held[1] == extra:
+                fresh[key] = held
+                return
+            entry = make()
+            if entry is not None:
+                fresh[key] = (source, extra, entry, entry.SerializeToString(deterministic=True))
+
+        for spec in snapshot.models.values():
+            keep(model_key(spec.name, spec.variant), spec, None, partial(model_entry, spec))
+        for placement in snapshot.placements.values():
+            key = placement_key(placement.model, placement.variant)
+            keep(key, placement, None, partial(placement_entry, placement))
+        for alias in snapshot.aliases.values():
+            key = alias_key(alias.model, alias.alias)
+            keep(key, alias, None, partial(alias_entry, alias))
+        for node_id, view in snapshot.nodes.items():
+            ready = [k for k, status in view.copies.items() if status.state == mesh_pb2.READY]
+            if not ready:
+                continue  # no entry: a router cannot use it
+            draining = node_id in snapshot.draining
+            figures = tuple(_figures(load(node_id, k)) for k in ready)
+            make = partial(node_entry, view, draining, partial(load, node_id))
+            keep(node_key(node_id), view, (draining, figures), make)
+        self._held = fresh
+        return {key: (held[2], held[3]) for key, held in fresh.items()}
+
+
 def build_entries(snapshot: Snapshot, load: LoadLookup) -> dict[str, mesh_pb2.FeedEntry]:
     """Every feed entry of ``snapshot`` with the live load ``load(node_id, key)``."""
-    entries: dict[str, mesh_pb2.FeedEntry] = {}
-    for spec in snapshot.models.values():
-        entry = model_entry(spec)
-        entries[entry.key] = entry
-    for placement in snapshot.placements.values():
-        entry = placement_entry(placement)
-        entries[entry.key] = entry
-    for alias in snapshot.aliases.values():
-        entry = alias_entry(alias)
-        entries[entry.key] = entry
-    for node_id, view in snapshot.nodes.items():
-        node = node_entry(view, node_id in snapshot.draining, partial(load, node_id))
-        if node is not None:
-            entries[node.key] = node
-    return entries
+    return {key: entry for key, (entry, _) in EntryBuilder().build(snapshot, load).items()}
 
 
 def diff_entries(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> tuple[list[str], list[str]]:
@@ -277,6 +317,7 @@ class FeedPublisher:
         self.revision = 0
         self.entries: dict[str, mesh_pb2.FeedEntry] = {}
         self._bytes: dict[str, bytes] = {}
+        self._builder = EntryBuilder()
         self._computed = False
         self._dirty = asyncio.Event()
         self._tick = asyncio.Event()  # set (and replaced) at every new revision and on close
@@ -296,10 +337,9 @@ class FeedPublisher:
 
     def publish(self) -> bool:
         """Recompute the entries now; True when a new revision was published."""
-        entries = build_entries(self._snapshot(), self._load)
-        encoded = {
-            key: entry.SerializeToString(deterministic=True) for key, entry in entries.items()
-        }
+        built = self._builder.build(self._snapshot(), self._load)
+        entries = {key: entry for key, (entry, _) in built.items()}
+        encoded = {key: data for key, (_, data) in built.items()}
         changed, removed = diff_entries(self._bytes, encoded)
         self._computed = True
         if not changed and not removed:

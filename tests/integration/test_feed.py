@@ -241,3 +241,35 @@ async def test_a_tenant_sees_only_its_models_and_no_key_is_refused(
                 assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         finally:
             await asyncio.gather(acme.close(), anonymous.close(), narrowed.close())
+
+
+async def test_the_client_moves_to_a_replica_it_learned_when_its_own_stops(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    def replica(name: str) -> ControlPlane:
+        config = ControlPlaneConfig(
+            etcd_url=etcd.url, listen="127.0.0.1:0", replica_id=name, lease_ttl_s=3
+        )
+        return ControlPlane(config)
+
+    cp1, cp2 = replica("cp-1"), replica("cp-2")
+    await cp1.start()
+    await cp2.start()
+    feed = FeedClient([cp1.address])  # told of cp-1 only
+    try:
+        await feed.wait_ready(10)
+        assert feed.state.replica_id == "cp-1"
+        await eventually(
+            lambda: {r.address for r in feed.state.replicas} == {cp1.address, cp2.address},
+            10,
+            "both replicas announced",
+        )
+        stopping = asyncio.create_task(cp1.stop(grace_s=1.0))
+        await eventually(lambda: feed.state.replica_id == "cp-2", 10, "the feed from cp-2")
+        await asyncio.wait_for(stopping, 15)
+        assert feed.ready and feed.age_s() < 2.0
+    finally:
+        await feed.close()
+        await asyncio.wait_for(cp2.stop(grace_s=1.0), 20)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(cp1.stop(grace_s=1.0), 20)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from meshserve.common.routing.feed import FeedState, alias_key, model_key, node_key
 from meshserve.common.routing.view import NodeView, Snapshot
 from meshserve.controlplane.dataplane.feed import (
+    EntryBuilder,
     FeedHistory,
     FeedPublisher,
     build_entries,
@@ -262,3 +263,29 @@ def test_the_publisher_bumps_its_revision_only_on_change_and_merges_deltas() -> 
     full = pub.full_view(only_a)
     assert full.full and full.replica_id == "cp-1" and full.heartbeat_ms == 1000
     assert {e.key for e in full.entries} == set(pub.entries)  # only model a is left
+
+
+def test_entries_are_rebuilt_only_where_their_source_changed() -> None:
+    snap = _snapshot(_view("n1", ("a", mesh_pb2.READY)), _view("n2", ("b", mesh_pb2.READY)))
+    busy = {"n1": 0}
+
+    def load(node_id: str, key: tuple[str, str]) -> mesh_pb2.ModelTelemetry | None:
+        return mesh_pb2.ModelTelemetry(model=key[0], variant=key[1], in_flight=busy.get(node_id, 0))
+
+    builder = EntryBuilder()
+    first = builder.build(snap, load)
+    again = builder.build(snap, load)
+    assert all(again[key][0] is first[key][0] for key in first)  # nothing rebuilt
+    busy["n1"] = 5  # live load moved on n1 only
+    moved = builder.build(snap, load)
+    assert moved["node/n1"][0] is not first["node/n1"][0]
+    assert moved["node/n1"][0].node.load[0].in_flight == 5
+    assert moved["node/n2"][0] is first["node/n2"][0]
+    # a new snapshot of new objects: rebuilt (n2 is gone)
+    newer = _snapshot(_view("n1", ("a", mesh_pb2.READY)), live="v9")
+    rebuilt = builder.build(newer, load)
+    assert "node/n2" not in rebuilt
+    assert rebuilt["alias/a/live"][0].alias.version == "v9"
+    assert diff_entries(
+        {k: b for k, (_, b) in moved.items()}, {k: b for k, (_, b) in rebuilt.items()}
+    )[1] == ["node/n2"]
