@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -19,14 +20,14 @@ from typing import Any
 
 from grpc import aio
 
-from meshserve.common.errors import map_errors, tolerant_decoding
+from meshserve.common.errors import Unavailable, map_errors, tolerant_decoding
 from meshserve.common.security import TLSFiles, channel_credentials, server_credentials
 from meshserve.controlplane import keys
 from meshserve.controlplane.admin import AdminService
 from meshserve.controlplane.auth import AuthConfig, Guard
 from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.feed import FeedPublisher, FeedService
-from meshserve.controlplane.dataplane.gateway import Gateway
+from meshserve.controlplane.dataplane.gateway import Gateway, add_gateway_to_server
 from meshserve.controlplane.etcd import Election, PrefixMirror, connect
 from meshserve.controlplane.etcd.guard import StoreGuard
 from meshserve.controlplane.link.hub import Hub
@@ -41,7 +42,7 @@ from meshserve.controlplane.placement.leader import LeaderLoop
 from meshserve.controlplane.placement.policy_source import PolicySource
 from meshserve.controlplane.registry import EtcdRegistry, Registry
 from meshserve.controlplane.snapshot import Snapshot, SnapshotBuilder, VariantKey
-from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
+from meshserve.protos import inference_pb2, mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["ControlPlane", "ControlPlaneConfig"]
 
@@ -315,11 +316,30 @@ class ControlPlane:
         self.events.subscribe(self.webhook.offer)
         self.webhook.start()
         self.alarms.watch()
+        hub = self.hub
+
+        def telemetry(node_id: str, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
+            session = hub.sessions.get(node_id)
+            return None if session is None else session.copy_telemetry(key)
+
+        async def tunnel(
+            node_id: str,
+            request: inference_pb2.ModelInferRequest,
+            timeout: float | None,
+            trace_context: dict[str, str],
+        ) -> inference_pb2.ModelInferResponse:
+            session = hub.sessions.get(node_id)
+            if session is None:
+                raise Unavailable(f"node {node_id} is not linked to this replica")
+            return await session.tunnel(request, timeout, trace_context)
+
         self.gateway = Gateway(
-            hub=self.hub,
             snapshot=self.snapshot,
             channel_options=node_channel_options(cfg.max_message_bytes, cfg.keepalive_ms),
             ready=lambda: True,
+            linked=hub.sessions,
+            telemetry=telemetry,
+            tunnel=tunnel,
             events=self.events,
             wake=self._wake,
             zone=cfg.zone,
@@ -328,6 +348,9 @@ class ControlPlane:
             admission=Admission(
                 per_copy=cfg.max_in_flight_per_copy, per_client=cfg.max_in_flight_per_client
             ),
+            # direct queries over multiplexed streams; MESHSERVE_GATEWAY_MUX=0: unary calls
+            mux=os.environ.get("MESHSERVE_GATEWAY_MUX", "1") != "0",
+            max_message_bytes=cfg.max_message_bytes,
         )
         mesh_pb2_grpc.add_NodeLinkServicer_to_server(
             map_errors(guard.node_link(self.hub)), tolerant_decoding(self._server)
@@ -348,7 +371,7 @@ class ControlPlane:
             ),
             tolerant_decoding(self._server),
         )
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        add_gateway_to_server(  # ModelInfer passes the request's and the answer's bytes through
             map_errors(guard.inference(self.gateway)), tolerant_decoding(self._server)
         )
         self.feed = self._routing_feed(self.hub)

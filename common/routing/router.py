@@ -22,6 +22,11 @@ Contract:
 - :meth:`Router.select`: a candidate copy of the variant not in ``tried`` (it is added there):
   the query's zone first (:func:`~.locality.prefer_local`), then power of two choices on this
   router's in-flight count plus the node's reported queue; None when none is left.
+- :meth:`Router.predicted_s`: when a new query on one copy would complete
+  (:func:`~.switching.predict_seconds` of :func:`~.resolve.copy_load`: the copy's latency profile,
+  its queue as this router and the node count it, its parallelism, its learned slowdown); inf
+  without a profile or an observed latency. A router that asks starts learning the copy's
+  slowdown (as SLO switching does), so its predictions hold under load.
 - :meth:`Router.begin` / :meth:`Router.end`: bracket exactly one attempt on a copy; ``end`` is
   called once per ``begin``, with ``ok=False`` only for a copy fault (not for a caller's bad
   input), so a failing copy looks slow until it answers well again.
@@ -204,6 +209,13 @@ class Router:
         node = self.balancer.pick(prefer_local(found, zone or self.zone), key, queue_depth)
         tried.add(node.node_id)
         return node, len(found)
+
+    def predicted_s(self, node: NodeView, spec: mesh_pb2.ModelSpec) -> float:
+        """When a new query on ``node``'s copy of ``spec`` would complete, in seconds from now
+        (see the module contract)."""
+        self._calibrated.add(spec.name)
+        key = (node.node_id, spec.name, spec.variant)
+        return predict_seconds(copy_load(node, spec, self.facts(key)))
 
     # -- attempts ------------------------------------------------------------------------------
 

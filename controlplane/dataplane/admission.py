@@ -9,6 +9,11 @@ Contract:
   host) at most ``per_client`` across models. 0 turns a limit off.
 - A refusal carries a retry-after hint: the model's recent mean answer time scaled by how far
   over the limit it is (bounded to [10 ms, 2 s]), the time in which a slot should free up.
+- Shedding by predicted wait (``shed_late``, on unless admission is off: both limits 0): the
+  gateway refuses a query whose predicted completion on every copy exceeds :data:`HEADROOM` of
+  the time its deadline leaves (the node's own rule); :meth:`Admission.shed` is that refusal,
+  RESOURCE_EXHAUSTED with the excess wait as retry-after hint (at least 10 ms), counted in
+  ``refused`` and ``shed_count``.
 
 Why at the gateway: past the limits every further query only lengthens the queues on the nodes
 until every answer misses its deadline (goodput collapse); refusing the excess at once, cheaply,
@@ -24,10 +29,14 @@ from dataclasses import dataclass, field
 
 from meshserve.common.errors import ResourceExhausted
 
-__all__ = ["Admission", "Ticket"]
+__all__ = ["HEADROOM", "Admission", "Ticket"]
 
 _MIN_HINT_S = 0.010
 _MAX_HINT_S = 2.0
+
+#: A query is sent on only when its predicted completion is within this share of the time its
+#: deadline leaves (the same margin a node sheds by: meshserve.node.service).
+HEADROOM = 0.75
 
 
 @dataclass(slots=True)
@@ -58,16 +67,21 @@ class Admission:
         *,
         per_copy: int = 64,
         per_client: int = 1024,
+        shed_late: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``shed_late``: refuse queries predicted to miss their deadline (None: unless both
+        limits are off, i.e. admission is off altogether)."""
         if per_copy < 0 or per_client < 0:
             raise ValueError("admission limits must be >= 0 (0: off)")
         self.per_copy = per_copy
         self.per_client = per_client
+        self.shed_late = bool(per_copy or per_client) if shed_late is None else shed_late
         self._clock = clock
         self._models: dict[str, _Model] = {}
         self._clients: dict[str, int] = {}
         self.refused = 0
+        self.shed_count = 0
 
     def in_flight(self, model: str) -> int:
         stat = self._models.get(model)
@@ -96,6 +110,18 @@ class Admission:
         stat.in_flight += 1
         self._clients[client] = held + 1
         return Ticket(self, model, client, self._clock())
+
+    def shed(self, model: str, predicted_s: float, remaining_s: float) -> ResourceExhausted:
+        """The refusal of a query to ``model`` predicted to complete in ``predicted_s`` at the
+        earliest with ``remaining_s`` left before its deadline (counted; raise it)."""
+        self.refused += 1
+        self.shed_count += 1
+        return ResourceExhausted(
+            f"model {model!r} would answer in about {predicted_s * 1000:.0f} ms at the earliest "
+            f"on any copy, past the query's deadline ({max(0.0, remaining_s) * 1000:.0f} ms "
+            "left)",
+            max(_MIN_HINT_S, predicted_s - HEADROOM * remaining_s),
+        )
 
     def _hint(self, stat: _Model, over: int, limit: int) -> float:
         mean = stat.ewma_s or _MIN_HINT_S

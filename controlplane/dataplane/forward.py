@@ -10,17 +10,28 @@ Contract:
   query's zone, :func:`~meshserve.common.routing.locality.prefer_local`; then power of two
   choices on live load), adds it to ``tried`` and returns it; None when none is left. A retry
   narrows after removing the tried copies, so it may leave the zone.
-- :meth:`Forwarder.attempts` sends the query to the chosen copy: directly to the node's own OIP
-  port when it has one (one channel and stub per address, reused), else down the node's stream
-  held by this replica (the tunnel). An UNAVAILABLE or RESOURCE_EXHAUSTED answer, or a first
-  attempt that stalled (a grey failure: no answer within 20 x the copy's observed latency, at
-  least 0.5 s, when another copy exists and the deadline leaves room for two), is retried once
-  on another copy (inference is idempotent), never past the caller's deadline. With no other
-  copy the first error stands (a full copy's RESOURCE_EXHAUSTED keeps its retry-after hint).
-  Every attempt is bracketed by ``Balancer.started``/``finished`` (failed on a copy fault, not
-  on the caller's bad input) and is one ``gateway forward`` span (CLIENT) whose context is the
-  one the node receives (call metadata or tunnel frame); a retry decides again under its own
-  ``gateway route`` span and records a ``reroute`` event (not for a full copy).
+- :meth:`Forwarder.attempts` sends the query to the chosen copy: directly to the node's own port
+  when it has one, else through the ``tunnel`` seam (down the node's stream held by this
+  replica; a router without node streams has none). Direct queries go over one multiplexed
+  ``NodeInference.Infer`` stream per node address (:class:`~meshserve.common.mux.MuxChannel`,
+  opened on first use): the request's bytes pass through unchanged, the chosen variant, the
+  ``prefer`` list, the trace context and the remaining budget ride in the frame, and the node's
+  answer comes back as bytes, unparsed. ``mux=False`` sends unary ``ModelInfer`` calls instead
+  (the request rewritten with the variant; kept for comparison). Every call to a node carries
+  :meth:`Forwarder.node_metadata` (one place). An UNAVAILABLE or RESOURCE_EXHAUSTED answer,
+  or a first attempt that stalled (a grey failure: no answer within 20 x the copy's observed
+  latency, at least 0.5 s, when another copy exists and the deadline leaves room for two), is
+  retried once on another copy (inference is idempotent), never past the caller's deadline.
+  With no other copy the first error stands (a full copy's RESOURCE_EXHAUSTED keeps its
+  retry-after hint). Every attempt is bracketed by :meth:`Router.begin`/:meth:`Router.end`
+  (failed on a copy fault, not on the caller's bad input) and is one ``gateway forward`` span
+  (CLIENT) whose context is the one the node receives (stream frame, call metadata or tunnel
+  frame); a retry decides again under its own ``gateway route`` span and records a ``reroute``
+  event (not for a full copy).
+- :meth:`Forwarder.relay` hands a whole query to a gateway that can reach the variant (the
+  ``fallback`` seam: a standalone gateway's replica, which holds the nodes' streams) as one
+  ``gateway forward`` span (path ``replica``), for a variant with no candidate copy here
+  (tunnel-only, or scaled to zero).
 - :meth:`Forwarder.cold_start` wakes a variant scaled to zero (the replica's ``wake`` seam: an
   etcd key the leader acts on) and waits for a ready copy up to the deadline (or
   ``cold_start_max_s``), re-checking on every view change (:meth:`notify`); the wait is the
@@ -33,23 +44,43 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 from grpc import aio
 from opentelemetry import trace
 
 from meshserve.common.errors import DeadlineExceeded, StatusError, Unavailable, from_code
+from meshserve.common.mux import MuxChannel
+from meshserve.common.params import PREFER
 from meshserve.common.routing.resolve import candidates
 from meshserve.common.routing.router import Router
 from meshserve.common.tracing import inject_map, metadata_with_context
-from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.snapshot import NodeView, Snapshot, VariantKey
-from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from meshserve.protos import inference_pb2, mesh_pb2
 
-__all__ = ["Forwarder", "child_span"]
+__all__ = ["Answer", "Fallback", "Forwarder", "Query", "Tunnel", "child_span"]
+
+#: A query's answer: the node's serialized ``ModelInferResponse`` (passed through), or a message.
+Answer: TypeAlias = "bytes | inference_pb2.ModelInferResponse"
+
+#: Sends a query down the stream of node ``node_id`` (a replica's hub session):
+#: ``tunnel(node_id, request, timeout, trace_context)``.
+Tunnel: TypeAlias = Callable[
+    [str, inference_pb2.ModelInferRequest, "float | None", dict[str, str]],
+    Awaitable[inference_pb2.ModelInferResponse],
+]
+
+#: Hands a whole query (its serialized request, as the caller sent it) to a gateway that can
+#: reach ``spec``: ``fallback(request, spec, timeout, metadata)`` -> the serialized answer.
+Fallback: TypeAlias = Callable[
+    [bytes, mesh_pb2.ModelSpec, "float | None", Sequence[tuple[str, str]]], Awaitable[bytes]
+]
+
+#: The OIP unary method, called with raw bytes (``mux=False``).
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 _tracer = trace.get_tracer("meshserve.gateway")
 
@@ -60,6 +91,9 @@ _STUCK_MIN_S = 0.5
 
 #: Answers retried once on another copy (inference is idempotent): the copy is gone, or full.
 _RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+#: Call metadata naming who a query counts against (the gateway's admission, per client).
+CLIENT_ID_KEY = "x-client-id"
 
 _COPY_FAULTS = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -77,11 +111,48 @@ def child_span(
     return contextlib.nullcontext(span)
 
 
+class Query:
+    """One ModelInfer query: the parsed request and, when the server handed them over, its
+    bytes as received (passed on unchanged; see
+    :func:`meshserve.controlplane.dataplane.gateway.add_gateway_to_server`). ``model_name``
+    is the request's (what the auth checks read)."""
+
+    __slots__ = ("_data", "message")
+
+    def __init__(self, message: inference_pb2.ModelInferRequest, data: bytes | None = None) -> None:
+        self.message = message
+        self._data = data
+
+    @classmethod
+    def parse(cls, data: bytes) -> Query:
+        """A request deserializer: the bytes and their message (DecodeError when malformed)."""
+        return cls(inference_pb2.ModelInferRequest.FromString(data), data)
+
+    @property
+    def model_name(self) -> str:
+        return self.message.model_name
+
+    def data(self) -> bytes:
+        """The request's bytes as received (serialized once when none were)."""
+        if self._data is None:
+            self._data = self.message.SerializeToString()
+        return self._data
+
+    def rewritten(self, variant: str, prefer: str) -> inference_pb2.ModelInferRequest:
+        """The message naming ``variant`` (and the ``prefer`` list), for a hop that takes no
+        frame (the tunnel, unary calls). Captures the bytes first: they stay the caller's."""
+        self.data()
+        message = self.message
+        message.model_version = variant
+        if prefer:
+            message.parameters[PREFER].string_param = prefer
+        return message
+
+
 class Forwarder:
     def __init__(
         self,
         *,
-        hub: Hub,
         router: Router,
         snapshot: Callable[[], Snapshot],
         channel_options: list[tuple[str, Any]],
@@ -89,13 +160,19 @@ class Forwarder:
         events: EventSink | None = None,
         wake: Callable[[VariantKey, bool], Awaitable[None]] | None = None,
         cold_start_max_s: float = 60.0,
+        tunnel: Tunnel | None = None,
+        fallback: Fallback | None = None,
+        mux: bool = True,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
-        """``router``: the gateway's decisions (its ``linked`` is the hub's sessions).
-        ``snapshot``: the replica's current view (re-read after a failed attempt and while
-        waiting for a cold start). ``node_credentials``: TLS to nodes' direct ports (None:
-        insecure). ``wake``: asks the leader for a copy of a scaled-to-zero variant (True) or
-        withdraws the ask (False); None: such a query fails at once."""
-        self._hub = hub
+        """``router``: the gateway's decisions (its ``linked``: the nodes ``tunnel`` reaches).
+        ``snapshot``: the current view (re-read after a failed attempt and while waiting for a
+        cold start). ``node_credentials``: to nodes' direct ports (None: insecure). ``wake``:
+        asks the leader for a copy of a scaled-to-zero variant (True) or withdraws the ask
+        (False); None: such a query fails at once (or goes to ``fallback``). ``tunnel``: sends
+        a query down a node's stream (None: no node streams). ``fallback``: where a query goes
+        whose variant has no candidate here (:meth:`relay`; None: nowhere). ``mux``: direct
+        queries over multiplexed streams (False: unary calls)."""
         self.router = router
         self._snapshot = snapshot
         self._channel_options = channel_options
@@ -103,9 +180,13 @@ class Forwarder:
         self._events = events
         self._wake = wake
         self._cold_start_max_s = cold_start_max_s
-        self._channels: dict[
-            str, tuple[aio.Channel, inference_pb2_grpc.GRPCInferenceServiceStub]
-        ] = {}
+        self._tunnel = tunnel
+        self.fallback = fallback
+        self.mux = mux
+        self._max_message_bytes = max_message_bytes
+        self._channels: dict[str, aio.Channel] = {}
+        self._muxes: dict[str, MuxChannel] = {}
+        self._unary: dict[str, Any] = {}  # address -> raw-bytes ModelInfer callable
         self._changed = asyncio.Event()
 
     def notify(self) -> None:
@@ -145,7 +226,7 @@ class Forwarder:
 
     async def attempts(
         self,
-        request: inference_pb2.ModelInferRequest,
+        query: Query,
         spec: mesh_pb2.ModelSpec,
         snapshot: Snapshot,
         node: NodeView,
@@ -154,9 +235,12 @@ class Forwarder:
         deadline: float | None,
         span: trace.Span,
         fallback: bool,
-    ) -> inference_pb2.ModelInferResponse:
-        """Forward to ``node``, retrying once on another copy (the module's contract).
-        ``fallback``: another READY copy exists, so a stalled first attempt is cut short."""
+        prefer: str = "",
+    ) -> tuple[Answer, str]:
+        """Forward to ``node``, retrying once on another copy (the module's contract); the
+        answer and the id of the node that gave it. ``fallback``: another READY copy exists,
+        so a stalled first attempt is cut short. ``prefer``: the more accurate variants whose
+        cached answer the node may return."""
         failure: StatusError | None = None
         for attempt in (1, 2):
             if attempt == 2:
@@ -183,7 +267,7 @@ class Forwarder:
                 if timeout is None or timeout > 2 * stuck:
                     limit = stuck
             try:
-                response = await self._forward(node, spec, request, limit, span, attempt)
+                answer = await self._forward(node, spec, query, prefer, limit, span, attempt)
             except StatusError as exc:
                 stalled = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and limit != timeout
                 if (exc.code not in _RETRIABLE and not stalled) or attempt == 2:
@@ -201,7 +285,7 @@ class Forwarder:
                 snapshot = self._snapshot()
                 continue
             span.set_attribute("meshserve.node", node.node_id)
-            return response
+            return answer, node.node_id
         raise Unavailable(
             f"model {spec.name!r}: no copy answered (tried {', '.join(sorted(tried))})"
         )
@@ -210,12 +294,13 @@ class Forwarder:
         self,
         node: NodeView,
         spec: mesh_pb2.ModelSpec,
-        request: inference_pb2.ModelInferRequest,
+        query: Query,
+        prefer: str,
         timeout: float | None,
         span: trace.Span,
         attempt: int = 1,
-    ) -> inference_pb2.ModelInferResponse:
-        """Send ``request`` to ``node`` as a ``gateway forward`` span (the node's parent)."""
+    ) -> Answer:
+        """Send ``query`` to ``node`` as a ``gateway forward`` span (the node's parent)."""
         path = "direct" if node.direct_address else "tunnel"
         span.set_attribute("meshserve.path", path)
         with child_span(span, "gateway forward", trace.SpanKind.CLIENT) as fwd:
@@ -227,53 +312,115 @@ class Forwarder:
                         "meshserve.path": path,
                     }
                 )
-            return await self._send(node, spec, request, timeout)
+            return await self._send(node, spec, query, prefer, timeout)
 
     async def _send(
         self,
         node: NodeView,
         spec: mesh_pb2.ModelSpec,
-        request: inference_pb2.ModelInferRequest,
+        query: Query,
+        prefer: str,
         timeout: float | None,
-    ) -> inference_pb2.ModelInferResponse:
+    ) -> Answer:
         attempt = self.router.begin(node, spec)
         ok = True
         try:
-            if node.direct_address:
-                stub = self._stub(node.direct_address)
+            address = node.direct_address
+            if address and self.mux:
+                return await self._mux(address).call(
+                    query.data(),
+                    variant=spec.variant,
+                    prefer=prefer,
+                    trace_context=inject_map(),
+                    timeout=timeout,
+                )
+            request = query.rewritten(spec.variant, prefer)
+            if address:
+                call = self._unary_call(address)
                 try:
-                    response: inference_pb2.ModelInferResponse = await stub.ModelInfer(
-                        request, timeout=timeout, metadata=metadata_with_context()
+                    data: bytes = await call(
+                        request,
+                        timeout=timeout,
+                        metadata=metadata_with_context(self.node_metadata(address)),
                     )
                 except aio.AioRpcError as exc:
                     raise from_code(exc.code().value[0], exc.details() or exc.code().name) from None
-            else:
-                session = self._hub.sessions.get(node.node_id)
-                if session is None:
-                    raise Unavailable(f"node {node.node_id} is not linked to this replica")
-                response = await session.tunnel(request, timeout, inject_map())
-            return response
+                return data
+            if self._tunnel is None:
+                raise Unavailable(f"node {node.node_id} has no direct address to reach it by")
+            return await self._tunnel(node.node_id, request, timeout, inject_map())
         except StatusError as exc:
             ok = exc.code not in _COPY_FAULTS  # a caller's bad input says nothing of the copy
             raise
         finally:
             self.router.end(attempt, ok)
 
-    def _stub(self, address: str) -> inference_pb2_grpc.GRPCInferenceServiceStub:
-        """One channel and one stub per node address, reused by every query."""
-        entry = self._channels.get(address)
-        if entry is None:
+    # -- the whole query elsewhere -----------------------------------------------------------
+
+    async def relay(
+        self,
+        query: Query,
+        spec: mesh_pb2.ModelSpec,
+        deadline: float | None,
+        span: trace.Span,
+        client: str = "",
+    ) -> bytes:
+        """Hand ``query`` as the caller sent it to the ``fallback`` gateway (see the module
+        contract); Unavailable when there is none."""
+        if self.fallback is None:
+            raise Unavailable(f"model {spec.name!r} variant {spec.variant!r}: no copy reachable")
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded(f"model {spec.name!r}: the deadline passed before forwarding")
+        span.set_attribute("meshserve.path", "replica")
+        with child_span(span, "gateway forward", trace.SpanKind.CLIENT) as fwd:
+            if fwd.is_recording():
+                fwd.set_attributes({"meshserve.attempt": 1, "meshserve.path": "replica"})
+            extra = ((CLIENT_ID_KEY, client),) if client else ()
+            return await self.fallback(query.data(), spec, timeout, metadata_with_context(extra))
+
+    # -- channels to nodes -------------------------------------------------------------------
+
+    def node_metadata(self, address: str) -> tuple[tuple[str, str], ...]:
+        """The call metadata every query to the node at ``address`` carries (unary calls; the
+        multiplexed stream sends it when it opens). The one place a per-node credential goes."""
+        return ()
+
+    def _channel(self, address: str) -> aio.Channel:
+        """One channel per node address, shared by its stream and its unary calls."""
+        channel = self._channels.get(address)
+        if channel is None:
             if self._node_credentials is None:
                 channel = aio.insecure_channel(address, options=self._channel_options)
             else:  # mTLS: the replica's certificate as the client's
                 channel = aio.secure_channel(
                     address, self._node_credentials, options=self._channel_options
                 )
-            entry = self._channels[address] = (
-                channel,
-                inference_pb2_grpc.GRPCInferenceServiceStub(channel),
+            self._channels[address] = channel
+        return channel
+
+    def _mux(self, address: str) -> MuxChannel:
+        """The multiplexed stream to the node at ``address`` (one per address, reused)."""
+        mux = self._muxes.get(address)
+        if mux is None:
+            mux = self._muxes[address] = MuxChannel(
+                self._channel(address),
+                metadata=self.node_metadata(address),
+                max_message_bytes=self._max_message_bytes,
+                address=address,
             )
-        return entry[1]
+        return mux
+
+    def _unary_call(self, address: str) -> Any:
+        """ModelInfer on the node at ``address``: a request message in, the answer's bytes out."""
+        call = self._unary.get(address)
+        if call is None:
+            call = self._unary[address] = self._channel(address).unary_unary(
+                _MODEL_INFER,
+                request_serializer=inference_pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=None,
+            )
+        return call
 
     # -- scale from zero ---------------------------------------------------------------------
 
@@ -316,6 +463,9 @@ class Forwarder:
                 await self._wake(key, False)
 
     async def close(self) -> None:
-        """Close every channel to a node's direct port."""
-        channels, self._channels = [c for c, _ in self._channels.values()], {}
+        """End every stream to a node (awaited), then close every channel."""
+        muxes, self._muxes = list(self._muxes.values()), {}
+        await asyncio.gather(*(m.close() for m in muxes), return_exceptions=True)
+        channels, self._channels = list(self._channels.values()), {}
+        self._unary.clear()
         await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)

@@ -4,14 +4,32 @@ For each query it decodes the request's facts (SLO, minimum accuracy, zone, clie
 the variant and its candidate copies with the pure functions of
 :mod:`~meshserve.common.routing.resolve` (first the version: a named version, an alias
 and its canary, or ``live``; then the variant among that version's variants: a pinned variant, SLO
-switching, :mod:`~meshserve.common.routing.switching`, or the most accurate), admits it
+switching, :mod:`~meshserve.common.routing.switching`, or the most accurate), picks
+the copy (the query's zone first: request parameter ``client_zone``, else the gateway's own zone;
+then power of two choices on live load), admits it
 (:class:`~meshserve.controlplane.dataplane.admission.Admission`: bounded queries in flight per
-model and per client, beyond which RESOURCE_EXHAUSTED at once with a retry-after hint), and hands
-it to the :class:`~meshserve.controlplane.dataplane.forward.Forwarder`, which picks the copy
-(the query's zone first: request parameter ``client_zone``, else the gateway's own zone; then
-power of two choices on live load), sends it directly or down the node's stream, retries once on
-another copy, and wakes a variant scaled to zero. Errors are domain errors
-(:mod:`meshserve.common.errors`) that the replica's interceptor maps to gRPC statuses.
+model and per client, and a query whose predicted completion on every copy misses its deadline
+is shed; beyond either, RESOURCE_EXHAUSTED at once with a retry-after hint), and hands it to the
+:class:`~meshserve.controlplane.dataplane.forward.Forwarder`, which sends it directly (a
+multiplexed stream per node) or down the node's stream, retries once on another copy, and wakes
+a variant scaled to zero. Errors are domain errors (:mod:`meshserve.common.errors`) that the
+server's wrapper maps to gRPC statuses.
+
+What a gateway is attached to comes in as seams, so the same class serves a replica (its hub's
+node streams: ``linked``, ``telemetry``, ``tunnel``; its etcd wake key) and a standalone gateway
+(the routing feed's view and load; no node streams; a ``fallback`` to a replica's gateway for a
+variant with no direct copy).
+
+Shedding by predicted wait: with a deadline, a query goes to a copy whose predicted completion
+(:meth:`~meshserve.common.routing.router.Router.predicted_s`: the copy's latency profile x its
+queue, this router's in-flight count and the node's reported one, over its parallelism) fits
+within 0.75 of the time left (the node's own rule); when the copy picked does not, the others
+are tried; when none does, RESOURCE_EXHAUSTED with the wait beyond the budget as retry-after.
+
+Bytes pass through: registered with :func:`add_gateway_to_server`, ModelInfer receives the
+request's bytes with its message (:class:`~meshserve.controlplane.dataplane.forward.Query`) and
+returns the node's answer bytes unparsed (``meshserve_slo_met`` appended as the bytes of a
+response holding only that parameter: protobuf merges concatenated messages).
 
 Contract of the answers: ServerLive is always true; ServerReady is the replica's readiness;
 ModelReady is true when the variant a query naming that version would get has a candidate copy
@@ -22,24 +40,30 @@ A ModelInfer answer to a query with an SLO (its own ``slo_ms``, else its version
 
 Tracing: the ``gateway ModelInfer`` span (SERVER) has a ``gateway route`` child per routing
 decision (the variant choice and the copy picked; a retry decides again) and a ``gateway forward``
-child (CLIENT) per attempt, whose context is the one the node receives (call metadata or tunnel
-frame), so the node's span is a child of the attempt that reached it.
+child (CLIENT) per attempt, whose context is the one the node receives (stream frame, call
+metadata or tunnel frame), so the node's span is a child of the attempt that reached it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 
-from meshserve.common.errors import InvalidArgument, NotFound, ServicerContext, Unavailable
+from meshserve.common.errors import (
+    InvalidArgument,
+    NotFound,
+    ServicerContext,
+    StatusError,
+    Unavailable,
+)
 from meshserve.common.instruments import RequestMetrics
-from meshserve.common.params import CLIENT_ZONE, PREFER
+from meshserve.common.params import CLIENT_ZONE
 from meshserve.common.routing.balance import CopyKey
 from meshserve.common.routing.resolve import (
     LiveLoad,
@@ -48,22 +72,85 @@ from meshserve.common.routing.resolve import (
     serving_variant,
     versions,
 )
-from meshserve.common.routing.router import Decision, Router
+from meshserve.common.routing.router import Decision, Router, Telemetry
 from meshserve.common.streaming import serve_infer_stream
 from meshserve.common.tracing import context_from_metadata, server_span
-from meshserve.controlplane.dataplane.admission import Admission
-from meshserve.controlplane.dataplane.forward import Forwarder, child_span
-from meshserve.controlplane.link.hub import Hub
+from meshserve.controlplane.dataplane.admission import HEADROOM, Admission
+from meshserve.controlplane.dataplane.forward import (
+    CLIENT_ID_KEY,
+    Answer,
+    Fallback,
+    Forwarder,
+    Query,
+    Tunnel,
+    child_span,
+)
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.placement.scheduler import min_copies
-from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.controlplane.snapshot import NodeView, Snapshot, VariantKey
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "add_gateway_to_server"]
 
 _tracer = trace.get_tracer("meshserve.gateway")
-CLIENT_ID_KEY = "x-client-id"
 _VERSION = "0.1.0"
+_SERVICE = "inference.GRPCInferenceService"
+
+
+def _slo_met_bytes(met: bool) -> bytes:
+    """A response holding only ``meshserve_slo_met``: appended to an answer's bytes, it sets
+    that parameter (protobuf merges concatenated messages; a later map entry wins)."""
+    response = inference_pb2.ModelInferResponse()
+    response.parameters["meshserve_slo_met"].bool_param = met
+    return response.SerializeToString()
+
+
+_SLO_MET = {True: _slo_met_bytes(True), False: _slo_met_bytes(False)}
+
+
+def _serialize_answer(answer: Answer) -> bytes:
+    return answer if isinstance(answer, bytes) else answer.SerializeToString()
+
+
+def add_gateway_to_server(servicer: Any, server: Any) -> None:
+    """Register ``servicer`` (a :class:`Gateway`, wrapped as the caller likes: auth checks,
+    :func:`~meshserve.common.errors.map_errors`) as ``inference.GRPCInferenceService`` on
+    ``server`` (an ``aio.Server``, or :func:`~meshserve.common.errors.tolerant_decoding` of
+    one), as the generated ``add_GRPCInferenceServiceServicer_to_server`` does, except that
+    ModelInfer receives a :class:`~meshserve.controlplane.dataplane.forward.Query` (the
+    request's bytes with their message) and may answer bytes, sent as they are."""
+    pb = inference_pb2
+
+    def unary(behavior: Any, request: Any, response: Any) -> Any:
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+
+    handlers = {
+        "ServerLive": unary(servicer.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": unary(servicer.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ModelReady": unary(servicer.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": unary(
+            servicer.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+        ),
+        "ModelMetadata": unary(
+            servicer.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+        ),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfer,
+            request_deserializer=Query.parse,
+            response_serializer=_serialize_answer,
+        ),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            servicer.ModelStreamInfer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
 
 
 def _slo_of(request: inference_pb2.ModelInferRequest) -> tuple[float | None, float | None]:
@@ -110,10 +197,13 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         *,
-        hub: Hub,
         snapshot: Callable[[], Snapshot],
         channel_options: list[tuple[str, Any]],
         ready: Callable[[], bool],
+        linked: Container[str] = frozenset(),
+        telemetry: Telemetry | None = None,
+        tunnel: Tunnel | None = None,
+        fallback: Fallback | None = None,
         events: EventSink | None = None,
         wake: Callable[[VariantKey, bool], Awaitable[None]] | None = None,
         cold_start_max_s: float = 60.0,
@@ -121,24 +211,30 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         admission: Admission | None = None,
         node_credentials: grpc.ChannelCredentials | None = None,
         stream_check: Callable[[ServicerContext], Callable[[str], None]] | None = None,
+        mux: bool = True,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
-        """``zone``: this gateway's zone, preferred for queries that name none ("" for none).
-        ``admission``: in-flight limits per model and client (default: :class:`Admission`).
-        ``node_credentials``: TLS to nodes' direct ports (None: insecure). ``stream_check``:
-        authenticates a ModelStreamInfer stream and returns its per-model check (raising the
-        refusal; :attr:`meshserve.controlplane.auth.Guard.stream_check`); None: open.
-        The rest is the :class:`Forwarder`'s."""
+        """``snapshot``: the view routed over (a replica's, or the routing feed's).
+        ``linked``: the nodes ``tunnel`` reaches (a replica's node streams; empty without).
+        ``telemetry``: the live load nodes report (None: none heard). ``tunnel``: sends a query
+        down a node's stream (None: no node streams). ``fallback``: where a query goes whose
+        variant has no candidate here (a standalone gateway's replica; None: nowhere).
+        ``zone``: this gateway's zone, preferred for queries that name none ("" for none).
+        ``admission``: in-flight limits per model and client, and shedding by predicted wait
+        (default: :class:`Admission`). ``node_credentials``: to nodes' direct ports (None:
+        insecure). ``stream_check``: authenticates a ModelStreamInfer stream and returns its
+        per-model check (raising the refusal;
+        :attr:`meshserve.controlplane.auth.Guard.stream_check`); None: open. ``mux``: direct
+        queries over multiplexed streams (False: unary calls). The rest is the
+        :class:`Forwarder`'s."""
         self._snapshot = snapshot
         self._ready = ready
         self._stream_check = stream_check
-
-        def telemetry(node_id: str, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
-            session = hub.sessions.get(node_id)
-            return session.copy_telemetry(key) if session is not None else None
-
-        self.router = Router(linked=hub.sessions, telemetry=telemetry, zone=zone)
+        if telemetry is None:
+            self.router = Router(linked=linked, zone=zone)
+        else:
+            self.router = Router(linked=linked, telemetry=telemetry, zone=zone)
         self.forwarder = Forwarder(
-            hub=hub,
             router=self.router,
             snapshot=snapshot,
             channel_options=channel_options,
@@ -146,6 +242,10 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             events=events,
             wake=wake,
             cold_start_max_s=cold_start_max_s,
+            tunnel=tunnel,
+            fallback=fallback,
+            mux=mux,
+            max_message_bytes=max_message_bytes,
         )
         self._metrics = RequestMetrics(hop="gateway")
         self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(
@@ -195,7 +295,11 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             spec = serving_variant(snapshot, request.name, request.version, linked)
         except NotFound:
             return inference_pb2.ModelReadyResponse(ready=False)
-        return inference_pb2.ModelReadyResponse(ready=bool(candidates(snapshot, spec, linked)))
+        ready = bool(candidates(snapshot, spec, linked)) or (
+            self.forwarder.fallback is not None
+            and snapshot.ready_count((spec.name, spec.variant)) > 0
+        )
+        return inference_pb2.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(
         self, request: inference_pb2.ModelMetadataRequest, context: ServicerContext
@@ -239,70 +343,169 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 name = getattr(request, "model_name", None)  # None: malformed, refused below
                 if name is not None:
                     allow(name)
-            return await self._route(request, parent, None, client)
+            answer = await self._route(Query(request), parent, None, client)
+            if isinstance(answer, bytes):
+                return inference_pb2.ModelInferResponse.FromString(answer)
+            return answer
 
         await serve_infer_stream(request_iterator, infer, context.write)
 
     async def ModelInfer(
-        self, request: inference_pb2.ModelInferRequest, context: ServicerContext
-    ) -> inference_pb2.ModelInferResponse:
+        self, request: Query | inference_pb2.ModelInferRequest, context: ServicerContext
+    ) -> Answer:
+        """A query (its bytes with their message, registered by :func:`add_gateway_to_server`;
+        a bare message otherwise); the answer as bytes where they passed through."""
+        query = request if isinstance(request, Query) else Query(request)
         metadata = context.invocation_metadata()
         parent = context_from_metadata(metadata)  # type: ignore[arg-type]
         remaining = context.time_remaining()
         client = _client_of(metadata, context.peer())
-        return await self._metrics.measure(self._route(request, parent, remaining, client), request)
+        return await self._route(query, parent, remaining, client, measured=True)
 
     async def _route(
         self,
-        request: inference_pb2.ModelInferRequest,
+        query: Query,
         parent: Context,
         remaining: float | None,
         client: str = "",
-    ) -> inference_pb2.ModelInferResponse:
+        measured: bool = False,
+    ) -> Answer:
+        request = query.message
         with server_span(
             _tracer, "gateway ModelInfer", parent, {"meshserve.model": request.model_name}
         ) as span:
             started = time.monotonic()
             deadline = started + remaining if remaining is not None else None
-            snapshot = self._snapshot()
-            slo_s, min_accuracy = _slo_of(request)
-            zone = _zone_of(request) or self.zone
-            if zone:
-                span.set_attribute("meshserve.client_zone", zone)
-            tried: set[str] = set()
-            forwarder = self.forwarder
-            with child_span(span, "gateway route") as route:
-                decision = self._decide(request, snapshot, slo_s, min_accuracy, span)
-                spec, reason, predicted_s, slo_s = (
-                    decision.spec,
-                    decision.reason,
-                    decision.predicted_s,
-                    decision.slo_s,
-                )
-                request.model_version = spec.variant
-                span.set_attribute("meshserve.variant", spec.variant)
-                if not candidates(snapshot, spec, self.router.linked) and min_copies(spec) == 0:
-                    snapshot = await forwarder.cold_start(spec, deadline, span)
-                node = forwarder.select(snapshot, spec, zone, tried, route, reason, predicted_s)
-            if node is None:
-                raise no_copy(snapshot, spec, self.router.linked)
-            copies = snapshot.ready_count((spec.name, spec.variant))
-            ticket = self.admission.admit(spec.name, copies, client)
+            served: list[str] = [request.model_version, ""]  # (variant, node) for the metrics
             try:
-                response = await forwarder.attempts(
-                    request, spec, snapshot, node, zone, tried, deadline, span, copies > 1
-                )
-            except BaseException:
-                ticket.release(ok=False)
+                answer = await self._serve(query, span, started, deadline, client, served)
+            except StatusError as exc:
+                if measured:
+                    code: int = exc.code.value[0]
+                    elapsed = time.monotonic() - started
+                    self._metrics.record(request.model_name, served[0], "", code, elapsed)
                 raise
-            ticket.release()
-            if slo_s is not None:
-                met = time.monotonic() - started <= slo_s
-                response.parameters["meshserve_slo_met"].bool_param = met
-                span.set_attribute("meshserve.slo_met", met)
-                if not met:
-                    self._slo_misses.add(1, {"model": spec.name, "variant": spec.variant})
-            return response
+            if measured:
+                elapsed = time.monotonic() - started
+                self._metrics.record(request.model_name, served[0], served[1], 0, elapsed)
+            return answer
+
+    async def _serve(
+        self,
+        query: Query,
+        span: trace.Span,
+        started: float,
+        deadline: float | None,
+        client: str,
+        served: list[str],
+    ) -> Answer:
+        request = query.message
+        snapshot = self._snapshot()
+        slo_s, min_accuracy = _slo_of(request)
+        zone = _zone_of(request) or self.zone
+        if zone:
+            span.set_attribute("meshserve.client_zone", zone)
+        tried: set[str] = set()
+        forwarder = self.forwarder
+        relay = False
+        node: NodeView | None = None
+        with child_span(span, "gateway route") as route:
+            decision = self._decide(request, snapshot, slo_s, min_accuracy, span)
+            spec, slo_s = decision.spec, decision.slo_s
+            served[0] = spec.variant
+            span.set_attribute("meshserve.variant", spec.variant)
+            if not self.router.candidates(snapshot, spec):
+                if forwarder.fallback is not None:
+                    relay = True  # no copy reachable from here: a replica's gateway has one
+                    if route.is_recording():
+                        route.set_attributes(
+                            {
+                                "meshserve.candidates": 0,
+                                "meshserve.node": "",
+                                "meshserve.variant": spec.variant,
+                                "meshserve.route_reason": "no direct copy: via a replica",
+                            }
+                        )
+                elif min_copies(spec) == 0:
+                    snapshot = await forwarder.cold_start(spec, deadline, span)
+            if not relay:
+                node = forwarder.select(
+                    snapshot, spec, zone, tried, route, decision.reason, decision.predicted_s
+                )
+                if node is not None and deadline is not None and self.admission.shed_late:
+                    node = self._fit(snapshot, spec, zone, tried, node, deadline, route)
+        if node is None and not relay:
+            raise no_copy(snapshot, spec, self.router.linked)
+        copies = snapshot.ready_count((spec.name, spec.variant))
+        ticket = self.admission.admit(spec.name, copies, client)
+        try:
+            if node is None:
+                answer: Answer = await forwarder.relay(query, spec, deadline, span, client)
+            else:
+                answer, served[1] = await forwarder.attempts(
+                    query,
+                    spec,
+                    snapshot,
+                    node,
+                    zone,
+                    tried,
+                    deadline,
+                    span,
+                    copies > 1,
+                    decision.prefer,
+                )
+        except BaseException:
+            ticket.release(ok=False)
+            raise
+        ticket.release()
+        if slo_s is not None:
+            met = time.monotonic() - started <= slo_s
+            if isinstance(answer, bytes):
+                answer += _SLO_MET[met]
+            else:
+                answer.parameters["meshserve_slo_met"].bool_param = met
+            span.set_attribute("meshserve.slo_met", met)
+            if not met:
+                self._slo_misses.add(1, {"model": spec.name, "variant": spec.variant})
+        return answer
+
+    def _fit(
+        self,
+        snapshot: Snapshot,
+        spec: mesh_pb2.ModelSpec,
+        zone: str,
+        tried: set[str],
+        node: NodeView,
+        deadline: float,
+        route: trace.Span,
+    ) -> NodeView:
+        """``node`` when its predicted completion fits the query's deadline (``HEADROOM`` of
+        the time left), else another copy whose does; RESOURCE_EXHAUSTED when none does, with
+        the wait beyond the budget as the retry-after hint. A copy without a prediction fits."""
+        router = self.router
+        left = deadline - time.monotonic()
+        budget = HEADROOM * left
+        best = router.predicted_s(node, spec)
+        if not best > budget:  # fits, or no prediction (nan/inf never sheds)
+            return node
+        probe = set(tried)
+        while True:
+            other, _ = router.select(snapshot, spec, zone, probe)
+            if other is None:
+                break
+            predicted = router.predicted_s(other, spec)
+            if not predicted > budget:
+                tried.discard(node.node_id)  # skipped, not tried: a retry may still go there
+                tried.add(other.node_id)
+                if route.is_recording():
+                    route.set_attribute("meshserve.node", other.node_id)
+                    route.set_attribute("meshserve.skipped_late", node.node_id)
+                return other
+            best = min(best, predicted)
+        if route.is_recording():
+            route.set_attribute("meshserve.shed", True)
+            route.set_attribute("meshserve.predicted_ms", round(best * 1000, 3))
+        raise self.admission.shed(spec.name, best, left)
 
     def _decide(
         self,
@@ -313,15 +516,14 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         span: trace.Span,
     ) -> Decision:
         """The router's decision for a query (:meth:`Router.decide`), told to the query's span;
-        a switched query names the better variants whose cached answer the node may return."""
+        a switched query names the better variants whose cached answer the node may return
+        (``Decision.prefer``, sent with the query)."""
         decision = self.router.decide(
             snapshot, request.model_name, request.model_version, request.id, slo_s, min_accuracy
         )
         if decision.alias:
             span.set_attribute("meshserve.alias", decision.alias)
         span.set_attribute("meshserve.version", decision.version)
-        if decision.prefer:
-            request.parameters[PREFER].string_param = decision.prefer
         if decision.switch_reason:
             span.set_attribute("meshserve.switch_reason", decision.switch_reason)
             if decision.predicted_s != math.inf:

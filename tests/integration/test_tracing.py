@@ -59,6 +59,15 @@ async def _register(
     )
 
 
+def _gateway_client(address: str) -> AsyncMeshClient:
+    """An SDK that sends every query through the gateway at ``address`` (the traces here are
+    the gateway's; an SDK routing itself is traced in its own tests)."""
+    try:
+        return AsyncMeshClient(address, routing="gateway")  # type: ignore[call-arg,unused-ignore]
+    except TypeError:  # an SDK without routing of its own talks to gateways
+        return AsyncMeshClient(address)
+
+
 def _named(spans: Sequence[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
     out: dict[str, list[ReadableSpan]] = {}
     for span in spans:
@@ -87,11 +96,19 @@ def _number(span: ReadableSpan, key: str) -> float:
     return float(value)
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["tunnel", "direct"])
-async def test_one_query_is_one_trace(etcd: EtcdServer, tmp_path: Path, direct: bool) -> None:
+@pytest.mark.parametrize(
+    ("direct", "mux"), [(False, True), (True, True), (True, False)], ids=["tunnel", "mux", "unary"]
+)
+async def test_one_query_is_one_trace(
+    etcd: EtcdServer, tmp_path: Path, direct: bool, mux: bool
+) -> None:
+    """Through the tunnel, the multiplexed stream to the node's port (the gateway's default) and
+    unary calls to it: the node's span is a child of the gateway's forward span."""
     async with inproc_mesh(etcd.url, tmp_path, [("n1", direct)]) as mesh:
         await _register(mesh, make_mlp(tmp_path / "mlp.onnx"))
-        async with AsyncMeshClient(mesh.address) as client:
+        assert mesh.cp.gateway is not None
+        mesh.cp.gateway.forwarder.mux = mux
+        async with _gateway_client(mesh.address) as client:
             _EXPORTER.clear()
             x = np.ones((1, 64), dtype=np.float32)
             result = await client.infer("mlp", {"x": x})
@@ -110,7 +127,9 @@ async def test_one_query_is_one_trace(etcd: EtcdServer, tmp_path: Path, direct: 
     assert _parent_of(forward) == _id(gateway)
     assert _parent_of(node) == _id(forward), "the node's parent is the attempt that reached it"
     assert node.attributes is not None and gateway.attributes is not None
-    assert node.attributes["meshserve.hop"] == ("direct" if direct else "tunnel")
+    assert node.attributes["meshserve.hop"] == (
+        ("mux" if mux else "direct") if direct else "tunnel"
+    )
     assert gateway.attributes["meshserve.path"] == ("direct" if direct else "tunnel")
     assert gateway.attributes["meshserve.node"] == "n1"
     assert dict(route.attributes or {}) == {
@@ -137,7 +156,7 @@ async def test_a_batched_cached_query_traces_cache_queue_and_batch(
         _EXPORTER.clear()
         await _register(mesh, make_mlp(tmp_path / "mlp.onnx"), BATCHED_CACHED)
         loading = _named(_EXPORTER.get_finished_spans())
-        async with AsyncMeshClient(mesh.address) as client:
+        async with _gateway_client(mesh.address) as client:
             _EXPORTER.clear()
             x = np.full((2, 64), 0.5, dtype=np.float32)
             result = await client.infer("mlp", {"x": x})
@@ -192,7 +211,7 @@ async def test_a_retry_is_a_second_forward_in_the_same_trace(
         failed: list[str] = []
         for member in mesh.nodes:
             _fail_first_query(member.handler, member.config.node_id, failed)
-        async with AsyncMeshClient(mesh.address) as client:
+        async with _gateway_client(mesh.address) as client:
             _EXPORTER.clear()
             result = await client.infer("mlp", {"x": np.ones((1, 64), dtype=np.float32)})
     assert len(failed) == 1 and result.node != failed[0]
