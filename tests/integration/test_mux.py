@@ -220,6 +220,35 @@ async def test_a_call_past_its_timeout_is_deadline_exceeded(live: Mesh) -> None:
         assert "n2" in answer.status_message
 
 
+async def test_cancelled_callers_and_oversized_requests_leave_the_stream_alone(
+    live: Mesh,
+) -> None:
+    slow = build_request("mlp-slow", {"x": _x(6)}).SerializeToString()
+    async with _channel(live.slow) as channel:
+        mux = MuxChannel(channel, max_message_bytes=16 << 10)
+        try:
+            assert await mux.call(slow, timeout=10)
+            waiting = [asyncio.ensure_future(mux.call(slow)) for _ in range(10)]
+            await asyncio.sleep(0.05)
+            for task in waiting:  # a caller going away (a gateway's client hung up)
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            assert mux.in_flight == 0
+            big = build_request("mlp-slow", {"x": _x(7, rows=100)}).SerializeToString()
+            with pytest.raises(InvalidArgument, match="over the"):
+                await mux.call(big, timeout=10)
+            assert await mux.call(slow, timeout=10)
+            assert mux.reopened == 0  # the same stream throughout
+            pending = asyncio.ensure_future(mux.call(slow))
+            await asyncio.sleep(0.05)
+        finally:
+            await mux.close()
+        with pytest.raises(Unavailable, match="closed"):
+            await pending
+        with pytest.raises(Unavailable, match="closed"):
+            await mux.call(slow)
+
+
 async def test_killing_the_node_fails_pending_calls_and_the_channel_reconnects(
     live: Mesh,
 ) -> None:
