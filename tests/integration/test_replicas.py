@@ -14,6 +14,7 @@ import pytest
 
 from meshserve.client import MeshClient
 from meshserve.client._admin import AdminClient
+from meshserve.client._routed import Routing
 from meshserve.devtools.demo_models import make_mlp, reference_outputs
 from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
 from meshserve.errors import Unavailable
@@ -27,10 +28,10 @@ def _linked_to(admin: AdminClient, node_id: str) -> set[str]:
     return {r for n in admin.list_nodes() if n.node_id == node_id for r in n.replicas}
 
 
-def _query(target: str, model: Path) -> str:
+def _query(target: str, model: Path, routing: Routing = "direct") -> str:
     """One query through ``target`` (checked against onnxruntime); the node that answered."""
     x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
-    with MeshClient(target, timeout=5) as client:
+    with MeshClient(target, timeout=5, routing=routing) as client:
         result = client.infer("mlp", {"x": x})
     np.testing.assert_allclose(result["y"], reference_outputs(model, {"x": x})["y"], rtol=1e-5)
     return result.node
@@ -114,7 +115,8 @@ def test_the_gateways_keepalive_to_a_direct_port_is_not_refused_as_too_many_ping
         with AdminClient(cp.address) as admin:
             register_file(admin, "mlp", model, copies=1)
             wait_copies(admin, "mlp", 1)
-        assert _query(cp.address, model) == "core-1"  # opens the gateway's channel to the port
+        # through the gateway (the SDK would go to the port itself): opens its channel there
+        assert _query(cp.address, model, "gateway") == "core-1"
         time.sleep(4.0)  # eight keepalive intervals on an idle channel
-        assert _query(cp.address, model) == "core-1"
+        assert _query(cp.address, model, "gateway") == "core-1"
         assert "too_many_pings" not in _log(cp)

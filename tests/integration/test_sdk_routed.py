@@ -170,6 +170,15 @@ def test_kill_9_of_the_node_the_sdk_sends_to_under_load_fails_no_call(tmp_path: 
         ok, failed, answered = asyncio.run(run())
         assert failed == 0, f"{failed} failed calls ({ok} answered: {answered})"
         assert ok > 20
+        assert len(answered) == 2, answered  # both copies answered before the kill
+        retried = [
+            r
+            for r in _routes()
+            if str(r.get("meshserve.route_reason", "")).startswith("retry")
+            or "every direct copy failed" in str(r.get("meshserve.fallback", ""))
+        ]
+        print(f"answered {answered}, {len(retried)} sends after a failed copy")
+        assert retried, "the kill was never noticed by a query (nothing retried)"
 
 
 def test_a_tunnel_only_copy_is_reached_through_the_gateway(tmp_path: Path) -> None:
