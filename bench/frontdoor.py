@@ -17,7 +17,8 @@ loop; every load is bounded by a request count and by time), the rows are:
 * ``sdk_routed_unary`` / ``sdk_routed_stream``   ``AsyncMeshClient(routing="direct")``;
 * ``sdk_gateway``           ``AsyncMeshClient`` through the gateway (``routing="gateway"``);
 * ``standalone_gateway_1`` / ``standalone_gateway_2``   one / two ``meshserve-gateway`` processes
-                            (with two, the load's client is given both addresses).
+                            (with two, the load's client is given both addresses and sends
+                            each query to the next one in turn).
 
 Rows whose piece does not exist yet are recorded as ``{"skipped": reason}``. Every row: req/s,
 p50, p99, errors (counted, never dropped), CPU seconds per 1,000 queries of each server process
@@ -31,8 +32,8 @@ The load generator is a separate process (this script's ``drive`` subcommand, bu
 ``bench/loadgen.py``'s workers), pinned to core 0 while every server process is pinned to the
 other cores (see ``notes`` in the JSON). Progress goes to stderr, the JSON to stdout.
 
-    .venv/bin/python bench/frontdoor.py                     # full matrix, 3 runs
-    .venv/bin/python bench/frontdoor.py --quick             # MLP, C=1,8, 1 run: a smoke
+    .venv/bin/python bench/frontdoor.py                     # full matrix, 3 runs, ~20 min
+    .venv/bin/python bench/frontdoor.py --quick             # MLP, C=1,8, 1 run: ~1 min
     .venv/bin/python bench/frontdoor.py --quick --rows floor,echo,node
 """
 
@@ -42,6 +43,7 @@ import argparse
 import asyncio
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import shutil
@@ -216,15 +218,21 @@ async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     warm_end = now + int(spec["warmup_s"] * 1e9)
     rec = Recorder(warm_end, warm_end + int(spec["duration_s"] * 1e9), int(spec["max_requests"]))
     cpu0 = time.process_time()
-    if mode == "unary":  # the workers take the channels in turn
+    if mode == "unary":  # with several targets, each query goes to the next (round robin)
         try:
             calls = [
                 ch.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
                 for ch in channels
             ]
-            await asyncio.gather(
-                *(_unary_worker(calls[i % len(calls)], payload, timeout_s, rec) for i in range(c))
-            )
+            if len(calls) == 1:
+                workers = [_unary_worker(calls[0], payload, timeout_s, rec) for _ in range(c)]
+            else:
+                turn = itertools.cycle(calls)
+                workers = [
+                    _call_worker(lambda: next(turn)(payload, timeout=timeout_s), rec, _code)
+                    for _ in range(c)
+                ]
+            await asyncio.gather(*workers)
         finally:
             await asyncio.gather(*(ch.close(None) for ch in channels))
     elif mode == "mux":
@@ -472,7 +480,7 @@ def _start_standalone(ctx: Ctx, name: str, cp_address: str, model: str) -> Any:
     argv = [
         *ctx.pin.prefix(ctx.pin.servers),
         *_standalone_command(),
-        "--control-plane",
+        "--feed",
         cp_address,
         "--listen",
         address,
@@ -925,6 +933,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "skipped_rows": {k: v for k, v in skips.items() if k in wanted},
             "echo_stream": "one bidi stream, C requests in flight, multiplexed by id "
             "(MuxRequest/MuxResponse framing, like the node's NodeInference.Infer)",
+            "standalone_gateway_2": "the load's client holds a channel to each of the two "
+            "gateways and sends each query to the next one in turn (round robin)",
         },
         "config": _config(args, time.monotonic() - started),
     }
