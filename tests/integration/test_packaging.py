@@ -29,6 +29,7 @@ SHIPPED = ("*.py", "*.pyi", "*.proto", "py.typed")
 SCRIPTS = {
     "meshctl": "meshserve.client.cli:main",
     "meshserve-controlplane": "meshserve.controlplane.__main__:main",
+    "meshserve-gateway": "meshserve.controlplane.dataplane.standalone:main",
     "meshserve-node": "meshserve.node.__main__:main",
 }
 
