@@ -105,11 +105,13 @@ async def _mux_stream_load(
     target: str, payload: bytes, concurrency: int, timeout_s: float, rec: Any
 ) -> None:
     """C workers sharing ONE bidi stream, requests multiplexed by id (``MuxRequest`` framing)."""
+    import grpc
     from grpc import aio
 
     from meshserve.protos import mesh_pb2
 
     clock = time.perf_counter_ns
+    names = {status.value[0]: status.name for status in grpc.StatusCode}
     pending: dict[int, asyncio.Future[int]] = {}
     outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -162,7 +164,7 @@ async def _mux_stream_load(
                     rec.error(_code(exc))
                     return
                 if code:
-                    rec.error(f"STATUS_{code}")
+                    rec.error(names.get(code, f"STATUS_{code}"))
                 else:
                     rec.ok(start, clock())
 
@@ -204,7 +206,7 @@ def mux_channel_caller(target: str) -> tuple[Callable[[bytes, float], Any], Call
 async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     from grpc import aio
 
-    from bench.loadgen import MODEL_INFER, Recorder, _call_worker, _unary_worker, summarize
+    from bench.loadgen import MODEL_INFER, Recorder, _call_worker, summarize
 
     c, timeout_s = int(spec["concurrency"]), float(spec["timeout_s"])
     payload = _read(spec.get("request_file"))
@@ -224,15 +226,13 @@ async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
                 ch.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
                 for ch in channels
             ]
-            if len(calls) == 1:
-                workers = [_unary_worker(calls[0], payload, timeout_s, rec) for _ in range(c)]
-            else:
-                turn = itertools.cycle(calls)
-                workers = [
+            turn = itertools.cycle(calls)
+            await asyncio.gather(
+                *(
                     _call_worker(lambda: next(turn)(payload, timeout=timeout_s), rec, _code)
                     for _ in range(c)
-                ]
-            await asyncio.gather(*workers)
+                )
+            )
         finally:
             await asyncio.gather(*(ch.close(None) for ch in channels))
     elif mode == "mux":
@@ -265,6 +265,7 @@ async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     out = summarize(rec, time.perf_counter_ns())
     out["answered_total"] = len(rec.latencies)  # warm-up included: what the CPU time paid for
     out["client_cpu_s"] = round(time.process_time() - cpu0, 4)
+    out["error_samples"] = dict(_ERROR_SAMPLES)
     return out
 
 
@@ -272,11 +273,19 @@ def _read(path: str | None) -> bytes:
     return Path(path).read_bytes() if path else b""
 
 
+_ERROR_SAMPLES: dict[str, str] = {}  # the load process's first message per error code
+
+
 def _code(exc: Exception) -> str:
+    """The error's status code name (grpc or meshserve error); its first message is kept."""
     code = getattr(exc, "code", None)
     if callable(code):
         code = code()
-    return str(getattr(code, "name", code or type(exc).__name__))
+    name = str(getattr(code, "name", code or type(exc).__name__))
+    if name not in _ERROR_SAMPLES:
+        details = getattr(exc, "details", None)
+        _ERROR_SAMPLES[name] = str(details() if callable(details) else exc)[:300]
+    return name
 
 
 def drive_main(spec_json: str) -> None:
@@ -387,7 +396,7 @@ class Ctx:
 
 def _keep(figures: dict[str, Any]) -> dict[str, Any]:
     keys = ["rps", "p50_ms", "p99_ms", "requests", "errors", "errors_by_code"]
-    keys += ["cpu_s_per_1k", "client_cpu_s_per_1k"]
+    keys += ["error_samples", "cpu_s_per_1k", "client_cpu_s_per_1k"]
     return {k: figures[k] for k in keys if k in figures}
 
 
@@ -719,6 +728,12 @@ def aggregate(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             for code, n in (r.get("errors_by_code") or {}).items():
                 codes[code] = codes.get(code, 0) + n
         row["errors_by_code"] = codes
+        samples: dict[str, str] = {}
+        for r in measured:
+            for code, text in (r.get("error_samples") or {}).items():
+                samples.setdefault(code, text)
+        if samples:
+            row["error_samples"] = samples
         row["requests"] = sum(r["requests"] for r in measured)
         roles = sorted({k for r in measured for k in (r.get("cpu_s_per_1k") or {})})
         if roles:
