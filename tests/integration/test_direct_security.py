@@ -232,7 +232,10 @@ async def test_the_gateway_still_reaches_the_node_directly(secured: Secured) -> 
 
     def through_gateway() -> str:
         with MeshClient(
-            secured.cp.address, tls=secured.tls("client"), api_key=secured.acme_key
+            secured.cp.address,
+            tls=secured.tls("client"),
+            api_key=secured.acme_key,
+            routing="gateway",  # the SDK would go to the node's port itself
         ) as client:
             return client.infer("mlp", {"x": X}).node
 
