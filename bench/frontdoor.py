@@ -456,6 +456,11 @@ def _sdk_kwargs(routing: str, stream: bool) -> dict[str, Any]:
     return kwargs
 
 
+def _kwargs_text(row: str) -> str:
+    kwargs = _sdk_kwargs("gateway" if row == "sdk_gateway" else "direct", row.endswith("stream"))
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
 def _request_file(ctx: Ctx, model: Model, name: str) -> str:
     from meshserve.common.codec import build_request
 
@@ -950,8 +955,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "(MuxRequest/MuxResponse framing, like the node's NodeInference.Infer)",
             "standalone_gateway_2": "the load's client holds a channel to each of the two "
             "gateways and sends each query to the next one in turn (round robin)",
+            "sdk": {
+                row: f"AsyncMeshClient(<replica>, {_kwargs_text(row)})"
+                for row in ("sdk_routed_unary", "sdk_routed_stream", "sdk_gateway")
+                if row in wanted and row not in skips
+            },
+            "batching": (
+                f"node dynamic batching: max_batch_size 32, max_queue_delay 2 ms, adaptive, "
+                f"latency SLO of the model; mesh_gain = req/s on / off at C={BATCH_C} through "
+                f"the node's port; in_process_gain = rows/s of session.run on batch {BATCH_N} "
+                f"/ batch 1, one thread per server core, same session options as a node"
+            ),
         },
-        "config": _config(args, time.monotonic() - started),
+        "config": {**_config(args, time.monotonic() - started), "workdir_logs": str(workdir)},
     }
 
 
