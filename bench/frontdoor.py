@@ -883,7 +883,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.monotonic()
     wanted = _wanted_rows(args.rows)
-    workdir = Path(tempfile.mkdtemp(prefix="meshserve-frontdoor-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meshserve-frontdoor-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     pin = Pinning.choose(not args.no_pin)
     ctx = Ctx(args, workdir, env, pin, deadline=started + args.max_total_s)
@@ -1044,6 +1045,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-total-s", type=float, default=3600.0, help="cap for the whole run")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="models, logs, etcd data (default: a new temp dir)",
+    )
     p.add_argument(
         "--out",
         type=Path,

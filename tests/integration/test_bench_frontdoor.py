@@ -24,6 +24,7 @@ def test_quick_run_measures_every_selected_row_without_errors(tmp_path: Path) ->
     out = tmp_path / "frontdoor.json"
     argv = [sys.executable, str(ROOT / "bench" / "frontdoor.py"), "--quick", "--out", str(out)]
     argv += ["--rows", "floor,echo,handwritten,node,gateway", "--concurrency", "1,8"]
+    argv += ["--workdir", str(tmp_path / "work")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=90, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
