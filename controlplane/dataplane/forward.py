@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -109,6 +109,12 @@ def child_span(
     if span.is_recording():
         return _tracer.start_as_current_span(name, kind=kind)
     return contextlib.nullcontext(span)
+
+
+async def _close(mux: MuxChannel | None, channel: aio.Channel) -> None:
+    if mux is not None:
+        await mux.close()
+    await channel.close(None)
 
 
 class Query:
@@ -187,6 +193,7 @@ class Forwarder:
         self._channels: dict[str, aio.Channel] = {}
         self._muxes: dict[str, MuxChannel] = {}
         self._unary: dict[str, Any] = {}  # address -> raw-bytes ModelInfer callable
+        self._closing: set[asyncio.Future[None]] = set()
         self._changed = asyncio.Event()
 
     def notify(self) -> None:
@@ -462,8 +469,21 @@ class Forwarder:
             with contextlib.suppress(Exception):
                 await self._wake(key, False)
 
+    def prune(self, addresses: Container[str]) -> None:
+        """Close the streams and channels to node addresses not in ``addresses`` (nodes gone
+        from the view), in the background; a query still on one fails UNAVAILABLE (retried)."""
+        for address in [a for a in self._channels if a not in addresses]:
+            mux = self._muxes.pop(address, None)
+            channel = self._channels.pop(address)
+            self._unary.pop(address, None)
+            task = asyncio.ensure_future(_close(mux, channel))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         """End every stream to a node (awaited), then close every channel."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         muxes, self._muxes = list(self._muxes.values()), {}
         await asyncio.gather(*(m.close() for m in muxes), return_exceptions=True)
         channels, self._channels = list(self._channels.values()), {}

@@ -259,8 +259,14 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.forwarder.notify()
 
     def forget(self, keep: Callable[[CopyKey], bool]) -> None:
-        """Drop what is measured of copies ``keep`` rejects (the replica's maintenance)."""
+        """Drop what is measured of copies ``keep`` rejects, and close the streams to nodes no
+        longer in the view (the replica's maintenance; a standalone gateway's feed changes)."""
         self.router.forget(keep)
+        try:
+            nodes = self._snapshot().nodes.values()
+        except StatusError:  # no view yet
+            return
+        self.forwarder.prune({node.direct_address for node in nodes if node.direct_address})
 
     def live_load(self, model: str) -> LiveLoad:
         """What this gateway measures of ``model``'s candidate copies now, as data (the Admin

@@ -245,7 +245,15 @@ class StandaloneGateway:
             mux=cfg.mux,
             max_message_bytes=cfg.max_message_bytes,
         )
-        feed.subscribe(lambda u: gateway.notify() if u.full or u.entries or u.removed else None)
+
+        def changed(update: mesh_pb2.FeedUpdate) -> None:
+            if update.full or update.entries or update.removed:
+                gateway.notify()
+            if update.full or update.removed:  # nodes may be gone: their measures and streams
+                nodes = feed.snapshot().nodes
+                gateway.forget(lambda key: key[0] in nodes)
+
+        feed.subscribe(changed)
         add_gateway_to_server(map_errors(guard.inference(gateway)), tolerant_decoding(server))
         feed.start()
         await server.start()
