@@ -29,11 +29,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshserve.client import AsyncMeshClient, MeshClient
+from meshserve.client import AsyncMeshClient, MeshClient, RetryPolicy
 from meshserve.client._admin import AdminClient
 from meshserve.common.routing import feed as feed_module
 from meshserve.devtools.demo_models import make_mlp, reference_outputs
 from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
+from tests.support.etcd import EtcdServer
+from tests.support.inproc import eventually, inproc_mesh
 from tests.support.mesh import register_file, wait_copies
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -291,4 +293,55 @@ def test_the_blocking_client_routes_directly_too(tmp_path: Path) -> None:
             assert parents == roots and len(roots) == 10
             time.sleep(1.5)  # metrics export on an interval
             assert _gateway_queries(port) == before  # no hop through the gateway
+        # hedged (a second send after 5 s): the routed attempt runs on the client's pool
+        with MeshClient(cp.address, retry=RetryPolicy(hedge_after_s=5.0)) as hedged:
+            wait_until(
+                lambda: hedged.infer("mlp", {"x": X}).node == "node-a", 10, what="hedged answers"
+            )
+            _EXPORTER.clear()
+            assert hedged.infer("mlp", {"x": X}).node == "node-a"
+            assert _paths() == ["direct"]
         assert not any(t.name == "meshserve-feed" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+async def test_the_sdks_route_span_is_the_parent_of_the_node_span(
+    etcd: EtcdServer, tmp_path: Path, transport: str
+) -> None:
+    """In one process (so every hop's spans are seen): client ModelInfer -> client route (path
+    direct) -> node ModelInfer, one trace, over the stream and over unary calls."""
+    async with inproc_mesh(etcd.url, tmp_path, [("n1", True)]) as mesh:
+        model = make_mlp(tmp_path / "mlp.onnx")
+        with AdminClient(mesh.address) as admin:
+            await asyncio.to_thread(register_file, admin, "mlp", model)
+        await eventually(
+            lambda: mesh.cp.snapshot().ready_nodes(("mlp", "default")), what="a ready copy"
+        )
+        async with AsyncMeshClient(
+            mesh.address,
+            transport=transport,  # type: ignore[arg-type]
+        ) as client:
+            await _until_direct(client)
+            _EXPORTER.clear()
+            result = await client.infer("mlp", {"x": X})
+            assert result.node == "n1"
+    spans = _EXPORTER.get_finished_spans()
+    names = [s.name for s in spans]
+    assert "gateway ModelInfer" not in names, "no hop through the gateway"
+    (sdk,) = [s for s in spans if s.name == "client ModelInfer"]
+    (route,) = [s for s in spans if s.name == "client route"]
+    (node,) = [s for s in spans if s.name == "node ModelInfer"]
+    assert sdk.context and route.context and node.context
+    assert len({s.context.trace_id for s in (sdk, route, node) if s.context}) == 1
+    assert route.parent is not None and route.parent.span_id == sdk.context.span_id
+    assert node.parent is not None and node.parent.span_id == route.context.span_id
+    assert dict(route.attributes or {}) == {
+        "meshserve.node": "n1",
+        "meshserve.variant": "default",
+        "meshserve.candidates": 1,
+        "meshserve.route_reason": "alias live -> default",
+        "meshserve.path": "direct",
+        "meshserve.attempt": 1,
+    }
+    hop = "mux" if transport == "stream" else "direct"
+    assert (node.attributes or {})["meshserve.hop"] == hop
