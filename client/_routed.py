@@ -422,10 +422,13 @@ class Query:
         parent = self.parent
         span: trace.Span | None = None
         ctx = parent
-        if trace.get_current_span(parent).is_recording():
+        current = trace.get_current_span(parent)
+        if current.is_recording():
             attrs["meshserve.attempt"] = self.number
             span = _tracer.start_span("client route", context=parent, attributes=attrs)
             ctx = trace.set_span_in_context(span, parent)
+        elif not current.get_span_context().is_valid:  # no trace at all: nothing to send on
+            return Step(node, timeout, limited, [], {}, self.number, None)
         carrier = inject_map(ctx=ctx)
         return Step(node, timeout, limited, list(carrier.items()), carrier, self.number, span)
 
