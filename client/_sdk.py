@@ -608,16 +608,25 @@ class AsyncMeshClient(_Base):
                 query.request, timeout=step.timeout, metadata=step.metadata
             )
             return answer
-        _, unary, mux = self._node(step.node.direct_address)
+        address = step.node.direct_address
+        channel, unary, mux = self._node(address)
         if mux is not None:
-            data = await mux.call(
-                query.base,
-                variant=step.variant,
-                prefer=step.prefer,
-                trace_context=step.trace_context,
-                timeout=step.timeout,
-            )
-            return inference_pb2.ModelInferResponse.FromString(data)
+            try:
+                data = await mux.call(
+                    query.base,
+                    variant=step.variant,
+                    prefer=step.prefer,
+                    trace_context=step.trace_context,
+                    timeout=step.timeout,
+                )
+            except StatusError as exc:
+                if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                # a node without the stream service: unary calls to it from now on
+                self._nodes[address] = (channel, unary, None)
+                self._track(asyncio.ensure_future(mux.close()))
+            else:
+                return inference_pb2.ModelInferResponse.FromString(data)
         response: inference_pb2.ModelInferResponse = await unary(
             query.unary_payload(step), timeout=step.timeout, metadata=step.metadata
         )
@@ -642,10 +651,13 @@ class AsyncMeshClient(_Base):
         if self._core.prune_due():
             for gone in self._core.stale_addresses(list(self._nodes)):
                 if gone != address:
-                    task = asyncio.ensure_future(self._close_node(self._nodes.pop(gone)))
-                    self._closing.add(task)
-                    task.add_done_callback(self._closing.discard)
+                    self._track(asyncio.ensure_future(self._close_node(self._nodes.pop(gone))))
         return entry
+
+    def _track(self, task: asyncio.Future[None]) -> None:
+        """Keep a closing task referenced until it is done."""
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @staticmethod
     async def _close_node(entry: tuple[aio.Channel, Any, MuxChannel | None]) -> None:

@@ -183,6 +183,55 @@ def test_kill_9_of_the_node_the_sdk_sends_to_under_load_fails_no_call(tmp_path: 
         assert retried, "the kill was never noticed by a query (nothing retried)"
 
 
+def test_a_frozen_node_costs_no_call_the_stalled_attempt_moves_to_the_other_copy(
+    tmp_path: Path,
+) -> None:
+    """A grey failure: the node the SDK sends to is stopped (SIGSTOP, connections stay open, no
+    answer). A first attempt that stalls (0.5 s at least) is retried on the other copy."""
+    with LocalMesh(tmp_path) as mesh:
+        planes, nodes, model = _mesh_with(mesh, tmp_path, [("node-a", True), ("node-b", True)], 2)
+        expected = reference_outputs(model, {"x": X})["y"]
+
+        async def run() -> tuple[int, list[str], dict[str, int]]:
+            async with AsyncMeshClient(planes[0].address, timeout=10) as client:
+                await _until_direct(client)
+                answered: dict[str, int] = {}
+                failures: list[str] = []
+                ok = 0
+
+                async def worker(stop: float) -> None:
+                    nonlocal ok
+                    while time.monotonic() < stop:
+                        try:
+                            result = await client.infer("mlp", {"x": X})
+                        except Exception as exc:
+                            failures.append(repr(exc))
+                            continue
+                        np.testing.assert_allclose(result["y"], expected, rtol=1e-6, atol=1e-6)
+                        answered[result.node] = answered.get(result.node, 0) + 1
+                        ok += 1
+
+                await asyncio.gather(*(worker(time.monotonic() + 0.5) for _ in range(2)))
+                nodes["node-a"].signal(signal.SIGSTOP)
+                try:
+                    answered.clear()
+                    await asyncio.gather(*(worker(time.monotonic() + 3.0) for _ in range(2)))
+                finally:
+                    nodes["node-a"].signal(signal.SIGCONT)
+                return ok, failures, answered
+
+        try:
+            ok, failures, answered = asyncio.run(run())
+        finally:
+            with contextlib.suppress(Exception):
+                nodes["node-a"].signal(signal.SIGCONT)
+        assert not failures, failures[:3]
+        assert ok > 10, ok
+        assert set(answered) == {"node-b"}, answered  # node-a answered nothing while stopped
+        stalled = [r for r in _routes() if "DEADLINE_EXCEEDED" in str(r.get("meshserve.error"))]
+        assert stalled and all(r["meshserve.node"] == "node-a" for r in stalled)
+
+
 def test_a_tunnel_only_copy_is_reached_through_the_gateway(tmp_path: Path) -> None:
     with LocalMesh(tmp_path) as mesh:
         planes, _, model = _mesh_with(mesh, tmp_path, [("edge-1", False)], 1)
