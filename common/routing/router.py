@@ -29,7 +29,8 @@ Contract:
   slowdown (as SLO switching does), so its predictions hold under load.
 - :meth:`Router.begin` / :meth:`Router.end`: bracket exactly one attempt on a copy; ``end`` is
   called once per ``begin``, with ``ok=False`` only for a copy fault (not for a caller's bad
-  input), so a failing copy looks slow until it answers well again.
+  input), so a failing copy looks slow until it answers well again; only an answered attempt
+  (``answered``) calibrates the copy's slowdown (a quick refusal is not a fast copy).
 """
 
 from __future__ import annotations
@@ -215,7 +216,10 @@ class Router:
         (see the module contract)."""
         self._calibrated.add(spec.name)
         key = (node.node_id, spec.name, spec.variant)
-        return predict_seconds(copy_load(node, spec, self.facts(key)))
+        m = self._telemetry(node.node_id, (spec.name, spec.variant))
+        load = copy_load(node, spec, self.facts(key))
+        queued = self.balancer.in_flight(key) + (int(m.queue_depth) if m is not None else 0)
+        return predict_seconds(dataclasses.replace(load, queued=queued))
 
     # -- attempts ------------------------------------------------------------------------------
 
@@ -230,10 +234,12 @@ class Router:
         self.balancer.started(key)
         return Attempt(key, time.monotonic(), baseline)
 
-    def end(self, attempt: Attempt, ok: bool) -> float:
-        """Finish ``attempt`` (``ok=False``: a copy fault); returns its latency in seconds."""
+    def end(self, attempt: Attempt, ok: bool, answered: bool = True) -> float:
+        """Finish ``attempt`` (``ok=False``: a copy fault; ``answered=False``: it ended without
+        an answer, e.g. refused or past its deadline, so its time teaches the calibration
+        nothing); returns its latency in seconds."""
         elapsed = time.monotonic() - attempt.started
         self.balancer.finished(attempt.key, elapsed, ok)
-        if ok and attempt.baseline_s:
+        if ok and answered and attempt.baseline_s:
             self.calibration.observe(attempt.key, attempt.baseline_s, elapsed)
         return elapsed

@@ -13,7 +13,11 @@ Contract:
   gateway refuses a query whose predicted completion on every copy exceeds :data:`HEADROOM` of
   the time its deadline leaves (the node's own rule); :meth:`Admission.shed` is that refusal,
   RESOURCE_EXHAUSTED with the excess wait as retry-after hint (at least 10 ms), counted in
-  ``refused`` and ``shed_count``.
+  ``refused`` and ``shed_count``. What predictions miss (the gateway's own queueing, the
+  caller's, a tail the median does not show) is learned per model from outcomes
+  (:meth:`Admission.settled`): each admitted query that misses its deadline narrows the share
+  of the budget shedding allows (:meth:`Admission.margin`, x 0.95, at least 0.3), each one in
+  time widens it back (+ 0.001, at most 1): about 2 % of admitted queries may miss.
 
 Why at the gateway: past the limits every further query only lengthens the queues on the nodes
 until every answer misses its deadline (goodput collapse); refusing the excess at once, cheaply,
@@ -37,12 +41,14 @@ _MAX_HINT_S = 2.0
 #: A query is sent on only when its predicted completion is within this share of the time its
 #: deadline leaves (the same margin a node sheds by: meshserve.node.service).
 HEADROOM = 0.75
+_MIN_MARGIN, _MARGIN_CUT, _MARGIN_STEP = 0.3, 0.95, 0.001
 
 
 @dataclass(slots=True)
 class _Model:
     in_flight: int = 0
     ewma_s: float = 0.0  # mean answer time of admitted queries
+    margin: float = 1.0  # share of the deadline's budget shedding allows (see settled)
 
 
 @dataclass(slots=True)
@@ -110,6 +116,22 @@ class Admission:
         stat.in_flight += 1
         self._clients[client] = held + 1
         return Ticket(self, model, client, self._clock())
+
+    def margin(self, model: str) -> float:
+        """The share of a query's budget (``HEADROOM`` x time left) shedding allows ``model``."""
+        stat = self._models.get(model)
+        return stat.margin if stat is not None else 1.0
+
+    def settled(self, model: str, missed: bool) -> None:
+        """An admitted query to ``model`` with a deadline ended: ``missed`` it (answered late,
+        cut short by it, abandoned by its caller) or not (see the module contract)."""
+        stat = self._models.get(model)
+        if stat is None:
+            return
+        if missed:
+            stat.margin = max(_MIN_MARGIN, stat.margin * _MARGIN_CUT)
+        elif stat.margin < 1.0:
+            stat.margin = min(1.0, stat.margin + _MARGIN_STEP)
 
     def shed(self, model: str, predicted_s: float, remaining_s: float) -> ResourceExhausted:
         """The refusal of a query to ``model`` predicted to complete in ``predicted_s`` at the

@@ -146,8 +146,8 @@ class Query:
 
     def rewritten(self, variant: str, prefer: str) -> inference_pb2.ModelInferRequest:
         """The message naming ``variant`` (and the ``prefer`` list), for a hop that takes no
-        frame (the tunnel, unary calls). Captures the bytes first: they stay the caller's."""
-        self.data()
+        frame (the tunnel, unary calls). Bytes taken later carry the same variant and prefer
+        list a frame would."""
         message = self.message
         message.model_version = variant
         if prefer:
@@ -330,7 +330,7 @@ class Forwarder:
         timeout: float | None,
     ) -> Answer:
         attempt = self.router.begin(node, spec)
-        ok = True
+        ok = answered = True
         try:
             address = node.direct_address
             if address and self.mux:
@@ -358,9 +358,10 @@ class Forwarder:
             return await self._tunnel(node.node_id, request, timeout, inject_map())
         except StatusError as exc:
             ok = exc.code not in _COPY_FAULTS  # a caller's bad input says nothing of the copy
+            answered = False
             raise
         finally:
-            self.router.end(attempt, ok)
+            self.router.end(attempt, ok, answered)
 
     # -- the whole query elsewhere -----------------------------------------------------------
 

@@ -46,6 +46,8 @@ metadata or tunnel frame), so the node's span is a child of the attempt that rea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
@@ -153,6 +155,40 @@ def add_gateway_to_server(servicer: Any, server: Any) -> None:
     server.add_registered_method_handlers(_SERVICE, handlers)
 
 
+class LoopLag:
+    """How late this event loop runs what is ready now: an EWMA of how much a periodic sleep
+    oversleeps (sampled every ``interval_s`` once :meth:`seconds` is first asked, on the loop).
+    A saturated gateway delays every answer on its way back by about this much: time the
+    copies' predictions do not see."""
+
+    def __init__(self, interval_s: float = 0.025, alpha: float = 0.2) -> None:
+        self._interval_s = interval_s
+        self._alpha = alpha
+        self._lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def seconds(self) -> float:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sample(), name="loop lag")
+        return self._lag_s
+
+    async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval, alpha = self._interval_s, self._alpha
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval)
+            late = max(0.0, loop.time() - before - interval)
+            self._lag_s += alpha * (late - self._lag_s)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def _slo_of(request: inference_pb2.ModelInferRequest) -> tuple[float | None, float | None]:
     """(latency budget in seconds, minimum accuracy) from the request's parameters."""
     out: list[float | None] = []
@@ -253,6 +289,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         )
         self.zone = zone
         self.admission = admission or Admission()
+        self.lag = LoopLag()
 
     def notify(self) -> None:
         """The view changed (called by the replica on every snapshot change)."""
@@ -274,6 +311,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return self.router.live_load(self._snapshot(), model)
 
     async def close(self) -> None:
+        await self.lag.close()
         await self.forwarder.close()
 
     # -- health and metadata ----------------------------------------------------------------
@@ -443,7 +481,9 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if node is None and not relay:
             raise no_copy(snapshot, spec, self.router.linked)
         copies = snapshot.ready_count((spec.name, spec.variant))
-        ticket = self.admission.admit(spec.name, copies, client)
+        admission = self.admission
+        ticket = admission.admit(spec.name, copies, client)
+        judged = deadline is not None and admission.shed_late
         try:
             if node is None:
                 answer: Answer = await forwarder.relay(query, spec, deadline, span, client)
@@ -460,10 +500,24 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     copies > 1,
                     decision.prefer,
                 )
+        except StatusError as exc:
+            ticket.release(ok=False)
+            if judged and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                admission.settled(spec.name, missed=True)
+            raise
+        except asyncio.CancelledError:  # the caller gave up (its deadline passed, likely)
+            ticket.release(ok=False)
+            if judged:
+                assert deadline is not None
+                admission.settled(spec.name, missed=time.monotonic() >= deadline - 0.005)
+            raise
         except BaseException:
             ticket.release(ok=False)
             raise
         ticket.release()
+        if judged:
+            assert deadline is not None
+            admission.settled(spec.name, missed=time.monotonic() > deadline)
         if slo_s is not None:
             met = time.monotonic() - started <= slo_s
             if isinstance(answer, bytes):
@@ -490,7 +544,8 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         the wait beyond the budget as the retry-after hint. A copy without a prediction fits."""
         router = self.router
         left = deadline - time.monotonic()
-        budget = HEADROOM * left
+        # this loop's delay out and back, and what outcomes taught (Admission.margin)
+        budget = HEADROOM * left * self.admission.margin(spec.name) - 2 * self.lag.seconds()
         best = router.predicted_s(node, spec)
         if not best > budget:  # fits, or no prediction (nan/inf never sheds)
             return node
