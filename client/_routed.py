@@ -109,6 +109,8 @@ _COPY_FAULTS = frozenset(
 )
 #: A node address absent from the feed this long loses its channels.
 _FORGET_AFTER_S: Final = 30.0
+#: Decisions held per view (model, name pairs), at most.
+_DECISIONS_HELD: Final = 1024
 _PRUNE_EVERY_S: Final = 5.0
 
 
@@ -182,6 +184,10 @@ class RoutedCore:
         self.addresses: frozenset[str] = frozenset()  # direct addresses in the view
         self._missing: dict[str, float] = {}  # address -> when it left the view
         self._pruned = time.monotonic()
+        # decisions that depend on the view only, for the view they were made in
+        self._decisions: tuple[
+            Snapshot | None, dict[tuple[str, str], tuple[Decision, frozenset[str]]]
+        ] = (None, {})
 
     def _load(self, node_id: str, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
         feed = self.feed
@@ -203,6 +209,31 @@ class RoutedCore:
                 n.direct_address for n in view.nodes.values() if n.direct_address
             )
             self.view = view
+
+    def decided(
+        self, view: Snapshot, key: tuple[str, str]
+    ) -> tuple[Decision, frozenset[str]] | None:
+        """A decision :meth:`remember` holds for ``key`` (model, name) in ``view``."""
+        held_view, table = self._decisions
+        return table.get(key) if held_view is view else None
+
+    def remember(
+        self, view: Snapshot, key: tuple[str, str], decision: Decision, tunnel: frozenset[str]
+    ) -> None:
+        """Hold ``decision`` for the next queries naming ``key`` while ``view`` is current, when
+        it depends on nothing else: no SLO switching, no canary drawn from the request id
+        (the router measures nothing for such a decision, so skipping it changes nothing)."""
+        if decision.slo_s is not None or decision.switch_reason:
+            return
+        if decision.alias:
+            alias = view.aliases.get((key[0], decision.alias))
+            if alias is None or alias.canary_version or alias.canary_percent:
+                return
+        held_view, table = self._decisions
+        if held_view is not view or len(table) >= _DECISIONS_HELD:
+            table = {}
+            self._decisions = (view, table)
+        table[key] = (decision, tunnel)
 
     def unusable(self) -> str:
         """Why the feed cannot route now ("" when it can)."""
@@ -311,24 +342,34 @@ class Query:
         except InvalidArgument as exc:
             return self._gateway(f"routing parameters: {exc.message}")
         self.zone = self.zone or _zone_of(request)
-        router = core.router
-        with core.lock:
-            try:
-                decision = router.decide(
-                    snapshot,
-                    request.model_name,
-                    request.model_version,
-                    request.id,
-                    slo_s,
-                    min_accuracy,
+        key = (request.model_name, request.model_version)
+        plain = slo_s is None and min_accuracy is None
+        held = core.decided(snapshot, key) if plain else None
+        if held is not None:
+            decision, tunnel_only = held
+        else:
+            router = core.router
+            with core.lock:
+                try:
+                    decision = router.decide(
+                        snapshot,
+                        request.model_name,
+                        request.model_version,
+                        request.id,
+                        slo_s,
+                        min_accuracy,
+                    )
+                except StatusError as exc:
+                    return self._gateway(f"{exc.code.name.lower()}: {exc.message}")
+                # copies without a direct address are the gateway's
+                tunnel_only = frozenset(
+                    n.node_id
+                    for n in router.candidates(snapshot, decision.spec)
+                    if not n.direct_address
                 )
-            except StatusError as exc:
-                return self._gateway(f"{exc.code.name.lower()}: {exc.message}")
-            # copies without a direct address are the gateway's
-            spec = decision.spec
-            self.tried.update(
-                n.node_id for n in router.candidates(snapshot, spec) if not n.direct_address
-            )
+            if plain:
+                core.remember(snapshot, key, decision, tunnel_only)
+        self.tried.update(tunnel_only)
         self.decision, self.snapshot = decision, snapshot
         return self._direct(decision.reason) or self._gateway("no direct copy")
 

@@ -433,3 +433,44 @@ def test_unparsable_routing_parameters_go_to_the_gateway_which_says_why() -> Non
     request.parameters["slo_ms"].double_param = -1.0
     with pytest.raises(InvalidArgument):
         query_facts(request)
+
+
+def _query_id(core: RoutedCore, rid: str) -> Query:
+    query = _query(core)
+    query.request.id = rid
+    return query
+
+
+def test_a_decision_that_depends_on_the_view_only_is_held_for_that_view() -> None:
+    s = snap(VTWO, {"n1": ["small", "big"]}, direct={"n1"}, aliases=[alias("small")])
+    core = _core(s)
+    first = _query(core)
+    first.first()
+    held = core.decided(s, ("m", ""))
+    assert held is not None and held[0].spec.variant == "small"
+    again = _query(core)
+    again.first()
+    assert again.decision is held[0]  # not decided again
+    other = dataclasses.replace(s)  # a new view: decided again
+    assert core.decided(other, ("m", "")) is None
+
+
+def test_a_canary_or_an_slo_is_decided_per_query() -> None:
+    canary = snap(
+        VTWO,
+        {"n1": ["small", "big"]},
+        direct={"n1"},
+        aliases=[alias("small", canary="big", percent=20)],
+    )
+    core = _core(canary)
+    seen = Counter()
+    for rid in _ids(True, 20, 5) + _ids(False, 20, 5):
+        query = _query_id(core, rid)
+        query.first()
+        assert query.decision is not None
+        seen[query.decision.spec.variant] += 1
+    assert seen == Counter({"big": 5, "small": 5})
+    assert core.decided(canary, ("m", "")) is None
+    timed = _core(BOTH_DIRECT)
+    _query(timed, slo_ms=50.0).first()
+    assert timed.decided(BOTH_DIRECT, ("m", "")) is None
