@@ -96,7 +96,8 @@ class InferResult(dict[str, npt.NDArray[Any]]):
 
     @property
     def variant(self) -> str:
-        """The variant that answered (the gateway may switch variants to meet an SLO)."""
+        """The variant that answered (the router, this client or the gateway, may switch
+        variants to meet an SLO)."""
         return str(self.parameters.get("meshserve_variant", self.model_version))
 
     @property
