@@ -28,8 +28,9 @@ Contract of one attempt (:class:`Query`), inside the attempt's deadline:
   two), is retried on another copy (:data:`MAX_DIRECT` copies at most), then on the gateway.
   Any other error is the answer (a caller's bad input, PERMISSION_DENIED, ...).
 - Every direct attempt is bracketed by :meth:`Router.begin` / :meth:`Router.end` (failed on a
-  copy fault only). A direct answer to a query with an SLO (its ``slo_ms``, else its version's
-  default) gets ``meshserve_slo_met`` from the time measured since the call began.
+  copy fault only; answered only when it brought an answer). A direct answer to a query with
+  an SLO (its ``slo_ms``, else its version's default) gets ``meshserve_slo_met`` from the time
+  measured since the call began.
 - Tracing: each step is one ``client route`` span, child of the ``client ModelInfer`` span
   (attributes as the gateway's route span: ``meshserve.node``, ``meshserve.variant``,
   ``meshserve.candidates``, ``meshserve.route_reason``, plus ``meshserve.path`` =
@@ -476,8 +477,9 @@ class Query:
     def _finish(self, step: Step, error: StatusError | None, cancelled: bool = False) -> None:
         if step.attempt is not None:
             ok = error is None or error.code not in _COPY_FAULTS
+            answered = error is None and not cancelled  # else its time teaches calibration nothing
             with self.core.lock:
-                self.core.router.end(step.attempt, ok)
+                self.core.router.end(step.attempt, ok, answered)
             step.attempt = None
         span = step.span
         if span is not None:
