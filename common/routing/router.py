@@ -24,9 +24,10 @@ Contract:
   router's in-flight count plus the node's reported queue; None when none is left.
 - :meth:`Router.predicted_s`: when a new query on one copy would complete
   (:func:`~.switching.predict_seconds` of :func:`~.resolve.copy_load`: the copy's latency profile,
-  its queue as this router and the node count it, its parallelism, its learned slowdown); inf
-  without a profile or an observed latency. A router that asks starts learning the copy's
-  slowdown (as SLO switching does), so its predictions hold under load.
+  its parallelism and learned slowdown, with this router's in-flight count plus the node's
+  reported queue as the queries ahead: a stale reported in-flight count would hold back a copy
+  that is draining); inf without a profile or an observed latency. A router that asks starts
+  learning the copy's slowdown (as SLO switching does), so its predictions hold under load.
 - :meth:`Router.begin` / :meth:`Router.end`: bracket exactly one attempt on a copy; ``end`` is
   called once per ``begin``, with ``ok=False`` only for a copy fault (not for a caller's bad
   input), so a failing copy looks slow until it answers well again; only an answered attempt

@@ -505,11 +505,12 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if judged and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 admission.settled(spec.name, missed=True)
             raise
-        except asyncio.CancelledError:  # the caller gave up (its deadline passed, likely)
+        except asyncio.CancelledError:
             ticket.release(ok=False)
-            if judged:
+            if judged:  # the caller gave up late in the budget: its deadline passed (its clock)
                 assert deadline is not None
-                admission.settled(spec.name, missed=time.monotonic() >= deadline - 0.005)
+                now = time.monotonic()
+                admission.settled(spec.name, missed=now - started >= 0.5 * (deadline - started))
             raise
         except BaseException:
             ticket.release(ok=False)
