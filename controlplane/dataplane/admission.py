@@ -15,7 +15,8 @@ Contract:
   RESOURCE_EXHAUSTED with the excess wait as retry-after hint (at least 10 ms), counted in
   ``refused`` and ``shed_count``. What predictions miss (the gateway's own queueing, the
   caller's, a tail the median does not show) is learned per model from outcomes
-  (:meth:`Admission.settled`): each admitted query that misses its deadline narrows the share
+  (:meth:`Admission.settled`): each admitted query that misses its deadline (or that the node
+  refuses: it saw the wait the gateway did not) narrows the share
   of the budget shedding allows (:meth:`Admission.margin`, x 0.95, at least 0.3), each one in
   time widens it back (+ 0.001, at most 1): about 2 % of admitted queries may miss.
 

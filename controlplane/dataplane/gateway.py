@@ -98,6 +98,10 @@ _tracer = trace.get_tracer("meshserve.gateway")
 _VERSION = "0.1.0"
 _SERVICE = "inference.GRPCInferenceService"
 
+#: What an admitted query ending so says of shedding: it let through one too many (the deadline
+#: passed on the way, or the node refused it as too late or its copy full).
+_OVER_ADMITTED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
 
 def _slo_met_bytes(met: bool) -> bytes:
     """A response holding only ``meshserve_slo_met``: appended to an answer's bytes, it sets
@@ -502,7 +506,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 )
         except StatusError as exc:
             ticket.release(ok=False)
-            if judged and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if judged and exc.code in _OVER_ADMITTED:
                 admission.settled(spec.name, missed=True)
             raise
         except asyncio.CancelledError:
