@@ -552,7 +552,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         # this loop's delay out and back, and what outcomes taught (Admission.margin)
         budget = HEADROOM * left * self.admission.margin(spec.name) - 2 * self.lag.seconds()
         best = router.predicted_s(node, spec)
-        if not best > budget:  # fits, or no prediction (nan/inf never sheds)
+        if best <= budget or not math.isfinite(best):  # no prediction (inf) never sheds
             return node
         probe = set(tried)
         while True:
@@ -560,7 +560,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if other is None:
                 break
             predicted = router.predicted_s(other, spec)
-            if not predicted > budget:
+            if predicted <= budget or not math.isfinite(predicted):
                 tried.discard(node.node_id)  # skipped, not tried: a retry may still go there
                 tried.add(other.node_id)
                 if route.is_recording():
