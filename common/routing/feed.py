@@ -240,6 +240,7 @@ class FeedClient:
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()  # set on every message and on a refusal
         self._refused: StatusError | None = None
+        self._no_feed: set[str] = set()  # targets that answered UNIMPLEMENTED
         self._last_error = ""
         self._next = 0
         self._closed = False
@@ -349,6 +350,18 @@ class FeedClient:
                     self._refused = cls(f"routing feed at {target}: {exc.details()}")
                     self._changed.set()
                     failures = max(failures, 8)  # the key will not fix itself quickly
+                elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # a plain OIP server or a standalone gateway: it serves no feed, and will
+                    # not start to; once no target does, say so rather than keep the caller
+                    # waiting, and ask again only rarely
+                    self._no_feed.add(target)
+                    if self._no_feed.issuperset(candidates) and not self.state.has_view:
+                        self._refused = Unavailable(
+                            f"no routing feed at {', '.join(candidates)} (UNIMPLEMENTED: not a "
+                            "control-plane replica); pass feed=<replica addresses>"
+                        )
+                        self._changed.set()
+                    failures = max(failures, 8)
                 _log.debug("routing feed from %s failed: %s", target, self._last_error)
             except Exception as exc:  # a broken channel or target: try the next one
                 self._last_error = f"{target}: {exc!r}"

@@ -20,7 +20,7 @@ import pytest
 from grpc import aio
 
 from meshserve.client._admin import AdminClient
-from meshserve.common.errors import Unauthenticated
+from meshserve.common.errors import Unauthenticated, Unavailable
 from meshserve.common.routing.feed import FeedClient, FeedState
 from meshserve.controlplane.app import ControlPlane, ControlPlaneConfig
 from meshserve.controlplane.auth import AuthConfig, Tenant, Tenants
@@ -273,3 +273,20 @@ async def test_the_client_moves_to_a_replica_it_learned_when_its_own_stops(
         await asyncio.wait_for(cp2.stop(grace_s=1.0), 20)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(cp1.stop(grace_s=1.0), 20)
+
+
+async def test_a_target_without_a_feed_is_said_at_once() -> None:
+    """A plain OIP server or a standalone gateway answers UNIMPLEMENTED: the client says so
+    right away (so an SDK routes through the gateway without waiting) instead of retrying it
+    every second."""
+    server = aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with FeedClient([f"127.0.0.1:{port}"]) as feed:
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="no routing feed"):
+                await feed.wait_ready(10.0)
+            assert time.monotonic() - started < 3.0
+    finally:
+        await server.stop(None)
