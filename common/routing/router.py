@@ -218,9 +218,14 @@ class Router:
         self._calibrated.add(spec.name)
         key = (node.node_id, spec.name, spec.variant)
         m = self._telemetry(node.node_id, (spec.name, spec.variant))
-        load = copy_load(node, spec, self.facts(key))
-        queued = self.balancer.in_flight(key) + (int(m.queue_depth) if m is not None else 0)
-        return predict_seconds(dataclasses.replace(load, queued=queued))
+        balancer = self.balancer
+        facts = CopyFacts(  # the queries ahead: ours, plus those the node says are queued
+            in_flight=balancer.in_flight(key) + (int(m.queue_depth) if m is not None else 0),
+            max_batch=int(m.max_batch_size) if m is not None else 0,
+            observed_s=balancer.observed(key, decay_s=1.0),
+            slowdown=self.calibration.factor(key),
+        )
+        return predict_seconds(copy_load(node, spec, facts))
 
     # -- attempts ------------------------------------------------------------------------------
 

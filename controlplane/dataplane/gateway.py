@@ -554,12 +554,18 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         best = router.predicted_s(node, spec)
         if best <= budget or not math.isfinite(best):  # no prediction (inf) never sheds
             return node
-        probe = set(tried)
-        while True:
-            other, _ = router.select(snapshot, spec, zone, probe)
-            if other is None:
-                break
-            predicted = router.predicted_s(other, spec)
+        want = zone or self.zone
+        others = sorted(  # the query's zone first, then the copy predicted to answer first
+            (
+                bool(want) and n.labels.get("zone") != want,
+                router.predicted_s(n, spec),
+                i,
+                n,
+            )
+            for i, n in enumerate(router.candidates(snapshot, spec))
+            if n.node_id not in tried
+        )
+        for _, predicted, _, other in others:
             if predicted <= budget or not math.isfinite(predicted):
                 tried.discard(node.node_id)  # skipped, not tried: a retry may still go there
                 tried.add(other.node_id)
