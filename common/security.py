@@ -31,6 +31,7 @@ __all__ = [
     "API_KEY_HEADER",
     "AUTHORIZATION_HEADER",
     "JOIN_TOKEN_HEADER",
+    "ROUTER_KEY_HEADER",
     "SecurityConfigError",
     "TLSFiles",
     "aio_channel",
@@ -45,6 +46,8 @@ __all__ = [
 JOIN_TOKEN_HEADER: Final = "x-meshserve-join-token"
 #: Call metadata carrying a tenant's API key (inference RPCs); ``authorization`` works too.
 API_KEY_HEADER: Final = "x-api-key"
+#: A replica's router key on its calls to nodes' direct ports (see meshserve.node.rights).
+ROUTER_KEY_HEADER: Final = "x-meshserve-router"
 #: ``authorization: Bearer <secret>``: the admin token, or an API key.
 AUTHORIZATION_HEADER: Final = "authorization"
 

@@ -344,6 +344,7 @@ class ControlPlane:
             wake=self._wake,
             zone=cfg.zone,
             node_credentials=channel_credentials(cfg.tls) if cfg.tls and cfg.tls.ca else None,
+            node_metadata=guard.router_metadata,
             stream_check=guard.stream_check,
             admission=Admission(
                 per_copy=cfg.max_in_flight_per_copy, per_client=cfg.max_in_flight_per_client

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import inspect
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from meshserve.common.security import (
     API_KEY_HEADER,
     AUTHORIZATION_HEADER,
     JOIN_TOKEN_HEADER,
+    ROUTER_KEY_HEADER,
     SecurityConfigError,
 )
 from meshserve.protos import mesh_pb2
@@ -238,6 +240,14 @@ class Guard:
     def __init__(self, config: AuthConfig, *, verify_node_identity: bool = False) -> None:
         self.config = config
         self.verify_node_identity = verify_node_identity
+        # This replica's router key: its gateway's calls to nodes' direct ports carry it, and
+        # nodes enforcing tenant rights let them through (they are told its digest only).
+        self._router_key = secrets.token_urlsafe(32)
+
+    @property
+    def router_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata this replica's gateway sends on every call to a node's direct port."""
+        return ((ROUTER_KEY_HEADER, self._router_key),)
 
     # -- credentials ---------------------------------------------------------------------------
 
@@ -297,7 +307,9 @@ class Guard:
         """What nodes enforce on their direct ports (pushed down every node stream): the
         tenants' key digests and models, or ``enforce=False`` when no API keys are configured."""
         tenants = self.config.tenants
-        return mesh_pb2.TenantRights(enforce=False) if tenants is None else tenants.rights()
+        rights = mesh_pb2.TenantRights(enforce=False) if tenants is None else tenants.rights()
+        rights.router_key_sha256 = _digest(self._router_key)
+        return rights
 
     def feed_filter(self, context: ServicerContext) -> Callable[[str], bool] | None:
         """For the routing feed: which models the caller may see (None: every model, no API

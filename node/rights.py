@@ -11,7 +11,10 @@ Decision, in this order:
 
 1. A caller whose verified client certificate names a router of the mesh (:data:`ROUTERS`, the
    common name ``meshctl certs init`` issues to control-plane replicas and gateways) is let
-   through: the router checked the tenant before forwarding (as for tunneled queries).
+   through: the router checked the tenant before forwarding (as for tunneled queries). So is a
+   caller sending a replica's router key (metadata ``x-meshserve-router``) whose digest a
+   replica sent with its rights (:data:`_ROUTER_KEYS_HELD` of them are kept: one per replica,
+   a new one per replica restart): the mesh's own gateways without certificates.
 2. Before any ``TenantRights`` has arrived the node cannot know the rules. A node started with
    TLS fails closed: UNAVAILABLE ("node X has not received its access rights from the control
    plane yet"; a router retries another copy, an SDK falls back to the gateway). A node without
@@ -44,13 +47,16 @@ from meshserve.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from meshserve.common.security import API_KEY_HEADER, AUTHORIZATION_HEADER
+from meshserve.common.security import API_KEY_HEADER, AUTHORIZATION_HEADER, ROUTER_KEY_HEADER
 from meshserve.protos import mesh_pb2
 
 __all__ = ["ROUTERS", "Check", "Grant", "Rights", "api_key", "peer_names"]
 
 #: Client certificate names of the mesh's routers (control-plane replicas, gateways).
 ROUTERS: Final = frozenset({"controlplane"})
+
+#: Router key digests a node keeps (the newest; replicas restarting make new ones).
+_ROUTER_KEYS_HELD: Final = 32
 
 #: A stream's per-query check: raises for a model its caller may not query.
 Check = Callable[[str], None]
@@ -78,6 +84,13 @@ def api_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         if key == AUTHORIZATION_HEADER and value[:7].lower() == "bearer ":
             bearer = value[7:].strip() or None
     return bearer
+
+
+def _header(metadata: Iterable[tuple[str, str | bytes]] | None, name: str) -> str | None:
+    for key, value in metadata or ():
+        if key == name and isinstance(value, str):
+            return value
+    return None
 
 
 def peer_names(context: ServicerContext) -> tuple[str, ...]:
@@ -111,6 +124,7 @@ class Rights:
         self.received = False
         self.enforce = False
         self._grants: dict[bytes, Grant] = {}
+        self._router_keys: dict[bytes, None] = {}  # digests, oldest first
         #: True while no query needs a check (the fast path: nothing looked up per query)
         self.open = not fail_closed
 
@@ -120,6 +134,12 @@ class Rights:
             bytes(g.key_sha256): Grant(g.tenant, frozenset(g.models)) for g in rights.grants
         }
         self.enforce = rights.enforce
+        digest = bytes(rights.router_key_sha256)
+        if digest:
+            self._router_keys.pop(digest, None)
+            self._router_keys[digest] = None
+            while len(self._router_keys) > _ROUTER_KEYS_HELD:
+                del self._router_keys[next(iter(self._router_keys))]
         self.received = True
         self.open = not rights.enforce
 
@@ -141,6 +161,9 @@ class Rights:
             return None
         if not self.received:
             raise self._unknown()
+        router = _header(metadata, ROUTER_KEY_HEADER)
+        if router is not None and _digest(router) in self._router_keys:
+            return None
         key = api_key(metadata)
         if key is None:
             raise Unauthenticated(

@@ -376,12 +376,14 @@ class ControlMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ..., feedback: _Optional[_Union[FeedbackBatch, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaSet, _Mapping]] = ..., tenants: _Optional[_Union[TenantRights, _Mapping]] = ...) -> None: ...
 
 class TenantRights(_message.Message):
-    __slots__ = ("enforce", "grants")
+    __slots__ = ("enforce", "grants", "router_key_sha256")
     ENFORCE_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
     enforce: bool
     grants: _containers.RepeatedCompositeFieldContainer[TenantGrant]
-    def __init__(self, enforce: _Optional[bool] = ..., grants: _Optional[_Iterable[_Union[TenantGrant, _Mapping]]] = ...) -> None: ...
+    router_key_sha256: bytes
+    def __init__(self, enforce: _Optional[bool] = ..., grants: _Optional[_Iterable[_Union[TenantGrant, _Mapping]]] = ..., router_key_sha256: _Optional[bytes] = ...) -> None: ...
 
 class TenantGrant(_message.Message):
     __slots__ = ("key_sha256", "tenant", "models")

@@ -170,6 +170,7 @@ class Forwarder:
         fallback: Fallback | None = None,
         mux: bool = True,
         max_message_bytes: int = 64 << 20,
+        node_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         """``router``: the gateway's decisions (its ``linked``: the nodes ``tunnel`` reaches).
         ``snapshot``: the current view (re-read after a failed attempt and while waiting for a
@@ -178,8 +179,11 @@ class Forwarder:
         (False); None: such a query fails at once (or goes to ``fallback``). ``tunnel``: sends
         a query down a node's stream (None: no node streams). ``fallback``: where a query goes
         whose variant has no candidate here (:meth:`relay`; None: nowhere). ``mux``: direct
-        queries over multiplexed streams (False: unary calls)."""
+        queries over multiplexed streams (False: unary calls). ``node_metadata``: the
+        credential every call to a node carries (a replica's router key, see
+        :meth:`node_metadata`)."""
         self.router = router
+        self._node_metadata = tuple(node_metadata)
         self._snapshot = snapshot
         self._channel_options = channel_options
         self._node_credentials = node_credentials
@@ -391,8 +395,10 @@ class Forwarder:
 
     def node_metadata(self, address: str) -> tuple[tuple[str, str], ...]:
         """The call metadata every query to the node at ``address`` carries (unary calls; the
-        multiplexed stream sends it when it opens). The one place a per-node credential goes."""
-        return ()
+        multiplexed stream sends it when it opens). The one place a per-node credential goes:
+        a replica's router key (``x-meshserve-router``), which nodes enforcing tenant rights
+        let through as they do a router's certificate (see meshserve.node.rights)."""
+        return self._node_metadata
 
     def _channel(self, address: str) -> aio.Channel:
         """One channel per node address, shared by its stream and its unary calls."""

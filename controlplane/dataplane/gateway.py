@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Container
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Sequence
 from typing import Any
 
 import grpc
@@ -253,6 +253,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         stream_check: Callable[[ServicerContext], Callable[[str], None]] | None = None,
         mux: bool = True,
         max_message_bytes: int = 64 << 20,
+        node_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         """``snapshot``: the view routed over (a replica's, or the routing feed's).
         ``linked``: the nodes ``tunnel`` reaches (a replica's node streams; empty without).
@@ -286,6 +287,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             fallback=fallback,
             mux=mux,
             max_message_bytes=max_message_bytes,
+            node_metadata=node_metadata,
         )
         self._metrics = RequestMetrics(hop="gateway")
         self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(

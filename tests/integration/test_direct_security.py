@@ -279,3 +279,47 @@ async def test_a_tls_node_without_rights_yet_fails_closed(secured: Secured) -> N
                 await mux.close()
     finally:
         lonely.stop(grace_s=2.0)
+
+
+def test_api_keys_without_tls_the_gateway_uses_its_router_key(tmp_path: Path) -> None:
+    """A mesh with API keys and no certificates (keys first, TLS later): nodes enforce the
+    tenants on their direct ports, and the gateway, which has no certificate to show, reaches
+    them with its replica's router key; a routed SDK sends its own key to the node."""
+    acme = "acme-" + secrets.token_hex(12)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"tenants:\n  - {{name: acme, keys: [{acme}], models: [mlp]}}\n")
+    model = make_mlp(tmp_path / "mlp.onnx")
+    with LocalMesh(tmp_path / "mesh") as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1", extra=["--api-keys-file", str(keys)])
+        node = mesh.start_node("n1", [cp.address], direct=True)
+        with AdminClient(cp.address) as admin:
+            wait_until(admin.list_nodes, 30, what="n1 to join")
+            admin.register_model("mlp", model.as_uri(), sha256_file(model))
+            nodes = wait_until(
+                lambda: [
+                    n
+                    for n in admin.list_nodes()
+                    if any(c.state == mesh_pb2.READY for c in n.copies)
+                ],
+                60,
+                what="a ready copy",
+            )
+        expected = reference_outputs(model, {"x": X})
+        with MeshClient(cp.address, api_key=acme, routing="gateway") as client:
+            result = client.infer("mlp", {"x": X})
+            assert result.node == "n1"
+            np.testing.assert_allclose(result["y"], expected["y"], rtol=1e-5)
+        with MeshClient(cp.address, api_key=acme) as client:  # routed: straight to n1
+            assert client.infer("mlp", {"x": X}).node == "n1"
+        with grpc.insecure_channel(nodes[0].direct_address) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(_request(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as forged:
+                stub.ModelInfer(
+                    _request(), timeout=10, metadata=[("x-meshserve-router", "guess" * 8)]
+                )
+            assert forged.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert node.alive

@@ -166,3 +166,25 @@ def test_a_stream_opened_before_the_rights_is_checked_once_they_arrive() -> None
     with pytest.raises(Unauthenticated):
         rights.stream_of(_Context([("x-api-key", "wrong-key-0123456789")]))  # type: ignore[arg-type]
     assert rights.stream_of(_Context([], ("controlplane",))) is None  # type: ignore[arg-type]
+
+
+def test_a_replicas_router_key_lets_its_gateway_through_and_nothing_else_does() -> None:
+    """Without certificates (API keys on an insecure mesh), a replica's gateway authenticates
+    to nodes with its router key; the node was told only its digest."""
+    tenants = Tenants([(Tenant("acme", frozenset({"mlp"})), [ACME])])
+    guard = Guard(AuthConfig(tenants=tenants))
+    rights = Rights("n1", fail_closed=False)
+    rights.update(guard.tenant_rights())
+    rights.check(guard.router_metadata, "any-model")  # a router: no tenant check
+    assert rights.stream(guard.router_metadata) is None
+    ((header, key),) = guard.router_metadata
+    assert key.encode() not in guard.tenant_rights().SerializeToString()  # only its digest
+    with pytest.raises(Unauthenticated):
+        rights.check([(header, key + "x")], "mlp")
+    other = Guard(AuthConfig(tenants=tenants))  # another replica: its key is its own
+    with pytest.raises(Unauthenticated):
+        rights.check(other.router_metadata, "mlp")
+    rights.update(other.tenant_rights())  # told by that replica too: both are kept
+    assert not rights.open
+    rights.check(other.router_metadata, "mlp")
+    rights.check(guard.router_metadata, "mlp")
