@@ -23,7 +23,7 @@ ROWS += ("gateway_direct", "gateway_tunnel")
 def test_quick_run_measures_every_selected_row_without_errors(tmp_path: Path) -> None:
     out = tmp_path / "frontdoor.json"
     argv = [sys.executable, str(ROOT / "bench" / "frontdoor.py"), "--quick", "--out", str(out)]
-    argv += ["--rows", "floor,echo,handwritten,node,gateway", "--concurrency", "1,8"]
+    argv += ["--rows", "floor,echo,handwritten,node,gateway", "--concurrency", "8"]
     argv += ["--workdir", str(tmp_path / "work")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=90, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -32,14 +32,14 @@ def test_quick_run_measures_every_selected_row_without_errors(tmp_path: Path) ->
 
     rows = {(r["row"], r["concurrency"]): r for r in result["rows"]}
     for name in ROWS:
-        for c in (1, 8):
+        for c in (8,):
             row = rows[(name, c)]
             assert row["errors"] == 0, row
             assert row["rps"]["median"] > 0, row
             assert row["p50_ms"]["median"] > 0, row
             if name != "floor":
                 assert row["cpu_s_per_1k"], row
-    for c in (1, 8):  # the node's multiplexed stream: measured cleanly, or skipped with a reason
+    for c in (8,):  # the node's multiplexed stream: measured cleanly, or skipped with a reason
         row = rows[("node_stream", c)]
         assert row.get("skipped") or (row["errors"] == 0 and row["rps"]["median"] > 0), row
     assert {"sdk_routed_unary", "sdk_gateway"}.isdisjoint(r for r, _ in rows)
