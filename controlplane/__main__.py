@@ -19,6 +19,7 @@ from meshserve.common.process import (
 from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret, read_secrets
 from meshserve.controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
 from meshserve.controlplane.auth import AuthConfig, load_api_keys
+from meshserve.controlplane.dataplane.options import add_gateway_options
 from meshserve.controlplane.placement.failures import parse_backoff
 
 
@@ -60,26 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds before a node where a copy failed transiently (network, source) is tried "
         "again, per consecutive failure; the last value repeats (the cap)",
     )
-    p.add_argument(
-        "--zone",
-        default="",
-        help="this gateway's zone: queries naming no client_zone prefer copies on nodes "
-        "labelled zone=<this> (default: no preference)",
-    )
-    p.add_argument(
-        "--max-in-flight-per-copy",
-        type=int,
-        default=128,
-        help="admission: queries a model may have in flight at this gateway, per ready copy; "
-        "beyond, RESOURCE_EXHAUSTED at once with a retry-after hint (0: no limit)",
-    )
-    p.add_argument(
-        "--max-in-flight-per-client",
-        type=int,
-        default=1024,
-        help="admission: queries one client (x-client-id metadata, else its host) may have in "
-        "flight at this gateway (0: no limit)",
-    )
+    add_gateway_options(p)
     p.add_argument(
         "--shutdown-grace-s",
         type=float,

@@ -75,6 +75,7 @@ from meshserve.common.security import (
 from meshserve.controlplane.auth import AuthConfig, Guard, load_api_keys
 from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.gateway import Gateway, add_gateway_to_server
+from meshserve.controlplane.dataplane.options import add_gateway_options
 from meshserve.controlplane.link.options import node_channel_options, server_options
 from meshserve.protos import mesh_pb2
 
@@ -302,27 +303,9 @@ def _parser() -> argparse.ArgumentParser:
         help="control-plane replicas publishing the routing feed: HOST:PORT[,HOST:PORT...]",
     )
     p.add_argument("--listen", default="127.0.0.1:8002", help="host:port of the OIP server")
-    p.add_argument(
-        "--zone",
-        default="",
-        help="this gateway's zone: queries naming no client_zone prefer copies on nodes "
-        "labelled zone=<this> (default: no preference)",
-    )
+    add_gateway_options(p)
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--keepalive-ms", type=int, default=10_000, help="keepalive of streams to nodes")
-    p.add_argument(
-        "--max-in-flight-per-copy",
-        type=int,
-        default=128,
-        help="admission: queries a model may have in flight at this gateway, per ready copy; "
-        "beyond, RESOURCE_EXHAUSTED at once with a retry-after hint (0: no limit)",
-    )
-    p.add_argument(
-        "--max-in-flight-per-client",
-        type=int,
-        default=1024,
-        help="admission: queries one client may have in flight at this gateway (0: no limit)",
-    )
     p.add_argument(
         "--unary",
         action="store_true",
