@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._report import emit  # noqa: E402
+from bench.servers import pin_threads  # noqa: E402
 from meshserve.client._admin import AdminClient  # noqa: E402
 from meshserve.common.codec import build_request  # noqa: E402
 from meshserve.devtools.demo_models import make_mlp, sha256_file  # noqa: E402
@@ -143,7 +145,7 @@ def _arm(name: str, model: Path, args: argparse.Namespace, workdir: Path) -> dic
     with LocalMesh(workdir / name) as mesh:
         mesh.start_etcd()
         cp = mesh.start_controlplane("cp-1", extra=cp_args)
-        mesh.start_node("n1", [cp.address], direct=True, extra=node_args)
+        node = mesh.start_node("n1", [cp.address], direct=True, extra=node_args)
         with AdminClient(cp.address) as admin:
             wait_until(lambda: len(admin.list_nodes()) == 1, 60, what="the node to link")
             admin.register_model("heavy", model.as_uri(), sha256_file(model), copies=1)
@@ -154,6 +156,11 @@ def _arm(name: str, model: Path, args: argparse.Namespace, workdir: Path) -> dic
                 60,
                 what="a READY copy",
             )
+        if args.pin:  # after the load: the copy's threads exist now and are pinned too
+            pin_threads(node.pid, {1})
+            for pid in (cp.pid, mesh.etcd.pid if mesh.etcd is not None else None):
+                if pid is not None:
+                    pin_threads(pid, {0})
         _log(f"{name}:")
         return asyncio.run(_measure(cp.address, args))
 
@@ -166,7 +173,17 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8, help="closed loop for the peak")
     p.add_argument("--hidden", type=int, default=2048, help="MLP width (sets the cost)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin: by default (2+ cores) the node computes on core 1 alone, as on a host "
+        "of its own, while the load, the gateway and etcd share core 0",
+    )
     args = p.parse_args()
+    args.pin = args.pin and len(os.sched_getaffinity(0)) >= 2
+    if args.pin:
+        os.sched_setaffinity(0, {0})  # the load generator (this process)
     with tempfile.TemporaryDirectory(prefix="meshserve-overload-") as tmp:
         workdir = Path(tmp)
         model = make_mlp(workdir / "heavy.onnx", hidden=(args.hidden,) * 3)
@@ -178,6 +195,11 @@ def main() -> None:
             "deadline_ms": args.deadline_ms,
             "factor": args.factor,
             "duration_s": args.duration,
+            "pinning": (
+                "node on core 1 alone; load generator, control plane (gateway) and etcd on core 0"
+                if args.pin
+                else "none"
+            ),
             "arms": arms,
             "target": {
                 "goodput_over_peak_with_admission": ">= 0.9",
