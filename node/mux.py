@@ -20,13 +20,15 @@ Contract, per stream:
   ``(status_code, status_message)`` (:func:`meshserve.common.errors.wire_status`). One failed
   query fails only itself. An answer over the message limit is replaced by RESOURCE_EXHAUSTED.
 - At most ``max_in_flight`` frames run at once; beyond that the stream stops reading (gRPC flow
-  control pushes back on the client). Writes are serialised by a lock. When the client closes
-  its side, the frames in flight finish and are answered, then the stream ends.
+  control pushes back on the client). One write at a time: a finished frame queues its answer,
+  and whichever frame is writing sends the queued ones too (no lock, no wake per answer). When
+  the client closes its side, the frames in flight finish and are answered, then the stream ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator
 
@@ -74,16 +76,25 @@ class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
         check = self._rights.stream_of(context) if self._rights is not None else None
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         slots = asyncio.Semaphore(self._max_in_flight)
-        write_lock = asyncio.Lock()
+        outbox: collections.deque[mesh_pb2.MuxResponse] = collections.deque()
+        writing = False
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(frame: mesh_pb2.MuxRequest) -> None:
+            nonlocal writing
             try:
                 out = await self._answer(frame, check, parent)
             finally:
                 slots.release()
-            async with write_lock:
-                await context.write(out)
+            outbox.append(out)
+            if writing:  # the frame writing now sends this answer too, after its own
+                return
+            writing = True  # one write at a time: this frame drains what the others queued
+            try:
+                while outbox:
+                    await context.write(outbox.popleft())
+            finally:
+                writing = False
 
         try:
             async for frame in request_iterator:
