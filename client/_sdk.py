@@ -58,7 +58,7 @@ from meshserve.common.mux import MuxChannel
 from meshserve.common.params import CLIENT_ZONE
 from meshserve.common.routing.feed import FeedClient
 from meshserve.common.security import TLSFiles, aio_channel, sync_channel
-from meshserve.common.tracing import metadata_with_context
+from meshserve.common.tracing import NO_SPAN, metadata_with_context, sdk_installed
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
 __all__ = [
@@ -214,6 +214,8 @@ class _Base:
 
     @staticmethod
     def _span(model: str) -> Any:
+        if not sdk_installed():  # the API's no-op span only carries the current context on
+            return NO_SPAN
         return _tracer.start_as_current_span(
             "client ModelInfer", kind=trace.SpanKind.CLIENT, attributes={"meshserve.model": model}
         )

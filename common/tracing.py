@@ -17,10 +17,12 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
 __all__ = [
+    "NO_SPAN",
     "context_from_map",
     "context_from_metadata",
     "inject_map",
     "metadata_with_context",
+    "sdk_installed",
     "server_span",
     "set_root_ratio",
 ]
@@ -66,14 +68,14 @@ def set_root_ratio(ratio: float | None) -> None:
     _root_ratio = ratio
 
 
-#: What :func:`server_span` returns for a query that gets no span (reusable: it holds no state).
-_NO_SPAN: AbstractContextManager[trace.Span] = contextlib.nullcontext(trace.INVALID_SPAN)
+#: A span context manager for a query that gets no span (reusable: it holds no state).
+NO_SPAN: AbstractContextManager[trace.Span] = contextlib.nullcontext(trace.INVALID_SPAN)
 
 
 _UNKNOWN = object()
 
 
-def _sdk_installed() -> bool:
+def sdk_installed() -> bool:
     """Whether a tracer provider (the SDK's) is installed: what the API's proxy tracers check
     themselves, its module global (set once, never replaced). Read directly:
     ``trace.get_tracer_provider()`` costs ~2 us, most of it an environment lookup."""
@@ -95,12 +97,12 @@ def server_span(
         # No SDK installed (the API's proxy provider): a span would be a non-recording one
         # that only carries the caller's context on. Without a caller's context there is
         # nothing to carry: skip the span (saves 5-10 us a hop here).
-        if not trace.get_current_span(parent).get_span_context().is_valid and not _sdk_installed():
-            return _NO_SPAN
+        if not trace.get_current_span(parent).get_span_context().is_valid and not sdk_installed():
+            return NO_SPAN
     elif (
         not trace.get_current_span(parent).get_span_context().is_valid and random.random() >= ratio
     ):
-        return _NO_SPAN
+        return NO_SPAN
     return tracer.start_as_current_span(
         name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
     )
