@@ -127,10 +127,10 @@ async def _mux_stream_load(
             ended: Exception = ConnectionError("the stream ended")
             try:
                 async for raw in stream:
-                    answer = mesh_pb2.MuxResponse.FromString(raw)
-                    future = pending.pop(answer.id, None)
-                    if future is not None and not future.done():
-                        future.set_result(answer.status_code)
+                    for answer in mesh_pb2.MuxResponses.FromString(raw).frames:
+                        future = pending.pop(answer.id, None)
+                        if future is not None and not future.done():
+                            future.set_result(answer.status_code)
             except aio.AioRpcError as exc:
                 ended = exc
             for future in pending.values():  # nothing more will come: fail the waiting calls
@@ -151,7 +151,9 @@ async def _mux_stream_load(
                 mine = next_id
                 future: asyncio.Future[int] = loop.create_future()
                 pending[mine] = future
-                frame = mesh_pb2.MuxRequest(id=mine, request=payload).SerializeToString()
+                frame = mesh_pb2.MuxRequests(
+                    frames=[mesh_pb2.MuxRequest(id=mine, request=payload)]
+                ).SerializeToString()  # one query per message: the bare stream's floor
                 outbox.put_nowait(frame)
                 try:
                     async with asyncio.timeout(timeout_s):

@@ -70,14 +70,17 @@ def ort_session(path: Path, intra_op_threads: int = 1) -> Any:
 
 
 def mux_echo_handler(response: bytes | None) -> grpc.GenericRpcHandler[Any, Any]:
-    """``NodeInference/Infer`` answering every ``MuxRequest`` with ``response`` under its id."""
+    """``NodeInference/Infer`` answering every ``MuxRequest`` with ``response`` under its id
+    (one ``MuxResponses`` message per ``MuxRequests`` message)."""
     from meshserve.protos import mesh_pb2
 
     async def infer(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for raw in requests:
-            request = mesh_pb2.MuxRequest.FromString(raw)
-            body = request.request if response is None else response
-            yield mesh_pb2.MuxResponse(id=request.id, response=body).SerializeToString()
+            out = mesh_pb2.MuxResponses()
+            for request in mesh_pb2.MuxRequests.FromString(raw).frames:
+                body = request.request if response is None else response
+                out.frames.add(id=request.id, response=body)
+            yield out.SerializeToString()
 
     return grpc.method_handlers_generic_handler(
         MUX_SERVICE, {"Infer": grpc.stream_stream_rpc_method_handler(infer)}

@@ -11,7 +11,9 @@ Contract:
   instance: a node authenticates the stream once and checks each frame's model).
 - One reader task resolves the calls' futures by id; one writer task writes the frames in the
   order the calls queued them (so cancelling a caller never cancels a write, which would end the
-  stream for every other call). No task per call.
+  stream for every other call). No task per call. Every frame waiting when the writer runs goes
+  in one ``MuxRequests`` message (bounded by the message limit): under load one send carries
+  many queries, where a message per query would cost a send each.
 - A call returns the response bytes, or raises the node's answer as a domain error
   (:func:`meshserve.common.errors.from_code`: a RESOURCE_EXHAUSTED keeps its retry-after hint,
   which travels at the end of the message).
@@ -109,8 +111,8 @@ class MuxChannel:
     ) -> None:
         self._method: Any = channel.stream_stream(
             INFER_METHOD,
-            request_serializer=mesh_pb2.MuxRequest.SerializeToString,
-            response_deserializer=mesh_pb2.MuxResponse.FromString,
+            request_serializer=mesh_pb2.MuxRequests.SerializeToString,
+            response_deserializer=mesh_pb2.MuxResponses.FromString,
         )
         self._metadata = tuple(metadata)
         self._slots = asyncio.Semaphore(max(1, max_in_flight))
@@ -225,12 +227,19 @@ class MuxChannel:
     async def _write_loop(self, stream: _Stream) -> None:
         call, outbox, pending = stream.call, stream.outbox, stream.pending
         loop = asyncio.get_running_loop()
+        limit = self._max_request_bytes
         try:
             while True:
                 while outbox:
-                    frame = outbox.popleft()
-                    if frame.id in pending:  # not given up on while it waited
-                        await call.write(frame)
+                    batch = mesh_pb2.MuxRequests()
+                    frames, size = batch.frames, 0
+                    while outbox and (size == 0 or size + len(outbox[0].request) < limit):
+                        frame = outbox.popleft()
+                        if frame.id in pending:  # not given up on while it waited
+                            frames.append(frame)
+                            size += len(frame.request) + _FRAME_SLACK
+                    if frames:
+                        await call.write(batch)
                 wake = stream.wake = loop.create_future()
                 await wake
         except asyncio.CancelledError:
@@ -242,13 +251,14 @@ class MuxChannel:
         call, pending = stream.call, stream.pending
         try:
             while True:
-                answer = await call.read()
-                if not isinstance(answer, mesh_pb2.MuxResponse):  # EOF: the node ended it
+                answers = await call.read()
+                if not isinstance(answers, mesh_pb2.MuxResponses):  # EOF: the node ended it
                     self._break(stream, Unavailable(f"node {self.address} ended the stream"))
                     return
-                future = pending.get(answer.id)
-                if future is not None and not future.done():
-                    future.set_result(answer)
+                for answer in answers.frames:
+                    future = pending.get(answer.id)
+                    if future is not None and not future.done():
+                        future.set_result(answer)
         except asyncio.CancelledError:
             if stream.dead:
                 return

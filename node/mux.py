@@ -70,7 +70,7 @@ class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
 
     async def Infer(  # type: ignore[override]
         self,
-        request_iterator: AsyncIterator[mesh_pb2.MuxRequest],
+        request_iterator: AsyncIterator[mesh_pb2.MuxRequests],
         context: ServicerContext,
     ) -> None:
         check = self._rights.stream_of(context) if self._rights is not None else None
@@ -78,6 +78,7 @@ class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
         slots = asyncio.Semaphore(self._max_in_flight)
         outbox: collections.deque[mesh_pb2.MuxResponse] = collections.deque()
         writing = False
+        limit = self._max_answer
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(frame: mesh_pb2.MuxRequest) -> None:
@@ -91,19 +92,26 @@ class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
                 return
             writing = True  # one write at a time: this frame drains what the others queued
             try:
-                while outbox:
-                    await context.write(outbox.popleft())
+                while outbox:  # every answer waiting goes in one message (bounded)
+                    batch = mesh_pb2.MuxResponses()
+                    frames, size = batch.frames, 0
+                    while outbox and (size == 0 or size + len(outbox[0].response) < limit):
+                        answer = outbox.popleft()
+                        frames.append(answer)
+                        size += len(answer.response) + _FRAME_SLACK
+                    await context.write(batch)
             finally:
                 writing = False
 
         try:
-            async for frame in request_iterator:
-                if isinstance(frame, Malformed):  # the frame itself did not decode: no id
-                    raise InvalidArgument(f"a MuxRequest frame does not decode: {frame.reason}")
-                await slots.acquire()
-                task = asyncio.create_task(one(frame))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            async for batch in request_iterator:
+                if isinstance(batch, Malformed):  # the message itself did not decode: no ids
+                    raise InvalidArgument(f"a MuxRequests message does not decode: {batch.reason}")
+                for frame in batch.frames:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(frame))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks)
         finally:

@@ -1082,6 +1082,18 @@ class FeedUpdate(_message.Message):
     heartbeat_ms: int
     def __init__(self, revision: _Optional[int] = ..., full: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[FeedEntry, _Mapping]]] = ..., removed: _Optional[_Iterable[str]] = ..., replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
+class MuxRequests(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[MuxRequest]
+    def __init__(self, frames: _Optional[_Iterable[_Union[MuxRequest, _Mapping]]] = ...) -> None: ...
+
+class MuxResponses(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[MuxResponse]
+    def __init__(self, frames: _Optional[_Iterable[_Union[MuxResponse, _Mapping]]] = ...) -> None: ...
+
 class MuxRequest(_message.Message):
     __slots__ = ("id", "request", "trace_context", "timeout_ms", "variant", "prefer")
     class TraceContextEntry(_message.Message):

@@ -1082,8 +1082,8 @@ class NodeInferenceStub:
         """
         self.Infer = channel.stream_stream(
                 '/meshserve.v1.NodeInference/Infer',
-                request_serializer=meshserve_dot_protos_dot_mesh__pb2.MuxRequest.SerializeToString,
-                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.MuxResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.MuxRequests.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.MuxResponses.FromString,
                 _registered_method=True)
 
 
@@ -1096,6 +1096,8 @@ class NodeInferenceServicer:
 
     def Infer(self, request_iterator, context):
         """Answers come in completion order, correlated by `id`; one failed query fails only itself.
+        Each message carries every frame that was waiting when it was written (one send for many
+        queries under load, one frame at a time when idle).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1106,8 +1108,8 @@ def add_NodeInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Infer': grpc.stream_stream_rpc_method_handler(
                     servicer.Infer,
-                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.MuxRequest.FromString,
-                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.MuxResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.MuxRequests.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.MuxResponses.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1139,8 +1141,8 @@ class NodeInference:
             request_iterator,
             target,
             '/meshserve.v1.NodeInference/Infer',
-            meshserve_dot_protos_dot_mesh__pb2.MuxRequest.SerializeToString,
-            meshserve_dot_protos_dot_mesh__pb2.MuxResponse.FromString,
+            meshserve_dot_protos_dot_mesh__pb2.MuxRequests.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.MuxResponses.FromString,
             options,
             channel_credentials,
             insecure,

@@ -209,11 +209,12 @@ async def test_a_call_past_its_timeout_is_deadline_exceeded(live: Mesh) -> None:
         # The node enforces the frame's budget itself (no client-side timer here).
         call = channel.stream_stream(
             INFER_METHOD,
-            request_serializer=mesh_pb2.MuxRequest.SerializeToString,
-            response_deserializer=mesh_pb2.MuxResponse.FromString,
+            request_serializer=mesh_pb2.MuxRequests.SerializeToString,
+            response_deserializer=mesh_pb2.MuxResponses.FromString,
         )()
-        await call.write(mesh_pb2.MuxRequest(id=7, request=request, timeout_ms=50))
-        answer = await asyncio.wait_for(call.read(), 10)
+        frame = mesh_pb2.MuxRequest(id=7, request=request, timeout_ms=50)
+        await call.write(mesh_pb2.MuxRequests(frames=[frame]))
+        (answer,) = (await asyncio.wait_for(call.read(), 10)).frames
         await call.done_writing()
         assert answer.id == 7
         assert answer.status_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
