@@ -955,7 +955,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "skipped_rows": {k: v for k, v in skips.items() if k in wanted},
             "echo_stream": "one bidi stream, C requests in flight, multiplexed by id "
-            "(MuxRequest/MuxResponse framing, like the node's NodeInference.Infer)",
+            "(the node's NodeInference.Infer framing, one query per message)",
             "standalone_gateway_2": "the load's client holds a channel to each of the two "
             "gateways and sends each query to the next one in turn (round robin)",
             "sdk": {
