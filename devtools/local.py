@@ -182,21 +182,7 @@ class LocalMesh:
             str(self.lease_ttl_s),
             *extra,
         ]
-        proc = ManagedProcess(
-            name, argv, self.workdir / f"{name}.log", address, self.env, role="controlplane"
-        ).start()
-        self.processes.append(proc)
-        try:
-            wait_until(
-                lambda: not proc.alive() or _live(address, self.tls),
-                timeout,
-                what=f"{name} to serve",
-            )
-        except TimeoutError:
-            raise RuntimeError(f"{name} did not start:\n{proc.tail()}") from None
-        if not proc.alive():
-            raise RuntimeError(f"{name} exited:\n{proc.tail()}")
-        return proc
+        return self._serve(name, argv, address, "controlplane", timeout)
 
     def start_node(
         self,
@@ -259,8 +245,15 @@ class LocalMesh:
             *(["--zone", zone] if zone else []),
             *extra,
         ]
+        return self._serve(name, argv, address, "gateway", timeout), address
+
+    def _serve(
+        self, name: str, argv: list[str], address: str, role: str, timeout: float
+    ) -> ManagedProcess:
+        """Start a process that serves gRPC at ``address`` and wait until it answers (or says
+        why it did not start)."""
         proc = ManagedProcess(
-            name, argv, self.workdir / f"{name}.log", address, self.env, role="gateway"
+            name, argv, self.workdir / f"{name}.log", address, self.env, role=role
         ).start()
         self.processes.append(proc)
         try:
@@ -273,7 +266,7 @@ class LocalMesh:
             raise RuntimeError(f"{name} did not start:\n{proc.tail()}") from None
         if not proc.alive():
             raise RuntimeError(f"{name} exited:\n{proc.tail()}")
-        return proc, address
+        return proc
 
     def close(self) -> None:
         """Stop everything: the control planes first, so nodes (whose SIGTERM drains: they wait
