@@ -245,7 +245,15 @@ class MuxChannel:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._break(stream, self._failure(exc))
+            error = self._failure(exc)
+            if not isinstance(exc, aio.AioRpcError):
+                # a write can fail before the node's status arrives (the node refused the
+                # stream): its status, when it comes at once, says why better than the write
+                with contextlib.suppress(Exception):
+                    code = await asyncio.wait_for(call.code(), 1.0)
+                    if code != grpc.StatusCode.OK:
+                        error = self._status(code, await call.details())
+            self._break(stream, error)
 
     async def _read_loop(self, stream: _Stream) -> None:
         call, pending = stream.call, stream.pending
@@ -269,11 +277,15 @@ class MuxChannel:
     def _failure(self, exc: BaseException) -> StatusError:
         """What a broken stream's pending calls raise."""
         if isinstance(exc, aio.AioRpcError):
-            code, details = exc.code(), exc.details() or exc.code().name
-            if code in _REFUSALS:
-                return from_code(code.value[0], details)
-            return Unavailable(f"the stream to {self.address} broke: {code.name}: {details}")
+            return self._status(exc.code(), exc.details())
         return Unavailable(f"the stream to {self.address} broke: {exc!r}")
+
+    def _status(self, code: grpc.StatusCode, details: str | None) -> StatusError:
+        """What a stream ended with ``code`` means for its pending calls."""
+        details = details or code.name
+        if code in _REFUSALS:
+            return from_code(code.value[0], details)
+        return Unavailable(f"the stream to {self.address} broke: {code.name}: {details}")
 
     def _break(self, stream: _Stream, error: StatusError) -> None:
         """End ``stream``: fail its pending calls with ``error``; the next call reopens."""
