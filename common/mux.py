@@ -246,13 +246,13 @@ class MuxChannel:
             raise
         except Exception as exc:
             error = self._failure(exc)
-            if not isinstance(exc, aio.AioRpcError):
-                # a write can fail before the node's status arrives (the node refused the
-                # stream): its status, when it comes at once, says why better than the write
-                with contextlib.suppress(Exception):
-                    code = await asyncio.wait_for(call.code(), 1.0)
-                    if code != grpc.StatusCode.OK:
-                        error = self._status(code, await call.details())
+            # a write can fail ("INTERNAL: Internal error from Core") before the node's
+            # status arrives (the node refused the stream): that status, when it comes at
+            # once, says why; the write's error stands otherwise
+            with contextlib.suppress(Exception):
+                code = await asyncio.wait_for(call.code(), 1.0)
+                if code != grpc.StatusCode.OK:
+                    error = self._status(code, await call.details())
             self._break(stream, error)
 
     async def _read_loop(self, stream: _Stream) -> None:
