@@ -14,11 +14,14 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NoReturn, TypeAlias
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.utils
+
+from meshserve.common.errors import EOF
 
 __all__ = [
     "TRANSIENT_ERRORS",
@@ -240,40 +243,97 @@ async def delete_if(
 
 
 class WatchStream:
-    """An established etcd watch. Iterate for :class:`WatchEvent`; :meth:`cancel` ends it.
+    """An established etcd watch on its own gRPC stream. Iterate for :class:`WatchEvent`;
+    :meth:`cancel` ends it.
 
-    Iteration raises ``aetcd.exceptions.ConnectionFailedError`` (and other
-    ``ClientError``) when the stream breaks and ``RevisionCompactedError`` when the
-    start revision was compacted; it ends normally after :meth:`cancel` or when the
-    client is closed.  Events of one revision are delivered back to back without
-    yielding to the event loop.
+    Iteration raises ``ConnectionFailedError`` (and other ``ClientError``) when the stream
+    breaks and ``RevisionCompactedError`` when the start revision was compacted; it ends
+    normally after :meth:`cancel` or when the client is closed. Events of one revision are
+    delivered back to back without yielding to the event loop.
+
+    Each watch is one ``Watch`` call of its own (multiplexed on the client's channel), not a
+    callback on aetcd's shared watcher: that watcher queues requests in a bounded queue under
+    its lock, and a stream that broke while ten cancels were queued (every mirror reloading
+    after etcd restarted) deadlocked it for good -- every later watch waited forever.
+    Cancelling is local and immediate (the call is cancelled; etcd drops its watch with it).
     """
 
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._cancelled = False
 
     async def __aiter__(self) -> AsyncIterator[WatchEvent]:
-        async for event in self._raw:
-            kind = str(event.kind)
-            if kind not in ("PUT", "DELETE"):  # pragma: no cover - etcd has only two
-                continue
-            yield WatchEvent("PUT" if kind == "PUT" else "DELETE", _kv(event.kv))
+        put = aetcd.rpc.Event.PUT
+        while True:
+            try:
+                response = await self._call.read()
+            except asyncio.CancelledError:
+                if self._cancelled:
+                    return
+                raise
+            except aetcd.rpc.AioRpcError as exc:
+                if self._cancelled:
+                    return
+                _raise_mapped(exc)
+            if response is EOF:
+                if self._cancelled:
+                    return
+                raise ConnectionFailedError("the etcd watch stream ended")
+            if response.compact_revision:
+                raise RevisionCompactedError(response.compact_revision)
+            if response.canceled:
+                if self._cancelled:
+                    return
+                raise ClientError(f"etcd cancelled the watch: {response.cancel_reason}")
+            for event in response.events:
+                yield WatchEvent("PUT" if event.type == put else "DELETE", _kv(event.kv))
 
     async def cancel(self) -> None:
-        """Cancel the server-side watch; never raises (the stream may be gone already)."""
-        try:
-            await asyncio.wait_for(self._raw.cancel(), timeout=2.0)
-        except (aetcd.exceptions.ClientError, TimeoutError, RuntimeError):
-            pass
+        """End the watch (local: the call is cancelled); never raises."""
+        self._cancelled = True
+        self._call.cancel()
+
+
+def _raise_mapped(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` as aetcd's error for its gRPC code (the errors every caller handles)."""
+    try:
+        aetcd.exceptions._handle_exception(exc)  # aetcd's own mapping
+    except ClientError:
+        raise
+    raise ClientError(str(exc)) from exc  # pragma: no cover - the mapping always raises
 
 
 async def watch(
     client: EtcdClient, key: bytes, *, start_revision: int, prefix: bool = False
 ) -> WatchStream:
     """Create a watch on ``key`` (or every key under it when ``prefix``) delivering
-    events with revision ``>= start_revision``.  Returns once etcd confirmed it."""
-    if prefix:
-        raw = await client.watch_prefix(key, start_revision=start_revision)
-    else:
-        raw = await client.watch(key, start_revision=start_revision)
-    return WatchStream(raw)
+    events with revision ``>= start_revision``.  Returns once etcd confirmed it, within the
+    client's timeout (:class:`TimeoutError` otherwise)."""
+    request = aetcd.rpc.WatchRequest(
+        create_request=aetcd.rpc.WatchCreateRequest(
+            key=key,
+            range_end=aetcd.utils.prefix_range_end(key) if prefix else b"",
+            start_revision=start_revision,
+        )
+    )
+    call = aetcd.rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+    try:
+        async with asyncio.timeout(client._timeout or 5.0):
+            await call.write(request)
+            response = await call.read()
+    except aetcd.rpc.AioRpcError as exc:
+        call.cancel()
+        _raise_mapped(exc)
+    except BaseException:
+        call.cancel()
+        raise
+    if response is EOF:
+        call.cancel()
+        raise ConnectionFailedError("the etcd watch stream ended before the watch was created")
+    if response.compact_revision:
+        call.cancel()
+        raise RevisionCompactedError(response.compact_revision)
+    if not response.created or response.canceled:
+        call.cancel()
+        raise ClientError(f"etcd refused the watch: {response.cancel_reason or 'not created'}")
+    return WatchStream(call)
