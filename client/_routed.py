@@ -24,8 +24,9 @@ Contract of one attempt (:class:`Query`), inside the attempt's deadline:
   zero: the gateway wakes it), or every direct copy tried failed.
 - A direct attempt that fails with UNAVAILABLE, RESOURCE_EXHAUSTED or NOT_FOUND (the copy went
   while the feed lagged), or a first attempt that stalled (no answer within 20 x the copy's
-  observed latency, at least 0.5 s, when another copy exists and the deadline leaves room for
-  two), is retried on another copy (:data:`MAX_DIRECT` copies at most), then on the gateway.
+  observed latency, at least 0.5 s and at most half the time left, when another copy exists
+  and the deadline leaves at least 1 s), is retried on another copy (:data:`MAX_DIRECT` copies
+  at most), then on the gateway.
   Any other error is the answer (a caller's bad input, PERMISSION_DENIED, ...).
 - Every direct attempt is bracketed by :meth:`Router.begin` / :meth:`Router.end` (failed on a
   copy fault only; answered only when it brought an answer). A direct answer to a query with
@@ -426,8 +427,8 @@ class Query:
             limit, limited = remaining, False
             if self.direct == 0 and left > 1:  # a grey failure must leave time for another
                 observed = core.router.balancer.observed((node.node_id, spec.name, spec.variant))
-                stuck = max(_STUCK_MIN_S, _STUCK_FACTOR * observed)
-                if remaining > 2 * stuck:
+                stuck = min(max(_STUCK_MIN_S, _STUCK_FACTOR * observed), remaining / 2)
+                if stuck >= _STUCK_MIN_S:  # a copy once slow (high estimate) is still cut
                     limit, limited = stuck, True
             attempt = core.router.begin(node, spec)
         self.direct += 1
