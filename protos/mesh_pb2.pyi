@@ -526,8 +526,15 @@ class RemoveModelResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "labels", "hardware", "direct_address", "replicas", "copies", "telemetry", "draining")
+    __slots__ = ("node_id", "labels", "hardware", "direct_address", "replicas", "copies", "telemetry", "draining", "reported_labels")
     class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ReportedLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -542,6 +549,7 @@ class NodeInfo(_message.Message):
     COPIES_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_LABELS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     labels: _containers.ScalarMap[str, str]
     hardware: Hardware
@@ -550,7 +558,8 @@ class NodeInfo(_message.Message):
     copies: _containers.RepeatedCompositeFieldContainer[CopyStatus]
     telemetry: Telemetry
     draining: bool
-    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    reported_labels: _containers.ScalarMap[str, str]
+    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., draining: _Optional[bool] = ..., reported_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -788,6 +797,49 @@ class DrainNodeResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     draining: bool
     def __init__(self, draining: _Optional[bool] = ...) -> None: ...
+
+class NodeLabels(_message.Message):
+    __slots__ = ("labels",)
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class LabelNodeRequest(_message.Message):
+    __slots__ = ("node_id", "set", "remove")
+    class SetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    set: _containers.ScalarMap[str, str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LabelNodeResponse(_message.Message):
+    __slots__ = ("labels",)
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListPlacementsRequest(_message.Message):
     __slots__ = ("model",)

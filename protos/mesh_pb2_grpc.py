@@ -213,6 +213,11 @@ class AdminStub:
                 request_serializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsResponse.FromString,
                 _registered_method=True)
+        self.LabelNode = channel.unary_unary(
+                '/meshserve.v1.Admin/LabelNode',
+                request_serializer=meshserve_dot_protos_dot_mesh__pb2.LabelNodeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh__pb2.LabelNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -351,6 +356,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LabelNode(self, request, context):
+        """Set or remove a node's admin-side labels: the labels placement rules match (a node's own
+        Hello labels are shown, never matched, unless the control plane runs --trust-node-labels).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -448,6 +461,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ConfirmUnloads,
                     request_deserializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsRequest.FromString,
                     response_serializer=meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsResponse.SerializeToString,
+            ),
+            'LabelNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelNode,
+                    request_deserializer=meshserve_dot_protos_dot_mesh__pb2.LabelNodeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh__pb2.LabelNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -966,6 +984,33 @@ class Admin:
             '/meshserve.v1.Admin/ConfirmUnloads',
             meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsRequest.SerializeToString,
             meshserve_dot_protos_dot_mesh__pb2.ConfirmUnloadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/LabelNode',
+            meshserve_dot_protos_dot_mesh__pb2.LabelNodeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh__pb2.LabelNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
