@@ -177,6 +177,7 @@ class _Base:
         self._options = self._node_options + extra
         self._max_message_bytes = max_message_bytes
         self._tls = tls
+        self._node_tls = tls.for_nodes() if tls is not None else None  # direct node channels
         self._api_key = api_key
         self._feed_targets = feed_targets(feed, target) if routing == "direct" else []
 
@@ -262,10 +263,11 @@ class MeshClient(_Base):
         goes through ``target`` (any OIP server). The feed runs on a background thread, started
         by the first query and stopped by :meth:`close`. ``zone``: the zone this client runs
         in (copies there are preferred; a query's ``zone=`` overrides it).
-        ``tls``: dial with TLS (``TLSFiles(ca=..., cert=..., key=...)``: the CA the mesh's
-        certificates chain to; a client certificate where one is required): the gateway, the
-        feed and the nodes alike. ``api_key``: sent as ``authorization: Bearer <key>`` on every
-        call, only over TLS or to a loopback address (see :mod:`meshserve.common.security`).
+        ``tls``: dial with TLS (``TLSFiles(ca=..., cert=..., key=..., node_ca=...)``: ``ca``
+        the control plane's certificate chains to, for the gateway and the feed; ``node_ca``
+        the nodes' (default ``ca``); a client certificate where one is required). ``api_key``:
+        sent as ``authorization: Bearer <key>`` on every call, only over TLS or to a loopback
+        address (see :mod:`meshserve.common.security`).
         ``retry``: how :meth:`infer` retries UNAVAILABLE (and RESOURCE_EXHAUSTED with a
         retry-after hint) inside the call's deadline, and whether it hedges a slow call
         (default :class:`RetryPolicy`: up to 5 attempts, no hedging; ``NO_RETRY``: one); a
@@ -399,7 +401,9 @@ class MeshClient(_Base):
             with self._lock:
                 entry = self._nodes.get(address)
                 if entry is None:
-                    channel = sync_channel(address, self._tls, self._api_key, self._node_options)
+                    channel = sync_channel(
+                        address, self._node_tls, self._api_key, self._node_options
+                    )
                     call = channel.unary_unary(
                         MODEL_INFER,
                         request_serializer=None,
@@ -639,7 +643,7 @@ class AsyncMeshClient(_Base):
         """The channel, unary ModelInfer and stream of the node at ``address`` (one each)."""
         entry = self._nodes.get(address)
         if entry is None:
-            channel = aio_channel(address, self._tls, self._api_key, self._node_options)
+            channel = aio_channel(address, self._node_tls, self._api_key, self._node_options)
             unary = channel.unary_unary(
                 MODEL_INFER,
                 request_serializer=None,

@@ -2,13 +2,18 @@
 
 Contract:
 
-- :class:`TLSFiles` names PEM files: ``ca`` (the certificates a peer must chain to), ``cert`` and
-  ``key`` (this process's own certificate chain and private key, always both or neither). Files
-  are read when credentials are built; a missing or unreadable file raises
-  :class:`SecurityConfigError` naming the file (never its content).
+- :class:`TLSFiles` names PEM files: ``ca`` (the certificates a peer must chain to: the
+  control-plane CA for what dials the control plane, a bundle of the callers' CAs for a control
+  plane), ``cert`` and ``key`` (this process's own certificate chain and private key, always both
+  or neither), ``node_ca`` (what a node's direct port must chain to, for a process that dials both
+  kinds: the SDK; default ``ca``) and ``client_ca`` (a listener's extra callers: a node's direct
+  port admits ``ca``, the routers, plus these). One CA per role is what lets a dialler know the
+  kind of server it reached (see :mod:`meshserve.devtools.certs`). Files are read when
+  credentials are built; a missing or unreadable file raises :class:`SecurityConfigError` naming
+  the file (never its content).
 - :func:`server_credentials`: a TLS listener; with ``require_client_cert`` the handshake fails for
-  a client without a certificate chaining to ``ca`` (gRPC Python cannot ask for an optional
-  client certificate: it is required or not requested at all).
+  a client without a certificate chaining to ``ca`` or ``client_ca`` (gRPC Python cannot ask for
+  an optional client certificate: it is required or not requested at all).
 - :func:`channel_credentials`: what a client dials with. TLS when ``tls`` is given; a bearer
   ``token`` rides as ``authorization: Bearer <token>`` call credentials on every call. A token is
   only ever sent over TLS or, without TLS, to a loopback address (gRPC local credentials refuse
@@ -66,14 +71,17 @@ def _read(path: Path, what: str) -> bytes:
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """PEM file paths: ``ca`` to verify peers, ``cert``/``key`` to present (both or neither)."""
+    """PEM file paths: ``ca`` to verify peers, ``cert``/``key`` to present (both or neither);
+    ``node_ca``: nodes' direct ports (default ``ca``); ``client_ca``: a listener's extra callers."""
 
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    node_ca: Path | None = None
+    client_ca: Path | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ca", "cert", "key"):
+        for name in ("ca", "cert", "key", "node_ca", "client_ca"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -95,6 +103,20 @@ class TLSFiles:
     def ca_bytes(self) -> bytes | None:
         return None if self.ca is None else _read(self.ca, "TLS CA file")
 
+    def callers_ca_bytes(self) -> bytes | None:
+        """What a listener's callers may chain to: ``ca`` and ``client_ca``."""
+        extra = None if self.client_ca is None else _read(self.client_ca, "TLS client CA file")
+        ca = self.ca_bytes()
+        if ca is None or extra is None:
+            return ca or extra
+        return ca.rstrip(b"\n") + b"\n" + extra
+
+    def for_nodes(self) -> TLSFiles:
+        """These files for dialling nodes' direct ports: ``node_ca`` as the CA, when given."""
+        if self.node_ca is None:
+            return self
+        return TLSFiles(self.node_ca, self.cert, self.key)
+
     def pair(self) -> tuple[bytes, bytes] | None:
         """(private key, certificate chain), as gRPC takes them; None without a certificate."""
         if self.cert is None or self.key is None:
@@ -109,7 +131,7 @@ def server_credentials(tls: TLSFiles, *, require_client_cert: bool) -> grpc.Serv
         raise SecurityConfigError(
             "a TLS listener needs a certificate and key (--tls-cert/--tls-key)"
         )
-    ca = tls.ca_bytes()
+    ca = tls.callers_ca_bytes()
     if require_client_cert and ca is None:
         raise SecurityConfigError("requiring client certificates needs a CA file (--tls-ca)")
     return grpc.ssl_server_credentials(

@@ -1,15 +1,29 @@
-"""A development certificate authority for a mutual-TLS mesh (``meshctl certs init``).
+"""A development PKI for a mutual-TLS mesh (``meshctl certs init``): one CA per role.
+
+A process verifies a peer by the CA it chains to, so each role has its own CA and each process
+trusts only the CAs of the roles it talks to (gRPC Python runs no custom verify callback on the
+client side: separate trust anchors are how a dialler knows the *kind* of server it reached).
+A stolen node key can therefore never pass as the control plane, nor a client certificate as a
+router.
 
 Contract: :func:`init_certs` creates ``DIR`` (if needed) and writes, as PEM files,
 
-- ``ca.crt`` / ``ca.key``: a self-signed CA (the ``--tls-ca`` of every process);
-- ``controlplane.crt`` / ``.key``: CN ``controlplane``, SANs ``localhost``, ``127.0.0.1``, ``::1``
-  and every ``hosts`` entry; usable as a server certificate (the CP listener) and as a client
-  certificate (the gateway dialling nodes' direct ports);
-- ``node-<id>.crt`` / ``.key`` per node id: CN and a DNS SAN equal to the node id (the control
-  plane checks a node's claimed id against them), plus the loopback SANs and ``hosts`` (the
-  node's own direct OIP port); server and client use;
-- ``client.crt`` / ``.key``: CN ``client``, client use only (SDK, meshctl).
+- ``controlplane-ca.crt`` / ``.key``, ``node-ca.crt`` / ``.key``, ``client-ca.crt`` / ``.key``:
+  three self-signed CAs, one per role;
+- ``controlplane.crt`` / ``.key`` (control-plane CA): CN ``controlplane``, SANs ``localhost``,
+  ``127.0.0.1``, ``::1`` and every ``hosts`` entry; server use (the CP listener) and client use
+  (the gateway dialling nodes' direct ports);
+- ``node-<id>.crt`` / ``.key`` per node id (node CA): CN and a DNS SAN equal to the node id (the
+  control plane checks a node's claimed id against them), plus the loopback SANs and
+  ``node_hosts`` (the node's own direct OIP port) — never ``hosts``; server and client use;
+- ``client.crt`` / ``.key`` (client CA): CN ``client``, client use only (SDK, meshctl);
+- ``controlplane-trust.crt``: the node, client and control-plane CAs in one bundle, the control
+  plane's ``--tls-ca`` (who may call it; what a node's direct port must chain to).
+
+Who trusts what: everything that dials the control plane (nodes' ``--tls-ca``, meshctl, the
+SDK's gateway channel) trusts ``controlplane-ca.crt`` only; what dials a node's direct port trusts
+``node-ca.crt`` (the SDK's ``TLSFiles(node_ca=...)``); a node's port admits the control-plane CA
+(the routers) and, with ``--tls-client-ca client-ca.crt``, clients.
 
 Private keys are written with mode 0600 (created so, never world-readable for a moment); an
 existing file is never overwritten unless ``force``. Keys are ECDSA P-256; certificates last
@@ -24,32 +38,43 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["IssuedFiles", "init_certs"]
+__all__ = ["ROLES", "IssuedFiles", "init_certs"]
 
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+#: The roles, each with its own CA.
+ROLES: Final = ("controlplane", "node", "client")
 
 
 @dataclass(frozen=True)
 class IssuedFiles:
     """What :func:`init_certs` wrote (paths), by role."""
 
-    ca_cert: Path
-    ca_key: Path
+    cas: dict[str, tuple[Path, Path]]  # role -> (CA certificate, CA key)
     controlplane: tuple[Path, Path]
     nodes: dict[str, tuple[Path, Path]]
     client: tuple[Path, Path]
+    controlplane_trust: Path  # the control plane's --tls-ca bundle
+
+    def ca(self, role: str) -> Path:
+        """The CA certificate of ``role`` (``controlplane``, ``node``, ``client``)."""
+        return self.cas[role][0]
 
     def all(self) -> list[Path]:
-        out = [self.ca_cert, self.ca_key, *self.controlplane]
+        out = [p for pair in self.cas.values() for p in pair]
+        out.extend(self.controlplane)
         for pair in self.nodes.values():
             out.extend(pair)
         out.extend(self.client)
+        out.append(self.controlplane_trust)
         return out
 
 
@@ -155,33 +180,54 @@ def init_certs(
     directory: Path,
     *,
     hosts: Sequence[str] = (),
+    node_hosts: Sequence[str] = (),
     nodes: Sequence[str] = ("node-1",),
     days: int = 365,
     force: bool = False,
 ) -> IssuedFiles:
-    """Create a development CA in ``directory`` and issue the mesh's certificates (see the
-    module docstring). ``hosts``: extra DNS names / IP addresses for the control-plane and node
-    certificates (the addresses other machines dial). Raises FileExistsError (nothing is
-    overwritten without ``force``) and ValueError for an empty node id."""
+    """Create the role CAs in ``directory`` and issue the mesh's certificates (see the module
+    docstring). ``hosts``: extra DNS names / IP addresses of the control plane (the address
+    nodes and clients dial); ``node_hosts``: those of the nodes' direct ports (only on node
+    certificates). Raises FileExistsError (nothing is overwritten without ``force``) and
+    ValueError for an empty node id or a name in both ``hosts`` and ``node_hosts``."""
     if any(not n for n in nodes):
         raise ValueError("node ids must not be empty")
+    extra = [h.strip() for h in hosts if h.strip()]
+    node_extra = [h.strip() for h in node_hosts if h.strip()]
+    shared = sorted(set(extra) & {*node_extra, *nodes})
+    if shared:  # a node certificate naming the control plane could impersonate it
+        raise ValueError(
+            f"{', '.join(shared)}: a control-plane name cannot be on node certificates"
+        )
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("meshserve development CA", "ca")
-    ca_cert = _issue(ca_name, ca_key, ca_name, ca_key, days=days, ca=True)
-    ca_cert_path, ca_key_path = _save(directory, "ca", ca_cert, ca_key, force)
+    cas: dict[str, tuple[Path, Path]] = {}
+    signers: dict[str, tuple[x509.Name, ec.EllipticCurvePrivateKey, x509.Certificate]] = {}
+    for role in ROLES:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = _name(f"meshserve development {role} CA", f"{role}-ca")
+        ca_cert = _issue(ca_name, ca_key, ca_name, ca_key, days=days, ca=True)
+        cas[role] = _save(directory, f"{role}-ca", ca_cert, ca_key, force)
+        signers[role] = (ca_name, ca_key, ca_cert)
 
-    def leaf(stem: str, cn: str, unit: str, sans: Sequence[str], server: bool) -> tuple[Path, Path]:
+    def leaf(role: str, stem: str, cn: str, sans: Sequence[str], server: bool) -> tuple[Path, Path]:
+        ca_name, ca_key, _ = signers[role]
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _issue(
-            _name(cn, unit), key, ca_name, ca_key, days=days, sans=sans, server=server, client=True
+            _name(cn, role), key, ca_name, ca_key, days=days, sans=sans, server=server, client=True
         )
         return _save(directory, stem, cert, key, force)
 
-    extra = [h.strip() for h in hosts if h.strip()]
     controlplane = leaf(
         "controlplane", "controlplane", "controlplane", [*_LOOPBACK, *extra], server=True
     )
-    issued = {n: leaf(f"node-{n}", n, "node", [n, *_LOOPBACK, *extra], True) for n in nodes}
+    issued = {
+        n: leaf("node", f"node-{n}", n, [n, *_LOOPBACK, *node_extra], server=True) for n in nodes
+    }
     client = leaf("client", "client", "client", [], server=False)
-    return IssuedFiles(ca_cert_path, ca_key_path, controlplane, issued, client)
+    bundle = b"".join(
+        signers[role][2].public_bytes(serialization.Encoding.PEM)
+        for role in ("node", "client", "controlplane")
+    )
+    trust = directory / "controlplane-trust.crt"
+    _write(trust, bundle, 0o644, force)
+    return IssuedFiles(cas, controlplane, issued, client, trust)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -147,7 +148,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("security (docs/security.md)")
     g.add_argument(
-        "--tls-ca", default="", help="PEM CA the control plane's certificate must chain to"
+        "--tls-ca",
+        default="",
+        help="PEM CA the control plane's certificate must chain to (the control-plane CA only: "
+        "a CA that also issues node certificates lets a stolen node key pose as the control "
+        "plane); --listen admits certificates it issued as routers",
+    )
+    g.add_argument(
+        "--tls-client-ca",
+        default="",
+        help="PEM CA(s) of clients (SDKs) that --listen admits besides the routers; they query "
+        "with a tenant's API key (default: only routers)",
     )
     g.add_argument(
         "--tls-cert",
@@ -224,9 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     labels.setdefault("tier", "core" if ns.listen else "edge")
     try:
         tls = TLSFiles.from_options(ns.tls_ca, ns.tls_cert, ns.tls_key)
+        if ns.tls_client_ca:
+            if tls is None or tls.ca is None:
+                raise SecurityConfigError("--tls-client-ca needs --tls-ca")
+            tls = dataclasses.replace(tls, client_ca=Path(ns.tls_client_ca))
         if tls is not None:
             tls.pair()  # unreadable files fail now, not at the first handshake
-            tls.ca_bytes()
+            tls.callers_ca_bytes()
             if ns.listen and tls.cert is None:
                 raise SecurityConfigError("--listen with TLS needs --tls-cert and --tls-key")
         token = (

@@ -26,7 +26,7 @@ from meshserve.node.copies import CopyManager
 from meshserve.node.link import direct_server_options
 from meshserve.node.monitor import PredictionLog
 from meshserve.node.mux import MuxServicer
-from meshserve.node.rights import ROUTERS, Rights
+from meshserve.node.rights import ROUTERS, Rights, load_cas
 from meshserve.node.service import InferenceHandler, NodeInferenceServicer
 from meshserve.node.store import ModelStore
 from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
@@ -69,7 +69,9 @@ class NodeConfig:
     download_deadline_s: float = 1800.0  # one artifact download, all attempts: then it fails
     download_min_rate_bps: float = 1024.0  # a download slower than this (over the window) fails
     download_rate_window_s: float = 30.0
-    tls: TLSFiles | None = None  # dial the CP with TLS; serve --listen with TLS (+CA: mTLS only)
+    # dial the CP with TLS (tls.ca: the control-plane CA); serve --listen with TLS (+CA: mTLS
+    # only, admitting the routers (tls.ca) and clients (tls.client_ca))
+    tls: TLSFiles | None = None
     join_token: str | None = field(default=None, repr=False)  # sent on NodeLink.Connect
     # client certificate names let through the direct port's tenant checks (the mesh's routers,
     # which checked the tenant already; see meshserve.node.rights)
@@ -110,8 +112,12 @@ class Node:
             shed_late=config.shed_late,
         )
         # who may query the direct port: fails closed with TLS until the control plane says
+        # (routers: certificates the control-plane CA, --tls-ca, issued)
         self.rights = Rights(
-            config.node_id, fail_closed=config.tls is not None, routers=config.trusted_routers
+            config.node_id,
+            fail_closed=config.tls is not None,
+            routers=config.trusted_routers,
+            router_cas=load_cas(config.tls.ca_bytes()) if config.tls is not None else (),
         )
         self._server: aio.Server | None = None
         self.direct_address = ""
@@ -140,7 +146,8 @@ class Node:
             )
             if cfg.tls is None:
                 port = self._server.add_insecure_port(cfg.listen)
-            else:  # with a CA, only callers with a certificate it issued (the gateways)
+            else:  # with a CA, only callers with a certificate it (the gateways) or
+                # tls.client_ca (clients) issued
                 creds = server_credentials(cfg.tls, require_client_cert=cfg.tls.ca is not None)
                 port = self._server.add_secure_port(cfg.listen, creds)
             host = (cfg.advertise or cfg.listen).rsplit(":", 1)[0]

@@ -10,8 +10,10 @@ replica sent it, across reconnects.
 Decision, in this order:
 
 1. A caller whose verified client certificate names a router of the mesh (:data:`ROUTERS`, the
-   common name ``meshctl certs init`` issues to control-plane replicas and gateways) is let
-   through: the router checked the tenant before forwarding (as for tunneled queries). So is a
+   common name ``meshctl certs init`` issues to control-plane replicas and gateways) *and* was
+   issued by a router CA (the node's ``--tls-ca``, the control-plane CA: a client CA's
+   certificate never passes as a router, whatever its name) is let through: the router checked
+   the tenant before forwarding (as for tunneled queries). So is a
    caller sending a replica's router key (metadata ``x-meshserve-router``) whose digest a
    replica sent with its rights (:data:`_ROUTER_KEYS_HELD` of them are kept: one per replica,
    a new one per replica restart): the mesh's own gateways without certificates.
@@ -30,16 +32,20 @@ never logged. A stream (ModelStreamInfer, the mux stream) is authenticated once
 arrives, so a revoked key stops working on open streams too, and a stream opened while the node
 was open is authenticated when enforced rights arrive. Health RPCs stay open.
 
-Everything here but :meth:`Rights.stream_of` / :meth:`Rights.check_call` (which read a servicer
-context) is pure: a function of the rights held and the caller's metadata.
+Everything here but :meth:`Rights.stream_of` / :meth:`Rights.check_call` /
+:meth:`Rights.peers_of` (which read a servicer context) is pure: a function of the rights held
+and the caller's metadata.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from meshserve.common.errors import (
     PermissionDenied,
@@ -50,10 +56,13 @@ from meshserve.common.errors import (
 from meshserve.common.security import API_KEY_HEADER, AUTHORIZATION_HEADER, ROUTER_KEY_HEADER
 from meshserve.protos import mesh_pb2
 
-__all__ = ["ROUTERS", "Check", "Grant", "Rights", "api_key", "peer_names"]
+__all__ = ["ROUTERS", "Check", "Grant", "Rights", "api_key", "issued_by", "load_cas", "peer_names"]
 
 #: Client certificate names of the mesh's routers (control-plane replicas, gateways).
 ROUTERS: Final = frozenset({"controlplane"})
+
+#: Client certificates whose issuer was checked, kept (PEM -> issued by a router CA).
+_ISSUERS_HELD: Final = 256
 
 #: Router key digests a node keeps (the newest; replicas restarting make new ones).
 _ROUTER_KEYS_HELD: Final = 32
@@ -101,6 +110,26 @@ def peer_names(context: ServicerContext) -> tuple[str, ...]:
     return tuple(v.decode(errors="replace") for v in common)
 
 
+def load_cas(pem: bytes | None) -> tuple[x509.Certificate, ...]:
+    """The certificates of a PEM bundle (a CA file); empty for None."""
+    return tuple(x509.load_pem_x509_certificates(pem)) if pem else ()
+
+
+def issued_by(pem: bytes, cas: Sequence[x509.Certificate]) -> bool:
+    """Whether the certificate ``pem`` was signed directly by one of ``cas``."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return False
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -109,7 +138,8 @@ class Rights:
     """The latest TenantRights and the decisions made from them (see the module contract).
 
     ``fail_closed``: refuse every query until rights arrive (nodes started with TLS);
-    ``routers``: the client certificate names let through unchecked."""
+    ``routers``: the client certificate names let through unchecked, when the certificate was
+    issued by one of ``router_cas`` (none: no certificate is a router's)."""
 
     def __init__(
         self,
@@ -117,10 +147,13 @@ class Rights:
         *,
         fail_closed: bool,
         routers: Collection[str] = ROUTERS,
+        router_cas: Sequence[x509.Certificate] = (),
     ) -> None:
         self.node_id = node_id
         self.fail_closed = fail_closed
         self.routers = frozenset(routers)
+        self.router_cas = tuple(router_cas)
+        self._issuers: dict[bytes, bool] = {}  # client certificate PEM -> a router CA's
         self.received = False
         self.enforce = False
         self._grants: dict[bytes, Grant] = {}
@@ -197,6 +230,24 @@ class Rights:
 
     # -- servicer hooks ------------------------------------------------------------------------
 
+    def _router_issued(self, pem: bytes) -> bool:
+        known = self._issuers.get(pem)
+        if known is None:
+            known = issued_by(pem, self.router_cas)
+            if len(self._issuers) >= _ISSUERS_HELD:
+                self._issuers.clear()
+            self._issuers[pem] = known
+        return known
+
+    def peers_of(self, context: ServicerContext) -> tuple[str, ...]:
+        """The caller's certificate names (:func:`peer_names`) when a router CA issued its
+        certificate; else none (its names can make no router)."""
+        names = peer_names(context)
+        if not names:
+            return ()
+        pems = context.auth_context().get("x509_pem_cert") or ()
+        return names if any(self._router_issued(p) for p in pems) else ()
+
     def stream_of(self, context: ServicerContext) -> Check | None:
         """:meth:`stream` for the caller of ``context`` (metadata and client certificate).
 
@@ -205,14 +256,14 @@ class Rights:
         opened before the rights is not exempt from them."""
         metadata = context.invocation_metadata()
         if not self.open:
-            return self.stream(metadata, peer_names(context))  # type: ignore[arg-type]
+            return self.stream(metadata, self.peers_of(context))  # type: ignore[arg-type]
         authenticated: list[Check | None] = []
 
         def later(model: str) -> None:
             if self.open:
                 return
             if not authenticated:  # raises for this query (and the next) until it may
-                authenticated.append(self.stream(metadata, peer_names(context)))  # type: ignore[arg-type]
+                authenticated.append(self.stream(metadata, self.peers_of(context)))  # type: ignore[arg-type]
             check = authenticated[0]
             if check is not None:
                 check(model)
@@ -223,4 +274,4 @@ class Rights:
         """:meth:`check` for the caller of ``context``."""
         if self.open:
             return
-        self.check(context.invocation_metadata(), model, peer_names(context))  # type: ignore[arg-type]
+        self.check(context.invocation_metadata(), model, self.peers_of(context))  # type: ignore[arg-type]

@@ -127,10 +127,19 @@ def up(
 
 
 def certs_init(
-    directory: Annotated[Path, typer.Argument(help="where the CA and certificates go")],
+    directory: Annotated[Path, typer.Argument(help="where the CAs and certificates go")],
     host: Annotated[
         list[str] | None,
-        typer.Option(help="extra DNS name / IP in the server certificates (repeatable)"),
+        typer.Option(
+            help="extra DNS name / IP of the control plane, on its certificate only (repeatable)"
+        ),
+    ] = None,
+    node_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="extra DNS name / IP of the nodes' direct ports, on node certificates only "
+            "(repeatable; never a control-plane name)"
+        ),
     ] = None,
     node: Annotated[
         list[str] | None,
@@ -139,21 +148,34 @@ def certs_init(
     days: Annotated[int, typer.Option(help="validity of every certificate")] = 365,
     force: Annotated[bool, typer.Option(help="overwrite existing files")] = False,
 ) -> None:
-    """Create a development CA in DIRECTORY and issue the control plane's, the nodes' and a
-    client certificate (keys 0600). For development and tests; see docs/security.md."""
+    """Create one development CA per role (control plane, nodes, clients) in DIRECTORY and
+    issue the control plane's, the nodes' and a client certificate (keys 0600). For development
+    and tests; see docs/security.md."""
     # Lazy on purpose: the dev CA lives in devtools (module docstring).
     from meshserve.devtools.certs import init_certs
 
     try:
         issued = init_certs(
-            directory, hosts=host or (), nodes=node or ("node-1",), days=days, force=force
+            directory,
+            hosts=host or (),
+            node_hosts=node_host or (),
+            nodes=node or ("node-1",),
+            days=days,
+            force=force,
         )
     except (FileExistsError, ValueError) as exc:
         console.print(f"[red]error[/red] {exc}")
         raise typer.Exit(1) from None
     table = Table("file", "what")
-    table.add_row(str(issued.ca_cert), "CA certificate: --tls-ca of every process")
-    table.add_row(str(issued.ca_key), "CA key (0600): keep it off the mesh's machines")
+    uses = {
+        "controlplane": "--tls-ca of nodes, meshctl and SDKs (what dials the control plane)",
+        "node": "what dials nodes' direct ports (SDK: TLSFiles(node_ca=...))",
+        "client": "nodes' --tls-client-ca (SDKs querying their direct ports)",
+    }
+    for role, (ca_cert, ca_key) in issued.cas.items():
+        table.add_row(str(ca_cert), f"{role} CA: {uses[role]}")
+        table.add_row(str(ca_key), f"{role} CA key (0600): keep it off the mesh's machines")
+    table.add_row(str(issued.controlplane_trust), "the control plane's --tls-ca (its callers' CAs)")
     cp_cert, cp_key = issued.controlplane
     table.add_row(f"{cp_cert}, {cp_key}", "control plane: --tls-cert / --tls-key")
     for node_id, (cert, key) in issued.nodes.items():

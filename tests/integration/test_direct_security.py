@@ -49,8 +49,18 @@ class Secured:
     node_address: str
 
     def tls(self, stem: str) -> TLSFiles:
+        """``stem``'s certificate, dialling a node's direct port (the node CA)."""
         return TLSFiles(
-            self.certs / "ca.crt", self.certs / f"{stem}.crt", self.certs / f"{stem}.key"
+            self.certs / "node-ca.crt", self.certs / f"{stem}.crt", self.certs / f"{stem}.key"
+        )
+
+    def client_tls(self) -> TLSFiles:
+        """The SDK's files: the control-plane CA for the gateway, the node CA for nodes."""
+        return TLSFiles(
+            self.certs / "controlplane-ca.crt",
+            self.certs / "client.crt",
+            self.certs / "client.key",
+            node_ca=self.certs / "node-ca.crt",
         )
 
 
@@ -61,7 +71,12 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     work = tmp_path_factory.mktemp("direct-secured")
     certs = work / "certs"
     init_certs(certs, nodes=["n1"])
-    client_tls = TLSFiles(certs / "ca.crt", certs / "client.crt", certs / "client.key")
+    client_tls = TLSFiles(
+        certs / "controlplane-ca.crt",
+        certs / "client.crt",
+        certs / "client.key",
+        node_ca=certs / "node-ca.crt",
+    )
     join_token, admin_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     acme_key, globex_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     model = make_mlp(work / "mlp.onnx")
@@ -72,13 +87,12 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
         f"  - {{name: acme, keys: [{acme_key}], models: [mlp]}}\n"
         f"  - {{name: globex, keys: [{globex_key}], models: [other]}}\n"
     )
-    ca = ["--tls-ca", str(certs / "ca.crt")]
     with LocalMesh(work, env=dict(os.environ), tls=client_tls) as mesh:
         mesh.start_etcd()
         cp = mesh.start_controlplane(
             "cp-1",
             extra=[
-                *ca,
+                f"--tls-ca={certs / 'controlplane-trust.crt'}",
                 f"--tls-cert={certs / 'controlplane.crt'}",
                 f"--tls-key={certs / 'controlplane.key'}",
                 f"--join-token-file={work / 'join'}",
@@ -91,7 +105,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             [cp.address],
             direct=True,
             extra=[
-                *ca,
+                f"--tls-ca={certs / 'controlplane-ca.crt'}",
+                f"--tls-client-ca={certs / 'client-ca.crt'}",
                 f"--tls-cert={certs / 'node-n1.crt'}",
                 f"--tls-key={certs / 'node-n1.key'}",
                 f"--join-token-file={work / 'join'}",
@@ -209,11 +224,13 @@ async def test_a_client_certificate_alone_or_a_wrong_key_is_unauthenticated(
             ):
                 assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
             stream = stub.ModelStreamInfer(metadata=metadata, timeout=10)
-            with pytest.raises(aio.AioRpcError) as err:  # the write may already see the refusal
+            with pytest.raises(aio.AioRpcError):  # the write may already see the refusal
                 await stream.write(_request())
                 async for _ in stream:
                     pass
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # (a write that lost the race fails INTERNAL "from Core"; the call's status is the
+            # node's refusal)
+            assert await asyncio.wait_for(stream.code(), 10) == grpc.StatusCode.UNAUTHENTICATED
             mux = MuxChannel(channel, metadata=metadata or ())
             try:
                 with pytest.raises(Unauthenticated):
@@ -233,7 +250,7 @@ async def test_the_gateway_still_reaches_the_node_directly(secured: Secured) -> 
     def through_gateway() -> str:
         with MeshClient(
             secured.cp.address,
-            tls=secured.tls("client"),
+            tls=secured.client_tls(),
             api_key=secured.acme_key,
             routing="gateway",  # the SDK would go to the node's port itself
         ) as client:
@@ -254,7 +271,8 @@ async def test_a_tls_node_without_rights_yet_fails_closed(secured: Secured) -> N
         extra=[
             "--listen",
             address,
-            f"--tls-ca={certs / 'ca.crt'}",
+            f"--tls-ca={certs / 'controlplane-ca.crt'}",
+            f"--tls-client-ca={certs / 'client-ca.crt'}",
             f"--tls-cert={certs / 'node-n1.crt'}",
             f"--tls-key={certs / 'node-n1.key'}",
         ],

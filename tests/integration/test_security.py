@@ -61,8 +61,11 @@ class Secured:
     node_address: str = ""
 
     def tls_for(self, stem: str) -> TLSFiles:
+        """``stem``'s certificate, dialling the control plane (its CA)."""
         return TLSFiles(
-            self.certs / "ca.crt", self.certs / f"{stem}.crt", self.certs / f"{stem}.key"
+            self.certs / "controlplane-ca.crt",
+            self.certs / f"{stem}.crt",
+            self.certs / f"{stem}.key",
         )
 
     def secrets(self) -> list[str]:
@@ -88,7 +91,12 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     work = tmp_path_factory.mktemp("secured")
     certs = work / "certs"
     init_certs(certs, nodes=["n1", "n2"])
-    client_tls = TLSFiles(certs / "ca.crt", certs / "client.crt", certs / "client.key")
+    client_tls = TLSFiles(
+        certs / "controlplane-ca.crt",
+        certs / "client.crt",
+        certs / "client.key",
+        node_ca=certs / "node-ca.crt",
+    )
     env = {**os.environ, "MESHSERVE_TRACE_CONSOLE": "1", "OTEL_TRACES_SAMPLER": "always_on"}
     mesh = LocalMesh(work, env=env, tls=client_tls)
     join_token, admin_token, acme_key, globex_key = _secret(), _secret(), _secret(), _secret()
@@ -100,13 +108,13 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
         f"  - {{name: acme, keys: [{acme_key}], models: [mlp]}}\n"
         f"  - {{name: globex, keys: [{globex_key}], models: [other]}}\n"
     )
-    tls = ["--tls-ca", str(certs / "ca.crt")]
     with mesh:
         mesh.start_etcd()
         cp = mesh.start_controlplane(
             "cp-1",
             extra=[
-                *tls,
+                "--tls-ca",
+                str(certs / "controlplane-trust.crt"),
                 "--tls-cert",
                 str(certs / "controlplane.crt"),
                 "--tls-key",
@@ -124,7 +132,10 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             [cp.address],
             direct=True,
             extra=[
-                *tls,
+                "--tls-ca",
+                str(certs / "controlplane-ca.crt"),
+                "--tls-client-ca",
+                str(certs / "client-ca.crt"),
                 "--tls-cert",
                 str(certs / "node-n1.crt"),
                 "--tls-key",
@@ -172,6 +183,8 @@ def test_certs_init_issues_a_working_chain(tmp_path: Path) -> None:
             "edge-7",
             "--host",
             "mesh.example",
+            "--node-host",
+            "edge-7.example",
         ],
         capture_output=True,
         text=True,
@@ -179,16 +192,26 @@ def test_certs_init_issues_a_working_chain(tmp_path: Path) -> None:
         env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "node-edge-7.crt" in proc.stdout and "wrote 8 files" in proc.stdout
-    ca = x509.load_pem_x509_certificate((tmp_path / "c" / "ca.crt").read_bytes())
-    for stem in ("controlplane", "node-edge-7", "client"):
-        cert = x509.load_pem_x509_certificate((tmp_path / "c" / f"{stem}.crt").read_bytes())
-        cert.verify_directly_issued_by(ca)
+    assert "node-edge-7.crt" in proc.stdout and "wrote 13 files" in proc.stdout
+
+    def load(stem: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((tmp_path / "c" / f"{stem}.crt").read_bytes())
+
+    for stem, role in (
+        ("controlplane", "controlplane"),
+        ("node-edge-7", "node"),
+        ("client", "client"),
+    ):
+        load(stem).verify_directly_issued_by(load(f"{role}-ca"))
         mode = stat.S_IMODE((tmp_path / "c" / f"{stem}.key").stat().st_mode)
         assert mode == 0o600, f"{stem}.key is {oct(mode)}"
-    cp = x509.load_pem_x509_certificate((tmp_path / "c" / "controlplane.crt").read_bytes())
-    sans = cp.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert {"localhost", "mesh.example"} <= set(sans.get_values_for_type(x509.DNSName))
+    for stem in ("controlplane", "node-edge-7"):
+        sans = load(stem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = set(sans.get_values_for_type(x509.DNSName))
+        assert "localhost" in names
+        # the control plane's name only on its own certificate, the nodes' only on theirs
+        assert ("mesh.example" in names) == (stem == "controlplane")
+        assert ("edge-7.example" in names) == (stem != "controlplane")
     again = subprocess.run(
         [sys.executable, "-m", "meshserve.client.cli", "certs", "init", str(tmp_path / "c")],
         capture_output=True,
@@ -244,7 +267,7 @@ def test_admin_api_needs_the_admin_token(secured: Secured) -> None:
     with AdminClient(secured.cp.address, tls=secured.client_tls, token=secured.admin_token) as a:
         assert [m.name for m in a.list_models()] == ["mlp"]
     tls = [
-        f"--tls-ca={secured.certs / 'ca.crt'}",
+        f"--tls-ca={secured.certs / 'controlplane-ca.crt'}",
         f"--tls-cert={secured.certs / 'client.crt'}",
         f"--tls-key={secured.certs / 'client.key'}",
     ]
@@ -302,11 +325,14 @@ def test_nodes_need_the_join_token_and_their_own_certificate(secured: Secured) -
 
 
 def test_plaintext_and_certificate_less_clients_are_refused(secured: Secured) -> None:
-    for address in (secured.cp.address, secured.node_address):
+    for address, ca in (
+        (secured.cp.address, "controlplane-ca.crt"),
+        (secured.node_address, "node-ca.crt"),
+    ):
         with MeshClient(address, timeout=3) as c, pytest.raises(StatusError) as err:
             c.model_ready("mlp")
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
-        no_cert = TLSFiles(ca=secured.certs / "ca.crt")
+        no_cert = TLSFiles(ca=secured.certs / ca)
         with MeshClient(address, timeout=3, tls=no_cert, api_key=secured.acme_key) as c:
             with pytest.raises(StatusError) as err:
                 c.model_ready("mlp")

@@ -3,13 +3,18 @@ caller's metadata and certificate names. The wording matches the gateway's (cont
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from meshserve.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from meshserve.controlplane.auth import AuthConfig, Guard, Tenant, Tenants
-from meshserve.node.rights import Rights, api_key
+from meshserve.node.rights import Rights, api_key, issued_by, load_cas
 from meshserve.protos import mesh_pb2
 
 ACME = "acme-key-0123456789"
@@ -134,24 +139,61 @@ def test_the_latest_rights_win() -> None:
 
 
 class _Context:
-    """What Rights.stream_of reads of a servicer context: metadata and certificate names."""
+    """What Rights.stream_of reads of a servicer context: metadata and the certificate."""
 
-    def __init__(self, metadata: list[tuple[str, str]], names: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, metadata: list[tuple[str, str]], names: tuple[str, ...] = (), pem: bytes = b""
+    ) -> None:
         self._metadata = metadata
         self._names = names
+        self._pem = pem
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return self._metadata
 
     def auth_context(self) -> dict[str, list[bytes]]:
-        return {"x509_common_name": [n.encode() for n in self._names]} if self._names else {}
+        if not self._names:
+            return {}
+        return {"x509_common_name": [n.encode() for n in self._names], "x509_pem_cert": [self._pem]}
 
 
-def test_a_stream_opened_before_the_rights_is_checked_once_they_arrive() -> None:
-    rights = Rights("n1", fail_closed=False)  # an insecure node: open until told
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """PEMs: the control-plane CA, the router's (controlplane.crt) and client certificates, and
+    a certificate named ``controlplane`` that the client CA issued."""
+    from meshserve.devtools.certs import init_certs
+
+    issued = init_certs(tmp_path_factory.mktemp("pki"))
+    client_ca = x509.load_pem_x509_certificate(issued.ca("client").read_bytes())
+    signer = serialization.load_pem_private_key(issued.cas["client"][1].read_bytes(), None)
+    assert isinstance(signer, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "controlplane")]))
+        .issuer_name(client_ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(signer, hashes.SHA256())
+    )
+    return {
+        "router_ca": issued.ca("controlplane").read_bytes(),
+        "router": issued.controlplane[0].read_bytes(),
+        "client": issued.client[0].read_bytes(),
+        "forged": forged.public_bytes(serialization.Encoding.PEM),
+    }
+
+
+def test_a_stream_opened_before_the_rights_is_checked_once_they_arrive(
+    pki: dict[str, bytes],
+) -> None:
+    rights = Rights("n1", fail_closed=False, router_cas=load_cas(pki["router_ca"]))
     anonymous = rights.stream_of(_Context([]))  # type: ignore[arg-type]
     keyed = rights.stream_of(_Context([("x-api-key", ACME)]))  # type: ignore[arg-type]
-    router = rights.stream_of(_Context([], ("controlplane",)))  # type: ignore[arg-type]
+    router = rights.stream_of(_Context([], ("controlplane",), pki["router"]))  # type: ignore[arg-type]
     assert anonymous is not None and keyed is not None and router is not None
     anonymous("mlp")
     keyed("other")
@@ -165,7 +207,29 @@ def test_a_stream_opened_before_the_rights_is_checked_once_they_arrive() -> None
     # a TLS node's stream after the rights: authenticated at once
     with pytest.raises(Unauthenticated):
         rights.stream_of(_Context([("x-api-key", "wrong-key-0123456789")]))  # type: ignore[arg-type]
-    assert rights.stream_of(_Context([], ("controlplane",))) is None  # type: ignore[arg-type]
+    assert rights.stream_of(_Context([], ("controlplane",), pki["router"])) is None  # type: ignore[arg-type]
+
+
+def test_only_a_router_cas_certificate_passes_as_a_router(pki: dict[str, bytes]) -> None:
+    """A certificate's name makes a router only when the router (control-plane) CA issued it:
+    the client CA's certificate named ``controlplane`` needs a key like any client."""
+    cas = load_cas(pki["router_ca"])
+    assert issued_by(pki["router"], cas)
+    assert not issued_by(pki["forged"], cas) and not issued_by(pki["client"], cas)
+    assert not issued_by(b"not a certificate", cas) and not issued_by(pki["router"], ())
+    rights = Rights("n1", fail_closed=True, router_cas=cas)
+    rights.update(_pushed())
+    rights.check_call(_Context([], ("controlplane",), pki["router"]), "other")  # type: ignore[arg-type]
+    for pem in (pki["forged"], pki["client"]):
+        context = _Context([], ("controlplane",), pem)
+        with pytest.raises(Unauthenticated, match="a client certificate alone is not enough"):
+            rights.check_call(context, "mlp")  # type: ignore[arg-type]
+        with pytest.raises(PermissionDenied):
+            rights.check_call(_Context([("x-api-key", ACME)], ("controlplane",), pem), "other")  # type: ignore[arg-type]
+    no_cas = Rights("n1", fail_closed=True)  # no router CA known: no certificate is a router's
+    no_cas.update(_pushed())
+    with pytest.raises(Unauthenticated):
+        no_cas.check_call(_Context([], ("controlplane",), pki["router"]), "mlp")  # type: ignore[arg-type]
 
 
 def test_a_replicas_router_key_lets_its_gateway_through_and_nothing_else_does() -> None:

@@ -21,27 +21,64 @@ KEY_A = "a" * 20
 KEY_B = "b-secret-key-0123456789"
 
 
-def test_certs_chain_to_the_ca_and_name_their_node(tmp_path: Path) -> None:
-    issued = init_certs(tmp_path, nodes=["edge-1"], hosts=["10.0.0.5"])
-    ca = x509.load_pem_x509_certificate(issued.ca_cert.read_bytes())
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_certs_chain_to_their_role_ca_and_name_their_node(tmp_path: Path) -> None:
+    issued = init_certs(tmp_path, nodes=["edge-1"], hosts=["cp.example"], node_hosts=["10.0.0.5"])
     cert_path = issued.nodes["edge-1"][0]
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    cert.verify_directly_issued_by(ca)
+    cert = _load(cert_path)
+    cert.verify_directly_issued_by(_load(issued.ca("node")))
     cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
     assert cn == "edge-1"
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "edge-1" in sans.get_values_for_type(x509.DNSName)
+    assert "cp.example" not in sans.get_values_for_type(x509.DNSName)  # never a CP name
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == [
         "127.0.0.1",
         "::1",
         "10.0.0.5",
     ]
+    cp = _load(issued.controlplane[0])
+    cp.verify_directly_issued_by(_load(issued.ca("controlplane")))
+    cp_sans = cp.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "cp.example" in cp_sans.get_values_for_type(x509.DNSName)
+    _load(issued.client[0]).verify_directly_issued_by(_load(issued.ca("client")))
+    # one CA per role: a node's or a client's certificate does not chain to the CP's CA
+    for other in (cert_path, issued.client[0]):
+        with pytest.raises(ValueError):
+            _load(other).verify_directly_issued_by(_load(issued.ca("controlplane")))
+    bundle = x509.load_pem_x509_certificates(issued.controlplane_trust.read_bytes())
+    assert {c.subject for c in bundle} == {_load(issued.ca(r)).subject for r in issued.cas}
     for path in issued.all():
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o600 if path.suffix == ".key" else 0o644), path
     with pytest.raises(FileExistsError):
         init_certs(tmp_path)
     init_certs(tmp_path, force=True)
+
+
+def test_a_control_plane_name_is_never_put_on_a_node_certificate(tmp_path: Path) -> None:
+    for hosts, node_hosts, nodes in (
+        (["mesh.example"], ["mesh.example"], ["n1"]),
+        (["mesh.example"], [], ["mesh.example"]),
+    ):
+        with pytest.raises(ValueError, match=r"mesh\.example: a control-plane name"):
+            init_certs(tmp_path, hosts=hosts, node_hosts=node_hosts, nodes=nodes)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_tls_files_for_nodes_and_a_listeners_callers(tmp_path: Path) -> None:
+    issued = init_certs(tmp_path, nodes=["n1"])
+    cp_ca, node_ca, client_ca = (issued.ca(r) for r in ("controlplane", "node", "client"))
+    sdk = TLSFiles(cp_ca, *issued.client, node_ca=node_ca)
+    assert sdk.for_nodes() == TLSFiles(node_ca, *issued.client)
+    assert TLSFiles(cp_ca).for_nodes() == TLSFiles(cp_ca)  # default: the same CA
+    listener = TLSFiles(cp_ca, *issued.nodes["n1"], client_ca=client_ca)
+    both = x509.load_pem_x509_certificates(listener.callers_ca_bytes() or b"")
+    assert [c.subject for c in both] == [_load(cp_ca).subject, _load(client_ca).subject]
+    assert TLSFiles(cp_ca).callers_ca_bytes() == cp_ca.read_bytes()
 
 
 def test_tls_files_need_a_cert_with_its_key_and_name_missing_files(tmp_path: Path) -> None:
