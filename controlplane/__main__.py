@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         "unless the operator confirms it first (meshctl nodes confirm-unloads)",
     )
     _security_options(p)
+    p.add_argument(
+        "--trust-node-labels",
+        action="store_true",
+        help="placement also matches the labels a node claims in its Hello (default: only the "
+        "admin-side labels set by `meshctl nodes label`); for a mesh whose nodes are all yours",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--metrics-listen",
@@ -217,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         require_client_cert=require_client_cert,
         auth=auth,
         retry=retry,
+        trust_node_labels=ns.trust_node_labels,
     )
     run(_serve(config, ns.metrics_listen))
 

@@ -83,6 +83,9 @@ class ControlPlaneConfig:
     unload_confirm_s: float = 600.0  # the safety floor holds a mass unload back this long
     etcd_keep_revisions: int = 10_000  # the leader compacts etcd, keeping this much history
     retry: RetryPolicy = DEFAULT_RETRY  # backoff before a node where a copy failed is tried again
+    # placement matches the labels nodes claim in their Hello too, not only admin-side ones
+    # (`meshctl nodes label`): for a local mesh whose nodes are all yours (docs/security.md)
+    trust_node_labels: bool = False
 
 
 class ControlPlane:
@@ -141,6 +144,8 @@ class ControlPlane:
                 draining=m[keys.DRAINING].items(),
                 wake=m[keys.WAKE].items(),
                 aliases=m[keys.ALIASES].items(),
+                node_labels=m[keys.NODE_LABELS].items(),
+                trust_node_labels=self.config.trust_node_labels,
             )
         return self._snapshot
 
@@ -274,6 +279,7 @@ class ControlPlane:
             keys.POLICY,
             keys.WAKE,
             keys.ALIASES,
+            keys.NODE_LABELS,
         )
         for prefix in prefixes:
             mirror = PrefixMirror(self._etcd, prefix)

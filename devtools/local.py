@@ -138,12 +138,17 @@ class LocalMesh:
         lease_ttl_s: int = 5,
         env: Mapping[str, str] | None = None,
         tls: TLSFiles | None = None,
+        trust_node_labels: bool = True,
     ) -> None:
         """``tls``: what the readiness probe dials control planes with (a secured mesh: pass
-        the security flags in ``extra`` of :meth:`start_controlplane` / :meth:`start_node`)."""
+        the security flags in ``extra`` of :meth:`start_controlplane` / :meth:`start_node`).
+        ``trust_node_labels``: control planes started here place by the labels nodes claim
+        (``--labels``) too, not only by admin-side ones -- a local mesh's nodes are all yours;
+        False starts them as a production replica runs by default."""
         self.workdir = workdir
         self.tls = tls
         self.lease_ttl_s = lease_ttl_s
+        self.trust_node_labels = trust_node_labels
         self.env = env
         self.etcd: Any = None
         self.etcd_url = ""
@@ -180,6 +185,7 @@ class LocalMesh:
             name,
             "--lease-ttl",
             str(self.lease_ttl_s),
+            *(["--trust-node-labels"] if self.trust_node_labels else []),
             *extra,
         ]
         return self._serve(name, argv, address, "controlplane", timeout)

@@ -32,6 +32,7 @@ from meshserve.common.security import channel_credentials
 from meshserve.devtools.demo_models import make_mlp, reference_outputs, sha256_file
 from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
+from tests.support.pki import issue_from
 
 pytestmark = pytest.mark.integration
 
@@ -237,6 +238,38 @@ async def test_a_client_certificate_alone_or_a_wrong_key_is_unauthenticated(
                     await mux.call_message(_request(), timeout=10)
             finally:
                 await mux.close()
+
+
+async def test_a_client_certificate_is_never_a_router_whatever_its_name(
+    secured: Secured,
+) -> None:
+    """Issue 16 finding 7: the client CA's certificates (``client.crt``, or one it issued named
+    ``controlplane``) are tenants' callers: without a key UNAUTHENTICATED, with a key only the
+    tenant's models. A node's own certificate (the node CA) is not admitted at all."""
+    issue_from(secured.certs, "client", "controlplane", "forged-router")
+    acme = [("x-api-key", secured.acme_key)]
+    globex = [("x-api-key", secured.globex_key)]
+    for stem in ("client", "forged-router"):
+        async with _channel(secured, stem) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert await _code(stub.ModelInfer(_request(), timeout=10)) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            answer = await stub.ModelInfer(_request(), metadata=acme, timeout=10)
+            assert answer.parameters["meshserve_node"].string_param == "n1"
+            for model, metadata in (("other", acme), ("mlp", globex)):
+                call = stub.ModelInfer(_request(model), metadata=metadata, timeout=10)
+                assert await _code(call) == grpc.StatusCode.PERMISSION_DENIED
+            mux = MuxChannel(channel)
+            try:
+                with pytest.raises(Unauthenticated):
+                    await mux.call_message(_request(), timeout=10)
+            finally:
+                await mux.close()
+    async with _channel(secured, "node-n1") as channel:  # a node's key calling a node
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelInfer(_request(), metadata=acme, timeout=10)
+        assert await _code(call) == grpc.StatusCode.UNAVAILABLE  # refused at the handshake
 
 
 async def test_the_gateway_still_reaches_the_node_directly(secured: Secured) -> None:

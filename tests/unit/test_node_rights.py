@@ -3,19 +3,15 @@ caller's metadata and certificate names. The wording matches the gateway's (cont
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from meshserve.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from meshserve.controlplane.auth import AuthConfig, Guard, Tenant, Tenants
 from meshserve.node.rights import Rights, api_key, issued_by, load_cas
 from meshserve.protos import mesh_pb2
+from tests.support.pki import issue_from
 
 ACME = "acme-key-0123456789"
 GLOBEX = "globex-key-0123456789"
@@ -164,26 +160,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     from meshserve.devtools.certs import init_certs
 
     issued = init_certs(tmp_path_factory.mktemp("pki"))
-    client_ca = x509.load_pem_x509_certificate(issued.ca("client").read_bytes())
-    signer = serialization.load_pem_private_key(issued.cas["client"][1].read_bytes(), None)
-    assert isinstance(signer, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    forged = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "controlplane")]))
-        .issuer_name(client_ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(signer, hashes.SHA256())
-    )
+    forged, _ = issue_from(issued.ca("client").parent, "client", "controlplane", "forged")
     return {
         "router_ca": issued.ca("controlplane").read_bytes(),
         "router": issued.controlplane[0].read_bytes(),
         "client": issued.client[0].read_bytes(),
-        "forged": forged.public_bytes(serialization.Encoding.PEM),
+        "forged": forged.read_bytes(),
     }
 
 
