@@ -232,6 +232,20 @@ class AdminClient:
         assert isinstance(out, mesh_pb2.ConfirmUnloadsResponse)
         return out
 
+    def label_node(
+        self,
+        node_id: str,
+        labels: Mapping[str, str] | None = None,
+        *,
+        remove: Sequence[str] = (),
+    ) -> dict[str, str]:
+        """Set (``labels``) or remove (``remove``) a node's admin-side labels, the ones placement
+        matches; returns the node's admin labels now."""
+        request = mesh_pb2.LabelNodeRequest(node_id=node_id, set=labels or {}, remove=remove)
+        out = self._call("LabelNode", request)
+        assert isinstance(out, mesh_pb2.LabelNodeResponse)
+        return dict(out.labels)
+
     def drain_node(self, node_id: str, *, undrain: bool = False) -> bool:
         out = self._call("DrainNode", mesh_pb2.DrainNodeRequest(node_id=node_id, undrain=undrain))
         assert isinstance(out, mesh_pb2.DrainNodeResponse)

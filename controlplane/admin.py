@@ -50,6 +50,7 @@ from meshserve.controlplane.validation import (
     check_model_name,
     validate_alias_change,
     validate_feedback,
+    validate_node_labels,
     validate_policy,
     validate_profile,
     validate_rollout,
@@ -225,6 +226,19 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         await self._registry.drain(node_id)  # (a node that left meanwhile is drained if it returns)
         self._events.record("drain", node_id=node_id, message="draining: no new copies or queries")
         return mesh_pb2.DrainNodeResponse(draining=True)
+
+    async def LabelNode(
+        self, request: mesh_pb2.LabelNodeRequest, context: ServicerContext
+    ) -> mesh_pb2.LabelNodeResponse:
+        """Set or remove a node's admin-side labels, the ones placement matches (a node that is
+        not linked yet may be labelled before it joins)."""
+        validate_node_labels(request)
+        labels = await self._registry.label_node(
+            request.node_id, dict(request.set), list(request.remove)
+        )
+        text = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+        self._events.record("label", node_id=request.node_id, message=f"admin labels: {text}")
+        return mesh_pb2.LabelNodeResponse(labels=labels)
 
     async def ExplainSwitching(
         self, request: mesh_pb2.ExplainSwitchingRequest, context: ServicerContext

@@ -21,6 +21,7 @@ __all__ = [
     "LEADER",
     "MODELS",
     "NODES",
+    "NODE_LABELS",
     "PLACEMENTS",
     "POLICY",
     "REPLICAS",
@@ -37,6 +38,7 @@ __all__ = [
     "event_key",
     "model_key",
     "model_prefix",
+    "node_labels_key",
     "node_link_key",
     "placement_key",
     "prefix_end",
@@ -51,6 +53,8 @@ ROOT = "/meshserve/"
 MODELS = ROOT + "models/"  # models/<model>/<variant>      -> ModelSpec   (admin)
 PLACEMENTS = ROOT + "placements/"  # placements/<model>/<variant>  -> Placement   (leader)
 NODES = ROOT + "nodes/"  # nodes/<node>/<replica>        -> NodeInfo    (leased, hub)
+#: node-labels/<node> -> NodeLabels (admin: ``meshctl nodes label``; what placement matches)
+NODE_LABELS = ROOT + "node-labels/"
 REPLICAS = ROOT + "replicas/"  # replicas/<replica>            -> ReplicaInfo (leased)
 LEADER = ROOT + "leader"  # the elected scheduler's replica id (leased)
 POLICY = ROOT + "policy"  # the placement policy, YAML text as applied (admin)
@@ -119,6 +123,10 @@ def placement_key(model: str, variant: str) -> str:
 
 def node_link_key(node_id: str, replica_id: str) -> str:
     return f"{NODES}{node_id}/{replica_id}"
+
+
+def node_labels_key(node_id: str) -> str:
+    return f"{NODE_LABELS}{node_id}"
 
 
 def replica_key(replica_id: str) -> str:

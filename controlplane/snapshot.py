@@ -2,6 +2,11 @@
 
 Policies (scheduler, router) are functions of a Snapshot; nothing in here does I/O. The view
 itself lives in :mod:`meshserve.common.routing.view` (the SDK routes over the same type).
+
+A node's labels in the view (what placement matches and routing reads ``zone`` from) are its
+admin-side labels (``keys.NODE_LABELS``, set by ``meshctl nodes label``); the labels a node
+claims in its Hello count only when the control plane trusts them (``trust_node_labels``), and
+an admin label always wins over a claimed one (:func:`effective_labels`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from meshserve.common.routing.view import NodeView, Snapshot, VariantKey
 from meshserve.controlplane import keys
 from meshserve.protos import mesh_pb2
 
-__all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey"]
+__all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey", "effective_labels"]
 
 M = TypeVar("M", bound=Message)
 
@@ -53,7 +58,15 @@ class SnapshotBuilder:
         draining: Mapping[str, bytes] | None = None,
         wake: Mapping[str, bytes] | None = None,
         aliases: Mapping[str, bytes] | None = None,
+        node_labels: Mapping[str, bytes] | None = None,
+        trust_node_labels: bool = False,
     ) -> Snapshot:
+        """``node_labels``: the admin-side labels (values under ``keys.NODE_LABELS``);
+        ``trust_node_labels``: whether labels a node claims count too (see the module doc)."""
+        admin_keys = node_labels or {}
+        admin: dict[str, mesh_pb2.NodeLabels] = {}
+        for key, value in admin_keys.items():
+            admin[key[len(keys.NODE_LABELS) :]] = self._decode(key, value, mesh_pb2.NodeLabels)
         model_map: dict[VariantKey, mesh_pb2.ModelSpec] = {}
         for key, value in models.items():
             model_map[keys.split_key(key, keys.MODELS)] = self._decode(
@@ -71,13 +84,19 @@ class SnapshotBuilder:
         nodes: dict[str, NodeView] = {}
         views: dict[str, tuple[tuple[bytes, ...], NodeView]] = {}
         for node_id, records in grouped.items():
-            values = tuple(v for _, v in records)
+            own = admin_keys.get(keys.node_labels_key(node_id), b"")
+            values = (*(v for _, v in records), own, b"trust" if trust_node_labels else b"")
             cached = self._views.get(node_id)
             if cached is not None and cached[0] == values:
                 view = cached[1]
             else:
                 infos = [self._decode(k, v, mesh_pb2.NodeInfo) for k, v in records]
-                view = _merge(node_id, infos)
+                labels = effective_labels(
+                    infos[0].labels,
+                    admin[node_id].labels if node_id in admin else {},
+                    trust=trust_node_labels,
+                )
+                view = _merge(node_id, infos, labels)
             nodes[node_id] = view
             views[node_id] = (values, view)
         self._views = views
@@ -85,7 +104,7 @@ class SnapshotBuilder:
             keys.split_key(key, keys.ALIASES): self._decode(key, value, mesh_pb2.Alias)
             for key, value in (aliases or {}).items()
         }
-        live = set(models) | set(placements) | set(links) | set(aliases or ())
+        live = set(models) | set(placements) | set(links) | set(aliases or ()) | set(admin_keys)
         if len(self._decoded) > len(live):
             self._decoded = {k: v for k, v in self._decoded.items() if k in live}
         revisions = {
@@ -104,7 +123,15 @@ class SnapshotBuilder:
         )
 
 
-def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo]) -> NodeView:
+def effective_labels(
+    claimed: Mapping[str, str], admin: Mapping[str, str], *, trust: bool
+) -> dict[str, str]:
+    """The labels placement matches: ``admin`` (set by an operator), over ``claimed`` (the
+    node's Hello) only when ``trust`` (``--trust-node-labels``)."""
+    return {**claimed, **admin} if trust else dict(admin)
+
+
+def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo], labels: dict[str, str]) -> NodeView:
     """One view of a node from the link records every replica holding its stream wrote."""
     copies: dict[VariantKey, mesh_pb2.CopyStatus] = {}
     for info in infos:
@@ -116,7 +143,7 @@ def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo]) -> NodeView:
     first = infos[0]
     return NodeView(
         node_id=node_id,
-        labels=MappingProxyType(dict(first.labels)),
+        labels=MappingProxyType(labels),
         hardware=first.hardware,
         direct_address=first.direct_address,
         replicas=frozenset(r for info in infos for r in info.replicas),

@@ -35,6 +35,7 @@ __all__ = [
     "check_name",
     "validate_alias_change",
     "validate_feedback",
+    "validate_node_labels",
     "validate_policy",
     "validate_profile",
     "validate_rollout",
@@ -63,6 +64,39 @@ def check_model_name(name: str) -> None:
     only name a model: RemoveModel, ListAliases)."""
     if not NAME.match(name):
         raise InvalidArgument(f"invalid model name {name!r}")
+
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # as a node's Hello names it
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
+MAX_NODE_LABELS = 64
+
+
+def validate_node_labels(request: mesh_pb2.LabelNodeRequest) -> None:
+    """InvalidArgument unless ``request`` names a valid node id and changes at least one label,
+    each key 1-63 of [A-Za-z0-9_./-] and each value 1-63 of [A-Za-z0-9_.:-] (a letter or digit
+    first), no key both set and removed, at most MAX_NODE_LABELS keys."""
+    if not _NODE_ID.match(request.node_id):
+        raise InvalidArgument(f"invalid node id {request.node_id!r}")
+    if not request.set and not request.remove:
+        raise InvalidArgument("nothing to change: give KEY=VALUE labels to set or keys to remove")
+    if len(request.set) + len(request.remove) > MAX_NODE_LABELS:
+        raise InvalidArgument(f"at most {MAX_NODE_LABELS} labels per node")
+    for key in [*request.set, *request.remove]:
+        if not _LABEL_KEY.match(key):
+            raise InvalidArgument(
+                f"invalid label key {key!r}: 1-63 of [A-Za-z0-9_./-], "
+                "starting with a letter or digit"
+            )
+    for key, value in request.set.items():
+        if not _LABEL_VALUE.match(value):
+            raise InvalidArgument(
+                f"invalid value {value!r} of label {key!r}: 1-63 of [A-Za-z0-9_.:-], starting "
+                "with a letter or digit (remove a label with --remove KEY)"
+            )
+    both = sorted(set(request.set) & set(request.remove))
+    if both:
+        raise InvalidArgument(f"labels both set and removed: {', '.join(both)}")
 
 
 def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:

@@ -62,6 +62,7 @@ def build() -> typer.Typer:
     models_app.command("aliases")(rollout.aliases)
     nodes_app.command("list")(nodes.list_nodes)
     nodes_app.command("drain")(nodes.drain)
+    nodes_app.command("label")(nodes.label)
     nodes_app.command("confirm-unloads")(nodes.confirm_unloads)
     placements_app.command("list")(nodes.list_placements)
     placements_app.command("retry")(nodes.retry_placements)

@@ -1,7 +1,8 @@
 """``meshctl nodes list | drain | confirm-unloads`` and ``meshctl placements list``: where copies
 are and should be.
 
-``nodes list`` shows each node's state (``serving`` or ``draining``), its admin-side labels, its
+``nodes list`` shows each node's state (``serving`` or ``draining``), its admin-side labels (and,
+marked ``claimed:``, labels its Hello claims that placement does not match), its
 direct address (or ``(tunnel)`` for a node without an inbound port), the replicas holding its
 streams and its copies with their states. ``placements list`` flags a placement with fewer READY
 copies than desired (``2/3 under-replicated``) and names a node that still serves a copy no
@@ -9,6 +10,8 @@ placement names (a drained node, until a replacement is READY).
 ``placements list`` shows what the leader decided: desired copies, chosen nodes, failures (and
 when each is retried). ``placements retry MODEL [--node N]`` clears failures by hand: the leader
 places the copies there again on its next pass (permanent failures included).
+``nodes label NODE key=value ... [--remove key]`` sets a node's admin-side labels: the labels
+placement rules (``node_selector``, affinity) match; a node's own ``--labels`` are only claims.
 ``nodes confirm-unloads`` confirms a mass unload the safety floor holds back (docs/resilience.md):
 every replica releases the episode it holds now, without waiting for ``--unload-confirm-s``.
 """
@@ -31,7 +34,14 @@ from meshserve.client.cli._common import (
 from meshserve.client.cli._placement_view import node_state, ready_copies, replication
 from meshserve.protos import mesh_pb2
 
-__all__ = ["confirm_unloads", "drain", "list_nodes", "list_placements", "retry_placements"]
+__all__ = [
+    "confirm_unloads",
+    "drain",
+    "label",
+    "list_nodes",
+    "list_placements",
+    "retry_placements",
+]
 
 
 def list_nodes(target: Target = DEFAULT_TARGET) -> None:
@@ -41,6 +51,9 @@ def list_nodes(target: Target = DEFAULT_TARGET) -> None:
     for n in nodes:
         copies = ", ".join(f"{c.model}/{c.variant}:{copy_state(c.state)}" for c in n.copies)
         labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
+        claimed = {k: v for k, v in n.reported_labels.items() if n.labels.get(k) != v}
+        if claimed:
+            labels += " claimed:" + ",".join(f"{k}={v}" for k, v in sorted(claimed.items()))
         table.add_row(
             n.node_id,
             node_state(n),
@@ -61,6 +74,28 @@ def drain(
     with admin_client(target) as admin:
         draining = admin.drain_node(node_id, undrain=undo)
     console.print(f"node {node_id}: {'draining' if draining else 'serving'}")
+
+
+def label(
+    node_id: str,
+    labels: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE labels to set")] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option("--remove", help="a label key to remove (repeatable)")
+    ] = None,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Set or remove a node's admin-side labels: what placement rules match (a node that has not
+    joined yet may be labelled too)."""
+    pairs: dict[str, str] = {}
+    for item in labels or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE (remove with --remove KEY)")
+        pairs[key] = value
+    with admin_client(target) as admin:
+        now = admin.label_node(node_id, pairs, remove=remove or [])
+    text = ",".join(f"{k}={v}" for k, v in sorted(now.items())) or "(none)"
+    console.print(f"node {node_id}: admin labels {text}")
 
 
 def confirm_unloads(target: Target = DEFAULT_TARGET) -> None:

@@ -26,6 +26,14 @@ Contract:
   told another set, so a replica started later is dialled within seconds and a removed one is
   dropped. An empty set (a view not loaded yet) is never pushed; a set that did not fit a
   node's queue is pushed again at the next reconcile.
+- A node is trusted to compute, not to describe itself (:mod:`~meshserve.controlplane.link.trust`):
+  its Hello copies count only for registered variants with their sha256; a CopyStatus counts only
+  for a Load this replica sent on the stream, naming a sha256 it ordered (refusals are counted on
+  the session and logged once per reason); telemetry counts only for copies it is believed to
+  hold and within its byte budget here (``telemetry_bytes_per_s``). The labels placement matches
+  are not taken from here at all (:mod:`~meshserve.controlplane.snapshot`: admin-side labels).
+- Reports are cheap: a CopyStatus schedules one reconcile of its node, and reports that arrive
+  while one is scheduled join it (at most one pending per node).
 - Right after the Welcome every node gets the tenant rights (``TenantRights``: API key digests
   and the models each may query), which it enforces on its direct port.
 """
@@ -58,6 +66,7 @@ from meshserve.controlplane.link.reconcile import (
     spec_digest,
 )
 from meshserve.controlplane.link.session import NodeSession
+from meshserve.controlplane.link.trust import DEFAULT_TELEMETRY_BYTES_PER_S
 from meshserve.controlplane.observe.metrics import controlplane_metrics
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
@@ -102,6 +111,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         unload_confirm_s: float = 600.0,
         store_id: Callable[[], str] = str,
         rights: Callable[[], mesh_pb2.TenantRights] = lambda: mesh_pb2.TenantRights(enforce=False),
+        telemetry_bytes_per_s: int = DEFAULT_TELEMETRY_BYTES_PER_S,
     ) -> None:
         """``on_telemetry``: called with every Telemetry a node sends (drift windows).
         ``on_alarm``: called with the text of a mass unload the safety floor holds back for
@@ -110,7 +120,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         ``identify``: checks that the caller may claim the Hello's node id (raising the status
         that refuses the stream; :meth:`meshserve.controlplane.auth.Guard.identify_node`); None:
         trusted. ``rights``: the tenant rights every node enforces on its direct port, sent down
-        each stream right after the Welcome (``Guard.tenant_rights``)."""
+        each stream right after the Welcome (``Guard.tenant_rights``).
+        ``telemetry_bytes_per_s``: each node's telemetry budget here (the excess is dropped)."""
+        self._telemetry_bytes_per_s = telemetry_bytes_per_s
         self._registry = registry
         self._rights = rights
         self._on_telemetry = on_telemetry
@@ -145,7 +157,14 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         hello = await self.handshake.accept(context, self.sessions)
         if hello is None:
             return
-        session = NodeSession(hello, self.replica_id, self._outbox_size, self._max_message_bytes)
+        session = NodeSession(
+            hello,
+            self.replica_id,
+            self._outbox_size,
+            self._max_message_bytes,
+            telemetry_bytes_per_s=self._telemetry_bytes_per_s,
+        )
+        session.adopt(self._snapshot())  # what the Hello says it holds: only as ordered
         self.sessions[hello.node_id] = session
         if hello.node_id in self._snapshot().draining:  # back from a shutdown drain: clear it
             self._spawn(self._mark_draining(hello.node_id, False))
@@ -224,13 +243,43 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         if kind == "infer_response":
             session.resolve(message.infer_response)
         elif kind == "copy_status":
-            session.report(message.copy_status)  # the node acted (or refused): decide afresh
-            self.reconcile_session(session, self._snapshot())
+            status = message.copy_status
+            refused = session.judge(status)
+            if refused is None:
+                session.report(status)  # the node acted (or refused): decide afresh
+            elif session.claims.refuse(status, refused):
+                _log.warning(
+                    "node %s reported %s/%s %s (sha256 %s): %s; not believed (logged once per "
+                    "reason and stream)",
+                    session.node_id,
+                    status.model,
+                    status.variant,
+                    mesh_pb2.CopyState.Name(status.state),
+                    status.sha256[:12] or "-",
+                    refused,
+                )
+            self._reconcile_soon(session)
         elif kind == "telemetry":
-            session.observe(message.telemetry)
+            if not session.telemetry_budget.take(message.ByteSize()):
+                if session.telemetry_budget.dropped == 1:
+                    _log.warning(
+                        "node %s: telemetry over its budget of %d bytes/s here; excess dropped "
+                        "(logged once per stream)",
+                        session.node_id,
+                        self._telemetry_bytes_per_s,
+                    )
+                return
+            before = session.telemetry_dropped
+            session.observe(message.telemetry)  # only entries of copies it holds
+            if session.telemetry_dropped and not before:
+                _log.warning(
+                    "node %s: telemetry about copies it was not ordered to hold; dropped "
+                    "(logged once per stream)",
+                    session.node_id,
+                )
             if self._on_telemetry is not None:
                 try:
-                    self._on_telemetry(session.node_id, message.telemetry)
+                    self._on_telemetry(session.node_id, session.telemetry)
                 except Exception:  # a monitor's bug must not cut the node off the mesh
                     _log.exception("node %s: telemetry handler failed", session.node_id)
         elif kind == "hello":
@@ -238,6 +287,19 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         elif kind == "draining" and not session.draining:
             session.draining = True
             self._spawn(self._mark_draining(session.node_id, True))
+
+    def _reconcile_soon(self, session: NodeSession) -> None:
+        """Reconcile ``session``'s node once the reports queued now are read (coalesced: at
+        most one reconcile pending per node, however many reports arrive)."""
+        if session.reconcile_due:
+            return
+        session.reconcile_due = True
+        asyncio.get_running_loop().call_soon(self._reconcile_due, session)
+
+    def _reconcile_due(self, session: NodeSession) -> None:
+        session.reconcile_due = False
+        if self.sessions.get(session.node_id) is session:
+            self.reconcile_session(session, self._snapshot())
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -378,7 +440,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         return reconcile(
             snapshot,
             session.node_id,
-            session.copies,
+            session.reconcile_view(),
             said=session.sent,
             linked_s=session.linked_s(),
             digest=self._digest,
@@ -398,6 +460,10 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             with contextlib.suppress(ResourceExhausted):
                 session.send(message)
                 session.sent[decision.key] = decision.mark
+                if isinstance(decision, Load):  # a report of it will be believed
+                    session.ordered_load(decision.key, decision.spec.sha256)
+                else:
+                    session.ordered_unload(decision.key)
                 _log.info(
                     "%s %s/%s -> node %s (rev %d)",
                     "load" if isinstance(decision, Load) else "unload",

@@ -11,6 +11,11 @@ Contract:
   moment the stream ends (:meth:`NodeSession.fail_pending`). A query too big for the stream's
   message limit once framed is refused (RESOURCE_EXHAUSTED) rather than sent, which would end the
   stream.
+- What a node says of its copies is believed only as :mod:`~meshserve.controlplane.link.trust`
+  decides: ``copies`` holds the believed ones (they go to the link record, hence the view and
+  routing), ``ordered`` the sha256s ordered per variant on this stream, ``claims`` the refused
+  reports (bounded, counted); :meth:`NodeSession.observe` keeps only telemetry about believed
+  copies.
 - ``replicas_said``: the replica set the node was last told of (its Welcome, then every pushed
   :class:`~meshserve.protos.mesh_pb2.ReplicaSet`), so a change is pushed once per node.
 """
@@ -22,7 +27,15 @@ import itertools
 import time
 
 from meshserve.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable, from_code
-from meshserve.controlplane.snapshot import VariantKey
+from meshserve.controlplane.link.trust import (
+    DEFAULT_TELEMETRY_BYTES_PER_S,
+    ByteBudget,
+    Claims,
+    adopted,
+    held_telemetry,
+    judge,
+)
+from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import inference_pb2, mesh_pb2
 
 __all__ = ["NodeSession", "ReplicaSet"]
@@ -31,6 +44,7 @@ __all__ = ["NodeSession", "ReplicaSet"]
 ReplicaSet = tuple[tuple[str, str], ...]
 
 _FRAME_SLACK = 4096  # framing a query for the tunnel adds less than this (ids, trace context)
+_SHAS_KEPT = 4  # sha256s remembered as ordered per variant (the newest: a Load may overtake one)
 
 
 class NodeSession:
@@ -42,14 +56,19 @@ class NodeSession:
         replica_id: str,
         outbox_size: int,
         max_message_bytes: int = 64 << 20,
+        telemetry_bytes_per_s: int = DEFAULT_TELEMETRY_BYTES_PER_S,
     ) -> None:
         self.hello = hello
         self.max_message_bytes = max_message_bytes
         self.node_id = hello.node_id
         self.replica_id = replica_id
-        self.copies: dict[VariantKey, mesh_pb2.CopyStatus] = {
-            (c.model, c.variant): c for c in hello.copies
-        }
+        self.copies: dict[VariantKey, mesh_pb2.CopyStatus] = {}  # believed (see trust.py)
+        self.ordered: dict[VariantKey, list[str]] = {}  # sha256s ordered on this stream
+        self.claims = Claims()  # reports not believed (bounded), counted by reason
+        self.telemetry_dropped = 0  # telemetry entries about copies not held, dropped
+        # the node's telemetry budget here (trust.ByteBudget: excess messages dropped, counted)
+        self.telemetry_budget = ByteBudget(telemetry_bytes_per_s, 16 * telemetry_bytes_per_s)
+        self.reconcile_due = False  # a reconcile of this node is scheduled (coalesced)
         self.telemetry = mesh_pb2.Telemetry()
         self._by_copy: dict[VariantKey, mesh_pb2.ModelTelemetry] = {}
         self.outbox: asyncio.Queue[mesh_pb2.ControlMessage] = asyncio.Queue(maxsize=outbox_size)
@@ -67,8 +86,46 @@ class NodeSession:
         """Seconds since the stream was linked."""
         return time.monotonic() - self.started
 
+    def adopt(self, snapshot: Snapshot) -> None:
+        """Take the copies the Hello names (a node back from a cut): believed (and counted as
+        ordered) when ``snapshot`` registers the variant with that sha256; the others are
+        claims, which reconcile tells the node to unload or load afresh."""
+        believed, refused = adopted(snapshot, self.hello.copies)
+        for copy in believed:
+            key = (copy.model, copy.variant)
+            self.copies[key] = copy
+            self.ordered[key] = [copy.sha256]
+        for copy in refused:
+            self.claims.refuse(copy, "a Hello copy of no registered variant with its sha256")
+
+    def ordered_load(self, key: VariantKey, sha256: str) -> None:
+        """A Load of ``sha256`` was sent for ``key``: a report of it will be believed."""
+        shas = self.ordered.setdefault(key, [])
+        sha = sha256.lower()
+        if sha in shas:
+            shas.remove(sha)
+        shas.append(sha)
+        del shas[:-_SHAS_KEPT]
+
+    def ordered_unload(self, key: VariantKey) -> None:
+        """An Unload was sent for ``key``: a later report of it needs a new Load."""
+        self.ordered.pop(key, None)
+
+    def judge(self, status: mesh_pb2.CopyStatus) -> str | None:
+        """None when ``status`` is believed, else why not (:func:`trust.judge`)."""
+        return judge(status, self.ordered, self.copies)
+
+    def reconcile_view(self) -> dict[VariantKey, mesh_pb2.CopyStatus]:
+        """What reconcile is told the node holds (:meth:`trust.Claims.as_unheld`)."""
+        if not self.claims.copies:
+            return self.copies
+        return self.claims.as_unheld(self.copies)
+
     def observe(self, telemetry: mesh_pb2.Telemetry) -> None:
-        """The node's latest telemetry, indexed by copy for the query path."""
+        """The node's latest telemetry (only entries of copies it is believed to hold), indexed
+        by copy for the query path."""
+        telemetry, dropped = held_telemetry(telemetry, self.copies)
+        self.telemetry_dropped += dropped
         self.telemetry = telemetry
         self._by_copy = {(m.model, m.variant): m for m in telemetry.models}
 
@@ -77,9 +134,11 @@ class NodeSession:
         return self._by_copy.get(key)
 
     def report(self, status: mesh_pb2.CopyStatus) -> None:
-        """The node reported on one copy: held (or gone when UNLOADED); what was said about that
-        variant is forgotten (the node acted or refused: decide afresh); the record is dirty."""
+        """The node reported on one copy, a report :meth:`judge` believed: held (or gone when
+        UNLOADED); what was said about that variant is forgotten (the node acted or refused:
+        decide afresh); the record is dirty."""
         key = (status.model, status.variant)
+        self.claims.forget(key)
         if status.state == mesh_pb2.UNLOADED:
             self.copies.pop(key, None)
         else:

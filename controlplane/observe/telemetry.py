@@ -81,8 +81,8 @@ def _live_progress(info: mesh_pb2.NodeInfo, session: Telemetered) -> None:
 def node_list(
     snapshot: Snapshot, sessions: Mapping[str, Telemetered]
 ) -> mesh_pb2.ListNodesResponse:
-    """Every node of the view, by id, with its copies and (when it streams to this replica) its
-    latest telemetry."""
+    """Every node of the view, by id, with its effective labels, its copies and (when it streams
+    to this replica) its latest telemetry and the labels its Hello claimed."""
     out = mesh_pb2.ListNodesResponse()
     for node_id in sorted(snapshot.nodes):
         node = snapshot.nodes[node_id]
@@ -99,4 +99,7 @@ def node_list(
         if session is not None:
             info.telemetry.CopyFrom(session.telemetry)
             _live_progress(info, session)
+            hello = getattr(session, "hello", None)
+            if isinstance(hello, mesh_pb2.Hello):  # what it claims: shown, not matched
+                info.reported_labels.update(hello.labels)
     return out

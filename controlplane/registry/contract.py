@@ -121,6 +121,14 @@ class Registry(Protocol):
         """The stored policy text and its mod revision; None when none was applied."""
         ...
 
+    async def label_node(
+        self, node_id: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> dict[str, str]:
+        """Change a node's admin-side labels (``node-labels/<node>``, no lease: they outlive the
+        node's streams): ``set_labels`` added or replaced, then ``remove`` dropped; the key is
+        deleted when no label is left. A compare-and-swap; returns the labels now stored."""
+        ...
+
     async def drain(self, node_id: str) -> None:
         """An operator's drain mark (value "", no lease: it stays until :meth:`undrain`)."""
         ...

@@ -232,6 +232,29 @@ class EtcdRegistry:
             return None
         return kv.value.decode("utf-8", "replace"), kv.mod_revision
 
+    async def label_node(
+        self, node_id: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> dict[str, str]:
+        t = self._etcd.transactions
+        key = keys.node_labels_key(node_id).encode()
+        kv = await get(self._etcd, key)
+        for _ in range(CAS_ATTEMPTS):
+            labels = {} if kv is None else dict(keys.decode(kv.value, mesh_pb2.NodeLabels()).labels)
+            labels.update(set_labels)
+            for name in remove:
+                labels.pop(name, None)
+            write = (
+                t.put(key, keys.encode(mesh_pb2.NodeLabels(labels=labels)))
+                if labels
+                else t.delete(key)
+            )
+            mod = 0 if kv is None else kv.mod_revision
+            ok, responses = await self._txn([t.mod(key) == mod], [write], [t.get(key)])
+            if ok:
+                return labels
+            kv = _ranged(responses)
+        raise Unavailable(f"the labels of node {node_id!r} are changing concurrently; retry")
+
     async def drain(self, node_id: str) -> None:
         await self._etcd.put(keys.draining_key(node_id).encode(), b"")
 

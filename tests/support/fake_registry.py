@@ -169,6 +169,21 @@ class FakeRegistry:
         self._put(keys.UNLOAD_CONFIRM, value)
         return value
 
+    async def label_node(
+        self, node_id: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> dict[str, str]:
+        stored = self.value(keys.node_labels_key(node_id))
+        labels = {} if stored is None else dict(keys.decode(stored, mesh_pb2.NodeLabels()).labels)
+        labels.update(set_labels)
+        for name in remove:
+            labels.pop(name, None)
+        if labels:
+            value = keys.encode(mesh_pb2.NodeLabels(labels=labels))
+            self._put(keys.node_labels_key(node_id), value)
+        else:
+            self._delete(keys.node_labels_key(node_id))
+        return labels
+
     async def drain(self, node_id: str) -> None:
         self._put(keys.draining_key(node_id), b"")
 

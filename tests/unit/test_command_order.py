@@ -58,20 +58,26 @@ def _status(state: int) -> mesh_pb2.NodeMessage:
 
 
 def test_load_carries_placement_revision_and_is_resent_after_the_node_drops_it() -> None:
-    hub = _hub()
-    session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 16)
-    snap = _snapshot(["n1"], revision=7, view=9)
-    hub._snapshot = lambda: snap  # type: ignore[method-assign]
-    hub.reconcile_session(session, snap)
-    [sent] = _drain(session)
-    assert sent.load.sha256 == SHA and sent.load.placement_revision == 7
-    hub.reconcile_session(session, snap)
-    assert _drain(session) == [], "the same decision is not sent twice"
-    hub._on_message(session, _status(mesh_pb2.LOADING))
-    assert _drain(session) == [], "a copy being loaded is not told again"
-    hub._on_message(session, _status(mesh_pb2.UNLOADED))  # e.g. a stale unload got through
-    [again] = _drain(session)
-    assert again.WhichOneof("body") == "load" and again.load.placement_revision == 7
+    async def scenario() -> None:
+        hub = _hub()
+        session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 16)
+        snap = _snapshot(["n1"], revision=7, view=9)
+        hub._snapshot = lambda: snap  # type: ignore[method-assign]
+        hub.sessions["n1"] = session
+        hub.reconcile_session(session, snap)
+        [sent] = _drain(session)
+        assert sent.load.sha256 == SHA and sent.load.placement_revision == 7
+        hub.reconcile_session(session, snap)
+        assert _drain(session) == [], "the same decision is not sent twice"
+        hub._on_message(session, _status(mesh_pb2.LOADING))
+        await asyncio.sleep(0)  # the reconcile a report schedules
+        assert _drain(session) == [], "a copy being loaded is not told again"
+        hub._on_message(session, _status(mesh_pb2.UNLOADED))  # e.g. a stale unload got through
+        await asyncio.sleep(0)
+        [again] = _drain(session)
+        assert again.WhichOneof("body") == "load" and again.load.placement_revision == 7
+
+    asyncio.run(scenario())
 
 
 def test_unload_only_when_the_placement_excludes_the_node_or_is_gone() -> None:
@@ -83,6 +89,7 @@ def test_unload_only_when_the_placement_excludes_the_node_or_is_gone() -> None:
         ],
     )
     session = NodeSession(hello, "cp-1", 16)
+    session.adopt(_snapshot(["n1"], revision=7, view=9))  # registered with that sha256
     hub.reconcile_session(session, _snapshot(["n1"], revision=7, view=9))
     assert _drain(session) == []
     hub.reconcile_session(session, _snapshot(["n2"], revision=11, view=12))

@@ -1,0 +1,207 @@
+"""A node is trusted to compute, not to describe itself (issue 16 §3, §5, §10).
+
+A real control plane (as a production replica runs by default: no ``--trust-node-labels``) on a
+real etcd, and a *fake node* written here: a raw gRPC client of the NodeLink stream that speaks
+the protocol and lies -- core labels and huge hardware in its Hello, READY for copies never
+ordered or with another sha256, telemetry about models it does not hold, thousands of copies.
+Every wait is bounded in time; the fake node's messages are processed in order on its stream, so
+a later believed report (or the control plane's answer to it) is the sync point for the lies
+sent before it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from meshserve.client import MeshClient
+from meshserve.client._admin import AdminClient
+from meshserve.common.errors import StatusError
+from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.devtools.local import LocalMesh, wait_until
+from meshserve.protos import mesh_pb2, mesh_pb2_grpc
+
+GiB = 1 << 30
+X = np.zeros((1, 64), dtype=np.float32)
+FORGED = "f" * 64
+
+
+class FakeNode:
+    """A NodeLink client that says what it is told to (see the module doc)."""
+
+    def __init__(self, address: str, hello: mesh_pb2.Hello) -> None:
+        self._outbox: queue.Queue[mesh_pb2.NodeMessage | None] = queue.Queue()
+        self.inbox: queue.Queue[mesh_pb2.ControlMessage] = queue.Queue()
+        self.received: list[mesh_pb2.ControlMessage] = []
+        self._channel = grpc.insecure_channel(address)
+        self._outbox.put(mesh_pb2.NodeMessage(hello=hello))
+        self._call = mesh_pb2_grpc.NodeLinkStub(self._channel).Connect(self._messages())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _messages(self) -> Iterator[mesh_pb2.NodeMessage]:
+        while (message := self._outbox.get()) is not None:
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for message in self._call:
+                self.inbox.put(message)
+        except grpc.RpcError:
+            pass
+
+    def send(self, **body: object) -> None:
+        self._outbox.put(mesh_pb2.NodeMessage(**body))  # type: ignore[arg-type]
+
+    def status(self, model: str, state: int, sha256: str, variant: str = "default") -> None:
+        self.send(
+            copy_status=mesh_pb2.CopyStatus(
+                model=model, variant=variant, state=state, sha256=sha256
+            )
+        )
+
+    def wait_for(
+        self,
+        match: Callable[[mesh_pb2.ControlMessage], bool],
+        timeout: float = 30.0,
+        since: int = 0,
+    ) -> mesh_pb2.ControlMessage:
+        """The first message received (now or within ``timeout``; from the ``since``-th on)
+        that ``match``es."""
+        for message in self.received[since:]:
+            if match(message):
+                return message
+        found: list[mesh_pb2.ControlMessage] = []
+
+        def arrived() -> bool:
+            while not found:
+                try:
+                    message = self.inbox.get_nowait()
+                except queue.Empty:
+                    return False
+                self.received.append(message)
+                if match(message):
+                    found.append(message)
+            return True
+
+        wait_until(arrived, timeout, what="a control message")
+        return found[0]
+
+    def drain(self) -> list[mesh_pb2.ControlMessage]:
+        """Every message received so far."""
+        while True:
+            try:
+                self.received.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return list(self.received)
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._call.cancel()
+        self._channel.close()
+        self._reader.join(5)
+
+
+def _load_of(model: str) -> Callable[[mesh_pb2.ControlMessage], bool]:
+    return lambda m: m.HasField("load") and m.load.model == model
+
+
+def _copies(admin: AdminClient, node_id: str) -> dict[str, mesh_pb2.CopyStatus]:
+    for node in admin.list_nodes():
+        if node.node_id == node_id:
+            return {c.model: c for c in node.copies}
+    return {}
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[tuple[LocalMesh, str]]:
+    with LocalMesh(tmp_path, lease_ttl_s=3, trust_node_labels=False) as local:
+        local.start_etcd()
+        cp = local.start_controlplane("cp-1")
+        yield local, cp.address
+
+
+def test_a_node_is_not_believed_about_its_labels_or_its_copies(
+    mesh: tuple[LocalMesh, str], tmp_path: Path
+) -> None:
+    _, address = mesh
+    model = make_mlp(tmp_path / "mlp.onnx")
+    sha = sha256_file(model)
+    hello = mesh_pb2.Hello(
+        node_id="fake-1",
+        labels={"tier": "core", "zone": "a"},
+        hardware=mesh_pb2.Hardware(cpu_cores=4096, memory_bytes=4096 * GiB),
+        # a copy it never loaded: not registered yet, so nothing to adopt
+        copies=[mesh_pb2.CopyStatus(model="core-only", variant="default", state=mesh_pb2.READY)],
+    )
+    fake = FakeNode(address, hello)
+    try:
+        fake.wait_for(lambda m: m.HasField("welcome"))
+        with AdminClient(address) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-1 listed")
+            [node] = admin.list_nodes()
+            assert dict(node.labels) == {}, "claimed labels are not the node's labels"
+            assert dict(node.reported_labels) == {"tier": "core", "zone": "a"}
+            admin.register_model("core-only", model.as_uri(), sha, node_selector={"tier": "core"})
+            [explained] = admin.explain_placement("core-only")
+            assert [(v.node_id, v.filtered_by) for v in explained.nodes] == [
+                ("fake-1", "selector")
+            ], "a claimed tier=core does not match a core-only selector"
+            assert "fake-1" not in [n for p in admin.list_placements() for n in p.nodes]
+
+            # The admin side labels it: now it is a core node, and gets its order.
+            assert admin.label_node("fake-1", {"tier": "core"}) == {"tier": "core"}
+            load = fake.wait_for(_load_of("core-only"))
+            assert load.load.sha256 == sha
+
+            # Lies about copies: READY without the ordered sha256, a copy never ordered.
+            fake.status("core-only", mesh_pb2.READY, FORGED)
+            fake.status("never-ordered", mesh_pb2.READY, sha)
+            fake.status("core-only", mesh_pb2.LOADING, sha)  # the truth, believed: sync point
+            wait_until(
+                lambda: "core-only" in _copies(admin, "fake-1"), 20, what="the LOADING report"
+            )
+            copies = _copies(admin, "fake-1")
+            assert set(copies) == {"core-only"}
+            assert copies["core-only"].state == mesh_pb2.LOADING
+            assert copies["core-only"].sha256 == sha
+
+        # No READY copy anywhere: no query is routed to the fake node.
+        with MeshClient(address, timeout=3) as client, pytest.raises(StatusError):
+            client.infer("core-only", {"x": X})
+        assert not any(m.HasField("infer_request") for m in fake.drain())
+
+    finally:
+        fake.close()
+
+
+def test_invented_copies_and_their_telemetry_are_ignored(
+    mesh: tuple[LocalMesh, str], tmp_path: Path
+) -> None:
+    _, address = mesh
+    model = make_mlp(tmp_path / "mlp.onnx")
+    sha = sha256_file(model)
+    fake = FakeNode(address, mesh_pb2.Hello(node_id="fake-2"))
+    try:
+        fake.wait_for(lambda m: m.HasField("welcome"))
+        with AdminClient(address) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-2 listed")
+            admin.register_model("real", model.as_uri(), sha)
+            fake.wait_for(_load_of("real"))
+            # 3,000 copies it was never told to hold, each a full report
+            for i in range(3000):
+                fake.status(f"invented-{i}", mesh_pb2.READY, sha)
+            fake.status("real", mesh_pb2.LOADING, sha)  # believed: sync point
+            wait_until(lambda: "real" in _copies(admin, "fake-2"), 30, what="the real report")
+            assert set(_copies(admin, "fake-2")) == {"real"}
+            # the invented copies are not in the view; each is told to go (bounded)
+            unloads = {m.unload.model for m in fake.drain() if m.HasField("unload")}
+            assert "real" not in unloads
+    finally:
+        fake.close()
