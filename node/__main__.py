@@ -17,7 +17,12 @@ from meshserve.common.process import (
     install_task_dump,
     run,
 )
-from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret
+from meshserve.common.security import (
+    SecurityConfigError,
+    TLSFiles,
+    is_loopback_target,
+    read_secret,
+)
 from meshserve.node.app import Node, NodeConfig, default_node_id
 
 
@@ -168,7 +173,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     g.add_argument(
-        "--join-token-file", default="", help="file holding the join token the mesh expects"
+        "--join-token-file",
+        default="",
+        help="file holding the join token the mesh expects (without TLS it is sent to loopback "
+        "control planes only)",
+    )
+    g.add_argument(
+        "--insecure-join",
+        action="store_true",
+        help="without TLS, send the join token to non-loopback control planes too, in the clear "
+        "(anyone on the path can read it and join)",
     )
     p.add_argument(
         "--no-deadline-shedding",
@@ -247,6 +261,13 @@ def main(argv: list[str] | None = None) -> None:
         token = (
             read_secret(Path(ns.join_token_file), "join token file") if ns.join_token_file else None
         )
+        remote = [a for a in ns.control_plane.split(",") if a.strip()]
+        remote = [a.strip() for a in remote if not is_loopback_target(a.strip())]
+        if token and tls is None and remote and not ns.insecure_join:
+            raise SecurityConfigError(
+                f"not sending the join token to {', '.join(remote)} in the clear: dial the "
+                "control plane with TLS (--tls-ca), or pass --insecure-join to accept that risk"
+            )
     except SecurityConfigError as exc:
         raise SystemExit(f"meshserve-node: {exc}") from None
     config = NodeConfig(
@@ -275,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         download_rate_window_s=max(0.5, ns.download_rate_window_s),
         tls=tls,
         join_token=token,
+        insecure_join=ns.insecure_join,
     )
     run(_serve(config, ns.metrics_listen))
 

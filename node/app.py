@@ -73,6 +73,7 @@ class NodeConfig:
     # only, admitting the routers (tls.ca) and clients (tls.client_ca))
     tls: TLSFiles | None = None
     join_token: str | None = field(default=None, repr=False)  # sent on NodeLink.Connect
+    insecure_join: bool = False  # without TLS, send the join token to non-loopback replicas too
     # client certificate names let through the direct port's tenant checks (the mesh's routers,
     # which checked the tenant already; see meshserve.node.rights)
     trusted_routers: frozenset[str] = ROUTERS
@@ -174,6 +175,7 @@ class Node:
             telemetry_log_s=cfg.telemetry_log_s,
             tls=cfg.tls,
             join_token=cfg.join_token,
+            insecure_join=cfg.insecure_join,
             rights=self.rights,
         )
         self.agent.start()

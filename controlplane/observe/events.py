@@ -8,6 +8,11 @@ Contract:
   passes it to every subscriber (:meth:`EventLog.subscribe`) and queues it. The queue holds at
   most ``max_pending`` events: when full, the oldest queued event is dropped and counted
   (``stats["dropped"]``); the batch being written is kept until it lands.
+- Quotas (:class:`~meshserve.controlplane.observe.quota.EventQuota`): each kind may fill a
+  quarter of the ring per minute, each (kind, model) 30 events per minute; an event over its
+  quota is dropped before anything else happens (no log line, no subscriber, no webhook) and
+  counted (:attr:`EventLog.throttled`, one warning per kind), so one kind of event about many
+  models cannot erase the history of the others.
 - A background writer (:meth:`EventLog.start`) drains the queue in batches. Each batch is one
   transaction of the registry (:meth:`~meshserve.controlplane.registry.Registry.append_events`)
   that compare-and-swaps the sequence counter ``/meshserve/events-seq`` (decimal text, the last
@@ -41,6 +46,7 @@ from typing import Protocol
 from opentelemetry import metrics, trace
 
 from meshserve.controlplane import keys
+from meshserve.controlplane.observe.quota import EventQuota
 from meshserve.controlplane.registry import Registry, SeqCounter
 from meshserve.protos import mesh_pb2
 
@@ -83,7 +89,9 @@ class EventLog:
         *,
         capacity: int = 1000,
         max_pending: int = 10_000,
+        quota: EventQuota | None = None,
     ) -> None:
+        """``quota``: the ring's per-kind and per-model quotas (default: for ``capacity``)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if max_pending < 1:
@@ -92,6 +100,7 @@ class EventLog:
         self._replica_id = replica_id
         self._capacity = capacity
         self._max_pending = max_pending
+        self._quota = quota or EventQuota(capacity)
         self._batch_limit = min(_MAX_BATCH, capacity)
         self._pending: collections.deque[mesh_pb2.Event] = collections.deque()
         # The batch being written (or retried); still pending until a transaction lands it.
@@ -129,6 +138,14 @@ class EventLog:
         """
         if not kind:
             raise ValueError("event kind must not be empty")
+        if not self._quota.admit(kind, model):
+            if self._quota.refused[kind] == 1:
+                _log.warning(
+                    "%s events over their quota in the event ring: dropped and counted "
+                    "(logged once per kind)",
+                    kind,
+                )
+            return
         if len(message) > _MAX_MESSAGE_CHARS:
             message = message[: _MAX_MESSAGE_CHARS - 1] + "…"
         event = mesh_pb2.Event(
@@ -180,6 +197,11 @@ class EventLog:
                 span.add_event(kind, {k: v for k, v in attributes.items() if v})
         except Exception:  # pragma: no cover - the OTel API is documented not to raise
             _log.debug("could not export event %s to OpenTelemetry", kind, exc_info=True)
+
+    @property
+    def throttled(self) -> dict[str, int]:
+        """Events dropped over their quota, per kind."""
+        return dict(self._quota.refused)
 
     @property
     def stats(self) -> dict[str, int]:
