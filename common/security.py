@@ -18,12 +18,15 @@ Contract:
   ``token`` rides as ``authorization: Bearer <token>`` call credentials on every call. A token is
   only ever sent over TLS or, without TLS, to a loopback address (gRPC local credentials refuse
   any other peer), so a secret never crosses a network in the clear. None: plain insecure.
+  :func:`is_loopback_target` tells, from a target's text alone, whether it names a loopback
+  address (``localhost``, ``127.x.x.x``, ``::1``): for a clear error before dialling.
 - Secret files (:func:`read_secret`, :func:`read_secrets`) hold one secret per line; blank lines
   and ``#`` comments are skipped; errors name the file, never a secret.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ __all__ = [
     "TLSFiles",
     "aio_channel",
     "channel_credentials",
+    "is_loopback_target",
     "read_secret",
     "read_secrets",
     "server_credentials",
@@ -157,6 +161,28 @@ def channel_credentials(
     if not token:
         return base
     return grpc.composite_channel_credentials(base, grpc.access_token_call_credentials(token))
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether ``target`` (``host:port``, ``[v6]:port``, optionally ``ipv4:``/``ipv6:``/
+    ``dns:`` prefixed) names a loopback host: ``localhost`` or a loopback IP literal."""
+    for scheme in ("ipv4:", "ipv6:", "dns:///", "dns:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if target.startswith("["):
+        host = target[1 : target.find("]")] if "]" in target else target[1:]
+    elif target.count(":") == 1:
+        host = target.rsplit(":", 1)[0]
+    else:
+        host = target  # no port, or a bare IPv6 address
+    host = host.strip().rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def aio_channel(

@@ -110,6 +110,7 @@ class Agent:
         telemetry_log_s: float = 0.0,
         tls: TLSFiles | None = None,
         join_token: str | None = None,
+        insecure_join: bool = False,
         rights: Rights | None = None,
     ) -> None:
         """``memory_bytes``: memory offered to the mesh for model copies (0: all of the
@@ -117,13 +118,16 @@ class Agent:
         budget of each link (0: unbounded); ``telemetry_buffer_bytes``: the bound of the offline
         buffer; ``telemetry_log_s``: log the telemetry bytes each link sent this often (0: never).
         ``tls``: dial the replicas with TLS (their CA; this node's certificate, which must name
-        its id); ``join_token``: sent on every Connect (metadata ``x-meshserve-join-token``).
+        its id); ``join_token``: sent on every Connect (metadata ``x-meshserve-join-token``),
+        without TLS only to loopback replicas unless ``insecure_join`` (see
+        :mod:`meshserve.node.link`).
         ``rights``: the tenant rights the direct port enforces, updated from every replica's
         TenantRights (default: a new one, failing closed with TLS; see
         :mod:`meshserve.node.rights`); kept across reconnects.
         """
         self.credentials = channel_credentials(tls)
         self.connect_metadata = ((JOIN_TOKEN_HEADER, join_token),) if join_token else None
+        self.insecure_join = insecure_join
         self.node_id = node_id
         self.rights = rights if rights is not None else Rights(node_id, fail_closed=tls is not None)
         self.labels = labels

@@ -13,6 +13,10 @@ Contract:
   (at most ``max_in_flight`` at once; above it the query is answered RESOURCE_EXHAUSTED at
   once), Welcome and ReplicaSet to the agent's replica list, Feedback to the prediction log,
   TenantRights to the agent's :class:`~meshserve.node.rights.Rights` (the direct port's rules).
+* Without TLS, a link that carries a join token dials only loopback replicas, with gRPC local
+  credentials (which refuse any other peer, whatever a name resolves to), the SDK's guard for
+  its secrets; another address is refused with a clear error (:class:`PlaintextJoinRefused`,
+  logged, retried with the backoff) unless the agent was told ``insecure_join``.
 * A link whose replica the agent no longer lists (:meth:`Agent.wants`) stops when its stream
   ends instead of dialling again (:meth:`Agent.retire`); :meth:`Link.stop` stops it at once.
 * Everything the node sends goes through one bounded outbox; a replica that stops reading fills
@@ -39,6 +43,7 @@ import grpc
 from grpc import aio
 
 from meshserve.common.errors import EOF, wire_status
+from meshserve.common.security import is_loopback_target
 from meshserve.common.tracing import context_from_map
 from meshserve.node.metrics import node_metrics
 from meshserve.node.telemetry import TelemetryBudget, wire_size
@@ -52,8 +57,10 @@ __all__ = [
     "MIN_KEEPALIVE_MS",
     "DuplicateLink",
     "Link",
+    "PlaintextJoinRefused",
     "channel_options",
     "direct_server_options",
+    "link_credentials",
 ]
 
 _log = logging.getLogger("meshserve.node.agent")
@@ -100,6 +107,31 @@ def direct_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 class DuplicateLink(Exception):
     """This link reached a replica the node already holds a stream to."""
+
+
+class PlaintextJoinRefused(Exception):
+    """A join token would cross the network in the clear (no TLS, a non-loopback replica)."""
+
+
+def link_credentials(
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    *,
+    join_token: bool,
+    insecure_join: bool = False,
+) -> grpc.ChannelCredentials | None:
+    """What a link dials ``address`` with: the TLS ``credentials`` when given; without them and
+    with a ``join_token`` to send, gRPC local credentials (loopback peers only) unless
+    ``insecure_join``; None: a plain insecure channel. Raises :class:`PlaintextJoinRefused` for
+    a join token, no TLS and an address that is not loopback."""
+    if credentials is not None or not join_token or insecure_join:
+        return credentials
+    if not is_loopback_target(address):
+        raise PlaintextJoinRefused(
+            f"not sending the join token to {address} in the clear: dial the control plane "
+            "with TLS (--tls-ca), or pass --insecure-join to accept that risk"
+        )
+    return grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
 
 
 class Link:
@@ -157,6 +189,8 @@ class Link:
                 )
             except (OSError, TimeoutError, ConnectionError) as exc:
                 _log.info("stream to %s failed: %r", self.address, exc)
+            except PlaintextJoinRefused as exc:
+                _log.error("%s", exc)
             if not self._agent.wants(self.address):  # its replica left the mesh
                 self._agent.retire(self)
                 return
@@ -185,10 +219,16 @@ class Link:
     async def _session(self) -> None:
         agent = self._agent
         options = channel_options(agent.max_message_bytes, agent.keepalive_ms)
-        if agent.credentials is None:
+        credentials = link_credentials(
+            self.address,
+            agent.credentials,
+            join_token=agent.connect_metadata is not None,
+            insecure_join=agent.insecure_join,
+        )
+        if credentials is None:
             channel = aio.insecure_channel(self.address, options=options)
         else:
-            channel = aio.secure_channel(self.address, agent.credentials, options=options)
+            channel = aio.secure_channel(self.address, credentials, options=options)
         async with channel:
             stub = mesh_pb2_grpc.NodeLinkStub(channel)
             call = stub.Connect(metadata=agent.connect_metadata)

@@ -1,4 +1,5 @@
-"""Certificates by role (issue 16, finding 4): a stolen node key cannot pose as the control plane.
+"""Certificates by role (issue 16, finding 4): a stolen node key cannot pose as the control plane;
+and without TLS a node sends its join token to loopback control planes only (finding 14).
 
 ``meshctl certs init`` issues each role's certificates from its own CA, and whatever dials the
 control plane trusts the control-plane CA only. Here a real gRPC server serves a node's real
@@ -169,3 +170,28 @@ def test_a_node_refuses_a_node_certificate_as_its_control_plane(
         )
         assert node.alive
     assert not impostor.recorder.saw(token)
+
+
+def test_without_tls_a_node_sends_its_join_token_to_loopback_only(tmp_path: Path) -> None:
+    """A remote control plane without TLS: the node refuses to start (nothing is dialled); a
+    loopback one: the token goes over gRPC local credentials and the node joins."""
+    token = secrets.token_urlsafe(24)
+    (tmp_path / "join").write_text(token + "\n")
+    node = [sys.executable, "-m", "meshserve.node", "--node-id", "n1"]
+    node += ["--cache-dir", str(tmp_path / "cache"), f"--join-token-file={tmp_path / 'join'}"]
+    refused = subprocess.run(
+        [*node, "--control-plane", "127.0.0.1:1,192.0.2.10:7000"],  # TEST-NET: never dialled
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "not sending the join token to 192.0.2.10:7000 in the clear" in refused.stderr
+    assert "--insecure-join" in refused.stderr and token not in refused.stderr + refused.stdout
+    with LocalMesh(tmp_path / "mesh") as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1", extra=[f"--join-token-file={tmp_path / 'join'}"])
+        mesh.start_node("n1", [cp.address], extra=[f"--join-token-file={tmp_path / 'join'}"])
+        with AdminClient(cp.address) as admin:
+            nodes = wait_until(admin.list_nodes, 30, what="n1 to join over loopback")
+        assert [n.node_id for n in nodes] == ["n1"]

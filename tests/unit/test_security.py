@@ -12,10 +12,12 @@ from meshserve.common.security import (
     SecurityConfigError,
     TLSFiles,
     channel_credentials,
+    is_loopback_target,
     read_secrets,
 )
 from meshserve.controlplane.auth import AuthConfig, Guard, Tenant, load_api_keys
 from meshserve.devtools.certs import init_certs
+from meshserve.node.link import PlaintextJoinRefused, link_credentials
 
 KEY_A = "a" * 20
 KEY_B = "b-secret-key-0123456789"
@@ -160,3 +162,23 @@ def test_an_unconfigured_guard_wraps_nothing() -> None:
     assert guard.admin(servicer).ModelInfer == method
     assert guard.node_link(servicer) is servicer
     assert guard.identify_node is None and guard.stream_check is None
+
+
+def test_loopback_targets_are_told_by_their_text() -> None:
+    for target in ("127.0.0.1:7000", "localhost:1", "[::1]:5", "ipv4:127.0.0.2:9", "::1"):
+        assert is_loopback_target(target), target
+    for target in ("10.0.0.1:7", "cp.example:7000", "0.0.0.0:1", "[fe80::1]:3", "127.example:1"):
+        assert not is_loopback_target(target), target
+
+
+def test_a_join_token_goes_in_the_clear_to_loopback_only() -> None:
+    """The node link's guard (issue 16 finding 14): no TLS + a join token + a remote replica is
+    refused unless --insecure-join; loopback ones get gRPC local credentials (loopback peers
+    only, whatever a name resolves to)."""
+    with pytest.raises(PlaintextJoinRefused, match=r"10\.0\.0\.5:7000 in the clear"):
+        link_credentials("10.0.0.5:7000", None, join_token=True)
+    assert link_credentials("10.0.0.5:7000", None, join_token=True, insecure_join=True) is None
+    assert link_credentials("10.0.0.5:7000", None, join_token=False) is None  # nothing secret
+    assert link_credentials("127.0.0.1:7000", None, join_token=True) is not None
+    tls = channel_credentials(TLSFiles(ca=Path(__file__)))  # any readable file will do here
+    assert link_credentials("10.0.0.5:7000", tls, join_token=True) is tls
