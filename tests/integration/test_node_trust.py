@@ -26,6 +26,7 @@ from meshserve.common.errors import StatusError
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
+from tests.support.webhook import Hook
 
 GiB = 1 << 30
 X = np.zeros((1, 64), dtype=np.float32)
@@ -203,5 +204,75 @@ def test_invented_copies_and_their_telemetry_are_ignored(
             # the invented copies are not in the view; each is told to go (bounded)
             unloads = {m.unload.model for m in fake.drain() if m.HasField("unload")}
             assert "real" not in unloads
+    finally:
+        fake.close()
+
+
+def _drift(model: str, seq: int, counts: list[int]) -> mesh_pb2.ModelTelemetry:
+    window = mesh_pb2.DriftWindow(
+        seq=seq, rows=sum(counts), output=mesh_pb2.SketchCounts(counts=counts)
+    )
+    return mesh_pb2.ModelTelemetry(model=model, variant="default", drift=window)
+
+
+def test_telemetry_about_copies_not_held_is_ignored(
+    mesh: tuple[LocalMesh, str], tmp_path: Path, webhook: str
+) -> None:
+    _, address = mesh
+    model = make_mlp(tmp_path / "mlp.onnx")
+    sha = sha256_file(model)
+    fake = FakeNode(address, mesh_pb2.Hello(node_id="fake-3"))
+    try:
+        fake.wait_for(lambda m: m.HasField("welcome"))
+        with AdminClient(address) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-3 listed")
+            admin.apply_policy(
+                "name: watched\nmonitoring:\n  capture_windows: 1\n  drift_windows: 1\n"
+                f"  webhook:\n    url: {webhook}\n    min_interval_s: 0\n"
+            )
+            admin.label_node("fake-3", {"pool": "edge"})  # history of other kinds
+            admin.register_model("real", model.as_uri(), sha)
+            # registered, never placed on the fake node: it may not report on it either
+            admin.register_model("elsewhere", model.as_uri(), sha, node_selector={"gpu": "yes"})
+            fake.wait_for(_load_of("real"))
+            fake.status("real", mesh_pb2.READY, sha)
+            wait_until(
+                lambda: (
+                    _copies(admin, "fake-3").get("real", mesh_pb2.CopyStatus()).state
+                    == mesh_pb2.READY
+                ),
+                20,
+                what="the real copy READY",
+            )
+            before = {e.kind for e in admin.list_events(1000)}
+            assert {"label", "placement"} <= before
+            # Drift about 1,200 models it does not hold (a reference window, then a shifted
+            # one), feedback about a model it does not hold; the copy it holds drifts too
+            # (last in each message): the alarm pipeline's positive control.
+            invented = [f"invented-{i}" for i in range(1200)]
+            for seq, counts in ((1, [100, 0]), (2, [0, 100])):
+                entries = [_drift(name, seq, counts) for name in [*invented, "real"]]
+                if seq == 2:
+                    entries.insert(
+                        0,
+                        mesh_pb2.ModelTelemetry(
+                            model="elsewhere",
+                            variant="default",
+                            feedback_joined=500,
+                            feedback_correct=0,
+                        ),
+                    )
+                fake.send(telemetry=mesh_pb2.Telemetry(unix_ms=seq, models=entries))
+            drifts = wait_until(
+                lambda: admin.list_events(1000, kind="drift"), 30, what="the real copy's drift"
+            )
+            wait_until(lambda: Hook.received, 15, what="the webhook call")
+            assert {e.model for e in drifts} == {"real"}
+            assert {h["event"]["model"] for h in Hook.received} == {"real"}
+            assert {"label", "placement"} <= {e.kind for e in admin.list_events(1000)}
+            [elsewhere] = admin.model_health("elsewhere")
+            assert elsewhere.accuracy == -1, "no feedback believed from a node not serving it"
+            [node] = admin.list_nodes()
+            assert {m.model for m in node.telemetry.models} == {"real"}
     finally:
         fake.close()
