@@ -22,7 +22,9 @@ Contract:
   query, checked by :class:`~meshserve.controlplane.auth.Guard`); ``--api-key-file``: this
   gateway's own key, sent to the feed, the nodes and the replicas (with TLS, or to loopback
   addresses only). With ``--tls-ca`` the same certificate is this gateway's client certificate
-  and the CA verifies replicas and nodes.
+  and the CA verifies the replicas (the control-plane CA), ``--tls-node-ca`` the nodes (default
+  ``--tls-ca``); ``--tls-client-ca`` adds callers' CAs (one CA per role: a node's certificate
+  never passes as a replica, see :mod:`meshserve.devtools.certs`).
 - SIGTERM/SIGINT: the server stops (calls in flight get a grace), then the node streams, the
   replica channels and the feed close, each awaited and bounded; the process exits within
   ``--shutdown-grace-s``.
@@ -41,7 +43,7 @@ import random
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,8 @@ class StandaloneConfig:
     feed: Sequence[str]  # replica addresses (any of them publishes the feed)
     listen: str = "127.0.0.1:8002"
     zone: str = ""  # preferred for queries naming no client_zone ("": none)
-    tls: TLSFiles | None = None  # the listener's certificate (+ CA: callers, replicas, nodes)
+    # the listener's certificate (+ CA: callers, replicas; node_ca: nodes; client_ca: callers)
+    tls: TLSFiles | None = None
     require_client_cert: bool = True  # with tls and a CA: every caller presents a certificate
     auth: AuthConfig = field(default_factory=AuthConfig)  # callers' API keys (tenants)
     api_key: str | None = field(default=None, repr=False)  # own key: feed, nodes, replicas
@@ -226,7 +229,9 @@ class StandaloneGateway:
         channel_options = node_channel_options(cfg.max_message_bytes, cfg.keepalive_ms)
         # to nodes and replicas: the CA verifies them, our certificate and key (if any) are the
         # client's, our API key (if any) rides on every call
-        outward = channel_credentials(cfg.tls if cfg.tls and cfg.tls.ca else None, cfg.api_key)
+        outward_tls = cfg.tls if cfg.tls and cfg.tls.ca else None
+        outward = channel_credentials(outward_tls, cfg.api_key)
+        to_nodes = channel_credentials(outward_tls and outward_tls.for_nodes(), cfg.api_key)
         self.feed = feed = FeedClient(
             cfg.feed, tls=cfg.tls if cfg.tls and cfg.tls.ca else None, api_key=cfg.api_key
         )
@@ -241,7 +246,7 @@ class StandaloneGateway:
             admission=Admission(
                 per_copy=cfg.max_in_flight_per_copy, per_client=cfg.max_in_flight_per_client
             ),
-            node_credentials=outward,
+            node_credentials=to_nodes,
             stream_check=guard.stream_check,
             mux=cfg.mux,
             max_message_bytes=cfg.max_message_bytes,
@@ -327,6 +332,17 @@ def _parser() -> argparse.ArgumentParser:
         "nodes are verified with (this gateway's certificate is then its client certificate)",
     )
     g.add_argument(
+        "--tls-node-ca",
+        default="",
+        help="PEM CA of the nodes' direct ports (default: --tls-ca); with one CA per role, "
+        "--tls-ca is the control-plane CA and this the node CA",
+    )
+    g.add_argument(
+        "--tls-client-ca",
+        default="",
+        help="PEM CA(s) of callers admitted besides --tls-ca's (e.g. the client CA)",
+    )
+    g.add_argument(
         "--tls-client-auth",
         choices=("required", "none"),
         default="required",
@@ -365,9 +381,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[StandaloneConfi
         tls = TLSFiles.from_options(ns.tls_ca, ns.tls_cert, ns.tls_key)
         if tls is not None and tls.cert is None:
             raise SecurityConfigError("--tls-ca needs the listener's --tls-cert and --tls-key")
+        if (ns.tls_node_ca or ns.tls_client_ca) and (tls is None or tls.ca is None):
+            raise SecurityConfigError("--tls-node-ca and --tls-client-ca need --tls-ca")
         if tls is not None:
+            tls = replace(
+                tls,
+                node_ca=Path(ns.tls_node_ca) if ns.tls_node_ca else None,
+                client_ca=Path(ns.tls_client_ca) if ns.tls_client_ca else None,
+            )
             tls.pair()  # unreadable files fail now, not at the first handshake
-            tls.ca_bytes()
+            tls.callers_ca_bytes()
+            tls.for_nodes().ca_bytes()
         tenants = load_api_keys(Path(ns.api_keys)) if ns.api_keys else None
         api_key = read_secret(Path(ns.api_key_file), "API key file") if ns.api_key_file else None
     except SecurityConfigError as exc:

@@ -172,6 +172,37 @@ def test_a_node_refuses_a_node_certificate_as_its_control_plane(
     assert not impostor.recorder.saw(token)
 
 
+def test_a_standalone_gateway_refuses_a_node_certificate_as_its_replica(
+    impostor: Impostor, tmp_path: Path
+) -> None:
+    """The standalone gateway dials both kinds: replicas with --tls-ca (the control-plane CA),
+    nodes with --tls-node-ca; its own API key never reaches the impostor."""
+    key = secrets.token_urlsafe(24)
+    (tmp_path / "key").write_text(key + "\n")
+    certs = impostor.certs
+    with LocalMesh(tmp_path / "mesh", tls=impostor.client_tls()) as mesh:
+        gateway, _ = mesh.start_gateway(
+            [impostor.address],
+            extra=[
+                f"--tls-ca={certs / 'controlplane-ca.crt'}",
+                f"--tls-node-ca={certs / 'node-ca.crt'}",
+                f"--tls-client-ca={certs / 'client-ca.crt'}",
+                f"--tls-cert={certs / 'controlplane.crt'}",
+                f"--tls-key={certs / 'controlplane.key'}",
+                f"--api-key-file={tmp_path / 'key'}",
+                "--log-level=DEBUG",
+            ],
+        )
+        failed = f"routing feed from {impostor.address} failed"
+        wait_until(
+            lambda: gateway.log_path.read_text(errors="replace").count(failed) >= 2,
+            60,
+            what="the gateway to dial the impostor twice",
+        )
+        assert gateway.alive
+    assert not impostor.recorder.saw(key)
+
+
 def test_without_tls_a_node_sends_its_join_token_to_loopback_only(tmp_path: Path) -> None:
     """A remote control plane without TLS: the node refuses to start (nothing is dialled); a
     loopback one: the token goes over gRPC local credentials and the node joins."""

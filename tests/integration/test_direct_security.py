@@ -292,6 +292,33 @@ async def test_the_gateway_still_reaches_the_node_directly(secured: Secured) -> 
     assert await asyncio.to_thread(through_gateway) == "n1"
 
 
+def test_a_standalone_gateway_with_one_ca_per_role_reaches_the_node(secured: Secured) -> None:
+    """The standalone gateway verifies the replicas by the control-plane CA and the nodes by
+    the node CA; the node lets it through as a router (the control-plane CA issued its
+    certificate), and it checks the tenant itself."""
+    certs = secured.certs
+    (certs.parent / "gateway-key").write_text(secured.acme_key + "\n")  # for the feed
+    _, address = secured.mesh.start_gateway(
+        [secured.cp.address],
+        extra=[
+            f"--tls-ca={certs / 'controlplane-ca.crt'}",
+            f"--tls-node-ca={certs / 'node-ca.crt'}",
+            f"--tls-client-ca={certs / 'client-ca.crt'}",
+            f"--tls-cert={certs / 'controlplane.crt'}",
+            f"--tls-key={certs / 'controlplane.key'}",
+            f"--api-keys-file={certs.parent / 'keys.yaml'}",
+            f"--api-key-file={certs.parent / 'gateway-key'}",
+        ],
+    )
+    tls = secured.client_tls()
+    with MeshClient(address, tls=tls, api_key=secured.acme_key, routing="gateway") as client:
+        result = wait_until(lambda: client.infer("mlp", {"x": X}), 30, what="the gateway's feed")
+        assert result.node == "n1"
+    with MeshClient(address, tls=tls, api_key=secured.globex_key, routing="gateway") as client:
+        with pytest.raises(PermissionDenied):
+            client.infer("mlp", {"x": X})
+
+
 async def test_a_tls_node_without_rights_yet_fails_closed(secured: Secured) -> None:
     """A node started with TLS that has not heard from a control plane (none answers at its
     address) cannot know the tenants' rights: it refuses, UNAVAILABLE, rather than serve open."""
