@@ -1,0 +1,136 @@
+"""What the control plane believes of a node (issue 16 §3, §5, §10): the pure rules of
+controlplane/link/trust.py, admin-side labels in the snapshot, and the hub's coalesced reconcile."""
+
+from __future__ import annotations
+
+import asyncio
+
+from meshserve.controlplane import keys
+from meshserve.controlplane.link import trust
+from meshserve.controlplane.link.hub import Hub
+from meshserve.controlplane.link.session import NodeSession
+from meshserve.controlplane.snapshot import Snapshot, SnapshotBuilder, effective_labels
+from meshserve.protos import mesh_pb2
+from tests.support.fake_registry import FakeRegistry
+
+SHA = "ab" * 32
+KEY = ("m", "default")
+
+
+def _status(state: int, sha: str = SHA, model: str = "m") -> mesh_pb2.CopyStatus:
+    return mesh_pb2.CopyStatus(model=model, variant="default", state=state, sha256=sha)
+
+
+def _snapshot(placed_on: list[str] | None = None) -> Snapshot:
+    spec = mesh_pb2.ModelSpec(name="m", variant="default", artifact_uri="file:///m", sha256=SHA)
+    placements = {} if placed_on is None else {KEY: mesh_pb2.Placement(nodes=placed_on)}
+    return Snapshot({KEY: spec}, placements, {}, {KEY: 3} if placed_on else {}, 5)
+
+
+def test_a_report_is_believed_only_as_ordered() -> None:
+    ordered = {KEY: [SHA]}
+    assert trust.judge(_status(mesh_pb2.READY), ordered, set()) is None
+    assert trust.judge(_status(mesh_pb2.LOADING), ordered, set()) is None
+    assert trust.judge(_status(mesh_pb2.READY, "f" * 64), ordered, set()) == trust.OTHER_SHA256
+    assert trust.judge(_status(mesh_pb2.READY, model="x"), ordered, set()) == trust.NEVER_ORDERED
+    assert trust.judge(_status(mesh_pb2.UNLOADED, model="x"), {}, set()) is None, "gone is gone"
+    full = {("n", str(i)) for i in range(trust.MAX_COPIES_PER_NODE)}
+    assert trust.judge(_status(mesh_pb2.READY), ordered, full) == trust.TOO_MANY
+
+
+def test_hello_copies_count_only_with_the_registered_sha256() -> None:
+    believed, refused = trust.adopted(
+        _snapshot(),
+        [
+            _status(mesh_pb2.READY),
+            _status(mesh_pb2.READY, "f" * 64),
+            _status(mesh_pb2.READY, model="unregistered"),
+            _status(mesh_pb2.UNLOADED),
+        ],
+    )
+    assert [(c.model, c.sha256) for c in believed] == [("m", SHA)]
+    assert [(c.model, c.sha256) for c in refused] == [("m", "f" * 64), ("unregistered", SHA)]
+
+
+def test_telemetry_keeps_only_held_copies() -> None:
+    telemetry = mesh_pb2.Telemetry(
+        unix_ms=7,
+        models=[mesh_pb2.ModelTelemetry(model=f"x{i}", variant="default") for i in range(5)]
+        + [mesh_pb2.ModelTelemetry(model="m", variant="default", requests=3)],
+    )
+    kept, dropped = trust.held_telemetry(telemetry, {KEY})
+    assert dropped == 5 and kept.unix_ms == 7
+    assert [(t.model, t.requests) for t in kept.models] == [("m", 3)]
+    same, none = trust.held_telemetry(kept, {KEY})
+    assert same is kept and none == 0
+
+
+def test_the_telemetry_budget_drops_the_excess_and_refills() -> None:
+    now = [0.0]
+    budget = trust.ByteBudget(1000, 4000, clock=lambda: now[0])
+    assert budget.take(3000) and not budget.take(2000)
+    assert (budget.dropped, budget.dropped_bytes) == (1, 2000)
+    now[0] = 1.0
+    assert budget.take(2000)
+
+
+def test_claims_are_bounded_and_logged_once_per_reason() -> None:
+    claims = trust.Claims()
+    firsts = [
+        claims.refuse(_status(mesh_pb2.READY, model=f"x{i}"), trust.NEVER_ORDERED)
+        for i in range(trust.MAX_CLAIMS + 500)
+    ]
+    assert firsts.count(True) == 1
+    assert len(claims.copies) == trust.MAX_CLAIMS
+    assert claims.refused[trust.NEVER_ORDERED] == trust.MAX_CLAIMS + 500
+    held = claims.as_unheld({})
+    assert all(not c.sha256 for c in held.values()), "a claim is never taken as the artifact"
+
+
+def test_placement_matches_admin_labels_and_claims_only_when_trusted() -> None:
+    claimed = {"tier": "core", "zone": "a"}
+    assert effective_labels(claimed, {}, trust=False) == {}
+    assert effective_labels(claimed, {"tier": "edge"}, trust=False) == {"tier": "edge"}
+    assert effective_labels(claimed, {"tier": "edge"}, trust=True) == {"tier": "edge", "zone": "a"}
+    info = mesh_pb2.NodeInfo(node_id="n1", labels=claimed, replicas=["cp-1"])
+    links = {keys.node_link_key("n1", "cp-1"): keys.encode(info)}
+    builder = SnapshotBuilder()
+    assert dict(builder.build({}, {}, links).nodes["n1"].labels) == {}
+    admin = {keys.node_labels_key("n1"): keys.encode(mesh_pb2.NodeLabels(labels={"tier": "x"}))}
+    view = builder.build({}, {}, links, node_labels=admin).nodes["n1"]
+    assert dict(view.labels) == {"tier": "x"}, "an admin change rebuilds the cached view"
+    trusted = builder.build({}, {}, links, node_labels=admin, trust_node_labels=True)
+    assert dict(trusted.nodes["n1"].labels) == {"tier": "x", "zone": "a"}
+
+
+def test_reports_coalesce_into_one_reconcile_per_node() -> None:
+    async def scenario() -> int:
+        hub = Hub(
+            registry=FakeRegistry(),
+            replica_id="cp-1",
+            lease_ttl_s=3,
+            lease_id=lambda: 1,
+            snapshot=lambda: _snapshot(["n1"]),
+            replicas=lambda: [],
+        )
+        session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 4096)
+        hub.sessions["n1"] = session
+        runs = 0
+        original = hub.reconcile_session
+
+        def counted(s: NodeSession, snap: Snapshot) -> None:
+            nonlocal runs
+            runs += 1
+            original(s, snap)
+
+        hub.reconcile_session = counted  # type: ignore[method-assign]
+        for i in range(2000):  # a burst read in one go: never ordered, each refused
+            hub._on_message(
+                session, mesh_pb2.NodeMessage(copy_status=_status(mesh_pb2.READY, model=f"x{i}"))
+            )
+        await asyncio.sleep(0)
+        assert session.copies == {}
+        assert len(session.claims.copies) == trust.MAX_CLAIMS
+        return runs
+
+    assert asyncio.run(scenario()) == 1
