@@ -20,12 +20,13 @@ from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret
 from meshserve.controlplane.app import ControlPlane, ControlPlaneConfig, default_replica_id
 from meshserve.controlplane.auth import AuthConfig, load_api_keys
 from meshserve.controlplane.dataplane.options import add_gateway_options
+from meshserve.controlplane.etcd.link import EtcdAuth, add_etcd_options, auth_from_args
 from meshserve.controlplane.placement.failures import parse_backoff
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshserve-controlplane", description=__doc__)
-    p.add_argument("--etcd", default="http://127.0.0.1:2379", help="etcd client URL")
+    add_etcd_options(p)  # --etcd (a URL list) and its TLS / user options
     p.add_argument(
         "--listen",
         default="127.0.0.1:8001",
@@ -160,6 +161,15 @@ def _security(ns: argparse.Namespace) -> tuple[TLSFiles | None, bool, AuthConfig
     return tls, ns.tls_client_auth == "required", auth
 
 
+def _etcd(ns: argparse.Namespace) -> EtcdAuth | None:
+    """The etcd link's credentials (files), checked against --etcd; a bad one ends the process
+    with a message naming the option or file (never a secret)."""
+    try:
+        return auth_from_args(ns)[1]
+    except ValueError as exc:  # SecurityConfigError too
+        raise SystemExit(f"meshserve-controlplane: --etcd: {exc}") from None
+
+
 async def _serve(config: ControlPlaneConfig, metrics_listen: str = "") -> None:
     configure_tracing("meshserve-controlplane")
     configure_metrics("meshserve-controlplane", metrics_listen)
@@ -199,12 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     if ns.telemetry_interval_ms < 100:
         raise SystemExit("--telemetry-interval-ms must be at least 100")
     tls, require_client_cert, auth = _security(ns)
+    etcd_auth = _etcd(ns)
     try:
         retry = parse_backoff(ns.retry_backoff_s)
     except ValueError as exc:
         raise SystemExit(f"--retry-backoff-s: {exc}") from None
     config = ControlPlaneConfig(
         etcd_url=ns.etcd,
+        etcd_auth=etcd_auth,
         listen=ns.listen,
         advertise=ns.advertise,
         replica_id=ns.replica_id or default_replica_id(),

@@ -28,7 +28,7 @@ from meshserve.controlplane.auth import AuthConfig, Guard
 from meshserve.controlplane.dataplane.admission import Admission
 from meshserve.controlplane.dataplane.feed import FeedPublisher, FeedService
 from meshserve.controlplane.dataplane.gateway import Gateway, add_gateway_to_server
-from meshserve.controlplane.etcd import Election, PrefixMirror, connect
+from meshserve.controlplane.etcd import Election, EtcdAuth, PrefixMirror, connect
 from meshserve.controlplane.etcd.guard import StoreGuard
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.link.options import node_channel_options, server_options
@@ -63,7 +63,8 @@ def default_replica_id() -> str:
 
 @dataclass(frozen=True)
 class ControlPlaneConfig:
-    etcd_url: str
+    etcd_url: str  # one etcd URL or several, comma-separated (controlplane/etcd/link.py)
+    etcd_auth: EtcdAuth | None = None  # TLS files, user and password for etcd (None: plain)
     listen: str = "127.0.0.1:8001"
     advertise: str | None = None
     replica_id: str = field(default_factory=default_replica_id)
@@ -187,14 +188,14 @@ class ControlPlane:
             await self.registry.unwake(key)
 
     @staticmethod
-    async def _connect_etcd(url: str, wait_s: float) -> Any:
+    async def _connect_etcd(url: str, wait_s: float, auth: EtcdAuth | None = None) -> Any:
         """Connect to etcd, retrying with backoff for up to ``wait_s`` (a replica may start
         before etcd is ready to serve); then the last error propagates."""
         deadline = time.monotonic() + wait_s
         delay = 0.2
         while True:
             try:
-                return await connect(url)
+                return await connect(url, auth=auth)
             except ConnectionError as exc:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -249,7 +250,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         cfg = self.config
-        self._etcd = await self._connect_etcd(cfg.etcd_url, cfg.etcd_wait_s)
+        self._etcd = await self._connect_etcd(cfg.etcd_url, cfg.etcd_wait_s, cfg.etcd_auth)
         self.registry = registry = EtcdRegistry(self._etcd)
         options = server_options(cfg.max_message_bytes, cfg.keepalive_ms)
         self._server = aio.server(options=options)

@@ -5,6 +5,12 @@ ports, owns a data directory, starts ``etcd`` with a one-member cluster on those
 ports, waits until ``/health`` reports healthy, and can stop, kill and restart the
 server on the *same* ports and data directory (so clients can reconnect and the
 key space, leases included, survives a restart).
+
+With ``secure=True`` the member is what a production etcd should be (docs/security.md):
+client traffic over TLS (a throwaway CA in ``<workdir>/tls``), client certificates required
+(``--client-cert-auth``), and auth enabled: a ``root`` user and a ``meshserve`` user whose role
+may read and write ``/meshserve/`` only. :meth:`EtcdProcess.client_args` and
+:meth:`EtcdProcess.client_auth` say how a client connects (files, never a secret in argv).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,11 +30,22 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, TYPE_CHECKING, Self
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+if TYPE_CHECKING:
+    from meshserve.controlplane.etcd.link import EtcdAuth
 
 __all__ = ["EtcdNotFoundError", "EtcdProcess", "EtcdStartError", "find_etcd_binary"]
 
 _DEFAULT_BINARY = "/usr/bin/etcd"
+
+#: The etcd user (and role) of the mesh's processes in a secure member, and its key prefix.
+MESH_USER = "meshserve"
+MESH_PREFIX = b"/meshserve/"
 
 
 class EtcdNotFoundError(FileNotFoundError):
@@ -98,6 +116,7 @@ class EtcdProcess:
         peer_port: int | None = None,
         startup_timeout: float = 15.0,
         extra_args: tuple[str, ...] = (),
+        secure: bool = False,
     ) -> None:
         self._binary = binary
         self.name = name
@@ -111,6 +130,10 @@ class EtcdProcess:
             self.peer_port = _free_port()
         self.startup_timeout = startup_timeout
         self.extra_args = extra_args
+        self.secure = secure
+        self.metrics_port = _free_port() if secure else 0
+        while secure and self.metrics_port in (self.client_port, self.peer_port):
+            self.metrics_port = _free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -118,8 +141,178 @@ class EtcdProcess:
 
     @property
     def url(self) -> str:
-        """Client URL, ``http://127.0.0.1:P``."""
-        return f"http://127.0.0.1:{self.client_port}"
+        """Client URL, ``http://127.0.0.1:P`` (``https://`` when secure)."""
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
+
+    # -- a secure member's files (under <workdir>/tls, made at the first start) ------------
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.workdir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The throwaway CA: etcd's certificate and every client certificate chain to it."""
+        return self.tls_dir / "ca.crt"
+
+    @property
+    def client_cert(self) -> tuple[Path, Path]:
+        """(certificate, key) of a client with CN ``meshserve`` (the mesh's etcd user)."""
+        return self.tls_dir / f"{MESH_USER}.crt", self.tls_dir / f"{MESH_USER}.key"
+
+    @property
+    def password_file(self) -> Path:
+        """The ``meshserve`` user's password (mode 0600)."""
+        return self.tls_dir / f"{MESH_USER}.password"
+
+    def client_args(self) -> list[str]:
+        """The etcd options a process of the mesh is started with to use this member."""
+        if not self.secure:
+            return ["--etcd", self.url]
+        cert, key = self.client_cert
+        return [
+            "--etcd",
+            self.url,
+            "--etcd-ca",
+            str(self.ca_file),
+            "--etcd-cert",
+            str(cert),
+            "--etcd-key",
+            str(key),
+            "--etcd-user",
+            MESH_USER,
+            "--etcd-password-file",
+            str(self.password_file),
+        ]
+
+    def client_auth(self, *, cert: bool = True, password: bool = True) -> EtcdAuth | None:
+        """What an in-process client connects with (None when not secure)."""
+        from meshserve.controlplane.etcd.link import EtcdAuth
+
+        if not self.secure:
+            return None
+        pair = self.client_cert if cert else (None, None)
+        return EtcdAuth.from_files(
+            ca=self.ca_file,
+            cert=pair[0],
+            key=pair[1],
+            user=MESH_USER if password else None,
+            password_file=self.password_file if password else None,
+        )
+
+    def issue_client_cert(self, common_name: str) -> tuple[Path, Path]:
+        """A client certificate with CN ``common_name`` from this member's CA (tests: a
+        certificate etcd accepts at the TLS level but that names no etcd user)."""
+        from meshserve.devtools.certs import _issue, _name, _save
+
+        ca_cert, ca_key = self._ca()
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(
+            _name(common_name, "etcd-client"),
+            key,
+            ca_cert.subject,
+            ca_key,
+            days=30,
+            client=True,
+        )
+        return _save(self.tls_dir, common_name, cert, key, force=True)
+
+    def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        ca_cert = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
+        ca_key = serialization.load_pem_private_key((self.tls_dir / "ca.key").read_bytes(), None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        return ca_cert, ca_key
+
+    def _make_tls(self) -> None:
+        """The CA, etcd's server certificate (loopback names), the ``meshserve`` client
+        certificate and password; kept across restarts."""
+        from meshserve.devtools.certs import _LOOPBACK, _issue, _name, _save
+
+        if self.ca_file.exists():
+            return
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = _name("meshserve etcd development CA", "etcd-ca")
+        ca_cert = _issue(ca_name, ca_key, ca_name, ca_key, days=30, ca=True)
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        server = _issue(
+            _name("etcd", "etcd"),
+            server_key,
+            ca_name,
+            ca_key,
+            days=30,
+            sans=_LOOPBACK,
+            server=True,
+            client=True,
+        )
+        _save(self.tls_dir, "server", server, server_key, force=True)
+        _save(self.tls_dir, "ca", ca_cert, ca_key, force=True)
+        self.issue_client_cert(MESH_USER)
+        for path, secret in (
+            (self.password_file, secrets.token_urlsafe(24)),
+            (self.tls_dir / "root.password", secrets.token_urlsafe(24)),
+        ):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret + "\n")
+
+    def _secure_args(self) -> list[str]:
+        tls = self.tls_dir
+        return [
+            "--cert-file",
+            str(tls / "server.crt"),
+            "--key-file",
+            str(tls / "server.key"),
+            "--trusted-ca-file",
+            str(self.ca_file),
+            "--client-cert-auth",
+            "--listen-metrics-urls",
+            f"http://127.0.0.1:{self.metrics_port}",
+        ]
+
+    def _enable_auth(self) -> None:
+        """Create ``root`` and ``meshserve`` (readwrite on ``/meshserve/``) and enable auth,
+        unless the data directory has it already (a restart)."""
+        import grpc
+        from aetcd import rpc
+
+        root_password = (self.tls_dir / "root.password").read_text().strip()
+        password = self.password_file.read_text().strip()
+        cert, key = self.client_cert
+        creds = grpc.ssl_channel_credentials(
+            self.ca_file.read_bytes(), key.read_bytes(), cert.read_bytes()
+        )
+        with grpc.secure_channel(f"127.0.0.1:{self.client_port}", creds) as channel:
+            auth = rpc.AuthStub(channel)
+            try:
+                auth.Authenticate(
+                    rpc.AuthenticateRequest(name="root", password=root_password), timeout=10
+                )
+                return  # enabled before (this data directory survived a restart)
+            except grpc.RpcError as exc:
+                if "not enabled" not in (exc.details() or ""):  # type: ignore[attr-defined]
+                    raise EtcdStartError(f"etcd auth check failed: {exc}") from None
+            end = MESH_PREFIX[:-1] + bytes([MESH_PREFIX[-1] + 1])
+            steps = [
+                (auth.UserAdd, rpc.AuthUserAddRequest(name="root", password=root_password)),
+                (auth.UserGrantRole, rpc.AuthUserGrantRoleRequest(user="root", role="root")),
+                (auth.RoleAdd, rpc.AuthRoleAddRequest(name=MESH_USER)),
+                (
+                    auth.RoleGrantPermission,
+                    rpc.AuthRoleGrantPermissionRequest(
+                        name=MESH_USER,
+                        perm=rpc.Permission(
+                            permType=rpc.Permission.READWRITE, key=MESH_PREFIX, range_end=end
+                        ),
+                    ),
+                ),
+                (auth.UserAdd, rpc.AuthUserAddRequest(name=MESH_USER, password=password)),
+                (auth.UserGrantRole, rpc.AuthUserGrantRoleRequest(user=MESH_USER, role=MESH_USER)),
+                (auth.AuthEnable, rpc.AuthEnableRequest()),
+            ]
+            for call, request in steps:
+                call(request, timeout=10)
 
     @property
     def peer_url(self) -> str:
@@ -158,6 +351,7 @@ class EtcdProcess:
             self.url,
             "--advertise-client-urls",
             self.url,
+            *(self._secure_args() if self.secure else []),
             "--listen-peer-urls",
             self.peer_url,
             "--initial-advertise-peer-urls",
@@ -178,8 +372,10 @@ class EtcdProcess:
         """
         if self.is_running():
             raise RuntimeError(f"etcd already running (pid {self.pid})")
-        cmd = self.command()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self._make_tls()
+        cmd = self.command()
         # Keep ETCD_* settings of the caller's environment from leaking into the member.
         env = {
             k: v
@@ -199,6 +395,8 @@ class EtcdProcess:
         )
         try:
             self._wait_healthy()
+            if self.secure:
+                self._enable_auth()
         except BaseException:
             self.kill()
             raise
@@ -206,7 +404,9 @@ class EtcdProcess:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        health_url = f"{self.url}/health"
+        health_url = (
+            f"http://127.0.0.1:{self.metrics_port}/health" if self.secure else f"{self.url}/health"
+        )
         last_error = "no answer"
         while True:
             assert self._proc is not None

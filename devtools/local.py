@@ -152,17 +152,24 @@ class LocalMesh:
         self.env = env
         self.etcd: Any = None
         self.etcd_url = ""
+        self.etcd_args: list[str] = []  # --etcd and its TLS / user options, for control planes
         self.processes: list[ManagedProcess] = []
 
-    def start_etcd(self) -> str:
+    def start_etcd(self, *, secure: bool = False) -> str:
+        """Start a one-member etcd; ``secure``: TLS, client certificates and auth on (its files
+        under ``<workdir>/etcd/tls``; see :class:`~meshserve.devtools.etcd.EtcdProcess`)."""
         from meshserve.devtools.etcd import EtcdProcess  # the mesh's own etcd launcher
 
-        self.etcd = EtcdProcess(workdir=self.workdir / "etcd").start()
+        self.etcd = EtcdProcess(workdir=self.workdir / "etcd", secure=secure).start()
         self.etcd_url = str(self.etcd.url)
+        self.etcd_args = list(self.etcd.client_args())
         return self.etcd_url
 
-    def use_etcd(self, url: str) -> None:
+    def use_etcd(self, url: str, args: Sequence[str] = ()) -> None:
+        """Use an etcd this mesh does not own: ``url``, and ``args`` (its ``--etcd-*`` options)
+        for the control planes."""
         self.etcd_url = url
+        self.etcd_args = ["--etcd", url, *args]
 
     def start_controlplane(
         self,
@@ -177,8 +184,7 @@ class LocalMesh:
             sys.executable,
             "-m",
             "meshserve.controlplane",
-            "--etcd",
-            self.etcd_url,
+            *(self.etcd_args or ["--etcd", self.etcd_url]),
             "--listen",
             address,
             "--replica-id",

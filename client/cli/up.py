@@ -33,7 +33,19 @@ def up(
     workdir: Annotated[
         Path | None, typer.Option(help="where logs, etcd data and models go")
     ] = None,
-    etcd: Annotated[str, typer.Option(help="use this etcd instead of starting one")] = "",
+    etcd: Annotated[
+        str, typer.Option(help="use this etcd (URL, or several comma-separated) instead of one")
+    ] = "",
+    etcd_ca: Annotated[str, typer.Option(help="with --etcd: PEM CA of etcd's certificate")] = "",
+    etcd_cert: Annotated[str, typer.Option(help="with --etcd: PEM client certificate")] = "",
+    etcd_key: Annotated[str, typer.Option(help="with --etcd: its private key (0600)")] = "",
+    etcd_user: Annotated[str, typer.Option(help="with --etcd: etcd user")] = "",
+    etcd_password_file: Annotated[
+        str, typer.Option(help="with --etcd: file holding the user's password (0600)")
+    ] = "",
+    insecure_etcd: Annotated[
+        bool, typer.Option(help="start etcd without TLS and auth (default: both on)")
+    ] = False,
 ) -> None:
     """Run a local mesh: etcd, a control plane, two nodes (one edge, tunnel-only), a demo model,
     and demo traffic. Everything is stopped on Ctrl-C (or after --duration)."""
@@ -54,9 +66,20 @@ def up(
     with LocalMesh(work) as mesh:
         try:
             with console.status("starting etcd"):
-                url = etcd or mesh.start_etcd()
-                mesh.use_etcd(url)
-            console.print(f"[green]✓[/green] etcd          {url}")
+                if etcd:
+                    mesh.use_etcd(
+                        etcd,
+                        _etcd_args(
+                            etcd, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file
+                        ),
+                    )
+                    url = etcd
+                else:
+                    url = mesh.start_etcd(secure=not insecure_etcd)
+            secured = "" if url.startswith("http://") else " (TLS; client certificate"
+            if secured:
+                secured += ", user and password)" if "--etcd-user" in mesh.etcd_args else ")"
+            console.print(f"[green]✓[/green] etcd          {url}{secured}")
             with console.status("starting the control plane"):
                 cp = mesh.start_controlplane("cp-1")
             console.print(f"[green]✓[/green] control plane {cp.address}")
@@ -124,6 +147,31 @@ def up(
             with console.status("stopping the mesh"):
                 mesh.close()
     console.print("[green]✓[/green] stopped; nothing left running")
+
+
+def _etcd_args(url: str, ca: str, cert: str, key: str, user: str, password_file: str) -> list[str]:
+    """The control plane's --etcd-* options for an etcd given to ``meshctl up``, checked here
+    first (a bad file or combination is reported before anything starts)."""
+    from meshserve.controlplane.etcd.link import EtcdAuth, check_link, parse_endpoints
+
+    try:
+        check_link(
+            parse_endpoints(url),
+            EtcdAuth.from_files(
+                ca=ca, cert=cert, key=key, user=user or None, password_file=password_file
+            ),
+        )
+    except ValueError as exc:  # SecurityConfigError too: it names the file, never a secret
+        console.print(f"[red]error[/red] --etcd: {exc}")
+        raise typer.Exit(2) from None
+    given = {
+        "--etcd-ca": ca,
+        "--etcd-cert": cert,
+        "--etcd-key": key,
+        "--etcd-user": user,
+        "--etcd-password-file": password_file,
+    }
+    return [part for flag, value in given.items() if value for part in (flag, value)]
 
 
 def certs_init(

@@ -3,7 +3,7 @@
 * :class:`Session` -- a lease kept alive in the background (liveness of a process);
 * :class:`PrefixMirror` -- an in-memory copy of a key prefix kept in sync by a watch;
 * :class:`Election` -- leader election on one key, bound to a session;
-* :func:`connect` -- parse an etcd URL and open a client.
+* :func:`connect` -- parse an etcd URL list and open a client (TLS, auth, failover: ``link``).
 
 :class:`~meshserve.devtools.etcd.EtcdProcess` (a local etcd child process for tests
 and ``meshctl up``) lives in :mod:`meshserve.devtools.etcd` and is not imported here.
@@ -11,28 +11,38 @@ and ``meshctl up``) lives in :mod:`meshserve.devtools.etcd` and is not imported 
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import aetcd.exceptions
 
-import aetcd
-
-from meshserve.controlplane.etcd._client import EtcdClient
+from meshserve.controlplane.etcd._client import EtcdClient, status
 from meshserve.controlplane.etcd.election import Election
+from meshserve.controlplane.etcd.link import (
+    DEFAULT_PORT,
+    Endpoint,
+    EtcdAuth,
+    add_etcd_options,
+    auth_from_args,
+    open_client,
+    parse_endpoint,
+    parse_endpoints,
+)
 from meshserve.controlplane.etcd.session import Session, SessionLostError
 from meshserve.controlplane.etcd.watch import PrefixMirror
 
 __all__ = [
     "DEFAULT_PORT",
     "Election",
+    "Endpoint",
+    "EtcdAuth",
     "EtcdClient",
     "PrefixMirror",
     "Session",
     "SessionLostError",
+    "add_etcd_options",
+    "auth_from_args",
     "connect",
+    "parse_endpoints",
     "parse_url",
 ]
-
-#: etcd's standard client port, used when a URL names none.
-DEFAULT_PORT = 2379
 
 #: gRPC channel options for :func:`connect`: reconnect quickly after an etcd restart
 #: (gRPC's default backoff grows to 120 s) and detect dead connections.
@@ -46,36 +56,14 @@ _CHANNEL_OPTIONS: dict[str, int] = {
 
 
 def parse_url(url: str) -> tuple[str, int]:
-    """Parse ``http://host:port``, ``host:port``, ``host`` (port 2379) or
-    ``http://[v6addr]:port`` into ``(host, port)``.
+    """Parse one plain ``http://host:port``, ``host:port``, ``host`` (port 2379) or
+    ``http://[v6addr]:port`` into ``(host, port)`` (lists, ``https://``: :func:`parse_endpoints`).
 
-    :raises ValueError: another scheme (TLS is not supported), credentials, a path,
-        query or fragment, an empty host, or a port that is not in 1..65535.
+    :raises ValueError: another scheme, credentials, a path, query or fragment, an empty host,
+        or a port that is not in 1..65535.
     """
-    text = url.strip()
-    if not text:
-        raise ValueError("empty etcd URL")
-    if "://" not in text:
-        text = "http://" + text
-    parts = urlsplit(text)
-    if parts.scheme != "http":
-        raise ValueError(f"unsupported etcd URL scheme {parts.scheme!r} in {url!r}: use http://")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"credentials in etcd URL are not supported: {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"etcd URL must be http://host:port, got {url!r}")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"etcd URL has no host: {url!r}")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in etcd URL {url!r}") from exc
-    if port is None:
-        port = DEFAULT_PORT
-    if port == 0:
-        raise ValueError(f"bad port in etcd URL {url!r}")
-    return host, port
+    endpoint = parse_endpoint(url, schemes=("http",))
+    return endpoint.host, endpoint.port
 
 
 async def connect(
@@ -83,26 +71,36 @@ async def connect(
     timeout: float = 5.0,
     *,
     verify: bool = True,
+    auth: EtcdAuth | None = None,
 ) -> EtcdClient:
-    """Open an ``aetcd.Client`` for ``url`` (see :func:`parse_url`).
+    """Open an ``aetcd.Client`` for ``url``: one etcd URL or a comma-separated list
+    (:func:`parse_endpoints`), with ``auth`` (TLS files, user and password; see
+    :mod:`meshserve.controlplane.etcd.link`).
 
     ``timeout`` bounds every unary RPC (and watch creation) made with the client.
-    With ``verify`` (default) one status RPC checks that etcd answers; on failure the
-    client is closed and :class:`ConnectionError` raised.  The caller owns the client
-    and must ``await client.close()``.
+    With ``verify`` (default) a status RPC and a read inside ``/meshserve/`` check that etcd
+    answers and admits these credentials (each endpoint is tried in turn); on failure the
+    client is closed and :class:`ConnectionError` raised. The caller owns the client and must
+    ``await client.close()``.
 
-    :raises ValueError: malformed URL.
-    :raises ConnectionError: ``verify`` and etcd did not answer.
+    :raises ValueError: a malformed URL list, or auth that does not fit it.
+    :raises ConnectionError: etcd did not answer, or refused the credentials.
     """
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0, got {timeout}")
-    host, port = parse_url(url)
-    grpc_host = f"[{host}]" if ":" in host else host  # IPv6 literal
-    client = aetcd.Client(grpc_host, port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
+    endpoints = parse_endpoints(url)
+    client = open_client(endpoints, auth, timeout=timeout, options=_CHANNEL_OPTIONS)
     try:
         await client.connect()
         if verify:
-            await client.status()
+            for attempt in range(len(endpoints)):
+                try:  # a read inside /meshserve/: the credentials are checked too
+                    await status(client)
+                    break
+                except aetcd.exceptions.ConnectionFailedError:
+                    if attempt == len(endpoints) - 1:
+                        raise
+                    client.channel.rotate()
     except Exception as exc:
         await client.close()
         raise ConnectionError(f"cannot reach etcd at {url}: {exc}") from exc

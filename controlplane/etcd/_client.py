@@ -22,6 +22,7 @@ import aetcd.rpc
 import aetcd.utils
 
 from meshserve.common.errors import EOF
+from meshserve.controlplane.etcd.link import reauthenticate, stale_token, stale_token_text
 
 __all__ = [
     "TRANSIENT_ERRORS",
@@ -112,6 +113,11 @@ def _kv(raw: Any) -> KeyValue:
     )
 
 
+#: The key :func:`status` reads (never written): inside ``/meshserve/``, the one prefix the
+#: mesh's etcd user is granted (docs/security.md), so the read is allowed with auth on.
+_STATUS_PROBE = b"/meshserve/\0status-probe"
+
+
 def jittered(delay: float) -> float:
     """A retry pause of about ``delay``: uniformly in ``[delay / 2, delay]``, so the retries of
     many watchers (and of many replicas) after one etcd outage do not arrive in step."""
@@ -135,7 +141,14 @@ async def grant_lease(client: EtcdClient, ttl: int) -> tuple[int, int]:
 async def refresh_lease(client: EtcdClient, lease_id: int) -> int | None:
     """Send one keep-alive; returns the new TTL (``<= 0``: the lease no longer exists),
     or ``None`` when the stream closed without an answer (treat as transient)."""
-    reply = await client.refresh_lease(lease_id)
+    stale = client.metadata
+    try:
+        reply = await client.refresh_lease(lease_id)
+    except ClientError as exc:  # a stream: the channel's own token renewal covers unary calls
+        if not stale or not stale_token(exc):
+            raise
+        await reauthenticate(client, stale)
+        reply = await client.refresh_lease(lease_id)
     if reply is None:
         return None
     return int(reply.TTL)
@@ -160,7 +173,7 @@ async def status(client: EtcdClient) -> EtcdStatus:
     except aetcd.rpc.AioRpcError as exc:
         aetcd.exceptions._handle_exception(exc)
         raise  # pragma: no cover - the handler always raises
-    read = await client.get_prefix(b"\0meshserve-status-probe", keys_only=True)
+    read = await client.get_prefix(_STATUS_PROBE, keys_only=True)
     return EtcdStatus(
         cluster_id=int(raw.header.cluster_id),
         member_id=int(raw.header.member_id),
@@ -308,7 +321,21 @@ async def watch(
 ) -> WatchStream:
     """Create a watch on ``key`` (or every key under it when ``prefix``) delivering
     events with revision ``>= start_revision``.  Returns once etcd confirmed it, within the
-    client's timeout (:class:`TimeoutError` otherwise)."""
+    client's timeout (:class:`TimeoutError` otherwise). A watch refused for a stale auth token
+    (etcd restarted, or another member answers) re-authenticates and is tried once more."""
+    stale = client.metadata
+    try:
+        return await _watch_once(client, key, start_revision=start_revision, prefix=prefix)
+    except ClientError as exc:
+        if not stale or not (stale_token(exc) or stale_token_text(str(exc))):
+            raise
+    await reauthenticate(client, stale)
+    return await _watch_once(client, key, start_revision=start_revision, prefix=prefix)
+
+
+async def _watch_once(
+    client: EtcdClient, key: bytes, *, start_revision: int, prefix: bool
+) -> WatchStream:
     request = aetcd.rpc.WatchRequest(
         create_request=aetcd.rpc.WatchCreateRequest(
             key=key,
