@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -138,14 +139,21 @@ class LocalMesh:
         lease_ttl_s: int = 5,
         env: Mapping[str, str] | None = None,
         tls: TLSFiles | None = None,
+        artifact_roots: Sequence[Path] | None = None,
         trust_node_labels: bool = True,
     ) -> None:
         """``tls``: what the readiness probe dials control planes with (a secured mesh: pass
         the security flags in ``extra`` of :meth:`start_controlplane` / :meth:`start_node`).
+        ``artifact_roots``: the directories nodes may read ``file://`` artifacts from (their
+        ``--artifact-root``); default: ``workdir`` and the system's temporary directory, where
+        ``meshctl up`` and the tests write their models (a node alone allows none).
         ``trust_node_labels``: control planes started here place by the labels nodes claim
         (``--labels``) too, not only by admin-side ones -- a local mesh's nodes are all yours;
         False starts them as a production replica runs by default."""
         self.workdir = workdir
+        self.artifact_roots = (
+            [workdir, Path(tempfile.gettempdir())] if artifact_roots is None else artifact_roots
+        )
         self.tls = tls
         self.lease_ttl_s = lease_ttl_s
         self.trust_node_labels = trust_node_labels
@@ -221,6 +229,8 @@ class LocalMesh:
         ]
         if label_text:
             argv += ["--labels", label_text]
+        for root in self.artifact_roots:
+            argv += ["--artifact-root", str(root)]
         if direct:
             argv += ["--listen", "127.0.0.1:0"]
         argv += list(extra)

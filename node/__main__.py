@@ -24,6 +24,7 @@ from meshserve.common.security import (
     read_secret,
 )
 from meshserve.node.app import Node, NodeConfig, default_node_id
+from meshserve.node.store import SourcePolicy
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -143,6 +144,23 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="the window of --download-min-rate, in seconds",
+    )
+    p.add_argument(
+        "--artifact-root",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="a directory file:// artifacts may be read from (repeatable; '/' for anywhere). "
+        "Default: none, file:// artifacts are refused",
+    )
+    p.add_argument(
+        "--artifact-host",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="a host http(s) artifacts may be downloaded from (repeatable; default: any). "
+        "Redirects are followed within the same scheme, host and port only",
     )
     p.add_argument(
         "--shutdown-grace-s",
@@ -294,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         download_deadline_s=max(1.0, ns.download_deadline_s),
         download_min_rate_bps=max(0.0, ns.download_min_rate),
         download_rate_window_s=max(0.5, ns.download_rate_window_s),
+        artifact_sources=SourcePolicy(
+            file_roots=tuple(p.absolute() for p in ns.artifact_root),
+            http_hosts=frozenset(h.lower() for h in ns.artifact_host) or None,
+        ),
         tls=tls,
         join_token=token,
         insecure_join=ns.insecure_join,

@@ -28,7 +28,7 @@ from meshserve.node.monitor import PredictionLog
 from meshserve.node.mux import MuxServicer
 from meshserve.node.rights import ROUTERS, Rights, load_cas
 from meshserve.node.service import InferenceHandler, NodeInferenceServicer
-from meshserve.node.store import ModelStore
+from meshserve.node.store import ModelStore, SourcePolicy
 from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["Node", "NodeConfig"]
@@ -69,6 +69,7 @@ class NodeConfig:
     download_deadline_s: float = 1800.0  # one artifact download, all attempts: then it fails
     download_min_rate_bps: float = 1024.0  # a download slower than this (over the window) fails
     download_rate_window_s: float = 30.0
+    artifact_sources: SourcePolicy = field(default_factory=SourcePolicy)  # file:// roots, hosts
     # dial the CP with TLS (tls.ca: the control-plane CA); serve --listen with TLS (+CA: mTLS
     # only, admitting the routers (tls.ca) and clients (tls.client_ca))
     tls: TLSFiles | None = None
@@ -98,6 +99,7 @@ class Node:
                 deadline_s=config.download_deadline_s,
                 min_rate_bps=config.download_min_rate_bps,
                 rate_window_s=config.download_rate_window_s,
+                sources=config.artifact_sources,
             ),
             self._executor,
             batch_concurrency=config.workers,

@@ -418,9 +418,10 @@ class CopyManager:
             ready = [e for e in candidates if e.state == mesh_pb2.READY]
             entry = ready[0] if ready else candidates[0]
         if entry.state != mesh_pb2.READY or entry.copy is None:
+            # Never the reason: callers are tenants, and a load failure names the artifact's
+            # URI, the hash of what was read, OS errors. Admins see it (explain, events).
             state = mesh_pb2.CopyState.Name(entry.state)  # type: ignore[arg-type]
-            detail = f": {entry.reason}" if entry.reason else ""
-            raise Unavailable(f"model {model!r} variant {entry.variant!r} is {state}{detail}")
+            raise Unavailable(f"model {model!r} variant {entry.variant!r} is {state}")
         return entry
 
     async def close(self) -> None:

@@ -22,6 +22,8 @@ Contract:
   same sha256 are serialised (one lock per artifact), fetches of different artifacts never wait
   for each other; cancelling a fetch stops its download at the next chunk (the
   ``.part`` is kept for the next attempt).
+* Where artifacts may come from is the store's :class:`SourcePolicy` (``file://`` roots, http(s)
+  hosts, same-origin redirects only); a source it refuses is a permanent :class:`StoreError`.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from meshserve.common.digest import sha256_file
-from meshserve.node.transfer import Progress, StoreError, Transfer
+from meshserve.node.transfer import Progress, SourcePolicy, StoreError, Transfer
 
-__all__ = ["CacheEntry", "ModelStore", "Progress", "StoreError"]
+__all__ = ["CacheEntry", "ModelStore", "Progress", "SourcePolicy", "StoreError"]
 
 _log = logging.getLogger("meshserve.node.store")
 
@@ -100,9 +102,11 @@ class ModelStore:
         deadline_s: float = 1800.0,
         min_rate_bps: float = 0.0,
         rate_window_s: float = 30.0,
+        sources: SourcePolicy | None = None,
     ) -> None:
-        """``deadline_s``, ``min_rate_bps``, ``rate_window_s``: the bounds of one download
-        (see :class:`~meshserve.node.transfer.Transfer`)."""
+        """``deadline_s``, ``min_rate_bps``, ``rate_window_s``: the bounds of one download;
+        ``sources``: where artifacts may come from (default: anywhere; see
+        :class:`~meshserve.node.transfer.Transfer` and its :class:`SourcePolicy`)."""
         self._root = root
         self._max_cache = max_cache_bytes
         self._transfer = Transfer(
@@ -112,6 +116,7 @@ class ModelStore:
             deadline_s=deadline_s,
             min_rate_bps=max(0.0, min_rate_bps),
             rate_window_s=max(0.1, rate_window_s),
+            sources=sources or SourcePolicy(),
         )
         self._mutex = threading.Lock()  # guards everything below (used from worker threads)
         self._pins: Counter[str] = Counter()

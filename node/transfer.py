@@ -24,6 +24,11 @@ Contract:
   refused, timeout, 5xx, too slow, a missing file that may appear).
 * ``progress(bytes_so_far, total_or_None)`` is called after each chunk of at most 1 MiB; setting
   ``cancel`` stops the transfer at the next chunk (or retry wait) with :class:`StoreError`.
+* Where bytes may come from is a :class:`SourcePolicy` (node flags ``--artifact-root``,
+  ``--artifact-host``): a ``file://`` artifact only under its roots (symbolic links and ``..``
+  resolved first), an http(s) one only from its hosts; a redirect is followed only to the same
+  scheme, host and port (never to another host, whatever the hosts allowed). A refusal is a
+  permanent :class:`StoreError` sent before any byte is read.
 * Blocking: call from a worker thread, never the event loop.
 """
 
@@ -37,13 +42,14 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CHUNK", "Progress", "StoreError", "Transfer"]
+__all__ = ["CHUNK", "Progress", "SourcePolicy", "StoreError", "Transfer"]
 
 _log = logging.getLogger("meshserve.node.store")
 
@@ -72,6 +78,82 @@ class _Transient(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class SourcePolicy:
+    """Where artifacts may be read from.
+
+    ``file_roots``: the directories a ``file://`` artifact must lie under (None: anywhere, for
+    embedding and unit tests; empty: no ``file://`` at all, the node's default).
+    ``http_hosts``: the hosts (``host`` or ``host:port``, lower case) an http(s) artifact may be
+    fetched from (None: any). Redirects are followed within one origin only."""
+
+    file_roots: tuple[Path, ...] | None = None
+    http_hosts: frozenset[str] | None = None
+
+    def local_path(self, src: Path) -> Path:
+        """``src`` resolved (links, ``..``), when it lies under a root; else a permanent error."""
+        if self.file_roots is None:
+            return src
+        if not self.file_roots:
+            raise StoreError(
+                f"file:// artifacts are off on this node ({src}): start it with "
+                "--artifact-root DIR for the directories it may read models from",
+                permanent=True,
+            )
+        resolved = src.resolve()
+        for root in self.file_roots:
+            if resolved.is_relative_to(root.resolve()):
+                return resolved
+        roots = ", ".join(str(r) for r in self.file_roots)
+        raise StoreError(
+            f"artifact {src} is outside this node's artifact roots ({roots}; node flag "
+            "--artifact-root)",
+            permanent=True,
+        )
+
+    def check_url(self, uri: str) -> None:
+        """A permanent error unless ``uri``'s host may be fetched from."""
+        if self.http_hosts is None:
+            return
+        parts = urllib.parse.urlsplit(uri)
+        host = (parts.hostname or "").lower()
+        with_port = f"{host}:{parts.port}" if parts.port is not None else host
+        if host not in self.http_hosts and with_port not in self.http_hosts:
+            raise StoreError(
+                f"artifact host {with_port or uri!r} is not among this node's artifact hosts "
+                f"({', '.join(sorted(self.http_hosts))}; node flag --artifact-host)",
+                permanent=True,
+            )
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+class _SameOrigin(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the scheme, host and port of the URL it came from: a node is
+    never turned into a fetcher of other hosts (SSRF) by an artifact server."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if _origin(newurl) != _origin(req.full_url):
+            raise StoreError(
+                f"artifact {req.full_url} redirects (HTTP {code}) to {newurl}, another host: "
+                "a node follows redirects within the same scheme, host and port only",
+                permanent=True,
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@dataclass(frozen=True, slots=True)
 class Transfer:
     """How artifacts are moved: their size limit, the per-request timeout, the retries, and the
     bounds of one download (overall deadline; minimum rate over a sliding window, 0: none)."""
@@ -82,10 +164,12 @@ class Transfer:
     deadline_s: float = 1800.0
     min_rate_bps: float = 0.0
     rate_window_s: float = 30.0
+    sources: SourcePolicy = SourcePolicy()
 
     def copy_file(
         self, src: Path, part: Path, progress: Progress | None, cancel: threading.Event
     ) -> str:
+        src = self.sources.local_path(src)
         try:
             size = src.stat().st_size
         except OSError as exc:
@@ -150,6 +234,7 @@ class Transfer:
         progress: Progress | None,
         cancel: threading.Event,
     ) -> str:
+        self.sources.check_url(uri)
         attempt = 0
         clock = _Clock(time.monotonic() + self.deadline_s)
         while True:
@@ -188,7 +273,7 @@ class Transfer:
         if time.monotonic() >= clock.deadline:
             raise self.overdue(uri)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
+            with _OPENER.open(request, timeout=timeout) as resp:
                 length_header = resp.headers.get("Content-Length")
                 remaining = int(length_header) if length_header is not None else None
                 total: int | None
@@ -314,6 +399,9 @@ def _read_some(
     if chunk is None:
         raise _Transient("the connection stalled (socket timeout)")
     return chunk
+
+
+_OPENER = urllib.request.build_opener(_SameOrigin())
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:

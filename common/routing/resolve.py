@@ -34,8 +34,11 @@ Contract:
   :func:`variant_options` and :func:`copy_load` are what the switcher needs of each variant;
   :func:`explain_switching` answers "what would a query get now, and why" from the same inputs.
 - :func:`no_copy`: the UNAVAILABLE error for a variant without a candidate, telling the
-  placement's story (failed copies and why, or where it is loading), or, given ``linked``, that
-  its READY copies are not reachable from this router (so a client retries another replica).
+  placement's story (that its copies failed to load, or where it is loading), or, given
+  ``linked``, that its READY copies are not reachable from this router (so a client retries
+  another replica). Its callers are tenants: why a copy failed (the artifact's URI, the hash of
+  what the node read, an OS error) is never in it; admins read it in ``meshctl explain
+  placement`` and the placement events.
 """
 
 from __future__ import annotations
@@ -162,9 +165,11 @@ def no_copy(
     placement = snapshot.placements.get(key)
     detail = ""
     if placement is not None and placement.failed:
-        reasons = "; ".join(f"{n}: {r}" for n, r in sorted(placement.failed.items()))
-        detail = f"; failed copies: {reasons}"
-    elif placement is not None and placement.nodes:
+        return Unavailable(
+            f"model {spec.name!r} variant {spec.variant!r} is not available: its copy failed to "
+            f"load (an admin sees why with `meshctl explain placement {spec.name}`)"
+        )
+    if placement is not None and placement.nodes:
         detail = f"; placed on {', '.join(placement.nodes)}, not ready yet"
     return Unavailable(f"model {spec.name!r} variant {spec.variant!r} has no ready copy{detail}")
 

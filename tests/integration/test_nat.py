@@ -138,6 +138,8 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
                         "1000",
                         "--cache-dir",
                         str(tmp / "edge-cache"),
+                        "--artifact-root",
+                        str(tmp),
                     ],
                 ),
                 tmp / "edge-1.log",

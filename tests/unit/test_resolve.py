@@ -461,10 +461,10 @@ NO_COPY_CASES: list[tuple[str, list[str] | None, dict[str, str] | None, str]] = 
     ("no placement yet", None, None, "model 'm' variant 'a' has no ready copy"),
     ("placed but loading", ["n1", "n2"], None, "placed on n1, n2, not ready yet"),
     (
-        "failed copies say why, in node order",
+        "failed copies: a generic reason, never why (that is for admins)",
         ["n1"],
         {"n2": "sha256 mismatch", "n1": "out of memory"},
-        "failed copies: n1: out of memory; n2: sha256 mismatch",
+        "is not available: its copy failed to load (an admin sees why with `meshctl explain",
     ),
 ]
 
@@ -483,6 +483,7 @@ def test_no_copy_tells_the_placements_story(
     error = no_copy(s, A)
     assert isinstance(error, Unavailable)
     assert words in error.message
+    assert "mismatch" not in error.message and "memory" not in error.message
 
 
 THROUGH_LIVE = Route("live", "small", "small", False, False, "live -> small")
