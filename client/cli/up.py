@@ -52,6 +52,7 @@ def up(
     # Lazy on purpose: devtools is a development dependency of this one command (module docstring).
     from meshserve.client import MeshClient
     from meshserve.devtools.demo_models import make_mlp, reference_outputs
+    from meshserve.devtools.etcd import client_flags as etcd_client_flags
     from meshserve.devtools.local import LocalMesh, wait_until
 
     work = workdir or Path(tempfile.mkdtemp(prefix="meshserve-up-"))
@@ -67,18 +68,25 @@ def up(
         try:
             with console.status("starting etcd"):
                 if etcd:
-                    mesh.use_etcd(
-                        etcd,
-                        _etcd_args(
-                            etcd, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file
-                        ),
-                    )
+                    try:  # a bad file or combination is reported before anything starts
+                        flags = etcd_client_flags(
+                            etcd,
+                            ca=etcd_ca,
+                            cert=etcd_cert,
+                            key=etcd_key,
+                            user=etcd_user,
+                            password_file=etcd_password_file,
+                        )
+                    except ValueError as exc:  # names the option or file, never a secret
+                        console.print(f"[red]error[/red] --etcd: {exc}")
+                        raise typer.Exit(2) from None
+                    mesh.use_etcd(etcd, flags)
                     url = etcd
                 else:
                     url = mesh.start_etcd(secure=not insecure_etcd)
-            secured = "" if url.startswith("http://") else " (TLS; client certificate"
+            secured = "" if url.startswith("http://") else " (TLS"
             if secured:
-                secured += ", user and password)" if "--etcd-user" in mesh.etcd_args else ")"
+                secured += ", auth)" if "--etcd-user" in mesh.etcd_args else ")"
             console.print(f"[green]✓[/green] etcd          {url}{secured}")
             with console.status("starting the control plane"):
                 cp = mesh.start_controlplane("cp-1")
@@ -147,31 +155,6 @@ def up(
             with console.status("stopping the mesh"):
                 mesh.close()
     console.print("[green]✓[/green] stopped; nothing left running")
-
-
-def _etcd_args(url: str, ca: str, cert: str, key: str, user: str, password_file: str) -> list[str]:
-    """The control plane's --etcd-* options for an etcd given to ``meshctl up``, checked here
-    first (a bad file or combination is reported before anything starts)."""
-    from meshserve.controlplane.etcd.link import EtcdAuth, check_link, parse_endpoints
-
-    try:
-        check_link(
-            parse_endpoints(url),
-            EtcdAuth.from_files(
-                ca=ca, cert=cert, key=key, user=user or None, password_file=password_file
-            ),
-        )
-    except ValueError as exc:  # SecurityConfigError too: it names the file, never a secret
-        console.print(f"[red]error[/red] --etcd: {exc}")
-        raise typer.Exit(2) from None
-    given = {
-        "--etcd-ca": ca,
-        "--etcd-cert": cert,
-        "--etcd-key": key,
-        "--etcd-user": user,
-        "--etcd-password-file": password_file,
-    }
-    return [part for flag, value in given.items() if value for part in (flag, value)]
 
 
 def certs_init(

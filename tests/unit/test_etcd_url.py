@@ -118,3 +118,15 @@ def test_link_checks_refuse_unused_tls_and_clear_text_passwords(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"in the clear to http://10\.0\.0\.5:2379"):
         check_link(parse_endpoints("http://127.0.0.1:2379,http://10.0.0.5:2379"), password)
     check_link(parse_endpoints("https://10.0.0.5:2379"), password)
+
+
+def test_meshctl_up_passes_an_etcd_s_files_on_checked(tmp_path: Path) -> None:
+    from meshserve.devtools.etcd import client_flags
+
+    password = _secret(tmp_path / "pw", "s3cret\n")
+    flags = client_flags("https://127.0.0.1:2379", user="meshserve", password_file=str(password))
+    assert flags == ["--etcd-user", "meshserve", "--etcd-password-file", str(password)]
+    assert client_flags("http://127.0.0.1:2379") == []
+    os.chmod(password, 0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        client_flags("https://127.0.0.1:2379", user="meshserve", password_file=str(password))
