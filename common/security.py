@@ -18,6 +18,8 @@ Contract:
   ``token`` rides as ``authorization: Bearer <token>`` call credentials on every call. A token is
   only ever sent over TLS or, without TLS, to a loopback address (gRPC local credentials refuse
   any other peer), so a secret never crosses a network in the clear. None: plain insecure.
+  :func:`load_cas` / :func:`issued_by`: which CA issued a verified peer certificate (a role check
+  where one listener admits several roles' CAs).
   :func:`is_loopback_target` tells, from a target's text alone, whether it names a loopback
   address (``localhost``, ``127.x.x.x``, ``::1``): for a clear error before dialling.
 - Secret files (:func:`read_secret`, :func:`read_secrets`) hold one secret per line; blank lines
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from grpc import aio
 
 __all__ = [
@@ -45,6 +49,8 @@ __all__ = [
     "aio_channel",
     "channel_credentials",
     "is_loopback_target",
+    "issued_by",
+    "load_cas",
     "read_secret",
     "read_secrets",
     "server_credentials",
@@ -161,6 +167,26 @@ def channel_credentials(
     if not token:
         return base
     return grpc.composite_channel_credentials(base, grpc.access_token_call_credentials(token))
+
+
+def load_cas(pem: bytes | None) -> tuple[x509.Certificate, ...]:
+    """The certificates of a PEM bundle (a CA file); empty for None."""
+    return tuple(x509.load_pem_x509_certificates(pem)) if pem else ()
+
+
+def issued_by(pem: bytes, cas: Sequence[x509.Certificate]) -> bool:
+    """Whether the certificate ``pem`` was signed directly by one of ``cas``."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return False
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def is_loopback_target(target: str) -> bool:

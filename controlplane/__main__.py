@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import signal
 from pathlib import Path
@@ -111,6 +112,13 @@ def _security_options(p: argparse.ArgumentParser) -> None:
         "against their certificates) and that nodes' direct ports are verified with",
     )
     g.add_argument(
+        "--tls-node-ca",
+        default="",
+        help="PEM CA that issues node certificates (with one CA per role: node-ca.crt): a "
+        "node's certificate must be one it issued, and nodes' direct ports are verified with it "
+        "alone (default: --tls-ca for both)",
+    )
+    g.add_argument(
         "--tls-client-auth",
         choices=("required", "none"),
         default="required",
@@ -140,9 +148,14 @@ def _security(ns: argparse.Namespace) -> tuple[TLSFiles | None, bool, AuthConfig
         tls = TLSFiles.from_options(ns.tls_ca, ns.tls_cert, ns.tls_key)
         if tls is not None and tls.cert is None:
             raise SecurityConfigError("--tls-ca needs the listener's --tls-cert and --tls-key")
+        if ns.tls_node_ca:
+            if tls is None or tls.ca is None:
+                raise SecurityConfigError("--tls-node-ca needs --tls-ca")
+            tls = dataclasses.replace(tls, node_ca=Path(ns.tls_node_ca))
         if tls is not None:
             tls.pair()  # unreadable files fail now, not at the first handshake
             tls.ca_bytes()
+            tls.for_nodes().ca_bytes()
         auth = AuthConfig(
             join_tokens=tuple(
                 read_secrets(Path(ns.join_token_file), "join token file")

@@ -21,7 +21,12 @@ from typing import Any
 from grpc import aio
 
 from meshserve.common.errors import Unavailable, map_errors, tolerant_decoding
-from meshserve.common.security import TLSFiles, channel_credentials, server_credentials
+from meshserve.common.security import (
+    TLSFiles,
+    channel_credentials,
+    load_cas,
+    server_credentials,
+)
 from meshserve.controlplane import keys
 from meshserve.controlplane.admin import AdminService
 from meshserve.controlplane.auth import AuthConfig, Guard
@@ -75,7 +80,8 @@ class ControlPlaneConfig:
     etcd_wait_s: float = 30.0  # keep retrying etcd at start this long
     admissions_per_s: float = 200.0  # new node streams admitted per second
     zone: str = ""  # this gateway's zone: preferred for queries that name none ("": none)
-    tls: TLSFiles | None = None  # the listener's certificate (+ CA: nodes' direct ports too)
+    # the listener's certificate (+ CA: its callers, and nodes' direct ports unless node_ca)
+    tls: TLSFiles | None = None
     require_client_cert: bool = True  # with tls and a CA: mTLS for every caller, node ids checked
     auth: AuthConfig = field(default_factory=AuthConfig)  # join tokens, admin token, API keys
     max_in_flight_per_copy: int = 128  # gateway admission per model: x ready copies (0: off)
@@ -260,7 +266,8 @@ class ControlPlane:
         else:
             creds = server_credentials(cfg.tls, require_client_cert=mtls)
             port = self._server.add_secure_port(cfg.listen, creds)
-        guard = Guard(cfg.auth, verify_node_identity=mtls)
+        node_ca = cfg.tls.for_nodes().ca_bytes() if cfg.tls and cfg.tls.node_ca else None
+        guard = Guard(cfg.auth, verify_node_identity=mtls, node_cas=load_cas(node_ca))
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = cfg.advertise or f"{host}:{port}"
 
@@ -350,7 +357,9 @@ class ControlPlane:
             events=self.events,
             wake=self._wake,
             zone=cfg.zone,
-            node_credentials=channel_credentials(cfg.tls) if cfg.tls and cfg.tls.ca else None,
+            node_credentials=channel_credentials(cfg.tls.for_nodes())
+            if cfg.tls and cfg.tls.ca
+            else None,
             node_metadata=guard.router_metadata,
             stream_check=guard.stream_check,
             admission=Admission(

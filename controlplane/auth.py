@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meshserve.common.errors import Malformed, PermissionDenied, ServicerContext, Unauthenticated
@@ -47,6 +48,7 @@ from meshserve.common.security import (
     JOIN_TOKEN_HEADER,
     ROUTER_KEY_HEADER,
     SecurityConfigError,
+    issued_by,
 )
 from meshserve.protos import mesh_pb2
 
@@ -235,11 +237,20 @@ def _rpc_names(servicer: object) -> list[str]:
 
 class Guard:
     """The replica's auth checks (see the module contract). ``verify_node_identity``: a node's
-    client certificate must name its node id (a listener that requires client certificates)."""
+    client certificate must name its node id (a listener that requires client certificates);
+    ``node_cas``: and be issued directly by one of these CAs (``--tls-node-ca``: the one
+    listener also admits clients' certificates, which must never pass as a node's)."""
 
-    def __init__(self, config: AuthConfig, *, verify_node_identity: bool = False) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        verify_node_identity: bool = False,
+        node_cas: Sequence[x509.Certificate] = (),
+    ) -> None:
         self.config = config
         self.verify_node_identity = verify_node_identity
+        self.node_cas = tuple(node_cas)
         # This replica's router key: its gateway's calls to nodes' direct ports carry it, and
         # nodes enforcing tenant rights let them through (they are told its digest only).
         self._router_key = secrets.token_urlsafe(32)
@@ -323,10 +334,10 @@ class Guard:
         """The hub's check of a node's claimed id, or None when identities are not verified."""
         return self._identify if self.verify_node_identity else None
 
-    @staticmethod
-    def _identify(context: ServicerContext, node_id: str) -> None:
+    def _identify(self, context: ServicerContext, node_id: str) -> None:
         """The client certificate must name ``node_id``: its common name, or (a certificate
-        without one) one of its DNS subject alternative names."""
+        without one) one of its DNS subject alternative names; and, with ``node_cas``, be one
+        of theirs."""
         auth = context.auth_context()
         common = [v.decode(errors="replace") for v in auth.get("x509_common_name", [])]
         names = common or [v.decode(errors="replace") for v in auth.get("peer_dns", [])]
@@ -335,6 +346,11 @@ class Guard:
             raise Unauthenticated(f"node {node_id}: no client certificate identifies it")
         if node_id not in names:
             message = f"the client certificate is for {', '.join(sorted(names))}, not {node_id!r}"
+            _refused(context, message)
+            raise PermissionDenied(message)
+        pems = auth.get("x509_pem_cert") or ()
+        if self.node_cas and not any(issued_by(p, self.node_cas) for p in pems):
+            message = f"the client certificate for {node_id!r} is not a node's (--tls-node-ca)"
             _refused(context, message)
             raise PermissionDenied(message)
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from grpc import aio
 
 from meshserve.common.errors import map_errors, tolerant_decoding
-from meshserve.common.security import TLSFiles, server_credentials
+from meshserve.common.security import TLSFiles, load_cas, server_credentials
 from meshserve.node.agent import Agent
 from meshserve.node.copies import CopyManager
 from meshserve.node.link import direct_server_options
 from meshserve.node.monitor import PredictionLog
 from meshserve.node.mux import MuxServicer
-from meshserve.node.rights import ROUTERS, Rights, load_cas
+from meshserve.node.rights import ROUTERS, Rights
 from meshserve.node.service import InferenceHandler, NodeInferenceServicer
 from meshserve.node.store import ModelStore, SourcePolicy
 from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc

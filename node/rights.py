@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from meshserve.common.errors import (
     PermissionDenied,
@@ -53,10 +52,15 @@ from meshserve.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from meshserve.common.security import API_KEY_HEADER, AUTHORIZATION_HEADER, ROUTER_KEY_HEADER
+from meshserve.common.security import (
+    API_KEY_HEADER,
+    AUTHORIZATION_HEADER,
+    ROUTER_KEY_HEADER,
+    issued_by,
+)
 from meshserve.protos import mesh_pb2
 
-__all__ = ["ROUTERS", "Check", "Grant", "Rights", "api_key", "issued_by", "load_cas", "peer_names"]
+__all__ = ["ROUTERS", "Check", "Grant", "Rights", "api_key", "peer_names"]
 
 #: Client certificate names of the mesh's routers (control-plane replicas, gateways).
 ROUTERS: Final = frozenset({"controlplane"})
@@ -108,26 +112,6 @@ def peer_names(context: ServicerContext) -> tuple[str, ...]:
     auth = context.auth_context()
     common = auth.get("x509_common_name") or auth.get("peer_dns") or ()
     return tuple(v.decode(errors="replace") for v in common)
-
-
-def load_cas(pem: bytes | None) -> tuple[x509.Certificate, ...]:
-    """The certificates of a PEM bundle (a CA file); empty for None."""
-    return tuple(x509.load_pem_x509_certificates(pem)) if pem else ()
-
-
-def issued_by(pem: bytes, cas: Sequence[x509.Certificate]) -> bool:
-    """Whether the certificate ``pem`` was signed directly by one of ``cas``."""
-    try:
-        cert = x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        return False
-    for ca in cas:
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
 
 
 def _digest(key: str) -> bytes:

@@ -94,6 +94,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             "cp-1",
             extra=[
                 f"--tls-ca={certs / 'controlplane-trust.crt'}",
+                f"--tls-node-ca={certs / 'node-ca.crt'}",
                 f"--tls-cert={certs / 'controlplane.crt'}",
                 f"--tls-key={certs / 'controlplane.key'}",
                 f"--join-token-file={work / 'join'}",

@@ -35,6 +35,7 @@ from meshserve.common.security import JOIN_TOKEN_HEADER, channel_credentials
 from meshserve.devtools.demo_models import make_mlp, reference_outputs, sha256_file
 from meshserve.devtools.local import LocalMesh, ManagedProcess, wait_until
 from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
+from tests.support.pki import issue_from
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +116,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             extra=[
                 "--tls-ca",
                 str(certs / "controlplane-trust.crt"),
+                "--tls-node-ca",
+                str(certs / "node-ca.crt"),
                 "--tls-cert",
                 str(certs / "controlplane.crt"),
                 "--tls-key",
@@ -322,6 +325,18 @@ def test_nodes_need_the_join_token_and_their_own_certificate(secured: Secured) -
     )
     with AdminClient(secured.cp.address, tls=secured.client_tls, token=secured.admin_token) as a:
         assert [n.node_id for n in a.list_nodes()] == ["n1"]  # never listed; n1 undisturbed
+
+
+def test_only_the_node_ca_makes_node_certificates(secured: Secured) -> None:
+    """The control plane's one listener admits clients' and replicas' certificates too
+    (--tls-ca bundle); with --tls-node-ca only a certificate the node CA issued joins as a
+    node, whatever its name (issue 16, finding 4)."""
+    issue_from(secured.certs, "client", "n2", "client-named-n2")
+    for stem, node_id in (("client-named-n2", "n2"), ("client", "client")):
+        code = _connect(secured, stem, node_id, secured.join_token)
+        assert code == grpc.StatusCode.PERMISSION_DENIED, stem
+    with AdminClient(secured.cp.address, tls=secured.client_tls, token=secured.admin_token) as a:
+        assert [n.node_id for n in a.list_nodes()] == ["n1"]
 
 
 def test_plaintext_and_certificate_less_clients_are_refused(secured: Secured) -> None:

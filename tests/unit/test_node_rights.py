@@ -8,8 +8,9 @@ import hashlib
 import pytest
 
 from meshserve.common.errors import PermissionDenied, Unauthenticated, Unavailable
+from meshserve.common.security import issued_by, load_cas
 from meshserve.controlplane.auth import AuthConfig, Guard, Tenant, Tenants
-from meshserve.node.rights import Rights, api_key, issued_by, load_cas
+from meshserve.node.rights import Rights, api_key
 from meshserve.protos import mesh_pb2
 from tests.support.pki import issue_from
 
