@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,8 +47,8 @@ def _dead_port() -> int:
         return port  # nothing listens there once closed
 
 
-def _password_file(directory: Path, text: str) -> Path:
-    path = directory / "wrong.password"
+def _password_file(directory: Path, text: str, name: str = "wrong.password") -> Path:
+    path = directory / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
@@ -193,3 +195,26 @@ async def test_a_list_of_endpoints_connects_when_the_first_is_down(secure_etcd: 
         await client.close()
     with pytest.raises(ConnectionError):  # every endpoint down
         await connect(f"{dead},https://127.0.0.1:{_dead_port()}", timeout=2.0, auth=cert_only)
+
+
+def test_the_control_plane_refuses_bad_etcd_files_at_start_without_showing_secrets(
+    tmp_path: Path,
+) -> None:
+    password = _password_file(tmp_path, "s3cret-never-shown")
+    os.chmod(password, 0o644)
+    private = _password_file(tmp_path, "s3cret-never-shown", "ok.password")
+    base = [sys.executable, "-m", "meshserve.controlplane", "--listen", "127.0.0.1:0"]
+    cases = [
+        (["--etcd", "https://127.0.0.1:1", "--etcd-user", "meshserve",
+          "--etcd-password-file", str(password)], "chmod 600"),
+        (["--etcd", "http://10.0.0.5:2379", "--etcd-user", "meshserve",
+          "--etcd-password-file", str(private)],
+         "in the clear"),
+        (["--etcd", "https://root:s3cret-never-shown@127.0.0.1:2379"], "--etcd-password-file"),
+        (["--etcd", "http://a:1,https://b:1"], "mix"),
+    ]  # fmt: skip
+    for args, says in cases:
+        proc = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert says in proc.stderr, proc.stderr[-2000:]
+        assert "s3cret-never-shown" not in proc.stdout + proc.stderr

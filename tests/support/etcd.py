@@ -2,7 +2,8 @@
 
 ``EtcdServer`` is :class:`~meshserve.devtools.etcd.EtcdProcess`: ``.url``, ``.stop()``,
 ``.kill()``, ``.restart()`` (same ports and data dir), ``.close()``; logs go to
-``<workdir>/etcd.log``.
+``<workdir>/etcd.log``. ``EtcdServer(secure=True)``: TLS, client certificates and auth on
+(``.client_auth()`` connects; ``.issue_client_cert(cn)`` makes a certificate naming no user).
 """
 
 from __future__ import annotations
