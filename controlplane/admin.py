@@ -43,6 +43,7 @@ from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.health import ModelHealth
 from meshserve.controlplane.observe.telemetry import model_health, node_list
+from meshserve.controlplane.observe.webhook import redact_policy, restore_policy
 from meshserve.controlplane.placement.explain import explain_placement
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot
@@ -142,10 +143,12 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
     async def ApplyPolicy(
         self, request: mesh_pb2.ApplyPolicyRequest, context: ServicerContext
     ) -> mesh_pb2.ApplyPolicyResponse:
-        policy = validate_policy(request.yaml)
+        stored = await self._registry.policy()  # its webhook URL, if the text names it redacted
+        text = restore_policy(request.yaml, stored[0] if stored is not None else None)
+        policy = validate_policy(text)
         if request.dry_run:
             return mesh_pb2.ApplyPolicyResponse(name=policy.name)
-        revision = await self._registry.apply_policy(request.yaml)  # a blind replace: no race
+        revision = await self._registry.apply_policy(text)  # a blind replace: no race
         self._events.record("policy", message=f"policy {policy.name!r} applied (rev {revision})")
         return mesh_pb2.ApplyPolicyResponse(name=policy.name, revision=revision)
 
@@ -155,7 +158,7 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         stored = await self._registry.policy()
         if stored is None:
             return mesh_pb2.GetPolicyResponse()
-        return mesh_pb2.GetPolicyResponse(yaml=stored[0], revision=stored[1])
+        return mesh_pb2.GetPolicyResponse(yaml=redact_policy(stored[0]), revision=stored[1])
 
     async def ListEvents(
         self, request: mesh_pb2.ListEventsRequest, context: ServicerContext

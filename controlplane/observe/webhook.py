@@ -10,6 +10,10 @@ Contract:
   doubling), then dropped and logged. The HTTP call runs in a worker thread (the standard
   library's client): never on the event loop.
 * :meth:`Webhook.close` cancels the task; queued events are dropped.
+* The URL is a secret (a hook's path or query often carries its token): logs name it by
+  :func:`redact_url` (scheme, host and port), and the policy the Admin API returns holds it
+  that way (:func:`redact_policy`); applying a policy whose webhook URL is still that redacted
+  form keeps the URL stored (:func:`restore_policy`), so "get, edit, apply" round-trips.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ import json
 import logging
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
+import yaml
 from google.protobuf import json_format
 
 from meshserve.common.policy.config import WebhookSpec
 from meshserve.protos import mesh_pb2
 
-__all__ = ["Webhook"]
+__all__ = ["Webhook", "redact_policy", "redact_url", "restore_policy"]
 
 _log = logging.getLogger("meshserve.webhook")
 _QUEUE = 100
@@ -77,7 +84,7 @@ class Webhook:
                 try:
                     status = await asyncio.to_thread(_post, spec.url, body, spec.timeout_s)
                 except (OSError, urllib.error.URLError) as exc:
-                    outcome = repr(exc)
+                    outcome = repr(exc).replace(spec.url, redact_url(spec.url))
                 else:
                     if 200 <= status < 300:
                         self.stats["sent"] += 1
@@ -87,7 +94,7 @@ class Webhook:
                     self.stats["failed"] += 1
                     _log.warning(
                         "webhook %s: %s event dropped after %d attempts (%s)",
-                        spec.url,
+                        redact_url(spec.url),
                         event.kind,
                         attempt + 1,
                         outcome,
@@ -112,3 +119,51 @@ def _post(url: str, body: bytes, timeout: float) -> int:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
+
+
+_REDACTED = "\u2026"  # what stands for the rest of a redacted URL
+
+
+def redact_url(url: str) -> str:
+    """``url`` without what may be secret: ``scheme://host[:port]/…`` (no user, path, query)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return _REDACTED
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{f':{port}' if port is not None else ''}/{_REDACTED}"
+
+
+def _webhook_url(text: str) -> str | None:
+    """The webhook URL a policy's YAML sets (None: none, or not a policy that parses)."""
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    url = ((data or {}).get("monitoring") or {}).get("webhook") if isinstance(data, dict) else None
+    url = url.get("url") if isinstance(url, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+def redact_policy(text: str) -> str:
+    """A stored policy's YAML with its webhook URL :func:`redact_url`-ed (else unchanged)."""
+    url = _webhook_url(text)
+    if url is None:
+        return text
+    if url in text:
+        return text.replace(url, redact_url(url))
+    data = yaml.safe_load(text)  # written in a form we cannot find verbatim: dump it again
+    data["monitoring"]["webhook"]["url"] = redact_url(url)
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
+def restore_policy(text: str, stored: str | None) -> str:
+    """``text`` to apply, with the stored webhook URL put back when ``text`` names it in its
+    redacted form (what :func:`redact_policy` returned); any other URL is applied as given."""
+    url, old = _webhook_url(text), _webhook_url(stored) if stored is not None else None
+    if url is None or old is None or url != redact_url(old) or url == old:
+        return text
+    return text.replace(url, old)

@@ -231,3 +231,21 @@ def test_an_artifact_redirect_to_another_host_is_not_followed(
     assert first.hits and target.hits == [], "the other host was never asked"
     for message in _tenant_errors(mesh, "leak-redirect"):
         assert "failed to load" in message and "127.0.0.1" not in message, message
+
+
+def test_get_policy_returns_the_webhook_url_redacted(mesh: Mesh) -> None:
+    token = secrets.token_hex(16)
+    text = (
+        "name: watched\n"
+        "monitoring:\n"
+        "  webhook:\n"
+        f"    url: https://hooks.example/services/{token}?key={token}\n"
+    )
+    with mesh.admin() as admin:
+        admin.apply_policy(text)
+        shown = admin.get_policy().yaml
+        assert token not in shown and "https://hooks.example/" in shown, shown
+        admin.apply_policy(shown.replace("name: watched", "name: watched-2"))  # get, edit, apply
+        again = admin.get_policy().yaml
+    assert "name: watched-2" in again and token not in again
+    assert again == shown.replace("name: watched", "name: watched-2")
