@@ -11,13 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import pytest_asyncio
 
 from meshserve.client import MeshClient
 from meshserve.client._admin import AdminClient
@@ -53,15 +51,6 @@ def _password_file(directory: Path, text: str, name: str = "wrong.password") -> 
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
     return path
-
-
-@pytest_asyncio.fixture
-async def mesh_client(secure_etcd: Any) -> AsyncIterator[Any]:
-    client = await connect(secure_etcd.url, auth=secure_etcd.client_auth())
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 def test_a_mesh_runs_on_etcd_with_tls_client_certificates_and_auth(tmp_path: Path) -> None:
@@ -116,11 +105,20 @@ async def test_etcd_refuses_clients_without_credentials(secure_etcd: Any, tmp_pa
         await connect(url, timeout=2.0, auth=wrong)
 
 
-async def test_the_mesh_user_may_use_its_prefix_only(mesh_client: Any) -> None:
-    await mesh_client.put(b"/meshserve/tls-test", b"1")
-    assert (await etcd.get(mesh_client, b"/meshserve/tls-test")) is not None
-    with pytest.raises(etcd.ClientError, match="permission denied"):
-        await mesh_client.put(b"/elsewhere", b"1")
+@pytest.mark.parametrize("password", [False, True], ids=["certificate-auth", "password-auth"])
+async def test_the_mesh_user_may_use_its_prefix_only(secure_etcd: Any, password: bool) -> None:
+    """Certificate auth: the client certificate's CN (``meshserve``) is the etcd user; with a
+    password too, the token names the user. Either way: ``/meshserve/`` and nothing else."""
+    auth = secure_etcd.client_auth(password=password)
+    client = await connect(secure_etcd.url, timeout=2.0, auth=auth)
+    try:
+        assert (client.metadata is not None) == password
+        await client.put(b"/meshserve/tls-test", b"1")
+        assert (await etcd.get(client, b"/meshserve/tls-test")) is not None
+        with pytest.raises(etcd.ClientError, match="permission denied"):
+            await client.put(b"/elsewhere", b"1")
+    finally:
+        await client.close()
 
 
 async def test_a_password_alone_authenticates_and_survives_an_etcd_restart(
