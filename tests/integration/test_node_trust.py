@@ -11,7 +11,10 @@ sent before it.
 
 from __future__ import annotations
 
+import os
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,6 +112,19 @@ class FakeNode:
         self._reader.join(5)
 
 
+def _meshctl(address: str, *args: str) -> str:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "meshserve.client.cli", *args, "--target", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def _load_of(model: str) -> Callable[[mesh_pb2.ControlMessage], bool]:
     return lambda m: m.HasField("load") and m.load.model == model
 
@@ -156,8 +172,12 @@ def test_a_node_is_not_believed_about_its_labels_or_its_copies(
             ], "a claimed tier=core does not match a core-only selector"
             assert "fake-1" not in [n for p in admin.list_placements() for n in p.nodes]
 
-            # The admin side labels it: now it is a core node, and gets its order.
-            assert admin.label_node("fake-1", {"tier": "core"}) == {"tier": "core"}
+            # The admin side labels it (meshctl): now it is a core node, and gets its order.
+            labelled = _meshctl(address, "nodes", "label", "fake-1", "tier=core", "pool=a")
+            assert "admin labels pool=a,tier=core" in labelled
+            assert admin.label_node("fake-1", remove=["pool"]) == {"tier": "core"}
+            listed = _meshctl(address, "nodes", "list")
+            assert "tier=core claimed:zone=a" in listed, listed
             load = fake.wait_for(_load_of("core-only"))
             assert load.load.sha256 == sha
 
