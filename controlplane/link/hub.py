@@ -247,7 +247,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             refused = session.judge(status)
             if refused is None:
                 session.report(status)  # the node acted (or refused): decide afresh
-            elif session.claims.refuse(status, refused):
+            elif self._refuse(session, status, refused):
                 _log.warning(
                     "node %s reported %s/%s %s (sha256 %s): %s; not believed (logged once per "
                     "reason and stream)",
@@ -261,6 +261,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             self._reconcile_soon(session)
         elif kind == "telemetry":
             if not session.telemetry_budget.take(message.ByteSize()):
+                controlplane_metrics().refused("telemetry_budget")
                 if session.telemetry_budget.dropped == 1:
                     _log.warning(
                         "node %s: telemetry over its budget of %d bytes/s here; excess dropped "
@@ -271,6 +272,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 return
             before = session.telemetry_dropped
             session.observe(message.telemetry)  # only entries of copies it holds
+            controlplane_metrics().refused("telemetry_entry", session.telemetry_dropped - before)
             if session.telemetry_dropped and not before:
                 _log.warning(
                     "node %s: telemetry about copies it was not ordered to hold; dropped "
@@ -287,6 +289,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         elif kind == "draining" and not session.draining:
             session.draining = True
             self._spawn(self._mark_draining(session.node_id, True))
+
+    @staticmethod
+    def _refuse(session: NodeSession, status: mesh_pb2.CopyStatus, reason: str) -> bool:
+        """Count a report not believed; True the first time its reason is seen on the stream."""
+        controlplane_metrics().refused("copy_status")
+        return session.claims.refuse(status, reason)
 
     def _reconcile_soon(self, session: NodeSession) -> None:
         """Reconcile ``session``'s node once the reports queued now are read (coalesced: at

@@ -14,6 +14,11 @@ meshserve.placement.decisions    counter         model, variant, action: place (
 meshserve.copy.evictions         counter         model, variant: copies evicted for another
 meshserve.scheduler.duration     histogram, s    one scheduling pass of the leader
 meshserve.node_streams           gauge (obs.)    replica: node streams open on a replica
+meshserve.node.reports_refused   counter         what: copy_status (a copy never ordered, or
+                                                 not with the ordered sha256), telemetry_entry
+                                                 (about a copy the node does not hold),
+                                                 telemetry_budget (a message over the node's
+                                                 budget); see controlplane/link/trust.py
 ===============================  ==============  ============================================
 """
 
@@ -61,6 +66,11 @@ class ControlPlaneMetrics:
             description="one scheduling pass of the leader",
             explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
+        self._refused = meter.create_counter(
+            "meshserve.node.reports_refused",
+            unit="{report}",
+            description="what nodes reported that the control plane did not believe, by what",
+        )
         self._streams = SharedObservable(
             meter, "meshserve.node_streams", "gauge", "{stream}", "node streams open"
         )
@@ -78,6 +88,11 @@ class ControlPlaneMetrics:
     def evicted(self, key: VariantKey) -> None:
         self.decided(key, "evict")
         self._evictions.add(1, {"model": key[0], "variant": key[1]})
+
+    def refused(self, what: str, count: int = 1) -> None:
+        """``count`` reports of kind ``what`` from a node were not believed (dropped)."""
+        if count > 0:
+            self._refused.add(count, {"what": what})
 
     def scheduled(self, seconds: float) -> None:
         """A scheduling pass took ``seconds``."""
