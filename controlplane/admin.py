@@ -265,12 +265,16 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         self, request: mesh_pb2.FeedbackRequest, context: ServicerContext
     ) -> mesh_pb2.FeedbackResponse:
         """Send outcomes to every linked node serving the model: the node that logged the
-        prediction joins it (request ids are unique; the others ignore it)."""
+        prediction joins it (request ids are unique per tenant; the others ignore it). A
+        tenant's feedback names the tenant (the guard sets it from the API key): it joins only
+        that tenant's predictions."""
         validate_feedback(request)
         if not self._snapshot().variants(request.model):
             raise NotFound(f"unknown model {request.model!r}")
         message = mesh_pb2.ControlMessage(
-            feedback=mesh_pb2.FeedbackBatch(model=request.model, items=request.items)
+            feedback=mesh_pb2.FeedbackBatch(
+                model=request.model, items=request.items, tenant=request.tenant
+            )
         )
         sent = 0
         for session in list(self._hub.sessions.values()):

@@ -281,7 +281,8 @@ class Guard:
             raise PermissionDenied(f"tenant {tenant.name!r} may not query model {model!r}")
 
     def check_admin(self, context: ServicerContext, request: Any = None) -> None:
-        """The admin token, or (for Feedback, ``request`` given) a key allowed the model."""
+        """The admin token, or (for Feedback, ``request`` given) a key allowed the model, whose
+        tenant the request then names."""
         token = self.config.admin_token
         assert token is not None
         given = _bearer(context)
@@ -292,6 +293,7 @@ class Guard:
             tenant = self.config.tenants.find(key) if key else None
             if tenant is not None:
                 self.check_model(tenant, str(request.model))
+                request.tenant = tenant.name  # its feedback joins only its own queries
                 return
         if given is None:
             raise Unauthenticated(
@@ -376,10 +378,27 @@ class Guard:
         return servicer
 
     def admin(self, servicer: S) -> S:
-        """Require the admin token on every RPC of ``servicer`` (when one is configured)."""
+        """Require the admin token on every RPC of ``servicer`` (when one is configured). A
+        Feedback sent with a tenant's API key names that tenant (its feedback joins only its own
+        queries), with or without an admin token."""
         if self.config.admin_token is not None:
             self._wrap(servicer, _rpc_names(servicer), self._admin_checked)
+        elif self.config.tenants is not None:
+            self._wrap(servicer, ("Feedback",), self._feedback_scoped)
         return servicer
+
+    def _feedback_scoped(self, behavior: Handler, name: str) -> Handler:
+        """An open Admin API with API keys: a Feedback sent with a key names its tenant."""
+
+        async def handler(request: Any, context: ServicerContext) -> Any:
+            assert self.config.tenants is not None
+            key = _metadata(context, API_KEY_HEADER) or _bearer(context)
+            tenant = self.config.tenants.find(key) if key else None
+            if tenant is not None and not isinstance(request, Malformed):
+                request.tenant = tenant.name
+            return await behavior(request, context)
+
+        return handler
 
     def inference(self, servicer: S) -> S:
         """Require an API key allowed the model on ModelInfer/ModelMetadata/ModelReady (when

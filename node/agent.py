@@ -278,11 +278,12 @@ class Agent:
         return telemetry
 
     def join_feedback(self, batch: mesh_pb2.FeedbackBatch) -> int:
-        """Join outcomes to this node's logged predictions; returns how many joined."""
+        """Join outcomes to this node's logged predictions of the batch's tenant (see
+        :class:`~meshserve.node.monitor.PredictionLog`); returns how many joined."""
         log = self.copies.prediction_log
         if log is None:
             return 0
-        return sum(log.join(batch.model, item) for item in batch.items)
+        return sum(log.join(batch.model, item, batch.tenant) for item in batch.items)
 
     async def _offline_loop(self) -> None:
         """While no link is connected, summarise into the offline buffer (under the budget)."""

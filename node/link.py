@@ -44,6 +44,7 @@ from grpc import aio
 
 from meshserve.common.errors import EOF, wire_status
 from meshserve.common.security import is_loopback_target
+from meshserve.common.tenancy import set_tenant
 from meshserve.common.tracing import context_from_map
 from meshserve.node.metrics import node_metrics
 from meshserve.node.telemetry import TelemetryBudget, wire_size
@@ -326,6 +327,8 @@ class Link:
         out = mesh_pb2.TunnelResponse(correlation_id=req.correlation_id)
         parent = context_from_map(req.trace_context)
         timeout = req.timeout_ms / 1000.0 if req.timeout_ms else None
+        # whose query (its prediction's tenant): the caller the replica names
+        set_tenant(self._agent.rights.forwarded(req.trace_context.items()))
         try:
             deadline = time.monotonic() + timeout if timeout is not None else None
             response = await asyncio.wait_for(

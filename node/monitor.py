@@ -16,7 +16,10 @@ Contract:
   for as long as the record is on disk (rebuilt from the files at start), so feedback that
   arrives hours later still joins. :meth:`PredictionLog.join` joins one outcome at most once per
   request id and counts it per (model, variant): joined, correct (labels), absolute error
-  (values).
+  (values). A prediction is logged under the tenant that asked
+  (:func:`meshserve.common.tenancy.current_tenant`; "" unknown or no API keys) and request ids
+  are per tenant: feedback joins only the predictions of the tenant it names (an admin's feedback
+  names one, or joins the predictions logged under none).
 * Nothing here raises into the inference path for monitoring reasons: a query whose inputs do not
   fit the profile is simply not sketched (logged at debug level).
 """
@@ -173,6 +176,7 @@ class _Logged:
     prediction: Any
     file_no: int
     joined: bool = False
+    tenant: str = ""
 
 
 @dataclass
@@ -183,7 +187,10 @@ class PredictionLog:
     max_file_bytes: int = 16 << 20
     max_files: int = 8
     counts: dict[tuple[str, str], FeedbackCounts] = field(default_factory=dict)
-    _index: collections.OrderedDict[str, _Logged] = field(default_factory=collections.OrderedDict)
+    # (tenant, request id) -> the logged prediction, oldest first
+    _index: collections.OrderedDict[tuple[str, str], _Logged] = field(
+        default_factory=collections.OrderedDict
+    )
     _file: TextIO | None = None
     _file_no: int = 0
     _file_bytes: int = 0
@@ -198,8 +205,14 @@ class PredictionLog:
                     for line in fh:
                         try:
                             rec = json.loads(line)
-                            self._index[rec["id"]] = _Logged(
-                                rec["model"], rec["variant"], rec.get("prediction"), number
+                            tenant = str(rec.get("tenant", ""))
+                            self._index[(tenant, rec["id"])] = _Logged(
+                                rec["model"],
+                                rec["variant"],
+                                rec.get("prediction"),
+                                number,
+                                False,
+                                tenant,
                             )
                         except (ValueError, KeyError, TypeError):
                             continue  # a torn last line after a crash
@@ -227,8 +240,10 @@ class PredictionLog:
         inputs: Mapping[str, NDArray[Any]],
         outputs: Mapping[str, NDArray[Any]],
         node_id: str,
+        tenant: str = "",
     ) -> str:
-        """Log one answered query; returns its request id (a new one when it had none)."""
+        """Log one answered query of ``tenant``; returns its request id (a new one when it had
+        none)."""
         request_id = request_id or uuid.uuid4().hex
         out = outputs.get(monitor.label_output)
         prediction: Any = None
@@ -241,6 +256,7 @@ class PredictionLog:
             "model": monitor.model,
             "variant": monitor.variant,
             "node": node_id,
+            "tenant": tenant,
             "prediction": prediction,
             "inputs": {
                 name: _inputs_entry(array, monitor.config.log_inputs)
@@ -252,8 +268,11 @@ class PredictionLog:
             },
         }
         self._write(json.dumps(record, default=_python, separators=(",", ":")) + "\n")
-        self._index[request_id] = _Logged(monitor.model, monitor.variant, prediction, self._file_no)
-        self._index.move_to_end(request_id)
+        key = (tenant, request_id)
+        self._index[key] = _Logged(
+            monitor.model, monitor.variant, prediction, self._file_no, False, tenant
+        )
+        self._index.move_to_end(key)
         self.counts.setdefault((monitor.model, monitor.variant), FeedbackCounts()).logged += 1
         return request_id
 
@@ -285,9 +304,10 @@ class PredictionLog:
         if self._file is not None:
             self._file.flush()
 
-    def join(self, model: str, item: mesh_pb2.FeedbackItem) -> bool:
-        """Join one outcome to its logged prediction; False when unknown or already joined."""
-        logged = self._index.get(item.request_id)
+    def join(self, model: str, item: mesh_pb2.FeedbackItem, tenant: str = "") -> bool:
+        """Join one outcome to ``tenant``'s logged prediction; False when unknown (another
+        tenant's request id is unknown) or already joined."""
+        logged = self._index.get((tenant, item.request_id))
         if logged is None or logged.joined or (model and logged.model != model):
             return False
         truth = item.WhichOneof("truth")

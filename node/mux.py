@@ -38,6 +38,7 @@ from opentelemetry.context import Context
 
 from meshserve.common.errors import InvalidArgument, Malformed, ServicerContext, wire_status
 from meshserve.common.params import PREFER
+from meshserve.common.tenancy import set_tenant
 from meshserve.common.tracing import context_from_map, context_from_metadata
 from meshserve.node.rights import Check, Rights
 from meshserve.node.service import InferenceHandler
@@ -75,6 +76,18 @@ class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
     ) -> None:
         check = self._rights.stream_of(context) if self._rights is not None else None
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        rights, decided = self._rights, list[str | None]()
+
+        def scope(frame: mesh_pb2.MuxRequest) -> None:
+            """Whose query ``frame`` is: the stream's caller's, or the caller a router names
+            (decided once the node has its rights)."""
+            if rights is None:
+                return
+            if not decided and rights.received:
+                decided.append(rights.tenant_of(context))
+            who = decided[0] if decided else ""
+            set_tenant(rights.forwarded(frame.trace_context.items()) if who is None else who)
+
         slots = asyncio.Semaphore(self._max_in_flight)
         outbox: collections.deque[mesh_pb2.MuxResponse] = collections.deque()
         writing = False
@@ -84,6 +97,7 @@ class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
         async def one(frame: mesh_pb2.MuxRequest) -> None:
             nonlocal writing
             try:
+                scope(frame)  # this frame's task: its predictions' tenant
                 out = await self._answer(frame, check, parent)
             finally:
                 slots.release()

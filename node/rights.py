@@ -58,6 +58,7 @@ from meshserve.common.security import (
     ROUTER_KEY_HEADER,
     issued_by,
 )
+from meshserve.common.tenancy import CALLER_KEY
 from meshserve.protos import mesh_pb2
 
 __all__ = ["ROUTERS", "Check", "Grant", "Rights", "api_key", "peer_names"]
@@ -253,6 +254,34 @@ class Rights:
                 check(model)
 
         return later
+
+    def tenant_of(self, context: ServicerContext) -> str | None:
+        """The tenant a direct caller's predictions are logged under (feedback joins only its
+        own): its API key's tenant ("" without a valid one); None for a router, whose queries
+        name their caller (:meth:`forwarded`). Nothing is looked up without grants."""
+        if not self._grants:
+            return ""
+        metadata = context.invocation_metadata()
+        router = _header(metadata, ROUTER_KEY_HEADER)  # type: ignore[arg-type]
+        if router is not None and _digest(router) in self._router_keys:
+            return None
+        if any(p in self.routers for p in self.peers_of(context)):
+            return None
+        key = api_key(metadata)  # type: ignore[arg-type]
+        grant = self._grants.get(_digest(key)) if key else None
+        return grant.tenant if grant is not None else ""
+
+    def forwarded(self, pairs: Iterable[tuple[str, str | bytes]] | None) -> str:
+        """The tenant a router's (or a tunneled) query names: the API key digest
+        (:data:`~meshserve.common.tenancy.CALLER_KEY`) the router was given; "" unknown."""
+        digest = _header(pairs, CALLER_KEY) if self._grants else None
+        if not digest:
+            return ""
+        try:
+            grant = self._grants.get(bytes.fromhex(digest))
+        except ValueError:
+            return ""
+        return grant.tenant if grant is not None else ""
 
     def check_call(self, context: ServicerContext, model: str) -> None:
         """:meth:`check` for the caller of ``context``."""

@@ -28,6 +28,7 @@ from meshserve.common.errors import (
 from meshserve.common.instruments import RequestMetrics
 from meshserve.common.params import PREFER
 from meshserve.common.streaming import serve_infer_stream
+from meshserve.common.tenancy import current_tenant, set_tenant
 from meshserve.common.tracing import context_from_metadata, server_span
 from meshserve.node.cache import ResponseCache, inputs_digest, key_for
 from meshserve.node.copies import CopyEntry, CopyManager
@@ -197,7 +198,8 @@ class InferenceHandler:
         monitor.observe(inputs, outputs)
         log = self._copies.prediction_log
         if log is not None and monitor.sampled():
-            return log.record(request_id, monitor, inputs, outputs, self.node_id)
+            tenant = current_tenant()  # feedback joins only this tenant's
+            return log.record(request_id, monitor, inputs, outputs, self.node_id, tenant)
         return request_id
 
     def _cached_better(
@@ -365,12 +367,24 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    def _scope(self, context: ServicerContext) -> None:
+        """Whose queries this call's are (its predictions are logged under that tenant): the
+        caller's key's, or for a router the caller it names (:mod:`meshserve.common.tenancy`)."""
+        rights = self._rights
+        if rights is None:
+            return
+        tenant = rights.tenant_of(context)
+        if tenant is None:
+            tenant = rights.forwarded(context.invocation_metadata())  # type: ignore[arg-type]
+        set_tenant(tenant)
+
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[inference_pb2.ModelInferRequest],
         context: ServicerContext,
     ) -> None:
         check = self._rights.stream_of(context) if self._rights is not None else None
+        self._scope(context)
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         handler = self._handler
 
@@ -389,6 +403,7 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         rights = self._rights
         if rights is not None and not rights.open:
             rights.check_call(context, request.model_name)
+        self._scope(context)
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None

@@ -56,6 +56,7 @@ from meshserve.common.mux import MuxChannel
 from meshserve.common.params import PREFER
 from meshserve.common.routing.resolve import candidates
 from meshserve.common.routing.router import Router
+from meshserve.common.tenancy import caller_pairs
 from meshserve.common.tracing import inject_map, metadata_with_context
 from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.snapshot import NodeView, Snapshot, VariantKey
@@ -342,7 +343,7 @@ class Forwarder:
                     query.data(),
                     variant=spec.variant,
                     prefer=prefer,
-                    trace_context=inject_map(),
+                    trace_context=inject_map(dict(caller_pairs())),
                     timeout=timeout,
                 )
             request = query.rewritten(spec.variant, prefer)
@@ -352,14 +353,17 @@ class Forwarder:
                     data: bytes = await call(
                         request,
                         timeout=timeout,
-                        metadata=metadata_with_context(self.node_metadata(address)),
+                        metadata=metadata_with_context(
+                            (*self.node_metadata(address), *caller_pairs())
+                        ),
                     )
                 except aio.AioRpcError as exc:
                     raise from_code(exc.code().value[0], exc.details() or exc.code().name) from None
                 return data
             if self._tunnel is None:
                 raise Unavailable(f"node {node.node_id} has no direct address to reach it by")
-            return await self._tunnel(node.node_id, request, timeout, inject_map())
+            context = inject_map(dict(caller_pairs()))  # whose query: the node logs it so
+            return await self._tunnel(node.node_id, request, timeout, context)
         except StatusError as exc:
             ok = exc.code not in _COPY_FAULTS  # a caller's bad input says nothing of the copy
             answered = False

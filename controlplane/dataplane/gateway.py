@@ -76,6 +76,7 @@ from meshserve.common.routing.resolve import (
 )
 from meshserve.common.routing.router import Decision, Router, Telemetry
 from meshserve.common.streaming import serve_infer_stream
+from meshserve.common.tenancy import bind_caller
 from meshserve.common.tracing import context_from_metadata, server_span
 from meshserve.controlplane.dataplane.admission import HEADROOM, Admission
 from meshserve.controlplane.dataplane.forward import (
@@ -384,6 +385,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         metadata = context.invocation_metadata()
         parent = context_from_metadata(metadata)  # type: ignore[arg-type]
         client = _client_of(metadata, context.peer())
+        bind_caller(metadata)  # whose queries these are, to the nodes (feedback)
         allow = None if self._stream_check is None else self._stream_check(context)
 
         async def infer(
@@ -410,6 +412,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         parent = context_from_metadata(metadata)  # type: ignore[arg-type]
         remaining = context.time_remaining()
         client = _client_of(metadata, context.peer())
+        bind_caller(metadata)  # whose query this is, to the node (feedback)
         return await self._route(query, parent, remaining, client, measured=True)
 
     async def _route(

@@ -249,3 +249,44 @@ def test_get_policy_returns_the_webhook_url_redacted(mesh: Mesh) -> None:
         again = admin.get_policy().yaml
     assert "name: watched-2" in again and token not in again
     assert again == shown.replace("name: watched", "name: watched-2")
+
+
+def test_a_tenants_feedback_never_joins_another_tenants_queries(mesh: Mesh) -> None:
+    """acme asks (its own request ids, through the gateway and straight to the node); globex
+    sends wrong outcomes for those ids first, then acme the right ones: only acme's join."""
+    model = make_mlp(mesh.work / "fb.onnx", seed=5)
+    serving = mesh_pb2.ServingConfig(
+        monitoring=mesh_pb2.MonitoringConfig(log_predictions=True, label_output="y")
+    )
+    with mesh.admin() as admin:
+        admin.register_model("fb", model.as_uri(), sha256_file(model), serving=serving)
+        wait_until(
+            lambda: any(
+                c.model == "fb" and c.state == mesh_pb2.READY
+                for n in admin.list_nodes()
+                for c in n.copies
+            ),
+            60,
+            what="a READY copy of fb",
+        )
+        truth: dict[str, int] = {}
+        for routing in ("gateway", "direct"):
+            with MeshClient(mesh.cp.address, api_key=mesh.acme, routing=routing) as acme:
+                for i in range(4):
+                    request_id = f"order-{routing}-{i}"  # ids a tenant picks: guessable
+                    result = acme.infer("fb", {"x": X}, request_id=request_id)
+                    assert result.request_id == request_id
+                    truth[request_id] = int(np.argmax(result["y"][0]))
+        wrong = {rid: (label + 1) % 10 for rid, label in truth.items()}
+        with MeshClient(mesh.cp.address, api_key=mesh.globex) as globex:
+            assert globex.feedback("fb", wrong) == len(wrong)  # sent on, joined nowhere
+        with MeshClient(mesh.cp.address, api_key=mesh.acme) as acme:
+            assert acme.feedback("fb", truth) == len(truth)
+
+        def joined() -> mesh_pb2.VariantHealth | None:
+            (health,) = admin.model_health("fb")
+            return health if health.feedback_joined >= len(truth) else None
+
+        health = wait_until(joined, 30, what="acme's feedback joined")
+    assert health.feedback_joined == len(truth)
+    assert health.accuracy == 1.0, "globex's wrong outcomes were joined to acme's queries"

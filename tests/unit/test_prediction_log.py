@@ -107,3 +107,27 @@ def test_drift_windows_close_every_window_rows_and_only_hold_counts() -> None:
     assert sum(first.output.counts) == 100 and len(first.output.counts) <= 3
     newest = monitor.window_after(0)
     assert newest is monitor.windows[-1] and monitor.window_after(newest.seq) is None
+
+
+def test_request_ids_are_per_tenant_and_feedback_joins_only_its_tenants(tmp_path: Path) -> None:
+    """Two tenants pick the same id; each one's feedback joins its own prediction only, an
+    admin's (no tenant) neither, and a restart keeps whose each record is."""
+    log = PredictionLog(tmp_path)
+    log.open()
+    monitor = _monitor()
+    x = {"x": np.zeros((1, 64), dtype=np.float32)}
+    log.record("order-1", monitor, x, _answer(1), "n1", "acme")
+    log.record("order-1", monitor, x, _answer(2), "n1", "globex")
+    log.record("order-2", monitor, x, _answer(3), "n1", "acme")
+    item = mesh_pb2.FeedbackItem
+    assert not log.join("digits", item(request_id="order-2", label=0), "globex"), "acme's id"
+    assert not log.join("digits", item(request_id="order-2", label=0)), "no tenant: not acme's"
+    assert log.join("digits", item(request_id="order-1", label=2), "globex")
+    log.close()
+    restarted = PredictionLog(tmp_path)
+    restarted.open()
+    assert not restarted.join("digits", item(request_id="order-2", label=0), "globex")
+    assert restarted.join("digits", item(request_id="order-1", label=1), "acme")
+    assert restarted.join("digits", item(request_id="order-2", label=3), "acme")
+    assert restarted.counts[("digits", "fast")].correct == 2, "acme's two, both right"
+    restarted.close()
