@@ -56,6 +56,7 @@ async def inproc_mesh(
             replica_id="cp-test",
             lease_ttl_s=3,
             max_message_bytes=max_message_bytes,
+            trust_node_labels=True,  # the nodes below are ours: their tier labels place models
         )
     )
     await cp.start()
