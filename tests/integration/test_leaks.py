@@ -252,41 +252,54 @@ def test_get_policy_returns_the_webhook_url_redacted(mesh: Mesh) -> None:
 
 
 def test_a_tenants_feedback_never_joins_another_tenants_queries(mesh: Mesh) -> None:
-    """acme asks (its own request ids, through the gateway and straight to the node); globex
-    sends wrong outcomes for those ids first, then acme the right ones: only acme's join."""
-    model = make_mlp(mesh.work / "fb.onnx", seed=5)
+    """acme asks (its own request ids; through the gateway, which reaches n1 on its port and t1
+    through its tunnel, and straight to n1); globex sends wrong outcomes for those ids first,
+    then acme the right ones: only acme's join."""
+    mesh.mesh.start_node("t1", [mesh.cp.address], labels={"tier": "edge", "path": "tunnel"})
     serving = mesh_pb2.ServingConfig(
         monitoring=mesh_pb2.MonitoringConfig(log_predictions=True, label_output="y")
     )
+    paths = {"fb-direct": ("n1", ("gateway", "direct")), "fb-tunnel": ("t1", ("gateway",))}
     with mesh.admin() as admin:
-        admin.register_model("fb", model.as_uri(), sha256_file(model), serving=serving)
-        wait_until(
-            lambda: any(
-                c.model == "fb" and c.state == mesh_pb2.READY
-                for n in admin.list_nodes()
-                for c in n.copies
-            ),
-            60,
-            what="a READY copy of fb",
-        )
-        truth: dict[str, int] = {}
-        for routing in ("gateway", "direct"):
-            with MeshClient(mesh.cp.address, api_key=mesh.acme, routing=routing) as acme:
-                for i in range(4):
-                    request_id = f"order-{routing}-{i}"  # ids a tenant picks: guessable
-                    result = acme.infer("fb", {"x": X}, request_id=request_id)
-                    assert result.request_id == request_id
-                    truth[request_id] = int(np.argmax(result["y"][0]))
-        wrong = {rid: (label + 1) % 10 for rid, label in truth.items()}
-        with MeshClient(mesh.cp.address, api_key=mesh.globex) as globex:
-            assert globex.feedback("fb", wrong) == len(wrong)  # sent on, joined nowhere
-        with MeshClient(mesh.cp.address, api_key=mesh.acme) as acme:
-            assert acme.feedback("fb", truth) == len(truth)
+        wait_until(lambda: len(admin.list_nodes()) == 2, 30, what="t1 to join")
+        for name, (node, _) in paths.items():
+            model = make_mlp(mesh.work / f"{name}.onnx", seed=5)
+            admin.register_model(
+                name,
+                model.as_uri(),
+                sha256_file(model),
+                serving=serving,
+                node_selector={"path": "tunnel"} if node == "t1" else {"tier": "core"},
+            )
+        for name, (node, _) in paths.items():
+            wait_until(
+                lambda name=name, node=node: any(
+                    n.node_id == node and c.model == name and c.state == mesh_pb2.READY
+                    for n in admin.list_nodes()
+                    for c in n.copies
+                ),
+                60,
+                what=f"a READY copy of {name} on {node}",
+            )
+        for name, (_, routings) in paths.items():
+            truth: dict[str, int] = {}
+            for routing in routings:
+                with MeshClient(mesh.cp.address, api_key=mesh.acme, routing=routing) as acme:
+                    for i in range(4):
+                        request_id = f"order-{routing}-{i}"  # ids a tenant picks: guessable
+                        result = acme.infer(name, {"x": X}, request_id=request_id)
+                        assert result.request_id == request_id
+                        truth[request_id] = int(np.argmax(result["y"][0]))
+            wrong = {rid: (label + 1) % 10 for rid, label in truth.items()}
+            with MeshClient(mesh.cp.address, api_key=mesh.globex) as globex:
+                assert globex.feedback(name, wrong) == len(wrong)  # sent on, joined nowhere
+            with MeshClient(mesh.cp.address, api_key=mesh.acme) as acme:
+                assert acme.feedback(name, truth) == len(truth)
 
-        def joined() -> mesh_pb2.VariantHealth | None:
-            (health,) = admin.model_health("fb")
-            return health if health.feedback_joined >= len(truth) else None
+            def joined(name: str = name, n: int = len(truth)) -> mesh_pb2.VariantHealth | None:
+                (health,) = admin.model_health(name)
+                return health if health.feedback_joined >= n else None
 
-        health = wait_until(joined, 30, what="acme's feedback joined")
-    assert health.feedback_joined == len(truth)
-    assert health.accuracy == 1.0, "globex's wrong outcomes were joined to acme's queries"
+            health = wait_until(joined, 30, what=f"acme's feedback on {name} joined")
+            assert health.feedback_joined == len(truth), name
+            assert health.accuracy == 1.0, f"{name}: globex's outcomes joined acme's queries"
