@@ -6,7 +6,10 @@ itself lives in :mod:`meshserve.common.routing.view` (the SDK routes over the sa
 A node's labels in the view (what placement matches and routing reads ``zone`` from) are its
 admin-side labels (``keys.NODE_LABELS``, set by ``meshctl nodes label``); the labels a node
 claims in its Hello count only when the control plane trusts them (``trust_node_labels``), and
-an admin label always wins over a claimed one (:func:`effective_labels`).
+an admin label always wins over a claimed one (:func:`effective_labels`). A node's claimed
+hardware is used as it says, except that the admin labels ``max-memory-mb`` and
+``max-cpu-cores`` cap it (:func:`effective_hardware`): a claim can then only lower the capacity
+placement counts on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,20 @@ from meshserve.common.routing.view import NodeView, Snapshot, VariantKey
 from meshserve.controlplane import keys
 from meshserve.protos import mesh_pb2
 
-__all__ = ["NodeView", "Snapshot", "SnapshotBuilder", "VariantKey", "effective_labels"]
+__all__ = [
+    "MAX_CPU_CORES",
+    "MAX_MEMORY_MB",
+    "NodeView",
+    "Snapshot",
+    "SnapshotBuilder",
+    "VariantKey",
+    "effective_hardware",
+    "effective_labels",
+]
+
+#: Admin labels that cap what a node claims of its hardware (whole numbers).
+MAX_MEMORY_MB = "max-memory-mb"
+MAX_CPU_CORES = "max-cpu-cores"
 
 M = TypeVar("M", bound=Message)
 
@@ -91,12 +107,10 @@ class SnapshotBuilder:
                 view = cached[1]
             else:
                 infos = [self._decode(k, v, mesh_pb2.NodeInfo) for k, v in records]
-                labels = effective_labels(
-                    infos[0].labels,
-                    admin[node_id].labels if node_id in admin else {},
-                    trust=trust_node_labels,
-                )
-                view = _merge(node_id, infos, labels)
+                own_labels = admin[node_id].labels if node_id in admin else {}
+                labels = effective_labels(infos[0].labels, own_labels, trust=trust_node_labels)
+                hardware = effective_hardware(infos[0].hardware, own_labels)
+                view = _merge(node_id, infos, labels, hardware)
             nodes[node_id] = view
             views[node_id] = (values, view)
         self._views = views
@@ -131,7 +145,34 @@ def effective_labels(
     return {**claimed, **admin} if trust else dict(admin)
 
 
-def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo], labels: dict[str, str]) -> NodeView:
+def effective_hardware(claimed: mesh_pb2.Hardware, admin: Mapping[str, str]) -> mesh_pb2.Hardware:
+    """``claimed`` capped by the admin labels :data:`MAX_MEMORY_MB` and :data:`MAX_CPU_CORES`
+    (a claim of 0, "unknown", becomes the cap); ``claimed`` itself when neither is set."""
+    memory_mb = _whole(admin.get(MAX_MEMORY_MB), (1 << 44) - 1)
+    cores = _whole(admin.get(MAX_CPU_CORES), (1 << 32) - 1)
+    if memory_mb is None and cores is None:
+        return claimed
+    out = mesh_pb2.Hardware()
+    out.CopyFrom(claimed)
+    if memory_mb is not None:
+        cap = memory_mb << 20
+        out.memory_bytes = min(out.memory_bytes, cap) if out.memory_bytes else cap
+    if cores is not None:
+        out.cpu_cores = min(out.cpu_cores, cores) if out.cpu_cores else cores
+    return out
+
+
+def _whole(text: str | None, limit: int) -> int | None:
+    """A whole number label (at most ``limit``); None when absent or not one."""
+    return min(int(text), limit) if text is not None and text.isascii() and text.isdigit() else None
+
+
+def _merge(
+    node_id: str,
+    infos: list[mesh_pb2.NodeInfo],
+    labels: dict[str, str],
+    hardware: mesh_pb2.Hardware,
+) -> NodeView:
     """One view of a node from the link records every replica holding its stream wrote."""
     copies: dict[VariantKey, mesh_pb2.CopyStatus] = {}
     for info in infos:
@@ -144,7 +185,7 @@ def _merge(node_id: str, infos: list[mesh_pb2.NodeInfo], labels: dict[str, str])
     return NodeView(
         node_id=node_id,
         labels=MappingProxyType(labels),
-        hardware=first.hardware,
+        hardware=hardware,
         direct_address=first.direct_address,
         replicas=frozenset(r for info in infos for r in info.replicas),
         copies=MappingProxyType(copies),

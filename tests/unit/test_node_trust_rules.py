@@ -9,7 +9,12 @@ from meshserve.controlplane import keys
 from meshserve.controlplane.link import trust
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.link.session import NodeSession
-from meshserve.controlplane.snapshot import Snapshot, SnapshotBuilder, effective_labels
+from meshserve.controlplane.snapshot import (
+    Snapshot,
+    SnapshotBuilder,
+    effective_hardware,
+    effective_labels,
+)
 from meshserve.protos import mesh_pb2
 from tests.support.fake_registry import FakeRegistry
 
@@ -134,3 +139,24 @@ def test_reports_coalesce_into_one_reconcile_per_node() -> None:
         return runs
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_admin_labels_cap_the_hardware_a_node_claims() -> None:
+    huge = mesh_pb2.Hardware(cpu_cores=4096, memory_bytes=4096 << 30)
+    assert effective_hardware(huge, {}) is huge, "no cap: as claimed"
+    capped = effective_hardware(huge, {"max-memory-mb": "2048", "max-cpu-cores": "8"})
+    assert (capped.memory_bytes, capped.cpu_cores) == (2048 << 20, 8)
+    small = mesh_pb2.Hardware(cpu_cores=2, memory_bytes=512 << 20)
+    lowered = effective_hardware(small, {"max-memory-mb": "2048", "max-cpu-cores": "8"})
+    assert (lowered.memory_bytes, lowered.cpu_cores) == (512 << 20, 2), "a claim only lowers it"
+    unknown = effective_hardware(mesh_pb2.Hardware(), {"max-memory-mb": "100"})
+    assert unknown.memory_bytes == 100 << 20, "unknown (0, no limit) becomes the cap"
+    assert effective_hardware(huge, {"max-memory-mb": "lots"}) is huge
+    assert effective_hardware(huge, {"max-cpu-cores": "9" * 40}).cpu_cores == 4096
+    info = mesh_pb2.NodeInfo(node_id="n1", hardware=huge, replicas=["cp-1"])
+    links = {keys.node_link_key("n1", "cp-1"): keys.encode(info)}
+    admin = {
+        keys.node_labels_key("n1"): keys.encode(mesh_pb2.NodeLabels(labels={"max-memory-mb": "64"}))
+    }
+    view = SnapshotBuilder().build({}, {}, links, node_labels=admin).nodes["n1"]
+    assert view.hardware.memory_bytes == 64 << 20
