@@ -173,11 +173,16 @@ def test_a_node_is_not_believed_about_its_labels_or_its_copies(
             assert "fake-1" not in [n for p in admin.list_placements() for n in p.nodes]
 
             # The admin side labels it (meshctl): now it is a core node, and gets its order.
-            labelled = _meshctl(address, "nodes", "label", "fake-1", "tier=core", "pool=a")
-            assert "admin labels pool=a,tier=core" in labelled
-            assert admin.label_node("fake-1", remove=["pool"]) == {"tier": "core"}
+            labelled = _meshctl(
+                address, "nodes", "label", "fake-1", "tier=core", "pool=a", "max-memory-mb=64"
+            )
+            assert "admin labels max-memory-mb=64,pool=a,tier=core" in labelled
+            now = admin.label_node("fake-1", remove=["pool"])
+            assert now == {"tier": "core", "max-memory-mb": "64"}
             listed = _meshctl(address, "nodes", "list")
-            assert "tier=core claimed:zone=a" in listed, listed
+            assert "max-memory-mb=64,tier=core claimed:zone=a" in listed, listed
+            [node] = admin.list_nodes()
+            assert node.hardware.memory_bytes == 64 << 20, "its claim capped by the admin"
             load = fake.wait_for(_load_of("core-only"))
             assert load.load.sha256 == sha
 
