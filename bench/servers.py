@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import os
+import shutil
 import signal
 import sys
 import time
@@ -183,8 +184,8 @@ def bench_models(
     workdir: Path, wanted: Sequence[str], log: Callable[[str], None] = print
 ) -> list[Model]:
     """The benchmark models: ``mlp`` (64 -> 256 -> 256 -> 10, written to ``workdir``) and
-    ``magika`` (the pretrained network inside the ``magika`` wheel; skipped, with a message to
-    ``log``, when it is not installed)."""
+    ``magika`` (the pretrained network inside the ``magika`` wheel, copied to ``workdir``;
+    skipped, with a message to ``log``, when it is not installed)."""
     from meshserve.devtools.demo_models import make_mlp
 
     out = []
@@ -198,7 +199,9 @@ def bench_models(
         except ImportError:
             log("magika is not installed (pip install '.[bench]'); skipping the magika rows")
         else:
-            path = Path(magika.__file__).parent / "models" / "standard_v3_3" / "model.onnx"
+            wheel = Path(magika.__file__).parent / "models" / "standard_v3_3" / "model.onnx"
+            path = workdir / "magika.onnx"  # a node reads file:// only under its artifact roots
+            shutil.copyfile(wheel, path)
             x = np.random.default_rng(0).integers(0, 256, (1, 2048)).astype(np.int32)
             out.append(Model("magika", path, "bytes", x, 100.0))  # ~12 ms per row here
     return out
