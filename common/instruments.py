@@ -7,6 +7,11 @@ RPC semantic conventions (``rpc.system``, ``rpc.method``, ``rpc.grpc.status_code
 ``variant``, ``node`` and ``hop``; ``meshserve.requests`` counts answered queries per model,
 variant, node, hop and status.
 
+Labels are what the mesh resolved, never a client's strings: a query whose model the hop does not
+know is recorded under ``model="(unknown)"`` (:data:`UNKNOWN`), and the table holds at most
+:data:`MAX_ROWS` label sets (later ones share one ``model="(overflow)"`` row per hop and status),
+so hostile queries cannot grow it. It records nothing until metrics are configured.
+
 :class:`SharedObservable` is the seam for observable instruments (gauges read at collection
 time): the SDK keeps only the first callback registered under a name, so one instrument per name
 and process reads every object that registered with it, holding none of them alive.
@@ -21,6 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -30,8 +36,12 @@ from meshserve.protos import inference_pb2
 
 __all__ = [
     "LATENCY_MS_BUCKETS",
+    "MAX_ROWS",
+    "OVERFLOW",
     "REQUESTS",
     "SECONDS_BUCKETS",
+    "UNKNOWN",
+    "Labels",
     "Reading",
     "RequestMetrics",
     "SharedObservable",
@@ -55,6 +65,16 @@ Reading = tuple[float, Attributes]
 Kind = Literal["gauge", "counter", "up_down_counter"]
 T = TypeVar("T")
 
+#: The model label of a query for a model this hop does not know (one label, whatever was sent).
+UNKNOWN = "(unknown)"
+#: The model label of the row that counts queries past :data:`MAX_ROWS` label sets.
+OVERFLOW = "(overflow)"
+#: At most this many label sets (rows) per request table: a few hundred models x variants x
+#: nodes x statuses fit; each row is ~1 KiB, so the table stays under ~10 MiB whatever comes.
+MAX_ROWS = 8192
+
+RowKey = tuple[str, str, str, str, int]
+
 
 class _RequestTable:
     """Request counts and latency histograms aggregated in plain dicts on the hot path (about
@@ -65,24 +85,42 @@ class _RequestTable:
     OpenTelemetry
     exporter gives the semantic-convention instruments: ``meshserve_requests_total`` and
     ``rpc_server_duration_milliseconds``. Recording happens on the event loop's thread; the
-    scrape copies under a lock."""
+    scrape copies under a lock.
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
+    Bounded: past ``max_rows`` label sets, a new one is counted in its hop's ``(overflow)`` row
+    for its status (at most hops x statuses more rows). ``enabled=False``: records nothing (no
+    metrics endpoint to read it; :func:`meshserve.common.process.configure_metrics` enables
+    the process's table)."""
+
+    def __init__(
+        self, bounds: tuple[float, ...], max_rows: int = MAX_ROWS, *, enabled: bool = True
+    ) -> None:
         self._bounds = bounds
+        self._max_rows = max_rows
+        self.enabled = enabled
         self._lock = threading.Lock()
         # (hop, model, variant, node, status) -> [count, sum_ms, bucket counts...]
-        self._rows: dict[tuple[str, str, str, str, int], list[float]] = {}
+        self._rows: dict[RowKey, list[float]] = {}
 
-    def record(self, key: tuple[str, str, str, str, int], ms: float) -> None:
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def record(self, key: RowKey, ms: float) -> None:
+        if not self.enabled:
+            return
         with self._lock:
             row = self._rows.get(key)
             if row is None:
-                row = self._rows[key] = [0.0] * (2 + len(self._bounds) + 1)
+                if len(self._rows) >= self._max_rows:
+                    key = (key[0], OVERFLOW, "", "", key[4])
+                    row = self._rows.get(key)
+                if row is None:
+                    row = self._rows[key] = [0.0] * (2 + len(self._bounds) + 1)
             row[0] += 1
             row[1] += ms
             row[2 + bisect.bisect_left(self._bounds, ms)] += 1
 
-    def snapshot(self) -> list[tuple[tuple[str, str, str, str, int], list[float]]]:
+    def snapshot(self) -> list[tuple[RowKey, list[float]]]:
         with self._lock:
             return [(k, list(v)) for k, v in self._rows.items()]
 
@@ -115,39 +153,46 @@ def _bound_text(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
-#: The process's request table (gateway and node hops share it, told apart by ``hop``).
-REQUESTS = _RequestTable(LATENCY_MS_BUCKETS)
+#: The process's request table (gateway and node hops share it, told apart by ``hop``); off
+#: until metrics are configured.
+REQUESTS = _RequestTable(LATENCY_MS_BUCKETS, enabled=False)
+
+
+@dataclass(slots=True)
+class Labels:
+    """What one query is recorded under, filled in by the hop as it resolves the query: the
+    model and variant it found (never the strings the client sent: :data:`UNKNOWN` until
+    found) and the node that answered."""
+
+    model: str = UNKNOWN
+    variant: str = ""
+    node: str = ""
 
 
 class RequestMetrics:
     """One hop's view of :data:`REQUESTS` (``hop``: "gateway" or "node")."""
 
-    def __init__(self, hop: str) -> None:
+    def __init__(self, hop: str, table: _RequestTable | None = None) -> None:
         self._hop = hop
+        self._table = REQUESTS if table is None else table
 
-    def record(self, model: str, variant: str, node: str, status: int, seconds: float) -> None:
-        REQUESTS.record((self._hop, model, variant, node, status), seconds * 1000.0)
+    def record(self, labels: Labels, status: int, seconds: float) -> None:
+        key = (self._hop, labels.model, labels.variant, labels.node, status)
+        self._table.record(key, seconds * 1000.0)
 
     async def measure(
-        self,
-        call: Awaitable[inference_pb2.ModelInferResponse],
-        request: inference_pb2.ModelInferRequest,
-        node: str = "",
+        self, call: Awaitable[inference_pb2.ModelInferResponse], labels: Labels
     ) -> inference_pb2.ModelInferResponse:
-        """Await ``call`` (the answer to ``request``) and record it, failed or not. ``node``:
-        this hop's node id; empty = the node the answer names (``meshserve_node``)."""
+        """Await ``call`` and record it under ``labels`` (which ``call`` fills in as it
+        resolves the query), failed or not."""
         started = time.monotonic()
         try:
             response = await call
         except StatusError as exc:
-            elapsed = time.monotonic() - started
             code: int = exc.code.value[0]
-            self.record(request.model_name, request.model_version, node, code, elapsed)
+            self.record(labels, code, time.monotonic() - started)
             raise
-        named = response.parameters.get("meshserve_node")
-        answered_by = node or (named.string_param if named is not None else "")
-        elapsed = time.monotonic() - started
-        self.record(request.model_name, response.model_version, answered_by, 0, elapsed)
+        self.record(labels, 0, time.monotonic() - started)
         return response
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "default_sampler",
     "exit_deadline",
     "install_task_dump",
+    "metrics_address",
     "otlp_span_exporter",
     "run",
     "service_resource",
@@ -191,19 +192,34 @@ def default_sampler() -> Any:
     return ParentBased(ALWAYS_ON)
 
 
+def metrics_address(listen: str) -> tuple[str, int]:
+    """The (host, port) a ``--metrics-listen`` value names: ``HOST:PORT`` (``[::1]:PORT`` for
+    IPv6); ``:PORT`` or ``PORT`` alone is loopback (127.0.0.1): only an explicit host such as
+    ``0.0.0.0`` exposes the metrics beyond this machine. ValueError names what is wrong."""
+    host, sep, port_text = listen.strip().rpartition(":")
+    if not sep:
+        host, port_text = "", listen.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"--metrics-listen {listen!r}: want HOST:PORT or :PORT (port 0-65535)")
+    return host or "127.0.0.1", int(port_text)
+
+
 def configure_metrics(service_name: str, listen: str) -> None:
-    """Serve this process's OpenTelemetry metrics for Prometheus on ``listen`` (host:port; empty:
-    no endpoint, the instruments stay no-ops). The scrape runs in prometheus_client's own
-    thread: collecting never touches the event loop or the hot path."""
+    """Serve this process's OpenTelemetry metrics for Prometheus on ``listen`` (see
+    :func:`metrics_address`; empty: no endpoint, the instruments stay no-ops and the request
+    table records nothing). The scrape runs in prometheus_client's own thread: collecting
+    never touches the event loop or the hot path."""
     if not listen:
         return
+    host, port = metrics_address(listen)
     from opentelemetry import metrics
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
     from prometheus_client import start_http_server
 
-    host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0")
+    start_http_server(port, addr=host)
     provider = MeterProvider(
         resource=service_resource(service_name), metric_readers=[PrometheusMetricReader()]
     )
@@ -213,7 +229,11 @@ def configure_metrics(service_name: str, listen: str) -> None:
     from meshserve.common.instruments import REQUESTS
 
     REGISTRY.register(REQUESTS)  # hot-path request metrics, aggregated without the SDK
-    logging.getLogger("meshserve").info("metrics for Prometheus on http://%s/metrics", listen)
+    REQUESTS.enabled = True
+    shown = f"[{host}]" if ":" in host else host
+    logging.getLogger("meshserve").info(
+        "metrics for Prometheus on http://%s:%d/metrics", shown, port
+    )
 
 
 def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:

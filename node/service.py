@@ -25,7 +25,7 @@ from meshserve.common.errors import (
     ServicerContext,
     StatusError,
 )
-from meshserve.common.instruments import RequestMetrics
+from meshserve.common.instruments import Labels, RequestMetrics
 from meshserve.common.params import PREFER
 from meshserve.common.streaming import serve_infer_stream
 from meshserve.common.tenancy import current_tenant, set_tenant
@@ -98,8 +98,9 @@ class InferenceHandler:
         deadline: float | None = None,
     ) -> inference_pb2.ModelInferResponse:
         """Answer one query. ``deadline`` is absolute (``time.monotonic()``); None = no limit."""
-        call = self._infer(request, parent, hop, deadline)
-        return await self._metrics.measure(call, request, self.node_id)
+        labels = Labels(node=self.node_id)
+        call = self._infer(request, parent, hop, deadline, labels)
+        return await self._metrics.measure(call, labels)
 
     async def _infer(
         self,
@@ -107,7 +108,9 @@ class InferenceHandler:
         parent: Context | None,
         hop: str,
         deadline: float | None,
+        labels: Labels,
     ) -> inference_pb2.ModelInferResponse:
+        """``labels``: filled in with the copy found (the query's metrics record only that)."""
         with server_span(
             _tracer,
             "node ModelInfer",
@@ -123,6 +126,7 @@ class InferenceHandler:
             entry = self._copies.ready(request.model_name, request.model_version)
             copy = entry.copy
             assert copy is not None
+            labels.model, labels.variant = entry.model, entry.variant
             span.set_attribute("meshserve.variant", entry.variant)
             inputs = decode_request_inputs(request)
             copy.validate(inputs, {t.name: t.datatype for t in request.inputs})
@@ -131,6 +135,7 @@ class InferenceHandler:
             better = self._cached_better(request, key, names)
             if better is not None:  # a more accurate variant already answered exactly this
                 entry, outputs = better
+                labels.variant = entry.variant
                 hit = True
                 entry.requests += 1
                 span.set_attribute("meshserve.variant", entry.variant)

@@ -64,7 +64,7 @@ from meshserve.common.errors import (
     StatusError,
     Unavailable,
 )
-from meshserve.common.instruments import RequestMetrics
+from meshserve.common.instruments import Labels, RequestMetrics
 from meshserve.common.params import CLIENT_ZONE
 from meshserve.common.routing.balance import CopyKey
 from meshserve.common.routing.resolve import (
@@ -429,18 +429,17 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         ) as span:
             started = time.monotonic()
             deadline = started + remaining if remaining is not None else None
-            served: list[str] = [request.model_version, ""]  # (variant, node) for the metrics
+            served = Labels()  # what the metrics record: only names the view resolved
             try:
                 answer = await self._serve(query, span, started, deadline, client, served)
             except StatusError as exc:
                 if measured:
                     code: int = exc.code.value[0]
-                    elapsed = time.monotonic() - started
-                    self._metrics.record(request.model_name, served[0], "", code, elapsed)
+                    served.node = ""
+                    self._metrics.record(served, code, time.monotonic() - started)
                 raise
             if measured:
-                elapsed = time.monotonic() - started
-                self._metrics.record(request.model_name, served[0], served[1], 0, elapsed)
+                self._metrics.record(served, 0, time.monotonic() - started)
             return answer
 
     async def _serve(
@@ -450,7 +449,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         started: float,
         deadline: float | None,
         client: str,
-        served: list[str],
+        served: Labels,
     ) -> Answer:
         request = query.message
         snapshot = self._snapshot()
@@ -465,7 +464,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         with child_span(span, "gateway route") as route:
             decision = self._decide(request, snapshot, slo_s, min_accuracy, span)
             spec, slo_s = decision.spec, decision.slo_s
-            served[0] = spec.variant
+            served.model, served.variant = spec.name, spec.variant
             span.set_attribute("meshserve.variant", spec.variant)
             if not self.router.candidates(snapshot, spec):
                 if forwarder.fallback is not None:
@@ -497,7 +496,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if node is None:
                 answer: Answer = await forwarder.relay(query, spec, deadline, span, client)
             else:
-                answer, served[1] = await forwarder.attempts(
+                answer, served.node = await forwarder.attempts(
                     query,
                     spec,
                     snapshot,

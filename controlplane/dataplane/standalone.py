@@ -365,7 +365,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-listen",
         default="",
-        help="host:port serving Prometheus metrics at /metrics (default: off)",
+        help="HOST:PORT serving Prometheus metrics at /metrics; :PORT is 127.0.0.1 only, "
+        "0.0.0.0:PORT every interface (default: off)",
     )
     return p
 
