@@ -116,7 +116,10 @@ class SourcePolicy:
             return
         parts = urllib.parse.urlsplit(uri)
         host = (parts.hostname or "").lower()
-        with_port = f"{host}:{parts.port}" if parts.port is not None else host
+        try:
+            with_port = f"{host}:{parts.port}" if parts.port is not None else host
+        except ValueError:  # a port that is no number
+            raise StoreError(f"artifact URI {uri!r} has an invalid port", permanent=True) from None
         if host not in self.http_hosts and with_port not in self.http_hosts:
             raise StoreError(
                 f"artifact host {with_port or uri!r} is not among this node's artifact hosts "
@@ -126,8 +129,12 @@ class SourcePolicy:
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the default port filled in (-1: an invalid port)."""
     parts = urllib.parse.urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        port = -1
     return parts.scheme, (parts.hostname or "").lower(), port
 
 

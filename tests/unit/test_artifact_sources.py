@@ -111,11 +111,16 @@ async def test_a_file_outside_the_roots_is_refused_before_it_is_read(
     assert not list((tmp_path / "cache").glob("*.onnx"))
 
 
+@pytest.mark.parametrize("where", ["another port", "a port that is no number", "another scheme"])
 async def test_a_redirect_to_another_origin_is_not_followed(
-    tmp_path: Path, servers: tuple[_Server, _Server]
+    tmp_path: Path, servers: tuple[_Server, _Server], where: str
 ) -> None:
     first, other = servers
-    first.location = _url(other, "/m.onnx")
+    first.location = {
+        "another port": _url(other, "/m.onnx"),
+        "a port that is no number": "http://127.0.0.1:port/m.onnx",
+        "another scheme": _url(other, "/m.onnx").replace("http://", "https://"),
+    }[where]
     store = ModelStore(tmp_path / "cache", retries=0)
     with pytest.raises(StoreError) as info:
         await store.fetch(_url(first, "/redirect"), SHA)
