@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,10 +35,14 @@ from meshserve.protos.inference_pb2 import (
 
 __all__ = [
     "DATATYPES",
+    "DECODE_OFF_LOOP_BYTES",
+    "MAX_BYTES_ELEMENTS",
     "MAX_DIMS",
     "MAX_ELEMENTS",
     "ParameterValue",
+    "TensorSpec",
     "build_request",
+    "check_request_inputs",
     "datatype_of",
     "decode_request_inputs",
     "decode_response_outputs",
@@ -57,6 +61,13 @@ MAX_DIMS: Final = 32
 #: Most elements a tensor may declare; a protobuf message cannot exceed 2 GiB anyway. Zero-size
 #: tensors are held to the same bound on the product of their non-zero dimensions.
 MAX_ELEMENTS: Final = 2**31
+#: Most elements a BYTES tensor may hold: each is a Python object once decoded (~50 bytes of
+#: overhead, a loop step to split), so 1 Mi elements cost ~0.1 GiB and ~0.5 s of a worker
+#: thread; more is refused from the header, before any decode. Text batches are far smaller.
+MAX_BYTES_ELEMENTS: Final = 1 << 20
+#: A request whose input payload exceeds this many bytes is decoded on a worker thread, not on
+#: the serving event loop (smaller ones decode faster than the hand-off).
+DECODE_OFF_LOOP_BYTES: Final = 256 << 10
 
 _LEN: Final = struct.Struct("<I")
 
@@ -298,6 +309,92 @@ def _decode_all(
                 tensor.name, tensor.datatype, tensor.shape, contents=tensor.contents, kind=kind
             )
     return result
+
+
+class TensorSpec(Protocol):
+    """What a model declares of one input: its name, datatype and shape (-1: any size)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def datatype(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def check_request_inputs(request: ModelInferRequest, expected: Sequence[TensorSpec]) -> int:
+    """Check the request's inputs against the model's from their headers alone, before any
+    decoding: names (unknown, duplicate, missing), datatypes, shapes (rank and fixed sizes),
+    and the contents' size (raw: shape x element size bytes, BYTES at least a 4-byte prefix per
+    element and at most :data:`MAX_BYTES_ELEMENTS` elements; typed: one value per element).
+    Costs O(tensors + dimensions), never O(contents). Raises InvalidArgument naming the first
+    mismatch; returns the input payload in bytes (the caller decides where to decode it)."""
+    by_name = {t.name: t for t in expected}
+    inputs = request.inputs
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw_contents)} entries for {len(inputs)} inputs"
+        )
+    seen: set[str] = set()
+    payload = 0
+    for index, tensor in enumerate(inputs):
+        name = tensor.name
+        label = f"input {name!r}"
+        if name in seen:
+            raise InvalidArgument(f"duplicate input {name!r}")
+        seen.add(name)
+        spec = by_name.get(name)
+        if spec is None:
+            names = ", ".join(sorted(by_name))
+            raise InvalidArgument(f"unknown input {name!r}; the model expects: {names}")
+        datatype = tensor.datatype
+        if datatype != spec.datatype:
+            shown = datatype if datatype in DATATYPES else repr(datatype[:32])
+            raise InvalidArgument(
+                f"{label} has datatype {shown}, the model expects {spec.datatype}"
+            )
+        shape = list(tensor.shape)
+        count = _element_count(label, shape)
+        want = list(spec.shape)
+        if len(shape) != len(want) or any(
+            w not in (-1, g) for w, g in zip(want, shape, strict=True)
+        ):
+            raise InvalidArgument(
+                f"{label} has shape {shape}, the model expects {want} (-1 = any size)"
+            )
+        if datatype == "BYTES" and count > MAX_BYTES_ELEMENTS:
+            raise InvalidArgument(
+                f"{label}: {count} BYTES elements, at most {MAX_BYTES_ELEMENTS} per tensor"
+            )
+        if raw_contents:
+            raw = raw_contents[index]
+            itemsize = TABLE[datatype].itemsize
+            if itemsize is not None and len(raw) != count * itemsize:
+                raise InvalidArgument(
+                    f"{label}: raw contents are {len(raw)} bytes, expected {count * itemsize} "
+                    f"for {_describe(datatype, shape)}"
+                )
+            if itemsize is None and len(raw) < 4 * count:
+                raise InvalidArgument(
+                    f"{label}: BYTES raw contents are {len(raw)} bytes, too short for {count} "
+                    "length-prefixed elements"
+                )
+            payload += len(raw)
+        elif datatype != "FP16":  # FP16 without raw contents is refused by the decoder
+            held = len(getattr(tensor.contents, _typed_field(datatype)))
+            if held != count:
+                raise InvalidArgument(
+                    f"{label}: typed contents hold {held} values, expected {count} for "
+                    f"{_describe(datatype, shape)}"
+                )
+            payload += 8 * count
+    for spec in expected:
+        if spec.name not in seen:
+            raise InvalidArgument(
+                f"missing input {spec.name!r} ({spec.datatype} {list(spec.shape)})"
+            )
+    return payload
 
 
 def decode_request_inputs(request: ModelInferRequest) -> dict[str, NDArray[Any]]:

@@ -17,7 +17,12 @@ from numpy.typing import NDArray
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from meshserve.common.codec import decode_request_inputs, encode_response_outputs
+from meshserve.common.codec import (
+    DECODE_OFF_LOOP_BYTES,
+    check_request_inputs,
+    decode_request_inputs,
+    encode_response_outputs,
+)
 from meshserve.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -128,7 +133,13 @@ class InferenceHandler:
             assert copy is not None
             labels.model, labels.variant = entry.model, entry.variant
             span.set_attribute("meshserve.variant", entry.variant)
-            inputs = decode_request_inputs(request)
+            # The header first (names, datatypes, shapes, sizes against the model), then the
+            # contents: a large payload on a worker thread, never on this loop.
+            payload = check_request_inputs(request, copy.inputs)
+            if payload > DECODE_OFF_LOOP_BYTES:
+                inputs = await asyncio.to_thread(decode_request_inputs, request)
+            else:
+                inputs = decode_request_inputs(request)
             copy.validate(inputs, {t.name: t.datatype for t in request.inputs})
             names = copy.output_names([o.name for o in request.outputs])
             key = _Key(inputs)

@@ -4,11 +4,16 @@ with its gateway, a node with its own port, real ONNX files).
 - A thousand failed queries naming unique long models and versions, to the gateway and to the
   node's port, leave each process's resident memory and its request-metrics table bounded: the
   table records resolved names only (unknown -> ``(unknown)``), and holds a bounded number of rows.
+- A 57 MiB request of 10 M two-byte BYTES elements for an FP32 model is refused from its header
+  (INVALID_ARGUMENT) without decoding it, directly and through the gateway: the node's own
+  ServerLive keeps answering while such requests are in flight (it froze for 17 s before).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import struct
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +54,15 @@ def _request_rows(port: int) -> list[dict[str, str]]:
         for s in family.samples
         if s.name == "meshserve_requests_total"
     ]
+
+
+def _direct_address(admin: AdminClient) -> str:
+    """The direct address of the mesh's node, once it has reported one."""
+
+    def found() -> str:
+        return next((n.direct_address for n in admin.list_nodes() if n.direct_address), "")
+
+    return str(wait_until(found, 30, what="the node's direct address"))
 
 
 def _hostile(i: int, x: np.ndarray) -> inference_pb2.ModelInferRequest:
@@ -140,3 +154,79 @@ async def _send_warmup(targets: list[str], x: np.ndarray) -> None:
                     await stub.ModelInfer(request, timeout=30)
                 except aio.AioRpcError:
                     pass
+
+
+BIG_ELEMENTS = 10_000_000  # two-byte BYTES elements: 57 MiB of raw contents
+LIVE_DEADLINE_S = 5.0  # each ServerLive probe's deadline (the frozen loop took 17 s)
+
+
+def _big_bytes_request() -> inference_pb2.ModelInferRequest:
+    """10 M BYTES elements shaped like ``mlp``'s FP32 input ([-1, 64]): only the datatype is
+    wrong, and only decoding the contents would find anything else."""
+    request = inference_pb2.ModelInferRequest(model_name="mlp")
+    tensor = request.inputs.add(name="x", datatype="BYTES")
+    tensor.shape.extend([BIG_ELEMENTS // 64, 64])
+    request.raw_input_contents.append((struct.pack("<I", 2) + b"ab") * BIG_ELEMENTS)
+    return request
+
+
+async def _hostile_while_probing(targets: list[str], node_address: str) -> list[str]:
+    """Send the big request to each of ``targets`` (twice, at once) while probing the node's
+    ServerLive until they are all answered; returns how each went (status names)."""
+    request = _big_bytes_request()
+    options = [("grpc.max_send_message_length", 128 << 20)]
+    outcomes: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = []
+        for target in targets:
+            channel = await stack.enter_async_context(aio.insecure_channel(target, options))
+            stubs.append(inference_pb2_grpc.GRPCInferenceServiceStub(channel))
+        probe_channel = await stack.enter_async_context(aio.insecure_channel(node_address))
+        probe = inference_pb2_grpc.GRPCInferenceServiceStub(probe_channel)
+        await probe.ServerLive(inference_pb2.ServerLiveRequest(), timeout=LIVE_DEADLINE_S)
+
+        async def hostile(stub: inference_pb2_grpc.GRPCInferenceServiceStub) -> str:
+            try:
+                await stub.ModelInfer(request, timeout=120)
+            except aio.AioRpcError as exc:
+                return f"{exc.code().name}: {(exc.details() or '')[:120]}"
+            return "OK"
+
+        calls = [asyncio.ensure_future(hostile(stub)) for stub in stubs for _ in range(2)]
+        probes = 0
+        while not all(call.done() for call in calls) and probes < 600:  # bounded: ~10 min
+            live = await probe.ServerLive(
+                inference_pb2.ServerLiveRequest(), timeout=LIVE_DEADLINE_S
+            )
+            assert live.live
+            probes += 1
+            await asyncio.sleep(0.05)
+        outcomes = list(await asyncio.gather(*calls))
+    return outcomes
+
+
+def test_a_huge_bytes_request_to_an_fp32_model_is_refused_before_decoding(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane("cp-1")
+        node = mesh.start_node("n1", [cp.address], direct=True)
+        with AdminClient(cp.address) as admin:
+            register_file(admin, "mlp", make_mlp(tmp_path / "mlp.onnx"))
+            wait_copies(admin, "mlp", 1)
+            direct = wait_until(
+                lambda: next(
+                    (n.direct_address for n in admin.list_nodes() if n.direct_address), ""
+                ),
+                30,
+                what="n1's direct address",
+            )
+        outcomes = asyncio.run(_hostile_while_probing([direct, cp.address], direct))
+        x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+        with grpc.insecure_channel(direct) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(build_request("mlp", {"x": x}), timeout=30)  # still serving
+        assert node.alive()
+
+    assert len(outcomes) == 4
+    for outcome in outcomes:
+        assert outcome.startswith("INVALID_ARGUMENT: input 'x' has datatype BYTES"), outcome
