@@ -362,6 +362,7 @@ class ControlPlane:
             else None,
             node_metadata=guard.router_metadata,
             stream_check=guard.stream_check,
+            tenant_of=guard.tenant_name,
             admission=Admission(
                 per_copy=cfg.max_in_flight_per_copy, per_client=cfg.max_in_flight_per_client
             ),

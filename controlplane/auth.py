@@ -357,6 +357,15 @@ class Guard:
             raise PermissionDenied(message)
 
     @property
+    def tenant_name(self) -> Callable[[ServicerContext], str] | None:
+        """For the gateway's admission: the caller's tenant name (its per-client limits count
+        per tenant, not per the ``x-client-id`` it chooses); None when no API keys are
+        configured."""
+        if self.config.tenants is None:
+            return None
+        return lambda context: self.tenant(context).name
+
+    @property
     def stream_check(self) -> Callable[[ServicerContext], Callable[[str], None]] | None:
         """For ModelStreamInfer: ``check(context)`` authenticates the stream (raising
         UNAUTHENTICATED) and returns the per-request model check (raising PERMISSION_DENIED);

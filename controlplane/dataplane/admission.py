@@ -6,7 +6,10 @@ Contract:
   exactly once (:meth:`Ticket.release`, idempotent), on success or failure.
 - A model admits at most ``per_copy`` x (its ready copies, at least 1) queries in flight through
   this gateway; a client (its API-key tenant, else its ``x-client-id`` metadata, else its peer
-  host) at most ``per_client`` across models. 0 turns a limit off.
+  host) at most ``per_client`` across models. 0 turns a limit off. Without API keys the caller
+  names itself (``x-client-id``): the per-client limit then holds only callers that do not
+  rotate it; with keys, the tenant is the client whatever ids it sends (a standalone gateway's
+  relayed queries count against its own key's tenant at the replica).
 - A refusal carries a retry-after hint: the model's recent mean answer time scaled by how far
   over the limit it is (bounded to [10 ms, 2 s]), the time in which a slot should free up.
 - Shedding by predicted wait (``shed_late``, on unless admission is off: both limits 0): the

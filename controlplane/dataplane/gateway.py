@@ -225,8 +225,10 @@ def _zone_of(request: inference_pb2.ModelInferRequest) -> str:
 
 
 def _client_of(metadata: Any, peer: str) -> str:
-    """Who a query counts against for admission: its ``x-client-id`` metadata, else the
-    caller's host (the peer address without its port)."""
+    """Who a query counts against for admission without API keys: its ``x-client-id``
+    metadata, else the caller's host (the peer address without its port). The caller chooses
+    its ``x-client-id``: without API keys the per-client limit is a courtesy (a caller rotating
+    ids is not held to it); with them, the tenant is the client (:meth:`Gateway._client`)."""
     for key, value in metadata or ():
         if key == CLIENT_ID_KEY:
             return str(value)[:128]
@@ -255,6 +257,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         mux: bool = True,
         max_message_bytes: int = 64 << 20,
         node_metadata: Sequence[tuple[str, str]] = (),
+        tenant_of: Callable[[ServicerContext], str] | None = None,
     ) -> None:
         """``snapshot``: the view routed over (a replica's, or the routing feed's).
         ``linked``: the nodes ``tunnel`` reaches (a replica's node streams; empty without).
@@ -267,11 +270,14 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         insecure). ``stream_check``: authenticates a ModelStreamInfer stream and returns its
         per-model check (raising the refusal;
         :attr:`meshserve.controlplane.auth.Guard.stream_check`); None: open. ``mux``: direct
-        queries over multiplexed streams (False: unary calls). The rest is the
-        :class:`Forwarder`'s."""
+        queries over multiplexed streams (False: unary calls). ``tenant_of``: the caller's
+        API-key tenant (:meth:`meshserve.controlplane.auth.Guard.tenant`), which admission
+        counts per-client limits against (None: no API keys; ``x-client-id``, else the peer
+        host). The rest is the :class:`Forwarder`'s."""
         self._snapshot = snapshot
         self._ready = ready
         self._stream_check = stream_check
+        self._tenant_of = tenant_of
         if telemetry is None:
             self.router = Router(linked=linked, zone=zone)
         else:
@@ -297,6 +303,13 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.zone = zone
         self.admission = admission or Admission()
         self.lag = LoopLag()
+
+    def _client(self, context: ServicerContext) -> str:
+        """Who a query counts against for admission: its API-key tenant when keys are on (a
+        caller cannot choose it), else :func:`_client_of`."""
+        if self._tenant_of is not None:
+            return f"tenant {self._tenant_of(context)}"
+        return _client_of(context.invocation_metadata(), context.peer())
 
     def notify(self) -> None:
         """The view changed (called by the replica on every snapshot change)."""
@@ -384,7 +397,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         """Each request of the stream is routed like a ModelInfer; answers in completion order."""
         metadata = context.invocation_metadata()
         parent = context_from_metadata(metadata)  # type: ignore[arg-type]
-        client = _client_of(metadata, context.peer())
+        client = self._client(context)
         bind_caller(metadata)  # whose queries these are, to the nodes (feedback)
         allow = None if self._stream_check is None else self._stream_check(context)
 
@@ -411,7 +424,7 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         metadata = context.invocation_metadata()
         parent = context_from_metadata(metadata)  # type: ignore[arg-type]
         remaining = context.time_remaining()
-        client = _client_of(metadata, context.peer())
+        client = self._client(context)
         bind_caller(metadata)  # whose query this is, to the node (feedback)
         return await self._route(query, parent, remaining, client, measured=True)
 

@@ -248,6 +248,7 @@ class StandaloneGateway:
             ),
             node_credentials=to_nodes,
             stream_check=guard.stream_check,
+            tenant_of=guard.tenant_name,
             mux=cfg.mux,
             max_message_bytes=cfg.max_message_bytes,
         )

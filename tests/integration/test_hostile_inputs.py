@@ -7,6 +7,8 @@ with its gateway, a node with its own port, real ONNX files).
 - A 57 MiB request of 10 M two-byte BYTES elements for an FP32 model is refused from its header
   (INVALID_ARGUMENT) without decoding it, directly and through the gateway: the node's own
   ServerLive keeps answering while such requests are in flight (it froze for 17 s before).
+- With API keys on, the gateway's per-client admission counts per tenant: a caller rotating
+  ``x-client-id`` on each query is still refused (RESOURCE_EXHAUSTED) past the limit.
 """
 
 from __future__ import annotations
@@ -230,3 +232,50 @@ def test_a_huge_bytes_request_to_an_fp32_model_is_refused_before_decoding(tmp_pa
     assert len(outcomes) == 4
     for outcome in outcomes:
         assert outcome.startswith("INVALID_ARGUMENT: input 'x' has datatype BYTES"), outcome
+
+
+PER_CLIENT = 2  # the gateway's --max-in-flight-per-client in the tenant test
+HELD_MS = 3000  # the node's --fault-delay-ms: queries stay in flight while the others arrive
+
+
+async def _rotating_ids(address: str, key: str, count: int) -> list[str]:
+    """``count`` queries at once with API key ``key``, each with its own ``x-client-id``; the
+    status name each got."""
+    x = np.zeros((1, 64), np.float32)
+
+    async def one(stub: inference_pb2_grpc.GRPCInferenceServiceStub, i: int) -> str:
+        metadata = (("x-api-key", key), ("x-client-id", f"rotated-{i}"))
+        try:
+            await stub.ModelInfer(build_request("mlp", {"x": x}), metadata=metadata, timeout=60)
+        except aio.AioRpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    async with aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return list(await asyncio.gather(*(one(stub, i) for i in range(count))))
+
+
+def test_rotating_client_ids_does_not_evade_the_per_tenant_limit(tmp_path: Path) -> None:
+    key = "k-" + "7" * 40
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"tenants:\n  - {{name: acme, keys: [{key}], models: [mlp]}}\n")
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        cp = mesh.start_controlplane(
+            "cp-1",
+            extra=[
+                "--api-keys-file",
+                str(keys),
+                "--max-in-flight-per-client",
+                str(PER_CLIENT),
+            ],
+        )
+        mesh.start_node("n1", [cp.address], extra=["--fault-delay-ms", str(HELD_MS)])
+        with AdminClient(cp.address) as admin:
+            register_file(admin, "mlp", make_mlp(tmp_path / "mlp.onnx"))
+            wait_copies(admin, "mlp", 1)
+        outcomes = asyncio.run(_rotating_ids(cp.address, key, 3 * PER_CLIENT))
+
+    assert outcomes.count("RESOURCE_EXHAUSTED") >= PER_CLIENT, outcomes
+    assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
