@@ -5,9 +5,10 @@ Contract:
 * :class:`CopyMonitor` (one per READY copy) keeps the copy's drift sketch over tumbling windows of
   ``drift_window_rows`` rows. Per query it only keeps references to the profiled input and the
   label output (O(1)); rows are counted into the bins in bulk
-  (:class:`meshserve.common.sketches.Binner`)
-  every :data:`_BIN_EVERY` rows and when a window closes. At most :data:`_KEEP_WINDOWS` closed
-  windows are kept; :meth:`CopyMonitor.window_after` hands the newest one a link has not sent.
+  (:class:`meshserve.common.sketches.Binner`) every :data:`_BIN_EVERY` rows and when a window
+  closes. A query with no rows is not kept at all (nothing to count; kept, such queries piled
+  up until real traffic came). At most :data:`_KEEP_WINDOWS` closed windows are kept;
+  :meth:`CopyMonitor.window_after` hands the newest one a link has not sent.
   Only counts ever leave the node. Without a reference the input is not sketched; the output is
   (class counts of a classifier's predictions), so prediction drift works with no profile.
 * :class:`PredictionLog` (one per node) appends sampled predictions of models that opt in as JSON
@@ -102,15 +103,23 @@ class CopyMonitor:
         out = outputs.get(self.label_output)
         if out is None:
             return
+        rows = out.shape[0] if out.ndim else 1
+        if rows == 0:
+            return  # nothing to sketch: holding it would only pile up references
         if self._sketch_inputs:
             array = inputs.get(self._binner.input)
             if array is None:
                 return
             self._inputs.append(array)
         self._outputs.append(out)
-        self._buffered += out.shape[0] if out.ndim else 1
+        self._buffered += rows
         if self._buffered >= _BIN_EVERY or self._rows + self._buffered >= self.window_rows:
             self._count()
+
+    @property
+    def pending(self) -> int:
+        """Answered queries held (by reference) until their rows are counted."""
+        return len(self._outputs)
 
     def _count(self) -> None:
         inputs, outputs = self._inputs, self._outputs
