@@ -50,6 +50,9 @@ _VERSION = "0.1.0"
 #: Deadline shedding admits a query only if its estimated answer comes within this share of
 #: the time it has left: the estimate misses the hops before and after the node.
 _HEADROOM = 0.75
+#: At most this many variants of ``meshserve_prefer`` are looked up (a gateway names the few more
+#: accurate than the one it picked).
+_MAX_PREFER = 16
 
 
 class _Key:
@@ -229,7 +232,11 @@ class InferenceHandler:
         prefer = request.parameters.get(PREFER)
         if prefer is None or not prefer.string_param:
             return None
-        for variant in prefer.string_param.split(","):
+        # The first few names only: the parameter is the caller's to set (a direct query's, or
+        # one passed through a gateway), and a megabyte of commas must cost nothing.
+        for variant in prefer.string_param.split(",", _MAX_PREFER)[:_MAX_PREFER]:
+            if not variant:
+                continue
             try:
                 other = self._copies.ready(request.model_name, variant)
             except StatusError:

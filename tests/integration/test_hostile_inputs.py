@@ -5,8 +5,9 @@ with its gateway, a node with its own port, real ONNX files).
   node's port, leave each process's resident memory and its request-metrics table bounded: the
   table records resolved names only (unknown -> ``(unknown)``), and holds a bounded number of rows.
 - A 57 MiB request of 10 M two-byte BYTES elements for an FP32 model is refused from its header
-  (INVALID_ARGUMENT) without decoding it, directly and through the gateway: the node's own
-  ServerLive keeps answering while such requests are in flight (it froze for 17 s before).
+  (INVALID_ARGUMENT) without decoding it, directly and through the gateway, and a query naming
+  11 M preferred variants is answered without looking them up: the node's own ServerLive keeps
+  answering while such requests are in flight (it froze for 17 s before).
 - With API keys on, the gateway's per-client admission counts per tenant: a caller rotating
   ``x-client-id`` on each query is still refused (RESOURCE_EXHAUSTED) past the limit.
 """
@@ -172,10 +173,22 @@ def _big_bytes_request() -> inference_pb2.ModelInferRequest:
     return request
 
 
-async def _hostile_while_probing(targets: list[str], node_address: str) -> list[str]:
-    """Send the big request to each of ``targets`` (twice, at once) while probing the node's
-    ServerLive until they are all answered; returns how each went (status names)."""
-    request = _big_bytes_request()
+PREFER_NAMES = 11_000_000  # "ab," x 11 M: a 32 MiB meshserve_prefer parameter
+
+
+def _prefer_bomb() -> inference_pb2.ModelInferRequest:
+    """A valid query for ``mlp`` whose ``meshserve_prefer`` names 11 M variants."""
+    request = build_request("mlp", {"x": np.zeros((1, 64), np.float32)})
+    request.parameters["meshserve_prefer"].string_param = "ab," * PREFER_NAMES
+    return request
+
+
+async def _hostile_while_probing(
+    targets: list[str], requests: list[inference_pb2.ModelInferRequest], node_address: str
+) -> list[str]:
+    """Send each of ``requests`` to each of ``targets`` (twice, all at once) while probing the
+    node's ServerLive until they are all answered; returns how each went (status names, in
+    the order target, request, repeat)."""
     options = [("grpc.max_send_message_length", 128 << 20)]
     outcomes: list[str] = []
     async with contextlib.AsyncExitStack() as stack:
@@ -187,14 +200,22 @@ async def _hostile_while_probing(targets: list[str], node_address: str) -> list[
         probe = inference_pb2_grpc.GRPCInferenceServiceStub(probe_channel)
         await probe.ServerLive(inference_pb2.ServerLiveRequest(), timeout=LIVE_DEADLINE_S)
 
-        async def hostile(stub: inference_pb2_grpc.GRPCInferenceServiceStub) -> str:
+        async def hostile(
+            stub: inference_pb2_grpc.GRPCInferenceServiceStub,
+            request: inference_pb2.ModelInferRequest,
+        ) -> str:
             try:
                 await stub.ModelInfer(request, timeout=120)
             except aio.AioRpcError as exc:
                 return f"{exc.code().name}: {(exc.details() or '')[:120]}"
             return "OK"
 
-        calls = [asyncio.ensure_future(hostile(stub)) for stub in stubs for _ in range(2)]
+        calls = [
+            asyncio.ensure_future(hostile(stub, request))
+            for stub in stubs
+            for request in requests
+            for _ in range(2)
+        ]
         probes = 0
         while not all(call.done() for call in calls) and probes < 600:  # bounded: ~10 min
             live = await probe.ServerLive(
@@ -207,7 +228,7 @@ async def _hostile_while_probing(targets: list[str], node_address: str) -> list[
     return outcomes
 
 
-def test_a_huge_bytes_request_to_an_fp32_model_is_refused_before_decoding(tmp_path: Path) -> None:
+def test_huge_requests_do_not_stall_the_node(tmp_path: Path) -> None:
     with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
         mesh.start_etcd()
         cp = mesh.start_controlplane("cp-1")
@@ -215,23 +236,19 @@ def test_a_huge_bytes_request_to_an_fp32_model_is_refused_before_decoding(tmp_pa
         with AdminClient(cp.address) as admin:
             register_file(admin, "mlp", make_mlp(tmp_path / "mlp.onnx"))
             wait_copies(admin, "mlp", 1)
-            direct = wait_until(
-                lambda: next(
-                    (n.direct_address for n in admin.list_nodes() if n.direct_address), ""
-                ),
-                30,
-                what="n1's direct address",
-            )
-        outcomes = asyncio.run(_hostile_while_probing([direct, cp.address], direct))
+            direct = _direct_address(admin)
+        requests = [_big_bytes_request(), _prefer_bomb()]
+        outcomes = asyncio.run(_hostile_while_probing([direct, cp.address], requests, direct))
         x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
         with grpc.insecure_channel(direct) as channel:
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
             stub.ModelInfer(build_request("mlp", {"x": x}), timeout=30)  # still serving
         assert node.alive()
 
-    assert len(outcomes) == 4
-    for outcome in outcomes:
-        assert outcome.startswith("INVALID_ARGUMENT: input 'x' has datatype BYTES"), outcome
+    assert len(outcomes) == 8
+    for big in outcomes[0:2] + outcomes[4:6]:
+        assert big.startswith("INVALID_ARGUMENT: input 'x' has datatype BYTES"), big
+    assert outcomes[2:4] + outcomes[6:8] == ["OK"] * 4, "a long prefer list is simply ignored"
 
 
 PER_CLIENT = 2  # the gateway's --max-in-flight-per-client in the tenant test
