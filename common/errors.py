@@ -152,10 +152,23 @@ def from_code(code: int, message: str) -> StatusError:
     return StatusError(message, status)
 
 
+#: Longest status message sent (characters): messages quote what a caller sent (a model name),
+#: and gRPC clients refuse trailers over 8 KiB by default, which turned a precise status into
+#: "RESOURCE_EXHAUSTED: received metadata size exceeds hard limit".
+_MAX_STATUS_MESSAGE = 2000
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= _MAX_STATUS_MESSAGE:
+        return message
+    return message[: _MAX_STATUS_MESSAGE - 30] + f"... ({len(message)} characters)"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The (code, message) a caller sees for ``exc``; unknown errors are INTERNAL and logged."""
+    """The (code, message) a caller sees for ``exc`` (the message cut to
+    :data:`_MAX_STATUS_MESSAGE` characters); unknown errors are INTERNAL and logged."""
     if isinstance(exc, StatusError):
-        return exc.code, exc.message
+        return exc.code, _bounded(exc.message)
     if isinstance(exc, aio.AioRpcError):
         return exc.code(), exc.details() or exc.code().name
     _log.error("internal error", exc_info=exc)
