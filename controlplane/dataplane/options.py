@@ -27,6 +27,7 @@ def add_gateway_options(p: argparse.ArgumentParser) -> None:
         "--max-in-flight-per-client",
         type=int,
         default=1024,
-        help="admission: queries one client (x-client-id metadata, else its host) may have in "
-        "flight at this gateway (0: no limit)",
+        help="admission: queries one client may have in flight at this gateway: with API keys "
+        "its tenant; without, its x-client-id metadata (its own choice), else its host "
+        "(0: no limit)",
     )
