@@ -26,15 +26,17 @@ from hypothesis import strategies as st
 
 from meshserve.common.codec import (
     DATATYPES,
+    DECODE_OFF_LOOP_BYTES,
     MAX_BYTES_ELEMENTS,
     build_request,
     check_request_inputs,
     decode_request_inputs,
+    decode_response_outputs,
 )
 from meshserve.common.datatypes import TABLE
 from meshserve.common.errors import InvalidArgument
 from meshserve.protos import inference_pb2, inference_pb2_grpc
-from tests.fuzz._support import FUZZ, LiveMesh, answer
+from tests.fuzz._support import FUZZ, LiveMesh, answer, mlp_expected
 
 
 @dataclass(frozen=True)
@@ -217,3 +219,19 @@ def test_header_mismatches_get_invalid_argument_on_every_path(mesh: LiveMesh, wh
 
         check()
     assert mesh.rss() - rss < 64 << 20
+
+
+@pytest.mark.parametrize("which", ["gateway", "direct"])
+def test_a_large_valid_query_decoded_off_the_loop_is_answered_right(
+    mesh: LiveMesh, which: str
+) -> None:
+    """2,048 rows (512 KiB, over ``DECODE_OFF_LOOP_BYTES``): decoded on a worker thread, the
+    answer is the model's."""
+    x = np.random.default_rng(11).normal(size=(2048, 64)).astype(np.float32)
+    assert x.nbytes > DECODE_OFF_LOOP_BYTES
+    with grpc.insecure_channel(_target(mesh, which)) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        code, response = answer(stub.ModelInfer, build_request("mlp", {"x": x}))
+    assert code == grpc.StatusCode.OK, response
+    expected = mlp_expected(mesh.model_path, x)
+    np.testing.assert_allclose(decode_response_outputs(response)["y"], expected, rtol=1e-5)
