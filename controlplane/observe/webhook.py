@@ -141,7 +141,7 @@ def _webhook_url(text: str) -> str | None:
     """The webhook URL a policy's YAML sets (None: none, or not a policy that parses)."""
     try:
         data: Any = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except Exception:  # e.g. year 0, deep nesting: the policy parser names the error itself
         return None
     url = ((data or {}).get("monitoring") or {}).get("webhook") if isinstance(data, dict) else None
     url = url.get("url") if isinstance(url, dict) else None
