@@ -52,13 +52,13 @@ class TokenBucket:
         self._tokens = burst
         self._when = clock()
 
-    def take(self) -> bool:
-        """Take one token if there is one; False: refuse."""
+    def take(self, amount: float = 1.0) -> bool:
+        """Take ``amount`` tokens if there are that many; False: refuse (nothing taken)."""
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._when) * self.rate)
         self._when = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= amount:
+            self._tokens -= amount
             return True
         return False
 

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Final
 
+from meshserve.controlplane.link.handshake import TokenBucket
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
 
@@ -144,28 +145,21 @@ class Claims:
         return out
 
 
-class ByteBudget:
-    """``rate`` bytes per second, at most ``burst`` saved up (pure; injectable clock)."""
+class ByteBudget(TokenBucket):
+    """``rate`` bytes per second, at most ``burst`` saved up (pure; injectable clock); counts
+    what it refused."""
 
     def __init__(
         self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.rate = rate
-        self._burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._when = clock()
+        super().__init__(rate=rate, burst=burst, clock=clock)
         self.dropped = 0  # messages refused
         self.dropped_bytes = 0
 
-    def take(self, size: int) -> bool:
-        """Spend ``size`` bytes if the budget holds them (True); else count a drop (False)."""
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._when) * self.rate)
-        self._when = now
-        if self._tokens >= size:
-            self._tokens -= size
+    def take(self, amount: float = 1.0) -> bool:
+        """Spend ``amount`` bytes if the budget holds them (True); else count a drop (False)."""
+        if super().take(amount):
             return True
         self.dropped += 1
-        self.dropped_bytes += size
+        self.dropped_bytes += int(amount)
         return False
