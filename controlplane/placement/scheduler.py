@@ -4,7 +4,8 @@ A pure function of a :class:`Snapshot` and a policy (no I/O, never raises for "n
 returns the placements to write and the ones to delete. The leader writes them; every replica
 acts on them. Per variant, in key order:
 
-1. keep the nodes already placed that are alive, not draining, and whose copy has not FAILED;
+1. keep the nodes already placed that are alive, not draining, still match the variant's
+   ``node_selector`` (an admin may relabel a node), and whose copy has not FAILED;
 2. a copy that FAILED on a node is recorded in ``placement.failed`` (and its record in
    ``placement.failures``): the node is kept out until the record says otherwise — a transient
    failure after a backoff on the ``now_ms`` passed in, a permanent one after a new artifact,
@@ -320,8 +321,8 @@ def _kept(
                 spec, node_id, status, records.get(node_id), now_ms, retry
             )
             table.unplace(table.index[node_id], size)
-        elif node_id in snapshot.draining:
-            table.unplace(table.index[node_id], size)
+        elif node_id in snapshot.draining or not node.matches(spec.node_selector):
+            table.unplace(table.index[node_id], size)  # an admin moved it (or its labels) away
         else:
             kept.append(node_id)
             if status is not None and status.state == mesh_pb2.READY:

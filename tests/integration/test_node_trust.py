@@ -198,6 +198,13 @@ def test_a_node_is_not_believed_about_its_labels_or_its_copies(
             assert copies["core-only"].state == mesh_pb2.LOADING
             assert copies["core-only"].sha256 == sha
 
+            # The admin takes the core label away again: the order is withdrawn.
+            seen = len(fake.drain())
+            admin.label_node("fake-1", remove=["tier"])
+            fake.wait_for(
+                lambda m: m.HasField("unload") and m.unload.model == "core-only", since=seen
+            )
+
         # No READY copy anywhere: no query is routed to the fake node.
         with MeshClient(address, timeout=3) as client, pytest.raises(StatusError):
             client.infer("core-only", {"x": X})

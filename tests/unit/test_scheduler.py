@@ -129,6 +129,17 @@ def test_placement(snapshot: Snapshot, expected: dict[str, list[str]]) -> None:
         assert list(placement.nodes) == nodes
 
 
+def test_a_node_relabelled_out_of_the_selector_loses_its_copy_to_one_that_matches() -> None:
+    spec = model("m", selector={"tier": "core"})
+    snapshot = snap(
+        [spec],
+        [node("a", labels={"tier": "edge"}), node("b", labels={"tier": "core"})],
+        {"m": ["a"]},  # placed while a was labelled core
+    )
+    plan = plan_placements(snapshot)
+    assert list(plan.upserts[("m", "default")].nodes) == ["b"]
+
+
 def test_failure_reason_is_recorded() -> None:
     snapshot = snap(
         [model("m")], [node("a", copies={("m", "default"): mesh_pb2.FAILED})], {"m": ["a"]}
