@@ -186,7 +186,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             )
             await context.write(mesh_pb2.ControlMessage(tenants=self._rights()))
             _log.info(
-                "node %s linked (direct=%s, labels=%s)",
+                "node %s linked (direct=%s, claimed labels=%s)",
                 session.node_id,
                 hello.direct_address or "-",
                 dict(hello.labels),

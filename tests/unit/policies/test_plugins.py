@@ -74,7 +74,10 @@ FILTER_CASES = [
         "only nodes carrying the selector's label pass, and the reason says which",
         Given((node("a", labels=EDGE), node("b", labels=CORE)), selector=EDGE),
         ("a",),
-        {"b": "node_selector {'tier': 'edge'} not matched (node has {'tier': 'core'})"},
+        {
+            "b": "node_selector {'tier': 'edge'} not matched (node has {'tier': 'core'}; "
+            "labels are set with meshctl nodes label)"
+        },
     ),
     FilterCase(
         "selector",
@@ -90,7 +93,10 @@ FILTER_CASES = [
             selector={**EDGE, "zone": "z1"},
         ),
         ("a",),
-        {"b": "node_selector {'zone': 'z1'} not matched (node has {'tier': 'edge'})"},
+        {
+            "b": "node_selector {'zone': 'z1'} not matched (node has {'tier': 'edge'}; "
+            "labels are set with meshctl nodes label)"
+        },
     ),
     FilterCase(
         "selector",

@@ -1,4 +1,7 @@
-"""Filter: the node carries every label of the model's ``node_selector`` (hard affinity)."""
+"""Filter: the node carries every label of the model's ``node_selector`` (hard affinity).
+
+The labels are the ones placement believes (admin-side, ``meshctl nodes label``; a node's own
+claims only with ``--trust-node-labels``): the reason says where they are set."""
 
 from __future__ import annotations
 
@@ -17,4 +20,7 @@ class Selector:
     def reason(self, table: NodeTable, c: Candidate, row: int) -> str:
         labels = table.node(row).labels
         missing = {k: v for k, v in c.spec.node_selector.items() if labels.get(k) != v}
-        return f"node_selector {missing} not matched (node has {dict(labels)})"
+        return (
+            f"node_selector {missing} not matched (node has {dict(labels)}; "
+            "labels are set with meshctl nodes label)"
+        )
