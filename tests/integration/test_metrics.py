@@ -84,3 +84,25 @@ def test_request_counters_match_the_queries_sent(tmp_path: Path) -> None:
     assert _total(node_samples, "meshserve_copy_warmup_duration_seconds_count", **copy) == 1
     memory = [s for s in node_samples if s.name == "meshserve_copy_memory_bytes"]
     assert [(s.labels["model"], s.labels["variant"]) for s in memory] == [("mlp", "default")]
+
+
+def _listeners(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) listening on ``port``."""
+    out: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                out.add(address)
+    return out
+
+
+def test_metrics_listen_with_a_port_only_binds_loopback(tmp_path: Path) -> None:
+    """``--metrics-listen :PORT`` serves /metrics on 127.0.0.1 only, not on every interface."""
+    port = free_port()
+    with LocalMesh(tmp_path, lease_ttl_s=3) as mesh:
+        mesh.start_etcd()
+        mesh.start_controlplane("cp-1", extra=["--metrics-listen", f":{port}"])
+        wait_until(lambda: _samples(port), 10, what="/metrics on 127.0.0.1")
+        assert _listeners(port) == {"0100007F"}, _listeners(port)  # 127.0.0.1, nothing else
