@@ -21,6 +21,14 @@ from typing import Any
 from grpc import aio
 
 from meshserve.common.errors import Unavailable, map_errors, tolerant_decoding
+from meshserve.common.health import (
+    ADMIN,
+    INFERENCE,
+    NODE_LINK,
+    ROUTING_FEED,
+    Health,
+    add_standard_services,
+)
 from meshserve.common.security import (
     TLSFiles,
     channel_credentials,
@@ -56,6 +64,11 @@ _log = logging.getLogger("meshserve.controlplane")
 
 #: The least time a shutdown step is given, however late the sequence runs.
 _STEP_FLOOR_S = 0.2
+
+#: What a replica without etcd reports NOT_SERVING (grpc.health.v1): itself as a whole, Admin
+#: (writes fail) and NodeLink (node records cannot be written). Inference and the routing feed
+#: go on from the last view, so a probe of ``inference.GRPCInferenceService`` stays SERVING.
+_NEEDS_ETCD = ("", ADMIN, NODE_LINK)
 
 
 def _node_known(nodes: Mapping[str, object], key: tuple[str, str, str]) -> bool:
@@ -107,6 +120,7 @@ class ControlPlane:
         self._snapshot: Snapshot | None = None
         self._builder = SnapshotBuilder()
         self._server: aio.Server | None = None
+        self.health: Health | None = None  # grpc.health.v1 on the listener (set by start)
         self._tasks: list[asyncio.Task[None]] = []
         self.hub: Hub | None = None
         self.gateway: Gateway | None = None
@@ -233,10 +247,14 @@ class ControlPlane:
             await asyncio.sleep(interval_s)
             try:  # the store itself first: a replaced store is reloaded before anything acts
                 await self.store.step()
+                reachable = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                reachable = False
                 _log.warning("store check failed: %r", exc)
+            if self.health is not None:  # no etcd: this replica neither admits nor links
+                await self.health.set(reachable, _NEEDS_ETCD)
             try:
                 if await presence.renew_if_lost() and self.hub is not None:
                     self.hub.rewrite_all()
@@ -397,6 +415,9 @@ class ControlPlane:
             map_errors(FeedService(self.feed, guard.feed_filter)), tolerant_decoding(self._server)
         )
         self.feed.start()
+        self.health = await add_standard_services(
+            self._server, (INFERENCE, ADMIN, NODE_LINK, ROUTING_FEED)
+        )
         await self._server.start()
 
         hub = self.hub
@@ -446,6 +467,8 @@ class ControlPlane:
         would have removed expires with this replica's lease."""
 
         async def leader_loop() -> None:
+            if self.health is not None:  # probes see NOT_SERVING while the rest stops
+                await self.health.shutdown()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from grpc import aio
 
 from meshserve.common.errors import map_errors, tolerant_decoding
+from meshserve.common.health import INFERENCE, NODE_INFERENCE, Health, add_standard_services
 from meshserve.common.security import TLSFiles, load_cas, server_credentials
 from meshserve.node.agent import Agent
 from meshserve.node.copies import CopyManager
@@ -123,6 +124,7 @@ class Node:
             router_cas=load_cas(config.tls.ca_bytes()) if config.tls is not None else (),
         )
         self._server: aio.Server | None = None
+        self.health: Health | None = None  # grpc.health.v1 on --listen (none: tunnel only)
         self.direct_address = ""
         self.agent: Agent | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -155,6 +157,7 @@ class Node:
                 port = self._server.add_secure_port(cfg.listen, creds)
             host = (cfg.advertise or cfg.listen).rsplit(":", 1)[0]
             self.direct_address = "" if cfg.lan_only else cfg.advertise or f"{host}:{port}"
+            self.health = await add_standard_services(self._server, (INFERENCE, NODE_INFERENCE))
             await self._server.start()
             _log.info(
                 "node %s serving OIP directly on %s%s",
@@ -196,6 +199,8 @@ class Node:
         node keeps answering; return once no copy is left, no replica is linked (nobody to hand
         over to), or ``timeout_s`` (default: the config's) has passed; then wait (bounded) for
         the queries in flight. :meth:`stop` follows (deregisters: the streams end)."""
+        if self.health is not None:  # probes see NOT_SERVING while the copies move
+            await self.health.shutdown()
         if self.agent is None:
             return
         timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
@@ -227,6 +232,8 @@ class Node:
         )
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.health is not None:
+            await self.health.shutdown()
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)

@@ -57,6 +57,7 @@ from meshserve.common.errors import (
     map_errors,
     tolerant_decoding,
 )
+from meshserve.common.health import INFERENCE, Health, add_standard_services
 from meshserve.common.process import (
     configure_logging,
     configure_metrics,
@@ -199,6 +200,8 @@ class StandaloneGateway:
         self.gateway: Gateway | None = None
         self.relay: ReplicaRelay | None = None
         self._server: aio.Server | None = None
+        self.health: Health | None = None  # grpc.health.v1: SERVING once the feed is ready
+        self._serving: asyncio.Task[None] | None = None
 
     def snapshot(self) -> Snapshot:
         """The feed's view; UNAVAILABLE before its first full view (an empty view would answer
@@ -262,8 +265,10 @@ class StandaloneGateway:
 
         feed.subscribe(changed)
         add_gateway_to_server(map_errors(guard.inference(gateway)), tolerant_decoding(server))
+        self.health = health = await add_standard_services(server, (INFERENCE,), serving=False)
         feed.start()
         await server.start()
+        self._serving = asyncio.create_task(self._serving_once_ready(health), name="health")
         _log.info(
             "gateway serving on %s (feed from %s, zone %r, %s to nodes)",
             self.address,
@@ -277,9 +282,28 @@ class StandaloneGateway:
         assert self.feed is not None, "start() first"
         await self.feed.wait_ready(timeout)
 
+    async def _serving_once_ready(self, health: Health) -> None:
+        """Health turns SERVING once the feed delivered its first full view (before, every
+        query would answer UNAVAILABLE); a refused or failed wait is tried again."""
+        assert self.feed is not None
+        while True:
+            try:
+                await self.feed.wait_ready(60.0)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(1.0)
+        await health.set(True)
+
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stop serving (calls in flight get ``grace_s``), then close the node streams, the
         replica channels and the feed; each step bounded, all awaited."""
+        if self._serving is not None:
+            self._serving.cancel()
+            await asyncio.gather(self._serving, return_exceptions=True)
+        if self.health is not None:  # probes see NOT_SERVING while the rest stops
+            await self.health.shutdown()
         steps: list[tuple[str, Any, float]] = []
         if self._server is not None:
             steps.append(("server", self._server.stop(grace_s), grace_s + 1.0))

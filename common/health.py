@@ -1,0 +1,129 @@
+"""The standard gRPC services every meshserve server carries: health and reflection.
+
+Contract:
+
+* :func:`add_standard_services` adds ``grpc.health.v1.Health`` (grpcio-health-checking's asyncio
+  servicer) and server reflection (grpcio-reflection, ``grpc.reflection.v1alpha``) to an aio
+  server before it starts, and returns the :class:`Health` handle its owner flips.
+* Health answers for the overall server (service ``""``) and for each named service; a name it
+  does not know is NOT_FOUND (Check) or SERVICE_UNKNOWN (Watch), as the protocol says. Neither
+  service goes through the API-key / certificate guard: a Kubernetes ``grpc:`` probe carries no
+  credentials, and neither answer says more than which services exist and whether they serve.
+* Reflection lists every service the server registers (the named ones, health and reflection)
+  under the names they answer at. The OIP service is declared in the private proto package
+  ``meshserve.inference`` but answers at ``/inference.GRPCInferenceService/...`` (see
+  ``protos/generate.py``), so reflection describes it from a wire copy: a small file
+  (``meshserve/protos/inference_wire.proto``, package ``inference``) holding only the service,
+  whose methods take and return the ``meshserve.inference.*`` messages -- the message names
+  differ from Triton's ``inference.*`` but the wire format carries no names, so ``grpcurl``
+  describes and calls it as it is served.
+* :meth:`Health.shutdown` turns every service NOT_SERVING for good (draining, stopping): later
+  flips are ignored, so a maintenance loop cannot turn a stopping server back to SERVING.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from meshserve.protos import inference_pb2, mesh_pb2
+
+__all__ = [
+    "ADMIN",
+    "HEALTH",
+    "INFERENCE",
+    "NODE_INFERENCE",
+    "NODE_LINK",
+    "REFLECTION",
+    "ROUTING_FEED",
+    "Health",
+    "add_standard_services",
+]
+
+INFERENCE = "inference.GRPCInferenceService"  # the OIP service's name on the wire
+ADMIN = mesh_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+NODE_LINK = mesh_pb2.DESCRIPTOR.services_by_name["NodeLink"].full_name
+ROUTING_FEED = mesh_pb2.DESCRIPTOR.services_by_name["RoutingFeed"].full_name
+NODE_INFERENCE = mesh_pb2.DESCRIPTOR.services_by_name["NodeInference"].full_name
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION: str = reflection.SERVICE_NAME
+
+_WIRE_FILE = "meshserve/protos/inference_wire.proto"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@functools.cache
+def _wire_pool() -> descriptor_pool.DescriptorPool:
+    """The descriptors reflection serves: our protos, health, reflection, and the OIP service
+    under its wire name (built once, on first use)."""
+    pool = descriptor_pool.DescriptorPool()
+    oip = descriptor_pb2.FileDescriptorProto()
+    for module in (health_pb2, reflection_pb2, inference_pb2, mesh_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+        if module is inference_pb2:
+            oip = proto
+    package, _, name = INFERENCE.rpartition(".")
+    wire = descriptor_pb2.FileDescriptorProto(
+        name=_WIRE_FILE, package=package, syntax="proto3", dependency=[oip.name]
+    )
+    service = wire.service.add()
+    service.CopyFrom(next(s for s in oip.service if s.name == name))
+    for method in service.method:  # the messages stay where they are declared
+        for field in ("input_type", "output_type"):
+            type_name = getattr(method, field)
+            if not type_name.startswith("."):
+                setattr(method, field, f".{oip.package}.{type_name}")
+    pool.Add(wire)
+    return pool
+
+
+class Health:
+    """The serving state a server's health service reports (see the module contract)."""
+
+    def __init__(self, servicer: HealthServicer, services: Sequence[str]) -> None:
+        self._servicer = servicer
+        self.services = ("", *services)  # "" is the server as a whole
+        self._state = dict.fromkeys(self.services, True)
+        self.stopping = False
+
+    async def set(self, serving: bool, services: Iterable[str] | None = None) -> None:
+        """Set ``services`` (default: all, the overall ``""`` included) SERVING or NOT_SERVING;
+        no-op for those already so, and after :meth:`shutdown`."""
+        for service in self.services if services is None else services:
+            if self.stopping or self._state.get(service) == serving:
+                continue
+            self._state[service] = serving
+            await self._servicer.set(service, _SERVING if serving else _NOT_SERVING)
+
+    def serving(self, service: str = "") -> bool:
+        return not self.stopping and self._state.get(service, False)
+
+    async def shutdown(self) -> None:
+        """Every service NOT_SERVING from now on (drain or stop)."""
+        self.stopping = True
+        await self._servicer.enter_graceful_shutdown()
+
+
+async def add_standard_services(
+    server: aio.Server, services: Sequence[str], *, serving: bool = True
+) -> Health:
+    """Add health and reflection to ``server`` (before it starts) for ``services`` (the names
+    its other services answer at); they start SERVING unless ``serving`` is False."""
+    servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    health = Health(servicer, services)
+    for service in health.services:
+        await servicer.set(service, _SERVING)
+    if not serving:
+        await health.set(False)
+    reflection.enable_server_reflection((*services, HEALTH, REFLECTION), server, pool=_wire_pool())
+    return health

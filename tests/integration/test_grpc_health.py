@@ -1,0 +1,141 @@
+"""The standard gRPC services (issue 17 item 2): ``grpc.health.v1.Health`` and server reflection
+on the control plane, a standalone gateway and a node's direct port, asked with the Python
+clients a user (or a Kubernetes ``grpc:`` probe) uses -- real etcd, real processes on loopback.
+
+The tests share one mesh and run in order: every server serves; reflection lists every
+service; etcd stopped turns the replica NOT_SERVING and back; last, a draining node turns
+NOT_SERVING (it is on its way out).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import make_mlp
+from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
+from tests.support.mesh import register_file, wait_copies
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+INFERENCE = "inference.GRPCInferenceService"
+ADMIN = "meshserve.v1.Admin"
+NODE_LINK = "meshserve.v1.NodeLink"
+STANDARD = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+
+
+@dataclass
+class Mesh:
+    local: LocalMesh
+    cp: str
+    gateway: str
+    node: str
+    node_proc: ManagedProcess
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    work = tmp_path_factory.mktemp("health")
+    with LocalMesh(work, lease_ttl_s=3) as local:
+        local.start_etcd()
+        cp = local.start_controlplane("cp-1").address
+        node = f"127.0.0.1:{free_port()}"
+        proc = local.start_node("n1", [cp], extra=["--listen", node, "--drain-timeout-s", "30"])
+        _, gateway = local.start_gateway([cp])
+        with AdminClient(cp) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="n1 linked")
+            register_file(admin, "m", make_mlp(work / "m.onnx", in_features=4, hidden=(8,)))
+            wait_copies(admin, "m", 1, timeout=60)
+        yield Mesh(local, cp, gateway, node, proc)
+
+
+def check(address: str, service: str = "") -> int:
+    """The status a ``Check`` answers (a refused call raises)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=3.0)
+        return int(answer.status)
+
+
+def first_watched(address: str, service: str = "") -> int:
+    """The first status a ``Watch`` stream sends (the current one)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stream = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=3.0)
+        try:
+            return int(next(stream).status)
+        finally:
+            stream.cancel()
+
+
+def test_every_server_serves_health_per_service(mesh: Mesh) -> None:
+    expected = {
+        mesh.cp: ("", INFERENCE, ADMIN, NODE_LINK, "meshserve.v1.RoutingFeed"),
+        mesh.node: ("", INFERENCE, "meshserve.v1.NodeInference"),
+        mesh.gateway: ("", INFERENCE),  # SERVING once its feed delivered a view
+    }
+    for address, services in expected.items():
+        for service in services:
+            wait_until(  # the gateway turns SERVING when its feed is ready
+                lambda a=address, s=service: check(a, s) == SERVING,
+                10,
+                what=f"{address} {service!r} SERVING",
+            )
+        assert first_watched(address, INFERENCE) == SERVING
+        with pytest.raises(grpc.RpcError) as info:  # a name the server lacks
+            check(address, "no.such.Service")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_every_service(mesh: Mesh) -> None:
+    expected = {
+        mesh.cp: {INFERENCE, ADMIN, NODE_LINK, "meshserve.v1.RoutingFeed"},
+        mesh.node: {INFERENCE, "meshserve.v1.NodeInference"},
+        mesh.gateway: {INFERENCE},
+    }
+    for address, services in expected.items():
+        with grpc.insecure_channel(address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            assert set(database.get_services()) == services | STANDARD, address
+            pool = descriptor_pool.DescriptorPool(database)
+            oip = pool.FindServiceByName(INFERENCE)  # under the name it answers at
+            infer = oip.FindMethodByName("ModelInfer")
+            assert infer.input_type.full_name == "meshserve.inference.ModelInferRequest"
+            for name in services - {INFERENCE}:
+                assert pool.FindServiceByName(name).methods, name
+
+
+def test_a_replica_without_etcd_is_not_serving_until_it_is_back(mesh: Mesh) -> None:
+    etcd = mesh.local.etcd
+    etcd.stop()
+    try:
+        wait_until(lambda: check(mesh.cp) == NOT_SERVING, 30, what="cp NOT_SERVING without etcd")
+        assert check(mesh.cp, ADMIN) == NOT_SERVING
+        assert check(mesh.cp, NODE_LINK) == NOT_SERVING
+        assert check(mesh.cp, INFERENCE) == SERVING  # queries go on from the last view
+    finally:
+        etcd.start()
+    wait_until(lambda: check(mesh.cp) == SERVING, 30, what="cp SERVING with etcd back")
+    assert check(mesh.cp, ADMIN) == SERVING
+
+
+def test_a_draining_node_is_not_serving(mesh: Mesh) -> None:
+    """SIGTERM: the node drains (its one copy has nowhere to go: it waits up to 30 s, still
+    answering queries) and its health says NOT_SERVING meanwhile."""
+    assert check(mesh.node) == SERVING
+    mesh.node_proc.signal(signal.SIGTERM)
+    wait_until(lambda: check(mesh.node) == NOT_SERVING, 10, what="n1 NOT_SERVING while draining")
+    assert check(mesh.node, INFERENCE) == NOT_SERVING
+    assert mesh.node_proc.alive()
