@@ -45,6 +45,10 @@ __all__ = [
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # models, variants, aliases
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The artifact URI schemes a node fetches (meshserve.node.transfer.SCHEMES; a unit test pins them).
+_ARTIFACT_SCHEMES = frozenset(
+    {"file", "http", "https", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+)
 MAX_COPIES = 1000
 MAX_FEEDBACK_ITEMS = 10_000
 MAX_PROFILE_BINS = 64
@@ -114,9 +118,10 @@ def validate_spec(spec: mesh_pb2.ModelSpec) -> mesh_pb2.ModelSpec:
     check_name("model name", out.name)
     check_name("model variant", out.variant)
     scheme = urllib.parse.urlparse(out.artifact_uri).scheme
-    if scheme not in ("file", "http", "https"):
+    if scheme not in _ARTIFACT_SCHEMES:
         raise InvalidArgument(
-            f"artifact_uri {out.artifact_uri!r} must be a file://, http:// or https:// URI"
+            f"artifact_uri {out.artifact_uri!r} must be a file://, http:// or https:// URI, "
+            "or an object store's (s3://, gs://, az://; the node needs the backend installed)"
         )
     if not _SHA256.match(out.sha256):
         raise InvalidArgument(f"sha256 {spec.sha256!r} is not 64 hex characters")

@@ -163,6 +163,22 @@ def _parser() -> argparse.ArgumentParser:
         "Redirects are followed within the same scheme, host and port only",
     )
     p.add_argument(
+        "--artifact-bucket",
+        action="append",
+        default=[],
+        metavar="BUCKET",
+        help="a bucket (container) s3://, gs://, az:// artifacts may be read from (repeatable; "
+        "default: any)",
+    )
+    p.add_argument(
+        "--s3-endpoint-url",
+        default=None,
+        metavar="URL",
+        help="the endpoint of an S3-compatible server (MinIO, Ceph) for s3:// artifacts; "
+        "default: botocore's configuration (AWS_ENDPOINT_URL, ~/.aws/config). Credentials: "
+        "the AWS_* environment variables, ~/.aws, or an instance role",
+    )
+    p.add_argument(
         "--shutdown-grace-s",
         type=float,
         default=10.0,
@@ -316,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         artifact_sources=SourcePolicy(
             file_roots=tuple(p.absolute() for p in ns.artifact_root),
             http_hosts=frozenset(h.lower() for h in ns.artifact_host) or None,
+            buckets=frozenset(b.lower() for b in ns.artifact_bucket) or None,
+            s3_endpoint_url=ns.s3_endpoint_url or None,
         ),
         tls=tls,
         join_token=token,

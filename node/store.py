@@ -1,4 +1,5 @@
-"""Model store: fetch an artifact (file://, http(s)://) into a local cache and verify its sha256.
+"""Model store: fetch an artifact (file://, http(s)://, s3://, gs://, az://) into a local cache
+and verify its sha256.
 
 Contract:
 
@@ -8,8 +9,10 @@ Contract:
 * Files are cached as ``<root>/<sha256>.onnx``; a second fetch of the same artifact costs one hash
   check and never touches the source.
 * Bytes are moved into ``<root>/<sha256>.part`` by :class:`~meshserve.node.transfer.Transfer`:
-  http(s) downloads are retried up to ``retries`` times, resuming with a ``Range`` request (a
-  ``.part`` left by an earlier, interrupted process is resumed the same way); an artifact over
+  http(s) and object-store downloads are retried up to ``retries`` times, resuming from the end
+  of the ``.part`` (a ``Range`` request; a ranged read through fsspec for ``s3://``, ``gs://``,
+  ``az://``); a ``.part`` left by an earlier, interrupted process is resumed the same way; an
+  artifact over
   ``max_artifact_bytes`` is refused. A ``.part`` is deleted when its content is refused (sha256
   mismatch, over the size limit) and kept when the network failed.
 * The cache is bounded by ``max_cache_bytes`` (the ``.onnx`` files): after every successful fetch
@@ -23,7 +26,9 @@ Contract:
   for each other; cancelling a fetch stops its download at the next chunk (the
   ``.part`` is kept for the next attempt).
 * Where artifacts may come from is the store's :class:`SourcePolicy` (``file://`` roots, http(s)
-  hosts, same-origin redirects only); a source it refuses is a permanent :class:`StoreError`.
+  hosts, same-origin redirects only, object-store buckets); a source it refuses is a permanent
+  :class:`StoreError`. An object-store URI whose fsspec backend is not installed is a permanent
+  :class:`StoreError` naming the ``meshserve[...]`` extra to install.
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ import threading
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from meshserve.common.digest import sha256_file
-from meshserve.node.transfer import Progress, SourcePolicy, StoreError, Transfer
+from meshserve.node.transfer import SCHEMES, Progress, SourcePolicy, StoreError, Transfer
 
 __all__ = ["CacheEntry", "ModelStore", "Progress", "SourcePolicy", "StoreError"]
 
@@ -103,10 +108,13 @@ class ModelStore:
         min_rate_bps: float = 0.0,
         rate_window_s: float = 30.0,
         sources: SourcePolicy | None = None,
+        storage_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """``deadline_s``, ``min_rate_bps``, ``rate_window_s``: the bounds of one download;
         ``sources``: where artifacts may come from (default: anywhere; see
-        :class:`~meshserve.node.transfer.Transfer` and its :class:`SourcePolicy`)."""
+        :class:`~meshserve.node.transfer.Transfer` and its :class:`SourcePolicy`);
+        ``storage_options``: per object-store backend (``s3``, ``gcs``, ``azure``), its fsspec
+        filesystem's arguments (:attr:`Transfer.storage_options`)."""
         self._root = root
         self._max_cache = max_cache_bytes
         self._transfer = Transfer(
@@ -117,6 +125,7 @@ class ModelStore:
             min_rate_bps=max(0.0, min_rate_bps),
             rate_window_s=max(0.1, rate_window_s),
             sources=sources or SourcePolicy(),
+            storage_options=dict(storage_options or {}),
         )
         self._mutex = threading.Lock()  # guards everything below (used from worker threads)
         self._pins: Counter[str] = Counter()
@@ -199,10 +208,10 @@ class ModelStore:
                 f"invalid sha256 {sha256!r}: expected 64 hex characters", permanent=True
             )
         parsed = urllib.parse.urlparse(uri)
-        if parsed.scheme not in ("file", "http", "https"):
+        if parsed.scheme not in SCHEMES:
             raise StoreError(
                 f"unsupported artifact URI scheme {parsed.scheme!r} in {uri!r} "
-                "(use file://, http:// or https://)",
+                f"(use {', '.join(s + '://' for s in SCHEMES)})",
                 permanent=True,
             )
         with self._mutex:

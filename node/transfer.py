@@ -1,5 +1,26 @@
-"""Moving an artifact's bytes into a ``.part`` file while hashing them: a local copy or an
-http(s) download that resumes.
+"""Moving an artifact's bytes into a ``.part`` file while hashing them: a local copy, an
+http(s) download that resumes, or an object-store download (``s3://``, ``gs://``, ``az://``)
+through fsspec that resumes.
+
+Which code moves which URI, and why:
+
+* ``s3://`` (``s3a://``), ``gs://`` (``gcs://``), ``az://`` (``abfs://``, ``abfss://``): fsspec
+  with its maintained backends, installed as optional extras (``meshserve[s3]`` = s3fs,
+  ``meshserve[gcs]`` = gcsfs, ``meshserve[azure]`` = adlfs). Credentials and endpoints come from
+  each backend's standard configuration (for s3: ``AWS_*`` environment variables, ``~/.aws``,
+  ``AWS_ENDPOINT_URL``; or the node flag ``--s3-endpoint-url``). A URI whose backend is not
+  installed fails permanently with the ``pip install 'meshserve[<extra>]'`` to run. Resuming is
+  a seek to the end of the ``.part`` (every backend reads byte ranges). Other fsspec protocols
+  (and ``a::b`` chains) are refused: each would be a new way for a node to reach something.
+* ``http(s)://``: our own fetcher below, kept on purpose. fsspec's http backend (aiohttp)
+  cannot keep the rules a node needs: it follows redirects to any host (``_file_info`` passes
+  ``allow_redirects=True``; aiohttp offers on/off, not a same-origin check per hop, so a node
+  could be turned into a fetcher of internal hosts), it reads whole blocks (the minimum-rate
+  check could not see a trickle), and on a server without ranges its seekable file refuses to
+  resume ("Open with block_size=0 for a streaming file interface") while its streaming file
+  cannot seek at all. urllib with :class:`_SameOrigin` does all three.
+* ``file://``: a plain local copy (fsspec's local backend would add nothing), only under the
+  node's ``--artifact-root`` directories.
 
 Contract:
 
@@ -25,16 +46,25 @@ Contract:
 * ``progress(bytes_so_far, total_or_None)`` is called after each chunk of at most 1 MiB; setting
   ``cancel`` stops the transfer at the next chunk (or retry wait) with :class:`StoreError`.
 * Where bytes may come from is a :class:`SourcePolicy` (node flags ``--artifact-root``,
-  ``--artifact-host``): a ``file://`` artifact only under its roots (symbolic links and ``..``
-  resolved first), an http(s) one only from its hosts; a redirect is followed only to the same
-  scheme, host and port (never to another host, whatever the hosts allowed). A refusal is a
-  permanent :class:`StoreError` sent before any byte is read.
+  ``--artifact-host``, ``--artifact-bucket``): a ``file://`` artifact only under its roots
+  (symbolic links and ``..`` resolved first), an http(s) one only from its hosts, an object-store
+  one only from its buckets; a redirect is followed only to the same scheme, host and port (never
+  to another host, whatever the hosts allowed). A refusal is a permanent :class:`StoreError` sent
+  before any byte is read.
+* Object stores keep the same guarantees (size limit from the object's size before any byte
+  moves, resume, retries with backoff, deadline, minimum rate, cancel, progress), with one
+  difference: the bytes come in ranged reads of :data:`OBJECT_BLOCK`, so the deadline and rate
+  checks run between reads, and one read is bounded by the backend's socket timeout (set to the
+  request timeout, or the rate window when a minimum rate is on). A missing object is transient
+  (it may be uploaded yet, as an http 404); access denied or missing credentials are permanent.
 * Blocking: call from a worker thread, never the event loop.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import hashlib
 import http.client
 import logging
@@ -44,16 +74,39 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CHUNK", "Progress", "SourcePolicy", "StoreError", "Transfer"]
+__all__ = [
+    "CHUNK",
+    "OBJECT_BLOCK",
+    "OBJECT_STORES",
+    "SCHEMES",
+    "Progress",
+    "SourcePolicy",
+    "StoreError",
+    "Transfer",
+]
 
 _log = logging.getLogger("meshserve.node.store")
 
 CHUNK = 1 << 20
+OBJECT_BLOCK = 8 << 20  # one ranged read of an object-store artifact (progress still per CHUNK)
+OBJECT_STORES: Mapping[str, str] = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+}
+"""Object-store URI scheme -> the backend's name: its ``meshserve[<name>]`` extra and its key in
+:attr:`Transfer.storage_options`."""
+SCHEMES = ("file", "http", "https", *OBJECT_STORES)
+"""Every artifact URI scheme a node accepts."""
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _BACKOFF_S = 0.2  # first retry delay; doubles per attempt, capped at _BACKOFF_MAX_S
 _BACKOFF_MAX_S = 5.0
@@ -84,10 +137,18 @@ class SourcePolicy:
     ``file_roots``: the directories a ``file://`` artifact must lie under (None: anywhere, for
     embedding and unit tests; empty: no ``file://`` at all, the node's default).
     ``http_hosts``: the hosts (``host`` or ``host:port``, lower case) an http(s) artifact may be
-    fetched from (None: any). Redirects are followed within one origin only."""
+    fetched from (None: any). Redirects are followed within one origin only.
+    ``buckets``: see the field."""
 
     file_roots: tuple[Path, ...] | None = None
     http_hosts: frozenset[str] | None = None
+    buckets: frozenset[str] | None = None
+    """The buckets (containers) an object-store artifact may be read from, lower case (None:
+    any): ``s3://b/key`` is bucket ``b``."""
+    s3_endpoint_url: str | None = None
+    """The S3 endpoint (an S3-compatible server: MinIO, Ceph, moto) for ``s3://`` artifacts
+    (None: botocore's own configuration, e.g. ``AWS_ENDPOINT_URL``; node flag
+    ``--s3-endpoint-url``)."""
 
     def local_path(self, src: Path) -> Path:
         """``src`` resolved (links, ``..``), when it lies under a root; else a permanent error."""
@@ -124,6 +185,18 @@ class SourcePolicy:
             raise StoreError(
                 f"artifact host {with_port or uri!r} is not among this node's artifact hosts "
                 f"({', '.join(sorted(self.http_hosts))}; node flag --artifact-host)",
+                permanent=True,
+            )
+
+    def check_bucket(self, uri: str) -> None:
+        """A permanent error unless the bucket of object-store ``uri`` may be read from."""
+        if self.buckets is None:
+            return
+        bucket = (urllib.parse.urlsplit(uri).netloc.rpartition("@")[2]).lower()
+        if bucket not in self.buckets:
+            raise StoreError(
+                f"artifact bucket {bucket!r} of {uri} is not among this node's artifact buckets "
+                f"({', '.join(sorted(self.buckets))}; node flag --artifact-bucket)",
                 permanent=True,
             )
 
@@ -172,6 +245,10 @@ class Transfer:
     min_rate_bps: float = 0.0
     rate_window_s: float = 30.0
     sources: SourcePolicy = SourcePolicy()
+    storage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per backend (``s3``, ``gcs``, ``azure``: :data:`OBJECT_STORES`'s values), the keyword
+    arguments of its fsspec filesystem (for s3: ``endpoint_url``); credentials are best left to
+    the backend's own configuration (environment, config files, instance metadata)."""
 
     def copy_file(
         self, src: Path, part: Path, progress: Progress | None, cancel: threading.Event
@@ -241,12 +318,19 @@ class Transfer:
         progress: Progress | None,
         cancel: threading.Event,
     ) -> str:
-        self.sources.check_url(uri)
+        once: Callable[[str, str, Path, Progress | None, threading.Event, _Clock], str]
+        if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
+            self.sources.check_url(uri)
+            once = self._download_once
+        else:
+            self.sources.check_bucket(uri)
+            fs, path = self._object_store(uri)
+            once = functools.partial(self._object_once, fs, path)
         attempt = 0
         clock = _Clock(time.monotonic() + self.deadline_s)
         while True:
             try:
-                return self._download_once(uri, sha256, part, progress, cancel, clock)
+                return once(uri, sha256, part, progress, cancel, clock)
             except _Transient as exc:
                 attempt += 1
                 if attempt > self.retries:
@@ -325,6 +409,96 @@ class Transfer:
             if time.monotonic() >= clock.deadline:
                 raise self.overdue(uri) from exc
             raise _Transient(str(exc) or type(exc).__name__) from exc
+        return digest.hexdigest()
+
+    def _object_store(self, uri: str) -> tuple[Any, str]:
+        """The fsspec filesystem for object-store ``uri`` and the object's path in it; a
+        permanent error when its backend is not installed or will not start."""
+        scheme = urllib.parse.urlsplit(uri).scheme
+        backend = OBJECT_STORES.get(scheme)
+        if backend is None:
+            raise StoreError(
+                f"unsupported artifact URI scheme {scheme!r} in {uri!r} "
+                f"(use {', '.join(s + '://' for s in SCHEMES)})",
+                permanent=True,
+            )
+        try:
+            import fsspec  # type: ignore[import-untyped]
+
+            cls = fsspec.get_filesystem_class(scheme)
+        except ImportError as exc:
+            raise StoreError(
+                f"{scheme}:// artifacts need a storage backend this node lacks ({exc}): "
+                f"install it with pip install 'meshserve[{backend}]'",
+                permanent=True,
+            ) from exc
+        options: dict[str, Any] = dict(self.storage_options.get(backend, {}))
+        if backend == "s3" and self.sources.s3_endpoint_url:
+            options.setdefault("endpoint_url", self.sources.s3_endpoint_url)
+        if backend == "s3":  # one socket read is bounded like an http one
+            timeout = min(self.timeout_s, self.rate_window_s if self.min_rate_bps > 0 else 1e9)
+            config = {
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+                "retries": {"total_max_attempts": 2},  # our loop retries, resuming
+            }
+            options["config_kwargs"] = {**config, **options.get("config_kwargs", {})}
+        try:
+            fs = cls(**options)
+        except Exception as exc:  # a backend's own configuration errors: nothing to retry
+            raise StoreError(
+                f"cannot set up the {scheme}:// storage backend for {uri}: "
+                f"{type(exc).__name__}: {exc}",
+                permanent=True,
+            ) from exc
+        return fs, str(cls._strip_protocol(uri))
+
+    def _object_once(
+        self,
+        fs: Any,
+        path: str,
+        uri: str,
+        sha256: str,
+        part: Path,
+        progress: Progress | None,
+        cancel: threading.Event,
+        clock: _Clock,
+    ) -> str:
+        """One attempt at an object-store download, resuming from ``part``."""
+        digest, have = self._resume_point(part)
+        if time.monotonic() >= clock.deadline:
+            raise self.overdue(uri)
+        with _backend_errors(uri, clock, self):
+            size = fs.info(path).get("size")
+        total = int(size) if size is not None else None
+        if total is not None and total > self.max_bytes:
+            part.unlink(missing_ok=True)
+            raise StoreError(
+                f"artifact {uri} is {total} bytes, over the limit of {self.max_bytes}",
+                permanent=True,
+            )
+        if total is not None and have > total:  # not a prefix of this object
+            part.unlink(missing_ok=True)
+            digest, have = hashlib.sha256(), 0
+        if total is not None and have == total:
+            return digest.hexdigest()
+        rate = _Rate(self.min_rate_bps, self.rate_window_s)
+        with _backend_errors(uri, clock, self):
+            f = fs.open(path, "rb", block_size=OBJECT_BLOCK, cache_type="none")
+        try:
+            with part.open("ab" if have else "wb") as out:
+                if have:
+                    with _backend_errors(uri, clock, self):
+                        f.seek(have)
+                chunks = _object_chunks(f, rate, clock, self, uri)
+                done = self._pump(
+                    chunks, out, part, digest, have, total, uri, "download", progress, cancel
+                )
+        finally:
+            with contextlib.suppress(Exception):  # a read-only file: nothing to flush
+                f.close()
+        if total is not None and done < total:
+            raise _Transient(f"the object ended after {done} of {total} bytes")
         return digest.hexdigest()
 
     def overdue(self, uri: str) -> StoreError:
@@ -406,6 +580,52 @@ def _read_some(
     if chunk is None:
         raise _Transient("the connection stalled (socket timeout)")
     return chunk
+
+
+def _object_chunks(
+    f: Any, rate: _Rate, clock: _Clock, transfer: Transfer, uri: str
+) -> Iterator[bytes]:
+    """The rest of open object file ``f`` in slices of at most :data:`CHUNK`, read in ranged
+    reads of :data:`OBJECT_BLOCK`, checking the minimum rate and the deadline after each read."""
+    while True:
+        with _backend_errors(uri, clock, transfer):
+            block = f.read(OBJECT_BLOCK)
+        slow = rate.check(len(block))
+        if slow is not None:
+            raise transfer.too_slow(uri, *slow)
+        if time.monotonic() >= clock.deadline:
+            raise transfer.overdue(uri)
+        if not block:
+            return
+        for start in range(0, len(block), CHUNK):
+            yield block[start : start + CHUNK]
+
+
+@contextlib.contextmanager
+def _backend_errors(uri: str, clock: _Clock, transfer: Transfer) -> Iterator[None]:
+    """Translate what an object-store backend raises (its own types: botocore, aiohttp, azure)
+    into our failures: a missing object is a transient :class:`StoreError` (it may be uploaded
+    yet), access denied or missing credentials a permanent one, anything else a retry."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise StoreError(f"cannot download {uri}: no such object") from exc
+    except PermissionError as exc:
+        raise StoreError(
+            f"cannot download {uri}: access denied ({exc}); check the node's credentials "
+            "for this store",
+            permanent=True,
+        ) from exc
+    except Exception as exc:
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise StoreError(
+                f"cannot download {uri}: {exc} (for s3: AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)",
+                permanent=True,
+            ) from exc
+        if time.monotonic() >= clock.deadline:
+            raise transfer.overdue(uri) from exc
+        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
 
 
 _OPENER = urllib.request.build_opener(_SameOrigin())
