@@ -6,7 +6,7 @@ Every check of a control-plane replica lives here, applied in one of two ways:
 becomes its
   status): :meth:`Guard.node_link` (join token on ``NodeLink.Connect``, checked before the stream
   reaches the hub), :meth:`Guard.admin` (every Admin RPC), :meth:`Guard.inference` (ModelInfer,
-  ModelMetadata, ModelReady);
+  ModelMetadata, ModelReady, ModelConfig; RepositoryIndex lists only the tenant's models);
 - as hooks the servicer calls where only it has the data: :meth:`Guard.identify_node` (the hub,
   once the Hello names the node) and :meth:`Guard.stream_check` (the gateway's ModelStreamInfer,
   whose requests each name a model).
@@ -58,7 +58,7 @@ _log = logging.getLogger("meshserve.controlplane.auth")
 S = TypeVar("S")
 Handler = Callable[[Any, ServicerContext], Awaitable[Any]]
 #: RPCs of the inference service that name a model (field ``model_name`` or ``name``).
-_MODEL_RPCS = ("ModelInfer", "ModelMetadata", "ModelReady")
+_MODEL_RPCS = ("ModelInfer", "ModelMetadata", "ModelReady", "ModelConfig")
 
 
 # -- tenants and their keys ---------------------------------------------------------------------
@@ -414,7 +414,22 @@ class Guard:
         keys are configured); ModelStreamInfer checks through :attr:`stream_check`."""
         if self.config.tenants is not None:
             self._wrap(servicer, _MODEL_RPCS, self._tenant_checked)
+            self._wrap(servicer, ("RepositoryIndex",), self._index_scoped)
         return servicer
+
+    def _index_scoped(self, behavior: Handler, name: str) -> Handler:
+        """Triton's RepositoryIndex with API keys: only the models the caller's tenant may query
+        (UNAUTHENTICATED without a valid key)."""
+
+        async def handler(request: Any, context: ServicerContext) -> Any:
+            tenant = self.tenant(context)
+            response = await behavior(request, context)
+            kept = [m for m in response.models if tenant.may_query(m.name)]
+            del response.models[:]
+            response.models.extend(kept)
+            return response
+
+        return handler
 
     @staticmethod
     def _wrap(

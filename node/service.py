@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from numpy.typing import NDArray
@@ -26,6 +26,7 @@ from meshserve.common.codec import (
 from meshserve.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     ServicerContext,
     StatusError,
@@ -35,6 +36,7 @@ from meshserve.common.params import PREFER
 from meshserve.common.streaming import serve_infer_stream
 from meshserve.common.tenancy import current_tenant, set_tenant
 from meshserve.common.tracing import context_from_metadata, server_span
+from meshserve.node import repository
 from meshserve.node.cache import ResponseCache, inputs_digest, key_for
 from meshserve.node.copies import CopyEntry, CopyManager
 from meshserve.node.rights import Rights
@@ -321,6 +323,19 @@ class InferenceHandler:
         return {n: outputs[n] for n in names}, False
 
 
+def _allows(check: Callable[[str], None]) -> Callable[[str], bool]:
+    """A rights check (raising PERMISSION_DENIED) as a filter."""
+
+    def allowed(model: str) -> bool:
+        try:
+            check(model)
+        except PermissionDenied:
+            return False
+        return True
+
+    return allowed
+
+
 def _run_unless_late(
     copy: OnnxCopy, inputs: dict[str, NDArray[Any]], names: list[str], deadline: float | None
 ) -> dict[str, NDArray[Any]]:
@@ -334,7 +349,8 @@ def _run_unless_late(
 class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """The node's own OIP endpoint (direct path; no control plane involved).
 
-    ``rights``: the tenant rights ModelInfer, ModelMetadata, ModelReady and each request of
+    ``rights``: the tenant rights ModelInfer, ModelMetadata, ModelReady, ModelConfig (and the
+    models RepositoryIndex lists) and each request of
     ModelStreamInfer (authenticated once per stream) must meet (:mod:`meshserve.node.rights`);
     None: open. Health RPCs stay open."""
 
@@ -389,6 +405,23 @@ class NodeInferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 T(name=t.name, datatype=t.datatype, shape=t.shape) for t in entry.copy.outputs
             ],
         )
+
+    # -- Triton's model configuration and repository extensions (repository.py) -------------
+
+    async def ModelConfig(
+        self, request: inference_pb2.ModelConfigRequest, context: ServicerContext
+    ) -> inference_pb2.ModelConfigResponse:
+        if self._rights is not None:
+            self._rights.check_call(context, request.name)
+        return repository.config(self._copies, request)
+
+    async def RepositoryIndex(
+        self, request: inference_pb2.RepositoryIndexRequest, context: ServicerContext
+    ) -> inference_pb2.RepositoryIndexResponse:
+        """The copies held, only those of models the caller may query (tenant rights)."""
+        check = self._rights.stream_of(context) if self._rights is not None else None
+        visible = None if check is None else _allows(check)
+        return repository.index(self._copies, request, visible)
 
     def _scope(self, context: ServicerContext) -> None:
         """Whose queries this call's are (its predictions are logged under that tenant): the

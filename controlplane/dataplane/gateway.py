@@ -37,6 +37,8 @@ ModelReady is true when the variant a query naming that version would get has a 
 those a ready copy reported; UNAVAILABLE while neither is known) and lists the model's versions.
 A ModelInfer answer to a query with an SLO (its own ``slo_ms``, else its version's) carries
 ``meshserve_slo_met``.
+Triton's ModelConfig and RepositoryIndex answer from the same view
+(:mod:`~meshserve.controlplane.dataplane.repository`).
 
 Tracing: the ``gateway ModelInfer`` span (SERVER) has a ``gateway route`` child per routing
 decision (the variant choice and the copy picked; a retry decides again) and a ``gateway forward``
@@ -78,6 +80,7 @@ from meshserve.common.routing.router import Decision, Router, Telemetry
 from meshserve.common.streaming import serve_infer_stream
 from meshserve.common.tenancy import bind_caller
 from meshserve.common.tracing import context_from_metadata, server_span
+from meshserve.controlplane.dataplane import repository
 from meshserve.controlplane.dataplane.admission import HEADROOM, Admission
 from meshserve.controlplane.dataplane.forward import (
     CLIENT_ID_KEY,
@@ -144,6 +147,10 @@ def add_gateway_to_server(servicer: Any, server: Any) -> None:
         ),
         "ModelMetadata": unary(
             servicer.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+        ),
+        "ModelConfig": unary(servicer.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "RepositoryIndex": unary(
+            servicer.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
         ),
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
             servicer.ModelInfer,
@@ -386,6 +393,19 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in inputs],
             outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in outputs],
         )
+
+    # -- Triton's model configuration and repository extensions (repository.py) -------------
+
+    async def ModelConfig(
+        self, request: inference_pb2.ModelConfigRequest, context: ServicerContext
+    ) -> inference_pb2.ModelConfigResponse:
+        return repository.config(self._snapshot(), request, self.router.linked)
+
+    async def RepositoryIndex(
+        self, request: inference_pb2.RepositoryIndexRequest, context: ServicerContext
+    ) -> inference_pb2.RepositoryIndexResponse:
+        fallback = self.forwarder.fallback is not None
+        return repository.index(self._snapshot(), request, self.router.linked, fallback)
 
     # -- inference ---------------------------------------------------------------------------
 

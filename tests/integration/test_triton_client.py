@@ -117,7 +117,7 @@ def test_tritonclient_fp32_mlp(
     assert triton.is_server_live() is True
     assert triton.is_model_ready(model) is True
     with pytest.raises(InferenceServerException) as unimplemented:
-        triton.get_model_repository_index()  # an RPC of Triton's service we do not implement
+        triton.load_model(model)  # an RPC of Triton's service we do not implement
     assert unimplemented.value.status() == "StatusCode.UNIMPLEMENTED"
     meta = triton.get_model_metadata(model, as_json=True)
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "64"]}]

@@ -10,7 +10,11 @@ gRPC module keeps at the standard ``/inference.GRPCInferenceService/<Method>``.
 Rules: every message defined in our file (nested messages and map entries included), read with
 ``meshserve.inference.X`` taken as ``inference.X``, exists in Triton's with the same fields
 (number, name, type, repeated-ness, message/enum type, oneof); Triton may have extra fields and
-messages. Every method of our service exists in Triton's with the same request/response types and
+messages. Triton's model configuration messages (``ModelConfig``, ``ModelInput``, ``DataType``...)
+live in its model_config.proto, in the same ``inference`` package, so they are looked up in the
+same pool. Every enum of ours has Triton's values (name and number).
+
+Every method of our service exists in Triton's with the same request/response types and
 streaming flags, and our stubs and servicer registration use the standard method paths.
 """
 
@@ -48,7 +52,17 @@ MUST_COMPARE = {
     "inference.InferTensorContents",
     "inference.InferParameter",
     "inference.ModelMetadataResponse",
+    "inference.ModelConfigRequest",
+    "inference.ModelConfigResponse",
+    "inference.ModelConfig",
+    "inference.ModelInput",
+    "inference.ModelOutput",
+    "inference.RepositoryIndexRequest",
+    "inference.RepositoryIndexResponse",
+    "inference.RepositoryIndexResponse.ModelIndex",
 }
+#: Triton's files our messages stand for (the OIP service; the model configuration).
+TRITON_FILES = {"grpc_service.proto", "model_config.proto"}
 # Field attributes that change the wire format or the generated API. ("packed" is left out:
 # parsers accept packed and unpacked repeated scalars alike.)
 FIELD_KEYS = ("name", "type", "repeated", "required", "message_type", "enum_type", "oneof")
@@ -235,9 +249,9 @@ def test_no_symbol_of_ours_uses_tritons_package() -> None:
     # And each `inference.X` our messages stand for resolves to Triton's definition.
     pool = descriptor_pool.Default()
     for d in _walk_file(inference_pb2.DESCRIPTOR):
-        assert pool.FindMessageTypeByName(_wire_name(d.full_name)).file.name == (
-            "grpc_service.proto"
-        )
+        assert pool.FindMessageTypeByName(_wire_name(d.full_name)).file.name in TRITON_FILES
+    for e in inference_pb2.DESCRIPTOR.enum_types_by_name.values():
+        assert pool.FindEnumTypeByName(_wire_name(e.full_name)).file.name in TRITON_FILES
 
 
 def test_description_covers_our_file(described: tuple[Described, Described]) -> None:
@@ -260,11 +274,28 @@ def test_messages_wire_compatible(described: tuple[Described, Described]) -> Non
     assert "inference.ModelInferRequest.InferInputTensor.ParametersEntry" in compared
 
 
+def _enum_values(e: Any) -> dict[str, int]:
+    return {v.name: v.number for v in e.values}
+
+
+def test_enums_wire_compatible() -> None:
+    """Every enum of our file (top-level and nested) has Triton's values, name for number."""
+    pool = descriptor_pool.Default()
+    fd: FileDescriptor = inference_pb2.DESCRIPTOR
+    enums = list(fd.enum_types_by_name.values())
+    enums += [e for d in _walk_file(fd) for e in d.enum_types]
+    assert "meshserve.inference.DataType" in {e.full_name for e in enums}
+    for e in enums:
+        theirs = pool.FindEnumTypeByName(_wire_name(e.full_name))
+        assert _enum_values(e) == _enum_values(theirs), e.full_name
+
+
 def test_service_wire_compatible(described: tuple[Described, Described]) -> None:
     ours, theirs = described
     problems = _compare_services(ours, theirs)
     assert not problems, "incompatible with Triton's service:\n" + "\n".join(problems)
     assert {"ModelInfer", "ModelMetadata", "ModelStreamInfer"} <= set(ours["service"])
+    assert {"ModelConfig", "RepositoryIndex"} <= set(ours["service"])
 
 
 def test_comparison_detects_differences(described: tuple[Described, Described]) -> None:
@@ -367,7 +398,7 @@ def test_our_stub_calls_the_standard_paths(server: tuple[grpc.Server, str]) -> N
             assert isinstance(answer, grpc.RpcError), m.name
             assert answer.code() == grpc.StatusCode.UNIMPLEMENTED, m.name
     assert recorder.paths == [f"/{WIRE_SERVICE}/{m.name}" for m in service.methods]
-    assert len(recorder.paths) == 7
+    assert len(recorder.paths) == 9
 
 
 def test_our_servicer_answers_tritons_stub_at_every_method(
@@ -393,8 +424,10 @@ def test_our_servicer_answers_tritons_stub_at_every_method(
             assert answer.code() == grpc.StatusCode.UNIMPLEMENTED, m.name
             assert answer.details() == "Method not implemented!", (m.name, answer.details())
         # The control: a Triton method we do not declare never reaches the servicer.
-        index = triton_pb2.DESCRIPTOR.services_by_name[SERVICE].methods_by_name["RepositoryIndex"]
-        answer = _call(stub, index, triton_pb2.RepositoryIndexRequest())
+        load = triton_pb2.DESCRIPTOR.services_by_name[SERVICE].methods_by_name[
+            "RepositoryModelLoad"
+        ]
+        answer = _call(stub, load, triton_pb2.RepositoryModelLoadRequest())
         assert isinstance(answer, grpc.RpcError)
         assert answer.code() == grpc.StatusCode.UNIMPLEMENTED
         assert answer.details() != "Method not implemented!"
