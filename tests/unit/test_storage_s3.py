@@ -124,6 +124,14 @@ async def test_a_missing_s3_object_is_transient(s3: str, tmp_path: Path) -> None
     assert not info.value.permanent  # it may be uploaded yet
 
 
+async def test_aws_endpoint_url_from_the_environment_is_honoured(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)  # botocore's own setting, no node flag
+    models = ModelStore(tmp_path / "cache", retries=0)
+    assert (await models.fetch(f"s3://{BUCKET}/blob.bin", BLOB_SHA)).read_bytes() == BLOB
+
+
 async def test_an_unreachable_endpoint_is_transient(s3: str, tmp_path: Path) -> None:
     sources = SourcePolicy(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")  # nobody there
     models = ModelStore(tmp_path / "cache", retries=0, sources=sources)
