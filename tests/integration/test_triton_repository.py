@@ -1,8 +1,9 @@
 """Triton's model configuration and repository calls, asked by an unmodified tritonclient.
 
-``get_model_config`` and ``get_model_repository_index`` (tritonclient.grpc) against the gateway of
-a real mesh (real etcd, a control-plane process with API keys, a node process with a direct
-port) and against the node's own port: the configuration is what onnxruntime reads from the ONNX
+``get_model_config`` and ``get_model_repository_index`` (tritonclient.grpc) against the gateways
+of a real mesh (real etcd, a control-plane process with API keys and its embedded gateway, a
+standalone ``meshserve-gateway`` following its feed, a node process with a direct port) and
+against the node's own port: the configuration is what onnxruntime reads from the ONNX
 file the mesh serves (inputs, outputs, datatypes, dims, the batch axis as ``max_batch_size``);
 the index lists every model version with its state, a tenant seeing only its own models.
 """
@@ -28,11 +29,14 @@ from meshserve.protos import mesh_pb2
 from tests.support.mesh import register_file, wait_copies
 
 pytestmark = pytest.mark.integration
+GATEWAYS = pytest.mark.parametrize("which", ["replica", "standalone"])
+WHERE = pytest.mark.parametrize("where", ["replica", "standalone", "node"])
 
 ACME_KEY = "acme-key-0123456789abcdef"
 GLOBEX_KEY = "globex-key-0123456789abcdef"
 ACME = {"x-api-key": ACME_KEY}
 GLOBEX = {"x-api-key": GLOBEX_KEY}
+GATEWAY_KEY = "gateway-key-0123456789abcdef"  # the standalone gateway's own (feed, nodes)
 
 
 @dataclass
@@ -41,6 +45,10 @@ class Mesh:
     cp: ManagedProcess
     node_address: str
     models: Path
+    standalone: str  # a standalone gateway's address
+
+    def gateway(self, which: str) -> str:
+        return self.cp.address if which == "replica" else self.standalone
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         "tenants:\n"
         f"  - {{name: acme, keys: [{ACME_KEY}], models: [mlp, ints, fixed, rolled]}}\n"
         f"  - {{name: globex, keys: [{GLOBEX_KEY}], models: [other]}}\n"
+        f"  - {{name: gateways, keys: [{GATEWAY_KEY}], models: ['*']}}\n"
     )
+    (work / "gateway.key").write_text(GATEWAY_KEY + "\n")
     models = work / "models"
     with LocalMesh(work / "mesh") as local:
         local.start_etcd()
@@ -81,7 +91,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 30,
                 what="n1's direct address",
             )
-        yield Mesh(local, cp, node_address, models)
+            keys = ["--api-keys-file", str(work / "keys.yaml")]
+            _, standalone = local.start_gateway(
+                [cp.address], extra=[*keys, "--api-key-file", str(work / "gateway.key")]
+            )
+            wait_until(  # the feed's first view, with the copies' states
+                lambda: len(_index(standalone, ACME)) == 5, 30, what="the standalone gateway's view"
+            )
+        yield Mesh(local, cp, node_address, models, standalone)
 
 
 def _sha256(path: Path) -> str:
@@ -100,7 +117,7 @@ def node_enforcing(mesh: Mesh) -> str:
             try:
                 client.get_model_config("mlp")
             except InferenceServerException as exc:
-                return exc.status() == "StatusCode.UNAUTHENTICATED"
+                return bool(exc.status() == "StatusCode.UNAUTHENTICATED")
         return False
 
     wait_until(refused, 30, what="n1 to enforce API keys")
@@ -172,11 +189,11 @@ def _status(call: Any) -> str:
 # -- ModelConfig -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["gateway", "node"])
+@WHERE
 def test_model_config_is_derived_from_the_onnx_file(
     mesh: Mesh, node_enforcing: str, where: str
 ) -> None:
-    url = mesh.cp.address if where == "gateway" else node_enforcing
+    url = node_enforcing if where == "node" else mesh.gateway(where)
     mlp = mesh.models / "mlp.onnx"
     assert _config(url, "mlp") == _expected("mlp", mlp, 32)  # the batcher's default row cap
     assert _config(url, "mlp")["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["64"]}]
@@ -190,19 +207,19 @@ def test_model_config_is_derived_from_the_onnx_file(
     assert fixed["input"][0]["dims"] == ["1", "3"]
 
 
-def test_model_config_of_a_version_through_the_gateway(mesh: Mesh) -> None:
-    assert _config(mesh.cp.address, "rolled", "v1") == _expected(
-        "rolled", mesh.models / "mlp.onnx", 32
-    )
+@GATEWAYS
+def test_model_config_of_a_version_through_the_gateway(mesh: Mesh, which: str) -> None:
+    url = mesh.gateway(which)
+    assert _config(url, "rolled", "v1") == _expected("rolled", mesh.models / "mlp.onnx", 32)
     # No version: the `live` alias's (set to the first version registered), as ModelInfer's.
-    assert _config(mesh.cp.address, "rolled", "live") == _config(mesh.cp.address, "rolled", "v1")
-    assert _config(mesh.cp.address, "rolled") == _config(mesh.cp.address, "rolled", "v1")
-    assert _status(lambda: _config(mesh.cp.address, "rolled", "v9")) == "StatusCode.NOT_FOUND"
+    assert _config(url, "rolled", "live") == _config(url, "rolled", "v1")
+    assert _config(url, "rolled") == _config(url, "rolled", "v1")
+    assert _status(lambda: _config(url, "rolled", "v9")) == "StatusCode.NOT_FOUND"
 
 
-@pytest.mark.parametrize("where", ["gateway", "node"])
+@WHERE
 def test_model_config_obeys_tenants(mesh: Mesh, node_enforcing: str, where: str) -> None:
-    url = mesh.cp.address if where == "gateway" else node_enforcing
+    url = node_enforcing if where == "node" else mesh.gateway(where)
     assert _status(lambda: _config(url, "other")) == "StatusCode.PERMISSION_DENIED"
     assert _status(lambda: _config(url, "mlp", headers=GLOBEX)) == "StatusCode.PERMISSION_DENIED"
     assert _status(lambda: _config(url, "mlp", headers={})) == "StatusCode.UNAUTHENTICATED"
@@ -213,8 +230,12 @@ def test_model_config_obeys_tenants(mesh: Mesh, node_enforcing: str, where: str)
 # -- RepositoryIndex -------------------------------------------------------------------------------
 
 
-def test_repository_index_through_the_gateway_lists_the_tenants_versions(mesh: Mesh) -> None:
-    models = _index(mesh.cp.address, ACME)
+@GATEWAYS
+def test_repository_index_through_the_gateway_lists_the_tenants_versions(
+    mesh: Mesh, which: str
+) -> None:
+    url = mesh.gateway(which)
+    models = _index(url, ACME)
     assert [(m["name"], m.get("version")) for m in models] == [
         ("fixed", "default"),
         ("ints", "default"),
@@ -230,8 +251,8 @@ def test_repository_index_through_the_gateway_lists_the_tenants_versions(mesh: M
     assert "'rolled'" in v2["reason"] and "no ready copy" in v2["reason"], v2
     assert all("reason" not in m for m in models if m["state"] == "READY")
     # globex sees only its own model; no key: refused.
-    assert [m["name"] for m in _index(mesh.cp.address, GLOBEX)] == ["other"]
-    assert _status(lambda: _index(mesh.cp.address, {})) == "StatusCode.UNAUTHENTICATED"
+    assert [m["name"] for m in _index(url, GLOBEX)] == ["other"]
+    assert _status(lambda: _index(url, {})) == "StatusCode.UNAUTHENTICATED"
 
 
 def test_repository_index_on_the_nodes_port_lists_its_copies(
@@ -249,11 +270,11 @@ def test_repository_index_on_the_nodes_port_lists_its_copies(
     assert _status(lambda: _index(node_enforcing, {})) == "StatusCode.UNAUTHENTICATED"
 
 
-@pytest.mark.parametrize("where", ["gateway", "node"])
+@WHERE
 def test_repository_index_request_fields(mesh: Mesh, node_enforcing: str, where: str) -> None:
     """``ready``: only READY versions; ``repository_name``: one repository, so it must be empty
     (tritonclient's own stub and messages: its helper sends neither field)."""
-    url = mesh.cp.address if where == "gateway" else node_enforcing
+    url = node_enforcing if where == "node" else mesh.gateway(where)
     metadata = tuple(ACME.items())
     with grpc.insecure_channel(url) as channel:
         stub = triton_pb2_grpc.GRPCInferenceServiceStub(channel)
