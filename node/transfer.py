@@ -192,7 +192,8 @@ class SourcePolicy:
         """A permanent error unless the bucket of object-store ``uri`` may be read from."""
         if self.buckets is None:
             return
-        bucket = (urllib.parse.urlsplit(uri).netloc.rpartition("@")[2]).lower()
+        # az://container@account.blob.core.windows.net/key: the container comes first
+        bucket = urllib.parse.urlsplit(uri).netloc.partition("@")[0].lower()
         if bucket not in self.buckets:
             raise StoreError(
                 f"artifact bucket {bucket!r} of {uri} is not among this node's artifact buckets "

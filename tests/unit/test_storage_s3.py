@@ -149,6 +149,25 @@ async def test_a_bucket_outside_the_allow_list_is_refused(s3: str, tmp_path: Pat
     assert (await allowed.fetch(f"s3://{BUCKET}/blob.bin", BLOB_SHA)).exists()
 
 
+@pytest.mark.parametrize(
+    ("uri", "allowed"),
+    [
+        ("s3://models/a/b.onnx", True),
+        ("gs://Models/b.onnx", True),
+        ("az://models@acct.blob.core.windows.net/b.onnx", True),
+        ("az://other@models.blob.core.windows.net/b.onnx", False),
+        ("s3://models-2/b.onnx", False),
+    ],
+)
+def test_the_bucket_allow_list_reads_the_bucket_or_container(uri: str, allowed: bool) -> None:
+    policy = SourcePolicy(buckets=frozenset({"models"}))
+    if allowed:
+        policy.check_bucket(uri)
+    else:
+        with pytest.raises(StoreError, match="not among this node's artifact buckets"):
+            policy.check_bucket(uri)
+
+
 @pytest.mark.parametrize(("uri", "extra"), [("gs://b/m.onnx", "gcs"), ("az://c/m.onnx", "azure")])
 async def test_a_backend_that_is_not_installed_names_its_extra(
     tmp_path: Path, uri: str, extra: str
