@@ -1,4 +1,5 @@
-"""docs/bring-your-own-model.md, run as written: every titled block, in order, on a real mesh.
+"""docs/bring-your-own-model.md, run as written: every titled block, in order, on a real mesh;
+and every meshserve command line the user docs show is one the real CLIs accept.
 
 The walkthrough's fenced blocks whose info string carries ``title=`` are the steps a user types:
 Python blocks are saved under their title and run with the test's interpreter, shell blocks run
@@ -7,25 +8,44 @@ control plane of a real :class:`~meshserve.devtools.local.LocalMesh` (etcd, a co
 process, a node process) and the virtualenv's ``meshctl`` / ``python`` first on ``PATH``. That
 directory is the mesh's workdir, one of its nodes' ``--artifact-root`` directories, as under
 ``meshctl up --workdir``. Untitled blocks (starting the mesh, curl) are not run.
+
+The command lines of docs/operations.md and docs/bring-your-own-model.md that start a
+``meshserve-*`` process or call ``meshctl`` are parsed by the real argument parsers (argparse for
+the servers, click through typer for ``meshctl``) without running them: a renamed flag or
+command breaks the test, not a reader.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 
+from meshserve.client.cli.app import build
+from meshserve.controlplane.__main__ import _parser as controlplane_parser
+from meshserve.controlplane.dataplane.standalone import _parser as gateway_parser
 from meshserve.devtools.local import LocalMesh
+from meshserve.node.__main__ import _parser as node_parser
 
 pytestmark = pytest.mark.integration
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bring-your-own-model.md"
 BLOCK = re.compile(r'^```(\w+) title="([^"]+)"\n(.*?)^```$', re.MULTILINE | re.DOTALL)
+SHELL_BLOCK = re.compile(r"^ *```(?:sh|bash)[^\n]*\n(.*?)^ *```$", re.MULTILINE | re.DOTALL)
+CHECKED_DOCS = ["operations.md", "bring-your-own-model.md"]
+SERVERS = {
+    "meshserve-controlplane": controlplane_parser,
+    "meshserve-node": node_parser,
+    "meshserve-gateway": gateway_parser,
+}
 
 
 def titled_blocks(text: str) -> list[tuple[str, str, str]]:
@@ -84,3 +104,39 @@ def test_every_titled_block_runs_against_a_real_mesh(workdir: tuple[Path, dict[s
     assert re.search(r"labels \[\d, \d, \d, \d\]", outputs["query_triton.py"])
     # the last line of the rollout block queries again: live now resolves to v2
     assert "variant v2" in outputs["rollout-v2"].splitlines()[-1]
+
+
+def command_lines(text: str) -> list[list[str]]:
+    """The argv of every meshserve command in the doc's shell blocks (continuations joined,
+    comments dropped)."""
+    found = []
+    for block in SHELL_BLOCK.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            first = line.split()[:1]
+            if first and (first[0] == "meshctl" or first[0] in SERVERS):
+                found.append(shlex.split(line, comments=True))
+    return found
+
+
+def parse_meshctl(argv: list[str]) -> None:
+    """Resolve the subcommand path and parse its options as ``meshctl`` would, without running
+    it (typer's click raises a usage error for an unknown command or option, a bad value or a
+    missing argument)."""
+    command: Any = typer.main.get_command(build())
+    context = command.make_context(argv[0], argv[1:])
+    while hasattr(command, "resolve_command"):  # a group: the next word names a subcommand
+        # what the group's own invoke resolves: the words it kept back, then the rest
+        words = [*getattr(context, "_protected_args", ()), *context.args]
+        name, command, rest = command.resolve_command(context, words)
+        context = command.make_context(name, rest, parent=context)
+
+
+@pytest.mark.parametrize("doc", CHECKED_DOCS)
+def test_every_command_line_shown_is_accepted_by_the_real_cli(doc: str) -> None:
+    lines = command_lines((DOC.parent / doc).read_text())
+    assert lines, f"{doc} shows no meshserve command"
+    for argv in lines:
+        if argv[0] == "meshctl":
+            parse_meshctl(argv)
+        else:
+            SERVERS[argv[0]]().parse_args(argv[1:])
