@@ -1,0 +1,554 @@
+"""deploy/ checked offline: no container runtime or cluster runs here, so every deployment file is
+checked against the schemas and parsers that would judge it in production.
+
+- Kubernetes: each overlay is rendered (kustomize: ``kubectl kustomize`` where kubectl is
+  installed, and always :func:`render`, a loader of the kustomize subset the overlays use,
+  which must agree with kubectl), and every object validates against the Kubernetes 1.32
+  OpenAPI schemas shipped by ``kubernetes-validate`` (strict: unknown fields fail). The
+  ServiceMonitor is a CRD with no schema offline: its apiVersion, kind and the fields the
+  Prometheus Operator requires are checked by hand.
+- Compose: ``deploy/compose/compose.yaml`` validates against the Compose Specification's JSON
+  schema (vendored: deploy/compose/schema/).
+- Every command line (containers, init containers, jobs, compose services, the Dockerfile's CMD,
+  the systemd unit's ExecStart with node.env.example's values) goes through the real argument
+  parser of its program, and each ``--flag`` must be one of that parser's own option strings
+  (argparse would accept an abbreviation): a renamed flag fails here. etcd's flags are checked
+  against ``etcd --help`` of the etcd binary the suite runs.
+- Consistency the schemas cannot see: ports named by flags, probes and containerPorts agree;
+  every file a flag names lies in a mounted volume, and in a Secret's keys when the volume is a
+  Secret; Secrets are files (mode 0400/0440), never environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import typer
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBE = DEPLOY / "kubernetes"
+OVERLAYS = ("dev", "production")
+K8S_VERSION = "1.32.0"
+PLACEHOLDER = b"placeholder: secret material is never committed\n"
+
+# -- a loader of the kustomize subset the overlays use ----------------------------------------
+# Supported: resources (files, or directories holding a kustomization.yaml), namespace, labels
+# (pairs, metadata only), images (newName/newTag), patches (path: strategic-merge patches naming
+# their target by apiVersion/kind/metadata.name), secretGenerator (files: KEY=PATH or PATH) with
+# generatorOptions.disableNameSuffixHash: true. Anything else is refused, so a kustomization
+# using more fails here rather than rendering wrong. A secretGenerator file that does not exist
+# (secrets are never committed) becomes PLACEHOLDER.
+
+_KNOWN = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "labels",
+    "images",
+    "patches",
+    "secretGenerator",
+    "generatorOptions",
+}
+_CLUSTER_SCOPED = {"Namespace"}
+# Strategic merge: lists of maps merged by key (the Kubernetes patchMergeKey); others replace.
+_MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "volumes": "name",
+    "env": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+}
+
+
+def _merge(base: Any, patch: Any, field: str = "") -> Any:
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            elif k in out:
+                out[k] = _merge(out[k], v, k)
+            else:
+                out[k] = copy.deepcopy(v)
+        return out
+    key = _MERGE_KEYS.get(field)
+    if key and isinstance(base, list) and isinstance(patch, list):
+        out_list = [copy.deepcopy(x) for x in base]
+        for item in patch:
+            at = [i for i, x in enumerate(out_list) if x.get(key) == item.get(key)]
+            if at:
+                out_list[at[0]] = _merge(out_list[at[0]], item, "")
+            else:
+                out_list.append(copy.deepcopy(item))
+        return out_list
+    return copy.deepcopy(patch)
+
+
+def _ident(doc: dict[str, Any]) -> tuple[str, str, str]:
+    return (doc["apiVersion"].split("/")[0], doc["kind"], doc["metadata"]["name"])
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize directory`` prints, for the supported subset."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(spec) - _KNOWN
+    assert not unknown, f"{directory}: the test's loader does not support {sorted(unknown)}"
+    docs: list[dict[str, Any]] = []
+    for res in spec.get("resources", []):
+        path = (directory / res).resolve()
+        if path.is_dir():
+            docs.extend(render(path))
+        else:
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    for entry in spec.get("patches", []):
+        assert set(entry) == {"path"}, f"unsupported patch entry {entry}"
+        for patch in yaml.safe_load_all((directory / entry["path"]).read_text()):
+            hits = [i for i, d in enumerate(docs) if _ident(d) == _ident(patch)]
+            assert len(hits) == 1, f"patch target {_ident(patch)} not found once"
+            docs[hits[0]] = _merge(docs[hits[0]], patch)
+    for image in spec.get("images", []):
+        for doc in docs:
+            for c in _containers(doc):
+                name, _, _tag = c["image"].partition(":")
+                if name == image["name"]:
+                    c["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+    options = spec.get("generatorOptions", {})
+    if spec.get("secretGenerator"):
+        assert options.get("disableNameSuffixHash") is True, "hashed names are not supported"
+    for gen in spec.get("secretGenerator", []):
+        assert set(gen) <= {"name", "files"}, f"unsupported secretGenerator {gen}"
+        data = {}
+        for item in gen["files"]:
+            key, sep, rel = item.partition("=")
+            rel = rel if sep else key
+            key = key if sep else Path(rel).name
+            src = directory / rel
+            data[key] = base64.b64encode(src.read_bytes() if src.exists() else PLACEHOLDER)
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": gen["name"]},
+                "type": "Opaque",
+                "data": {k: v.decode() for k, v in data.items()},
+            }
+        )
+    for group in spec.get("labels", []):
+        assert set(group) == {"pairs"}, f"unsupported labels entry {group}"
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {}).update(group["pairs"])
+    if "namespace" in spec:
+        for doc in docs:
+            if doc["kind"] not in _CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = spec["namespace"]
+    return docs
+
+
+def _pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job"):
+        spec: dict[str, Any] = doc["spec"]["template"]["spec"]
+        return spec
+    return None
+
+
+def _containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    pod = _pod_spec(doc)
+    if pod is not None:
+        yield from pod.get("initContainers", [])
+        yield from pod["containers"]
+
+
+def _key(doc: dict[str, Any]) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def _with_placeholder_secrets(tmp: Path) -> Path:
+    """A copy of deploy/kubernetes whose overlays' secret files exist (kubectl needs them)."""
+    tree = tmp / "kubernetes"
+    shutil.copytree(KUBE, tree)
+    for overlay in OVERLAYS:
+        spec = yaml.safe_load((tree / "overlays" / overlay / "kustomization.yaml").read_text())
+        for gen in spec.get("secretGenerator", []):
+            for item in gen["files"]:
+                path = tree / "overlays" / overlay / item.rpartition("=")[2]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(PLACEHOLDER)
+    return tree
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(KUBE / "overlays" / request.param)
+
+
+# -- the command lines' parsers ---------------------------------------------------------------
+
+
+def _argparse_parser(module: str) -> argparse.ArgumentParser:
+    import importlib
+
+    parser: argparse.ArgumentParser = importlib.import_module(module)._parser()
+    return parser
+
+
+def _check_argparse(module: str, argv: list[str]) -> argparse.Namespace:
+    parser = _argparse_parser(module)
+    known = set(parser._option_string_actions)
+    for token in argv:
+        if token.startswith("--"):
+            flag = token.split("=", 1)[0]
+            assert flag in known, f"{parser.prog}: no option {flag} (argv {argv})"
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:  # argparse reports on stderr and exits 2
+        raise AssertionError(f"{parser.prog} refuses {argv}") from exc
+
+
+def _check_meshctl(argv: list[str]) -> None:
+    from meshserve.client.cli.app import build
+
+    # typer carries its own click: a group is what resolves subcommands. Options are matched
+    # exactly (click has no abbreviations); a bad one raises a UsageError.
+    cmd: Any = typer.main.get_command(build())
+    ctx = cmd.make_context("meshctl", list(argv))
+    path = ["meshctl"]
+    while hasattr(cmd, "resolve_command"):
+        rest = [*ctx._protected_args, *ctx.args]
+        assert rest, f"meshctl {argv}: no subcommand"
+        name, sub, rest = cmd.resolve_command(ctx, rest)
+        assert sub is not None and name is not None
+        path.append(name)
+        cmd = sub
+        ctx = cmd.make_context(name, rest, parent=ctx)
+    assert path[1:] == ["policy", "apply"], path  # the one meshctl call the manifests make
+
+
+_ETCD_FLAGS: set[str] | None = None
+
+
+def _check_etcd(argv: list[str]) -> None:
+    global _ETCD_FLAGS
+    etcd = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
+    if etcd is None:
+        return  # the suite's own etcd is missing: the other tests say so
+    if _ETCD_FLAGS is None:
+        out = subprocess.run([etcd, "--help"], capture_output=True, text=True, timeout=30)
+        _ETCD_FLAGS = set(re.findall(r"(--[a-z][a-z0-9-]+)", out.stdout + out.stderr))
+    for token in argv:
+        if token.startswith("--"):
+            assert token.split("=", 1)[0] in _ETCD_FLAGS, f"etcd has no flag {token}"
+
+
+def _check_python_c(argv: list[str]) -> None:
+    assert argv[1] == "-c", argv
+    compile(argv[2], "<probe>", "exec")
+
+
+def _check_sh(argv: list[str]) -> None:
+    assert argv[1] == "-c" and len(argv) == 3, argv
+    # the init container's copy: plain coreutils, checked for shape only
+    assert re.fullmatch(r"cp [^;&|]+ && chmod 0400 [^;&|]+", argv[2]), argv[2]
+
+
+CHECKERS: dict[str, Callable[[list[str]], Any]] = {
+    "meshserve-controlplane": lambda a: _check_argparse("meshserve.controlplane.__main__", a[1:]),
+    "meshserve-node": lambda a: _check_argparse("meshserve.node.__main__", a[1:]),
+    "meshserve-gateway": lambda a: _check_argparse(
+        "meshserve.controlplane.dataplane.standalone", a[1:]
+    ),
+    "meshctl": lambda a: _check_meshctl(a[1:]),
+    "etcd": _check_etcd,
+    "python": _check_python_c,
+    "sh": _check_sh,
+}
+
+
+def check_command(argv: list[str]) -> str:
+    """Parse argv with its program's parser; returns the program's name."""
+    program = Path(argv[0]).name
+    assert program in CHECKERS, f"no parser known for {argv[0]}"
+    CHECKERS[program](argv)
+    return program
+
+
+EXAMPLE_FIELDS = {
+    "metadata.name": "meshserve-node-pool-7d9f8c6b5-x2k4q",
+    "metadata.namespace": "meshserve",
+    "spec.nodeName": "worker-3",
+    "status.podIP": "10.42.3.17",
+}
+
+
+def _container_argv(c: dict[str, Any]) -> list[str]:
+    """command + args with $(VAR) expanded from the container's env (example values)."""
+    env = {}
+    for e in c.get("env", []):
+        assert "secretKeyRef" not in e.get("valueFrom", {}), f"{c['name']}: a secret in env"
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            env[e["name"]] = EXAMPLE_FIELDS[e["valueFrom"]["fieldRef"]["fieldPath"]]
+    argv = [*c.get("command", []), *c.get("args", [])]
+
+    def expand(s: str) -> str:
+        return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], s)
+
+    return [expand(str(a)) for a in argv]
+
+
+# -- Kubernetes -------------------------------------------------------------------------------
+
+
+def test_kubectl_kustomize_renders_what_the_test_loader_renders(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the loader alone renders the overlays")
+    tree = _with_placeholder_secrets(tmp_path)
+    for name in OVERLAYS:
+        out = subprocess.run(
+            [kubectl, "kustomize", str(tree / "overlays" / name)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        theirs = sorted((d for d in yaml.safe_load_all(out) if d), key=_key)
+        ours = sorted(render(tree / "overlays" / name), key=_key)
+        assert [_key(d) for d in ours] == [_key(d) for d in theirs]
+        for a, b in zip(ours, theirs, strict=True):
+            assert a == b, f"{name} {_key(a)}: the loader differs from kubectl kustomize"
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _name, docs = overlay
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "StatefulSet",
+        "Deployment",
+        "DaemonSet",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "ServiceMonitor",
+    } <= kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: checked by the next test
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{_key(doc)}: {exc.message} at {list(exc.path)}") from exc
+
+
+def test_the_service_monitor_has_what_the_prometheus_operator_requires(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """No CRD schema offline: apiVersion, kind and the required fields, checked by hand."""
+    _name, docs = overlay
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 1
+    mon = monitors[0]
+    assert mon["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(mon) == {"apiVersion", "kind", "metadata", "spec"}
+    spec = mon["spec"]
+    assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    selected = set(spec["selector"]["matchExpressions"][0]["values"])
+    assert spec["endpoints"] and all(e["port"] == "metrics" for e in spec["endpoints"])
+    # every selected Service has a port named metrics, and every component is selected
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert selected == set(services)
+    for name in selected:
+        assert "metrics" in {p["name"] for p in services[name]["spec"]["ports"]}, name
+
+
+def test_every_command_line_parses_with_its_programs_parser(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _name, docs = overlay
+    seen: dict[str, int] = {}
+    for doc in docs:
+        for c in _containers(doc):
+            program = check_command(_container_argv(c))
+            seen[program] = seen.get(program, 0) + 1
+            for probe in ("readinessProbe", "livenessProbe"):
+                if "exec" in c.get(probe, {}):
+                    check_command(c[probe]["exec"]["command"])
+    assert seen == {
+        "meshserve-controlplane": 1,
+        "meshserve-gateway": 1,
+        "meshserve-node": 2,
+        "meshctl": 1,
+        "etcd": 1,
+        "sh": 1,
+    }
+
+
+def _port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def test_ports_flags_probes_and_services_agree(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    _name, docs = overlay
+    for doc in docs:
+        for c in _containers(doc):
+            argv = _container_argv(c)
+            program = Path(argv[0]).name
+            if not program.startswith("meshserve-"):
+                continue
+            ns = CHECKERS[program](argv)
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert _port_of(ns.listen) == ports["grpc"], _key(doc)
+            assert ns.metrics_listen.startswith("0.0.0.0:"), _key(doc)  # scraped from outside
+            assert _port_of(ns.metrics_listen) == ports["metrics"], _key(doc)
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert c[probe]["grpc"]["port"] == ports["grpc"], (_key(doc), probe)
+            if program == "meshserve-node":
+                assert _port_of(ns.advertise) == ports["grpc"]
+    # the network policies open exactly the ports the workloads listen on
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert policies["default-deny-ingress"]["spec"]["podSelector"] == {}
+    etcd_rules = policies["etcd"]["spec"]["ingress"]
+    client = [r for r in etcd_rules if r["ports"] == [{"port": 2379}]]
+    only_replicas = {"matchLabels": {"app.kubernetes.io/name": "meshserve-controlplane"}}
+    assert client == [{"from": [{"podSelector": only_replicas}], "ports": [{"port": 2379}]}]
+    node_rules = policies["meshserve-node"]["spec"]["ingress"]
+    assert {"port": 9001} in node_rules[0]["ports"] and "from" in node_rules[0]
+
+
+def test_secrets_are_files_with_owner_and_group_modes_and_cover_every_flag(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _name, docs = overlay
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    for doc in docs:
+        pod = _pod_spec(doc)
+        if pod is None:
+            continue
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for claim in doc["spec"].get("volumeClaimTemplates", []):
+            volumes[claim["metadata"]["name"]] = {"persistentVolumeClaim": claim}
+        for v in volumes.values():
+            if "secret" in v:
+                assert v["secret"].get("defaultMode") in (0o400, 0o440), (_key(doc), v)
+                assert v["secret"]["secretName"] in secrets, (_key(doc), v)
+        for c in _containers(doc):
+            assert "envFrom" not in c
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
+            for token in _container_argv(c)[1:]:
+                value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else ""
+                if not value.startswith(("/etc/", "/run/")):
+                    continue
+                parent = str(Path(value).parent)
+                assert parent in mounts, f"{_key(doc)}: {value} is in no mounted volume"
+                volume = mounts[parent]
+                if "secret" in volume:
+                    keys = set(secrets[volume["secret"]["secretName"]]["data"])
+                    assert Path(value).name in keys, f"{_key(doc)}: {value} not in the Secret"
+
+
+def test_the_policy_config_map_is_the_shipped_policy_and_parses() -> None:
+    from meshserve.common.policy.config import parse_policy
+
+    docs = render(KUBE / "overlays" / "production")
+    (cm,) = [d for d in docs if _key(d) == "ConfigMap/meshserve-policy"]
+    text = cm["data"]["policy.yaml"]
+    assert text == (DEPLOY / "policies" / "spread-across-zones.yaml").read_text()
+    assert parse_policy(text).name == "spread-across-zones"
+
+
+# -- compose, Dockerfile, systemd -------------------------------------------------------------
+
+
+def test_the_compose_file_validates_against_the_compose_specification() -> None:
+    schema = json.loads((DEPLOY / "compose" / "schema" / "compose-spec.json").read_text())
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    jsonschema.validate(compose, schema, cls=jsonschema.Draft7Validator)
+    assert {"etcd", "controlplane", "gateway", "node-1", "node-2"} == set(compose["services"])
+    seen = []
+    for name, service in compose["services"].items():
+        seen.append(check_command(service["command"]))
+        test = service.get("healthcheck", {}).get("test")
+        if test and test[1] == "python":
+            check_command(test[1:])
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    assert sorted(seen) == sorted(
+        ["etcd", "meshserve-controlplane", "meshserve-gateway", "meshserve-node", "meshserve-node"]
+    )
+
+
+def _dockerfile_json(instruction: str) -> list[list[str]]:
+    text = (ROOT / "Dockerfile").read_text()
+    return [json.loads(m) for m in re.findall(rf"^{instruction} (\[.*\])$", text, re.M)]
+
+
+def test_the_dockerfile_is_multi_stage_slim_non_root_and_its_command_parses() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)
+    assert len(stages) >= 2 and stages[-1][0] == "python:3.11-slim", stages
+    final = text[text.rindex("\nFROM ") :]
+    users = re.findall(r"^USER (\S+)$", final, re.M)
+    assert users and not users[-1].startswith(("0", "root")), users
+    assert not re.search(r"apt-get|gcc|build-essential", final), "build tools in the final image"
+    cmds = _dockerfile_json("CMD") + _dockerfile_json("ENTRYPOINT")
+    assert cmds, "no CMD/ENTRYPOINT in exec form"
+    for argv in cmds:
+        check_command(argv)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[0:1] == ["*"] or "*" in ignored  # only what the Dockerfile copies
+
+
+def _systemd_argv(exec_start: str, env: dict[str, str]) -> list[str]:
+    """systemd's ExecStart expansion: ${VAR} is one argument's text, a bare $VAR word splits
+    at whitespace into zero or more arguments."""
+    out: list[str] = []
+    for word in shlex.split(exec_start):
+        bare = re.fullmatch(r"\$(\w+)", word)
+        if bare:
+            out.extend(env.get(bare.group(1), "").split())
+        else:
+            out.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], word))
+    return out
+
+
+def test_the_systemd_units_exec_start_parses_with_the_example_environment() -> None:
+    env = {}
+    for line in (DEPLOY / "systemd" / "node.env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    units = sorted((DEPLOY / "systemd").glob("*.service"))
+    assert units
+    for unit in units:
+        starts = [
+            line.split("=", 1)[1]
+            for line in unit.read_text().splitlines()
+            if line.startswith("ExecStart=")
+        ]
+        assert starts, unit
+        for start in starts:
+            argv = _systemd_argv(start, env)
+            assert check_command(argv) == "meshserve-node"
+            assert "--node-id" in argv  # MESHSERVE_EXTRA_ARGS split into its words
