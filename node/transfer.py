@@ -481,8 +481,11 @@ class Transfer:
         if total is not None and have > total:  # not a prefix of this object
             part.unlink(missing_ok=True)
             digest, have = hashlib.sha256(), 0
-        if total is not None and have == total:
-            return digest.hexdigest()
+        if total is not None and have == total:  # complete already, as after an http 416
+            if digest.hexdigest() == sha256:
+                return sha256
+            part.unlink(missing_ok=True)
+            raise _Transient("the partial download was invalid; restarting")
         rate = _Rate(self.min_rate_bps, self.rate_window_s)
         with _backend_errors(uri, clock, self):
             f = fs.open(path, "rb", block_size=OBJECT_BLOCK, cache_type="none")

@@ -107,6 +107,16 @@ async def test_a_part_that_is_no_prefix_of_the_object_fails_and_is_dropped(
     assert (await models.fetch(f"s3://{BUCKET}/blob.bin", BLOB_SHA)).read_bytes() == BLOB
 
 
+async def test_a_whole_part_of_another_object_is_dropped_and_fetched_again(
+    s3: str, tmp_path: Path
+) -> None:
+    part = tmp_path / "cache" / f"{BLOB_SHA}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(bytes(len(BLOB)))  # the right size, the wrong bytes
+    path = await store(tmp_path, s3).fetch(f"s3://{BUCKET}/blob.bin", BLOB_SHA)
+    assert path.read_bytes() == BLOB
+
+
 async def test_s3_object_over_the_size_limit_is_refused_before_any_byte(
     s3: str, tmp_path: Path
 ) -> None:
