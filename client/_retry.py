@@ -2,8 +2,15 @@
 
 Contract:
 - :class:`RetryPolicy` is pure: which statuses are retriable and how long to wait before the
-  next attempt (full jitter on an exponential backoff, never less than the server's retry-after
-  hint, see :data:`meshserve.common.errors.RETRY_AFTER_KEY`).
+  next attempt (full jitter on an exponential backoff, never less than the server's hint).
+- :func:`translate` reads the server's hint from the trailing metadata: gRPC's own
+  ``grpc-retry-pushback-ms`` (:data:`~meshserve.common.errors.PUSHBACK_KEY`, gRFC A6) first,
+  else our older ``retry-after-ms``; a negative or malformed pushback means "do not retry"
+  (as A6 says): the hint is then infinite and no attempt follows.
+- :func:`service_config` is what gRPC retries by itself: the idempotent OIP reads
+  (``ServerLive``/``ServerReady``/``ServerMetadata``/``ModelReady``/``ModelMetadata``) on
+  UNAVAILABLE, with the policy's attempts (at most 5, gRPC's cap) and backoff; gRPC honours the
+  server's pushback there too. The SDK sets it on its gateway channel.
 - :func:`call_sync` / :func:`call_async` run ``attempt(timeout_s)`` (a gRPC call, or the SDK's
   routed attempt, which raises :class:`StatusError`) until one answers, a
   non-retriable status comes back, the attempts are used up, or the next attempt could not start
@@ -13,23 +20,41 @@ Contract:
   second one is sent (through a gateway, the second usually lands on another copy: the first
   still counts as in flight on its copy); the first answer wins and the other is cancelled.
   Only idempotent calls (inference) are retried or hedged.
+
+Why inference keeps this loop rather than gRPC's retryPolicy / hedgingPolicy: one policy per
+method can do either retries or hedging, not both; its attempts live on one channel, while the
+SDK's routed path sends each attempt to a node (or gateway) it picks again, and a hedged attempt
+must land on another copy; the caller's one deadline must bound the waits the server asks for;
+RESOURCE_EXHAUSTED is retried only when it carries a hint (a size limit fails the same way every
+time), which a retryPolicy cannot tell apart; and gRPC caps attempts at 5 and hides the failed
+ones from the caller (the "after N attempts" in the error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import queue
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 
-from meshserve.common.errors import RETRY_AFTER_KEY, StatusError, from_code
+from meshserve.common.errors import PUSHBACK_KEY, RETRY_AFTER_KEY, StatusError, from_code
 
-__all__ = ["NO_RETRY", "RetryPolicy", "call_async", "call_sync", "translate"]
+__all__ = [
+    "NO_RETRY",
+    "RetryPolicy",
+    "call_async",
+    "call_sync",
+    "retry_hint",
+    "service_config",
+    "translate",
+]
 
 T = TypeVar("T")
 
@@ -72,6 +97,55 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 
+#: The OIP calls gRPC retries by itself (:func:`service_config`): reads, safe to repeat.
+IDEMPOTENT_METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata")
+_OIP_SERVICE = "inference.GRPCInferenceService"
+_GRPC_MAX_ATTEMPTS = 5  # gRPC clamps a retryPolicy's maxAttempts to this
+
+
+def service_config(policy: RetryPolicy) -> str:
+    """The channel's ``grpc.service_config`` (JSON): gRPC's own retries of
+    :data:`IDEMPOTENT_METHODS` on UNAVAILABLE with ``policy``'s attempts and backoff; "" when
+    the policy allows one attempt only."""
+    attempts = min(_GRPC_MAX_ATTEMPTS, policy.max_attempts)
+    if attempts < 2:
+        return ""
+    names = [{"service": _OIP_SERVICE, "method": method} for method in IDEMPOTENT_METHODS]
+    retry = {
+        "maxAttempts": attempts,
+        "initialBackoff": f"{max(0.001, policy.initial_backoff_s):.3f}s",
+        "maxBackoff": f"{max(0.001, policy.max_backoff_s, policy.initial_backoff_s):.3f}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": retry}]})
+
+
+def retry_hint(metadata: Iterable[Any]) -> float | None:
+    """Seconds the server asks the client to wait, from trailing ``metadata``: the standard
+    ``grpc-retry-pushback-ms`` if present (negative or malformed: ``math.inf``, no retry),
+    else ``retry-after-ms`` (malformed: ignored); None when neither is there."""
+    pushback: str | None = None
+    ours: str | None = None
+    for item in metadata:
+        key, value = (item[0], item[1]) if isinstance(item, tuple) else ("", "")
+        if key == PUSHBACK_KEY:
+            pushback = value if isinstance(value, str) else ""
+        elif key == RETRY_AFTER_KEY:
+            ours = value if isinstance(value, str) else ""
+    if pushback is not None:
+        try:
+            ms = int(pushback)
+        except ValueError:
+            return math.inf
+        return math.inf if ms < 0 else ms / 1000.0
+    if ours is not None:
+        try:
+            return max(0, int(ours)) / 1000.0
+        except ValueError:
+            return None
+    return None
+
 
 def translate(exc: grpc.RpcError | StatusError) -> StatusError:
     """The :class:`StatusError` of a failed gRPC call, with its retry-after hint if any (a
@@ -83,13 +157,7 @@ def translate(exc: grpc.RpcError | StatusError) -> StatusError:
     error = from_code(code.value[0], details or code.name)
     hint = None
     if hasattr(exc, "trailing_metadata"):
-        for item in exc.trailing_metadata() or ():
-            key, value = (item[0], item[1]) if isinstance(item, tuple) else ("", "")
-            if key == RETRY_AFTER_KEY:
-                try:
-                    hint = int(value) / 1000.0
-                except (TypeError, ValueError):
-                    hint = None
+        hint = retry_hint(exc.trailing_metadata() or ())
     if hint is not None:
         error.retry_after_s = hint  # type: ignore[attr-defined]
     return error

@@ -34,7 +34,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from meshserve.client._admin import feedback_items
-from meshserve.client._retry import NO_RETRY, RetryPolicy, call_async, call_sync, translate
+from meshserve.client._retry import (
+    NO_RETRY,
+    RetryPolicy,
+    call_async,
+    call_sync,
+    service_config,
+    translate,
+)
 from meshserve.client._routed import (
     FIRST_WAIT_S,
     MODEL_INFER,
@@ -175,6 +182,8 @@ class _Base:
         self._target, extra = channel_target(target)
         self._node_options = _options(max_message_bytes)
         self._options = self._node_options + extra
+        if config := service_config(self.retry):  # gRPC retries the idempotent reads itself
+            self._options.append(("grpc.service_config", config))
         self._max_message_bytes = max_message_bytes
         self._tls = tls
         self._node_tls = tls.for_nodes() if tls is not None else None  # direct node channels

@@ -38,6 +38,7 @@ _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 __all__ = [
     "EOF",
+    "PUSHBACK_KEY",
     "RETRY_AFTER_KEY",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -90,8 +91,9 @@ class NotFound(StatusError):
 
 class ResourceExhausted(StatusError):
     """A queue or limit is full. ``retry_after_s``: when a retry may be admitted (a hint; None:
-    no estimate). The hint travels as trailing metadata ``retry-after-ms`` and, through tunnel
-    frames and between servers, at the end of the message ("...; retry after 40 ms")."""
+    no estimate). The hint travels as trailing metadata, under gRPC's own key
+    ``grpc-retry-pushback-ms`` and our older ``retry-after-ms``, and, through tunnel frames and
+    between servers, at the end of the message ("...; retry after 40 ms")."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -128,8 +130,11 @@ class PermissionDenied(StatusError):
 
 #: How a retry-after hint ends a RESOURCE_EXHAUSTED message (so it survives any hop).
 _RETRY_AFTER = re.compile(r"retry after (\d+) ms$")
-#: The trailing metadata key of the hint (milliseconds, an integer).
+#: The trailing metadata key of the hint (milliseconds, an integer); kept for older clients.
 RETRY_AFTER_KEY: Final = "retry-after-ms"
+#: gRPC's own key for the same hint (gRFC A6): gRPC's built-in retries (a service config's
+#: retryPolicy, in any language) wait this long before the next attempt.
+PUSHBACK_KEY: Final = "grpc-retry-pushback-ms"
 
 _BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -267,8 +272,9 @@ def _wrap_unary(
                 raise
             code, message = status_of(exc)
             hint = getattr(exc, "retry_after_s", None)
-            if hint is not None:
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(round(hint * 1000))),))
+            if hint is not None:  # the standard key and ours: both say when, in ms
+                ms = str(round(hint * 1000))
+                context.set_trailing_metadata(((PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)))
         # The status is set, not raised with ``context.abort``: grpc's AbortError keeps the
         # request in a reference cycle (its traceback's frames) that only the garbage collector
         # frees, so each failed query held its request until then (hundreds of MiB under load).

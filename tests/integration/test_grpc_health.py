@@ -2,18 +2,24 @@
 on the control plane, a standalone gateway and a node's direct port, asked with the Python
 clients a user (or a Kubernetes ``grpc:`` probe) uses -- real etcd, real processes on loopback.
 
+Also retry pushback (item 6): a gateway refusing a query for load answers RESOURCE_EXHAUSTED
+with gRPC's own ``grpc-retry-pushback-ms`` trailing metadata beside ``retry-after-ms``.
+
 The tests share one mesh and run in order: every server serves; reflection lists every
-service; etcd stopped turns the replica NOT_SERVING and back; last, a draining node turns
-NOT_SERVING (it is on its way out).
+service; an overloaded gateway pushes back; etcd stopped turns the replica NOT_SERVING and
+back; last, a draining node turns NOT_SERVING (it is on its way out).
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,8 +28,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from meshserve.client._admin import AdminClient
+from meshserve.client._retry import translate
+from meshserve.common.codec import build_request
 from meshserve.devtools.demo_models import make_mlp
 from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
+from meshserve.protos import inference_pb2, inference_pb2_grpc
 from tests.support.mesh import register_file, wait_copies
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -34,6 +43,7 @@ INFERENCE = "inference.GRPCInferenceService"
 ADMIN = "meshserve.v1.Admin"
 NODE_LINK = "meshserve.v1.NodeLink"
 STANDARD = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+HELD_MS = 2000  # n1's --fault-delay-ms: a query stays in flight while the others arrive
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Mesh:
     gateway: str
     node: str
     node_proc: ManagedProcess
+    limited: str  # a gateway admitting one query in flight per ready copy
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +63,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         local.start_etcd()
         cp = local.start_controlplane("cp-1").address
         node = f"127.0.0.1:{free_port()}"
-        proc = local.start_node("n1", [cp], extra=["--listen", node, "--drain-timeout-s", "30"])
+        flags = ["--listen", node, "--drain-timeout-s", "30", "--fault-delay-ms", str(HELD_MS)]
+        proc = local.start_node("n1", [cp], extra=flags)
         _, gateway = local.start_gateway([cp])
+        _, limited = local.start_gateway([cp], extra=["--max-in-flight-per-copy", "1"])
         with AdminClient(cp) as admin:
             wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="n1 linked")
             register_file(admin, "m", make_mlp(work / "m.onnx", in_features=4, hidden=(8,)))
             wait_copies(admin, "m", 1, timeout=60)
-        yield Mesh(local, cp, gateway, node, proc)
+        yield Mesh(local, cp, gateway, node, proc, limited)
 
 
 def check(address: str, service: str = "") -> int:
@@ -115,6 +128,37 @@ def test_reflection_lists_and_describes_every_service(mesh: Mesh) -> None:
             assert infer.input_type.full_name == "meshserve.inference.ModelInferRequest"
             for name in services - {INFERENCE}:
                 assert pool.FindServiceByName(name).methods, name
+
+
+async def _at_once(address: str, count: int) -> list[grpc.aio.AioRpcError | None]:
+    """``count`` queries at once; each one's error (None: answered)."""
+    x = np.zeros((1, 4), np.float32)
+
+    async def one(stub: inference_pb2_grpc.GRPCInferenceServiceStub, i: int) -> Any:
+        try:
+            await stub.ModelInfer(build_request("m", {"x": x + i}), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return None
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        await stub.ServerReady(inference_pb2.ServerReadyRequest(), timeout=10)  # connected
+        return list(await asyncio.gather(*(one(stub, i) for i in range(count))))
+
+
+def test_an_overloaded_gateway_pushes_back_with_the_standard_key(mesh: Mesh) -> None:
+    wait_until(lambda: check(mesh.limited) == SERVING, 10, what="the limited gateway SERVING")
+    outcomes = asyncio.run(_at_once(mesh.limited, 3))
+    refused = [e for e in outcomes if e is not None]
+    assert len(refused) == 2, [e and e.code() for e in outcomes]  # one held, two refused
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        trailing = dict(error.trailing_metadata() or ())
+        assert int(trailing["grpc-retry-pushback-ms"]) >= 1, trailing
+        assert trailing["retry-after-ms"] == trailing["grpc-retry-pushback-ms"]
+        hint = translate(error).retry_after_s  # type: ignore[attr-defined]
+        assert hint == int(trailing["grpc-retry-pushback-ms"]) / 1000
 
 
 def test_a_replica_without_etcd_is_not_serving_until_it_is_back(mesh: Mesh) -> None:
