@@ -296,15 +296,17 @@ EXAMPLE_FIELDS = {
 }
 
 
-def _container_argv(c: dict[str, Any]) -> list[str]:
-    """command + args with $(VAR) expanded from the container's env (example values)."""
+def _container_argv(c: dict[str, Any], fields: dict[str, str] | None = None) -> list[str]:
+    """command + args with $(VAR) expanded from the container's env (example values, or
+    ``fields`` for the downward API's)."""
+    fields = {**EXAMPLE_FIELDS, **(fields or {})}
     env = {}
     for e in c.get("env", []):
         assert "secretKeyRef" not in e.get("valueFrom", {}), f"{c['name']}: a secret in env"
         if "value" in e:
             env[e["name"]] = e["value"]
         else:
-            env[e["name"]] = EXAMPLE_FIELDS[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
     argv = [*c.get("command", []), *c.get("args", [])]
 
     def expand(s: str) -> str:
@@ -552,3 +554,131 @@ def test_the_systemd_units_exec_start_parses_with_the_example_environment() -> N
             argv = _systemd_argv(start, env)
             assert check_command(argv) == "meshserve-node"
             assert "--node-id" in argv  # MESHSERVE_EXTRA_ARGS split into its words
+
+
+# -- the etcd TLS wiring, run for real ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _secret_dir(target: Path, overlay_dir: Path, name: str, files_dir: Path) -> Path:
+    """What kubelet mounts for Secret ``name`` (mode 0440), its files taken from ``files_dir``
+    standing in for the overlay's secrets/etcd folder."""
+    spec = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text())
+    (gen,) = [g for g in spec["secretGenerator"] if g["name"] == name]
+    target.mkdir()
+    for item in gen["files"]:
+        key, sep, rel = item.partition("=")
+        rel = rel if sep else key
+        key = key if sep else Path(rel).name
+        assert rel.startswith("secrets/etcd/"), rel
+        (target / key).write_bytes((files_dir / Path(rel).name).read_bytes())
+        (target / key).chmod(0o440)
+    return target
+
+
+async def _write_and_read(url: str, auth: Any) -> bytes:
+    from meshserve.controlplane.etcd.link import open_client, parse_endpoints
+
+    etcd = open_client(parse_endpoints(url), auth, timeout=5.0, options={})
+    await etcd.connect()
+    try:
+        await etcd.put(b"/meshserve/deploy-check", b"ok")
+        got = await etcd.get(b"/meshserve/deploy-check")
+        assert got is not None
+        value: bytes = got.value
+        return value
+    finally:
+        await etcd.close()
+
+
+def test_etcd_certs_script_statefulset_flags_and_controlplane_link_work_together(
+    tmp_path: Path,
+) -> None:
+    """deploy/kubernetes/etcd-certs.sh's files, in the Secrets the dev overlay generates, run
+    etcd with the StatefulSet's own flags (addresses moved to loopback) and let the control
+    plane's etcd link (its Deployment's flags, after the init container's copy) write and read."""
+    import asyncio
+    import os
+    import time
+    import urllib.request
+
+    from meshserve.controlplane.etcd.link import auth_from_args
+
+    etcd_bin = shutil.which("etcd") or "/usr/bin/etcd"
+    if not Path(etcd_bin).exists() or shutil.which("openssl") is None:
+        pytest.skip("needs etcd and openssl")
+    files = tmp_path / "made"
+    subprocess.run(
+        ["bash", str(KUBE / "etcd-certs.sh"), str(files)], check=True, capture_output=True
+    )
+    dev = KUBE / "overlays" / "dev"
+    tls = _secret_dir(tmp_path / "etcd-tls", dev, "meshserve-etcd-tls", files)
+    secret = _secret_dir(tmp_path / "etcd-secret", dev, "meshserve-etcd-client", files)
+    run_dir = tmp_path / "run-etcd"
+    run_dir.mkdir()
+
+    docs = {_key(d): d for d in render(dev)}
+    client, peer, metrics = _free_port(), _free_port(), _free_port()
+    moves = {
+        "/etc/etcd/tls": str(tls),
+        "/var/lib/etcd": str(tmp_path / "etcd-data"),
+        "https://0.0.0.0:2379": f"https://127.0.0.1:{client}",
+        "https://0.0.0.0:2380": f"https://127.0.0.1:{peer}",
+        "http://0.0.0.0:2381": f"http://127.0.0.1:{metrics}",
+        "etcd-0.etcd.meshserve.svc:2379": f"localhost:{client}",
+        "etcd-0.etcd.meshserve.svc:2380": f"localhost:{peer}",
+        "/etc/meshserve/etcd-secret": str(secret),
+        "/run/meshserve/etcd": str(run_dir),
+    }
+
+    def moved(arg: str) -> str:
+        for old, new in moves.items():
+            arg = arg.replace(old, new)
+        return arg
+
+    (etcd_c,) = docs["StatefulSet/etcd"]["spec"]["template"]["spec"]["containers"]
+    argv = [moved(a) for a in _container_argv(etcd_c, {"metadata.name": "etcd-0"})]
+    argv = [
+        f"--initial-cluster=etcd-0=https://localhost:{peer}"
+        if a.startswith("--initial-cluster=")
+        else a
+        for a in argv
+    ]
+    log = (tmp_path / "etcd.log").open("wb")
+    proc = subprocess.Popen([etcd_bin, *argv[1:]], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(150):  # bounded: 15 s
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/health", timeout=1) as r:
+                    if b"true" in r.read():
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
+            time.sleep(0.1)
+        else:
+            raise AssertionError("etcd never became healthy")
+
+        pod = docs["Deployment/meshserve-controlplane"]["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        subprocess.run([moved(a) for a in _container_argv(init)], check=True)
+        assert {os.stat(p).st_mode & 0o777 for p in run_dir.iterdir()} == {0o400}
+        (cp,) = pod["containers"]
+        cp_argv = [moved(a) for a in _container_argv(cp)]
+        ns = _check_argparse("meshserve.controlplane.__main__", cp_argv[1:])
+        ns.etcd = f"https://localhost:{client}"  # the three members, as one on loopback
+        url, auth = auth_from_args(ns)
+        assert auth is not None and auth.tls is not None
+        assert asyncio.run(_write_and_read(url, auth)) == b"ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
