@@ -27,7 +27,8 @@ __all__ = ["build", "main"]
 
 def build() -> typer.Typer:
     """The meshctl command tree (a new one per call)."""
-    app = typer.Typer(help="Operate a meshserve mesh.", no_args_is_help=True, add_completion=False)
+    # add_completion: --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    app = typer.Typer(help="Operate a meshserve mesh.", no_args_is_help=True, add_completion=True)
     models_app = typer.Typer(
         help="Register, evaluate, roll out, list and remove models.", no_args_is_help=True
     )
@@ -43,7 +44,8 @@ def build() -> typer.Typer:
         help="Development certificates for a mutual-TLS mesh.", no_args_is_help=True
     )
     app.add_typer(models_app, name="models")
-    app.add_typer(models_app, name="model", hidden=True)  # `meshctl model evaluate` reads naturally
+    # `meshctl model evaluate` reads naturally: `model` is the same group, shown as an alias
+    app.add_typer(models_app, name="model", help="Alias of `models`.")
     app.add_typer(nodes_app, name="nodes")
     app.add_typer(placements_app, name="placements")
     app.add_typer(policy_app, name="policy")
@@ -56,6 +58,7 @@ def build() -> typer.Typer:
     models_app.command("profile")(quality.profile)
     models_app.command("accuracy")(quality.accuracy)
     models_app.command("list")(models.list_models)
+    models_app.command("show")(models.show)
     models_app.command("remove")(models.remove)
     models_app.command("rollout")(rollout.rollout)
     models_app.command("rollback")(rollout.rollback)

@@ -11,9 +11,20 @@ import datetime
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from meshserve.client.cli._common import DEFAULT_TARGET, Target, admin_client, console
+from meshserve.client.cli._common import (
+    DEFAULT_TARGET,
+    Output,
+    OutputFormat,
+    Target,
+    admin_client,
+    console,
+    emit,
+    emit_line,
+    err_console,
+    table,
+)
+from meshserve.client.cli._records import event_record
 from meshserve.protos import mesh_pb2
 
 __all__ = ["events"]
@@ -26,9 +37,11 @@ def _row(e: mesh_pb2.Event) -> list[str]:
 
 
 def events(
-    limit: int = 50,
-    kind: str = "",
-    model: str = "",
+    limit: Annotated[int, typer.Option(help="at most this many events (the newest)")] = 50,
+    kind: Annotated[
+        str, typer.Option(help="only events of this kind (placement, scale, drain, policy, ...)")
+    ] = "",
+    model: Annotated[str, typer.Option(help="only events about this model")] = "",
     follow: Annotated[
         bool,
         typer.Option(
@@ -38,32 +51,39 @@ def events(
         ),
     ] = False,
     interval_s: Annotated[float, typer.Option(help="poll interval with --follow")] = 1.0,
+    output: Output = OutputFormat.table,
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """The decision log: placements, scaling, evictions, drains, policy changes, drift and
-    accuracy alarms (newest last)."""
+    accuracy alarms (newest last). With --follow and -o json: one JSON object per line."""
     with admin_client(target) as admin:
         if not follow:
-            _table(admin.list_events(limit, kind, model))
+            items = admin.list_events(limit, kind, model)
+            emit(output, {"events": [event_record(e) for e in items]}, lambda: _table(items))
             return
         polls = admin.follow_events(
             limit, kind, model, interval_s=max(0.1, interval_s), on_state=_notice
         )
         try:
-            _table(next(polls))
+            first = next(polls)
+            if output is OutputFormat.table:
+                _table(first)
+            else:
+                for e in first:
+                    emit_line(output, event_record(e), "")
             for batch in polls:
                 for e in batch:
-                    console.print("  ".join(_row(e)), highlight=False)
+                    emit_line(output, event_record(e), "  ".join(_row(e)))
         except KeyboardInterrupt:
             return
 
 
 def _table(items: list[mesh_pb2.Event]) -> None:
-    table = Table("seq", "time", "kind", "model", "node", "message", "replica")
+    t = table("seq", "time", "kind", "model", "node", "message", "replica")
     for e in items:
-        table.add_row(*_row(e))
-    console.print(table)
+        t.add_row(*_row(e))
+    console.print(t)
 
 
 def _notice(line: str) -> None:
-    console.print(f"[yellow]{line}[/yellow]", highlight=False)
+    err_console.print(f"[yellow]{line}[/yellow]", highlight=False)

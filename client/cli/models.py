@@ -18,25 +18,33 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from meshserve.client._admin import AdminClient
 from meshserve.client.cli._common import (
     DEFAULT_TARGET,
+    Output,
+    OutputFormat,
     Target,
     admin_client,
     console,
     copy_state,
+    emit,
+    err_console,
+    fail,
+    table,
     usage_error,
 )
+from meshserve.client.cli._records import alias_record, model_record
+from meshserve.client.cli.rollout import aliases_table as _aliases_table
 from meshserve.common.digest import sha256_file
+from meshserve.common.errors import NotFound
 from meshserve.protos import mesh_pb2
 
-__all__ = ["list_models", "register", "remove"]
+__all__ = ["list_models", "register", "remove", "show"]
 
 
 def register(
-    name: str,
+    name: Annotated[str, typer.Argument(help="the model's name")],
     artifact: Annotated[str, typer.Option(help="path or file:// / http(s):// URI")],
     sha256: Annotated[
         str, typer.Option(help="hex sha256 (computed for local files if omitted)")
@@ -47,13 +55,15 @@ def register(
     variant: Annotated[
         str, typer.Option(help="the variant's name, unique in the model (default: the version's)")
     ] = "",
-    copies: int = 1,
+    copies: Annotated[int, typer.Option(help="copies to keep READY (without autoscaling)")] = 1,
     selector: Annotated[str, typer.Option(help="node labels required, e.g. tier=edge")] = "",
     batching: Annotated[
         bool, typer.Option(help="dynamic batching (models with a batch axis)")
     ] = False,
-    max_batch_size: int = 32,
-    max_queue_delay_us: int = 0,
+    max_batch_size: Annotated[int, typer.Option(help="with --batching: most rows in a batch")] = 32,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="with --batching: longest a query waits for a batch to fill")
+    ] = 0,
     cache: Annotated[bool, typer.Option(help="response cache for identical queries")] = False,
     log_predictions: Annotated[
         bool, typer.Option(help="log predictions on the nodes (for feedback and audits)")
@@ -204,45 +214,71 @@ def _follow_copies(
             if failed and not ready and len(failed) >= copies:
                 progress.stop()
                 for node_id, why in failed.items():
-                    console.print(f"[red]failed[/red] on {node_id}: {why}")
+                    err_console.print(f"[red]failed[/red] on {node_id}: {why}")
                 raise typer.Exit(1)
             time.sleep(0.25)
         else:
-            console.print(
+            err_console.print(
                 f"[yellow]timed out[/yellow] after {timeout:.0f}s; see `meshctl nodes list`"
             )
             raise typer.Exit(1)
     console.print(f"[green]✓[/green] {model}/{variant}: {_copies(copies)} ready")
 
 
-def list_models(target: Target = DEFAULT_TARGET) -> None:
+def list_models(output: Output = OutputFormat.table, target: Target = DEFAULT_TARGET) -> None:
     """The tree: model -> versions (with the aliases pointing at each) -> variants."""
     with admin_client(target) as admin:
         models = admin.list_models()
         names = sorted({m.name for m in models})
         aliases = {n: [s.alias for s in admin.list_aliases(n)] for n in names}
-    table = Table("model", "version", "aliases", "variant", "accuracy", "copies", "artifact")
-    for m in sorted(models, key=lambda m: (m.name, _version(m), m.variant)):
-        version = _version(m)
-        pointing = []
-        for a in aliases.get(m.name, ()):
-            if a.version == version:
-                pointing.append(a.alias)
-            if a.canary_version == version:
-                pointing.append(f"{a.alias} canary {a.canary_percent:g}%")
-        table.add_row(
-            m.name,
-            version,
-            ", ".join(pointing) or "-",
-            m.variant,
-            f"{m.accuracy:.4f}" if m.accuracy else "-",
-            str(m.copies),
-            m.artifact_uri,
+    ordered = sorted(models, key=lambda m: (m.name, _version(m), m.variant))
+    records = [model_record(m, aliases.get(m.name, ())) for m in ordered]
+    emit(output, {"models": records}, lambda: _models_table(records))
+
+
+def _models_table(records: list[dict[str, Any]]) -> None:
+    t = table("model", "version", "aliases", "variant", "accuracy", "copies", "artifact")
+    for r in records:
+        t.add_row(
+            r["name"],
+            r["version"],
+            ", ".join(r["aliases"]) or "-",
+            r["variant"],
+            f"{r['accuracy']:.4f}" if r["accuracy"] else "-",
+            str(r["copies"]),
+            r["artifact_uri"],
         )
-    console.print(table)
+    console.print(t)
 
 
-def remove(name: str, variant: str = "", target: Target = DEFAULT_TARGET) -> None:
+def show(
+    name: Annotated[str, typer.Argument(help="the model")],
+    output: Output = OutputFormat.table,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """One model: its variants (by version) and its aliases with each version's readiness."""
+    with admin_client(target) as admin:
+        specs = [m for m in admin.list_models() if m.name == name]
+        if not specs:
+            fail(NotFound(f"model {name!r} is not registered"))
+        statuses = admin.list_aliases(name)
+    ordered = sorted(specs, key=lambda m: (_version(m), m.variant))
+    variants = [model_record(m, [s.alias for s in statuses]) for m in ordered]
+    record = {"name": name, "variants": variants, "aliases": [alias_record(s) for s in statuses]}
+
+    def render() -> None:
+        _models_table(variants)
+        _aliases_table(statuses)
+
+    emit(output, record, render)
+
+
+def remove(
+    name: Annotated[str, typer.Argument(help="the model")],
+    variant: Annotated[str, typer.Option(help="only this variant (default: all of them)")] = "",
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """Remove a model (or one variant): its copies are unloaded everywhere."""
     with admin_client(target) as admin:
         removed = admin.remove_model(name, variant)
     console.print(f"removed {removed} variant(s)")

@@ -22,16 +22,19 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from meshserve.client.cli._common import (
     DEFAULT_TARGET,
+    Output,
+    OutputFormat,
     Target,
     admin_client,
     console,
-    copy_state,
+    emit,
+    table,
 )
-from meshserve.client.cli._placement_view import node_state, ready_copies, replication
+from meshserve.client.cli._placement_view import ready_copies, replication
+from meshserve.client.cli._records import node_record, placement_record
 from meshserve.protos import mesh_pb2
 
 __all__ = [
@@ -44,29 +47,56 @@ __all__ = [
 ]
 
 
-def list_nodes(target: Target = DEFAULT_TARGET) -> None:
+def list_nodes(output: Output = OutputFormat.table, target: Target = DEFAULT_TARGET) -> None:
+    """Every node: state (serving or draining), labels, direct address, the replicas holding
+    its streams, memory used/total, and its copies with their states."""
     with admin_client(target) as admin:
         nodes = admin.list_nodes()
-    table = Table("node", "state", "labels", "direct", "replicas", "copies")
-    for n in nodes:
-        copies = ", ".join(f"{c.model}/{c.variant}:{copy_state(c.state)}" for c in n.copies)
-        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
-        claimed = {k: v for k, v in n.reported_labels.items() if n.labels.get(k) != v}
-        if claimed:
-            labels += " claimed:" + ",".join(f"{k}={v}" for k, v in sorted(claimed.items()))
-        table.add_row(
-            n.node_id,
-            node_state(n),
-            labels,
-            n.direct_address or "(tunnel)",
-            ",".join(n.replicas),
-            copies,
+    records = [node_record(n) for n in nodes]
+
+    def render() -> None:
+        ids = max((len(r["node_id"]) for r in records), default=0)
+        t = table(
+            "node",
+            "state",
+            "labels",
+            "direct",
+            "replicas",
+            "memory",
+            "copies",
+            whole={"node": ids, "state": len("draining")},
         )
-    console.print(table)
+        for r in records:
+            copies = ", ".join(f"{c['model']}/{c['variant']}:{c['state']}" for c in r["copies"])
+            labels = ",".join(f"{k}={v}" for k, v in r["labels"].items())
+            if r["claimed_labels"]:
+                labels += " claimed:" + ",".join(f"{k}={v}" for k, v in r["claimed_labels"].items())
+            state = r["state"]
+            t.add_row(
+                r["node_id"],
+                f"[yellow]{state}[/yellow]" if r["draining"] else state,
+                labels,
+                r["direct_address"] or "(tunnel)",
+                ",".join(r["replicas"]),
+                _memory(r["memory_used_bytes"], r["memory_total_bytes"]),
+                copies,
+            )
+        console.print(t)
+
+    emit(output, {"nodes": records}, render)
+
+
+def _memory(used: int | None, total: int | None) -> str:
+    """``0.2/15.5 GiB`` (the node's RSS / what it offers placement); ``?/15.5 GiB`` with the
+    total only; ``-`` when unknown."""
+    if total is None:
+        return "-"
+    gib = 1 << 30
+    return f"{'?' if used is None else f'{used / gib:.1f}'}/{total / gib:.1f} GiB"
 
 
 def drain(
-    node_id: str,
+    node_id: Annotated[str, typer.Argument(help="the node")],
     undo: Annotated[bool, typer.Option("--undo", help="undrain instead")] = False,
     target: Target = DEFAULT_TARGET,
 ) -> None:
@@ -77,7 +107,7 @@ def drain(
 
 
 def label(
-    node_id: str,
+    node_id: Annotated[str, typer.Argument(help="the node")],
     labels: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE labels to set")] = None,
     remove: Annotated[
         list[str] | None, typer.Option("--remove", help="a label key to remove (repeatable)")
@@ -115,18 +145,31 @@ def confirm_unloads(target: Target = DEFAULT_TARGET) -> None:
         )
 
 
-def list_placements(model: str = "", target: Target = DEFAULT_TARGET) -> None:
+def list_placements(
+    model: Annotated[str, typer.Option(help="only this model (default: every model)")] = "",
+    output: Output = OutputFormat.table,
+    target: Target = DEFAULT_TARGET,
+) -> None:
+    """What the leader decided per variant: READY copies of desired (marked under-replicated
+    when fewer), chosen nodes, failures and when each is retried."""
     with admin_client(target) as admin:
         placements = admin.list_placements(model)
         ready = ready_copies(admin.list_nodes())
-    table = Table("model", "variant", "desired", "ready", "nodes", "failed")
-    for p in placements:
-        failed = "; ".join(_failure(p, k, v) for k, v in p.failed.items())
-        r = replication(p, ready)
-        nodes = "; ".join(filter(None, (", ".join(p.nodes), r.note())))
-        cell = f"[red]{r.cell()}[/red]" if r.under else r.cell()
-        table.add_row(p.model, p.variant, str(p.desired_copies), cell, nodes, failed)
-    console.print(table)
+    records = [placement_record(p, ready) for p in placements]
+
+    def render() -> None:
+        t = table(
+            "model", "variant", "ready/desired", "nodes", "failed", whole={"ready/desired": 20}
+        )
+        for p in placements:
+            failed = "; ".join(_failure(p, k, v) for k, v in p.failed.items())
+            r = replication(p, ready)
+            nodes = "; ".join(filter(None, (", ".join(p.nodes), r.note())))
+            cell = f"[red]{r.cell()}[/red]" if r.under else r.cell()
+            t.add_row(p.model, p.variant, cell, nodes, failed)
+        console.print(t)
+
+    emit(output, {"placements": records}, render)
 
 
 def _failure(p: mesh_pb2.Placement, node_id: str, reason: str) -> str:
@@ -141,7 +184,7 @@ def _failure(p: mesh_pb2.Placement, node_id: str, reason: str) -> str:
 
 
 def retry_placements(
-    model: str,
+    model: Annotated[str, typer.Argument(help="the model whose failed copies to retry")],
     node: Annotated[str, typer.Option("--node", help="only this node (default: every node)")] = "",
     variant: Annotated[str, typer.Option("--variant", help="only this variant")] = "",
     target: Target = DEFAULT_TARGET,

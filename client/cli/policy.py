@@ -8,16 +8,23 @@ replica picks it up for its next decisions; ``get`` prints the policy in force a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from meshserve.client.cli._common import (
     DEFAULT_TARGET,
+    Output,
+    OutputFormat,
     Target,
     admin_client,
     console,
+    emit,
+    err_console,
     usage_error,
 )
+
+PolicyFile = Annotated[Path, typer.Argument(help="the policy YAML file")]
 
 __all__ = ["apply", "get", "validate"]
 
@@ -29,7 +36,7 @@ def _read_policy(path: Path) -> str:
         usage_error(f"cannot read {path}: {exc}")
 
 
-def validate(file: Path, target: Target = DEFAULT_TARGET) -> None:
+def validate(file: PolicyFile, target: Target = DEFAULT_TARGET) -> None:
     """Check a policy file here and with the control plane (dry run); nothing is stored."""
     from meshserve.common.policy.config import PolicyError, parse_policy
 
@@ -37,14 +44,14 @@ def validate(file: Path, target: Target = DEFAULT_TARGET) -> None:
     try:
         policy = parse_policy(text)
     except PolicyError as exc:
-        console.print(f"[red]invalid[/red] {file}: {exc}")
+        err_console.print(f"[red]invalid[/red] {file}: {exc}")
         raise typer.Exit(1) from None
     with admin_client(target) as admin:
         admin.apply_policy(text, dry_run=True)
     console.print(f"{file}: policy {policy.name!r} is valid")
 
 
-def apply(file: Path, target: Target = DEFAULT_TARGET) -> None:
+def apply(file: PolicyFile, target: Target = DEFAULT_TARGET) -> None:
     """Store a policy in etcd; every control-plane replica applies it to its next decisions."""
     text = _read_policy(file)
     with admin_client(target) as admin:
@@ -52,11 +59,25 @@ def apply(file: Path, target: Target = DEFAULT_TARGET) -> None:
     console.print(f"policy {out.name!r} applied (etcd revision {out.revision})")
 
 
-def get(target: Target = DEFAULT_TARGET) -> None:
-    """Print the policy in force (as applied)."""
+def get(output: Output = OutputFormat.table, target: Target = DEFAULT_TARGET) -> None:
+    """Print the policy in force (as applied); -o json|yaml: the record with it parsed."""
+    import yaml
+
     with admin_client(target) as admin:
         out = admin.get_policy()
-    if not out.yaml:
-        console.print("# no policy applied: the built-in default is in force")
-        return
-    print(out.yaml, end="" if out.yaml.endswith("\n") else "\n")
+    parsed = yaml.safe_load(out.yaml) if out.yaml else None
+    record = {
+        "applied": bool(out.yaml),
+        "name": parsed.get("name") if isinstance(parsed, dict) else None,
+        "revision": int(out.revision) or None,
+        "policy": parsed,
+        "yaml": out.yaml or None,
+    }
+
+    def render() -> None:
+        if not out.yaml:
+            console.print("# no policy applied: the built-in default is in force")
+            return
+        print(out.yaml, end="" if out.yaml.endswith("\n") else "\n")
+
+    emit(output, record, render)

@@ -14,32 +14,38 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from meshserve.client.cli._common import (
     DEFAULT_TARGET,
+    Output,
+    OutputFormat,
     Target,
     admin_client,
     console,
+    emit,
+    err_console,
     fail,
     load_npz,
     mesh_client,
+    table,
     usage_error,
 )
+from meshserve.client.cli._records import variant_health_record
 from meshserve.common.errors import StatusError
+from meshserve.protos import mesh_pb2
 
 __all__ = ["accuracy", "evaluate", "profile"]
 
 
 def evaluate(
-    name: str,
+    name: Annotated[str, typer.Argument(help="the model")],
     data: Annotated[Path, typer.Option(help=".npz with the inputs (by input name) and labels")],
-    variant: str = "default",
+    variant: Annotated[str, typer.Option(help="the variant queried (and updated)")] = "default",
     labels: Annotated[str, typer.Option(help="array in --data holding the true labels")] = "y",
     output: Annotated[
         str, typer.Option(help="output to compare (default: an integer output, else argmax)")
     ] = "",
-    batch: int = 64,
+    batch: Annotated[int, typer.Option(help="rows per query")] = 64,
     update: Annotated[bool, typer.Option(help="store the measured accuracy on the variant")] = True,
     target: Target = DEFAULT_TARGET,
 ) -> None:
@@ -74,7 +80,7 @@ def evaluate(
             (m for m in admin.list_models() if m.name == name and m.variant == variant), None
         )
         if spec is None:
-            console.print(f"[red]error[/red] {name}/{variant} is not registered")
+            err_console.print(f"[red]error[/red] {name}/{variant} is not registered")
             raise typer.Exit(1)
         spec.accuracy = measured
         admin.register_spec(spec)
@@ -95,9 +101,9 @@ def _predicted_labels(result: dict[str, Any], output: str) -> Any:
 
 
 def profile(
-    name: str,
+    name: Annotated[str, typer.Argument(help="the model")],
     data: Annotated[Path, typer.Option(help=".npz sample of production-like inputs, by name")],
-    variant: str = "default",
+    variant: Annotated[str, typer.Option(help="the variant queried (and updated)")] = "default",
     input_name: Annotated[
         str, typer.Option("--input", help="input to profile (default: the only/first one)")
     ] = "",
@@ -105,7 +111,7 @@ def profile(
     outputs: Annotated[
         bool, typer.Option(help="also profile the predictions (queries the mesh with the sample)")
     ] = True,
-    batch: int = 64,
+    batch: Annotated[int, typer.Option(help="rows per query")] = 64,
     target: Target = DEFAULT_TARGET,
 ) -> None:
     """Store a drift reference for a variant: quantile-bin sketches of each input feature (and of
@@ -153,11 +159,20 @@ def profile(
     )
 
 
-def accuracy(name: str, target: Target = DEFAULT_TARGET) -> None:
+def accuracy(
+    name: Annotated[str, typer.Argument(help="the model")],
+    output: Output = OutputFormat.table,
+    target: Target = DEFAULT_TARGET,
+) -> None:
     """Live accuracy per variant (feedback joined to logged predictions) and drift scores."""
     with admin_client(target) as admin:
         variants = admin.model_health(name)
-    table = Table(
+    records = [variant_health_record(v) for v in variants]
+    emit(output, {"model": name, "variants": records}, lambda: _accuracy_table(variants))
+
+
+def _accuracy_table(variants: list[mesh_pb2.VariantHealth]) -> None:
+    t = table(
         "variant",
         "accuracy",
         "labelled",
@@ -174,7 +189,7 @@ def accuracy(name: str, target: Target = DEFAULT_TARGET) -> None:
         return "-" if value < 0 else format(value, fmt)
 
     for v in variants:
-        table.add_row(
+        t.add_row(
             v.variant,
             num(v.accuracy),
             str(v.feedback_joined),
@@ -186,7 +201,7 @@ def accuracy(name: str, target: Target = DEFAULT_TARGET) -> None:
             num(v.max_feature_psi, ".3f"),
             "[red]yes[/red]" if v.drifting else "no",
         )
-    console.print(table)
+    console.print(t)
     for v in variants:
         if v.features:
             top = ", ".join(f"{f.name} {f.psi:.3f}" for f in v.features[:5])

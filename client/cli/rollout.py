@@ -12,18 +12,28 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from meshserve.client._admin import AdminClient
-from meshserve.client.cli._common import DEFAULT_TARGET, Target, admin_client, console
+from meshserve.client.cli._common import (
+    DEFAULT_TARGET,
+    Output,
+    OutputFormat,
+    Target,
+    admin_client,
+    console,
+    emit,
+    err_console,
+    table,
+)
+from meshserve.client.cli._records import alias_record
 from meshserve.protos import mesh_pb2
 
-__all__ = ["aliases", "rollback", "rollout"]
+__all__ = ["aliases", "aliases_table", "rollback", "rollout"]
 
 
 def rollout(
-    name: str,
-    version: str,
+    name: Annotated[str, typer.Argument(help="the model")],
+    version: Annotated[str, typer.Argument(help="a registered version of it")],
     alias: Annotated[str, typer.Option(help="the alias to move")] = "live",
     canary: Annotated[
         float,
@@ -72,7 +82,7 @@ def _follow_rollout(
             if status is None or (a.version != version and not canary):
                 spinner.stop()  # the Admin API reads etcd: this is a change, not a lagging view
                 now = _alias_text(status) if status is not None else "removed"
-                console.print(f"[red]error[/red] {model}/{alias} was changed meanwhile: {now}")
+                err_console.print(f"[red]error[/red] {model}/{alias} was changed meanwhile: {now}")
                 raise typer.Exit(1)
             ready = {v.version: v for v in status.versions}.get(version)
             line = f"{version}: not placed yet; serving {status.serving or '-'}"
@@ -91,11 +101,11 @@ def _follow_rollout(
             if failed:
                 spinner.stop()
                 for node_id, why in failed.items():
-                    console.print(f"[red]failed[/red] {version} on {node_id}: {why}")
+                    err_console.print(f"[red]failed[/red] {version} on {node_id}: {why}")
                 raise typer.Exit(1)
             if time.monotonic() >= deadline:
                 spinner.stop()
-                console.print(
+                err_console.print(
                     f"[yellow]timed out[/yellow] after {timeout:.0f}s; the rollout goes on "
                     f"(meshctl model aliases {model})"
                 )
@@ -120,7 +130,7 @@ def _failed_everywhere(admin: AdminClient, model: str, version: str) -> dict[str
 
 
 def rollback(
-    name: str,
+    name: Annotated[str, typer.Argument(help="the model")],
     alias: Annotated[str, typer.Option(help="the alias to roll back")] = "live",
     target: Target = DEFAULT_TARGET,
 ) -> None:
@@ -131,11 +141,20 @@ def rollback(
     console.print(f"{name}/{alias}: {_alias_text(status)}")
 
 
-def aliases(name: str, target: Target = DEFAULT_TARGET) -> None:
+def aliases(
+    name: Annotated[str, typer.Argument(help="the model")],
+    output: Output = OutputFormat.table,
+    target: Target = DEFAULT_TARGET,
+) -> None:
     """A model's aliases: the version each points at, the one serving now, canary, readiness."""
     with admin_client(target) as admin:
         statuses = admin.list_aliases(name)
-    table = Table("alias", "version", "serving", "canary", "previous", "copies ready", "why")
+    emit(output, {"aliases": [alias_record(s) for s in statuses]}, lambda: aliases_table(statuses))
+
+
+def aliases_table(statuses: list[mesh_pb2.AliasStatus]) -> None:
+    """The aliases of a model as a table (``models aliases``, ``models show``)."""
+    t = table("alias", "version", "serving", "canary", "previous", "copies ready", "why")
     # a version's readiness sums its variants', named after it: "v2 [v2, v2-int8] 2/2"
     for s in statuses:
         a = s.alias
@@ -145,7 +164,5 @@ def aliases(name: str, target: Target = DEFAULT_TARGET) -> None:
         ready = ", ".join(
             f"{v.version} [{', '.join(v.variants)}] {v.ready}/{v.wanted}" for v in s.versions
         )
-        table.add_row(
-            a.alias, a.version, s.serving, canary, a.previous_version or "-", ready, s.reason
-        )
-    console.print(table)
+        t.add_row(a.alias, a.version, s.serving, canary, a.previous_version or "-", ready, s.reason)
+    console.print(t)

@@ -9,6 +9,8 @@ deployment may ship the client alone; DESIGN.md: nothing imports devtools but te
 
 from __future__ import annotations
 
+import enum
+import os
 import signal
 import tempfile
 import time
@@ -20,7 +22,7 @@ import typer
 from rich.table import Table
 
 from meshserve.client._admin import AdminClient
-from meshserve.client.cli._common import console
+from meshserve.client.cli._common import console, err_console
 from meshserve.common.digest import sha256_file
 from meshserve.protos import mesh_pb2
 
@@ -46,15 +48,34 @@ def up(
     insecure_etcd: Annotated[
         bool, typer.Option(help="start etcd without TLS and auth (default: both on)")
     ] = False,
+    metrics_listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of the control plane's Prometheus /metrics; the two nodes get "
+            "PORT+1 and PORT+2 (PORT 0: each a free port; default: no metrics endpoint)"
+        ),
+    ] = "",
+    trace: Annotated[
+        TraceExport | None,
+        typer.Option(
+            case_sensitive=False,
+            help="export every process's spans: console (printed into each process's log in "
+            "the workdir) or otlp (to OTEL_EXPORTER_OTLP_ENDPOINT, default a local collector "
+            "on 127.0.0.1:4317); every query is sampled unless OTEL_TRACES_SAMPLER says otherwise",
+        ),
+    ] = None,
 ) -> None:
     """Run a local mesh: etcd, a control plane, two nodes (one edge, tunnel-only), a demo model,
-    and demo traffic. Everything is stopped on Ctrl-C (or after --duration)."""
+    and demo traffic; print the `export MESHSERVE_TARGET=...` line for other shells. Everything
+    is stopped on Ctrl-C (or after --duration)."""
     # Lazy on purpose: devtools is a development dependency of this one command (module docstring).
     from meshserve.client import MeshClient
     from meshserve.devtools.demo_models import make_mlp, reference_outputs
     from meshserve.devtools.etcd import client_flags as etcd_client_flags
     from meshserve.devtools.local import LocalMesh, wait_until
 
+    metrics = _metrics_flags(metrics_listen)
+    env = _trace_env(trace)
     work = workdir or Path(tempfile.mkdtemp(prefix="meshserve-up-"))
     work.mkdir(parents=True, exist_ok=True)
     stop_requested = False
@@ -64,7 +85,7 @@ def up(
         stop_requested = True
 
     signal.signal(signal.SIGTERM, _on_signal)
-    with LocalMesh(work) as mesh:
+    with LocalMesh(work, env=env) as mesh:
         try:
             with console.status("starting etcd"):
                 if etcd:
@@ -78,7 +99,7 @@ def up(
                             password_file=etcd_password_file,
                         )
                     except ValueError as exc:  # names the option or file, never a secret
-                        console.print(f"[red]error[/red] --etcd: {exc}")
+                        err_console.print(f"[red]error[/red] --etcd: {exc}")
                         raise typer.Exit(2) from None
                     mesh.use_etcd(etcd, flags)
                     url = etcd
@@ -89,12 +110,18 @@ def up(
                 secured += ", auth)" if "--etcd-user" in mesh.etcd_args else ")"
             console.print(f"[green]✓[/green] etcd          {url}{secured}")
             with console.status("starting the control plane"):
-                cp = mesh.start_controlplane("cp-1")
+                cp = mesh.start_controlplane("cp-1", extra=metrics[0])
             console.print(f"[green]✓[/green] control plane {cp.address}")
             mesh.start_node(
-                "core-1", [cp.address], labels={"tier": "core", "zone": "a"}, direct=True
+                "core-1",
+                [cp.address],
+                labels={"tier": "core", "zone": "a"},
+                direct=True,
+                extra=metrics[1],
             )
-            mesh.start_node("edge-1", [cp.address], labels={"tier": "edge", "zone": "b"})
+            mesh.start_node(
+                "edge-1", [cp.address], labels={"tier": "edge", "zone": "b"}, extra=metrics[2]
+            )
             with AdminClient(cp.address) as admin:
                 wait_until(lambda: len(admin.list_nodes()) >= 2, 60, what="two nodes to join")
                 for n in admin.list_nodes():
@@ -141,12 +168,24 @@ def up(
                     )
             console.print(table)
             console.print(f"mesh is up: gateway {cp.address} (OIP v2 gRPC), logs in {work}")
+            for name, flags in zip(("cp-1", "core-1", "edge-1"), metrics, strict=True):
+                if flags:
+                    console.print(f"metrics: {name} http://{flags[1]}/metrics", highlight=False)
+            if trace is not None:
+                where = (
+                    f"printed into {work}/*.log"
+                    if trace is TraceExport.console
+                    else f"sent to {(env or {}).get('OTEL_EXPORTER_OTLP_ENDPOINT')}"
+                )
+                console.print(f"traces: every query's spans are {where}", highlight=False)
+            console.print("in another shell, point meshctl and the SDK at it with:")
+            console.print(f"export MESHSERVE_TARGET={cp.address}", highlight=False, soft_wrap=True)
             console.print("Ctrl-C to stop" if not duration else f"stopping in {duration:.0f}s")
             end = time.monotonic() + duration if duration else None
             while not stop_requested and (end is None or time.monotonic() < end):
                 if not all(p.alive() for p in mesh.processes):
                     dead = [p.name for p in mesh.processes if not p.alive()]
-                    console.print(f"[red]process exited:[/red] {', '.join(dead)}")
+                    err_console.print(f"[red]process exited:[/red] {', '.join(dead)}")
                     raise typer.Exit(1)
                 time.sleep(0.2)
         except KeyboardInterrupt:
@@ -155,6 +194,47 @@ def up(
             with console.status("stopping the mesh"):
                 mesh.close()
     console.print("[green]✓[/green] stopped; nothing left running")
+
+
+class TraceExport(enum.StrEnum):
+    """Where ``meshctl up --trace`` sends the spans."""
+
+    console = "console"
+    otlp = "otlp"
+
+
+def _metrics_flags(listen: str) -> list[list[str]]:
+    """The ``--metrics-listen`` flags of cp-1, core-1 and edge-1 (none without ``listen``):
+    ``HOST:PORT``, ``HOST:PORT+1``, ``HOST:PORT+2`` (port 0: each its own free port)."""
+    from meshserve.common.process import metrics_address
+
+    if not listen:
+        return [[], [], []]
+    try:
+        host, port = metrics_address(listen)
+    except ValueError as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    if port and port + 2 > 65535:
+        err_console.print(f"[red]error[/red] --metrics-listen {listen!r}: PORT+2 must be < 65536")
+        raise typer.Exit(2)
+    shown = f"[{host}]" if ":" in host else host
+    return [["--metrics-listen", f"{shown}:{port + i if port else 0}"] for i in range(3)]
+
+
+def _trace_env(trace: TraceExport | None) -> dict[str, str] | None:
+    """The environment of the mesh's processes for ``--trace`` (None: this one's, unchanged).
+    Sampling is left to the processes' default: with an exporter and no ``OTEL_TRACES_SAMPLER``
+    every query is traced (common/process.py, ``default_sampler``)."""
+    if trace is None:
+        return None
+    env = dict(os.environ)
+    if trace is TraceExport.console:
+        env["MESHSERVE_TRACE_CONSOLE"] = "1"
+    else:
+        env.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+        env.setdefault("OTEL_TRACES_EXPORTER", "otlp")
+    return env
 
 
 def certs_init(
@@ -195,7 +275,7 @@ def certs_init(
             force=force,
         )
     except (FileExistsError, ValueError) as exc:
-        console.print(f"[red]error[/red] {exc}")
+        err_console.print(f"[red]error[/red] {exc}")
         raise typer.Exit(1) from None
     table = Table("file", "what")
     uses = {

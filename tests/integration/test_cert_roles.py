@@ -124,7 +124,7 @@ def test_admin_client_and_meshctl_refuse_a_node_certificate(impostor: Impostor) 
         timeout=60,
         env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "MESHSERVE_ADMIN_TOKEN": token},
     )
-    assert meshctl.returncode == 1 and "UNAVAILABLE" in meshctl.stdout, meshctl.stdout
+    assert meshctl.returncode == 1 and "UNAVAILABLE" in meshctl.stderr, meshctl.stderr
     assert not impostor.recorder.saw(token)
 
 

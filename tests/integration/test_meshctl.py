@@ -89,7 +89,7 @@ def test_register_of_a_broken_artifact_fails_with_the_reason(
         live.address,
     )
     assert proc.returncode == 1
-    assert "not a loadable ONNX model" in proc.stdout
+    assert "not a loadable ONNX model" in proc.stderr
 
 
 def test_invalid_registration_is_refused_with_a_clear_message(live: ManagedProcess) -> None:
@@ -105,7 +105,7 @@ def test_invalid_registration_is_refused_with_a_clear_message(live: ManagedProce
         live.address,
     )
     assert proc.returncode == 1
-    assert "INVALID_ARGUMENT" in proc.stdout and "file://, http:// or https://" in proc.stdout
+    assert "INVALID_ARGUMENT" in proc.stderr and "file://, http:// or https://" in proc.stderr
 
 
 def test_policy_validate_apply_get_explain_and_events(live: ManagedProcess, tmp_path: Path) -> None:
@@ -113,9 +113,9 @@ def test_policy_validate_apply_get_explain_and_events(live: ManagedProcess, tmp_
     bad.write_text("name: bad\ndefault:\n  filters: [fits_memory, teleport]\n")
     proc = meshctl("policy", "validate", str(bad), "--target", live.address)
     assert proc.returncode == 1
-    assert "line 3" in proc.stdout and "teleport" in proc.stdout, proc.stdout
+    assert "line 3" in proc.stderr and "teleport" in proc.stderr, proc.stderr
     proc = meshctl("policy", "apply", str(bad), "--target", live.address)
-    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stdout and "line 3" in proc.stdout
+    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stderr and "line 3" in proc.stderr
     example = Path(__file__).parents[2] / "deploy" / "policies" / "edge-first.yaml"
     proc = meshctl("policy", "validate", str(example), "--target", live.address)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -132,7 +132,7 @@ def test_policy_validate_apply_get_explain_and_events(live: ManagedProcess, tmp_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "edge-1" in proc.stdout and "selected" in proc.stdout and "edge-first" in proc.stdout
     proc = meshctl("explain", "placement", "nope", "--target", live.address)
-    assert proc.returncode == 1 and "NOT_FOUND" in proc.stdout
+    assert proc.returncode == 1 and "NOT_FOUND" in proc.stderr and not proc.stdout
     proc = meshctl("events", "--kind", "policy", "--target", live.address)
     assert proc.returncode == 0 and "edge-first" in proc.stdout, proc.stdout
 
@@ -171,7 +171,7 @@ def test_models_evaluate_measures_and_stores_accuracy(live: ManagedProcess, tmp_
     proc = meshctl(
         "models", "evaluate", "graded", "--data", str(tmp_path / "nope.npz"), "-t", live.address
     )
-    assert proc.returncode == 2 and "cannot read" in proc.stdout
+    assert proc.returncode == 2 and "cannot read" in proc.stderr
 
 
 def test_list_switching_drain_remove_and_unreadable_credentials(
@@ -194,7 +194,7 @@ def test_list_switching_drain_remove_and_unreadable_credentials(
     proc = meshctl("models", "list", "-t", live.address)
     assert proc.returncode == 0 and "listed" not in proc.stdout
     proc = meshctl("models", "remove", "no such/name", "-t", live.address)
-    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stdout, proc.stdout
+    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stderr, proc.stderr
     missing = tmp_path / "no-token"
     proc = meshctl("--admin-token-file", str(missing), "nodes", "list", "-t", live.address)
-    assert proc.returncode == 2 and "cannot read admin token file" in proc.stdout, proc.stdout
+    assert proc.returncode == 2 and "cannot read admin token file" in proc.stderr, proc.stderr

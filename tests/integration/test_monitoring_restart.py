@@ -362,8 +362,8 @@ def test_events_follow_ends_on_a_status_that_retrying_cannot_fix(tmp_path: Path)
             capture_output=True, text=True, timeout=30, env=env,
         )  # fmt: skip
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert "UNAUTHENTICATED" in proc.stdout
-        assert "unreachable" not in proc.stdout, "not retried: a wrong credential stays wrong"
+        assert "UNAUTHENTICATED" in proc.stderr  # errors and notices go to stderr
+        assert "unreachable" not in proc.stderr, "not retried: a wrong credential stays wrong"
 
 
 @pytest.mark.timeout(30)

@@ -221,7 +221,7 @@ def test_certs_init_issues_a_working_chain(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert again.returncode == 1 and "exists" in again.stdout  # nothing overwritten
+    assert again.returncode == 1 and "exists" in again.stderr  # nothing overwritten
 
 
 def test_query_over_mutual_tls_with_an_api_key(secured: Secured) -> None:
@@ -291,7 +291,7 @@ def test_admin_api_needs_the_admin_token(secured: Secured) -> None:
         timeout=60,
         env=env,
     )
-    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stdout
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
 
 
 def _connect(secured: Secured, cert: str, node_id: str, token: str | None) -> grpc.StatusCode:
