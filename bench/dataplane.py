@@ -281,7 +281,11 @@ def run_monitoring(args: argparse.Namespace) -> dict[str, Any]:
             labels={"path": "monitored"},
             direct=True,
             extra=["--metrics-listen", f"127.0.0.1:{free_port()}"],
-            env={"MESHSERVE_TRACE_CONSOLE": "1"},
+            env={  # the production setting: 1 % of queries traced (default: all of them)
+                "MESHSERVE_TRACE_CONSOLE": "1",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.01",
+            },
         )
         rng = np.random.default_rng(0)
         sample = rng.standard_normal((2000, *model.x.shape[1:])).astype(model.x.dtype)

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from meshserve.common.process import otlp_span_exporter, service_resource
+from meshserve.common.process import default_sampler, otlp_span_exporter, service_resource
 
 _OTEL_VARIABLES = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -75,3 +75,22 @@ def test_the_service_name_defaults_to_the_process_and_yields_to_the_environment(
     assert resource.attributes["deployment.environment"] == "lab"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-8")
     assert service_resource("meshserve-node").attributes["service.name"] == "edge-8"
+
+
+def test_an_exporter_with_no_sampler_traces_every_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    sampler, ratio = default_sampler()
+    assert isinstance(sampler, ParentBased) and ratio is None  # parentbased_always_on
+    assert "AlwaysOnSampler" in sampler.get_description()
+
+
+def test_a_traceidratio_sampler_is_applied_where_queries_enter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.01")
+    assert default_sampler()[1] == 0.01
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    assert default_sampler() == (None, None)  # the SDK reads the variables itself
