@@ -18,13 +18,17 @@ Contract:
   differ from Triton's ``inference.*`` but the wire format carries no names, so ``grpcurl``
   describes and calls it as it is served.
 * :meth:`Health.shutdown` turns every service NOT_SERVING for good (draining, stopping): later
-  flips are ignored, so a maintenance loop cannot turn a stopping server back to SERVING.
+  flips are ignored, so a maintenance loop cannot turn a stopping server back to SERVING. Its
+  ``Watch`` streams send NOT_SERVING and end (OK), so a stopping server never waits its grace
+  period on a watcher (the library's streams last until the client goes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc import aio
@@ -86,10 +90,33 @@ def _wire_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+class _Servicer(HealthServicer):  # type: ignore[misc]
+    """The library's servicer, whose ``Watch`` streams end once :meth:`end_watches` is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ended = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            await asyncio.wait({watch, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, ended):
+                task.cancel()
+            await asyncio.gather(watch, ended, return_exceptions=True)
+        if ended.done() and not ended.cancelled():  # the last word, whatever the watch sent
+            await context.write(health_pb2.HealthCheckResponse(status=_NOT_SERVING))
+
+    def end_watches(self) -> None:
+        self._ended.set()
+
+
 class Health:
     """The serving state a server's health service reports (see the module contract)."""
 
-    def __init__(self, servicer: HealthServicer, services: Sequence[str]) -> None:
+    def __init__(self, servicer: _Servicer, services: Sequence[str]) -> None:
         self._servicer = servicer
         self.services = ("", *services)  # "" is the server as a whole
         self._state = dict.fromkeys(self.services, True)
@@ -111,6 +138,7 @@ class Health:
         """Every service NOT_SERVING from now on (drain or stop)."""
         self.stopping = True
         await self._servicer.enter_graceful_shutdown()
+        self._servicer.end_watches()
 
 
 async def add_standard_services(
@@ -118,7 +146,7 @@ async def add_standard_services(
 ) -> Health:
     """Add health and reflection to ``server`` (before it starts) for ``services`` (the names
     its other services answer at); they start SERVING unless ``serving`` is False."""
-    servicer = HealthServicer()
+    servicer = _Servicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     health = Health(servicer, services)
     for service in health.services:

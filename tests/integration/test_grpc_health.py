@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from meshserve.client._admin import AdminClient
 from meshserve.client._retry import translate
 from meshserve.common.codec import build_request
+from meshserve.common.health import add_standard_services
 from meshserve.devtools.demo_models import make_mlp
 from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
 from meshserve.protos import inference_pb2, inference_pb2_grpc
@@ -183,3 +184,27 @@ def test_a_draining_node_is_not_serving(mesh: Mesh) -> None:
     wait_until(lambda: check(mesh.node) == NOT_SERVING, 10, what="n1 NOT_SERVING while draining")
     assert check(mesh.node, INFERENCE) == NOT_SERVING
     assert mesh.node_proc.alive()
+
+
+async def test_a_watch_ends_when_the_server_shuts_down() -> None:
+    """In-process: a watcher sees SERVING, then NOT_SERVING, then the end of its stream, so a
+    stopping server does not wait its grace period on it."""
+    server = grpc.aio.server()
+    health = await add_standard_services(server, (INFERENCE,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            stream = stub.Watch(health_pb2.HealthCheckRequest(service=INFERENCE), timeout=10)
+            assert (await stream.read()).status == SERVING
+            await health.shutdown()
+            assert (await stream.read()).status == NOT_SERVING
+            while (message := await stream.read()) is not grpc.aio.EOF:  # at most a repeat
+                assert message.status == NOT_SERVING
+            assert await stream.code() == grpc.StatusCode.OK
+            await health.set(True)  # ignored once stopping
+            answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == NOT_SERVING
+    finally:
+        await server.stop(None)
