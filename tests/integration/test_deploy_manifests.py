@@ -49,10 +49,10 @@ PLACEHOLDER = b"placeholder: secret material is never committed\n"
 # -- a loader of the kustomize subset the overlays use ----------------------------------------
 # Supported: resources (files, or directories holding a kustomization.yaml), namespace, labels
 # (pairs, metadata only), images (newName/newTag), patches (path: strategic-merge patches naming
-# their target by apiVersion/kind/metadata.name), secretGenerator (files: KEY=PATH or PATH) with
-# generatorOptions.disableNameSuffixHash: true. Anything else is refused, so a kustomization
-# using more fails here rather than rendering wrong. A secretGenerator file that does not exist
-# (secrets are never committed) becomes PLACEHOLDER.
+# their target by apiVersion/kind/metadata.name), secretGenerator and configMapGenerator (files:
+# KEY=PATH or PATH) with generatorOptions.disableNameSuffixHash: true. Anything else is refused,
+# so a kustomization using more fails here rather than rendering wrong. A secretGenerator file
+# that does not exist (secrets are never committed) becomes PLACEHOLDER.
 
 _KNOWN = {
     "apiVersion",
@@ -63,6 +63,7 @@ _KNOWN = {
     "images",
     "patches",
     "secretGenerator",
+    "configMapGenerator",
     "generatorOptions",
 }
 _CLUSTER_SCOPED = {"Namespace"}
@@ -90,14 +91,16 @@ def _merge(base: Any, patch: Any, field: str = "") -> Any:
         return out
     key = _MERGE_KEYS.get(field)
     if key and isinstance(base, list) and isinstance(patch, list):
+        # as kubectl: items new to the list first (in the patch's order), then the base's
         out_list = [copy.deepcopy(x) for x in base]
+        added = []
         for item in patch:
             at = [i for i, x in enumerate(out_list) if x.get(key) == item.get(key)]
             if at:
                 out_list[at[0]] = _merge(out_list[at[0]], item, "")
             else:
-                out_list.append(copy.deepcopy(item))
-        return out_list
+                added.append(copy.deepcopy(item))
+        return added + out_list
     return copy.deepcopy(patch)
 
 
@@ -130,24 +133,34 @@ def render(directory: Path) -> list[dict[str, Any]]:
                 if name == image["name"]:
                     c["image"] = f"{image.get('newName', name)}:{image['newTag']}"
     options = spec.get("generatorOptions", {})
-    if spec.get("secretGenerator"):
+    if spec.get("secretGenerator") or spec.get("configMapGenerator"):
         assert options.get("disableNameSuffixHash") is True, "hashed names are not supported"
+    for gen in spec.get("configMapGenerator", []):
+        assert set(gen) <= {"name", "files"}, f"unsupported configMapGenerator {gen}"
+        files = _generator_files(directory, gen)
+        data = {k: src.read_text() for k, src in files.items()}
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": gen["name"]},
+                "data": data,
+            }
+        )
     for gen in spec.get("secretGenerator", []):
         assert set(gen) <= {"name", "files"}, f"unsupported secretGenerator {gen}"
-        data = {}
-        for item in gen["files"]:
-            key, sep, rel = item.partition("=")
-            rel = rel if sep else key
-            key = key if sep else Path(rel).name
-            src = directory / rel
-            data[key] = base64.b64encode(src.read_bytes() if src.exists() else PLACEHOLDER)
+        files = _generator_files(directory, gen)
+        data = {
+            k: base64.b64encode(src.read_bytes() if src.exists() else PLACEHOLDER).decode()
+            for k, src in files.items()
+        }
         docs.append(
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {"name": gen["name"]},
                 "type": "Opaque",
-                "data": {k: v.decode() for k, v in data.items()},
+                "data": data,
             }
         )
     for group in spec.get("labels", []):
@@ -159,6 +172,15 @@ def render(directory: Path) -> list[dict[str, Any]]:
             if doc["kind"] not in _CLUSTER_SCOPED:
                 doc["metadata"]["namespace"] = spec["namespace"]
     return docs
+
+
+def _generator_files(directory: Path, gen: dict[str, Any]) -> dict[str, Path]:
+    out = {}
+    for item in gen["files"]:
+        key, sep, rel = item.partition("=")
+        rel = rel if sep else key
+        out[key if sep else Path(rel).name] = directory / rel
+    return out
 
 
 def _pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
@@ -256,9 +278,29 @@ def _check_etcd(argv: list[str]) -> None:
             assert token.split("=", 1)[0] in _ETCD_FLAGS, f"etcd has no flag {token}"
 
 
-def _check_python_c(argv: list[str]) -> None:
-    assert argv[1] == "-c", argv
-    compile(argv[2], "<probe>", "exec")
+ISSUER = KUBE / "overlays" / "production" / "issue-pod-cert.py"
+
+
+def _issuer_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("issue_pod_cert", ISSUER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_python(argv: list[str]) -> Any:
+    if argv[1] == "-c":  # a probe: it must at least compile
+        compile(argv[2], "<probe>", "exec")
+        return None
+    assert Path(argv[1]).name == ISSUER.name, argv  # the one script the manifests run
+    parser: argparse.ArgumentParser = _issuer_module().build_parser()
+    known = set(parser._option_string_actions)
+    for token in argv[2:]:
+        assert token.split("=", 1)[0] in known, f"{ISSUER.name}: no option {token}"
+    return parser.parse_args(argv[2:])
 
 
 def _check_sh(argv: list[str]) -> None:
@@ -275,7 +317,7 @@ CHECKERS: dict[str, Callable[[list[str]], Any]] = {
     ),
     "meshctl": lambda a: _check_meshctl(a[1:]),
     "etcd": _check_etcd,
-    "python": _check_python_c,
+    "python": _check_python,
     "sh": _check_sh,
 }
 
@@ -342,6 +384,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:
     _name, docs = overlay
+    for doc in docs:  # everything lands in one namespace, generated Secrets included
+        expected = None if doc["kind"] == "Namespace" else "meshserve"
+        assert doc["metadata"].get("namespace") == expected, _key(doc)
     kinds = {d["kind"] for d in docs}
     assert {
         "StatefulSet",
@@ -397,7 +442,7 @@ def test_every_command_line_parses_with_its_programs_parser(
             for probe in ("readinessProbe", "livenessProbe"):
                 if "exec" in c.get(probe, {}):
                     check_command(c[probe]["exec"]["command"])
-    assert seen == {
+    expected = {
         "meshserve-controlplane": 1,
         "meshserve-gateway": 1,
         "meshserve-node": 2,
@@ -405,6 +450,9 @@ def test_every_command_line_parses_with_its_programs_parser(
         "etcd": 1,
         "sh": 1,
     }
+    if _name == "production":
+        expected["python"] = 3  # each replica and node issues its certificate at start
+    assert seen == expected
 
 
 def _port_of(address: str) -> int:
@@ -425,7 +473,14 @@ def test_ports_flags_probes_and_services_agree(overlay: tuple[str, list[dict[str
             assert ns.metrics_listen.startswith("0.0.0.0:"), _key(doc)  # scraped from outside
             assert _port_of(ns.metrics_listen) == ports["metrics"], _key(doc)
             for probe in ("readinessProbe", "livenessProbe"):
-                assert c[probe]["grpc"]["port"] == ports["grpc"], (_key(doc), probe)
+                if "exec" in c[probe]:  # TLS: python -c CODE localhost:PORT CA CERT KEY
+                    assert "grpc" not in c[probe]
+                    dialled = c[probe]["exec"]["command"][3]
+                    assert dialled == f"localhost:{ports['grpc']}", (_key(doc), probe)
+                    assert (ns.tls_cert != "") is True, "an exec probe without TLS"
+                else:
+                    assert c[probe]["grpc"]["port"] == ports["grpc"], (_key(doc), probe)
+                    assert ns.tls_cert == "", "kubelet's grpc: probe cannot speak TLS"
             if program == "meshserve-node":
                 assert _port_of(ns.advertise) == ports["grpc"]
     # the network policies open exactly the ports the workloads listen on
@@ -461,6 +516,8 @@ def test_secrets_are_files_with_owner_and_group_modes_and_cover_every_flag(
             for token in _container_argv(c)[1:]:
                 value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else ""
                 if not value.startswith(("/etc/", "/run/")):
+                    continue
+                if value in mounts:  # a directory (the issuer's --out)
                     continue
                 parent = str(Path(value).parent)
                 assert parent in mounts, f"{_key(doc)}: {value} is in no mounted volume"
