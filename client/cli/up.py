@@ -9,9 +9,11 @@ deployment may ship the client alone; DESIGN.md: nothing imports devtools but te
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +54,7 @@ def up(
         str,
         typer.Option(
             help="HOST:PORT of the control plane's Prometheus /metrics; the two nodes get "
-            "PORT+1 and PORT+2 (PORT 0: each a free port; default: no metrics endpoint)"
+            "PORT+1 and PORT+2 (PORT 0: three free ports; default: no metrics endpoint)"
         ),
     ] = "",
     trace: Annotated[
@@ -205,7 +207,8 @@ class TraceExport(enum.StrEnum):
 
 def _metrics_flags(listen: str) -> list[list[str]]:
     """The ``--metrics-listen`` flags of cp-1, core-1 and edge-1 (none without ``listen``):
-    ``HOST:PORT``, ``HOST:PORT+1``, ``HOST:PORT+2`` (port 0: each its own free port)."""
+    ``HOST:PORT``, ``HOST:PORT+1``, ``HOST:PORT+2``; port 0: three free ports, chosen here so
+    that the addresses printed are the real ones."""
     from meshserve.common.process import metrics_address
 
     if not listen:
@@ -215,11 +218,23 @@ def _metrics_flags(listen: str) -> list[list[str]]:
     except ValueError as exc:
         err_console.print(f"[red]error[/red] {exc}")
         raise typer.Exit(2) from None
-    if port and port + 2 > 65535:
+    if port + 2 > 65535:
         err_console.print(f"[red]error[/red] --metrics-listen {listen!r}: PORT+2 must be < 65536")
         raise typer.Exit(2)
+    ports = [port + i for i in range(3)] if port else _free_ports(host, 3)
     shown = f"[{host}]" if ":" in host else host
-    return [["--metrics-listen", f"{shown}:{port + i if port else 0}"] for i in range(3)]
+    return [["--metrics-listen", f"{shown}:{p}"] for p in ports]
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free on ``host`` now (held together while chosen)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.ExitStack() as stack:
+        socks = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+        for sock in socks:
+            stack.enter_context(sock)
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _trace_env(trace: TraceExport | None) -> dict[str, str] | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,18 +26,48 @@ def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 
 def test_up_runs_a_mesh_answers_queries_and_stops_everything(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [*MESHCTL, "up", "--duration", "1", "--queries", "6", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=ENV,
+    """`meshctl up` with metrics and console traces: the export line names the control plane,
+    each printed /metrics endpoint answers while it runs, every demo query left its gateway
+    or node spans in the logs (an exporter with no sampler samples everything), and nothing
+    is left running."""
+    args = ["up", "--duration", "3", "--queries", "6", "--workdir", str(tmp_path)]
+    args += ["--metrics-listen", "127.0.0.1:0", "--trace", "console"]
+    env = {**ENV, "PYTHONUNBUFFERED": "1", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    env.pop("OTEL_TRACES_SAMPLER", None)
+    proc = subprocess.Popen(
+        [*MESHCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    killer = threading.Timer(240, proc.kill)  # bounds the reads below
+    killer.start()
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:  # up to the export line, printed once the mesh is up
+            lines.append(line)
+            if line.startswith("export MESHSERVE_TARGET="):
+                break
+        urls = [w for line in lines if line.startswith("metrics:") for w in line.split()[2:]]
+        assert len(urls) == 3, "".join(lines)
+        for url in urls:  # loopback only
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                assert b"# TYPE" in answer.read()
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        killer.cancel()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    [cp_line] = [line for line in out.splitlines() if "control plane" in line]
+    address = cp_line.split()[-1]
+    assert f"\nexport MESHSERVE_TARGET={address}\n" in out
     assert "core-1" in out and "edge-1" in out
     assert out.count("yes") == 6 and " NO " not in out
     assert "nothing left running" in out
+    spans = sum(
+        (tmp_path / f"{name}.log").read_text(errors="replace").count('"name": "gateway ModelInfer"')
+        + (tmp_path / f"{name}.log").read_text(errors="replace").count('"name": "node ModelInfer"')
+        for name in ("cp-1", "core-1", "edge-1")
+    )
+    assert spans >= 6, "every query is traced when an exporter is set and no sampler"
     # No process of that mesh survives: nothing references its work directory any more.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps
