@@ -58,8 +58,10 @@ def context_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) ->
     return propagate.extract(carrier)
 
 
-#: Fraction of new (root) traces this process samples; None: every hop opens its spans and the
-#: SDK's sampler decides. Set by :func:`meshserve.common.process.configure_tracing`.
+#: Fraction of new (root) traces this process samples where queries enter; None (the default
+#: with an exporter: every query is traced): every hop opens its spans and the SDK's sampler
+#: decides. Set from ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` by
+#: :func:`meshserve.common.process.configure_tracing` (see ``default_sampler`` there).
 _root_ratio: float | None = None
 
 
