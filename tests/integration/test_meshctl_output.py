@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -218,3 +219,40 @@ def test_version_and_shell_completion() -> None:
         env={**os.environ, **asked, "COMP_CWORD": "2"},
     )
     assert out.returncode == 0 and out.stdout.split() == ["list"], out.stdout + out.stderr
+
+
+def test_events_follow_json_prints_one_record_per_line(live: Live) -> None:
+    proc = subprocess.Popen(
+        [*MESHCTL, "events", "--follow", "--limit", "3", "-o", "json", "--interval-s", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**live.env, "PYTHONUNBUFFERED": "1"},
+    )
+    killer = threading.Timer(60, proc.kill)  # bounds the reads below
+    killer.start()
+    try:
+        assert proc.stdout is not None
+        records = [json.loads(proc.stdout.readline()) for _ in range(3)]
+    finally:
+        killer.cancel()
+        proc.terminate()
+        proc.wait(timeout=30)
+    for record in records:
+        _check_keys("events --follow", record, EVENT)
+    assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
+
+
+def test_a_draining_node_keeps_its_state_whole_when_piped(live: Live) -> None:
+    """Last in this module: it drains edge-1 (and undrains it)."""
+    with AdminClient(live.address) as admin:
+        admin.drain_node("edge-1")
+        try:
+            narrow = meshctl(live, "nodes", "list", COLUMNS="60")
+            nodes = json.loads(meshctl(live, "nodes", "list", "-o", "json").stdout)["nodes"]
+        finally:
+            admin.drain_node("edge-1", undrain=True)
+    [line] = [line for line in narrow.stdout.splitlines() if " edge-1 " in line]
+    assert " draining " in line and "…" not in narrow.stdout, narrow.stdout
+    [edge] = [n for n in nodes if n["node_id"] == "edge-1"]
+    assert edge["state"] == "draining" and edge["draining"] is True
