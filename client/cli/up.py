@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib.util
 import os
 import signal
 import socket
@@ -247,6 +248,18 @@ def _trace_env(trace: TraceExport | None) -> dict[str, str] | None:
     if trace is TraceExport.console:
         env["MESHSERVE_TRACE_CONSOLE"] = "1"
     else:
+        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", ""
+        )
+        module = "http" if protocol.strip().startswith("http") else "grpc"
+        if importlib.util.find_spec("opentelemetry.exporter.otlp") is None or (
+            importlib.util.find_spec(f"opentelemetry.exporter.otlp.proto.{module}") is None
+        ):  # the processes would only log a warning and export nothing
+            err_console.print(
+                "[red]error[/red] --trace otlp needs opentelemetry-exporter-otlp "
+                "(pip install 'meshserve\\[otlp]'); --trace console needs nothing"
+            )
+            raise typer.Exit(2)
         env.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
         env.setdefault("OTEL_TRACES_EXPORTER", "otlp")
     return env

@@ -230,3 +230,19 @@ def test_list_switching_drain_remove_and_unreadable_credentials(
     missing = tmp_path / "no-token"
     proc = meshctl("--admin-token-file", str(missing), "nodes", "list", "-t", live.address)
     assert proc.returncode == 2 and "cannot read admin token file" in proc.stderr, proc.stderr
+
+
+def test_up_refuses_bad_metrics_and_trace_options_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    import importlib.util
+
+    proc = meshctl("up", "--metrics-listen", "nowhere:port", "--workdir", str(tmp_path))
+    assert proc.returncode == 2 and "--metrics-listen" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing was started"
+    if importlib.util.find_spec("opentelemetry.exporter.otlp") is None:
+        proc = meshctl("up", "--trace", "otlp", "--workdir", str(tmp_path))
+        assert proc.returncode == 2 and "meshserve[otlp]" in proc.stderr, proc.stderr
+    proc = meshctl("up", "--trace", "jaeger-ui", "--workdir", str(tmp_path))
+    assert proc.returncode == 2 and "jaeger-ui" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
