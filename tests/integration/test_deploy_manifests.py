@@ -613,7 +613,9 @@ def test_the_systemd_units_exec_start_parses_with_the_example_environment() -> N
             assert "--node-id" in argv  # MESHSERVE_EXTRA_ARGS split into its words
 
 
-# -- the etcd TLS wiring, run for real ----------------------------------------------------------
+# -- run for real: etcd, a control plane and a node with the manifests' own flags ---------------
+# Addresses move to loopback and container paths to a temporary folder laid out as the volumes
+# would be; everything else (flags, file names, the init containers' work) is the manifests'.
 
 
 def _free_port() -> int:
@@ -626,19 +628,114 @@ def _free_port() -> int:
 
 
 def _secret_dir(target: Path, overlay_dir: Path, name: str, files_dir: Path) -> Path:
-    """What kubelet mounts for Secret ``name`` (mode 0440), its files taken from ``files_dir``
-    standing in for the overlay's secrets/etcd folder."""
+    """What kubelet mounts for Secret ``name`` of the overlay (mode 0440), its files taken from
+    ``files_dir`` (by base name) standing in for the overlay's secrets/ folder."""
     spec = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text())
     (gen,) = [g for g in spec["secretGenerator"] if g["name"] == name]
-    target.mkdir()
-    for item in gen["files"]:
-        key, sep, rel = item.partition("=")
-        rel = rel if sep else key
-        key = key if sep else Path(rel).name
-        assert rel.startswith("secrets/etcd/"), rel
-        (target / key).write_bytes((files_dir / Path(rel).name).read_bytes())
+    target.mkdir(parents=True)
+    for key, src in _generator_files(overlay_dir, gen).items():
+        (target / key).write_bytes((files_dir / src.name).read_bytes())
         (target / key).chmod(0o440)
     return target
+
+
+def _moved(arg: str, moves: dict[str, str]) -> str:
+    for old, new in moves.items():
+        arg = arg.replace(old, new)
+    return arg
+
+
+def _wait(check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
+    import time
+
+    deadline = time.monotonic() + 20.0
+    for _ in range(200):  # bounded in count and in time (20 s)
+        if check():
+            return
+        assert proc.poll() is None, f"{what}: the process exited ({proc.returncode})"
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not ready in 20 s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def manifest_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """deploy/kubernetes/etcd-certs.sh's files, in the Secrets the overlays generate, running
+    etcd with the StatefulSet's flags; and the control plane's init container's copy of its
+    etcd client files. Yields the path and address moves for the control plane's flags."""
+    import urllib.request
+
+    etcd_bin = shutil.which("etcd") or "/usr/bin/etcd"
+    if not Path(etcd_bin).exists() or shutil.which("openssl") is None:
+        pytest.skip("needs etcd and openssl")
+    tmp = tmp_path_factory.mktemp("etcd")
+    files = tmp / "made"
+    subprocess.run(
+        ["bash", str(KUBE / "etcd-certs.sh"), str(files)], check=True, capture_output=True
+    )
+    prod = KUBE / "overlays" / "production"
+    tls = _secret_dir(tmp / "etcd-tls", prod, "meshserve-etcd-tls", files)
+    secret = _secret_dir(tmp / "etcd-secret", prod, "meshserve-etcd-client", files)
+    run_dir = tmp / "run-etcd"
+    run_dir.mkdir()
+    docs = {_key(d): d for d in render(prod)}
+    client, peer, metrics = _free_port(), _free_port(), _free_port()
+    moves = {
+        "/etc/etcd/tls": str(tls),
+        "/var/lib/etcd": str(tmp / "etcd-data"),
+        "https://0.0.0.0:2379": f"https://127.0.0.1:{client}",
+        "https://0.0.0.0:2380": f"https://127.0.0.1:{peer}",
+        "http://0.0.0.0:2381": f"http://127.0.0.1:{metrics}",
+        "etcd-0.etcd.meshserve.svc:2379": f"localhost:{client}",
+        "etcd-0.etcd.meshserve.svc:2380": f"localhost:{peer}",
+        "/etc/meshserve/etcd-secret": str(secret),
+        "/run/meshserve/etcd": str(run_dir),
+    }
+    (etcd_c,) = docs["StatefulSet/etcd"]["spec"]["template"]["spec"]["containers"]
+    argv = [_moved(a, moves) for a in _container_argv(etcd_c, {"metadata.name": "etcd-0"})]
+    argv = [
+        f"--initial-cluster=etcd-0=https://localhost:{peer}"
+        if a.startswith("--initial-cluster=")
+        else a
+        for a in argv
+    ]
+    log = (tmp / "etcd.log").open("wb")
+    proc = subprocess.Popen([etcd_bin, *argv[1:]], stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/health", timeout=1) as r:
+                return b"true" in r.read()
+        except OSError:
+            return False
+
+    try:
+        _wait(healthy, "etcd", proc)
+        pod = docs["Deployment/meshserve-controlplane"]["spec"]["template"]["spec"]
+        (copy_init,) = [c for c in pod["initContainers"] if c["name"] == "etcd-key"]
+        subprocess.run([_moved(a, moves) for a in _container_argv(copy_init)], check=True)
+        yield {
+            "/run/meshserve/etcd": str(run_dir),
+            # the three members' URLs, as the one member on loopback
+            "https://etcd-0.etcd.meshserve.svc:2379,https://etcd-1.etcd.meshserve.svc:2379,"
+            "https://etcd-2.etcd.meshserve.svc:2379": f"https://localhost:{client}",
+        }
+    finally:
+        _stop(proc)
+        log.close()
 
 
 async def _write_and_read(url: str, auth: Any) -> bytes:
@@ -657,85 +754,144 @@ async def _write_and_read(url: str, auth: Any) -> bytes:
 
 
 def test_etcd_certs_script_statefulset_flags_and_controlplane_link_work_together(
-    tmp_path: Path,
+    manifest_etcd: dict[str, str],
 ) -> None:
-    """deploy/kubernetes/etcd-certs.sh's files, in the Secrets the dev overlay generates, run
-    etcd with the StatefulSet's own flags (addresses moved to loopback) and let the control
-    plane's etcd link (its Deployment's flags, after the init container's copy) write and read."""
+    """The init container's copy is 0400, and the control plane's etcd link (its Deployment's
+    flags) writes and reads etcd over mutual TLS."""
     import asyncio
     import os
-    import time
-    import urllib.request
 
     from meshserve.controlplane.etcd.link import auth_from_args
 
-    etcd_bin = shutil.which("etcd") or "/usr/bin/etcd"
-    if not Path(etcd_bin).exists() or shutil.which("openssl") is None:
-        pytest.skip("needs etcd and openssl")
-    files = tmp_path / "made"
-    subprocess.run(
-        ["bash", str(KUBE / "etcd-certs.sh"), str(files)], check=True, capture_output=True
-    )
-    dev = KUBE / "overlays" / "dev"
-    tls = _secret_dir(tmp_path / "etcd-tls", dev, "meshserve-etcd-tls", files)
-    secret = _secret_dir(tmp_path / "etcd-secret", dev, "meshserve-etcd-client", files)
-    run_dir = tmp_path / "run-etcd"
-    run_dir.mkdir()
-
-    docs = {_key(d): d for d in render(dev)}
-    client, peer, metrics = _free_port(), _free_port(), _free_port()
-    moves = {
-        "/etc/etcd/tls": str(tls),
-        "/var/lib/etcd": str(tmp_path / "etcd-data"),
-        "https://0.0.0.0:2379": f"https://127.0.0.1:{client}",
-        "https://0.0.0.0:2380": f"https://127.0.0.1:{peer}",
-        "http://0.0.0.0:2381": f"http://127.0.0.1:{metrics}",
-        "etcd-0.etcd.meshserve.svc:2379": f"localhost:{client}",
-        "etcd-0.etcd.meshserve.svc:2380": f"localhost:{peer}",
-        "/etc/meshserve/etcd-secret": str(secret),
-        "/run/meshserve/etcd": str(run_dir),
-    }
-
-    def moved(arg: str) -> str:
-        for old, new in moves.items():
-            arg = arg.replace(old, new)
-        return arg
-
-    (etcd_c,) = docs["StatefulSet/etcd"]["spec"]["template"]["spec"]["containers"]
-    argv = [moved(a) for a in _container_argv(etcd_c, {"metadata.name": "etcd-0"})]
-    argv = [
-        f"--initial-cluster=etcd-0=https://localhost:{peer}"
-        if a.startswith("--initial-cluster=")
-        else a
-        for a in argv
-    ]
-    log = (tmp_path / "etcd.log").open("wb")
-    proc = subprocess.Popen([etcd_bin, *argv[1:]], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(150):  # bounded: 15 s
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/health", timeout=1) as r:
-                    if b"true" in r.read():
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
-            time.sleep(0.1)
-        else:
-            raise AssertionError("etcd never became healthy")
-
+    run_dir = Path(manifest_etcd["/run/meshserve/etcd"])
+    assert {os.stat(p).st_mode & 0o777 for p in run_dir.iterdir()} == {0o400}
+    for overlay in OVERLAYS:
+        docs = {_key(d): d for d in render(KUBE / "overlays" / overlay)}
         pod = docs["Deployment/meshserve-controlplane"]["spec"]["template"]["spec"]
-        (init,) = pod["initContainers"]
-        subprocess.run([moved(a) for a in _container_argv(init)], check=True)
-        assert {os.stat(p).st_mode & 0o777 for p in run_dir.iterdir()} == {0o400}
         (cp,) = pod["containers"]
-        cp_argv = [moved(a) for a in _container_argv(cp)]
-        ns = _check_argparse("meshserve.controlplane.__main__", cp_argv[1:])
-        ns.etcd = f"https://localhost:{client}"  # the three members, as one on loopback
+        argv = [_moved(a, manifest_etcd) for a in _container_argv(cp)]
+        ns = _check_argparse("meshserve.controlplane.__main__", argv[1:])
         url, auth = auth_from_args(ns)
-        assert auth is not None and auth.tls is not None
+        assert url.startswith("https://localhost:")
+        assert auth is not None and auth.tls is not None and auth.tls.key is not None
         assert asyncio.run(_write_and_read(url, auth)) == b"ok"
+
+
+def test_production_tls_wiring_serves_probes_joins_a_node_and_applies_the_policy(
+    manifest_etcd: dict[str, str], tmp_path: Path
+) -> None:
+    """The production overlay for real, on loopback: meshctl certs init's CAs in the overlay's
+    Secrets; each pod's certificate issued by its init container; a control plane and a
+    DaemonSet node started with their flags; their exec probes (health over mutual TLS) pass;
+    the node joins with its per-pod certificate (CN = node id, --tls-client-auth required);
+    the policy Job's meshctl command applies the ConfigMap's policy."""
+    import secrets
+    import sys
+
+    from meshserve.client._admin import AdminClient
+    from meshserve.common.security import TLSFiles
+    from meshserve.devtools.certs import init_certs
+
+    prod = KUBE / "overlays" / "production"
+    docs = {_key(d): d for d in render(prod)}
+    made = tmp_path / "made"
+    init_certs(made)
+    for token in ("join.token", "admin.token"):
+        (made / token).write_text(secrets.token_urlsafe(32) + "\n")
+    mounts = {
+        "/etc/meshserve/pki": _secret_dir(tmp_path / "pki", prod, "meshserve-pki", made),
+        "/etc/meshserve/client": _secret_dir(
+            tmp_path / "client", prod, "meshserve-client-tls", made
+        ),
+    }
+    cp_port, node_port = _free_port(), _free_port()
+    bin_dir = Path(sys.executable).parent
+    addresses = {
+        "0.0.0.0:8001": f"127.0.0.1:{cp_port}",
+        "127.0.0.1:8001": f"127.0.0.1:{cp_port}",
+        "localhost:8001": f"localhost:{cp_port}",
+        "meshserve-controlplane:8001": f"127.0.0.1:{cp_port}",
+        "0.0.0.0:9001": f"127.0.0.1:{node_port}",
+        "127.0.0.1:9001": f"127.0.0.1:{node_port}",
+        "localhost:9001": f"localhost:{node_port}",
+        "/opt/meshserve/issue/issue-pod-cert.py": str(ISSUER),
+    }
+    fields = {"status.podIP": "127.0.0.1", "spec.nodeName": "worker-3"}
+
+    def start(
+        kind_name: str, role_ca: str, secret: str, name: str
+    ) -> tuple[subprocess.Popen[bytes], list[str]]:
+        pod = docs[kind_name]["spec"]["template"]["spec"]
+        where = {
+            **manifest_etcd,
+            **{k: str(v) for k, v in mounts.items()},
+            "/etc/meshserve/ca": str(_secret_dir(tmp_path / f"{name}-ca", prod, role_ca, made)),
+            "/etc/meshserve/secrets": str(_secret_dir(tmp_path / f"{name}-s", prod, secret, made)),
+            "/run/meshserve/tls": str(tmp_path / f"{name}-tls"),
+            "/var/cache/meshserve": str(tmp_path / f"{name}-cache"),
+            "0.0.0.0:9090": f"127.0.0.1:{_free_port()}",
+            **addresses,
+        }
+        (issuer,) = [c for c in pod["initContainers"] if c["name"] == "issue-cert"]
+        argv = [_moved(a, where) for a in _container_argv(issuer, fields)]
+        subprocess.run([sys.executable, *argv[1:]], check=True)
+        (main,) = pod["containers"]
+        argv = [_moved(a, where) for a in _container_argv(main, fields)]
+        log = (tmp_path / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [str(bin_dir / argv[0]), *argv[1:]], stdout=log, stderr=subprocess.STDOUT
+        )
+        probe = [_moved(a, where) for a in main["readinessProbe"]["exec"]["command"]]
+        return proc, [sys.executable, *probe[1:]]
+
+    def passes(probe: list[str]) -> Callable[[], bool]:
+        # the probe's own deadline is 3 s (its timeoutSeconds 5)
+        return lambda: subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+
+    cp, cp_probe = start(
+        "Deployment/meshserve-controlplane",
+        "meshserve-controlplane-ca",
+        "meshserve-controlplane",
+        "cp",
+    )
+    node = None
+    try:
+        _wait(passes(cp_probe), "the control plane's readiness probe", cp)
+        node, node_probe = start(
+            "DaemonSet/meshserve-node", "meshserve-node-ca", "meshserve-node", "node"
+        )
+        _wait(passes(node_probe), "the node's readiness probe", node)
+        tls = TLSFiles.from_options(
+            made / "controlplane-ca.crt", made / "client.crt", made / "client.key"
+        )
+        admin_token = (made / "admin.token").read_text().strip()
+        with AdminClient(f"127.0.0.1:{cp_port}", tls=tls, token=admin_token) as admin:
+            _wait(
+                lambda: "worker-3" in {n.node_id for n in admin.list_nodes()},
+                "the node joining over mutual TLS",
+                node,
+            )
+        # the policy Job, as it runs: meshctl with the client certificate and the admin token
+        policy = tmp_path / "policy"
+        policy.mkdir()
+        cm = docs["ConfigMap/meshserve-policy"]
+        (policy / "policy.yaml").write_text(cm["data"]["policy.yaml"])
+        job = docs["Job/meshserve-policy"]["spec"]["template"]["spec"]
+        where = {
+            **{k: str(v) for k, v in mounts.items()},
+            "/etc/meshserve/secrets": str(
+                _secret_dir(tmp_path / "job-s", prod, "meshserve-controlplane", made)
+            ),
+            "/etc/meshserve/policy": str(policy),
+            **addresses,
+        }
+        argv = [_moved(a, where) for a in _container_argv(job["containers"][0])]
+        done = subprocess.run(
+            [str(bin_dir / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "spread-across-zones" in done.stdout
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+        if node is not None:
+            _stop(node)
+        _stop(cp)
