@@ -494,6 +494,27 @@ def test_ports_flags_probes_and_services_agree(overlay: tuple[str, list[dict[str
     assert {"port": 9001} in node_rules[0]["ports"] and "from" in node_rules[0]
 
 
+def test_tls_is_all_or_nothing_and_nodes_join_accordingly(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """Every mesh process has TLS or none has; a node sends its join token in the clear to a
+    non-loopback control plane only with --insecure-join, so a plaintext overlay needs it and
+    a TLS one must not carry it (the live test dials loopback, where it is never needed)."""
+    name, docs = overlay
+    parsed = []
+    for doc in docs:
+        for c in _containers(doc):
+            argv = _container_argv(c)
+            if Path(argv[0]).name.startswith("meshserve-"):
+                parsed.append((Path(argv[0]).name, CHECKERS[Path(argv[0]).name](argv)))
+    with_tls = {bool(ns.tls_cert) for _program, ns in parsed}
+    assert with_tls == {name == "production"}, name
+    for program, ns in parsed:
+        if program == "meshserve-node":
+            assert ns.insecure_join is (name != "production")
+            assert ns.join_token_file
+
+
 def test_secrets_are_files_with_owner_and_group_modes_and_cover_every_flag(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:
@@ -575,8 +596,17 @@ def test_the_dockerfile_is_multi_stage_slim_non_root_and_its_command_parses() ->
     assert cmds, "no CMD/ENTRYPOINT in exec form"
     for argv in cmds:
         check_command(argv)
-    ignored = (ROOT / ".dockerignore").read_text().splitlines()
-    assert ignored[0:1] == ["*"] or "*" in ignored  # only what the Dockerfile copies
+    # the build stage copies what the wheel is made of: meshserve/ and every folder it links to
+    copies = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+    copied = {src for sources in copies for src in sources if not src.startswith("--")}
+    linked = {p.readlink().name for p in (ROOT / "meshserve").iterdir() if p.is_symlink()}
+    assert linked and linked | {"meshserve", "pyproject.toml"} <= copied, copied
+    # .dockerignore shuts everything out, then lets in exactly what is copied
+    ignored = [
+        line for line in (ROOT / ".dockerignore").read_text().splitlines() if line[:1] not in "#"
+    ]
+    assert ignored[0] == "*"
+    assert {line[1:].rstrip("/") for line in ignored if line.startswith("!")} == copied
 
 
 def _systemd_argv(exec_start: str, env: dict[str, str]) -> list[str]:
@@ -777,14 +807,31 @@ def test_etcd_certs_script_statefulset_flags_and_controlplane_link_work_together
         assert asyncio.run(_write_and_read(url, auth)) == b"ok"
 
 
-def test_production_tls_wiring_serves_probes_joins_a_node_and_applies_the_policy(
-    manifest_etcd: dict[str, str], tmp_path: Path
+def _grpc_health(address: str) -> bool:
+    """What kubelet's grpc: probe does: Health.Check over plaintext, SERVING or not."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3
+            )
+        except grpc.RpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize("overlay_name", OVERLAYS)
+def test_overlay_runs_its_probes_pass_a_node_joins_and_the_policy_job_applies(
+    manifest_etcd: dict[str, str], tmp_path: Path, overlay_name: str
 ) -> None:
-    """The production overlay for real, on loopback: meshctl certs init's CAs in the overlay's
-    Secrets; each pod's certificate issued by its init container; a control plane and a
-    DaemonSet node started with their flags; their exec probes (health over mutual TLS) pass;
-    the node joins with its per-pod certificate (CN = node id, --tls-client-auth required);
-    the policy Job's meshctl command applies the ConfigMap's policy."""
+    """Each overlay for real, on loopback: a control plane, a standalone gateway and a DaemonSet
+    node started with their flags; their readiness probes pass (dev: grpc.health.v1 in
+    plaintext, as kubelet's grpc: probe asks; production: the exec probe, health over mutual
+    TLS); the node joins (production: with the certificate its init container issued from
+    meshctl certs init's node CA, CN = node id, --tls-client-auth required); the policy Job's
+    meshctl command applies the ConfigMap's policy."""
     import secrets
     import sys
 
@@ -792,97 +839,115 @@ def test_production_tls_wiring_serves_probes_joins_a_node_and_applies_the_policy
     from meshserve.common.security import TLSFiles
     from meshserve.devtools.certs import init_certs
 
-    prod = KUBE / "overlays" / "production"
-    docs = {_key(d): d for d in render(prod)}
+    overlay_dir = KUBE / "overlays" / overlay_name
+    production = overlay_name == "production"
+    docs = {_key(d): d for d in render(overlay_dir)}
     made = tmp_path / "made"
-    init_certs(made)
+    init_certs(made)  # what production's secrets/pki holds (dev ignores it)
     for token in ("join.token", "admin.token"):
         (made / token).write_text(secrets.token_urlsafe(32) + "\n")
-    mounts = {
-        "/etc/meshserve/pki": _secret_dir(tmp_path / "pki", prod, "meshserve-pki", made),
-        "/etc/meshserve/client": _secret_dir(
-            tmp_path / "client", prod, "meshserve-client-tls", made
-        ),
-    }
-    cp_port, node_port = _free_port(), _free_port()
-    bin_dir = Path(sys.executable).parent
-    addresses = {
-        "0.0.0.0:8001": f"127.0.0.1:{cp_port}",
-        "127.0.0.1:8001": f"127.0.0.1:{cp_port}",
-        "localhost:8001": f"localhost:{cp_port}",
-        "meshserve-controlplane:8001": f"127.0.0.1:{cp_port}",
-        "0.0.0.0:9001": f"127.0.0.1:{node_port}",
-        "127.0.0.1:9001": f"127.0.0.1:{node_port}",
-        "localhost:9001": f"localhost:{node_port}",
-        "/opt/meshserve/issue/issue-pod-cert.py": str(ISSUER),
-    }
-    fields = {"status.podIP": "127.0.0.1", "spec.nodeName": "worker-3"}
 
-    def start(
-        kind_name: str, role_ca: str, secret: str, name: str
-    ) -> tuple[subprocess.Popen[bytes], list[str]]:
+    def secret_dir(name: str, where: str) -> str:
+        return str(_secret_dir(tmp_path / where, overlay_dir, name, made))
+
+    mounts = {"/etc/meshserve/policy": str(tmp_path / "policy")}
+    if production:
+        mounts["/etc/meshserve/pki"] = secret_dir("meshserve-pki", "pki")
+        mounts["/etc/meshserve/client"] = secret_dir("meshserve-client-tls", "client")
+    ports = {8001: _free_port(), 8002: _free_port(), 9001: _free_port()}
+    addresses = {
+        "/opt/meshserve/issue/issue-pod-cert.py": str(ISSUER),
+        "meshserve-controlplane:8001": f"127.0.0.1:{ports[8001]}",
+    }
+    for port, moved_to in ports.items():
+        for host in ("0.0.0.0", "127.0.0.1", "localhost"):
+            addresses[f"{host}:{port}"] = f"{host.replace('0.0.0.0', '127.0.0.1')}:{moved_to}"
+    fields = {"status.podIP": "127.0.0.1", "spec.nodeName": "worker-3"}
+    bin_dir = Path(sys.executable).parent
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(kind_name: str, name: str, **secret_mounts: str) -> Callable[[], bool]:
+        """Start the pod's init containers and its process; returns its readiness probe."""
         pod = docs[kind_name]["spec"]["template"]["spec"]
         where = {
             **manifest_etcd,
-            **{k: str(v) for k, v in mounts.items()},
-            "/etc/meshserve/ca": str(_secret_dir(tmp_path / f"{name}-ca", prod, role_ca, made)),
-            "/etc/meshserve/secrets": str(_secret_dir(tmp_path / f"{name}-s", prod, secret, made)),
+            **mounts,
+            **{
+                path: secret_dir(secret, f"{name}-{secret}")
+                for path, secret in secret_mounts.items()
+            },
             "/run/meshserve/tls": str(tmp_path / f"{name}-tls"),
             "/var/cache/meshserve": str(tmp_path / f"{name}-cache"),
             "0.0.0.0:9090": f"127.0.0.1:{_free_port()}",
             **addresses,
         }
-        (issuer,) = [c for c in pod["initContainers"] if c["name"] == "issue-cert"]
-        argv = [_moved(a, where) for a in _container_argv(issuer, fields)]
-        subprocess.run([sys.executable, *argv[1:]], check=True)
+        for init in pod.get("initContainers", []):
+            if init["name"] == "issue-cert":
+                argv = [_moved(a, where) for a in _container_argv(init, fields)]
+                subprocess.run([sys.executable, *argv[1:]], check=True)
         (main,) = pod["containers"]
         argv = [_moved(a, where) for a in _container_argv(main, fields)]
         log = (tmp_path / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [str(bin_dir / argv[0]), *argv[1:]], stdout=log, stderr=subprocess.STDOUT
+        procs.append(
+            subprocess.Popen(
+                [str(bin_dir / argv[0]), *argv[1:]], stdout=log, stderr=subprocess.STDOUT
+            )
         )
-        probe = [_moved(a, where) for a in main["readinessProbe"]["exec"]["command"]]
-        return proc, [sys.executable, *probe[1:]]
+        probe = main["readinessProbe"]
+        if "exec" in probe:
+            command = [_moved(a, where) for a in probe["exec"]["command"]]
+            return lambda: (
+                subprocess.run(
+                    [sys.executable, *command[1:]], capture_output=True, timeout=10
+                ).returncode
+                == 0
+            )
+        return lambda: _grpc_health(f"127.0.0.1:{ports[probe['grpc']['port']]}")
 
-    def passes(probe: list[str]) -> Callable[[], bool]:
-        # the probe's own deadline is 3 s (its timeoutSeconds 5)
-        return lambda: subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
-
-    cp, cp_probe = start(
-        "Deployment/meshserve-controlplane",
-        "meshserve-controlplane-ca",
-        "meshserve-controlplane",
-        "cp",
-    )
-    node = None
+    prefix = "/etc/meshserve"
     try:
-        _wait(passes(cp_probe), "the control plane's readiness probe", cp)
-        node, node_probe = start(
-            "DaemonSet/meshserve-node", "meshserve-node-ca", "meshserve-node", "node"
+        cp_ready = start(
+            "Deployment/meshserve-controlplane",
+            "cp",
+            **{f"{prefix}/secrets": "meshserve-controlplane"},
+            **({f"{prefix}/ca": "meshserve-controlplane-ca"} if production else {}),
         )
-        _wait(passes(node_probe), "the node's readiness probe", node)
-        tls = TLSFiles.from_options(
-            made / "controlplane-ca.crt", made / "client.crt", made / "client.key"
+        _wait(cp_ready, "the control plane's readiness probe", procs[-1])
+        node_ready = start(
+            "DaemonSet/meshserve-node",
+            "node",
+            **{f"{prefix}/secrets": "meshserve-node"},
+            **({f"{prefix}/ca": "meshserve-node-ca"} if production else {}),
+        )
+        gw_ready = start(
+            "Deployment/meshserve-gateway",
+            "gw",
+            **({f"{prefix}/gateway-tls": "meshserve-gateway-tls"} if production else {}),
+        )
+        _wait(node_ready, "the node's readiness probe", procs[1])
+        _wait(gw_ready, "the gateway's readiness probe", procs[2])
+        tls = (
+            TLSFiles.from_options(
+                made / "controlplane-ca.crt", made / "client.crt", made / "client.key"
+            )
+            if production
+            else None
         )
         admin_token = (made / "admin.token").read_text().strip()
-        with AdminClient(f"127.0.0.1:{cp_port}", tls=tls, token=admin_token) as admin:
+        with AdminClient(f"127.0.0.1:{ports[8001]}", tls=tls, token=admin_token) as admin:
             _wait(
                 lambda: "worker-3" in {n.node_id for n in admin.list_nodes()},
-                "the node joining over mutual TLS",
-                node,
+                "the node joining",
+                procs[1],
             )
-        # the policy Job, as it runs: meshctl with the client certificate and the admin token
-        policy = tmp_path / "policy"
-        policy.mkdir()
-        cm = docs["ConfigMap/meshserve-policy"]
-        (policy / "policy.yaml").write_text(cm["data"]["policy.yaml"])
+        # the policy Job, as it runs
+        Path(mounts["/etc/meshserve/policy"]).mkdir()
+        policy = docs["ConfigMap/meshserve-policy"]["data"]["policy.yaml"]
+        (Path(mounts["/etc/meshserve/policy"]) / "policy.yaml").write_text(policy)
         job = docs["Job/meshserve-policy"]["spec"]["template"]["spec"]
         where = {
-            **{k: str(v) for k, v in mounts.items()},
-            "/etc/meshserve/secrets": str(
-                _secret_dir(tmp_path / "job-s", prod, "meshserve-controlplane", made)
-            ),
-            "/etc/meshserve/policy": str(policy),
+            **mounts,
+            f"{prefix}/secrets": secret_dir("meshserve-controlplane", "job"),
             **addresses,
         }
         argv = [_moved(a, where) for a in _container_argv(job["containers"][0])]
@@ -892,6 +957,5 @@ def test_production_tls_wiring_serves_probes_joins_a_node_and_applies_the_policy
         assert done.returncode == 0, done.stdout + done.stderr
         assert "spread-across-zones" in done.stdout
     finally:
-        if node is not None:
-            _stop(node)
-        _stop(cp)
+        for proc in reversed(procs):
+            _stop(proc)
