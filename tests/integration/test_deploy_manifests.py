@@ -16,7 +16,14 @@ checked against the schemas and parsers that would judge it in production.
   against ``etcd --help`` of the etcd binary the suite runs.
 - Consistency the schemas cannot see: ports named by flags, probes and containerPorts agree;
   every file a flag names lies in a mounted volume, and in a Secret's keys when the volume is a
-  Secret; Secrets are files (mode 0400/0440), never environment variables.
+  Secret; Secrets are files (mode 0400/0440), never environment variables; TLS is on for every
+  mesh process of an overlay or for none.
+- Run for real, on loopback (addresses moved there, container paths to a temporary folder laid
+  out as the volumes would be; flags, file names and the init containers' work as written):
+  etcd with the StatefulSet's flags on ``etcd-certs.sh``'s certificates, reached by the control
+  plane's etcd link; each overlay's control plane, gateway and DaemonSet node, whose readiness
+  probes pass, whose node joins, and whose policy Job applies the policy; compose's services
+  with their healthchecks.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import functools
 import json
 import re
 import shlex
@@ -262,20 +270,19 @@ def _check_meshctl(argv: list[str]) -> None:
     assert path[1:] == ["policy", "apply"], path  # the one meshctl call the manifests make
 
 
-_ETCD_FLAGS: set[str] | None = None
+@functools.cache
+def _etcd_flags(binary: str) -> frozenset[str]:
+    out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
+    return frozenset(re.findall(r"(--[a-z][a-z0-9-]+)", out.stdout + out.stderr))
 
 
 def _check_etcd(argv: list[str]) -> None:
-    global _ETCD_FLAGS
     etcd = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
     if etcd is None:
         return  # the suite's own etcd is missing: the other tests say so
-    if _ETCD_FLAGS is None:
-        out = subprocess.run([etcd, "--help"], capture_output=True, text=True, timeout=30)
-        _ETCD_FLAGS = set(re.findall(r"(--[a-z][a-z0-9-]+)", out.stdout + out.stderr))
     for token in argv:
         if token.startswith("--"):
-            assert token.split("=", 1)[0] in _ETCD_FLAGS, f"etcd has no flag {token}"
+            assert token.split("=", 1)[0] in _etcd_flags(etcd), f"etcd has no flag {token}"
 
 
 ISSUER = KUBE / "overlays" / "production" / "issue-pod-cert.py"
@@ -433,7 +440,7 @@ def test_the_service_monitor_has_what_the_prometheus_operator_requires(
 def test_every_command_line_parses_with_its_programs_parser(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:
-    _name, docs = overlay
+    name, docs = overlay
     seen: dict[str, int] = {}
     for doc in docs:
         for c in _containers(doc):
@@ -450,7 +457,7 @@ def test_every_command_line_parses_with_its_programs_parser(
         "etcd": 1,
         "sh": 1,
     }
-    if _name == "production":
+    if name == "production":
         expected["python"] = 3  # each replica and node issues its certificate at start
     assert seen == expected
 
