@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Final, Protocol
+from typing import Final
 
+from meshserve.common.codec import TensorSpec as Tensor  # what is read of a tensor
 from meshserve.protos import inference_pb2
 
 __all__ = [
@@ -56,19 +57,6 @@ TRITON_TYPES: Final[Mapping[str, inference_pb2.DataType]] = MappingProxyType(
         "BF16": inference_pb2.TYPE_BF16,
     }
 )
-
-
-class Tensor(Protocol):
-    """What is read of a tensor (``mesh_pb2.TensorSpec``, the node's ``TensorInfo``)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def datatype(self) -> str: ...
-
-    @property
-    def shape(self) -> Sequence[int]: ...
 
 
 def triton_type(datatype: str) -> inference_pb2.DataType:
