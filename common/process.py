@@ -24,6 +24,7 @@ __all__ = [
     "default_sampler",
     "exit_deadline",
     "install_task_dump",
+    "listen_address",
     "metrics_address",
     "otlp_span_exporter",
     "run",
@@ -204,13 +205,19 @@ def metrics_address(listen: str) -> tuple[str, int]:
     """The (host, port) a ``--metrics-listen`` value names: ``HOST:PORT`` (``[::1]:PORT`` for
     IPv6); ``:PORT`` or ``PORT`` alone is loopback (127.0.0.1): only an explicit host such as
     ``0.0.0.0`` exposes the metrics beyond this machine. ValueError names what is wrong."""
+    return listen_address(listen, "--metrics-listen")
+
+
+def listen_address(listen: str, flag: str) -> tuple[str, int]:
+    """The (host, port) a side listener's ``flag`` value names (``--metrics-listen``,
+    ``--http-listen``), as :func:`metrics_address` reads it; ValueError names ``flag``."""
     host, sep, port_text = listen.strip().rpartition(":")
     if not sep:
         host, port_text = "", listen.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"--metrics-listen {listen!r}: want HOST:PORT or :PORT (port 0-65535)")
+        raise ValueError(f"{flag} {listen!r}: want HOST:PORT or :PORT (port 0-65535)")
     return host or "127.0.0.1", int(port_text)
 
 

@@ -15,6 +15,7 @@ from meshserve.common.process import (
     configure_tracing,
     exit_deadline,
     install_task_dump,
+    listen_address,
     run,
 )
 from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret, read_secrets
@@ -99,7 +100,23 @@ def _parser() -> argparse.ArgumentParser:
         help="HOST:PORT serving Prometheus metrics at /metrics; :PORT is 127.0.0.1 only, "
         "0.0.0.0:PORT every interface (default: off)",
     )
+    p.add_argument(
+        "--http-listen",
+        default="",
+        help="HOST:PORT serving the Open Inference Protocol over HTTP/REST (/v2/...); :PORT is "
+        "127.0.0.1 only (default: off; docs/frontdoor.md)",
+    )
     return p
+
+
+def _http_listen(value: str, prog: str) -> str:
+    """``--http-listen`` checked now (a bad value ends the process naming it)."""
+    if value:
+        try:
+            listen_address(value, "--http-listen")
+        except ValueError as exc:
+            raise SystemExit(f"{prog}: {exc}") from None
+    return value
 
 
 def _security_options(p: argparse.ArgumentParser) -> None:
@@ -250,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         auth=auth,
         retry=retry,
         trust_node_labels=ns.trust_node_labels,
+        http_listen=_http_listen(ns.http_listen, "meshserve-controlplane"),
     )
     run(_serve(config, ns.metrics_listen))
 

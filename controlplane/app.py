@@ -29,6 +29,7 @@ from meshserve.common.health import (
     Health,
     add_standard_services,
 )
+from meshserve.common.rest_server import RestHandlers, RestServer, build_app
 from meshserve.common.security import (
     TLSFiles,
     channel_credentials,
@@ -106,6 +107,7 @@ class ControlPlaneConfig:
     # placement matches the labels nodes claim in their Hello too, not only admin-side ones
     # (`meshctl nodes label`): for a local mesh whose nodes are all yours (docs/security.md)
     trust_node_labels: bool = False
+    http_listen: str = ""  # OIP over HTTP/REST on this HOST:PORT ("": off; common/rest_server)
 
 
 class ControlPlane:
@@ -124,6 +126,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self.hub: Hub | None = None
         self.gateway: Gateway | None = None
+        self.rest: RestServer | None = None  # OIP over HTTP/REST (set by start with http_listen)
         self.feed: FeedPublisher | None = None  # the routing feed (set by start)
         self.leader: LeaderLoop | None = None
         self.events: EventLog | None = None
@@ -419,6 +422,13 @@ class ControlPlane:
             self._server, (INFERENCE, ADMIN, NODE_LINK, ROUTING_FEED)
         )
         await self._server.start()
+        if cfg.http_listen:  # the same handlers as gRPC's ModelInfer & co, auth included
+            self.rest = RestServer(
+                build_app(RestHandlers.of(self.gateway), max_body_bytes=cfg.max_message_bytes),
+                cfg.http_listen,
+                what=f"replica {self.replica_id}: ",
+            )
+            await self.rest.start()
 
         hub = self.hub
         self.leader = LeaderLoop(
@@ -479,6 +489,8 @@ class ControlPlane:
                 await election.resign()
 
         async def server() -> None:
+            if self.rest is not None:  # REST calls in flight get about a second
+                await self.rest.stop()
             if self.feed is not None:  # its streams end first: the server need not wait on them
                 await self.feed.close(timeout_s=min(1.0, grace_s))
             if self._server is not None:

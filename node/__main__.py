@@ -15,6 +15,7 @@ from meshserve.common.process import (
     configure_tracing,
     exit_deadline,
     install_task_dump,
+    listen_address,
     run,
 )
 from meshserve.common.security import (
@@ -232,6 +233,12 @@ def _parser() -> argparse.ArgumentParser:
         "0.0.0.0:PORT every interface (default: off)",
     )
     p.add_argument(
+        "--http-listen",
+        default="",
+        help="HOST:PORT serving the Open Inference Protocol over HTTP/REST (/v2/...); :PORT is "
+        "127.0.0.1 only (default: off; docs/frontdoor.md)",
+    )
+    p.add_argument(
         "--fault-delay-ms",
         type=float,
         default=0.0,
@@ -275,6 +282,16 @@ async def _serve(config: NodeConfig, metrics_listen: str = "") -> None:
         await asyncio.wait_for(node.stop(grace_s=min(5.0, budget / 2)), budget)
     except TimeoutError:
         logging.getLogger("meshserve.node").error("closing overran %.1fs; exiting", budget)
+
+
+def _http_listen(value: str, prog: str) -> str:
+    """``--http-listen`` checked now (a bad value ends the process naming it)."""
+    if value:
+        try:
+            listen_address(value, "--http-listen")
+        except ValueError as exc:
+            raise SystemExit(f"{prog}: {exc}") from None
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         tls=tls,
         join_token=token,
         insecure_join=ns.insecure_join,
+        http_listen=_http_listen(ns.http_listen, "meshserve-node"),
     )
     run(_serve(config, ns.metrics_listen))
 

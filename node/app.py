@@ -21,6 +21,7 @@ from grpc import aio
 
 from meshserve.common.errors import map_errors, tolerant_decoding
 from meshserve.common.health import INFERENCE, NODE_INFERENCE, Health, add_standard_services
+from meshserve.common.rest_server import RestHandlers, RestServer, build_app
 from meshserve.common.security import TLSFiles, load_cas, server_credentials
 from meshserve.node.agent import Agent
 from meshserve.node.copies import CopyManager
@@ -80,6 +81,7 @@ class NodeConfig:
     # which checked the tenant already; see meshserve.node.rights)
     trusted_routers: frozenset[str] = ROUTERS
     mux_max_in_flight: int = 1024  # queries one multiplexed stream runs at once (then: reads stop)
+    http_listen: str = ""  # OIP over HTTP/REST on this HOST:PORT ("": off; common/rest_server)
 
 
 class Node:
@@ -124,6 +126,7 @@ class Node:
             router_cas=load_cas(config.tls.ca_bytes()) if config.tls is not None else (),
         )
         self._server: aio.Server | None = None
+        self.rest: RestServer | None = None  # OIP over HTTP/REST (set by start with http_listen)
         self.health: Health | None = None  # grpc.health.v1 on --listen (none: tunnel only)
         self.direct_address = ""
         self.agent: Agent | None = None
@@ -132,11 +135,11 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         await asyncio.to_thread(self.prediction_log.open)
+        direct = map_errors(NodeInferenceServicer(self.handler, self.copies, self.rights))
         if cfg.listen:
             self._server = aio.server(options=direct_server_options(cfg.max_message_bytes))
             inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-                map_errors(NodeInferenceServicer(self.handler, self.copies, self.rights)),
-                tolerant_decoding(self._server),
+                direct, tolerant_decoding(self._server)
             )
             mesh_pb2_grpc.add_NodeInferenceServicer_to_server(  # the multiplexed fast path
                 map_errors(
@@ -165,6 +168,13 @@ class Node:
                 f"{host}:{port}",
                 " (LAN only: not advertised)" if cfg.lan_only else "",
             )
+        if cfg.http_listen:  # the direct port's handlers (tenant rights included), over REST
+            self.rest = RestServer(
+                build_app(RestHandlers.of(direct), max_body_bytes=cfg.max_message_bytes),
+                cfg.http_listen,
+                what=f"node {cfg.node_id}: ",
+            )
+            await self.rest.start()
         self.agent = Agent(
             node_id=cfg.node_id,
             labels=cfg.labels,
@@ -239,6 +249,11 @@ class Node:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self.agent is not None:
             await self.agent.close()
+        if self.rest is not None:
+            try:
+                await asyncio.wait_for(self.rest.stop(), grace_s + 1.0)
+            except TimeoutError:
+                _log.error("node %s: the REST server's stop overran", self.config.node_id)
         if self._server is not None:
             await self._server.stop(grace_s)
         await self.copies.close()

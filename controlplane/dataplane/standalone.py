@@ -64,8 +64,10 @@ from meshserve.common.process import (
     configure_tracing,
     exit_deadline,
     install_task_dump,
+    listen_address,
     run,
 )
+from meshserve.common.rest_server import RestHandlers, RestServer, build_app
 from meshserve.common.routing.feed import FeedClient
 from meshserve.common.routing.view import Snapshot
 from meshserve.common.security import (
@@ -106,6 +108,7 @@ class StandaloneConfig:
     max_in_flight_per_client: int = 1024  # admission per client (0: off)
     mux: bool = True  # direct queries over multiplexed streams (False: unary calls)
     shutdown_grace_s: float = 5.0
+    http_listen: str = ""  # OIP over HTTP/REST on this HOST:PORT ("": off; common/rest_server)
 
 
 class ReplicaRelay:
@@ -202,6 +205,7 @@ class StandaloneGateway:
         self._server: aio.Server | None = None
         self.health: Health | None = None  # grpc.health.v1: SERVING once the feed is ready
         self._serving: asyncio.Task[None] | None = None
+        self.rest: RestServer | None = None  # OIP over HTTP/REST (set by start with http_listen)
 
     def snapshot(self) -> Snapshot:
         """The feed's view; UNAVAILABLE before its first full view (an empty view would answer
@@ -268,6 +272,13 @@ class StandaloneGateway:
         self.health = health = await add_standard_services(server, (INFERENCE,), serving=False)
         feed.start()
         await server.start()
+        if cfg.http_listen:  # the same handlers as gRPC's ModelInfer & co, auth included
+            self.rest = RestServer(
+                build_app(RestHandlers.of(gateway), max_body_bytes=cfg.max_message_bytes),
+                cfg.http_listen,
+                what="gateway: ",
+            )
+            await self.rest.start()
         self._serving = asyncio.create_task(self._serving_once_ready(health), name="health")
         _log.info(
             "gateway serving on %s (feed from %s, zone %r, %s to nodes)",
@@ -305,6 +316,8 @@ class StandaloneGateway:
         if self.health is not None:  # probes see NOT_SERVING while the rest stops
             await self.health.shutdown()
         steps: list[tuple[str, Any, float]] = []
+        if self.rest is not None:
+            steps.append(("rest", self.rest.stop(), 2.0))
         if self._server is not None:
             steps.append(("server", self._server.stop(grace_s), grace_s + 1.0))
         if self.gateway is not None:
@@ -393,7 +406,23 @@ def _parser() -> argparse.ArgumentParser:
         help="HOST:PORT serving Prometheus metrics at /metrics; :PORT is 127.0.0.1 only, "
         "0.0.0.0:PORT every interface (default: off)",
     )
+    p.add_argument(
+        "--http-listen",
+        default="",
+        help="HOST:PORT serving the Open Inference Protocol over HTTP/REST (/v2/...); :PORT is "
+        "127.0.0.1 only (default: off; docs/frontdoor.md)",
+    )
     return p
+
+
+def _http_listen(value: str, prog: str) -> str:
+    """``--http-listen`` checked now (a bad value ends the process naming it)."""
+    if value:
+        try:
+            listen_address(value, "--http-listen")
+        except ValueError as exc:
+            raise SystemExit(f"{prog}: {exc}") from None
+    return value
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[StandaloneConfig, Any]:
@@ -436,6 +465,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[StandaloneConfi
         max_in_flight_per_client=max(0, ns.max_in_flight_per_client),
         mux=not ns.unary,
         shutdown_grace_s=max(1.0, ns.shutdown_grace_s),
+        http_listen=_http_listen(ns.http_listen, "meshserve-gateway"),
     )
     return config, ns
 

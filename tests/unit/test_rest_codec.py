@@ -1,0 +1,245 @@
+"""OIP over HTTP/REST: the pure conversions of meshserve.common.rest (JSON and Triton's binary
+extension to ModelInferRequest, ModelInferResponse back, gRPC status to HTTP)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshserve.common import rest
+from meshserve.common.codec import decode_request_inputs, encode_response_outputs
+from meshserve.common.errors import InvalidArgument
+from meshserve.common.process import listen_address
+from meshserve.protos import inference_pb2
+
+
+def _json_body(**fields: object) -> bytes:
+    doc: dict[str, object] = {
+        "inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3, 4.5]]}]
+    }
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+def test_json_nested_and_flat_data_decode_alike() -> None:
+    nested = rest.parse_infer(_json_body(id="q1"), None, "mlp", "v2")
+    flat = rest.parse_infer(
+        json.dumps(
+            {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4.5]}]}
+        ).encode(),
+        None,
+        "mlp",
+    )
+    want = np.array([[1, 2], [3, 4.5]], dtype=np.float32)
+    for call in (nested, flat):
+        np.testing.assert_array_equal(decode_request_inputs(call.request)["x"], want)
+    assert nested.request.model_name == "mlp"
+    assert nested.request.model_version == "v2"
+    assert nested.request.id == "q1"
+
+
+def test_bytes_bool_and_int_inputs() -> None:
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "s", "shape": [2], "datatype": "BYTES", "data": ["ab", "é"]},
+                {"name": "b", "shape": [2], "datatype": "BOOL", "data": [True, False]},
+                {"name": "i", "shape": [1], "datatype": "INT64", "data": [2**40]},
+            ]
+        }
+    ).encode()
+    got = decode_request_inputs(rest.parse_infer(body, None, "m").request)
+    assert list(got["s"]) == [b"ab", "é".encode()]
+    assert got["b"].tolist() == [True, False]
+    assert got["i"].tolist() == [2**40]
+
+
+def test_binary_extension_request() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 3],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+            "parameters": {"timeout": 2_000_000, "slo_ms": 50},
+        }
+    ).encode()
+    call = rest.parse_infer(header + x.tobytes(), str(len(header)), "m")
+    np.testing.assert_array_equal(decode_request_inputs(call.request)["x"], x)
+    assert call.binary == {"y": True}
+    assert call.timeout_s == 2.0
+    assert call.request.parameters["slo_ms"].int64_param == 50
+    assert "timeout" not in call.request.parameters
+    assert [o.name for o in call.request.outputs] == ["y"]
+
+
+@pytest.mark.parametrize(
+    ("body", "length", "says"),
+    [
+        (b"not json", None, "not valid JSON"),
+        (b"[1]", None, "JSON object"),
+        (_json_body(inputs=[]), None, "non-empty"),
+        (
+            _json_body(inputs=[{"name": "x", "shape": [2], "datatype": "FP99", "data": [1, 2]}]),
+            None,
+            "unknown datatype",
+        ),
+        (
+            _json_body(inputs=[{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]),
+            None,
+            "holds 3 elements",
+        ),
+        (
+            _json_body(inputs=[{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]),
+            None,
+            "UINT8 data",
+        ),
+        (
+            _json_body(inputs=[{"name": "x", "shape": [1], "datatype": "FP32", "data": ["1"]}]),
+            None,
+            "numbers",
+        ),
+        (_json_body(), "99999", "Inference-Header-Content-Length"),
+        (_json_body() + b"\0\0", None, "not valid JSON"),
+    ],
+)
+def test_bad_bodies_are_invalid_argument(body: bytes, length: str | None, says: str) -> None:
+    with pytest.raises(InvalidArgument, match=says):
+        rest.parse_infer(body, length, "m")
+
+
+def test_unclaimed_binary_bytes_are_refused() -> None:
+    header = _json_body()
+    with pytest.raises(InvalidArgument, match="no input's binary_data_size"):
+        rest.parse_infer(header + b"\0" * 4, str(len(header)), "m")
+
+
+def _response() -> inference_pb2.ModelInferResponse:
+    response = inference_pb2.ModelInferResponse(model_name="m", model_version="v1", id="q")
+    encode_response_outputs(
+        response,
+        {"y": np.array([[0.5, 1.5]], dtype=np.float32), "k": np.array([7], dtype=np.int64)},
+    )
+    response.parameters["meshserve_node"].string_param = "n1"
+    return response
+
+
+def test_render_json() -> None:
+    body, headers = rest.render_infer(
+        _response(), rest.InferCall(inference_pb2.ModelInferRequest())
+    )
+    assert headers == {"Content-Type": "application/json"}
+    doc = json.loads(body)
+    assert doc["model_name"] == "m" and doc["model_version"] == "v1" and doc["id"] == "q"
+    assert doc["parameters"] == {"meshserve_node": "n1"}
+    assert doc["outputs"][0] == {
+        "name": "y",
+        "datatype": "FP32",
+        "shape": [1, 2],
+        "data": [0.5, 1.5],
+    }
+    assert doc["outputs"][1]["data"] == [7]
+
+
+def test_render_binary_for_the_outputs_asked() -> None:
+    call = rest.InferCall(inference_pb2.ModelInferRequest(), binary={"y": True})
+    body, headers = rest.render_infer(_response(), call)
+    n = int(headers[rest.HEADER_LENGTH])
+    doc = json.loads(body[:n])
+    y, k = doc["outputs"]
+    assert y["parameters"]["binary_data_size"] == 8 and "data" not in y
+    assert k["data"] == [7]
+    assert struct.unpack("<2f", body[n:]) == (0.5, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.UNAUTHENTICATED, 401),
+        (grpc.StatusCode.PERMISSION_DENIED, 403),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        (grpc.StatusCode.INTERNAL, 500),
+        (grpc.StatusCode.FAILED_PRECONDITION, 500),
+    ],
+)
+def test_status_mapping(code: grpc.StatusCode, status: int) -> None:
+    assert rest.http_status(code) == status
+
+
+def test_retry_after_and_error_body() -> None:
+    assert rest.retry_after_header("1500") == "2"
+    assert rest.retry_after_header("10") == "1"
+    assert rest.retry_after_header("soon") is None
+    assert json.loads(rest.error_body('model "x" not found')) == {"error": 'model "x" not found'}
+
+
+def test_http_listen_parsing() -> None:
+    assert listen_address(":8080", "--http-listen") == ("127.0.0.1", 8080)
+    assert listen_address("0.0.0.0:80", "--http-listen") == ("0.0.0.0", 80)
+    assert listen_address("[::1]:9", "--http-listen") == ("::1", 9)
+    with pytest.raises(ValueError, match="--http-listen"):
+        listen_address("host:port", "--http-listen")
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_tensor = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.text(max_size=4) | st.integers(),
+        "shape": st.lists(st.integers(-2, 4), max_size=4) | _json_values,
+        "datatype": st.sampled_from(["FP32", "INT8", "BYTES", "BOOL", "FP16", "X"]) | _json_values,
+        "data": _json_values,
+        "parameters": st.dictionaries(
+            st.sampled_from(["binary_data_size", "binary_data", "p"]), _json_values, max_size=2
+        ),
+    },
+)
+_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _json_values,
+        "inputs": st.lists(_tensor, max_size=3) | _json_values,
+        "outputs": st.lists(_tensor, max_size=2) | _json_values,
+        "parameters": st.dictionaries(
+            st.sampled_from(["timeout", "binary_data_output", "slo_ms"]), _json_values, max_size=2
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_bodies | _json_values, tail=st.binary(max_size=16), binary=st.booleans())
+def test_random_bodies_never_crash(body: object, tail: bytes, binary: bool) -> None:
+    """Whatever the JSON, parsing answers a request or a 4xx with a JSON error; never a crash."""
+    header = json.dumps(body).encode()
+    data, length = (header + tail, str(len(header))) if binary else (header, None)
+    try:
+        call = rest.parse_infer(data, length, "m")
+    except InvalidArgument as exc:
+        assert 400 <= rest.http_status(exc.code) < 500
+        assert json.loads(rest.error_body(exc.message))["error"]
+    else:
+        assert call.request.inputs
+        assert len(call.request.raw_input_contents) == len(call.request.inputs)
