@@ -1,0 +1,231 @@
+"""OIP v2 over HTTP/REST (``--http-listen``): curl and tritonclient.http against a real mesh.
+
+Real etcd, a control-plane replica serving REST beside gRPC, a node whose direct port serves REST
+too, and a standalone ``meshserve-gateway`` with API keys (its REST port checks them as its gRPC
+port does). Answers are compared with in-process onnxruntime's; errors are the JSON bodies and
+statuses the protocol's clients expect. curl only ever talks to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
+
+from meshserve.client._admin import AdminClient
+from meshserve.devtools.demo_models import make_mlp, reference_outputs
+from meshserve.devtools.local import LocalMesh, free_port, wait_until
+from tests.support.mesh import register_file, wait_copies
+
+pytestmark = pytest.mark.integration
+
+CURL = "/usr/bin/curl"
+
+
+@dataclass
+class Rest:
+    work: Path
+    replica: str  # host:port of the replica's REST listener
+    node: str  # the node's direct REST listener
+    gateway: str  # the standalone gateway's (API keys on)
+    acme: str  # may query mlp
+    globex: str  # may query other
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        return reference_outputs(self.work / "models" / "mlp.onnx", {"x": x})["y"]
+
+
+def _curl(
+    url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """(status, JSON body) of a curl call to ``url`` (loopback only)."""
+    assert url.startswith("http://127.0.0.1:")
+    argv = [CURL, "-s", "-S", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"]
+    for key, value in (headers or {}).items():
+        argv += ["-H", f"{key}: {value}"]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+    argv.append(url)
+    done = subprocess.run(argv, input=body, capture_output=True, timeout=30, check=True)
+    text, _, code = done.stdout.decode().rpartition("\n")
+    return int(code), json.loads(text) if text else None
+
+
+def _ready(address: str) -> bool:
+    try:
+        return _curl(f"http://{address}/v2/health/ready")[0] == 200
+    except (subprocess.SubprocessError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def rest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rest]:
+    work = tmp_path_factory.mktemp("rest")
+    acme, globex = secrets.token_hex(16), secrets.token_hex(16)
+    (work / "keys.yaml").write_text(
+        "tenants:\n"
+        f"  - {{name: acme, keys: [{acme}], models: [mlp]}}\n"
+        f"  - {{name: globex, keys: [{globex}], models: [other]}}\n"
+    )
+    replica_http, node_http, gateway_http = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    with LocalMesh(work) as local:
+        local.start_etcd()
+        cp = local.start_controlplane("cp-1", extra=["--http-listen", replica_http])
+        local.start_node("n1", [cp.address], direct=True, extra=["--http-listen", node_http])
+        model = make_mlp(work / "models" / "mlp.onnx", in_features=8, hidden=(16,), out_features=4)
+        with AdminClient(cp.address) as admin:
+            register_file(admin, "mlp", model)
+            register_file(admin, "other", model)
+            wait_copies(admin, "mlp", 1)
+            wait_copies(admin, "other", 1)
+        local.start_gateway(
+            [cp.address],
+            extra=["--api-keys-file", str(work / "keys.yaml"), "--http-listen", gateway_http],
+        )
+        for address in (replica_http, node_http, gateway_http):
+            wait_until(lambda a=address: _ready(a), 30, what=f"REST ready on {address}")
+        yield Rest(work, replica_http, node_http, gateway_http, acme, globex)
+
+
+def _x(rows: int = 3) -> np.ndarray:
+    return np.random.default_rng(rows).standard_normal((rows, 8)).astype(np.float32)
+
+
+def _infer_body(x: np.ndarray, **extra: Any) -> bytes:
+    doc = {
+        "id": "q-1",
+        "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}],
+        **extra,
+    }
+    return json.dumps(doc).encode()
+
+
+# -- curl ------------------------------------------------------------------------------------------
+
+
+def test_curl_health_metadata_and_json_infer(rest: Rest) -> None:
+    base = f"http://{rest.replica}/v2"
+    assert _curl(f"{base}/health/live") == (200, {"live": True})
+    assert _curl(f"{base}/health/ready") == (200, {"ready": True})
+    status, server = _curl(base)
+    assert status == 200 and server["name"] == "meshserve"
+    status, meta = _curl(f"{base}/models/mlp")
+    assert status == 200
+    assert meta["name"] == "mlp" and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}]
+    assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]
+    assert _curl(f"{base}/models/mlp/ready") == (200, {"name": "mlp", "ready": True})
+    version = meta["versions"][0]
+    assert _curl(f"{base}/models/mlp/versions/{version}/ready")[0] == 200
+
+    x = _x()
+    status, answer = _curl(f"{base}/models/mlp/infer", body=_infer_body(x))
+    assert status == 200, answer
+    assert answer["model_name"] == "mlp" and answer["id"] == "q-1"
+    assert answer["parameters"]["meshserve_node"] == "n1"
+    (y,) = answer["outputs"]
+    assert y["name"] == "y" and y["datatype"] == "FP32" and y["shape"] == [3, 4]
+    got = np.asarray(y["data"], dtype=np.float32).reshape(y["shape"])
+    np.testing.assert_allclose(got, rest.reference(x), rtol=1e-5, atol=1e-6)
+
+    status, answer = _curl(f"{base}/models/mlp/versions/{version}/infer", body=_infer_body(x))
+    assert status == 200 and answer["outputs"][0]["shape"] == [3, 4]
+
+
+def test_curl_errors_are_json_with_the_mapped_status(rest: Rest) -> None:
+    base = f"http://{rest.replica}/v2/models"
+    x = _x(1)
+    status, answer = _curl(f"{base}/no-such-model/infer", body=_infer_body(x))
+    assert status == 404 and "no-such-model" in answer["error"]
+    assert _curl(f"{base}/no-such-model")[0] == 404
+    assert _curl(f"{base}/no-such-model/ready") == (400, {"name": "no-such-model", "ready": False})
+    wrong = {"inputs": [{"name": "x", "shape": [1, 8], "datatype": "INT64", "data": [1] * 8}]}
+    status, answer = _curl(f"{base}/mlp/infer", body=json.dumps(wrong).encode())
+    assert status == 400 and "INT64" in answer["error"], answer
+    status, answer = _curl(f"{base}/mlp/infer", body=b"{not json")
+    assert status == 400 and "JSON" in answer["error"]
+    short = {"inputs": [{"name": "x", "shape": [2, 8], "datatype": "FP32", "data": [0.0] * 8}]}
+    status, answer = _curl(f"{base}/mlp/infer", body=json.dumps(short).encode())
+    assert status == 400 and "16 elements" in answer["error"]
+
+
+# -- tritonclient.http -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary-data"])
+def test_tritonclient_http_infer(rest: Rest, binary: bool) -> None:
+    client = th.InferenceServerClient(url=rest.replica)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("mlp")
+        meta = client.get_model_metadata("mlp")
+        assert meta["inputs"][0]["name"] == "x"
+        x = _x(5)
+        tensor = th.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        wanted = [th.InferRequestedOutput("y", binary_data=binary)]
+        result = client.infer("mlp", [tensor], outputs=wanted, request_id="r-7")
+        np.testing.assert_allclose(result.as_numpy("y"), rest.reference(x), rtol=1e-5, atol=1e-6)
+        response = result.get_response()
+        assert response["id"] == "r-7"
+        assert response["parameters"]["meshserve_node"] == "n1"
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("no-such-model", [tensor])
+        assert refused.value.status() == "404"
+    finally:
+        client.close()
+
+
+def test_the_nodes_direct_port_answers_rest(rest: Rest) -> None:
+    client = th.InferenceServerClient(url=rest.node)
+    try:
+        assert client.is_model_ready("mlp")
+        x = _x(2)
+        tensor = th.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        result = client.infer("mlp", [tensor])
+        np.testing.assert_allclose(result.as_numpy("y"), rest.reference(x), rtol=1e-5, atol=1e-6)
+        assert result.get_response()["parameters"]["meshserve_node"] == "n1"
+    finally:
+        client.close()
+    status, answer = _curl(f"http://{rest.node}/v2/models/mlp/infer", body=_infer_body(x))
+    assert status == 200 and answer["outputs"][0]["shape"] == [2, 4]
+
+
+# -- API keys (the standalone gateway) -------------------------------------------------------------
+
+
+def test_api_keys_over_rest(rest: Rest) -> None:
+    url = f"http://{rest.gateway}/v2/models/mlp/infer"
+    body = _infer_body(_x(1))
+    status, answer = _curl(url, body=body)
+    assert status == 401, answer
+    assert answer["error"]
+    status, answer = _curl(url, body=body, headers={"Authorization": f"Bearer {rest.globex}"})
+    assert status == 403, answer
+    status, answer = _curl(url, body=body, headers={"Authorization": f"Bearer {rest.acme}"})
+    assert status == 200, answer
+    status, answer = _curl(url, body=body, headers={"x-api-key": rest.acme})
+    assert status == 200, answer
+    assert _curl(f"http://{rest.gateway}/v2/models/mlp")[0] == 401
+    client = th.InferenceServerClient(url=rest.gateway)
+    try:
+        x = _x(2)
+        tensor = th.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("mlp", [tensor], headers={"Authorization": f"Bearer {rest.acme}"})
+        np.testing.assert_allclose(result.as_numpy("y"), rest.reference(x), rtol=1e-5, atol=1e-6)
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("other", [tensor], headers={"x-api-key": rest.acme})
+        assert refused.value.status() == "403"
+    finally:
+        client.close()
