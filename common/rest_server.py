@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -40,9 +41,17 @@ from aiohttp import web
 from meshserve.common import rest
 from meshserve.common.codec import DECODE_OFF_LOOP_BYTES
 from meshserve.common.errors import RETRY_AFTER_KEY, InvalidArgument, StatusError, status_of
+from meshserve.common.security import SecurityConfigError, TLSFiles
 from meshserve.protos import inference_pb2
 
-__all__ = ["RestContext", "RestHandlers", "RestServer", "build_app", "listen_address"]
+__all__ = [
+    "RestContext",
+    "RestHandlers",
+    "RestServer",
+    "build_app",
+    "listen_address",
+    "ssl_context",
+]
 
 _log = logging.getLogger("meshserve.rest")
 
@@ -138,6 +147,26 @@ def listen_address(listen: str) -> tuple[str, int]:
     from meshserve.common.process import listen_address as parse
 
     return parse(listen, "--http-listen")
+
+
+def ssl_context(tls: TLSFiles | None, *, require_client_cert: bool) -> ssl.SSLContext | None:
+    """HTTPS like the process's gRPC listener: its certificate and key, and when that listener
+    requires client certificates, the same CAs required of REST callers (None: plain HTTP, the
+    listener has no TLS). A REST caller's certificate only admits the connection: it never
+    counts as a router's (the handlers see no peer certificate), so tenants need API keys."""
+    if tls is None:
+        return None
+    if tls.cert is None or tls.key is None:
+        raise SecurityConfigError("--http-listen with TLS needs --tls-cert and --tls-key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    if require_client_cert:
+        ca = tls.callers_ca_bytes()
+        if ca is None:
+            raise SecurityConfigError("requiring client certificates needs a CA file (--tls-ca)")
+        context.load_verify_locations(cadata=ca.decode())
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -313,11 +342,20 @@ def build_app(handlers: RestHandlers, *, max_body_bytes: int = 64 << 20) -> web.
 
 
 class RestServer:
-    """The REST app on ``listen`` (``HOST:PORT``; port 0 picks one), on the running loop."""
+    """The REST app on ``listen`` (``HOST:PORT``; port 0 picks one), on the running loop;
+    HTTPS with ``tls`` (:func:`ssl_context`)."""
 
-    def __init__(self, app: web.Application, listen: str, *, what: str = "") -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        listen: str,
+        *,
+        tls: ssl.SSLContext | None = None,
+        what: str = "",
+    ) -> None:
         self._app = app
         self._host, self._port = listen_address(listen)
+        self._tls = tls
         self._what = what
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -329,14 +367,15 @@ class RestServer:
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self._host, self._port)
+        site = web.TCPSite(runner, self._host, self._port, ssl_context=self._tls)
         await site.start()
         for address in runner.addresses:
             if isinstance(address, tuple) and len(address) >= 2:
                 self.port = int(address[1])
                 break
         shown = f"[{self._host}]" if ":" in self._host else self._host
-        _log.info("%sOIP over HTTP/REST on http://%s:%d/v2", self._what, shown, self.port)
+        scheme = "https" if self._tls is not None else "http"
+        _log.info("%sOIP over HTTP/REST on %s://%s:%d/v2", self._what, scheme, shown, self.port)
         return self.port
 
     async def stop(self) -> None:

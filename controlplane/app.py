@@ -29,7 +29,7 @@ from meshserve.common.health import (
     Health,
     add_standard_services,
 )
-from meshserve.common.rest_server import RestHandlers, RestServer, build_app
+from meshserve.common.rest_server import RestHandlers, RestServer, build_app, ssl_context
 from meshserve.common.security import (
     TLSFiles,
     channel_credentials,
@@ -426,6 +426,7 @@ class ControlPlane:
             self.rest = RestServer(
                 build_app(RestHandlers.of(self.gateway), max_body_bytes=cfg.max_message_bytes),
                 cfg.http_listen,
+                tls=ssl_context(cfg.tls, require_client_cert=mtls),
                 what=f"replica {self.replica_id}: ",
             )
             await self.rest.start()

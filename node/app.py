@@ -21,7 +21,7 @@ from grpc import aio
 
 from meshserve.common.errors import map_errors, tolerant_decoding
 from meshserve.common.health import INFERENCE, NODE_INFERENCE, Health, add_standard_services
-from meshserve.common.rest_server import RestHandlers, RestServer, build_app
+from meshserve.common.rest_server import RestHandlers, RestServer, build_app, ssl_context
 from meshserve.common.security import TLSFiles, load_cas, server_credentials
 from meshserve.node.agent import Agent
 from meshserve.node.copies import CopyManager
@@ -172,6 +172,9 @@ class Node:
             self.rest = RestServer(
                 build_app(RestHandlers.of(direct), max_body_bytes=cfg.max_message_bytes),
                 cfg.http_listen,
+                tls=ssl_context(
+                    cfg.tls, require_client_cert=cfg.tls is not None and cfg.tls.ca is not None
+                ),
                 what=f"node {cfg.node_id}: ",
             )
             await self.rest.start()

@@ -67,7 +67,7 @@ from meshserve.common.process import (
     listen_address,
     run,
 )
-from meshserve.common.rest_server import RestHandlers, RestServer, build_app
+from meshserve.common.rest_server import RestHandlers, RestServer, build_app, ssl_context
 from meshserve.common.routing.feed import FeedClient
 from meshserve.common.routing.view import Snapshot
 from meshserve.common.security import (
@@ -276,6 +276,7 @@ class StandaloneGateway:
             self.rest = RestServer(
                 build_app(RestHandlers.of(gateway), max_body_bytes=cfg.max_message_bytes),
                 cfg.http_listen,
+                tls=ssl_context(cfg.tls, require_client_cert=mtls),
                 what="gateway: ",
             )
             await self.rest.start()
