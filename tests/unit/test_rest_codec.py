@@ -3,20 +3,31 @@ extension to ModelInferRequest, ModelInferResponse back, gRPC status to HTTP).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshserve.common import rest
 from meshserve.common.codec import decode_request_inputs, encode_response_outputs
-from meshserve.common.errors import InvalidArgument
+from meshserve.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    map_errors,
+)
 from meshserve.common.process import listen_address
-from meshserve.protos import inference_pb2
+from meshserve.common.rest_server import RestHandlers, build_app
+from meshserve.protos import inference_pb2, inference_pb2_grpc
 
 
 def _json_body(**fields: object) -> bytes:
@@ -243,3 +254,93 @@ def test_random_bodies_never_crash(body: object, tail: bytes, binary: bool) -> N
     else:
         assert call.request.inputs
         assert len(call.request.raw_input_contents) == len(call.request.inputs)
+
+
+# -- the app (common/rest_server.py) over a servicer, as a process registers it --------------------
+
+
+class _Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """A servicer whose ModelInfer answers by the model it is asked for (what a process's
+    servicer does, minus the mesh): the REST app must answer its outcomes as the protocol says."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[tuple[str, str], ...]] = []
+        self.never = asyncio.Event()
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return inference_pb2.ServerReadyResponse(ready=False)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return inference_pb2.ServerMetadataResponse(name="s", version="1")
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return inference_pb2.ModelReadyResponse(ready=request.name == "m")
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        raise NotFound(f"model {request.name!r} not found")
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        self.seen.append(tuple(context.invocation_metadata()))
+        if request.model_name == "full":
+            raise ResourceExhausted("full", 1.2)
+        if request.model_name == "slow":
+            await self.never.wait()
+        if request.model_name == "denied":
+            raise PermissionDenied("not yours")
+        response = inference_pb2.ModelInferResponse(model_name=request.model_name)
+        encode_response_outputs(response, decode_request_inputs(request))
+        return response.SerializeToString()  # a gateway may answer bytes
+
+
+@pytest.fixture
+async def app_client() -> AsyncIterator[tuple[TestClient[Any, Any], _Servicer]]:
+    servicer = map_errors(_Servicer())
+    app = build_app(RestHandlers.of(servicer), max_body_bytes=4096)
+    async with TestClient(TestServer(app)) as client:
+        yield client, servicer
+
+
+_X = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}
+
+
+async def test_app_answers_and_maps_outcomes(
+    app_client: tuple[TestClient[Any, Any], _Servicer],
+) -> None:
+    client, servicer = app_client
+    live = await client.get("/v2/health/live")
+    assert live.status == 200 and await live.json() == {"live": True}
+    assert (await client.get("/v2/health/ready")).status == 400
+    assert (await client.get("/v2/models/m/versions/3/ready")).status == 200
+    missing = await client.get("/v2/models/nope")
+    assert missing.status == 404 and "nope" in (await missing.json())["error"]
+
+    ok = await client.post(
+        "/v2/models/echo/infer",
+        json=_X,
+        headers={
+            "Authorization": "Bearer k",
+            "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+            "Cookie": "c=1",
+        },
+    )
+    assert ok.status == 200
+    assert (await ok.json())["outputs"][0]["data"] == [1.0, 2.0]
+    forwarded = dict(servicer.seen[-1])
+    assert forwarded["authorization"] == "Bearer k"
+    assert forwarded["traceparent"].startswith("00-1111")
+    assert "cookie" not in forwarded  # only the headers the protocol's checks read
+
+    full = await client.post("/v2/models/full/infer", json=_X)
+    assert full.status == 429 and full.headers["Retry-After"] == "2"
+    assert (await full.json())["error"].startswith("full")
+    denied = await client.post("/v2/models/denied/infer", json=_X)
+    assert denied.status == 403 and (await denied.json()) == {"error": "not yours"}
+    slow = await client.post("/v2/models/slow/infer", json=_X, headers={"timeout": "0.05"})
+    assert slow.status == 504 and "deadline" in (await slow.json())["error"]
+    big = await client.post("/v2/models/echo/infer", data=b" " * 5000)
+    assert big.status == 413 and "exceeds 4096 bytes" in (await big.json())["error"]
+    bad = await client.post("/v2/models/echo/infer", data=b"{", headers={"timeout": "x"})
+    assert bad.status == 400 and "error" in await bad.json()
