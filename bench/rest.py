@@ -9,7 +9,9 @@ request count and by time), three rows through the replica's gateway:
 * ``rest_binary``  ``tritonclient.http.aio``, Triton's binary-data extension both ways;
 * ``grpc``         ``tritonclient.grpc.aio`` ModelInfer on the replica's gRPC port.
 
-Each row: req/s, p50, p99, errors (counted, never dropped). The ratios ``rest_json / grpc`` and
+Each row: req/s, p50, p99, errors (counted, never dropped), and CPU milliseconds per query of
+the replica (where REST and gRPC differ: parsing, rendering, the HTTP server), of the node and of
+the load generator (the client libraries differ too). The ratios ``rest_json / grpc`` and
 ``rest_binary / grpc`` (req/s) per C, and the issue's target (REST >= 0.6x gRPC at C=32, stated
 for each encoding). ``--runs N`` repeats the matrix on the same mesh: each figure is its median
 and [min, max]. The load generator runs in this process on one event loop; the servers are
@@ -42,6 +44,7 @@ import tritonclient.http as thttp_sync  # noqa: E402
 import tritonclient.http.aio as thttp  # noqa: E402
 
 from bench._report import emit, spread  # noqa: E402
+from bench.servers import process_cpu_s  # noqa: E402
 from meshserve.client._admin import AdminClient  # noqa: E402
 from meshserve.devtools.demo_models import make_mlp  # noqa: E402
 from meshserve.devtools.local import LocalMesh, free_port, wait_until  # noqa: E402
@@ -64,9 +67,10 @@ class _Load:
         self.latencies: list[int] = []
         self.errors: dict[str, int] = {}
 
-    async def run(self, call: Any, concurrency: int) -> dict[str, Any]:
+    async def run(self, call: Any, concurrency: int, pids: dict[str, int]) -> dict[str, Any]:
         for _ in range(self.warmup):  # connections open, the copy warm
             await call()
+        cpu_before = {name: process_cpu_s(pid) for name, pid in pids.items()}
         started = time.monotonic_ns()
         stop_at = started + int(self.seconds * 1e9)
         left = [self.count]
@@ -86,7 +90,15 @@ class _Load:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         window_s = (time.monotonic_ns() - started) / 1e9
         ms = np.asarray(self.latencies, dtype=np.float64) / 1e6
+        cpu: dict[str, float | None] = {}
+        for name, pid in pids.items():
+            before, after = cpu_before[name], process_cpu_s(pid)
+            spent = None if before is None or after is None else after - before
+            cpu[f"{name}_cpu_ms_per_query"] = (
+                round(spent * 1000 / ms.size, 4) if spent is not None and ms.size else None
+            )
         return {
+            **cpu,
             "requests": int(ms.size),
             "errors": sum(self.errors.values()),
             "errors_by_kind": dict(self.errors),
@@ -98,7 +110,12 @@ class _Load:
 
 
 async def _row(
-    row: str, grpc_address: str, rest_address: str, concurrency: int, load: _Load
+    row: str,
+    grpc_address: str,
+    rest_address: str,
+    concurrency: int,
+    load: _Load,
+    pids: dict[str, int],
 ) -> dict[str, Any]:
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     if row == "grpc":
@@ -119,7 +136,7 @@ async def _row(
             raise RuntimeError("wrong answer shape")
 
     try:
-        return await load.run(call, concurrency)
+        return await load.run(call, concurrency, pids)
     finally:
         await client.close()
 
@@ -133,6 +150,12 @@ def _ratios(runs: list[dict[str, Any]], levels: list[int]) -> dict[str, Any]:
                 grpc_rps = run[str(c)]["grpc"]["rps"]
                 values.append(run[str(c)][enc]["rps"] / grpc_rps if grpc_rps else None)
             out.setdefault(str(c), {})[f"{enc}/grpc"] = spread(values, 3)
+            cpu = []
+            for run in runs:
+                rest_ms = run[str(c)][enc]["replica_cpu_ms_per_query"]
+                grpc_ms = run[str(c)]["grpc"]["replica_cpu_ms_per_query"]
+                cpu.append(rest_ms / grpc_ms if rest_ms and grpc_ms else None)
+            out[str(c)][f"{enc}/grpc replica CPU per query"] = spread(cpu, 3)
     return out
 
 
@@ -154,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         with LocalMesh(work) as mesh:
             mesh.start_etcd()
             cp = mesh.start_controlplane("cp-1", extra=["--http-listen", rest_address])
-            mesh.start_node("n1", [cp.address], direct=True)
+            node = mesh.start_node("n1", [cp.address], direct=True)
+            pids = {"replica": cp.pid, "node": node.pid, "loadgen": os.getpid()}
             with AdminClient(cp.address) as admin:
                 register_file(admin, MODEL, make_mlp(work / "mlp.onnx"))
                 wait_copies(admin, MODEL, 1)
@@ -167,12 +191,13 @@ def main(argv: list[str] | None = None) -> None:
                 for c in levels:
                     for row in ROWS:
                         load = _Load(ns.count, ns.seconds, warmup=min(100, ns.count))
-                        figures = asyncio.run(_row(row, cp.address, rest_address, c, load))
+                        figures = asyncio.run(_row(row, cp.address, rest_address, c, load, pids))
                         result.setdefault(str(c), {})[row] = figures
                         _log(
                             f"run {run + 1}/{ns.runs} C={c} {row}: {figures['rps']} req/s, "
                             f"p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
-                            f"errors {figures['errors']}"
+                            f"errors {figures['errors']}, replica "
+                            f"{figures['replica_cpu_ms_per_query']} CPU ms/query"
                         )
                 runs.append(result)
     rows: dict[str, Any] = {}
@@ -180,7 +205,15 @@ def main(argv: list[str] | None = None) -> None:
         for row in ROWS:
             per = [r[str(c)][row] for r in runs]
             rows.setdefault(str(c), {})[row] = {
-                key: spread([f[key] for f in per], 3) for key in ("rps", "p50_ms", "p99_ms")
+                key: spread([f[key] for f in per], 4)
+                for key in (
+                    "rps",
+                    "p50_ms",
+                    "p99_ms",
+                    "replica_cpu_ms_per_query",
+                    "node_cpu_ms_per_query",
+                    "loadgen_cpu_ms_per_query",
+                )
             } | {"errors": sum(f["errors"] for f in per)}
     ratios = _ratios(runs, levels)
     targets: dict[str, Any] = {}
