@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import grpc
 from aiohttp import web
+from grpc import aio
 
 from meshserve.common import rest
 from meshserve.common.codec import DECODE_OFF_LOOP_BYTES
@@ -68,8 +69,8 @@ FORWARDED_HEADERS: Final = (
 Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
-class _Aborted(Exception):
-    pass
+class _Aborted(aio.AbortError):
+    """:meth:`RestContext.abort`: an AbortError, so map_errors lets it through as gRPC's."""
 
 
 class RestContext:

@@ -290,6 +290,8 @@ class _Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             await self.never.wait()
         if request.model_name == "denied":
             raise PermissionDenied("not yours")
+        if request.model_name == "aborted":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gone")
         response = inference_pb2.ModelInferResponse(model_name=request.model_name)
         encode_response_outputs(response, decode_request_inputs(request))
         return response.SerializeToString()  # a gateway may answer bytes
@@ -338,6 +340,8 @@ async def test_app_answers_and_maps_outcomes(
     assert (await full.json())["error"].startswith("full")
     denied = await client.post("/v2/models/denied/infer", json=_X)
     assert denied.status == 403 and (await denied.json()) == {"error": "not yours"}
+    aborted = await client.post("/v2/models/aborted/infer", json=_X)
+    assert aborted.status == 503 and (await aborted.json()) == {"error": "gone"}
     slow = await client.post("/v2/models/slow/infer", json=_X, headers={"timeout": "0.05"})
     assert slow.status == 504 and "deadline" in (await slow.json())["error"]
     big = await client.post("/v2/models/echo/infer", data=b" " * 5000)
