@@ -9,6 +9,7 @@ statuses the protocol's clients expect. curl only ever talks to 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from meshserve.client._admin import AdminClient
+from meshserve.common.security import TLSFiles
 from meshserve.devtools.demo_models import make_mlp, reference_outputs
 from meshserve.devtools.local import LocalMesh, free_port, wait_until
 from tests.support.mesh import register_file, wait_copies
@@ -45,11 +47,16 @@ class Rest:
 
 
 def _curl(
-    url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
+    url: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    tls: list[str] | None = None,
 ) -> tuple[int, Any]:
-    """(status, JSON body) of a curl call to ``url`` (loopback only)."""
-    assert url.startswith("http://127.0.0.1:")
-    argv = [CURL, "-s", "-S", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"]
+    """(status, JSON body) of a curl call to ``url`` (loopback only); ``tls``: curl's TLS
+    options (``--cacert``, ``--cert``, ``--key``)."""
+    assert url.startswith(("http://127.0.0.1:", "https://127.0.0.1:"))
+    argv = [CURL, "-s", "-S", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}", *(tls or [])]
     for key, value in (headers or {}).items():
         argv += ["-H", f"{key}: {value}"]
     if body is not None:
@@ -77,7 +84,8 @@ def rest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rest]:
         f"  - {{name: globex, keys: [{globex}], models: [other]}}\n"
     )
     replica_http, node_http, gateway_http = (f"127.0.0.1:{free_port()}" for _ in range(3))
-    with LocalMesh(work) as local:
+    env = {**os.environ, "MESHSERVE_TRACE_CONSOLE": "1", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with LocalMesh(work, env=env) as local:
         local.start_etcd()
         cp = local.start_controlplane("cp-1", extra=["--http-listen", replica_http])
         local.start_node("n1", [cp.address], direct=True, extra=["--http-listen", node_http])
@@ -229,3 +237,80 @@ def test_api_keys_over_rest(rest: Rest) -> None:
         assert refused.value.status() == "403"
     finally:
         client.close()
+
+
+# -- traces ----------------------------------------------------------------------------------------
+
+
+def _span(log: Path, trace_id: str, name: str) -> dict[str, Any] | None:
+    """The span ``name`` of trace ``trace_id`` a process printed (MESHSERVE_TRACE_CONSOLE)."""
+    text = log.read_text(errors="replace")
+    decoder = json.JSONDecoder()
+    at = text.find('{\n    "name"')
+    while at >= 0:
+        try:
+            span, end = decoder.raw_decode(text, at)
+        except ValueError:
+            end = at + 1
+        else:
+            same = span.get("context", {}).get("trace_id") == f"0x{trace_id}"
+            if same and span.get("name") == name:
+                return dict(span)
+        at = text.find('{\n    "name"', end)
+    return None
+
+
+def test_a_traceparent_header_parents_the_gateway_span(rest: Rest) -> None:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    status, _ = _curl(
+        f"http://{rest.replica}/v2/models/mlp/infer",
+        body=_infer_body(_x(1)),
+        headers={"traceparent": f"00-{trace_id}-{span_id}-01"},
+    )
+    assert status == 200
+    log = rest.work / "cp-1.log"
+    span = wait_until(
+        lambda: _span(log, trace_id, "gateway ModelInfer"), 15, what="the gateway's span"
+    )
+    assert span["parent_id"] == f"0x{span_id}"
+    node = wait_until(
+        lambda: _span(rest.work / "n1.log", trace_id, "node ModelInfer"), 15, what="node span"
+    )
+    assert node["context"]["trace_id"] == f"0x{trace_id}"
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+def test_rest_is_https_with_mtls_where_the_grpc_listener_is(tmp_path: Path) -> None:
+    """A replica whose gRPC listener requires client certificates serves REST over HTTPS with
+    its certificate and requires them too: no plain-HTTP way around mTLS."""
+    from meshserve.devtools.certs import init_certs
+
+    certs = tmp_path / "certs"
+    init_certs(certs, nodes=["n1"])
+    client = TLSFiles(certs / "controlplane-ca.crt", certs / "client.crt", certs / "client.key")
+    http = f"127.0.0.1:{free_port()}"
+    with LocalMesh(tmp_path, tls=client) as local:
+        local.start_etcd()
+        local.start_controlplane(
+            "cp-1",
+            extra=[
+                "--tls-ca",
+                str(certs / "controlplane-trust.crt"),
+                "--tls-cert",
+                str(certs / "controlplane.crt"),
+                "--tls-key",
+                str(certs / "controlplane.key"),
+                "--http-listen",
+                http,
+            ],
+        )
+        trust = ["--cacert", str(certs / "controlplane-ca.crt")]
+        mine = ["--cert", str(certs / "client.crt"), "--key", str(certs / "client.key")]
+        url = f"https://{http}/v2/health/live"
+        assert _curl(url, tls=trust + mine) == (200, {"live": True})
+        with pytest.raises(subprocess.CalledProcessError):  # no client certificate: no handshake
+            _curl(url, tls=trust)
+        with pytest.raises(subprocess.CalledProcessError):  # plain HTTP: not served
+            _curl(f"http://{http}/v2/health/live")
