@@ -348,3 +348,66 @@ async def test_app_answers_and_maps_outcomes(
     assert big.status == 413 and "exceeds 4096 bytes" in (await big.json())["error"]
     bad = await client.post("/v2/models/echo/infer", data=b"{", headers={"timeout": "x"})
     assert bad.status == 400 and "error" in await bad.json()
+
+
+class _Echo(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """Answers every query with its own inputs as outputs, unchecked."""
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        response = inference_pb2.ModelInferResponse(model_name=request.model_name)
+        response.outputs.extend(
+            inference_pb2.ModelInferResponse.InferOutputTensor(
+                name=t.name, datatype=t.datatype, shape=t.shape
+            )
+            for t in request.inputs
+        )
+        response.raw_output_contents.extend(request.raw_input_contents)
+        return response
+
+
+async def _post(body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
+    app = build_app(RestHandlers.of(map_errors(_Echo())), max_body_bytes=1 << 16)
+    async with TestClient(TestServer(app)) as client:
+        answer = await client.post("/v2/models/m/infer", data=body, headers=headers)
+        return answer.status, await answer.read(), answer.headers.get("Content-Type", "")
+
+
+_scalar = st.booleans() | st.integers(-300, 300) | st.floats(width=32) | st.text(max_size=3)
+_near_tensor = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["x", "y"]),
+        "shape": st.lists(st.integers(0, 3), max_size=3),
+        "datatype": st.sampled_from(sorted(rest.TABLE)),
+        "data": st.lists(_scalar | st.lists(_scalar, max_size=3), max_size=9),
+    },
+    optional={"parameters": st.fixed_dictionaries({"binary_data_size": st.integers(0, 8)})},
+)
+_near_bodies = st.fixed_dictionaries(
+    {"inputs": st.lists(_near_tensor, min_size=1, max_size=2)},
+    optional={
+        "outputs": st.lists(
+            st.fixed_dictionaries(
+                {"name": st.sampled_from(["x", "y"])},
+                optional={"parameters": st.fixed_dictionaries({"binary_data": st.booleans()})},
+            ),
+            max_size=2,
+        ),
+        "parameters": st.fixed_dictionaries({"binary_data_output": st.booleans()}),
+    },
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_bodies | _near_bodies, tail=st.binary(max_size=16), binary=st.booleans())
+def test_random_bodies_get_an_answer_or_a_4xx_json_error_from_the_app(
+    body: object, tail: bytes, binary: bool
+) -> None:
+    header = json.dumps(body).encode()
+    data = header + tail if binary else header
+    headers = {rest.HEADER_LENGTH: str(len(header))} if binary else {}
+    status, answer, kind = asyncio.run(_post(data, headers))
+    if status == 200:
+        return
+    assert 400 <= status < 500, (status, answer)
+    assert kind == "application/json"
+    assert json.loads(answer)["error"]
