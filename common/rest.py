@@ -34,7 +34,7 @@ import numpy as np
 from meshserve.common.codec import (
     MAX_DIMS,
     MAX_ELEMENTS,
-    decode_response_outputs,
+    decode_tensor,
     get_parameter,
     set_parameter,
 )
@@ -335,8 +335,11 @@ def render_infer(
 ) -> tuple[bytes, dict[str, str]]:
     """The answer's body and its headers (``Content-Type``; with binary outputs,
     ``Inference-Header-Content-Length``)."""
-    arrays = decode_response_outputs(response)
     raw = list(response.raw_output_contents)
+    if raw and len(raw) != len(response.outputs):
+        raise InvalidArgument(
+            f"the answer has {len(raw)} raw contents for {len(response.outputs)} outputs"
+        )
     doc: dict[str, Any] = {"model_name": response.model_name}
     if response.model_version:
         doc["model_version"] = response.model_version
@@ -354,12 +357,26 @@ def render_infer(
         }
         if tensor.parameters:
             out["parameters"] = _parameters_json(tensor.parameters)
-        if call.binary.get(tensor.name, call.binary_default):
-            data = raw[i] if i < len(raw) else _raw_of(arrays[tensor.name], tensor.datatype)
+        binary = call.binary.get(tensor.name, call.binary_default)
+        if binary and raw:  # the node's bytes as they are (checked by whoever reads them)
+            data = raw[i]
+        else:
+            array = decode_tensor(
+                tensor.name,
+                tensor.datatype,
+                tensor.shape,
+                raw=raw[i] if raw else None,
+                contents=None if raw else tensor.contents,
+                kind="output",
+            )
+            data = b""
+            if binary:
+                data = _raw_of(array, tensor.datatype)
+            else:
+                out["data"] = _json_data(array, tensor.datatype)
+        if binary:
             out.setdefault("parameters", {})["binary_data_size"] = len(data)
             tail.append(data)
-        else:
-            out["data"] = _json_data(arrays[tensor.name], tensor.datatype)
         outputs.append(out)
     doc["outputs"] = outputs
     header = json.dumps(doc, separators=(",", ":")).encode()

@@ -321,9 +321,9 @@ def build_app(handlers: RestHandlers, *, max_body_bytes: int = 64 << 20) -> web.
                 out, headers = await asyncio.to_thread(rest.render_infer, answer, parsed)
             else:
                 out, headers = rest.render_infer(answer, parsed)
-        except StatusError as exc:
-            code, details = status_of(exc)
-            return _error(rest.http_status(code), details)
+        except StatusError as exc:  # the answer's fault, not the caller's
+            _log.error("REST: an answer to %r could not be rendered: %s", name, exc.message)
+            return _error(500, f"the answer could not be rendered: {exc.message}")
         return web.Response(status=200, body=out, headers=headers)
 
     app = web.Application(client_max_size=max_body_bytes)

@@ -351,9 +351,11 @@ async def test_app_answers_and_maps_outcomes(
 
 
 class _Echo(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """Answers every query with its own inputs as outputs, unchecked."""
+    """Answers every query with its own inputs as outputs, once they decode (as a server
+    checks a request's contents against its header before it answers)."""
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        decode_request_inputs(request)
         response = inference_pb2.ModelInferResponse(model_name=request.model_name)
         response.outputs.extend(
             inference_pb2.ModelInferResponse.InferOutputTensor(
