@@ -19,6 +19,7 @@ Contract: every method reads as authorize → validate → registry call → eve
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -61,6 +62,10 @@ from meshserve.controlplane.validation import (
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["AdminService"]
+
+_log = logging.getLogger("meshserve.controlplane.admin")
+#: How long a rollout or rollback waits for this replica's view to hold the alias it wrote.
+_SEEN_WITHIN_S = 5.0
 
 
 class AdminService(mesh_pb2_grpc.AdminServicer):
@@ -325,11 +330,19 @@ class AdminService(mesh_pb2_grpc.AdminServicer):
         return new, current
 
     async def _until_seen(self, model: str, alias: str, record: mesh_pb2.Alias) -> None:
-        """Wait (at most 2 s) until this replica's view holds ``record``: once a rollout or a
-        rollback returns, this replica's gateway routes by it (others follow their watch)."""
-        deadline = time.monotonic() + 2.0
+        """Wait (at most :data:`_SEEN_WITHIN_S`) until this replica's view holds ``record``: once
+        a rollout or a rollback returns, this replica's gateway routes by it (others follow their
+        watch). A view that lags longer (etcd or this process overloaded) is logged."""
+        deadline = time.monotonic() + _SEEN_WITHIN_S
         while self._snapshot().aliases.get((model, alias)) != record:
             if time.monotonic() > deadline:
+                _log.warning(
+                    "alias %s/%s written but not in this replica's view after %.0f s; "
+                    "returning anyway (the gateway follows when its watch delivers it)",
+                    model,
+                    alias,
+                    _SEEN_WITHIN_S,
+                )
                 return
             await asyncio.sleep(0.005)
 
