@@ -159,7 +159,9 @@ def ssl_context(tls: TLSFiles | None, *, require_client_cert: bool) -> ssl.SSLCo
         return None
     if tls.cert is None or tls.key is None:
         raise SecurityConfigError("--http-listen with TLS needs --tls-cert and --tls-key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # not create_default_context: it would trust the system's CAs for client certificates too
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(tls.cert, tls.key)
     if require_client_cert:
         ca = tls.callers_ca_bytes()
