@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +28,8 @@ from meshserve.common.errors import (
     map_errors,
 )
 from meshserve.common.process import listen_address
-from meshserve.common.rest_server import RestHandlers, build_app
+from meshserve.common.rest_server import RestHandlers, build_app, ssl_context
+from meshserve.common.security import TLSFiles
 from meshserve.protos import inference_pb2, inference_pb2_grpc
 
 
@@ -413,3 +416,20 @@ def test_random_bodies_get_an_answer_or_a_4xx_json_error_from_the_app(
     assert 400 <= status < 500, (status, answer)
     assert kind == "application/json"
     assert json.loads(answer)["error"]
+
+
+def test_the_https_context_trusts_only_the_listeners_cas(tmp_path: Path) -> None:
+    from meshserve.devtools.certs import init_certs
+
+    certs = tmp_path / "certs"
+    init_certs(certs, nodes=["n1"])
+    tls = TLSFiles(
+        certs / "controlplane-trust.crt", certs / "controlplane.crt", certs / "controlplane.key"
+    )
+    assert ssl_context(None, require_client_cert=False) is None
+    open_ = ssl_context(tls, require_client_cert=False)
+    assert open_ is not None and open_.verify_mode == ssl.CERT_NONE
+    mtls = ssl_context(tls, require_client_cert=True)
+    assert mtls is not None and mtls.verify_mode == ssl.CERT_REQUIRED
+    subjects = {dict(x[0] for x in ca["subject"])["commonName"] for ca in mtls.get_ca_certs()}
+    assert subjects == {f"meshserve development {r} CA" for r in ("controlplane", "node", "client")}
