@@ -8,6 +8,7 @@ statuses the protocol's clients expect. curl only ever talks to 127.0.0.1.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -100,7 +101,7 @@ def rest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rest]:
             extra=["--api-keys-file", str(work / "keys.yaml"), "--http-listen", gateway_http],
         )
         for address in (replica_http, node_http, gateway_http):
-            wait_until(lambda a=address: _ready(a), 30, what=f"REST ready on {address}")
+            wait_until(functools.partial(_ready, address), 30, what=f"REST ready on {address}")
         yield Rest(work, replica_http, node_http, gateway_http, acme, globex)
 
 

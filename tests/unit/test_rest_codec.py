@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from meshserve.common import rest
 from meshserve.common.codec import decode_request_inputs, encode_response_outputs
+from meshserve.common.datatypes import TABLE
 from meshserve.common.errors import (
     InvalidArgument,
     NotFound,
@@ -378,13 +379,14 @@ async def _post(body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
 
 
 _scalar = st.booleans() | st.integers(-300, 300) | st.floats(width=32) | st.text(max_size=3)
+_near_fields: dict[str, st.SearchStrategy[Any]] = {
+    "name": st.sampled_from(["x", "y"]),
+    "shape": st.lists(st.integers(0, 3), max_size=3),
+    "datatype": st.sampled_from(sorted(TABLE)),
+    "data": st.lists(_scalar | st.lists(_scalar, max_size=3), max_size=9),
+}
 _near_tensor = st.fixed_dictionaries(
-    {
-        "name": st.sampled_from(["x", "y"]),
-        "shape": st.lists(st.integers(0, 3), max_size=3),
-        "datatype": st.sampled_from(sorted(rest.TABLE)),
-        "data": st.lists(_scalar | st.lists(_scalar, max_size=3), max_size=9),
-    },
+    _near_fields,
     optional={"parameters": st.fixed_dictionaries({"binary_data_size": st.integers(0, 8)})},
 )
 _near_bodies = st.fixed_dictionaries(
@@ -431,5 +433,8 @@ def test_the_https_context_trusts_only_the_listeners_cas(tmp_path: Path) -> None
     assert open_ is not None and open_.verify_mode == ssl.CERT_NONE
     mtls = ssl_context(tls, require_client_cert=True)
     assert mtls is not None and mtls.verify_mode == ssl.CERT_REQUIRED
-    subjects = {dict(x[0] for x in ca["subject"])["commonName"] for ca in mtls.get_ca_certs()}
+    cas: list[Any] = mtls.get_ca_certs()
+    subjects = {
+        pair[1] for ca in cas for rdn in ca["subject"] for pair in rdn if pair[0] == "commonName"
+    }
     assert subjects == {f"meshserve development {r} CA" for r in ("controlplane", "node", "client")}
