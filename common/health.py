@@ -61,6 +61,7 @@ REFLECTION: str = reflection.SERVICE_NAME
 _WIRE_FILE = "meshserve/protos/inference_wire.proto"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 @functools.cache
@@ -91,26 +92,51 @@ def _wire_pool() -> descriptor_pool.DescriptorPool:
 
 
 class _Servicer(HealthServicer):  # type: ignore[misc]
-    """The library's servicer, whose ``Watch`` streams end once :meth:`end_watches` is called."""
+    """The library's servicer (``Check``, ``set``) with a ``Watch`` of its own that ends once
+    :meth:`end_watches` is called: each stream's writes all come from its one coroutine (the
+    library's ``Watch``, cancelled mid-write to end it, left a send pending, and the last
+    NOT_SERVING then failed with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._ended = asyncio.Event()
+        self._status: dict[str, Any] = {}
+        self._ended = False
+        self._stopping = False  # graceful shutdown entered: every status stays NOT_SERVING
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def set(self, service: str, status: Any) -> None:
+        await super().set(service, status)
+        if not self._stopping:
+            self._status[service] = status
+            self._notify()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._stopping = True
+        self._status = dict.fromkeys(self._status, _NOT_SERVING)
+        self._notify()
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
-        watch = asyncio.ensure_future(super().Watch(request, context))
-        ended = asyncio.ensure_future(self._ended.wait())
-        try:
-            await asyncio.wait({watch, ended}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (watch, ended):
-                task.cancel()
-            await asyncio.gather(watch, ended, return_exceptions=True)
-        if ended.done() and not ended.cancelled():  # the last word, whatever the watch sent
-            await context.write(health_pb2.HealthCheckResponse(status=_NOT_SERVING))
+        last = None
+        while True:
+            changed = self._changed
+            status = self._status.get(request.service, _UNKNOWN)
+            if self._ended:
+                status = _NOT_SERVING  # the last word
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._ended:
+                return
+            await changed.wait()
 
     def end_watches(self) -> None:
-        self._ended.set()
+        self._ended = True
+        self._notify()
 
 
 class Health:
