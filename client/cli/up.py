@@ -58,6 +58,13 @@ def up(
             "PORT+1 and PORT+2 (PORT 0: three free ports; default: no metrics endpoint)"
         ),
     ] = "",
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT where the control plane also serves OIP over HTTP/REST (curl, "
+            "tritonclient.http; :PORT is 127.0.0.1; default: gRPC only)"
+        ),
+    ] = "",
     trace: Annotated[
         TraceExport | None,
         typer.Option(
@@ -113,8 +120,11 @@ def up(
                 secured += ", auth)" if "--etcd-user" in mesh.etcd_args else ")"
             console.print(f"[green]✓[/green] etcd          {url}{secured}")
             with console.status("starting the control plane"):
-                cp = mesh.start_controlplane("cp-1", extra=metrics[0])
+                rest = ["--http-listen", http_listen] if http_listen else []
+                cp = mesh.start_controlplane("cp-1", extra=[*metrics[0], *rest])
             console.print(f"[green]✓[/green] control plane {cp.address}")
+            if http_listen:
+                console.print(f"[green]✓[/green] OIP REST      {http_listen} (/v2/...)")
             mesh.start_node(
                 "core-1",
                 [cp.address],
