@@ -35,9 +35,9 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from meshserve.client._admin import AdminClient
+from meshserve.client.cli._placement_view import copy_state
 from meshserve.common.errors import StatusError
 from meshserve.common.security import SecurityConfigError, TLSFiles, read_secret
-from meshserve.protos import mesh_pb2
 
 if TYPE_CHECKING:
     from meshserve.client import MeshClient
@@ -267,11 +267,6 @@ def usage_error(message: str) -> NoReturn:
     """End the command for a bad local input, before anything is sent: stderr, exit code 2."""
     err_console.print(f"[red]error[/red] {message}")
     raise typer.Exit(2) from None
-
-
-def copy_state(state: int) -> str:
-    """The name of a copy's state (``READY``, ``LOADING``, ...)."""
-    return mesh_pb2.CopyState.Name(state)  # type: ignore[arg-type]
 
 
 def load_npz(data: Path) -> dict[str, Any]:

@@ -68,3 +68,12 @@ def replication(
     count = sum(1 for n in holders if n.node_id in placed)
     stray = {n.node_id: node_state(n) for n in holders if n.node_id not in placed}
     return Replication(count, int(placement.desired_copies), stray)
+
+
+def copy_state(state: int) -> str:
+    """The name of a copy's state (``READY``, ``LOADING``, ...); its number when the enum has no
+    name for it (a newer control plane)."""
+    try:
+        return mesh_pb2.CopyState.Name(state)  # type: ignore[arg-type]
+    except ValueError:
+        return f"STATE_{state}"

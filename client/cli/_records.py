@@ -12,7 +12,7 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from meshserve.client.cli._placement_view import Key, node_state, replication
+from meshserve.client.cli._placement_view import Key, copy_state, node_state, replication
 from meshserve.protos import mesh_pb2
 
 __all__ = [
@@ -38,10 +38,6 @@ def iso_utc(unix_ms: int) -> str | None:
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
-def _copy_state(state: int) -> str:
-    return mesh_pb2.CopyState.Name(state)  # type: ignore[arg-type]
-
-
 def node_memory(node: mesh_pb2.NodeInfo) -> tuple[int | None, int | None]:
     """(used, total) bytes: what the node process uses (its RSS, loaded copies included) and
     the memory it offers placement (its machine's, or less when capped by its labels), each
@@ -63,7 +59,7 @@ def node_record(node: mesh_pb2.NodeInfo) -> Record:
         "memory_used_bytes": used,
         "memory_total_bytes": total,
         "copies": [
-            {"model": c.model, "variant": c.variant, "state": _copy_state(c.state)}
+            {"model": c.model, "variant": c.variant, "state": copy_state(c.state)}
             for c in node.copies
         ],
     }

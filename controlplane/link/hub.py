@@ -254,7 +254,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                     session.node_id,
                     status.model,
                     status.variant,
-                    mesh_pb2.CopyState.Name(status.state),
+                    _state_name(status.state),
                     status.sha256[:12] or "-",
                     refused,
                 )
@@ -505,3 +505,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             task.cancel()
         if late:
             await asyncio.wait(late)
+
+
+def _state_name(state: int) -> str:
+    """A reported copy state's name, or its number when the enum has none (a newer or hostile
+    node: the log line must not raise)."""
+    try:
+        return mesh_pb2.CopyState.Name(state)  # type: ignore[arg-type]
+    except ValueError:
+        return f"state {state}"

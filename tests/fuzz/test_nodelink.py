@@ -142,3 +142,25 @@ def test_random_node_streams_are_refused_or_ignored(mesh: LiveMesh) -> None:
         lambda: set(mesh.mesh.cp.snapshot().nodes) == {"edge", "core"}, what="fuzz records gone"
     )
     _still_serves(mesh, mesh.address)
+
+
+def test_a_copy_status_in_a_state_the_enum_does_not_name_is_no_internal_error(
+    mesh: LiveMesh,
+) -> None:
+    """Found by fuzzing: a READY-looking report with state 5 (no CopyState has it) made the
+    refusal's log line raise, and the stream ended INTERNAL."""
+    hello = mesh_pb2.NodeMessage(hello=mesh_pb2.Hello(node_id="fuzz-state-5"))
+    status = mesh_pb2.CopyStatus(model="ghost", variant="default", state=5)  # type: ignore[arg-type]
+    frames = [
+        hello.SerializeToString(),
+        mesh_pb2.NodeMessage(copy_status=status).SerializeToString(),
+    ]
+    with grpc.insecure_channel(mesh.address) as channel:
+        connect = channel.stream_stream(
+            CONNECT, request_serializer=None, response_deserializer=None
+        )
+
+        def link(frames: Iterable[bytes], timeout: float) -> list[Any]:
+            return list(connect(iter(frames), timeout=timeout))
+
+        answer(link, frames, allowed=LINK_STATUSES)  # asserts OK or a precise status
