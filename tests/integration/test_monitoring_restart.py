@@ -299,6 +299,8 @@ def test_a_restarted_control_plane_raises_no_second_alarm_and_keeps_drifting(
                 assert health.drifting, f"still drifting after {health.windows} window(s)"
                 for i in range(200):  # 4 more drifted windows, scored by the new leader
                     client.infer("digits", {"x": zeros[i % len(zeros) : i % len(zeros) + 1]})
+                    if i % 25 == 24:  # a node sends only its newest closed window per
+                        time.sleep(0.35)  # telemetry interval (0.3 s): let each one go
             wait_until(lambda: admin.model_health("digits")[0].windows >= 3, 20, what="new windows")
             time.sleep(6.0)  # > the new leader's grace + two maintenance passes
             (health,) = admin.model_health("digits")
