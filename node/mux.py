@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -36,7 +37,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.context import Context
 
-from meshserve.common.errors import InvalidArgument, Malformed, ServicerContext, wire_status
+from meshserve.common.errors import (
+    InvalidArgument,
+    Malformed,
+    ServicerContext,
+    StatusError,
+    wire_status,
+)
 from meshserve.common.params import PREFER
 from meshserve.common.tenancy import set_tenant
 from meshserve.common.tracing import context_from_map, context_from_metadata
@@ -50,6 +57,8 @@ _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 #: Room left in a frame for its id and status besides the answer's bytes.
 _FRAME_SLACK = 1024
+#: How long a refused stream waits for the caller's first message before its status goes out.
+_REFUSAL_READ_S = 1.0
 
 
 class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
@@ -74,7 +83,16 @@ class MuxServicer(mesh_pb2_grpc.NodeInferenceServicer):
         request_iterator: AsyncIterator[mesh_pb2.MuxRequests],
         context: ServicerContext,
     ) -> None:
-        check = self._rights.stream_of(context) if self._rights is not None else None
+        try:
+            check = self._rights.stream_of(context) if self._rights is not None else None
+        except StatusError:
+            # Refused (no key, a wrong one, no rights yet): read what the caller sent first, so
+            # its first write is done before the status goes out; refused at once, the write
+            # could fail in the client's gRPC core ("INTERNAL: Internal error from Core") and
+            # hide the status behind it.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(request_iterator)), _REFUSAL_READ_S)
+            raise
         parent = context_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
         rights, decided = self._rights, list[str | None]()
 
