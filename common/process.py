@@ -266,3 +266,20 @@ def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:
         logging.getLogger("meshserve.debug").warning("asyncio task dump:\n%s", out.getvalue())
 
     loop.add_signal_handler(signal.SIGUSR1, dump)
+
+
+def add_listen_options(parser: Any) -> None:
+    """``--metrics-listen`` and ``--http-listen`` (parsed by :func:`listen_address`), the same on
+    every process that serves them."""
+    parser.add_argument(
+        "--metrics-listen",
+        default="",
+        help="HOST:PORT serving Prometheus metrics at /metrics; :PORT is 127.0.0.1 only, "
+        "0.0.0.0:PORT every interface (default: off)",
+    )
+    parser.add_argument(
+        "--http-listen",
+        default="",
+        help="HOST:PORT serving the Open Inference Protocol over HTTP/REST (/v2/...); :PORT is "
+        "127.0.0.1 only (default: off; docs/frontdoor.md)",
+    )

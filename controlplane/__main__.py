@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 from meshserve.common.process import (
+    add_listen_options,
     configure_logging,
     configure_metrics,
     configure_tracing,
@@ -94,18 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "admin-side labels set by `meshctl nodes label`); for a mesh whose nodes are all yours",
     )
     p.add_argument("--log-level", default="INFO")
-    p.add_argument(
-        "--metrics-listen",
-        default="",
-        help="HOST:PORT serving Prometheus metrics at /metrics; :PORT is 127.0.0.1 only, "
-        "0.0.0.0:PORT every interface (default: off)",
-    )
-    p.add_argument(
-        "--http-listen",
-        default="",
-        help="HOST:PORT serving the Open Inference Protocol over HTTP/REST (/v2/...); :PORT is "
-        "127.0.0.1 only (default: off; docs/frontdoor.md)",
-    )
+    add_listen_options(p)
     return p
 
 

@@ -59,6 +59,7 @@ from meshserve.common.errors import (
 )
 from meshserve.common.health import INFERENCE, Health, add_standard_services
 from meshserve.common.process import (
+    add_listen_options,
     configure_logging,
     configure_metrics,
     configure_tracing,
@@ -401,18 +402,7 @@ def _parser() -> argparse.ArgumentParser:
         help="this gateway's own API key, sent to the routing feed, the nodes and the replicas",
     )
     p.add_argument("--log-level", default="INFO")
-    p.add_argument(
-        "--metrics-listen",
-        default="",
-        help="HOST:PORT serving Prometheus metrics at /metrics; :PORT is 127.0.0.1 only, "
-        "0.0.0.0:PORT every interface (default: off)",
-    )
-    p.add_argument(
-        "--http-listen",
-        default="",
-        help="HOST:PORT serving the Open Inference Protocol over HTTP/REST (/v2/...); :PORT is "
-        "127.0.0.1 only (default: off; docs/frontdoor.md)",
-    )
+    add_listen_options(p)
     return p
 
 
