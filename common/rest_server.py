@@ -253,19 +253,21 @@ def build_app(handlers: RestHandlers, *, max_body_bytes: int = 64 << 20) -> web.
             return None, _refusal(context)
         return answer, None
 
-    async def live(request: web.Request) -> web.Response:
-        ctx = context_of(request)
-        answer, failed = await call(handlers.live, inference_pb2.ServerLiveRequest(), ctx)
+    async def probe(
+        request: web.Request, handler: Handler, message: Any, field: str
+    ) -> web.Response:
+        """A health probe: 200 when the answer's ``field`` is true, else 400."""
+        answer, failed = await call(handler, message, context_of(request))
         if failed is not None:
             return failed
-        return _json(200 if answer.live else 400, {"live": answer.live})
+        value = bool(getattr(answer, field))
+        return _json(200 if value else 400, {field: value})
+
+    async def live(request: web.Request) -> web.Response:
+        return await probe(request, handlers.live, inference_pb2.ServerLiveRequest(), "live")
 
     async def ready(request: web.Request) -> web.Response:
-        ctx = context_of(request)
-        answer, failed = await call(handlers.ready, inference_pb2.ServerReadyRequest(), ctx)
-        if failed is not None:
-            return failed
-        return _json(200 if answer.ready else 400, {"ready": answer.ready})
+        return await probe(request, handlers.ready, inference_pb2.ServerReadyRequest(), "ready")
 
     async def server_metadata(request: web.Request) -> web.Response:
         ctx = context_of(request)
