@@ -103,13 +103,18 @@ _OIP_SERVICE = "inference.GRPCInferenceService"
 _GRPC_MAX_ATTEMPTS = 5  # gRPC clamps a retryPolicy's maxAttempts to this
 
 
-def service_config(policy: RetryPolicy) -> str:
+def service_config(policy: RetryPolicy, *, balanced: bool = False) -> str:
     """The channel's ``grpc.service_config`` (JSON): gRPC's own retries of
-    :data:`IDEMPOTENT_METHODS` on UNAVAILABLE with ``policy``'s attempts and backoff; "" when
-    the policy allows one attempt only."""
+    :data:`IDEMPOTENT_METHODS` on UNAVAILABLE with ``policy``'s attempts and backoff, and, when
+    the channel is ``balanced`` over several replicas, client-side health checking of the OIP
+    service (gRFC A17: a replica that turns NOT_SERVING -- stopping, draining -- gets no new
+    calls; one without the health service counts as healthy); "" when neither applies."""
+    config: dict[str, Any] = {}
+    if balanced:
+        config["healthCheckConfig"] = {"serviceName": _OIP_SERVICE}
     attempts = min(_GRPC_MAX_ATTEMPTS, policy.max_attempts)
     if attempts < 2:
-        return ""
+        return json.dumps(config) if config else ""
     names = [{"service": _OIP_SERVICE, "method": method} for method in IDEMPOTENT_METHODS]
     retry = {
         "maxAttempts": attempts,
@@ -118,7 +123,8 @@ def service_config(policy: RetryPolicy) -> str:
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": retry}]})
+    config["methodConfig"] = [{"name": names, "retryPolicy": retry}]
+    return json.dumps(config)
 
 
 def retry_hint(metadata: Iterable[Any]) -> float | None:

@@ -145,8 +145,9 @@ def _with_routing(
 def channel_target(target: str) -> tuple[str, list[tuple[str, Any]]]:
     """The gRPC target for ``target`` ("host:port", or several comma-separated: the replicas
     of one mesh) and the channel options it needs. Several IP addresses become one channel that
-    spreads calls round-robin over the live ones (a replica that goes away is skipped; the SDK's
-    retries move a failed call to another); hostnames: the first is used."""
+    spreads calls round-robin over the live, serving ones (a replica that goes away or reports
+    NOT_SERVING is skipped; the SDK's retries move a failed call to another); hostnames: the
+    first is used."""
     parts = [p.strip() for p in target.split(",") if p.strip()]
     if len(parts) <= 1:
         return target, []
@@ -182,7 +183,9 @@ class _Base:
         self._target, extra = channel_target(target)
         self._node_options = _options(max_message_bytes)
         self._options = self._node_options + extra
-        if config := service_config(self.retry):  # gRPC retries the idempotent reads itself
+        # gRPC retries the idempotent reads itself; over several replicas it skips the ones
+        # that are not serving (a stopping replica turns NOT_SERVING before it stops)
+        if config := service_config(self.retry, balanced=bool(extra)):
             self._options.append(("grpc.service_config", config))
         self._max_message_bytes = max_message_bytes
         self._tls = tls

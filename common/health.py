@@ -21,6 +21,12 @@ Contract:
   flips are ignored, so a maintenance loop cannot turn a stopping server back to SERVING. Its
   ``Watch`` streams send NOT_SERVING and end (OK), so a stopping server never waits its grace
   period on a watcher (the library's streams last until the client goes).
+* :meth:`Health.drain` (after :meth:`Health.shutdown`, before the server stops): when a client
+  was watching (gRPC's client-side health checking, as the SDK's multi-replica channels do),
+  waits until ``drain_s`` has passed since the shutdown, so those clients have moved their new
+  calls elsewhere and the calls that reached this server before have been taken up. Stopping a
+  server fails the calls it received but had not yet handed to a handler with CANCELLED
+  (grpc/grpc#41785), which a client would not retry; a drained server has none.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from meshserve.protos import inference_pb2, mesh_pb2
 
 __all__ = [
     "ADMIN",
+    "DRAIN_S",
     "HEALTH",
     "INFERENCE",
     "NODE_INFERENCE",
@@ -51,6 +58,9 @@ __all__ = [
 ]
 
 INFERENCE = "inference.GRPCInferenceService"  # the OIP service's name on the wire
+#: How long a stopping server keeps taking calls after it turned NOT_SERVING, when clients
+#: balance on its health (:meth:`Health.drain`); its owner caps it at the stop's grace.
+DRAIN_S = 1.0
 ADMIN = mesh_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 NODE_LINK = mesh_pb2.DESCRIPTOR.services_by_name["NodeLink"].full_name
 ROUTING_FEED = mesh_pb2.DESCRIPTOR.services_by_name["RoutingFeed"].full_name
@@ -103,6 +113,7 @@ class _Servicer(HealthServicer):  # type: ignore[misc]
         self._ended = False
         self._stopping = False  # graceful shutdown entered: every status stays NOT_SERVING
         self._changed = asyncio.Event()
+        self.watched = False  # a Watch stream was opened (a client balances on our health)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -121,6 +132,7 @@ class _Servicer(HealthServicer):  # type: ignore[misc]
         self._notify()
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        self.watched = True
         last = None
         while True:
             changed = self._changed
@@ -147,6 +159,7 @@ class Health:
         self.services = ("", *services)  # "" is the server as a whole
         self._state = dict.fromkeys(self.services, True)
         self.stopping = False
+        self._stopped_at: float | None = None  # loop time of shutdown()
 
     async def set(self, serving: bool, services: Iterable[str] | None = None) -> None:
         """Set ``services`` (default: all, the overall ``""`` included) SERVING or NOT_SERVING;
@@ -162,9 +175,20 @@ class Health:
 
     async def shutdown(self) -> None:
         """Every service NOT_SERVING from now on (drain or stop)."""
+        if self._stopped_at is None:
+            self._stopped_at = asyncio.get_running_loop().time()
         self.stopping = True
         await self._servicer.enter_graceful_shutdown()
         self._servicer.end_watches()
+
+    async def drain(self, drain_s: float) -> None:
+        """Wait until ``drain_s`` has passed since :meth:`shutdown` if any client watched this
+        server's health (see the module contract); return at once otherwise."""
+        if self._stopped_at is None or not self._servicer.watched:
+            return
+        left = self._stopped_at + drain_s - asyncio.get_running_loop().time()
+        if left > 0:
+            await asyncio.sleep(left)
 
 
 async def add_standard_services(

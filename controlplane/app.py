@@ -23,6 +23,7 @@ from grpc import aio
 from meshserve.common.errors import Unavailable, map_errors, tolerant_decoding
 from meshserve.common.health import (
     ADMIN,
+    DRAIN_S,
     INFERENCE,
     NODE_LINK,
     ROUTING_FEED,
@@ -494,6 +495,8 @@ class ControlPlane:
                 await self.rest.stop()
             if self.feed is not None:  # its streams end first: the server need not wait on them
                 await self.feed.close(timeout_s=min(1.0, grace_s))
+            if self.health is not None:  # clients balancing on our health have moved away
+                await self.health.drain(min(DRAIN_S, grace_s))
             if self._server is not None:
                 await self._server.stop(grace_s)
             if self.hub is not None:
@@ -522,7 +525,7 @@ class ControlPlane:
         budgets = {  # each step's own bound, seconds (etcd calls are cut short by the deadline)
             leader_loop: 2.5,
             resign: 1.5,
-            server: grace_s + 1.5,
+            server: grace_s + 1.5 + min(DRAIN_S, grace_s),
             gateway: 1.0,
             events: 1.5,
             mirrors: 1.0,

@@ -57,7 +57,7 @@ from meshserve.common.errors import (
     map_errors,
     tolerant_decoding,
 )
-from meshserve.common.health import INFERENCE, Health, add_standard_services
+from meshserve.common.health import DRAIN_S, INFERENCE, Health, add_standard_services
 from meshserve.common.process import (
     add_listen_options,
     configure_logging,
@@ -320,6 +320,8 @@ class StandaloneGateway:
         steps: list[tuple[str, Any, float]] = []
         if self.rest is not None:
             steps.append(("rest", self.rest.stop(), 2.0))
+        if self.health is not None:  # clients balancing on our health have moved away
+            steps.append(("drain", self.health.drain(min(DRAIN_S, grace_s)), DRAIN_S + 0.5))
         if self._server is not None:
             steps.append(("server", self._server.stop(grace_s), grace_s + 1.0))
         if self.gateway is not None:

@@ -208,3 +208,73 @@ async def test_a_watch_ends_when_the_server_shuts_down() -> None:
             assert answer.status == NOT_SERVING
     finally:
         await server.stop(None)
+
+
+class _Counting(grpc.GenericRpcHandler):
+    """``ModelReady`` answers ready and counts the calls it took (a stand-in OIP server)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if details.method != f"/{INFERENCE}/ModelReady":
+            return None
+
+        async def ready(request: bytes, context: Any) -> bytes:
+            self.calls += 1
+            return inference_pb2.ModelReadyResponse(ready=True).SerializeToString()
+
+        return grpc.unary_unary_rpc_method_handler(ready)
+
+
+async def test_a_balanced_sdk_channel_skips_a_replica_that_stopped_serving() -> None:
+    """Two real servers with the health service; the SDK's channel over both (round robin,
+    client-side health checking) spreads calls over both, and once one turns NOT_SERVING (a
+    replica stopping) sends every new call to the other -- so a stopping server that drains
+    holds no call it has not started when it stops (the CANCELLED of grpc/grpc#41785). Its
+    ``drain`` waits only because a client watched it."""
+    from meshserve.client._retry import NO_RETRY, service_config
+    from meshserve.client._sdk import channel_target
+
+    servers, healths, counters, ports = [], [], [], []
+    for _ in range(2):
+        server = grpc.aio.server()
+        counter = _Counting()
+        server.add_generic_rpc_handlers((counter,))
+        healths.append(await add_standard_services(server, (INFERENCE,)))
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+        counters.append(counter)
+    target, options = channel_target(",".join(f"127.0.0.1:{p}" for p in ports))
+    options.append(("grpc.service_config", service_config(NO_RETRY, balanced=True)))
+    try:
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            ready = channel.unary_unary(
+                f"/{INFERENCE}/ModelReady",
+                request_serializer=inference_pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=inference_pb2.ModelReadyResponse.FromString,
+            )
+            request = inference_pb2.ModelReadyRequest(name="m")
+            for _ in range(40):
+                assert (await ready(request, timeout=5, wait_for_ready=True)).ready
+            assert counters[0].calls > 0 and counters[1].calls > 0, "round robin over both"
+            loop = asyncio.get_running_loop()
+            await healths[0].shutdown()
+            started = loop.time()
+            await healths[0].drain(0.5)  # a client watches: the drain waits
+            assert loop.time() - started >= 0.45
+            before = [c.calls for c in counters]
+            for _ in range(40):
+                assert (await ready(request, timeout=5)).ready
+            assert counters[0].calls == before[0], "a NOT_SERVING server got new calls"
+            assert counters[1].calls == before[1] + 40
+    finally:
+        for server in servers:
+            await server.stop(None)
+    lone = grpc.aio.server()  # nobody watched: no wait
+    health = await add_standard_services(lone, (INFERENCE,))
+    await health.shutdown()
+    started = asyncio.get_running_loop().time()
+    await health.drain(5.0)
+    assert asyncio.get_running_loop().time() - started < 0.5
