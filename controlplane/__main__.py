@@ -96,14 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO")
     add_listen_options(p)
+    p.add_argument(
+        "--ui-listen",
+        default="",
+        help="HOST:PORT serving the live map of the mesh (a web page); :PORT is 127.0.0.1 only "
+        "(default: off; docs/ui.md). With an admin token set, the page asks for it or for "
+        "--ui-viewer-token-file's token",
+    )
     return p
 
 
-def _http_listen(value: str, prog: str) -> str:
-    """``--http-listen`` checked now (a bad value ends the process naming it)."""
+def _http_listen(value: str, prog: str, flag: str = "--http-listen") -> str:
+    """``--http-listen`` (or ``flag``) checked now (a bad value ends the process naming it)."""
     if value:
         try:
-            listen_address(value, "--http-listen")
+            listen_address(value, flag)
         except ValueError as exc:
             raise SystemExit(f"{prog}: {exc}") from None
     return value
@@ -142,6 +149,11 @@ def _security_options(p: argparse.ArgumentParser) -> None:
         help="token every Admin API call must present as 'authorization: Bearer <token>'",
     )
     g.add_argument(
+        "--ui-viewer-token-file",
+        default="",
+        help="a read-only token that opens the live map (--ui-listen) and nothing else",
+    )
+    g.add_argument(
         "--api-keys-file",
         default="",
         help="YAML of tenants, their API keys and the models each may query; inference then "
@@ -173,6 +185,11 @@ def _security(ns: argparse.Namespace) -> tuple[TLSFiles | None, bool, AuthConfig
             admin_token=(
                 read_secret(Path(ns.admin_token_file), "admin token file")
                 if ns.admin_token_file
+                else None
+            ),
+            viewer_token=(
+                read_secret(Path(ns.ui_viewer_token_file), "viewer token file")
+                if ns.ui_viewer_token_file
                 else None
             ),
             tenants=load_api_keys(Path(ns.api_keys_file)) if ns.api_keys_file else None,
@@ -258,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         retry=retry,
         trust_node_labels=ns.trust_node_labels,
         http_listen=_http_listen(ns.http_listen, "meshserve-controlplane"),
+        ui_listen=_http_listen(ns.ui_listen, "meshserve-controlplane", "--ui-listen"),
     )
     run(_serve(config, ns.metrics_listen))
 

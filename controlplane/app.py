@@ -51,7 +51,9 @@ from meshserve.controlplane.link.presence import Presence, replica_list
 from meshserve.controlplane.observe.alarms import Alarms
 from meshserve.controlplane.observe.events import EventLog
 from meshserve.controlplane.observe.telemetry import live_in_flight
+from meshserve.controlplane.observe.ui.server import UiServer, UiSources
 from meshserve.controlplane.observe.webhook import Webhook
+from meshserve.controlplane.placement.explain import explain_placement
 from meshserve.controlplane.placement.failures import DEFAULT_RETRY, RetryPolicy
 from meshserve.controlplane.placement.leader import LeaderLoop
 from meshserve.controlplane.placement.policy_source import PolicySource
@@ -109,6 +111,7 @@ class ControlPlaneConfig:
     # (`meshctl nodes label`): for a local mesh whose nodes are all yours (docs/security.md)
     trust_node_labels: bool = False
     http_listen: str = ""  # OIP over HTTP/REST on this HOST:PORT ("": off; common/rest_server)
+    ui_listen: str = ""  # the live map on this HOST:PORT ("": off; observe/ui, docs/ui.md)
 
 
 class ControlPlane:
@@ -128,6 +131,7 @@ class ControlPlane:
         self.hub: Hub | None = None
         self.gateway: Gateway | None = None
         self.rest: RestServer | None = None  # OIP over HTTP/REST (set by start with http_listen)
+        self.ui: UiServer | None = None  # the live map (set by start with ui_listen)
         self.feed: FeedPublisher | None = None  # the routing feed (set by start)
         self.leader: LeaderLoop | None = None
         self.events: EventLog | None = None
@@ -431,6 +435,8 @@ class ControlPlane:
                 what=f"replica {self.replica_id}: ",
             )
             await self.rest.start()
+        if cfg.ui_listen:
+            await self._start_ui(cfg, presence)
 
         hub = self.hub
         self.leader = LeaderLoop(
@@ -451,6 +457,56 @@ class ControlPlane:
             self.address,
             cfg.etcd_url,
         )
+
+    async def _start_ui(self, cfg: ControlPlaneConfig, presence: Presence) -> None:
+        """The live map (observe/ui): this replica's own view, with two more mirrors (the
+        event ring and the leader key) so that no page reads etcd."""
+        assert self.hub is not None and self.gateway is not None
+        for prefix in (keys.EVENTS, keys.LEADER):
+            mirror = PrefixMirror(self._etcd, prefix)
+            await mirror.start()
+            self._mirrors[prefix] = mirror
+        m = self._mirrors
+        gateway, address = self.gateway, self.address
+
+        def leader() -> str:
+            value = m[keys.LEADER].items().get(keys.LEADER)
+            return value.decode(errors="replace") if value else ""
+
+        sources = UiSources(
+            snapshot=self.snapshot,
+            sessions=self.hub.sessions,
+            replica=lambda: mesh_pb2.ReplicaInfo(replica_id=self.replica_id, address=address),
+            replicas=lambda: replica_list(m[keys.REPLICAS].items()),
+            leader=leader,
+            episodes=self.alarms.episodes,
+            slo_counts=lambda: {k: (v[0], v[1]) for k, v in gateway.slo_counts.items()},
+            events=lambda: m[keys.EVENTS].items(),
+            explain=lambda model, variant: explain_placement(
+                self.snapshot(), self.policy.current(), model, variant
+            ),
+            subscribe=[
+                m[prefix].subscribe
+                for prefix in (
+                    keys.NODES,
+                    keys.MODELS,
+                    keys.PLACEMENTS,
+                    keys.ALIASES,
+                    keys.DRAINING,
+                    keys.EVENTS,
+                    keys.LEADER,
+                    keys.REPLICAS,
+                )
+            ],
+        )
+        tokens = [t for t in (cfg.auth.admin_token, cfg.auth.viewer_token) if t]
+        self.ui = UiServer(
+            sources,
+            cfg.ui_listen,
+            tokens=tokens,
+            tls=ssl_context(cfg.tls, require_client_cert=False),
+        )
+        await self.ui.start()
 
     def _routing_feed(self, hub: Hub) -> FeedPublisher:
         """The routing feed this replica publishes: its view, and live load as its node
@@ -491,6 +547,8 @@ class ControlPlane:
                 await election.resign()
 
         async def server() -> None:
+            if self.ui is not None:  # its streams end at once
+                await self.ui.stop()
             if self.rest is not None:  # REST calls in flight get about a second
                 await self.rest.stop()
             if self.feed is not None:  # its streams end first: the server need not wait on them

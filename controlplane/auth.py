@@ -179,6 +179,8 @@ class AuthConfig:
 
     join_tokens: tuple[str, ...] = field(default=(), repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    #: read-only: opens the live map (observe/ui) only, never the Admin API
+    viewer_token: str | None = field(default=None, repr=False)
     tenants: Tenants | None = None
 
 

@@ -36,7 +36,7 @@ from meshserve.node.copies import CopyManager
 from meshserve.node.link import Link, channel_options
 from meshserve.node.metrics import node_metrics
 from meshserve.node.rights import Rights
-from meshserve.node.runtime import available_providers, resident_bytes
+from meshserve.node.runtime import CpuMeter, available_providers, resident_bytes
 from meshserve.node.service import InferenceHandler
 from meshserve.node.telemetry import OfflineBuffer, TelemetryBudget
 from meshserve.protos import mesh_pb2
@@ -134,6 +134,7 @@ class Agent:
         self.direct_address = direct_address
         self._seeds = list(dict.fromkeys(seeds))
         self.copies = copies
+        self._cpu = CpuMeter()  # the cpu_percent telemetry reports
         self.handler = handler
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
@@ -246,7 +247,11 @@ class Agent:
         """One Telemetry: the node's counters now, one aggregate entry per copy. With
         ``windows_sent`` (a link's newest drift window sequence per copy), each entry also
         carries the copy's newest closed drift window that link has not sent."""
-        telemetry = mesh_pb2.Telemetry(unix_ms=int(time.time() * 1000), rss_bytes=resident_bytes())
+        telemetry = mesh_pb2.Telemetry(
+            unix_ms=int(time.time() * 1000),
+            rss_bytes=resident_bytes(),
+            cpu_percent=round(self._cpu.percent(), 1),
+        )
         cache = self.copies.cache.stats()
         log = self.copies.prediction_log
         for e in self.copies.entries():

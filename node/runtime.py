@@ -10,6 +10,7 @@ loop is never blocked.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,24 @@ def _to_ort(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
         )(arr)
         return strings
     return arr
+
+
+class CpuMeter:
+    """This process's CPU use in percent of one core, averaged since the previous reading at
+    least ``min_interval_s`` ago (readings in between return the last figure)."""
+
+    def __init__(self, min_interval_s: float = 0.5) -> None:
+        self._min = min_interval_s
+        self._wall = time.monotonic()
+        self._cpu = time.process_time()
+        self._percent = 0.0
+
+    def percent(self) -> float:
+        wall, cpu = time.monotonic(), time.process_time()
+        if wall - self._wall >= self._min:
+            self._percent = 100.0 * (cpu - self._cpu) / (wall - self._wall)
+            self._wall, self._cpu = wall, cpu
+        return self._percent
 
 
 def resident_bytes() -> int:

@@ -65,6 +65,13 @@ def up(
             "tritonclient.http; :PORT is 127.0.0.1; default: gRPC only)"
         ),
     ] = "",
+    ui_listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of the live map of the mesh (a web page; PORT 0: a free port; "
+            "'off': none)"
+        ),
+    ] = "127.0.0.1:0",
     trace: Annotated[
         TraceExport | None,
         typer.Option(
@@ -85,6 +92,7 @@ def up(
     from meshserve.devtools.local import LocalMesh, wait_until
 
     metrics = _metrics_flags(metrics_listen)
+    ui_address = _ui_address(ui_listen)
     env = _trace_env(trace)
     work = workdir or Path(tempfile.mkdtemp(prefix="meshserve-up-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -121,8 +129,13 @@ def up(
             console.print(f"[green]✓[/green] etcd          {url}{secured}")
             with console.status("starting the control plane"):
                 rest = ["--http-listen", http_listen] if http_listen else []
-                cp = mesh.start_controlplane("cp-1", extra=[*metrics[0], *rest])
+                ui = ["--ui-listen", ui_address] if ui_address else []
+                cp = mesh.start_controlplane("cp-1", extra=[*metrics[0], *rest, *ui])
             console.print(f"[green]✓[/green] control plane {cp.address}")
+            if ui_address:
+                console.print(
+                    f"[green]✓[/green] live map      http://{ui_address}/", highlight=False
+                )
             if http_listen:
                 console.print(f"[green]✓[/green] OIP REST      {http_listen} (/v2/...)")
             mesh.start_node(
@@ -191,6 +204,8 @@ def up(
                     else f"sent to {(env or {}).get('OTEL_EXPORTER_OTLP_ENDPOINT')}"
                 )
                 console.print(f"traces: every query's spans are {where}", highlight=False)
+            if ui_address:
+                console.print(f"the live map: open http://{ui_address}/", highlight=False)
             console.print("in another shell, point meshctl and the SDK at it with:")
             console.print(f"export MESHSERVE_TARGET={cp.address}", highlight=False, soft_wrap=True)
             console.print("Ctrl-C to stop" if not duration else f"stopping in {duration:.0f}s")
@@ -235,6 +250,23 @@ def _metrics_flags(listen: str) -> list[list[str]]:
     ports = [port + i for i in range(3)] if port else _free_ports(host, 3)
     shown = f"[{host}]" if ":" in host else host
     return [["--metrics-listen", f"{shown}:{p}"] for p in ports]
+
+
+def _ui_address(listen: str) -> str:
+    """The control plane's ``--ui-listen`` for ``meshctl up --ui-listen`` ("" for 'off'): port 0
+    becomes a free port chosen here, so that the URL printed is the real one."""
+    from meshserve.common.process import listen_address
+
+    if listen.strip().lower() in ("off", "none", ""):
+        return ""
+    try:
+        host, port = listen_address(listen, "--ui-listen")
+    except ValueError as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    port = port or _free_ports(host, 1)[0]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}"
 
 
 def _free_ports(host: str, count: int) -> list[int]:

@@ -307,6 +307,9 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._slo_misses = metrics.get_meter("meshserve.gateway").create_counter(
             "meshserve.slo_misses", unit="1", description="answers later than the query's SLO"
         )
+        #: model -> [met, total] of the answers with an SLO (registered models only; the map
+        #: shows the hit rate from it)
+        self.slo_counts: dict[str, list[int]] = {}
         self.zone = zone
         self.admission = admission or Admission()
         self.lag = LoopLag()
@@ -562,6 +565,9 @@ class Gateway(inference_pb2_grpc.GRPCInferenceServiceServicer):
             admission.settled(spec.name, missed=time.monotonic() > deadline)
         if slo_s is not None:
             met = time.monotonic() - started <= slo_s
+            tally = self.slo_counts.setdefault(spec.name, [0, 0])
+            tally[0] += met
+            tally[1] += 1
             if isinstance(answer, bytes):
                 answer += _SLO_MET[met]
             else:
