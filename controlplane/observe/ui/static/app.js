@@ -573,7 +573,12 @@
       if (n.draining) cls += " draining";
       g.setAttribute("class", cls);
       g.setAttribute("transform", `translate(${p.x},${p.y})`);
-      g.replaceChildren(...cardContent(n, p.h));
+      // Rebuild the card only when its data changed (keeps an open tooltip otherwise).
+      const sig = JSON.stringify(n) + "|" + p.h;
+      if (g.__sig !== sig) {
+        g.__sig = sig;
+        g.replaceChildren(...cardContent(n, p.h));
+      }
     }
   }
 
@@ -704,7 +709,11 @@
       box.appendChild(el); // keeps sorted order (moves existing)
       el.classList.toggle("selected", name === selectedModel);
       el.classList.toggle("has-alarm", (m.alarms || []).length > 0);
-      el.replaceChildren(...modelContent(m));
+      const sig = JSON.stringify(m);
+      if (el.__sig !== sig) {
+        el.__sig = sig;
+        el.replaceChildren(...modelContent(m));
+      }
     }
     const gone = document.getElementById("detail-gone");
     if (selectedModel && !keep.has(selectedModel) && !$("detail").hidden) {
