@@ -264,6 +264,7 @@ class Agent:
                 cache_hits=cache.hits,
                 cache_misses=cache.misses,
             )
+            model.latency_p50_ms, model.latency_p99_ms = e.latency.percentiles()
             if e.batcher is not None:
                 stats = e.batcher.stats
                 model.queue_depth = e.batcher.queue_depth

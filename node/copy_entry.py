@@ -18,6 +18,8 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from meshserve.common.sketches import monitoring_digest
@@ -28,6 +30,32 @@ from meshserve.node.runtime import OnnxCopy, TensorInfo
 from meshserve.protos import mesh_pb2
 
 __all__ = ["CopyEntry"]
+
+
+class LatencyWindow:
+    """The latest answers' latencies of one copy (at most :attr:`SIZE`, none older than
+    :attr:`AGE_S`), for the p50/p99 its telemetry reports: a bounded deque, one append per
+    query; the percentiles are computed only when telemetry is summarised."""
+
+    SIZE = 1024
+    AGE_S = 10.0
+
+    __slots__ = ("_samples",)
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=self.SIZE)
+
+    def record(self, seconds: float, now: float | None = None) -> None:
+        self._samples.append((time.monotonic() if now is None else now, seconds))
+
+    def percentiles(self, now: float | None = None) -> tuple[float, float]:
+        """(p50, p99) in milliseconds of the recent answers; (0, 0) when there are none."""
+        since = (time.monotonic() if now is None else now) - self.AGE_S
+        recent = sorted(s for t, s in self._samples if t >= since)
+        if not recent:
+            return 0.0, 0.0
+        last = len(recent) - 1
+        return recent[last // 2] * 1e3, recent[min(last, round(last * 0.99))] * 1e3
 
 
 @dataclass(slots=True)
@@ -50,6 +78,7 @@ class CopyEntry:
     bytes_total: int = 0
     requests: int = 0
     errors: int = 0
+    latency: LatencyWindow = field(default_factory=LatencyWindow, repr=False)  # answered ones
     run_seconds: float = 0.0  # median batch-1 run, measured after warm-up
     run_ewma_s: float = 0.0  # live effective service time per query (see InferenceHandler)
     # (batch size, median run seconds) per size the batcher may use, measured after warm-up

@@ -160,6 +160,7 @@ class InferenceHandler:
                 self._admit(entry, deadline)
                 entry.in_flight += 1
                 entry.requests += 1
+                started = time.monotonic()
                 try:
                     if self._fault_delay_s:
                         await asyncio.sleep(self._fault_delay_s)
@@ -169,6 +170,7 @@ class InferenceHandler:
                     raise
                 finally:
                     entry.in_flight -= 1
+                entry.latency.record(time.monotonic() - started)
             request_id = self._monitor(entry, request.id, inputs, outputs)
             response = inference_pb2.ModelInferResponse(
                 model_name=request.model_name, model_version=entry.variant, id=request_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def test_up_runs_a_mesh_answers_queries_and_stops_everything(tmp_path: Path) -> 
         for url in urls:  # loopback only
             with urllib.request.urlopen(url, timeout=10) as answer:
                 assert b"# TYPE" in answer.read()
+        [map_url] = {w for line in lines if "live map" in line for w in line.split()[-1:]}
+        assert map_url.startswith("http://127.0.0.1:"), map_url  # `up` turns the map on
+        with urllib.request.urlopen(map_url + "api/state", timeout=10) as answer:
+            view = json.loads(answer.read())
+        assert {n["id"] for n in view["nodes"]} == {"core-1", "edge-1"}
+        with urllib.request.urlopen(map_url, timeout=10) as answer:
+            assert b"meshserve" in answer.read()  # the page itself
         rest, err = proc.communicate(timeout=120)
     finally:
         killer.cancel()

@@ -157,6 +157,7 @@ def _node_doc(
 ) -> dict[str, Any]:
     labels = dict(info.labels)
     tunneled = not info.direct_address
+    reported = linked and info.telemetry.unix_ms > 0  # its first telemetry came
     loads = {(m.model, m.variant): m for m in info.telemetry.models} if linked else {}
     copies = [
         _copy_doc(
@@ -177,8 +178,8 @@ def _node_doc(
         "tunneled": tunneled,
         "linked": linked,
         "draining": info.draining,
-        "cpu_percent": round(info.telemetry.cpu_percent, 1) if linked else None,
-        "memory_used_bytes": info.telemetry.rss_bytes if linked else None,
+        "cpu_percent": round(info.telemetry.cpu_percent, 1) if reported else None,
+        "memory_used_bytes": info.telemetry.rss_bytes if reported else None,
         "memory_total_bytes": info.hardware.memory_bytes,
         "providers": list(info.hardware.execution_providers),
         "rps": round(sum(c["rps"] for c in copies), 2),
