@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,13 @@ __all__ = ["certs_init", "up"]
 def up(
     duration: Annotated[float, typer.Option(help="seconds to stay up; 0 = until Ctrl-C")] = 0.0,
     queries: Annotated[int, typer.Option(help="demo queries to send once ready")] = 8,
+    traffic: Annotated[
+        float,
+        typer.Option(
+            help="queries per second kept flowing while the mesh is up (the live map shows "
+            "them; 0: none)"
+        ),
+    ] = 5.0,
     workdir: Annotated[
         Path | None, typer.Option(help="where logs, etcd data and models go")
     ] = None,
@@ -210,18 +218,53 @@ def up(
             console.print(f"export MESHSERVE_TARGET={cp.address}", highlight=False, soft_wrap=True)
             console.print("Ctrl-C to stop" if not duration else f"stopping in {duration:.0f}s")
             end = time.monotonic() + duration if duration else None
-            while not stop_requested and (end is None or time.monotonic() < end):
-                if not all(p.alive() for p in mesh.processes):
-                    dead = [p.name for p in mesh.processes if not p.alive()]
-                    err_console.print(f"[red]process exited:[/red] {', '.join(dead)}")
-                    raise typer.Exit(1)
-                time.sleep(0.2)
+            with _DemoTraffic(MeshClient(cp.address, timeout=5.0), traffic):
+                while not stop_requested and (end is None or time.monotonic() < end):
+                    if not all(p.alive() for p in mesh.processes):
+                        dead = [p.name for p in mesh.processes if not p.alive()]
+                        err_console.print(f"[red]process exited:[/red] {', '.join(dead)}")
+                        raise typer.Exit(1)
+                    time.sleep(0.2)
         except KeyboardInterrupt:
             pass
         finally:
             with console.status("stopping the mesh"):
                 mesh.close()
     console.print("[green]✓[/green] stopped; nothing left running")
+
+
+class _DemoTraffic:
+    """A light stream of demo queries in a thread while the mesh is up (``qps`` a second; 0:
+    none), so the live map shows queries flowing; stopped and joined on exit. A failed query
+    is counted, never raised (the mesh may be stopping)."""
+
+    def __init__(self, client: Any, qps: float) -> None:
+        self._client = client
+        self._pause = 1.0 / qps if qps > 0 else 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo traffic", daemon=True)
+        self.sent = self.failed = 0
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(1)
+        while not self._stop.wait(self._pause):
+            x = rng.standard_normal((1, 64)).astype(np.float32)
+            try:
+                self._client.infer("demo-mlp", {"x": x})
+            except Exception:
+                self.failed += 1
+            self.sent += 1
+
+    def __enter__(self) -> _DemoTraffic:
+        if self._pause:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10.0)
+        self._client.close()
 
 
 class TraceExport(enum.StrEnum):
