@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from meshserve.client._admin import AdminClient
+from meshserve.common.errors import Unauthenticated
 from meshserve.devtools.demo_models import make_mlp
 from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_until
 from tests.browser.conftest import ARTIFACTS
@@ -33,6 +34,7 @@ from tests.support.mesh import register_file, wait_copies
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 TOKEN = "map-admin-token-0123456789"
+VIEWER = "map-viewer-token-9876543210"
 MODEL = "mlp"
 
 
@@ -43,6 +45,7 @@ class Mesh:
     cp: str  # cp-1's gRPC address (the admin client's target)
     ui: str  # cp-1's map (open)
     secured_ui: str  # cp-2's map (admin token)
+    secured_grpc: str  # cp-2's gRPC address
     nodes: dict[str, ManagedProcess]
     page: Any = None
     requests: list[str] = field(default_factory=list)  # every URL the page asked for
@@ -57,13 +60,20 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[Mes
     token_file = tmp / "admin.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
+    viewer_file = tmp / "viewer.token"
+    viewer_file.write_text(VIEWER + "\n")
+    viewer_file.chmod(0o600)
     ui, secured = free_port(), free_port()
     with LocalMesh(tmp, lease_ttl_s=3) as local:
         local.start_etcd()
         cp1 = local.start_controlplane("cp-1", extra=["--ui-listen", f"127.0.0.1:{ui}"])
         cp2 = local.start_controlplane(
             "cp-2",
-            extra=["--ui-listen", f"127.0.0.1:{secured}", "--admin-token-file", str(token_file)],
+            extra=[
+                *("--ui-listen", f"127.0.0.1:{secured}"),
+                *("--admin-token-file", str(token_file)),
+                *("--ui-viewer-token-file", str(viewer_file)),
+            ],
         )
         planes = [cp1.address, cp2.address]
         nodes = {
@@ -74,7 +84,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[Mes
             "edge-2": local.start_node("edge-2", planes, labels={"tier": "edge", "zone": "b"}),
         }
         m = Mesh(
-            local, tmp, cp1.address, f"http://127.0.0.1:{ui}", f"http://127.0.0.1:{secured}", nodes
+            local,
+            tmp,
+            cp1.address,
+            f"http://127.0.0.1:{ui}",
+            f"http://127.0.0.1:{secured}",
+            cp2.address,
+            nodes,
         )
         with m.admin() as admin:
             wait_until(lambda: len(admin.list_nodes()) >= 3, 60, what="three nodes to join")
@@ -221,6 +237,13 @@ def test_with_an_admin_token_the_map_refuses_a_page_without_it(mesh: Mesh, brows
     assert status == 200 and {n["id"] for n in state["nodes"]} >= {"core-1", "edge-1"}
     text = json.dumps(state)
     assert TOKEN not in text and "file://" not in text  # no secret, no artifact URI
+    status, _ = _get(mesh.secured_ui + "/api/state", Authorization=f"Bearer {VIEWER}")
+    assert status == 200  # the read-only viewer token opens the map...
+    with (
+        AdminClient(mesh.secured_grpc, timeout=10, token=VIEWER) as viewer,
+        pytest.raises(Unauthenticated),
+    ):
+        viewer.list_nodes()  # ...and nothing else
 
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     try:
