@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What the wheel must carry from each source folder (tests, bench and docs are not shipped).
-SHIPPED = ("*.py", "*.pyi", "*.proto", "py.typed")
+SHIPPED = ("*.py", "*.pyi", "*.proto", "py.typed", "static/*.html", "static/*.js", "static/*.css")
 SCRIPTS = {
     "meshctl": "meshserve.client.cli:main",
     "meshserve-controlplane": "meshserve.controlplane.__main__:main",
