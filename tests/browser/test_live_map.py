@@ -265,3 +265,40 @@ def test_with_an_admin_token_the_map_refuses_a_page_without_it(mesh: Mesh, brows
         _shot(page, "07-secured-map")
     finally:
         context.close()
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw) if raw else None
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
+def test_bad_requests_get_a_clear_answer(mesh: Mesh) -> None:
+    status, body = _get(mesh.ui + "/api/explain")
+    assert status == 400 and "model" in body["error"]
+    status, body = _get(mesh.ui + "/api/explain?model=no-such-model")
+    assert status == 404 and "no-such-model" in body["error"]
+    status, body = _get(mesh.ui + "/api/explain?model=" + "m" * 300)
+    assert status == 400
+    for path in ("/static/server.py", "/static/..%2Fserver.py", "/static/%2e%2e/view.py"):
+        request = urllib.request.Request(mesh.ui + path)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 404, path
+    # the secured replica: garbage, a wrong shape, an oversized body
+    status, body = _post(mesh.secured_ui + "/api/login", b"not json")
+    assert status == 400 and "token" in body["error"]
+    status, body = _post(mesh.secured_ui + "/api/login", b'{"token": 5}')
+    assert status == 401
+    status, _ = _post(mesh.secured_ui + "/api/login", b'{"token": "' + b"x" * 10_000 + b'"}')
+    assert status == 413
+    status, body = _get(mesh.ui + "/api/state")  # the open replica still answers
+    assert status == 200 and body["replica"]["id"] == "cp-1"

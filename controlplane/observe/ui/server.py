@@ -249,7 +249,9 @@ class UiServer:
             return web.Response(status=204)
         try:
             body = await request.json()
-        except (ValueError, web.HTTPException):
+        except web.HTTPRequestEntityTooLarge:
+            return _json(413, {"error": f"a login is at most {_MAX_LOGIN_BYTES} bytes"})
+        except ValueError:
             return _json(400, {"error": 'send JSON {"token": "..."}'})
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not self._known(token):
