@@ -7,12 +7,15 @@ a core node with a direct port (zone a) and a tunnel-only edge node (zone b), th
 its next query when the last is answered; bounded by a request count and by time) goes through
 the replica's gateway with ``tritonclient.grpc.aio`` for S seconds per segment. Segments
 alternate A (no page open) and B (one page open), A B A B ... (``--runs`` pairs), so slow drift
-and noise hit both sides. Two rows, each its own pairs:
+and noise hit both sides. Three rows, each its own pairs:
 
 * ``browser``     B = a headless Chromium tab (Playwright) on the map, open for the whole
   segment; the segment starts only once the page is live (both nodes drawn, ``#conn`` says
   live, and the page has received at least two ``state`` pushes on ``/api/stream``). Chromium
   runs on the same CPUs as the mesh: its rendering competes with the replica and the nodes.
+* ``browser_reduced_motion``  the same tab with ``prefers-reduced-motion: reduce``: the page
+  then stops its animated query-flow dashes (app.css), so this row shows how much of the
+  browser row is that animation, repainted every frame by a software-rendering Chromium.
 * ``sse_reader``  B = a plain Python process reading ``/api/stream`` (urllib, no rendering):
   what the replica itself pays to push the view, without Chromium's own CPU.
 
@@ -54,7 +57,7 @@ from meshserve.devtools.demo_models import make_mlp  # noqa: E402
 from meshserve.devtools.local import LocalMesh, free_port, wait_until  # noqa: E402
 from tests.support.mesh import copy_states, register_file, wait_copies  # noqa: E402
 
-ROWS = ("browser", "sse_reader")
+ROWS = ("browser", "browser_reduced_motion", "sse_reader")
 MODEL = "mlp"
 TARGET_COST = 0.03
 CHROMIUM = os.environ.get("MESHSERVE_CHROMIUM", "/usr/bin/chromium")
@@ -135,6 +138,42 @@ def _descendants(prefixes: tuple[str, ...]) -> dict[int, tuple[str, float, int]]
     return out
 
 
+def _ours_cpu_s() -> dict[int, float]:
+    """CPU seconds of this process and of every descendant (the mesh, etcd, the page...)."""
+    out = {pid: cpu for pid, (_, cpu, _) in _descendants(("",)).items()}
+    mine = process_cpu_s(os.getpid())
+    if mine is not None:
+        out[os.getpid()] = mine
+    return out
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the machine's processes have used since boot, all cores (``/proc/stat``)."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()[1:]
+    # user + nice + system: what processes are charged with (irq/softirq time, much of it our
+    # own loopback traffic, is in no process's figure; steal is the hypervisor's)
+    return sum(int(v) for v in fields[:3]) / os.sysconf("SC_CLK_TCK")
+
+
+async def _foreign_ms_per_s(seconds: float) -> float:
+    """Other processes' CPU ms/s over ``seconds``: the machine's busy time less ours."""
+    machine, ours = _machine_busy_s(), _ours_cpu_s()
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    spent_ours = sum(v - ours.get(pid, 0.0) for pid, v in _ours_cpu_s().items())
+    return (_machine_busy_s() - machine - spent_ours) * 1e3 / (time.monotonic() - started)
+
+
+async def _wait_quiet(quiet_ms: float, at_most_s: float) -> float:
+    """Wait until other processes use at most ``quiet_ms`` CPU ms/s over two seconds in a row,
+    ``at_most_s`` seconds at most; returns the seconds waited."""
+    started, calm = time.monotonic(), 0
+    while calm < 2 and time.monotonic() - started < at_most_s:
+        calm = calm + 1 if await _foreign_ms_per_s(1.0) <= quiet_ms else 0
+    return time.monotonic() - started - 2.0 if calm >= 2 else time.monotonic() - started
+
+
 class _Page:
     """What B opens: a context manager-ish pair ``open()`` / ``close()``, ``states()`` (the
     ``state`` pushes received so far) and ``cpu_s()`` (its own processes' CPU seconds)."""
@@ -153,13 +192,16 @@ class _Page:
 
 
 class _BrowserPage(_Page):
-    def __init__(self, browser: Any, url: str) -> None:
-        self.browser, self.url = browser, url
+    def __init__(self, browser: Any, url: str, *, reduced_motion: bool = False) -> None:
+        self.browser, self.url, self.reduced_motion = browser, url, reduced_motion
         self.context: Any = None
         self.page: Any = None
 
     async def open(self) -> None:
-        self.context = await self.browser.new_context(viewport={"width": 1600, "height": 1000})
+        self.context = await self.browser.new_context(
+            viewport={"width": 1600, "height": 1000},
+            reduced_motion="reduce" if self.reduced_motion else "no-preference",
+        )
         await self.context.add_init_script(_COUNT_STATES_JS)
         self.page = await self.context.new_page()
         await self.page.goto(self.url + "/")
@@ -266,6 +308,7 @@ class _Load:
         latencies: list[int] = []
         errors: dict[str, int] = {}
         cpu_before = {name: process_cpu_s(pid) for name, pid in pids.items()}
+        machine_before, ours_before = _machine_busy_s(), _ours_cpu_s()
         page_before = page.cpu_s() if page is not None else {}
         driver_before = page.driver_cpu_s() if isinstance(page, _BrowserPage) else {}
         states_before = await page.states() if page is not None else 0
@@ -287,6 +330,9 @@ class _Load:
 
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         window_s = (time.monotonic_ns() - started) / 1e9
+        machine_after, ours_after = _machine_busy_s(), _ours_cpu_s()
+        ours = sum(v - ours_before.get(pid, 0.0) for pid, v in ours_after.items())
+        machine = machine_after - machine_before
         out: dict[str, Any] = {}
         for name, pid in pids.items():
             before, after = cpu_before[name], process_cpu_s(pid)
@@ -310,6 +356,9 @@ class _Load:
             spent_driver = sum(v - driver_before.get(pid, 0.0) for pid, v in driver_after.items())
             out["driver_cpu_ms_per_s"] = round(spent_driver * 1e3 / window_s, 2)
             out["page_process_nice"] = page.nice_values()
+        # everything else on the machine (other users' tests...): the segment's disturbance
+        out["machine_busy_ms_per_s"] = round(machine * 1e3 / window_s, 1)
+        out["foreign_cpu_ms_per_s"] = round((machine - ours) * 1e3 / window_s, 1)
         ms = np.asarray(latencies, dtype=np.float64) / 1e6
         return {
             "rps": round(ms.size / window_s, 1),
@@ -321,6 +370,27 @@ class _Load:
             "window_s": round(window_s, 3),
             **out,
         }
+
+
+async def _idle(replica_pid: int, page: _Page | None, seconds: float) -> dict[str, Any]:
+    """No load: the replica's CPU ms/s over ``seconds`` (with ``page`` open, if any) and the
+    pushes the page got: what one open page costs the replica with nothing else to do."""
+    before = process_cpu_s(replica_pid)
+    states_before = await page.states() if page is not None else 0
+    machine, ours = _machine_busy_s(), _ours_cpu_s()
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    window_s = time.monotonic() - started
+    spent_ours = sum(v - ours.get(pid, 0.0) for pid, v in _ours_cpu_s().items())
+    foreign = (_machine_busy_s() - machine - spent_ours) * 1e3 / window_s
+    after = process_cpu_s(replica_pid)
+    cpu = None if before is None or after is None else (after - before) * 1e3 / window_s
+    return {
+        "replica_cpu_ms_per_s": None if cpu is None else round(cpu, 2),
+        "page_states": (await page.states() - states_before) if page is not None else None,
+        "foreign_cpu_ms_per_s": round(foreign, 1),
+        "window_s": round(window_s, 3),
+    }
 
 
 @contextlib.asynccontextmanager
@@ -338,7 +408,17 @@ async def _chromium(wanted: bool) -> AsyncIterator[Any]:
             await browser.close()
 
 
-def _summary(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+def _page_replica_cpu(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The replica's CPU per second in B beyond what B's queries cost at A's CPU per query:
+    an estimate of what pushing the view to the page costs it, less sensitive to the
+    throughput noise than the req/s ratio (negative: noise)."""
+    per_query, b_ms = a.get("replica_cpu_ms_per_query"), b.get("replica_cpu_ms_per_s")
+    if per_query is None or b_ms is None:
+        return None
+    return round(float(b_ms) - float(per_query) * float(b["rps"]), 2)
+
+
+def _summary(pairs: list[dict[str, Any]], quiet_ms: float) -> dict[str, Any]:
     def side(key: str, which: str) -> dict[str, Any] | None:
         return spread([p[which].get(key) for p in pairs], 4)
 
@@ -350,6 +430,11 @@ def _summary(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         for p in pairs
     ]
     cost = spread(costs, 4)
+    quiet = [
+        p["cost"]
+        for p in pairs
+        if max(p["a"]["foreign_cpu_ms_per_s"], p["b"]["foreign_cpu_ms_per_s"]) <= quiet_ms
+    ]
     return {
         "pairs": len(pairs),
         "rps_a": side("rps", "a"),
@@ -365,10 +450,16 @@ def _summary(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         "replica_cpu_ms_per_s_b_minus_a": spread(deltas, 2),
         "replica_cpu_ms_per_query_a": side("replica_cpu_ms_per_query", "a"),
         "replica_cpu_ms_per_query_b": side("replica_cpu_ms_per_query", "b"),
+        "replica_page_cpu_ms_per_s": spread([p["replica_page_cpu_ms_per_s"] for p in pairs], 2),
         "page_cpu_ms_per_s_b": side("page_cpu_ms_per_s", "b"),
         "driver_cpu_ms_per_s_b": side("driver_cpu_ms_per_s", "b"),
         "page_states_per_s_b": side("page_states_per_s", "b"),
         "errors": sum(p["a"]["errors"] + p["b"]["errors"] for p in pairs),
+        "foreign_cpu_ms_per_s": spread(
+            [p[w]["foreign_cpu_ms_per_s"] for p in pairs for w in ("a", "b")], 1
+        ),
+        "quiet_pairs": len(quiet),
+        "cost_quiet_pairs": spread(quiet, 4),
         "target": {
             "cost <= 3%": {
                 "measured_median": None if cost is None else cost["median"],
@@ -382,7 +473,7 @@ def _summary(pairs: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def _bench(
     ns: argparse.Namespace, gateway: str, ui_url: str, pids: dict[str, int], rows: list[str]
-) -> dict[str, Any]:
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     client = tgrpc.InferenceServerClient(gateway)
     tensor = tgrpc.InferInput("x", [1, 64], "FP32")
@@ -396,20 +487,49 @@ async def _bench(
 
     load = _Load(call, ns.concurrency, ns.count, ns.seconds)
     raw: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+    idle: dict[str, list[dict[str, Any]]] = {}
     try:
-        async with _chromium("browser" in rows) as browser:
+        async with _chromium(any(r.startswith("browser") for r in rows)) as browser:
+            for i in range(ns.idle_runs):  # no load: the replica's own cost of a page
+                for kind in ("none", *(r for r in ("sse_reader", "browser") if r in rows)):
+                    page_idle: _Page | None = None
+                    if kind == "sse_reader":
+                        page_idle = _SseReader(ui_url, ns.idle_seconds * 4 + 60)
+                    elif kind == "browser":
+                        page_idle = _BrowserPage(browser, ui_url)
+                    if page_idle is not None:
+                        await page_idle.open()
+                    await asyncio.sleep(ns.settle)
+                    try:
+                        seg = await _idle(pids["replica"], page_idle, ns.idle_seconds)
+                    finally:
+                        if page_idle is not None:
+                            await page_idle.close()
+                    idle.setdefault(kind, []).append(seg)
+                    _log(
+                        f"idle {i + 1}/{ns.idle_runs} page={kind}: replica "
+                        f"{seg['replica_cpu_ms_per_s']} CPU ms/s, {seg['page_states']} pushes, "
+                        f"others {seg['foreign_cpu_ms_per_s']} CPU ms/s"
+                    )
             _log(f"warm-up: {min(ns.seconds, 3.0)} s of load, not measured")
             await _Load(call, ns.concurrency, ns.count, min(ns.seconds, 3.0)).run(pids, None)
             for pair in range(ns.runs):
                 for row in rows:
+                    waited = 0.0
+                    if ns.wait_quiet > 0:
+                        waited = await _wait_quiet(ns.quiet_ms, ns.wait_quiet)
+                        if waited > 0:
+                            _log(f"waited {waited:.1f} s for the machine to be quiet")
                     figures: dict[str, Any] = {}
                     for which in ("a", "b"):
                         page: _Page | None = None
                         if which == "b":
                             page = (
-                                _BrowserPage(browser, ui_url)
-                                if row == "browser"
-                                else _SseReader(ui_url, ns.seconds * 4 + 60)
+                                _SseReader(ui_url, ns.seconds * 4 + 60)
+                                if row == "sse_reader"
+                                else _BrowserPage(
+                                    browser, ui_url, reduced_motion=row == "browser_reduced_motion"
+                                )
                             )
                             await page.open()
                         await asyncio.sleep(ns.settle)  # the page's first render / the stream's end
@@ -424,7 +544,8 @@ async def _bench(
                         _log(
                             f"pair {pair + 1}/{ns.runs} {row} {which.upper()}: {seg['rps']} req/s, "
                             f"p50 {seg['p50_ms']} ms, errors {seg['errors']}, replica "
-                            f"{seg['replica_cpu_ms_per_s']} CPU ms/s"
+                            f"{seg['replica_cpu_ms_per_s']} CPU ms/s, others "
+                            f"{seg['foreign_cpu_ms_per_s']} CPU ms/s"
                             + (
                                 f", page {seg['page_cpu_ms_per_s']} CPU ms/s, "
                                 f"{seg['page_states']} pushes"
@@ -433,13 +554,23 @@ async def _bench(
                             )
                         )
                     ratio = figures["b"]["rps"] / figures["a"]["rps"] if figures["a"]["rps"] else 0
+                    extra = _page_replica_cpu(figures["a"], figures["b"])
                     raw[row].append(
-                        {**figures, "ratio": round(ratio, 4), "cost": round(1 - ratio, 4)}
+                        {
+                            **figures,
+                            "ratio": round(ratio, 4),
+                            "cost": round(1 - ratio, 4),
+                            "replica_page_cpu_ms_per_s": extra,
+                            "waited_for_quiet_s": round(waited, 1),
+                        }
                     )
-                    _log(f"pair {pair + 1} {row}: B/A {ratio:.4f}, cost {100 * (1 - ratio):.2f} %")
+                    _log(
+                        f"pair {pair + 1} {row}: B/A {ratio:.4f}, cost {100 * (1 - ratio):.2f} %, "
+                        f"replica CPU for the page ~{extra} ms/s"
+                    )
     finally:
         await client.close()
-    return raw
+    return raw, idle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -449,21 +580,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per segment at most")
     p.add_argument("--count", type=int, default=200_000, help="queries per segment at most")
     p.add_argument("--settle", type=float, default=1.0, help="seconds before each segment")
-    p.add_argument("--rows", default=",".join(ROWS), help="browser,sse_reader")
+    p.add_argument(
+        "--quiet-ms",
+        type=float,
+        default=150.0,
+        help="a pair is quiet when other processes used at most this CPU ms/s in both segments",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each pair, wait up to this many seconds for the machine to be quiet",
+    )
+    p.add_argument("--idle-runs", type=int, default=3, help="no-load segments per page kind")
+    p.add_argument("--idle-seconds", type=float, default=5.0, help="seconds per no-load segment")
+    p.add_argument("--rows", default=",".join(ROWS), help=",".join(ROWS))
     p.add_argument("--quick", action="store_true", help="1 pair per row, 3 s segments")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ui.json")
     ns = p.parse_args(argv)
     if ns.quick:
-        ns.runs, ns.seconds, ns.count = 1, 3.0, 50_000
+        ns.runs, ns.seconds, ns.count, ns.idle_runs, ns.idle_seconds = 1, 3.0, 50_000, 1, 2.0
     rows = [r.strip() for r in ns.rows.split(",") if r.strip()]
     unknown = set(rows) - set(ROWS)
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
     notes: list[str] = []
-    if "browser" in rows and not Path(CHROMIUM).exists():
-        rows.remove("browser")
-        notes.append(f"no browser at {CHROMIUM}: the browser row was not measured")
-        _log(notes[-1])
+    if not Path(CHROMIUM).exists():
+        skipped = [r for r in rows if r.startswith("browser")]
+        rows = [r for r in rows if r not in skipped]
+        if skipped:
+            notes.append(f"no browser at {CHROMIUM}: rows {skipped} were not measured")
+            _log(notes[-1])
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-ui-") as tmp:
         work = Path(tmp)
@@ -488,9 +635,9 @@ def main(argv: list[str] | None = None) -> None:
                 wait_copies(admin, MODEL, 2)
                 placement = sorted(f"{n}/{v or 'default'}" for n, v in copy_states(admin, MODEL))
             _log(f"mesh up: replica {cp.address}, map {ui_url}, copies on {placement}")
-            raw = asyncio.run(_bench(ns, cp.address, ui_url, pids, rows))
+            raw, idle = asyncio.run(_bench(ns, cp.address, ui_url, pids, rows))
     load_after = os.getloadavg()
-    summary = {row: _summary(pairs) for row, pairs in raw.items()}
+    summary = {row: _summary(pairs, ns.quiet_ms) for row, pairs in raw.items()}
     for row, s in summary.items():
         t = s["target"]["cost <= 3%"]
         _log(
@@ -503,10 +650,23 @@ def main(argv: list[str] | None = None) -> None:
             "model": "mlp 64-256-256-10, batch 1, 2 copies (core-1 direct, edge-1 tunneled)",
             "concurrency": ns.concurrency,
             "pairs_per_row": ns.runs,
-            "per_segment": {"count_max": ns.count, "seconds_max": ns.seconds},
+            "per_segment": {
+                "count_max": ns.count,
+                "seconds_max": ns.seconds,
+                "settle_s": ns.settle,
+            },
+            "quiet": {"foreign_cpu_ms_per_s_max": ns.quiet_ms, "wait_s_max": ns.wait_quiet},
             "placement": placement,
             "rows": summary,
             "targets": {row: s["target"] for row, s in summary.items()},
+            "idle": {
+                kind: {
+                    "replica_cpu_ms_per_s": spread([s["replica_cpu_ms_per_s"] for s in segs], 2),
+                    "foreign_cpu_ms_per_s": spread([s["foreign_cpu_ms_per_s"] for s in segs], 1),
+                    "segments": segs,
+                }
+                for kind, segs in idle.items()
+            },
             "raw_pairs": raw,
             "host": {
                 "cpus": os.cpu_count(),
@@ -517,9 +677,15 @@ def main(argv: list[str] | None = None) -> None:
                 *notes,
                 f"{os.cpu_count()} CPUs shared by the load generator (this process, one event "
                 "loop), the replica, both nodes, etcd and, in B, the page; nothing pinned",
+                "replica_page_cpu_ms_per_s = replica CPU ms/s in B - (A's replica CPU ms per "
+                "query x B's req/s): the replica's CPU for the page beyond its queries' own",
+                "foreign_cpu_ms_per_s: the machine's busy CPU during a segment less this "
+                "benchmark's processes (other users of the machine); cost_quiet_pairs: the "
+                f"cost over the pairs where it stayed <= {ns.quiet_ms} ms/s in both segments "
+                "(the verdict is over all pairs)",
                 "cost = 1 - rps_B / rps_A per pair (A: no page, B: one page open); a negative "
                 "cost is B faster than A: noise",
-                "browser row: Chromium's own CPU (page_cpu_ms_per_s: every chromium process) is "
+                "browser rows: Chromium's own CPU (page_cpu_ms_per_s: every chromium process) is "
                 "not the replica's, but on a small machine it takes CPU from the mesh; the "
                 "sse_reader row (urllib reading /api/stream in its own process, no rendering) "
                 "isolates what the replica pays to push the view",

@@ -1,7 +1,7 @@
-"""``bench/ui.py --quick`` runs end to end: a real mesh, a real Chromium tab on the live map and
-a plain SSE reader, one A/B pair each; the JSON has both rows, positive req/s on both sides,
-pushes received while the page was open, and no errors. Measures nothing (a smoke test: the
-figures of a 3-second segment on a shared machine mean little)."""
+"""``bench/ui.py --quick`` runs end to end: a real mesh, a real Chromium tab on the live map
+(with and without reduced motion) and a plain SSE reader, one A/B pair each; the JSON has the
+rows, positive req/s on both sides, pushes received while the page was open, and no errors.
+Measures nothing (a smoke test: a 3-second segment on a shared machine means little)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_bench_ui_quick(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result
     assert result["benchmark"] == "ui"
-    assert set(result["rows"]) == {"browser", "sse_reader"}
+    assert set(result["rows"]) == {"browser", "browser_reduced_motion", "sse_reader"}
     for name, row in result["rows"].items():
         assert row["pairs"] == 1, name
         assert row["errors"] == 0, (name, result["raw_pairs"][name])
@@ -46,4 +46,7 @@ def test_bench_ui_quick(tmp_path: Path) -> None:
         (pair,) = result["raw_pairs"][name]
         assert pair["b"]["page_states"] >= 1, (name, pair["b"])  # the page was live
         assert pair["a"]["errors"] == 0 and pair["b"]["errors"] == 0, (name, pair)
-    assert result["raw_pairs"]["browser"][0]["b"]["page_live_at_end"] is True
+    assert set(result["idle"]) == {"none", "sse_reader", "browser"}
+    assert all(s["page_states"] >= 1 for s in result["idle"]["sse_reader"]["segments"])
+    for name in ("browser", "browser_reduced_motion"):
+        assert result["raw_pairs"][name][0]["b"]["page_live_at_end"] is True, name
