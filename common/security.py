@@ -28,8 +28,9 @@ Contract:
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -53,6 +54,7 @@ __all__ = [
     "load_cas",
     "read_secret",
     "read_secrets",
+    "secret_matches",
     "server_credentials",
     "sync_channel",
 ]
@@ -65,6 +67,18 @@ API_KEY_HEADER: Final = "x-api-key"
 ROUTER_KEY_HEADER: Final = "x-meshserve-router"
 #: ``authorization: Bearer <secret>``: the admin token, or an API key.
 AUTHORIZATION_HEADER: Final = "authorization"
+
+
+def secret_matches(secret: str | None, accepted: Iterable[str]) -> bool:
+    """Whether ``secret`` is one of ``accepted``, in constant time in its content (every
+    accepted value is compared, with ``hmac.compare_digest``); None matches nothing."""
+    if secret is None:
+        return False
+    given = secret.encode()
+    found = False
+    for value in accepted:
+        found |= hmac.compare_digest(given, value.encode())
+    return found
 
 
 class SecurityConfigError(ValueError):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import inspect
 import logging
 import secrets
@@ -49,6 +48,7 @@ from meshserve.common.security import (
     ROUTER_KEY_HEADER,
     SecurityConfigError,
     issued_by,
+    secret_matches,
 )
 from meshserve.protos import mesh_pb2
 
@@ -201,17 +201,6 @@ def _bearer(context: ServicerContext) -> str | None:
     return value[7:].strip() or None
 
 
-def _matches(secret: str | None, accepted: Iterable[str]) -> bool:
-    """Constant time in the secret's content (every accepted value is compared)."""
-    if secret is None:
-        return False
-    given = secret.encode()
-    found = False
-    for value in accepted:
-        found |= hmac.compare_digest(given, value.encode())
-    return found
-
-
 def _model_of(request: Any) -> str:
     name = getattr(request, "model_name", None)
     if name is None:
@@ -288,7 +277,7 @@ class Guard:
         token = self.config.admin_token
         assert token is not None
         given = _bearer(context)
-        if _matches(given, (token,)):
+        if secret_matches(given, (token,)):
             return
         if request is not None and self.config.tenants is not None:
             key = _metadata(context, API_KEY_HEADER) or given
@@ -312,7 +301,7 @@ class Guard:
                 f"this control plane admits nodes with a join token (metadata "
                 f"{JOIN_TOKEN_HEADER!r}; node --join-token-file)"
             )
-        if not _matches(given, self.config.join_tokens):
+        if not secret_matches(given, self.config.join_tokens):
             _refused(context, "a wrong join token")
             raise Unauthenticated("the join token is not valid")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import secrets
@@ -42,6 +41,7 @@ from aiohttp import web
 
 from meshserve.common.errors import NotFound
 from meshserve.common.process import listen_address
+from meshserve.common.security import secret_matches
 from meshserve.controlplane import keys
 from meshserve.controlplane.observe.episodes import Episode, EpisodeKey
 from meshserve.controlplane.observe.telemetry import Telemetered
@@ -226,11 +226,7 @@ class UiServer:
         return False
 
     def _known(self, token: str) -> bool:
-        given = token.encode()
-        found = False
-        for value in self._tokens:  # every one compared: constant time in which matched
-            found |= hmac.compare_digest(given, value.encode())
-        return found
+        return secret_matches(token, self._tokens)
 
     def _refused(self) -> web.Response:
         return _json(401, {"error": "log in with the admin or viewer token", "auth": "token"})
