@@ -23,7 +23,16 @@ Per pair: req/s A, req/s B, B/A and the cost 1 - B/A; per row the median and [mi
 pairs of each, the replica's CPU milliseconds per second (and per query) with and without the
 page, the node, load-generator, browser / reader CPU, how many ``state`` pushes the page got,
 and the verdict against the target (cost <= 3 % at the median; ``met_every_pair`` too).
-Progress goes to stderr, the JSON to stdout and ``--out``.
+
+Before the load, ``idle``: the replica's CPU ms/s with no load and no page, one SSE reader or
+one browser tab (``--idle-runs`` segments each, read at nanosecond resolution from
+``schedstat``): what pushing the view costs the replica with nothing else going on.
+
+Other users of a shared machine move req/s far more than a page does: every segment records
+``foreign_cpu_ms_per_s`` (the machine's process CPU less this benchmark's processes), each row
+the cost over its ``quiet`` pairs too, and ``--wait-quiet S`` waits (S seconds at most) before
+each pair until the others use under ``--quiet-ms``. Progress goes to stderr, the JSON to
+stdout and ``--out``.
 
     .venv/bin/python bench/ui.py          # 3 pairs per row, 10 s segments -> bench/results/ui.json
     .venv/bin/python bench/ui.py --quick  # 1 pair per row, 3 s segments
@@ -372,10 +381,27 @@ class _Load:
         }
 
 
+def _thread_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid``'s live threads at nanosecond resolution (``schedstat``; the
+    tick-based figure moves in 10 ms steps, too coarse for a page's push at no load)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread exited meanwhile
+    return total / 1e9
+
+
 async def _idle(replica_pid: int, page: _Page | None, seconds: float) -> dict[str, Any]:
     """No load: the replica's CPU ms/s over ``seconds`` (with ``page`` open, if any) and the
     pushes the page got: what one open page costs the replica with nothing else to do."""
-    before = process_cpu_s(replica_pid)
+    before = _thread_cpu_s(replica_pid)
     states_before = await page.states() if page is not None else 0
     machine, ours = _machine_busy_s(), _ours_cpu_s()
     started = time.monotonic()
@@ -383,10 +409,10 @@ async def _idle(replica_pid: int, page: _Page | None, seconds: float) -> dict[st
     window_s = time.monotonic() - started
     spent_ours = sum(v - ours.get(pid, 0.0) for pid, v in _ours_cpu_s().items())
     foreign = (_machine_busy_s() - machine - spent_ours) * 1e3 / window_s
-    after = process_cpu_s(replica_pid)
+    after = _thread_cpu_s(replica_pid)
     cpu = None if before is None or after is None else (after - before) * 1e3 / window_s
     return {
-        "replica_cpu_ms_per_s": None if cpu is None else round(cpu, 2),
+        "replica_cpu_ms_per_s": None if cpu is None else round(cpu, 3),
         "page_states": (await page.states() - states_before) if page is not None else None,
         "foreign_cpu_ms_per_s": round(foreign, 1),
         "window_s": round(window_s, 3),
@@ -661,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
             "targets": {row: s["target"] for row, s in summary.items()},
             "idle": {
                 kind: {
-                    "replica_cpu_ms_per_s": spread([s["replica_cpu_ms_per_s"] for s in segs], 2),
+                    "replica_cpu_ms_per_s": spread([s["replica_cpu_ms_per_s"] for s in segs], 3),
                     "foreign_cpu_ms_per_s": spread([s["foreign_cpu_ms_per_s"] for s in segs], 1),
                     "segments": segs,
                 }
