@@ -70,7 +70,7 @@ HEARTBEAT_S: Final = 30.0
 #: p50 / p99 latency is resent when it moved by more than this share of the value last sent.
 LATENCY_CHANGE: Final = 0.10
 #: The header alone is resent when cpu_percent moved by this many points (of one core) ...
-CPU_CHANGE_POINTS: Final = 10.0
+CPU_CHANGE_POINTS: Final = 25.0
 #: ... or rss_bytes by more than this share.
 RSS_CHANGE: Final = 0.10
 

@@ -198,7 +198,8 @@ def test_an_idle_node_sends_only_heartbeats_and_a_busy_copy_every_interval(
             f"{idle_mps:.2f} messages/s {idle_bps:.0f} B/s; busy {busy_mps:.2f} messages/s "
             f"{busy_bps:.0f} B/s; last figures seen {lag:.2f} s after the last query"
         )
-        # heartbeats only (and a header-only report should cpu jump): one per 3 s is 0.33/s
-        assert 0 < idle_mps <= 1 / heartbeat_s + 0.2, idle
+        # heartbeats only, one per 3 s: 0.33/s (slack: a header-only report when the node's cpu
+        # or memory jumps); every tick, as before on-change telemetry, would be 5/s
+        assert 0 < idle_mps <= 1 / heartbeat_s + 0.4, idle
         assert busy_mps >= 0.8 / interval_s, f"a busy copy must go every interval: {busy}"
         assert lag < 2.0

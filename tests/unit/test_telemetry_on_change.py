@@ -102,7 +102,7 @@ def test_a_drift_window_sends_its_entry_and_a_new_copy_is_sent_at_once() -> None
 def test_the_header_alone_goes_only_on_a_large_cpu_or_memory_move() -> None:
     f = ChangeFilter()
     _tick(f, _summary(cpu=1.0, a=5), 0.0)
-    assert _tick(f, _summary(cpu=8.0, a=5), 1.0) is None
+    assert _tick(f, _summary(cpu=20.0, a=5), 1.0) is None
     out = _tick(f, _summary(cpu=60.0, a=5), 2.0)
     assert out is not None and out.delta and _names(out) == [] and out.cpu_percent == 60.0
 
