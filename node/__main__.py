@@ -27,6 +27,7 @@ from meshserve.common.security import (
 )
 from meshserve.node.app import Node, NodeConfig, default_node_id
 from meshserve.node.store import SourcePolicy
+from meshserve.node.telemetry import HEARTBEAT_S
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         default=64,
         help="telemetry summaries kept while no control plane is connected (oldest dropped "
         "first); sent first on reconnect",
+    )
+    p.add_argument(
+        "--telemetry-heartbeat-s",
+        type=float,
+        default=HEARTBEAT_S,
+        help="send a full telemetry message on each link this often; in between only the "
+        "copies whose figures changed (an idle node sends nothing)",
     )
     p.add_argument(
         "--telemetry-log-s",
@@ -330,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         telemetry_max_bytes_per_s=max(0, ns.telemetry_max_bytes_per_s),
         telemetry_buffer_bytes=max(0, ns.telemetry_buffer_kb) << 10,
         telemetry_log_s=max(0.0, ns.telemetry_log_s),
+        telemetry_heartbeat_s=max(0.1, ns.telemetry_heartbeat_s),
         max_in_flight_per_copy=max(0, ns.max_in_flight_per_copy),
         drain_timeout_s=max(0.0, ns.drain_timeout_s),
         shutdown_grace_s=max(1.0, ns.shutdown_grace_s),

@@ -14,10 +14,12 @@ re-synchronises everything.
 
 The agent owns what the links share: the node's labels and hardware, the copy manager, the
 drain notice (:meth:`Agent.drain`, told to every link now and to any linked later) and telemetry.
-:meth:`Agent.summarise` builds one Telemetry (one aggregate entry per copy); each link bounds
-what it sends by its own :class:`~meshserve.node.telemetry.TelemetryBudget` and the agent counts
-the bytes each wrote (:attr:`Agent.telemetry_bytes_sent`). While no link is connected the node
-keeps summarising into a bounded :class:`~meshserve.node.telemetry.OfflineBuffer`; the first
+:meth:`Agent.summarise` builds one Telemetry (one aggregate entry per copy); each link sends
+what changed of it (its own :class:`~meshserve.node.telemetry.ChangeFilter`: a full message
+after each connect and every ``telemetry_heartbeat_s``, deltas in between, nothing from an idle
+node), bounded by its own :class:`~meshserve.node.telemetry.TelemetryBudget`, and the agent
+counts the bytes each wrote (:attr:`Agent.telemetry_bytes_sent`). While no link is connected the
+node keeps summarising into a bounded :class:`~meshserve.node.telemetry.OfflineBuffer`; the first
 link to connect sends those summaries first, oldest first, then live telemetry resumes.
 :meth:`Agent.close` cancels the loops and closes every link, awaited.
 """
@@ -38,7 +40,7 @@ from meshserve.node.metrics import node_metrics
 from meshserve.node.rights import Rights
 from meshserve.node.runtime import CpuMeter, available_providers, resident_bytes
 from meshserve.node.service import InferenceHandler
-from meshserve.node.telemetry import OfflineBuffer, TelemetryBudget
+from meshserve.node.telemetry import HEARTBEAT_S, OfflineBuffer, TelemetryBudget
 from meshserve.protos import mesh_pb2
 
 __all__ = ["Agent", "LinkView", "channel_options", "plan_links"]
@@ -108,6 +110,7 @@ class Agent:
         telemetry_max_bytes_per_s: int = 2048,
         telemetry_buffer_bytes: int = 64 << 10,
         telemetry_log_s: float = 0.0,
+        telemetry_heartbeat_s: float = HEARTBEAT_S,
         tls: TLSFiles | None = None,
         join_token: str | None = None,
         insecure_join: bool = False,
@@ -116,7 +119,9 @@ class Agent:
         """``memory_bytes``: memory offered to the mesh for model copies (0: all of the
         machine's, as /proc/meminfo reports it). ``telemetry_max_bytes_per_s``: the telemetry
         budget of each link (0: unbounded); ``telemetry_buffer_bytes``: the bound of the offline
-        buffer; ``telemetry_log_s``: log the telemetry bytes each link sent this often (0: never).
+        buffer; ``telemetry_log_s``: log the telemetry bytes each link sent this often (0: never);
+        ``telemetry_heartbeat_s``: each link sends a full telemetry message at least this often
+        (between them only what changed).
         ``tls``: dial the replicas with TLS (their CA; this node's certificate, which must name
         its id); ``join_token``: sent on every Connect (metadata ``x-meshserve-join-token``),
         without TLS only to loopback replicas unless ``insecure_join`` (see
@@ -142,6 +147,9 @@ class Agent:
         self.keepalive_ms = keepalive_ms
         self.telemetry_max_bytes_per_s = telemetry_max_bytes_per_s
         self.telemetry_log_s = telemetry_log_s
+        if telemetry_heartbeat_s <= 0:
+            raise ValueError("telemetry_heartbeat_s must be > 0")
+        self.telemetry_heartbeat_s = telemetry_heartbeat_s
         self.offline = OfflineBuffer(telemetry_buffer_bytes)
         # the interval the control plane asks for; the last Welcome's (before any: the default)
         self.telemetry_interval_s = 2.0
@@ -306,6 +314,7 @@ class Agent:
     async def _log_loop(self) -> None:
         """Log, per link, the telemetry bytes it wrote since the last line."""
         last: dict[str, int] = {}
+        last_messages: dict[str, int] = {}
         since = time.monotonic()
         while True:
             await asyncio.sleep(self.telemetry_log_s)
@@ -315,19 +324,27 @@ class Agent:
                 sent = total - last.get(address, 0)
                 last[address] = total
                 if not sent and not link.connected:
+                    last_messages[address] = link.telemetry_messages_sent
                     continue
+                messages = link.telemetry_messages_sent
                 _log.info(
-                    "telemetry: %d bytes in %.3f s to %s (%d total; %d entries dropped, "
-                    "%d drift windows left out, %d ticks skipped; %d buffered offline)",
+                    "telemetry: %d bytes in %.3f s to %s (%d messages; %d total; %d messages "
+                    "total, %d full, %d quiet ticks; %d entries dropped, %d drift windows left "
+                    "out, %d ticks skipped; %d buffered offline)",
                     sent,
                     now - since,
                     address,
+                    messages - last_messages.get(address, 0),
                     total,
+                    messages,
+                    link.changes.full_sent,
+                    link.changes.quiet,
                     link.budget.dropped_entries,
                     link.budget.dropped_windows,
                     link.budget.skipped,
                     len(self.offline),
                 )
+                last_messages[address] = messages
             since = now
 
     async def close(self) -> None:

@@ -31,6 +31,7 @@ from meshserve.node.mux import MuxServicer
 from meshserve.node.rights import ROUTERS, Rights
 from meshserve.node.service import InferenceHandler, NodeInferenceServicer
 from meshserve.node.store import ModelStore, SourcePolicy
+from meshserve.node.telemetry import HEARTBEAT_S
 from meshserve.protos import inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 
 __all__ = ["Node", "NodeConfig"]
@@ -60,6 +61,7 @@ class NodeConfig:
     telemetry_max_bytes_per_s: int = 2048  # telemetry budget per control-plane link; 0: none
     telemetry_buffer_bytes: int = 64 << 10  # summaries kept while no control plane is connected
     telemetry_log_s: float = 0.0  # log the telemetry bytes sent this often; 0: never
+    telemetry_heartbeat_s: float = HEARTBEAT_S  # a full telemetry message this often (else deltas)
     prediction_log_dir: Path | None = (
         None  # models that opt in log here; None: cache_dir/predictions
     )
@@ -191,6 +193,7 @@ class Node:
             telemetry_max_bytes_per_s=cfg.telemetry_max_bytes_per_s,
             telemetry_buffer_bytes=cfg.telemetry_buffer_bytes,
             telemetry_log_s=cfg.telemetry_log_s,
+            telemetry_heartbeat_s=cfg.telemetry_heartbeat_s,
             tls=cfg.tls,
             join_token=cfg.join_token,
             insecure_join=cfg.insecure_join,

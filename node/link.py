@@ -23,8 +23,11 @@ Contract:
   it and the stream is reset rather than buffered without bound. An answer over the link's
   message limit is replaced by a RESOURCE_EXHAUSTED status for that query alone.
 * Telemetry: the offline backlog is written first (oldest first; what was not written is handed
-  back to the agent's buffer), then one summary per interval under the link's own
-  :class:`~meshserve.node.telemetry.TelemetryBudget`, each drift window sent once per link.
+  back to the agent's buffer), then at most one message per interval, on change: the link's own
+  :class:`~meshserve.node.telemetry.ChangeFilter` (reset at each connect, so the first message
+  is full) picks what changed from the tick's summary, or nothing, and the link's
+  :class:`~meshserve.node.telemetry.TelemetryBudget` bounds it; each drift window is sent once
+  per link.
 
 The node-wide state (copies, labels, the replica list, the offline buffer) belongs to
 :class:`~meshserve.node.agent.Agent`; a link reads it and never outlives it.
@@ -47,7 +50,7 @@ from meshserve.common.security import is_loopback_target
 from meshserve.common.tenancy import set_tenant
 from meshserve.common.tracing import context_from_map
 from meshserve.node.metrics import node_metrics
-from meshserve.node.telemetry import TelemetryBudget, wire_size
+from meshserve.node.telemetry import ChangeFilter, TelemetryBudget, wire_size
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
 if TYPE_CHECKING:
@@ -149,7 +152,9 @@ class Link:
         self._call: aio.StreamStreamCall | None = None  # type: ignore[type-arg]
         self._inflight: set[asyncio.Task[None]] = set()
         self.budget = TelemetryBudget(agent.telemetry_max_bytes_per_s)
+        self.changes = ChangeFilter(agent.telemetry_heartbeat_s)
         self.telemetry_bytes_sent = 0
+        self.telemetry_messages_sent = 0
         self.windows_sent: dict[tuple[str, str], int] = {}  # newest drift window sent per copy
 
     def start(self) -> None:
@@ -365,18 +370,29 @@ class Link:
         while backlog:
             await call.write(mesh_pb2.NodeMessage(telemetry=backlog[0]))
             self.telemetry_bytes_sent += wire_size(backlog.pop(0))
+            self.telemetry_messages_sent += 1
         while True:
             message = await self._outbox.get()
             await call.write(message)
             if message.HasField("telemetry"):
                 self.telemetry_bytes_sent += wire_size(message.telemetry)
+                self.telemetry_messages_sent += 1
 
     async def _telemetry_loop(self, interval: float) -> None:
+        """One tick per ``interval``: the summary, what changed of it (nothing: no message), then
+        the budget; the first message after the connect is full."""
+        self.changes.reset()
         while True:
             await asyncio.sleep(interval)
-            telemetry = self.budget.apply(self._agent.summarise(self.windows_sent), interval)
-            if telemetry is not None:
-                for m in telemetry.models:
-                    if m.HasField("drift"):
-                        self.windows_sent[(m.model, m.variant)] = m.drift.seq
-                self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))
+            now = time.monotonic()
+            offered = self.changes.select(self._agent.summarise(self.windows_sent), now)
+            if offered is None:
+                continue
+            telemetry = self.budget.apply(offered, interval)
+            if telemetry is None:
+                continue  # the budget skipped this tick: everything stays due
+            telemetry = self.changes.sent(telemetry, now, trimmed=self.budget.last_dropped > 0)
+            for m in telemetry.models:
+                if m.HasField("drift"):
+                    self.windows_sent[(m.model, m.variant)] = m.drift.seq
+            self._offer(mesh_pb2.NodeMessage(telemetry=telemetry))

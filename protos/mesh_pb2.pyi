@@ -239,18 +239,20 @@ class ModelTelemetry(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., batches: _Optional[int] = ..., batched_rows: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., drift: _Optional[_Union[DriftWindow, _Mapping]] = ..., feedback_joined: _Optional[int] = ..., feedback_correct: _Optional[int] = ..., feedback_abs_error: _Optional[float] = ..., predictions_logged: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("unix_ms", "cpu_percent", "rss_bytes", "memory_available_bytes", "models")
+    __slots__ = ("unix_ms", "cpu_percent", "rss_bytes", "memory_available_bytes", "models", "delta")
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     unix_ms: int
     cpu_percent: float
     rss_bytes: int
     memory_available_bytes: int
     models: _containers.RepeatedCompositeFieldContainer[ModelTelemetry]
-    def __init__(self, unix_ms: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelTelemetry, _Mapping]]] = ...) -> None: ...
+    delta: bool
+    def __init__(self, unix_ms: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelTelemetry, _Mapping]]] = ..., delta: _Optional[bool] = ...) -> None: ...
 
 class TunnelRequest(_message.Message):
     __slots__ = ("correlation_id", "request", "trace_context", "timeout_ms")

@@ -113,7 +113,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         rights: Callable[[], mesh_pb2.TenantRights] = lambda: mesh_pb2.TenantRights(enforce=False),
         telemetry_bytes_per_s: int = DEFAULT_TELEMETRY_BYTES_PER_S,
     ) -> None:
-        """``on_telemetry``: called with every Telemetry a node sends (drift windows).
+        """``on_telemetry``: called after every Telemetry a node sends, with the node's merged
+        latest telemetry (``NodeSession.telemetry``; its drift windows are those of that
+        message).
         ``on_alarm``: called with the text of a mass unload the safety floor holds back for
         ``unload_confirm_s`` seconds (see :mod:`~meshserve.controlplane.link.reconcile`).
         ``store_id``: the id of the store placement revisions count in ("" unknown).

@@ -16,6 +16,13 @@ Contract:
   routing), ``ordered`` the sha256s ordered per variant on this stream, ``claims`` the refused
   reports (bounded, counted); :meth:`NodeSession.observe` keeps only telemetry about believed
   copies.
+- Telemetry arrives on change (``node/telemetry.py``): a full message (``delta`` false) replaces
+  what the session holds; a delta updates the header and the entries it carries, and every other
+  copy keeps the entry last received, so ``telemetry`` always reads as the node's full latest
+  report (``delta`` false, one entry per believed copy that reported, the header of the latest
+  message). A drift window is seen only in the report of the message that carried it (a kept
+  entry loses its window), as when every message was full. A copy reported UNLOADED loses its
+  entry at once. ``telemetry`` is replaced, never changed in place (readers may hold it).
 - ``replicas_said``: the replica set the node was last told of (its Welcome, then every pushed
   :class:`~meshserve.protos.mesh_pb2.ReplicaSet`), so a change is pushed once per node.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterable
 
 from meshserve.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable, from_code
 from meshserve.controlplane.link.trust import (
@@ -122,10 +130,42 @@ class NodeSession:
         return self.claims.as_unheld(self.copies)
 
     def observe(self, telemetry: mesh_pb2.Telemetry) -> None:
-        """The node's latest telemetry (only entries of copies it is believed to hold), indexed
-        by copy for the query path."""
+        """Merge a Telemetry the node sent (only entries of copies it is believed to hold; a
+        full one replaces, a delta updates: see the module contract), indexed by copy for the
+        query path."""
         telemetry, dropped = held_telemetry(telemetry, self.copies)
         self.telemetry_dropped += dropped
+        if not telemetry.delta:
+            self._hold(telemetry)
+            return
+        entries: dict[VariantKey, mesh_pb2.ModelTelemetry] = {}
+        for key, entry in self._by_copy.items():
+            if key not in self.copies:
+                continue
+            if entry.HasField("drift"):  # seen with the message that carried it
+                lean = mesh_pb2.ModelTelemetry()
+                lean.CopyFrom(entry)
+                lean.ClearField("drift")
+                entry = lean
+            entries[key] = entry
+        for entry in telemetry.models:
+            entries[(entry.model, entry.variant)] = entry
+        self._hold(telemetry, entries.values())
+
+    def _hold(
+        self,
+        telemetry: mesh_pb2.Telemetry,
+        entries: Iterable[mesh_pb2.ModelTelemetry] | None = None,
+    ) -> None:
+        """Hold ``telemetry`` as the latest (with ``entries`` instead of its own when given:
+        a new message, as a full one)."""
+        if entries is not None:
+            merged = mesh_pb2.Telemetry()
+            merged.CopyFrom(telemetry)
+            merged.delta = False
+            del merged.models[:]
+            merged.models.extend(entries)
+            telemetry = merged
         self.telemetry = telemetry
         self._by_copy = {(m.model, m.variant): m for m in telemetry.models}
 
@@ -141,6 +181,8 @@ class NodeSession:
         self.claims.forget(key)
         if status.state == mesh_pb2.UNLOADED:
             self.copies.pop(key, None)
+            if key in self._by_copy:  # its last figures are no longer anyone's load
+                self._hold(self.telemetry, (m for k, m in self._by_copy.items() if k != key))
         else:
             self.copies[key] = status
         self.sent.pop(key, None)
