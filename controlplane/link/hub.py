@@ -73,7 +73,7 @@ from meshserve.controlplane.link.reconcile import (
     spec_digest,
 )
 from meshserve.controlplane.link.scope import FULL_PASS_S, ReconcileScope
-from meshserve.controlplane.link.session import NodeSession
+from meshserve.controlplane.link.session import NodeSession, ReplicaSet
 from meshserve.controlplane.link.trust import DEFAULT_TELEMETRY_BYTES_PER_S
 from meshserve.controlplane.observe.metrics import controlplane_metrics
 from meshserve.controlplane.registry import Registry
@@ -157,6 +157,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._background: set[asyncio.Future[None]] = set()
         self.floor = UnloadFloor(unload_confirm_s, on_alarm)  # mass unloads wait (floor.py)
         self.scope = ReconcileScope(full_pass_s)  # which nodes a pass decides (scope.py)
+        self._told_all: ReplicaSet | None = None  # every linked node was told this set
         self._store_id = store_id  # stamped on every Load/Unload (see LoadModel.store_id)
         self._written: dict[str, tuple[NodeSession, bytes]] = {}  # the last record per node
         controlplane_metrics().watch_streams(self)
@@ -189,6 +190,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             await self._write_record(session, force=True)
             replicas = self._replicas()
             session.replicas_said = replica_set(replicas)
+            if session.replicas_said != self._told_all:
+                self._told_all = None  # the next push looks at every node
             await context.write(
                 welcome(
                     replica_id=self.replica_id,
@@ -443,10 +446,11 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         how many were told (see the module contract)."""
         replicas = self._replicas()
         current = replica_set(replicas)
-        if not current:
+        if not current or current == self._told_all:
             return 0
         stale = [s for s in self.sessions.values() if s.replicas_said != current]
         if not stale:
+            self._told_all = current
             return 0
         message = replicas_changed(replicas)
         told = 0
@@ -455,6 +459,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 session.send(message)
                 session.replicas_said = current
                 told += 1
+        self._told_all = current if told == len(stale) else None
         _log.info(
             "replica set %s told to %d of %d nodes",
             ", ".join(f"{r}={a}" for r, a in current),

@@ -24,7 +24,7 @@ Contract:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -128,18 +128,23 @@ def load_mark(spec: mesh_pb2.ModelSpec, digest: str) -> str:
     return f"load:{spec.sha256.lower()}:{digest}"
 
 
-def placed_on(snapshot: Snapshot, node_id: str) -> tuple[VariantKey, ...]:
+def placed_on(snapshot: Snapshot, node_id: str) -> Sequence[VariantKey]:
     """The variants whose placement names ``node_id``, in placement order (an index built once
-    per snapshot, so one node's reconcile reads its own placements, not all of them)."""
+    per snapshot, so one node's reconcile reads its own placements, not all of them; shared:
+    not to be mutated)."""
     return snapshot.derived("link.placed_on", partial(_placed_on, snapshot)).get(node_id, ())
 
 
-def _placed_on(snapshot: Snapshot) -> dict[str, tuple[VariantKey, ...]]:
+def _placed_on(snapshot: Snapshot) -> dict[str, list[VariantKey]]:
     by_node: dict[str, list[VariantKey]] = {}
     for key, placement in snapshot.placements.items():
-        for node_id in dict.fromkeys(placement.nodes):
-            by_node.setdefault(node_id, []).append(key)
-    return {node_id: tuple(placed) for node_id, placed in by_node.items()}
+        for node_id in placement.nodes:
+            placed = by_node.get(node_id)
+            if placed is None:
+                by_node[node_id] = [key]
+            elif placed[-1] is not key:  # a node named twice by one placement: once
+                placed.append(key)
+    return by_node
 
 
 def awaits_replacement(snapshot: Snapshot, node_id: str, key: VariantKey) -> bool:

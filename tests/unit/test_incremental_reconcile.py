@@ -141,9 +141,9 @@ def test_concerned_reaches_holders_not_named_and_draining_holders_waiting_on_oth
 
 def test_placed_on_indexes_a_nodes_placements_in_placement_order() -> None:
     snap = view({X: ("n1", "n2", "n1"), Y: ("n2",), Z: ("n1",)})
-    assert placed_on(snap, "n1") == (X, Z)
-    assert placed_on(snap, "n2") == (X, Y)
-    assert placed_on(snap, "n9") == ()
+    assert list(placed_on(snap, "n1")) == [X, Z]
+    assert list(placed_on(snap, "n2")) == [X, Y]
+    assert list(placed_on(snap, "n9")) == []
 
 
 def test_scope_plans_a_full_pass_first_then_every_full_pass_s() -> None:
