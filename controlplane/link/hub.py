@@ -417,12 +417,17 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             sessions = list(self.sessions.values())
         else:
             sessions = [s for n in sorted(nodes) if (s := self.sessions.get(n)) is not None]
-        planned = [(s, self._decide(s, snapshot)) for s in sessions]
-        # The nodes not decided here would decide no Unload: this is the whole change's count.
-        unloads = sum(isinstance(d, Unload) for _, decisions in planned for d in decisions)
-        self.floor.judge(unloads, self._held)
-        for session, decisions in planned:
-            self._send(session, decisions)
+        try:
+            planned = [(s, self._decide(s, snapshot)) for s in sessions]
+            # The nodes not decided here would decide no Unload: the whole change's count.
+            unloads = sum(isinstance(d, Unload) for _, decisions in planned for d in decisions)
+            self.floor.judge(unloads, self._held)
+            for session, decisions in planned:
+                self._send(session, decisions)
+        except BaseException:  # a pass that failed midway: its nodes stay owed
+            for session in sessions:
+                self.scope.owe(session.node_id)
+            raise
 
     def _held(self) -> int:
         """How many copies the linked nodes hold (what the safety floor weighs Unloads by)."""
@@ -476,13 +481,16 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         dropped or ignored a command is re-told. A command that does not fit the stream's queue
         is left unmarked, so the next reconcile decides it again.
         """
-        self._send(session, self._decide(session, snapshot))
+        try:
+            self._send(session, self._decide(session, snapshot))
+        except BaseException:
+            self.scope.owe(session.node_id)  # decided again by the next pass
+            raise
 
     def _decide(self, session: NodeSession, snapshot: Snapshot) -> tuple[Decision, ...]:
         held = session.reconcile_view()
         linked_s = session.linked_s()
-        self.scope.decided(session.node_id, held, fresh=linked_s < ADOPTION_GRACE_S)
-        return reconcile(
+        decisions = reconcile(
             snapshot,
             session.node_id,
             held,
@@ -490,6 +498,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             linked_s=linked_s,
             digest=self._digest,
         )
+        self.scope.decided(session.node_id, held, fresh=linked_s < ADOPTION_GRACE_S)
+        return decisions
 
     def _send(self, session: NodeSession, decisions: tuple[Decision, ...]) -> None:
         held_back = self.unloads_held()

@@ -398,3 +398,27 @@ def test_a_draining_nodes_kept_copy_goes_when_its_placement_or_its_mark_changes(
     assert _drain(hub) == {}
     hub.reconcile(view({X: ("a",)}, nodes=[spare], revisions={X: 3}))  # d is not draining now
     assert _drain(hub) == {"d": ["unload x  rev=3"]}
+
+
+def test_a_pass_that_fails_midway_leaves_its_nodes_owed() -> None:
+    hub = _hub(1e9)
+    for name in ("n1", "n2"):
+        _link(hub, name)
+    hub.reconcile(view({}))
+    original = hub._digest
+    calls = 0
+
+    def flaky(key: VariantKey, s: mesh_pb2.ModelSpec) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ValueError("a bug in one decision")
+        return original(key, s)
+
+    hub._digest = flaky  # type: ignore[method-assign]
+    snap = view({X: ("n1",), Y: ("n2",)})
+    with pytest.raises(ValueError):
+        hub.reconcile(snap)
+    assert "n2" in hub.scope.due
+    hub.reconcile(snap)  # nothing changed since: the owed node is decided anyway
+    assert _drain(hub) == {"n1": ["load x a rev=1"], "n2": ["load y a rev=1"]}
