@@ -3,7 +3,10 @@
 Contract:
 
 * :meth:`UnloadFloor.judge` is called with every mesh-wide reconcile's count of Unloads decided
-  and of copies the linked nodes hold. Unloads beyond the floor
+  and of copies the linked nodes hold (a number, or a function counting them: called only when
+  the count of Unloads could exceed the floor). An incremental reconcile passes the Unloads of
+  the nodes it decided: the others' last decisions were sent in full, so they would decide
+  none (controlplane/link/scope.py). Unloads beyond the floor
   (:func:`~meshserve.controlplane.link.reconcile.exceeds_unload_floor`: more than half of the
   copies, and more than two) start an episode: ``alarm(text)`` is called once, and
   :meth:`UnloadFloor.holding` is True -- the hub sends no Unload at all;
@@ -26,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from meshserve.controlplane.link.reconcile import exceeds_unload_floor
+from meshserve.controlplane.link.reconcile import UNLOAD_FLOOR_MIN, exceeds_unload_floor
 
 __all__ = ["UnloadFloor"]
 
@@ -51,8 +54,9 @@ class UnloadFloor:
         self._confirmed = False  # the operator confirmed the current episode
         self.unloads = 0  # the Unloads the current episode's latest reconcile decided
 
-    def judge(self, unloads: int, held: int) -> None:
-        """Account for one mesh-wide reconcile: ``unloads`` decided, ``held`` copies held."""
+    def judge(self, unloads: int, held: int | Callable[[], int]) -> None:
+        """Account for one mesh-wide reconcile: ``unloads`` decided, ``held`` copies held (or
+        a function counting them, called only when ``unloads`` could exceed the floor)."""
         if self._since is not None:
             if unloads == 0:
                 _log.warning("unload floor: the view asks for no unload any more; released")
@@ -60,6 +64,10 @@ class UnloadFloor:
                 self._confirmed = False
             self.unloads = unloads
             return
+        if unloads <= UNLOAD_FLOOR_MIN:
+            return  # never an episode (exceeds_unload_floor), whatever is held
+        if not isinstance(held, int):
+            held = held()
         if not exceeds_unload_floor(unloads, held):
             return
         self._since = self._clock()

@@ -19,7 +19,13 @@ Contract:
   ``on_telemetry`` handler fails on (logged with its traceback): a reset would only bring the same
   node back with the same figures.
 - :meth:`Hub.reconcile` sends the commands :func:`~meshserve.controlplane.link.reconcile.reconcile`
-  decides for each node; commands are idempotent on the node, so resending is harmless.
+  decides for each node; commands are idempotent on the node, so resending is harmless. It is
+  incremental (:mod:`~meshserve.controlplane.link.scope`): a view change decides only the nodes
+  it concerns and those owed a decision, and every ``full_pass_s`` seconds (and when the
+  operator confirms unloads) every linked node is decided again, a slow safety net. The unload
+  safety floor still judges the whole of each change: a node not decided would decide no
+  Unload (its last decision was sent in full), so the Unloads of the nodes decided are the
+  Unloads a full pass would decide.
 - Every linked node knows the live replica set: its Welcome carries the set at link time, and
   :meth:`Hub.push_replicas` (run by every :meth:`Hub.reconcile`: each change of any mirror,
   the replicas' included, and each maintenance pass) sends a ReplicaSet to every node that was
@@ -58,6 +64,7 @@ from meshserve.controlplane.link.handshake import (
     welcome,
 )
 from meshserve.controlplane.link.reconcile import (
+    ADOPTION_GRACE_S,
     Decision,
     Load,
     Settled,
@@ -65,7 +72,8 @@ from meshserve.controlplane.link.reconcile import (
     reconcile,
     spec_digest,
 )
-from meshserve.controlplane.link.session import NodeSession
+from meshserve.controlplane.link.scope import FULL_PASS_S, ReconcileScope
+from meshserve.controlplane.link.session import NodeSession, ReplicaSet
 from meshserve.controlplane.link.trust import DEFAULT_TELEMETRY_BYTES_PER_S
 from meshserve.controlplane.observe.metrics import controlplane_metrics
 from meshserve.controlplane.registry import Registry
@@ -112,6 +120,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         store_id: Callable[[], str] = str,
         rights: Callable[[], mesh_pb2.TenantRights] = lambda: mesh_pb2.TenantRights(enforce=False),
         telemetry_bytes_per_s: int = DEFAULT_TELEMETRY_BYTES_PER_S,
+        full_pass_s: float = FULL_PASS_S,
     ) -> None:
         """``on_telemetry``: called after every Telemetry a node sends, with the node's merged
         latest telemetry (``NodeSession.telemetry``; its drift windows are those of that
@@ -123,7 +132,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         that refuses the stream; :meth:`meshserve.controlplane.auth.Guard.identify_node`); None:
         trusted. ``rights``: the tenant rights every node enforces on its direct port, sent down
         each stream right after the Welcome (``Guard.tenant_rights``).
-        ``telemetry_bytes_per_s``: each node's telemetry budget here (the excess is dropped)."""
+        ``telemetry_bytes_per_s``: each node's telemetry budget here (the excess is dropped).
+        ``full_pass_s``: how often :meth:`reconcile` decides every linked node, not only those
+        a change concerns (the safety net)."""
         self._telemetry_bytes_per_s = telemetry_bytes_per_s
         self._registry = registry
         self._rights = rights
@@ -147,6 +158,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self._cleanups: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self.floor = UnloadFloor(unload_confirm_s, on_alarm)  # mass unloads wait (floor.py)
+        self.scope = ReconcileScope(full_pass_s)  # which nodes a pass decides (scope.py)
+        self._told_all: ReplicaSet | None = None  # every linked node was told this set
         self._store_id = store_id  # stamped on every Load/Unload (see LoadModel.store_id)
         self._written: dict[str, tuple[NodeSession, bytes]] = {}  # the last record per node
         controlplane_metrics().watch_streams(self)
@@ -168,6 +181,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         )
         session.adopt(self._snapshot())  # what the Hello says it holds: only as ordered
         self.sessions[hello.node_id] = session
+        self.scope.owe(hello.node_id)  # decided by the next pass, whatever changed
         if hello.node_id in self._snapshot().draining:  # back from a shutdown drain: clear it
             self._spawn(self._mark_draining(hello.node_id, False))
         tasks: list[asyncio.Task[None]] = []
@@ -178,6 +192,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             await self._write_record(session, force=True)
             replicas = self._replicas()
             session.replicas_said = replica_set(replicas)
+            if session.replicas_said != self._told_all:
+                self._told_all = None  # the next push looks at every node
             await context.write(
                 welcome(
                     replica_id=self.replica_id,
@@ -210,6 +226,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             session.fail_pending()
             if self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
+                self.scope.forget(session.node_id)
             # gRPC may cancel this handler more than once; the cleanup runs in its own task so
             # the record is always deleted whatever happens here.
             cleanup = asyncio.ensure_future(self._cleanup(session, tasks))
@@ -304,6 +321,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         if session.reconcile_due:
             return
         session.reconcile_due = True
+        self.scope.owe(session.node_id)  # a pass before it runs decides the node too
         asyncio.get_running_loop().call_soon(self._reconcile_due, session)
 
     def _reconcile_due(self, session: NodeSession) -> None:
@@ -390,13 +408,32 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
 
     # -- reconciliation ----------------------------------------------------------------------
 
-    def reconcile(self, snapshot: Snapshot) -> None:
+    def reconcile(self, snapshot: Snapshot, *, full: bool = False) -> None:
+        """Move the linked nodes towards ``snapshot``: those the change since the last call
+        concerns and those owed a decision, or all of them (``full``, the first call, and every
+        ``full_pass_s``): see the module contract and :mod:`~meshserve.controlplane.link.scope`.
+        """
         self.push_replicas()
-        planned = [(s, self._decide(s, snapshot)) for s in list(self.sessions.values())]
-        unloads = sum(isinstance(d, Unload) for _, decisions in planned for d in decisions)
-        self.floor.judge(unloads, sum(len(s.copies) for s, _ in planned))
-        for session, decisions in planned:
-            self._send(session, decisions)
+        nodes = self.scope.plan(snapshot, full=full)
+        if nodes is None:
+            sessions = list(self.sessions.values())
+        else:
+            sessions = [s for n in sorted(nodes) if (s := self.sessions.get(n)) is not None]
+        try:
+            planned = [(s, self._decide(s, snapshot)) for s in sessions]
+            # The nodes not decided here would decide no Unload: the whole change's count.
+            unloads = sum(isinstance(d, Unload) for _, decisions in planned for d in decisions)
+            self.floor.judge(unloads, self._held)
+            for session, decisions in planned:
+                self._send(session, decisions)
+        except BaseException:  # a pass that failed midway: its nodes stay owed
+            for session in sessions:
+                self.scope.owe(session.node_id)
+            raise
+
+    def _held(self) -> int:
+        """How many copies the linked nodes hold (what the safety floor weighs Unloads by)."""
+        return sum(len(s.copies) for s in self.sessions.values())
 
     def confirm_unloads(self, confirmation: bytes) -> int:
         """The operator's unload confirmation as seen now (``keys.UNLOAD_CONFIRM``'s value, b""
@@ -404,7 +441,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         once; returns how many it released (0: nothing held, see link/floor.py)."""
         released = self.floor.observe_confirmation(confirmation)
         if released:
-            self.reconcile(self._snapshot())
+            self.reconcile(self._snapshot(), full=True)
         return released
 
     def unloads_held(self) -> bool:
@@ -416,10 +453,11 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         how many were told (see the module contract)."""
         replicas = self._replicas()
         current = replica_set(replicas)
-        if not current:
+        if not current or current == self._told_all:
             return 0
         stale = [s for s in self.sessions.values() if s.replicas_said != current]
         if not stale:
+            self._told_all = current
             return 0
         message = replicas_changed(replicas)
         told = 0
@@ -428,6 +466,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 session.send(message)
                 session.replicas_said = current
                 told += 1
+        self._told_all = current if told == len(stale) else None
         _log.info(
             "replica set %s told to %d of %d nodes",
             ", ".join(f"{r}={a}" for r, a in current),
@@ -444,17 +483,25 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         dropped or ignored a command is re-told. A command that does not fit the stream's queue
         is left unmarked, so the next reconcile decides it again.
         """
-        self._send(session, self._decide(session, snapshot))
+        try:
+            self._send(session, self._decide(session, snapshot))
+        except BaseException:
+            self.scope.owe(session.node_id)  # decided again by the next pass
+            raise
 
     def _decide(self, session: NodeSession, snapshot: Snapshot) -> tuple[Decision, ...]:
-        return reconcile(
+        held = session.reconcile_view()
+        linked_s = session.linked_s()
+        decisions = reconcile(
             snapshot,
             session.node_id,
-            session.reconcile_view(),
+            held,
             said=session.sent,
-            linked_s=session.linked_s(),
+            linked_s=linked_s,
             digest=self._digest,
         )
+        self.scope.decided(session.node_id, held, fresh=linked_s < ADOPTION_GRACE_S)
+        return decisions
 
     def _send(self, session: NodeSession, decisions: tuple[Decision, ...]) -> None:
         held_back = self.unloads_held()
@@ -463,12 +510,16 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 session.sent[decision.key] = decision.mark
                 continue
             if held_back and isinstance(decision, Unload):
-                continue  # the safety floor: decided again once confirmed or released
+                self.scope.owe(session.node_id)  # decided again once confirmed or released
+                continue  # the safety floor
             message = decision.message()
             stamped = message.load if isinstance(decision, Load) else message.unload
             stamped.store_id = self._store_id()
-            with contextlib.suppress(ResourceExhausted):
+            try:
                 session.send(message)
+            except ResourceExhausted:
+                self.scope.owe(session.node_id)  # a full queue: the next pass decides it again
+            else:
                 session.sent[decision.key] = decision.mark
                 if isinstance(decision, Load):  # a report of it will be believed
                     session.ordered_load(decision.key, decision.spec.sha256)

@@ -24,8 +24,9 @@ Contract:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import Final
 
@@ -45,6 +46,7 @@ __all__ = [
     "awaits_replacement",
     "exceeds_unload_floor",
     "load_mark",
+    "placed_on",
     "reconcile",
     "spec_digest",
 ]
@@ -126,6 +128,25 @@ def load_mark(spec: mesh_pb2.ModelSpec, digest: str) -> str:
     return f"load:{spec.sha256.lower()}:{digest}"
 
 
+def placed_on(snapshot: Snapshot, node_id: str) -> Sequence[VariantKey]:
+    """The variants whose placement names ``node_id``, in placement order (an index built once
+    per snapshot, so one node's reconcile reads its own placements, not all of them; shared:
+    not to be mutated)."""
+    return snapshot.derived("link.placed_on", partial(_placed_on, snapshot)).get(node_id, ())
+
+
+def _placed_on(snapshot: Snapshot) -> dict[str, list[VariantKey]]:
+    by_node: dict[str, list[VariantKey]] = {}
+    for key, placement in snapshot.placements.items():
+        for node_id in placement.nodes:
+            placed = by_node.get(node_id)
+            if placed is None:
+                by_node[node_id] = [key]
+            elif placed[-1] is not key:  # a node named twice by one placement: once
+                placed.append(key)
+    return by_node
+
+
 def awaits_replacement(snapshot: Snapshot, node_id: str, key: VariantKey) -> bool:
     """Make before break: whether a draining node's copy of ``key`` must stay because the copies
     that replace it are not READY yet (as many as the placement names elsewhere, bounded by its
@@ -176,9 +197,9 @@ def reconcile(
     records its ``mark`` in ``said`` once sent; a command it could not send is decided again.
     """
     decisions: list[Decision] = []
-    for key, placement in snapshot.placements.items():
+    for key in placed_on(snapshot, node_id):
         spec = snapshot.models.get(key)
-        if spec is None or node_id not in placement.nodes:
+        if spec is None:
             continue
         copy = held.get(key)
         wanted = digest(key, spec)
