@@ -99,6 +99,9 @@ __all__ = ["run_soak"]
 
 LOAD_S = 0.05  # a simulated node's artifact load: LOADING, then READY this much later
 REJOIN_S = 10.0  # a node that left comes back this much later (> lease TTL + 1 s)
+CONNECT_ATTEMPTS = (
+    6  # a node's tries to link (backoff 0.5..1.5 s x attempt) before it counts failed
+)
 LATE_S = 0.25  # a telemetry tick this far behind schedule counts as late
 SATURATED = 0.9  # share of one core above which a process counts as saturated
 LEASE_TTL_S = 5
@@ -120,7 +123,8 @@ def _emit(event: str, **fields: Any) -> None:
 
 class _Counters(Counter[str]):
     """A simulator's counts: ``linked`` (nodes with every stream welcomed, now), ``links_made``
-    (streams welcomed: joins and rejoins), ``failed`` (no Welcome), ``dropped`` (streams the
+    (streams welcomed: joins and rejoins), ``retries`` (connects refused or unanswered, tried
+    again), ``failed`` (no Welcome after every try), ``dropped`` (streams the
     control plane ended, not a planned leave), ``left`` (planned leaves: hard closes), telemetry
     (``tel_msgs``, ``tel_full``, ``tel_bytes``), copy status reports (``status_msgs``,
     ``status_bytes``), control messages received (``recv_msgs``, ``recv_bytes``), ``loads``,
@@ -165,26 +169,44 @@ class _SimNode:
             )
         )
 
+    async def _connect(self) -> bool:
+        """Open a stream to every target and wait for each Welcome; False (streams closed)
+        when one is refused or does not answer."""
+        c = self.sim.counters
+        for target in self.sim.targets:
+            call = self.sim.stub(target, self.index).Connect()
+            self.calls.append(call)
+            try:
+                await call.write(self.hello())
+                first = await asyncio.wait_for(call.read(), 30.0)
+                if first is EOF or not first.HasField("welcome"):
+                    raise ConnectionError("no Welcome")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                c.error(_describe(exc))
+                for opened in self.calls:
+                    opened.cancel()
+                self.calls = []
+                return False
+            c["links_made"] += 1
+        return True
+
     async def run(self) -> None:
+        """Link (a refused or unanswered connect is retried with backoff, as a node does), then
+        serve until cancelled (a leave) or the stream breaks."""
         sim, c = self.sim, self.sim.counters
         tasks: list[asyncio.Task[None]] = []
         sim.connecting += 1
         try:
-            for target in sim.targets:
-                call = sim.stub(target, self.index).Connect()
-                self.calls.append(call)
-                try:
-                    await call.write(self.hello())
-                    first = await asyncio.wait_for(call.read(), 30.0)
-                    if first is EOF or not first.HasField("welcome"):
-                        raise ConnectionError("no Welcome")
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    c["failed"] += 1
-                    c.error(_describe(exc))
-                    return
-                c["links_made"] += 1
+            for attempt in range(CONNECT_ATTEMPTS):
+                if await self._connect():
+                    break
+                c["retries"] += 1
+                await asyncio.sleep(self.rng.uniform(0.5, 1.5) * (attempt + 1))
+            else:
+                c["failed"] += 1
+                return
             sim.connecting -= 1
             self.linked = True
             c["linked"] += 1
@@ -945,6 +967,7 @@ class _Run:
             "nodes": nodes,
             "connected": self.linked(),
             "failed": sum(int(s.get("failed", 0)) for s in stats),
+            "connect_retries": sum(int(s.get("retries", 0)) for s in stats),
             "dropped": sum(int(s.get("dropped", 0)) for s in stats),
             "ramp_s": round(time.monotonic() - started, 1),
             "first_error": next((s["first_error"] for s in stats if s.get("first_error")), ""),
@@ -1038,6 +1061,7 @@ class _Run:
                 "leaves": sum(int(s.get("left", 0)) for s in stats),
                 "dropped": sum(int(s.get("dropped", 0)) for s in stats),
                 "failed": sum(int(s.get("failed", 0)) for s in stats),
+                "connect_retries": sum(int(s.get("retries", 0)) for s in stats),
                 "cp_cores_peak_5s": max((max(s["cp_cores"]) for s in samples), default=None),
                 "cp_rss_mb_peak": max((max(s["cp_rss_mb"]) for s in samples), default=None),
                 "etcd_at_start": {
@@ -1297,7 +1321,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=20.0, help="steady seconds measured per step")
     p.add_argument("--probes", type=int, default=5, help="models registered and timed per step")
     p.add_argument("--kills", type=int, default=2, help="copy holders killed per step")
-    p.add_argument("--churn-s", type=float, default=300.0)
+    p.add_argument("--churn-s", type=float, default=None, help="default 300 (--quick: 30)")
     p.add_argument("--leave-per-min", type=float, default=0.01, help="share of nodes leaving")
     p.add_argument("--min-models", type=int, default=10)
     p.add_argument("--max-models", type=int, default=30)
@@ -1328,12 +1352,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.counts = [args.nodes or 1000]
         args.window, args.settle, args.probes, args.kills = 5.0, 2.0, 3, 1
-        args.churn_s = min(args.churn_s, 30.0) if args.churn_s != 300.0 else 30.0
+        args.churn_s = 30.0 if args.churn_s is None else args.churn_s
         args.max_total_s = min(args.max_total_s, 120.0)
         args.sims = min(args.sims, 2)
         args.min_models, args.max_models = 3, 8
     elif args.counts is None:
         args.counts = [args.nodes] if args.nodes else [1000, 5000, 10_000]
+    if args.churn_s is None:
+        args.churn_s = 300.0
     emit(run_soak(args), args.out)
 
 
