@@ -26,7 +26,9 @@ and the verdict against the target (cost <= 3 % at the median; ``met_every_pair`
 
 Before the load, ``idle``: the replica's CPU ms/s with no load and no page, one SSE reader or
 one browser tab (``--idle-runs`` segments each, read at nanosecond resolution from
-``schedstat``): what pushing the view costs the replica with nothing else going on.
+``schedstat``): what pushing the view costs the replica with nothing else going on; and
+``state_cost_no_load``: the replica's CPU per ``GET /api/state`` (one view built and
+serialised, as each push does, plus the HTTP request: an upper bound per push).
 
 Other users of a shared machine move req/s far more than a page does: every segment records
 ``foreign_cpu_ms_per_s`` (the machine's process CPU less this benchmark's processes), each row
@@ -419,6 +421,26 @@ async def _idle(replica_pid: int, page: _Page | None, seconds: float) -> dict[st
     }
 
 
+def _state_cost(replica_pid: int, ui_url: str, count: int) -> dict[str, Any]:
+    """``count`` sequential ``GET /api/state`` (each builds and serialises the view once, as a
+    push does, plus an HTTP request): the replica's CPU per view, an upper bound on a push's."""
+    import urllib.request
+
+    sizes: list[int] = []
+    before, started = _thread_cpu_s(replica_pid), time.monotonic()
+    for _ in range(count):
+        with urllib.request.urlopen(ui_url + "/api/state", timeout=10) as response:
+            sizes.append(len(response.read()))
+    after, window_s = _thread_cpu_s(replica_pid), time.monotonic() - started
+    cpu = None if before is None or after is None else (after - before) * 1e3 / count
+    return {
+        "requests": count,
+        "replica_cpu_ms_per_state": None if cpu is None else round(cpu, 3),
+        "wall_ms_per_state": round(window_s * 1e3 / count, 3),
+        "state_bytes": int(np.median(sizes)) if sizes else None,
+    }
+
+
 @contextlib.asynccontextmanager
 async def _chromium(wanted: bool) -> AsyncIterator[Any]:
     if not wanted:
@@ -499,7 +521,7 @@ def _summary(pairs: list[dict[str, Any]], quiet_ms: float) -> dict[str, Any]:
 
 async def _bench(
     ns: argparse.Namespace, gateway: str, ui_url: str, pids: dict[str, int], rows: list[str]
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], dict[str, Any]]:
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     client = tgrpc.InferenceServerClient(gateway)
     tensor = tgrpc.InferInput("x", [1, 64], "FP32")
@@ -514,6 +536,7 @@ async def _bench(
     load = _Load(call, ns.concurrency, ns.count, ns.seconds)
     raw: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
     idle: dict[str, list[dict[str, Any]]] = {}
+    state_idle: dict[str, Any] = {}
     try:
         async with _chromium(any(r.startswith("browser") for r in rows)) as browser:
             for i in range(ns.idle_runs):  # no load: the replica's own cost of a page
@@ -537,6 +560,8 @@ async def _bench(
                         f"{seg['replica_cpu_ms_per_s']} CPU ms/s, {seg['page_states']} pushes, "
                         f"others {seg['foreign_cpu_ms_per_s']} CPU ms/s"
                     )
+            state_idle = await asyncio.to_thread(_state_cost, pids["replica"], ui_url, 50)
+            _log(f"no load: /api/state {state_idle}")
             _log(f"warm-up: {min(ns.seconds, 3.0)} s of load, not measured")
             await _Load(call, ns.concurrency, ns.count, min(ns.seconds, 3.0)).run(pids, None)
             for pair in range(ns.runs):
@@ -596,7 +621,7 @@ async def _bench(
                     )
     finally:
         await client.close()
-    return raw, idle
+    return raw, idle, state_idle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -661,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
                 wait_copies(admin, MODEL, 2)
                 placement = sorted(f"{n}/{v or 'default'}" for n, v in copy_states(admin, MODEL))
             _log(f"mesh up: replica {cp.address}, map {ui_url}, copies on {placement}")
-            raw, idle = asyncio.run(_bench(ns, cp.address, ui_url, pids, rows))
+            raw, idle, state_cost = asyncio.run(_bench(ns, cp.address, ui_url, pids, rows))
     load_after = os.getloadavg()
     summary = {row: _summary(pairs, ns.quiet_ms) for row, pairs in raw.items()}
     for row, s in summary.items():
@@ -693,6 +718,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 for kind, segs in idle.items()
             },
+            "state_cost_no_load": state_cost,
             "raw_pairs": raw,
             "host": {
                 "cpus": os.cpu_count(),
