@@ -66,7 +66,9 @@ import json
 import math
 import os
 import random
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +93,7 @@ from bench._report import emit  # noqa: E402
 from bench.telemetry_ingest import CHANNEL_OPTIONS, CLK_TCK, Simulator, cpu_seconds, rss_mb  # noqa: E402
 from meshserve.common.errors import EOF  # noqa: E402
 from meshserve.controlplane import keys  # noqa: E402
-from meshserve.devtools.local import LocalMesh, ManagedProcess  # noqa: E402
+from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port  # noqa: E402
 from meshserve.node.telemetry import FRAME_OVERHEAD_BYTES, HEARTBEAT_S  # noqa: E402
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc  # noqa: E402
 
@@ -395,6 +397,11 @@ class _Sim:
             cmd = json.loads(line)
             if cmd["cmd"] == "target":
                 self.want = int(cmd["n"])
+                for node in self.nodes[self.want :]:  # fewer: the extra nodes leave for good
+                    node.leaving = True
+                    if node.task is not None:
+                        node.task.cancel()
+                del self.nodes[self.want :]
             elif cmd["cmd"] == "churn":
                 self.churn = cmd
             elif cmd["cmd"] == "churn_off":
@@ -413,7 +420,7 @@ class _Sim:
         asyncio.get_running_loop().call_later(rejoin_s, self.rejoin, node)
 
     def rejoin(self, node: _SimNode) -> None:
-        if not self.stop.is_set():
+        if not self.stop.is_set() and node in self.nodes:
             self.start(node)
 
     def kill_holders(self, n: int) -> None:
@@ -562,6 +569,45 @@ def etcd_metrics(url: str) -> dict[str, float]:
     return out
 
 
+_PASS_BUCKET = re.compile(
+    r'^meshserve_scheduler_duration\w*_bucket\{(?:.*,)?le="([^"]+)".*\} (\S+)'
+)
+
+
+def scheduler_buckets(address: str) -> dict[float, float]:
+    """The leader's pass-duration histogram (``meshserve.scheduler.duration``: one scheduling
+    pass, plan and etcd write) from a control plane's ``--metrics-listen``: le -> count."""
+    out: dict[float, float] = {}
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5.0) as response:
+        for raw in response.read().decode().splitlines():
+            match = _PASS_BUCKET.match(raw)
+            if match:
+                le = math.inf if match[1] == "+Inf" else float(match[1])
+                out[le] = out.get(le, 0.0) + float(match[2])
+    return out
+
+
+def _passes(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Scheduling passes between two histogram readings: how many, the share within 10 ms,
+    and p50 / p99 as the histogram's bucket bounds (ms; None past the last bound)."""
+    cumulative = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = cumulative[-1][1] if cumulative else 0.0
+
+    def bound(q: float) -> float | None:
+        for le, n in cumulative:
+            if n >= q * total:
+                return None if math.isinf(le) else le * 1000
+        return None
+
+    within = next((n for le, n in cumulative if le == 0.01), 0.0)
+    return {
+        "passes": int(total),
+        "share_within_10ms": round(within / total, 4) if total else None,
+        "p50_le_ms": bound(0.5) if total else None,
+        "p99_le_ms": bound(0.99) if total else None,
+    }
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine spent busy (not idle, not iowait), all cores."""
     with open("/proc/stat") as f:
@@ -595,6 +641,43 @@ async def _until(done: Callable[[], bool], timeout: float, step: float = 0.1) ->
     return done()
 
 
+class _LogScan:
+    """The control plane's WARNING / ERROR lines since the last look, counted by kind."""
+
+    TROUBLE = ("lease lost", "keep-alive failed", "leader loop failed")
+    SHOWN = (*TROUBLE, "store replaced", "unload floor")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def take(self) -> dict[str, int]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+                self.offset = f.tell()
+        except OSError:
+            return {}
+        kinds: Counter[str] = Counter()
+        for raw in data.decode(errors="replace").splitlines():
+            parts = raw.split(" ", 3)
+            if len(parts) == 4 and parts[2] in ("WARNING", "ERROR"):
+                words = re.sub(r"soak-\d+|\b[0-9a-f]{16}\b|\d+(\.\d+)?", "#", parts[3])
+                kinds[f"{parts[2]} {' '.join(words.split()[:7])}"] += 1
+        shown = dict(kinds.most_common(12))
+        shown.update((k, n) for k, n in kinds.items() if any(t in k for t in self.SHOWN))
+        return shown
+
+    @classmethod
+    def trouble(cls, kinds: dict[str, int]) -> str:
+        """The first sign of a control plane in trouble among ``kinds`` ("" if none)."""
+        for kind in kinds:
+            if any(t in kind for t in cls.TROUBLE):
+                return kind
+        return ""
+
+
 @dataclass
 class _Probe:
     model: str
@@ -604,6 +687,7 @@ class _Probe:
     t_decision: float | None = None
     loads: dict[str, float] = field(default_factory=dict)
     t_ready: float | None = None
+    removed: bool = False  # removed (churn) before it was seen READY
 
 
 @dataclass
@@ -680,6 +764,8 @@ class _Tracker:
 
     def forget(self, model: str) -> None:
         self.live_models.pop(model, None)
+        if model in self.probes:
+            self.probes[model].removed = True
         self.placed.pop(model, None)
         self.loaded.pop(model, None)
         self.deaths = [d for d in self.deaths if d.model != model or d.t_replaced is not None]
@@ -703,8 +789,10 @@ class _Tracker:
             "register_to_load_all_copies": _dist_ms(all_loads),
             "register_to_ready_gateway": _dist_ms(ready),
             "not_ready": sum(1 for p in probes if p.t_ready is None),
+            "not_ready_removed_first": sum(1 for p in probes if p.t_ready is None and p.removed),
             "copies_lost_with_dead_nodes": len(deaths),
             "death_to_replaced": _dist_ms(replaced),
+            "replaced_later_than_ttl_plus_1s": sum(1 for x in replaced if x > LEASE_TTL_S + 1.0),
             "death_to_load_elsewhere": _dist_ms(reloaded),
             "not_replaced": sum(1 for d in deaths if d.t_replaced is None),
         }
@@ -720,6 +808,7 @@ class _Mark:
     sims: list[dict[str, Any]]
     ops: int
     busy: float
+    passes: dict[float, float]
 
     def diff(
         self, later: _Mark, cp_pids: list[int], sim_pids: list[int], etcd_pid: int
@@ -753,6 +842,7 @@ class _Mark:
             "cp_cores": [cores(p) for p in cp_pids],
             "cp_rss_mb": [round(rss_mb(p), 1) for p in cp_pids],
             "machine_busy_cores": round((later.busy - self.busy) / span, 2),
+            "scheduler_passes": _passes(self.passes, later.passes),
             "etcd": {
                 "cores": cores(etcd_pid),
                 "writes_per_s": round((puts + deletes + txns) / span, 2),
@@ -804,6 +894,9 @@ class _Run:
         self.channels: list[aio.Channel] = []
         self.exited: set[int] = set()
         self.etcd_pid: int = mesh.etcd.pid
+        self.logs: list[_LogScan] = []
+        self.base: set[str] = set()
+        self.metrics_address = f"127.0.0.1:{free_port()}"
         self.waiters: set[asyncio.Task[None]] = set()
 
     def left(self) -> float:
@@ -887,7 +980,12 @@ class _Run:
         except OSError as exc:
             self.tracker.error(f"etcd /metrics: {exc!r}")
             metrics = {}
-        return _Mark(time.monotonic(), cpu, metrics, self.stats(), self.ops, machine_busy_s())
+        passes: dict[float, float] = {}
+        with contextlib.suppress(OSError, ValueError):
+            passes = scheduler_buckets(self.metrics_address)
+        return _Mark(
+            time.monotonic(), cpu, metrics, self.stats(), self.ops, machine_busy_s(), passes
+        )
 
     def diff(self, a: _Mark, b: _Mark) -> dict[str, Any]:
         return a.diff(b, [cp.pid for cp in self.cps], [s.pid for s in self.sims], self.etcd_pid)
@@ -973,15 +1071,36 @@ class _Run:
             "first_error": next((s["first_error"] for s in stats if s.get("first_error")), ""),
         }
 
+    async def shrink(self, nodes: int) -> None:
+        """Fewer nodes: the extra ones leave for good; then wait (bounded) for the replica's
+        node records to match."""
+        k = len(self.sims)
+        for i, sim in enumerate(self.sims):
+            _send(sim, cmd="target", n=(nodes - i + k - 1) // k)
+        log(f"back to {nodes} nodes; waiting for the control plane to settle")
+        await _until(lambda: self.linked() <= nodes, 30.0)
+        await asyncio.sleep(min(30.0, max(0.0, self.left() - self.reserve())))
+
+    async def base_models(self) -> None:
+        """Models registered once and kept (so removing a step's probes is not a mass unload
+        for the safety floor: docs/resilience.md)."""
+        for _ in range(self.args.base_models):
+            p = await self.register()
+            self.base.add(p.model)
+            self.tracker.probes.pop(p.model, None)
+
     def reserve(self) -> float:
         return float(self.args.churn_s) + 25.0
 
     async def measure_step(self, nodes: int) -> dict[str, Any]:
         a = self.args
+        self.logs[0].take()
         ramp_from = self.mark()
         row = await self.ramp_to(nodes)
         row["ramp"] = self.diff(ramp_from, self.mark())
         log(f"{nodes} nodes: {row['connected']} linked in {row['ramp_s']}s, {row['failed']} failed")
+        if not self.base and self.args.base_models:
+            await self.base_models()
         await asyncio.sleep(a.settle)
         before = self.mark()
         await asyncio.sleep(a.window)
@@ -1005,6 +1124,7 @@ class _Run:
         row["latency_ms"] = self.tracker.latencies(probes, deaths)
         for p in probes:
             await self.remove(p.model)
+        row["cp_log"] = [scan.take() for scan in self.logs]
         log(f"{nodes} nodes: {json.dumps(_brief(row))}")
         return row
 
@@ -1013,6 +1133,7 @@ class _Run:
         for sim in self.sims:
             _send(sim, cmd="churn", per_min=a.leave_per_min, rejoin_s=REJOIN_S, holder_share=0.5)
         started = time.monotonic()
+        self.logs[0].take()
         first = self.mark()
         probes: list[_Probe] = []
         deaths_from = len(self.tracker.deaths)
@@ -1025,7 +1146,7 @@ class _Run:
             now = time.monotonic()
             if now >= next_op:
                 next_op += OP_EVERY_S
-                live = list(self.tracker.live_models)
+                live = [m for m in self.tracker.live_models if m not in self.base]
                 if len(live) < a.min_models or (
                     len(live) < a.max_models and self.rng.random() < 0.5
                 ):
@@ -1045,6 +1166,7 @@ class _Run:
         for sim in self.sims:
             _send(sim, cmd="churn_off")
         row = self.diff(first, self.mark())
+        row["cp_log"] = [scan.take() for scan in self.logs]
         await self.settle_probes([p for p in probes if p.model in self.tracker.live_models], 10.0)
         deaths = self.tracker.deaths[deaths_from:]
         await self.wait_deaths(deaths, LEASE_TTL_S + 5.0)
@@ -1119,7 +1241,10 @@ async def _soak(run: _Run) -> dict[str, Any]:
     a = run.args
     result: dict[str, Any] = {"steps": [], "churn": None, "two_replicas": None}
     stopped = ""
-    run.cps.append(run.mesh.start_controlplane("cp-1"))
+    run.cps.append(
+        run.mesh.start_controlplane("cp-1", extra=["--metrics-listen", run.metrics_address])
+    )
+    run.logs.append(_LogScan(run.cps[0].log_path))
     run.channels.append(aio.insecure_channel(run.cps[0].address))
     run.watch_task = asyncio.create_task(run.watch_placements())
     run.pump_task = asyncio.create_task(run.pump())
@@ -1128,7 +1253,7 @@ async def _soak(run: _Run) -> dict[str, Any]:
     await asyncio.sleep(3.0)
     result["idle"] = run.diff(idle, run.mark())
     run.start_sims(a.sims)
-    largest = 0
+    largest = healthy = 0  # nodes linked at the last step; at the last step without trouble
     for nodes in a.counts:
         need = (
             (nodes - largest) / a.ramp_per_s * 1.5
@@ -1145,18 +1270,27 @@ async def _soak(run: _Run) -> dict[str, Any]:
             )
             break
         row = await run.measure_step(nodes)
-        result["steps"].append(row)
         largest = row["connected"]
-        steady = row["steady"]
+        result["steps"].append(row)
+        trouble = _LogScan.trouble(row["cp_log"][0])
         if row["connected"] < nodes:
             stopped = f"{nodes} nodes: only {row['connected']} linked ({row['first_error']})"
+        elif trouble:
+            stopped = f"{nodes} nodes: the control plane logged trouble: {trouble!r}"
+        if stopped:
+            if trouble or row["connected"] < nodes:
+                stopped += f"; the churn runs at the last healthy count, {healthy}"
             break
-        why = _saturated(steady)
+        healthy = row["connected"]
+        why = _saturated(row["steady"])
         if why and nodes != a.counts[-1]:
             stopped = f"{nodes} nodes: {why}; the next count would measure the machine"
             break
-    if largest and a.churn_s > 0 and run.left() > 40:
-        result["churn"] = await run.churn(largest)
+    if healthy and a.churn_s > 0 and run.left() > 40:
+        if run.linked() > healthy:  # back to the last healthy count; let the replica recover
+            await run.shrink(healthy)
+            result["recovery"] = {"to_nodes": healthy, "cp_log": run.logs[0].take()}
+        result["churn"] = await run.churn(healthy)
     run.stop_sims()
     if a.two_replicas and run.left() > 120:
         result["two_replicas"] = await _two_replicas(run, a.two_replicas)
@@ -1181,6 +1315,7 @@ def _saturated(window: dict[str, Any]) -> str:
 async def _two_replicas(run: _Run, nodes: int) -> dict[str, Any]:
     await asyncio.sleep(LEASE_TTL_S + 1.0)
     run.cps.append(run.mesh.start_controlplane("cp-2"))
+    run.logs.append(_LogScan(run.cps[1].log_path))
     run.channels.append(aio.insecure_channel(run.cps[1].address))
     await asyncio.sleep(2.0)
     run.start_sims(run.args.sims)
@@ -1212,14 +1347,20 @@ def _targets(result: dict[str, Any], largest_asked: int) -> list[dict[str, Any]]
     verdict("control plane <= 1 core average through churn", cores, cores <= 1.0)
     verdict("control plane <= 300 MB RSS through churn", rss, rss <= 300.0)
     lat = churn["latency_ms"]
-    dec = lat["register_to_decision"]["p99"]
+    passes = churn.get("scheduler_passes") or {}
+    dec = passes.get("p99_le_ms")
     verdict(
         "placement decision p99 < 10 ms",
-        dec,
-        True if dec is not None and dec < 10.0 else None,
-        "the decision's own compute time is internal to the leader (no metric): the figure is "
-        "RegisterModel -> placement record seen in etcd (RPC, etcd writes, watch), an upper "
-        "bound; bench/controlplane_scale.json measures the pure decision",
+        {
+            "scheduler_pass": passes or None,
+            "register_to_decision_p99_ms": lat["register_to_decision"]["p99"],
+        },
+        None if not passes.get("passes") else (dec is not None and dec <= 10.0),
+        "judged on the leader's scheduling passes (meshserve.scheduler.duration from its "
+        "--metrics-listen: each pass plans every variant on the current view and writes the "
+        "changes to etcd; p99 is a histogram bucket bound), the time a decision takes to exist "
+        "in the live system; register_to_decision adds the RPC, the etcd writes and the watch. "
+        "bench/controlplane_scale.json times one decision alone",
     )
     load = lat["register_to_load_each_copy"]["p99"]
     verdict(
@@ -1261,10 +1402,13 @@ def _targets(result: dict[str, Any], largest_asked: int) -> list[dict[str, Any]]
             "file_mb_end": e["db_mb"],
             "compact_revision": e["compact_revision"],
         },
-        None if churn["churn_s"] < 120 else end_mb <= max(2 * start, start + 8.0),
-        "bound: the in-use size (the file keeps its high-water mark until a defrag) stays "
-        "within 2x its size at the start of the churn; the leader compacts to the newest "
-        "10,000 revisions (--etcd-keep-revisions); a churn under 2 min is too short to judge",
+        None
+        if churn["churn_s"] < 120 or e["compact_revision"] <= 0
+        else end_mb <= max(2 * start, start + 8.0),
+        "bound: the leader compacts to the newest 10,000 revisions (--etcd-keep-revisions), "
+        "so the in-use size (the file keeps its high-water mark until a defrag) must stay "
+        "within 2x its size at the start of the churn; judged only when a compaction happened "
+        "by the end of a churn of 2 min or more (before one, the history only grows)",
     )
     return out
 
@@ -1292,6 +1436,11 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
                 result = asyncio.run(main())
             finally:
                 run.stop_sims()
+                if args.keep_logs is not None:
+                    mesh.close()  # the logs are complete once every process is stopped
+                    args.keep_logs.mkdir(parents=True, exist_ok=True)
+                    for log_file in Path(tmp).glob("*.log"):
+                        shutil.copy(log_file, args.keep_logs / log_file.name)
             result["errors"] = run.tracker.errors
     result["targets"] = _targets(result, max(args.counts))
     result["config"] = {
@@ -1305,6 +1454,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     }
     result["config"]["profile"] = str(args.profile) if args.profile else None
     result["config"]["out"] = str(args.out)
+    result["config"]["keep_logs"] = str(args.keep_logs) if args.keep_logs else None
     result["wall_s"] = round(time.monotonic() - started, 1)
     return {"benchmark": "scale_soak", **result}
 
@@ -1323,11 +1473,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kills", type=int, default=2, help="copy holders killed per step")
     p.add_argument("--churn-s", type=float, default=None, help="default 300 (--quick: 30)")
     p.add_argument("--leave-per-min", type=float, default=0.01, help="share of nodes leaving")
+    p.add_argument("--base-models", type=int, default=10, help="registered once, kept")
     p.add_argument("--min-models", type=int, default=10)
     p.add_argument("--max-models", type=int, default=30)
     p.add_argument("--two-replicas", type=int, default=0, help="nodes for a two-replica step")
     p.add_argument("--profile", type=Path, default=None, help="py-spy svg of cp-1 (churn, 20 s)")
     p.add_argument("--max-total-s", type=float, default=900.0)
+    p.add_argument("--keep-logs", type=Path, default=None, help="copy every process's log here")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_soak.json")
     # the simulator sub-mode
     p.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)
@@ -1355,7 +1507,7 @@ def main(argv: list[str] | None = None) -> None:
         args.churn_s = 30.0 if args.churn_s is None else args.churn_s
         args.max_total_s = min(args.max_total_s, 120.0)
         args.sims = min(args.sims, 2)
-        args.min_models, args.max_models = 3, 8
+        args.min_models, args.max_models, args.base_models = 3, 8, 3
     elif args.counts is None:
         args.counts = [args.nodes] if args.nodes else [1000, 5000, 10_000]
     if args.churn_s is None:
