@@ -41,16 +41,22 @@ registrations and removals), etcd database size at the start and end, and every 
 Optionally (``--two-replicas N``) a second step with two replicas: fresh simulators whose nodes
 each link to both (as DESIGN says), measured like a step.
 
-The run stops early and says why (``stopped_early``) when streams fail, a simulator or the
-control plane saturates (more than ``SATURATED`` of a core), or the next count would not fit in
-``--max-total-s`` (default 900 s). ``--quick``: 1,000 nodes (``--nodes`` to override), one
-replica, a short window, 3 probes, a 30 s churn: a smoke run in about a minute.
+The run stops early and says why (``stopped_early``) when a ramp does not reach its count in
+time, the control plane logs trouble (its etcd lease's keep-alive failing or lost, the leader
+loop failing: ``cp_log`` counts its WARNING / ERROR lines per phase), a simulator or the control
+plane saturates (more than ``SATURATED`` of a core) before the last count, or the next count
+would not fit in ``--max-total-s`` (default 900 s); the churn then runs at the last healthy count
+(the extra nodes leave first). The leader's scheduling passes are read from its
+``--metrics-listen`` histogram (``scheduler_passes``). ``--quick``: 1,000 nodes (``--nodes`` to
+override), one replica, a short window, 3 probes, a 30 s churn: a smoke run in about a minute.
 
 Reading the JSON (stdout and ``--out``; progress on stderr): ``steps[]`` (one per count:
-``nodes``, ``connected``, ``failed``, ``ramp_s``, ``cp``, ``etcd``, ``per_node``, ``simulators``,
-``latency_ms``, ``errors``), ``churn`` (the same blocks over the churn phase, plus ``model_ops``,
-``leaves``, ``state_changes_per_s``), ``two_replicas`` (or null), ``targets`` (each target of
-the issue, the figure quoted and its verdict: met / not met / not measured, with why).
+``nodes``, ``connected``, ``failed``, ``ramp_s``, and per phase (``ramp``, ``steady``,
+``probes``): ``cp_cores``, ``cp_rss_mb``, ``etcd``, ``per_node``, ``simulators``,
+``latency_ms``, ``cp_log``), ``churn`` (the same blocks over the churn phase, plus
+``model_ops``, ``leaves``, ``state_changes_per_s``), ``two_replicas`` (or null), ``errors`` (the
+harness's: RPC failures, probes never READY), ``targets`` (each target of the issue, the figure
+quoted and its verdict: met / not met / not measured, with why).
 
     .venv/bin/python bench/scale_soak.py                       # 1,000 / 5,000 / 10,000 + 5 min
     .venv/bin/python bench/scale_soak.py --quick --nodes 300   # smoke
@@ -1053,7 +1059,7 @@ class _Run:
         for i, sim in enumerate(self.sims):
             _send(sim, cmd="target", n=(nodes - i + k - 1) // k)
         started = time.monotonic()
-        limit = min(self.left() - self.reserve(), nodes / self.args.ramp_per_s * 3 + 60.0)
+        limit = min(self.left() - self.reserve(), nodes / self.args.ramp_per_s * 4 + 90.0)
         while self.linked() < nodes and time.monotonic() - started < limit:
             stats = self.stats()
             if sum(int(s.get("failed", 0)) for s in stats) > nodes // 100 + 5:
@@ -1277,11 +1283,11 @@ async def _soak(run: _Run) -> dict[str, Any]:
             stopped = f"{nodes} nodes: only {row['connected']} linked ({row['first_error']})"
         elif trouble:
             stopped = f"{nodes} nodes: the control plane logged trouble: {trouble!r}"
+        if not trouble:
+            healthy = row["connected"]  # a ramp cut short by time: healthy where it got to
         if stopped:
-            if trouble or row["connected"] < nodes:
-                stopped += f"; the churn runs at the last healthy count, {healthy}"
+            stopped += f"; the churn runs at the last healthy count, {healthy}"
             break
-        healthy = row["connected"]
         why = _saturated(row["steady"])
         if why and nodes != a.counts[-1]:
             stopped = f"{nodes} nodes: {why}; the next count would measure the machine"
