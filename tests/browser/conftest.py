@@ -34,8 +34,11 @@ _FLAGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """A Chromium for one test module. Module scope, not session: Playwright's sync API holds
+    an asyncio event loop on the main thread while it is open, and every later test that runs
+    a loop of its own (``asyncio.run``, pytest-asyncio) would fail while it stays open."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail(f"no browser at {CHROMIUM}: `make test` installs Debian's chromium")
