@@ -9,7 +9,6 @@ last one kills and restarts ``n2``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import time
@@ -38,6 +37,7 @@ from meshserve.devtools.local import LocalMesh, ManagedProcess, free_port, wait_
 from meshserve.node.link import channel_options
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from tests.support.mesh import register_file, wait_copies
+from tests.support.spans import logged_span
 
 pytestmark = pytest.mark.integration
 
@@ -137,19 +137,7 @@ async def test_the_frame_trace_context_parents_the_node_span(live: Mesh) -> None
     n1 = next(p for p in live.mesh.processes if p.name == "n1")
 
     def node_span() -> dict[str, Any] | None:
-        text = n1.log_path.read_text(errors="replace")
-        decoder = json.JSONDecoder()
-        at = text.find('{\n    "name"')
-        while at >= 0:
-            try:
-                span, end = decoder.raw_decode(text, at)
-            except ValueError:
-                end = at + 1
-            else:
-                if span.get("context", {}).get("trace_id") == f"0x{trace_id}":
-                    return dict(span)
-            at = text.find('{\n    "name"', end)
-        return None
+        return logged_span(n1.log_path, trace_id)
 
     span = await asyncio.to_thread(wait_until, node_span, 15, what="the node's span in its log")
     assert span["name"] == "node ModelInfer"

@@ -28,6 +28,7 @@ from meshserve.common.security import TLSFiles
 from meshserve.devtools.demo_models import make_mlp, reference_outputs
 from meshserve.devtools.local import LocalMesh, free_port, wait_until
 from tests.support.mesh import register_file, wait_copies
+from tests.support.spans import logged_span
 
 pytestmark = pytest.mark.integration
 
@@ -243,24 +244,6 @@ def test_api_keys_over_rest(rest: Rest) -> None:
 # -- traces ----------------------------------------------------------------------------------------
 
 
-def _span(log: Path, trace_id: str, name: str) -> dict[str, Any] | None:
-    """The span ``name`` of trace ``trace_id`` a process printed (MESHSERVE_TRACE_CONSOLE)."""
-    text = log.read_text(errors="replace")
-    decoder = json.JSONDecoder()
-    at = text.find('{\n    "name"')
-    while at >= 0:
-        try:
-            span, end = decoder.raw_decode(text, at)
-        except ValueError:
-            end = at + 1
-        else:
-            same = span.get("context", {}).get("trace_id") == f"0x{trace_id}"
-            if same and span.get("name") == name:
-                return dict(span)
-        at = text.find('{\n    "name"', end)
-    return None
-
-
 def test_a_traceparent_header_parents_the_gateway_span(rest: Rest) -> None:
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     status, _ = _curl(
@@ -271,11 +254,11 @@ def test_a_traceparent_header_parents_the_gateway_span(rest: Rest) -> None:
     assert status == 200
     log = rest.work / "cp-1.log"
     span = wait_until(
-        lambda: _span(log, trace_id, "gateway ModelInfer"), 15, what="the gateway's span"
+        lambda: logged_span(log, trace_id, "gateway ModelInfer"), 15, what="the gateway's span"
     )
     assert span["parent_id"] == f"0x{span_id}"
     node = wait_until(
-        lambda: _span(rest.work / "n1.log", trace_id, "node ModelInfer"), 15, what="node span"
+        lambda: logged_span(rest.work / "n1.log", trace_id, "node ModelInfer"), 15, what="node span"
     )
     assert node["context"]["trace_id"] == f"0x{trace_id}"
 
