@@ -218,13 +218,15 @@ def up(
             console.print(f"export MESHSERVE_TARGET={cp.address}", highlight=False, soft_wrap=True)
             console.print("Ctrl-C to stop" if not duration else f"stopping in {duration:.0f}s")
             end = time.monotonic() + duration if duration else None
-            with _DemoTraffic(MeshClient(cp.address, timeout=5.0), traffic):
+            with _DemoTraffic(MeshClient(cp.address, timeout=5.0), traffic) as demo:
                 while not stop_requested and (end is None or time.monotonic() < end):
                     if not all(p.alive() for p in mesh.processes):
                         dead = [p.name for p in mesh.processes if not p.alive()]
                         err_console.print(f"[red]process exited:[/red] {', '.join(dead)}")
                         raise typer.Exit(1)
                     time.sleep(0.2)
+            if demo.failed:
+                err_console.print(f"demo traffic: {demo.failed} of {demo.sent} queries failed")
         except KeyboardInterrupt:
             pass
         finally:

@@ -151,7 +151,6 @@ class UiServer:
         self._runner: web.AppRunner | None = None
         self._stopping = False
         self.port = 0
-        self.pushes = 0  # states built (diagnostics, tests)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -300,7 +299,6 @@ class UiServer:
     def _build(self) -> dict[str, Any]:
         src = self._sources
         self._slo.update(src.slo_counts())
-        self.pushes += 1
         return mesh_state(
             snapshot=src.snapshot(),
             sessions=src.sessions,
