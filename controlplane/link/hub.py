@@ -14,7 +14,8 @@ Contract:
   backs (e.g. after etcd was unreachable when a stream ended).
   The record is rewritten only when what it says changed (:func:`link_record`: a copy's state,
   its measurements; not download progress), so a node's reports add etcd revisions only on
-  state changes.
+  state changes; one writer per replica batches the records that changed at once into one
+  transaction (:mod:`~meshserve.controlplane.link.records`).
 - A message that does not decode is dropped; the stream lives. So does a Telemetry that the
   ``on_telemetry`` handler fails on (logged with its traceback): a reset would only bring the same
   node back with the same figures.
@@ -72,6 +73,7 @@ from meshserve.controlplane.link.reconcile import (
     reconcile,
     spec_digest,
 )
+from meshserve.controlplane.link.records import RecordWriter, link_record
 from meshserve.controlplane.link.scope import FULL_PASS_S, ReconcileScope
 from meshserve.controlplane.link.session import NodeSession, ReplicaSet
 from meshserve.controlplane.link.trust import DEFAULT_TELEMETRY_BYTES_PER_S
@@ -80,20 +82,10 @@ from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
 
-# NodeSession, TokenBucket: re-exported
+# NodeSession, TokenBucket, link_record: re-exported
 __all__ = ["Hub", "NodeSession", "TokenBucket", "link_record"]
 
 _log = logging.getLogger("meshserve.controlplane.hub")
-
-
-def link_record(info: mesh_pb2.NodeInfo) -> mesh_pb2.NodeInfo:
-    """What of a node's record goes to etcd: all of it but download progress (``bytes_fetched``
-    of a LOADING copy), which changes every half second and is read from the live stream."""
-    out = mesh_pb2.NodeInfo()
-    out.CopyFrom(info)
-    for copy in out.copies:
-        copy.ClearField("bytes_fetched")
-    return out
 
 
 class Hub(mesh_pb2_grpc.NodeLinkServicer):
@@ -161,7 +153,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self.scope = ReconcileScope(full_pass_s)  # which nodes a pass decides (scope.py)
         self._told_all: ReplicaSet | None = None  # every linked node was told this set
         self._store_id = store_id  # stamped on every Load/Unload (see LoadModel.store_id)
-        self._written: dict[str, tuple[NodeSession, bytes]] = {}  # the last record per node
+        # the link records, written on change in batches (records.py)
+        self.records = RecordWriter(registry, replica_id, lease_id, self.sessions)
         controlplane_metrics().watch_streams(self)
 
     # -- the stream --------------------------------------------------------------------------
@@ -189,7 +182,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             previous = self._cleanups.get(hello.node_id)
             if previous is not None:  # the node's last stream is still deleting its record
                 await asyncio.shield(previous)
-            await self._write_record(session, force=True)
+            await self.records.write_now(session)
             replicas = self._replicas()
             session.replicas_said = replica_set(replicas)
             if session.replicas_said != self._told_all:
@@ -209,10 +202,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 hello.direct_address or "-",
                 dict(hello.labels),
             )
-            tasks = [
-                asyncio.create_task(self._write_loop(session, context)),
-                asyncio.create_task(self._record_loop(session)),
-            ]
+            tasks = [asyncio.create_task(self._write_loop(session, context))]
             self.reconcile_session(session, self._snapshot())
             while True:
                 message = await context.read()
@@ -243,8 +233,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._written.get(session.node_id, (None,))[0] is session:
-            del self._written[session.node_id]
+        self.records.forget(session)
+        await self.records.settled(session.node_id)  # no batch writes it back after the delete
         for attempt in range(60):  # ~30 s; after that the sweeper takes over
             try:
                 await self._registry.delete_node_record(session.node_id, self.replica_id)
@@ -266,6 +256,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             refused = session.judge(status)
             if refused is None:
                 session.report(status)  # the node acted (or refused): decide afresh
+                self.records.mark(session)  # a state change: the record says it
             elif self._refuse(session, status, refused):
                 _log.warning(
                     "node %s reported %s/%s %s (sha256 %s): %s; not believed (logged once per "
@@ -353,34 +344,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             message = await session.outbox.get()
             await context.write(message)
 
-    async def _write_record(self, session: NodeSession, *, force: bool = False) -> None:
-        """Write the node's link record if it changed since this stream last wrote it (or
-        ``force``). Download progress is left out (:func:`link_record`): it travels on the
-        stream, so a download adds no etcd revisions -- only state changes do."""
-        session.record_dirty.clear()
-        record = link_record(session.record())
-        data = record.SerializeToString(deterministic=True)
-        if not force and self._written.get(session.node_id) == (session, data):
-            return
-        await self._registry.put_node_record(self.replica_id, record, self._lease_id())
-        self._written[session.node_id] = (session, data)
-
-    async def _record_loop(self, session: NodeSession) -> None:
-        """Write the link record whenever it changed; coalesces bursts, retries on errors."""
-        while True:
-            await session.record_dirty.wait()
-            try:
-                await self._write_record(session)
-            except Exception as exc:
-                _log.warning("writing node %s record failed: %r", session.node_id, exc)
-                session.record_dirty.set()
-                await asyncio.sleep(0.5)
-
     def rewrite_all(self) -> None:
-        """Rewrite every record (after this replica's lease was renewed)."""
-        self._written.clear()
-        for session in self.sessions.values():
-            session.record_dirty.set()
+        """Rewrite every record (after this replica's lease was renewed), in batches."""
+        self.records.rewrite_all(self.sessions)
 
     async def sweep(self, links: Mapping[str, int]) -> int:
         """Delete this replica's node records that no live stream backs; returns how many.
@@ -552,12 +518,14 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             session.fail_pending()
         pending = {*self._cleanups.values(), *self._background}
         if not pending:
+            await self.records.close()
             return
         _, late = await asyncio.wait(pending, timeout=timeout_s)
         for task in late:
             task.cancel()
         if late:
             await asyncio.wait(late)
+        await self.records.close()
 
 
 def _state_name(state: int) -> str:

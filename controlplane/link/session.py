@@ -83,8 +83,6 @@ class NodeSession:
         self.pending: dict[int, asyncio.Future[mesh_pb2.TunnelResponse]] = {}
         self.sent: dict[VariantKey, str] = {}  # last command per variant (reconcile's marks)
         self.replicas_said: ReplicaSet = ()  # the replica set the node was last told of
-        self.record_dirty = asyncio.Event()
-        self.record_dirty.set()
         self.started = time.monotonic()
         self._ids = itertools.count(1)
         self.closed = False
@@ -176,7 +174,7 @@ class NodeSession:
     def report(self, status: mesh_pb2.CopyStatus) -> None:
         """The node reported on one copy, a report :meth:`judge` believed: held (or gone when
         UNLOADED); what was said about that variant is forgotten (the node acted or refused:
-        decide afresh); the record is dirty."""
+        decide afresh). The caller has the record rewritten (``RecordWriter.mark``)."""
         key = (status.model, status.variant)
         self.claims.forget(key)
         if status.state == mesh_pb2.UNLOADED:
@@ -186,7 +184,6 @@ class NodeSession:
         else:
             self.copies[key] = status
         self.sent.pop(key, None)
-        self.record_dirty.set()
 
     def record(self) -> mesh_pb2.NodeInfo:
         """The node's link record as this replica writes it."""

@@ -168,8 +168,12 @@ class Registry(Protocol):
         """This replica's record, under its session lease."""
         ...
 
-    async def put_node_record(self, replica_id: str, info: mesh_pb2.NodeInfo, lease: int) -> None:
-        """The link record of a node whose stream ``replica_id`` holds, under its lease."""
+    async def put_node_records(
+        self, replica_id: str, infos: Sequence[mesh_pb2.NodeInfo], lease: int
+    ) -> None:
+        """The link records of nodes whose streams ``replica_id`` holds, under its lease: one
+        transaction per ``TXN_OPS`` records (each record is written whole; a failed call may
+        have written some of the transactions before it)."""
         ...
 
     async def delete_node_record(

@@ -314,9 +314,20 @@ class EtcdRegistry:
         key = keys.replica_key(info.replica_id).encode()
         await self._etcd.put(key, keys.encode(info), lease=lease)
 
-    async def put_node_record(self, replica_id: str, info: mesh_pb2.NodeInfo, lease: int) -> None:
-        key = keys.node_link_key(info.node_id, replica_id).encode()
-        await self._etcd.put(key, keys.encode(info), lease=lease)
+    async def put_node_records(
+        self, replica_id: str, infos: Sequence[mesh_pb2.NodeInfo], lease: int
+    ) -> None:
+        if len(infos) == 1:  # a stream's first record: a plain put
+            key = keys.node_link_key(infos[0].node_id, replica_id).encode()
+            await self._etcd.put(key, keys.encode(infos[0]), lease=lease)
+            return
+        t = self._etcd.transactions
+        ops = [
+            t.put(keys.node_link_key(i.node_id, replica_id).encode(), keys.encode(i), lease=lease)
+            for i in infos
+        ]
+        for first in range(0, len(ops), TXN_OPS):
+            await self._txn([], ops[first : first + TXN_OPS])
 
     async def delete_node_record(
         self, node_id: str, replica_id: str, *, mod_revision: int | None = None

@@ -15,7 +15,7 @@ from meshserve.common.routing.rollout import plan_rollout
 from meshserve.controlplane import keys
 from meshserve.controlplane.etcd import Session, connect
 from meshserve.controlplane.etcd._client import get, get_prefix
-from meshserve.controlplane.registry import EtcdRegistry, Registry, SeqCounter
+from meshserve.controlplane.registry import TXN_OPS, EtcdRegistry, Registry, SeqCounter
 from meshserve.protos import mesh_pb2
 from tests.support.fake_registry import FakeRegistry
 
@@ -279,14 +279,14 @@ async def test_a_sweep_spares_a_record_rewritten_since(store: Store) -> None:
     lease = await store.lease()
     info = mesh_pb2.NodeInfo(node_id="n1", replicas=["cp-1"])
     key = keys.node_link_key("n1", "cp-1")
-    await r.put_node_record("cp-1", info, lease)
+    await r.put_node_records("cp-1", [info], lease)
     seen = await store.mod_revision(key)
-    await r.put_node_record("cp-1", info, lease)  # a new stream wrote it again
+    await r.put_node_records("cp-1", [info], lease)  # a new stream wrote it again
     assert await r.delete_node_record("n1", "cp-1", mod_revision=seen) is False
     assert await store.value(key) is not None
     now = await store.mod_revision(key)
     assert await r.delete_node_record("n1", "cp-1", mod_revision=now) is True
-    await r.put_node_record("cp-1", info, lease)
+    await r.put_node_records("cp-1", [info], lease)
     assert await r.delete_node_record("n1", "cp-1") is True
     assert await r.delete_node_record("n1", "cp-1") is False
 
@@ -331,3 +331,14 @@ async def test_unload_confirmations_count_up_without_losing_one(store: Store) ->
     assert sorted(keys.unload_confirmations(v) for v in racing) == [2, 3, 4, 5]
     assert len({first, *racing}) == 5
     assert keys.unload_confirmations(await store.value(keys.UNLOAD_CONFIRM)) == 5
+
+
+async def test_node_records_are_written_in_transactions_under_the_lease(store: Store) -> None:
+    r = store.registry
+    lease = await store.lease()
+    infos = [mesh_pb2.NodeInfo(node_id=f"n{i}", replicas=["cp-1"]) for i in range(TXN_OPS + 20)]
+    await r.put_node_records("cp-1", infos, lease)
+    first = await store.mod_revision(keys.node_link_key("n0", "cp-1"))
+    assert await store.mod_revision(keys.node_link_key(f"n{TXN_OPS - 1}", "cp-1")) == first
+    assert await store.mod_revision(keys.node_link_key(f"n{TXN_OPS}", "cp-1")) == first + 1
+    assert await store.value(keys.node_link_key(f"n{TXN_OPS + 19}", "cp-1")) is not None

@@ -21,7 +21,7 @@ from meshserve.common.routing.rollout import (
     version_of,
 )
 from meshserve.controlplane import keys
-from meshserve.controlplane.registry import AliasPlan, SeqCounter, VariantKey
+from meshserve.controlplane.registry import TXN_OPS, AliasPlan, SeqCounter, VariantKey
 from meshserve.protos import mesh_pb2
 
 __all__ = ["FakeRegistry", "Stored"]
@@ -218,8 +218,13 @@ class FakeRegistry:
     async def register_replica(self, info: mesh_pb2.ReplicaInfo, lease: int) -> None:
         self._put(keys.replica_key(info.replica_id), keys.encode(info), lease)
 
-    async def put_node_record(self, replica_id: str, info: mesh_pb2.NodeInfo, lease: int) -> None:
-        self._put(keys.node_link_key(info.node_id, replica_id), keys.encode(info), lease)
+    async def put_node_records(
+        self, replica_id: str, infos: Sequence[mesh_pb2.NodeInfo], lease: int
+    ) -> None:
+        for first in range(0, len(infos), TXN_OPS):  # one revision per transaction
+            chunk = infos[first : first + TXN_OPS]
+            puts = {keys.node_link_key(i.node_id, replica_id): keys.encode(i) for i in chunk}
+            self._commit(puts, lease=lease)
 
     async def delete_node_record(
         self, node_id: str, replica_id: str, *, mod_revision: int | None = None
