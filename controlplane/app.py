@@ -125,6 +125,8 @@ class ControlPlane:
         self._mirrors: dict[str, PrefixMirror] = {}
         self._snapshot: Snapshot | None = None
         self._builder = SnapshotBuilder()
+        self._links_seen = self._labels_seen = -1  # mirror journal cursors (changes_since)
+        self._change_pending = False  # a rebuild is scheduled (see _changed)
         self._server: aio.Server | None = None
         self.health: Health | None = None  # grpc.health.v1 on the listener (set by start)
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,18 +166,25 @@ class ControlPlane:
     def snapshot(self) -> Snapshot:
         if self._snapshot is None:
             m = self._mirrors
-            self._snapshot = self._builder.build(
-                m[keys.MODELS].items(),
-                m[keys.PLACEMENTS].items(),
-                m[keys.NODES].items(),
-                placement_revisions=m[keys.PLACEMENTS].mod_revisions(),
-                placements_revision=m[keys.PLACEMENTS].revision,
-                draining=m[keys.DRAINING].items(),
-                wake=m[keys.WAKE].items(),
-                aliases=m[keys.ALIASES].items(),
-                node_labels=m[keys.NODE_LABELS].items(),
-                trust_node_labels=self.config.trust_node_labels,
-            )
+            self._links_seen, links = m[keys.NODES].changes_since(self._links_seen)
+            self._labels_seen, labels = m[keys.NODE_LABELS].changes_since(self._labels_seen)
+            try:
+                self._snapshot = self._builder.build(
+                    m[keys.MODELS].items(),
+                    m[keys.PLACEMENTS].items(),
+                    m[keys.NODES].items(),
+                    placement_revisions=m[keys.PLACEMENTS].mod_revisions(),
+                    placements_revision=m[keys.PLACEMENTS].revision,
+                    draining=m[keys.DRAINING].items(),
+                    wake=m[keys.WAKE].items(),
+                    aliases=m[keys.ALIASES].items(),
+                    node_labels=m[keys.NODE_LABELS].items(),
+                    trust_node_labels=self.config.trust_node_labels,
+                    changed=None if links is None or labels is None else links | labels,
+                )
+            except BaseException:  # the changes were not taken in: the next build reads all
+                self._links_seen = self._labels_seen = -1
+                raise
         return self._snapshot
 
     def _telemetry(self) -> dict[str, mesh_pb2.Telemetry]:
@@ -196,15 +205,26 @@ class ControlPlane:
         return election is not None and election.is_leader
 
     def _changed(self) -> None:
+        """A mirror changed: the view is rebuilt and acted on once per turn of the event loop,
+        however many mirrors notified in it (one rebuild of a 10,000-node view, not one each)."""
         self._snapshot = None
-        if self.leader is not None:
-            self.leader.wake()
-        if self.hub is not None:
-            self.hub.reconcile(self.snapshot())
-        if self.gateway is not None:
-            self.gateway.notify()
-        if self.feed is not None:
-            self.feed.notify()
+        if not self._change_pending:
+            self._change_pending = True
+            asyncio.get_running_loop().call_soon(self._act_on_change)
+
+    def _act_on_change(self) -> None:
+        self._change_pending = False
+        try:
+            if self.leader is not None:
+                self.leader.wake()
+            if self.hub is not None:
+                self.hub.reconcile(self.snapshot())
+            if self.gateway is not None:
+                self.gateway.notify()
+            if self.feed is not None:
+                self.feed.notify()
+        except Exception:
+            _log.exception("acting on a change of the view failed; the next change retries")
 
     async def _wake(self, key: VariantKey, on: bool) -> None:
         """Ask the leader for a copy of a scaled-to-zero variant (``on``), or withdraw it. The key

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping
+from itertools import islice
 from types import MappingProxyType, TracebackType
 from typing import Self
 
 from meshserve.controlplane.etcd import _client
 from meshserve.controlplane.etcd._client import EtcdClient, WatchEvent
 
-__all__ = ["PrefixMirror"]
+__all__ = ["JOURNAL", "PrefixMirror"]
 
 log = logging.getLogger(__name__)
+
+JOURNAL = 65536  # changed keys remembered for changes_since
 
 
 class PrefixMirror:
@@ -36,6 +40,9 @@ class PrefixMirror:
       after each applied batch of events (all events available at that moment -- a
       transaction's events are never split) and after each full reload.  Callbacks
       must not block; exceptions they raise are logged and ignored;
+    * :meth:`changes_since` names the keys changed after a cursor it returned earlier (a
+      bounded journal of the last :data:`JOURNAL` changes), or None when it cannot: the
+      cursor is older than the journal, or the prefix was read again in full since;
     * keys are the full etcd keys decoded as UTF-8 (undecodable bytes are kept via
       ``surrogateescape``); values are the raw bytes;
     * close the mirror before closing the client; :meth:`close` cancels and awaits the
@@ -64,6 +71,9 @@ class PrefixMirror:
         self._watching = False
         self._reloads = 0
         self._reconnects = 0
+        self._seq = 0  # changes applied (a full read counts as one)
+        self._journal: deque[str] = deque(maxlen=JOURNAL)  # keys of the newest changes
+        self._floor = 0  # the cursor the journal reaches back to
 
     # -- read side -----------------------------------------------------------------
 
@@ -99,6 +109,17 @@ class PrefixMirror:
     def mod_revisions(self) -> Mapping[str, int]:
         """A read-only copy of each key's etcd ``mod_revision``."""
         return MappingProxyType(dict(self._mod_revisions))
+
+    def changes_since(self, cursor: int) -> tuple[int, frozenset[str] | None]:
+        """``(new cursor, keys changed after cursor)``; the keys are None when the journal does
+        not reach back that far or the prefix was read in full since (read all of it). Pass
+        -1 for a first call."""
+        if cursor < self._floor:
+            return self._seq, None
+        n = self._seq - cursor
+        if n == 0:
+            return self._seq, frozenset()
+        return self._seq, frozenset(islice(self._journal, len(self._journal) - n, None))
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` after each applied batch/reload; returns an unsubscribe
@@ -205,6 +226,9 @@ class PrefixMirror:
         self._data = {self._decode(kv.key): kv.value for kv in kvs}
         self._mod_revisions = {self._decode(kv.key): kv.mod_revision for kv in kvs}
         self._revision = revision
+        self._seq += 1
+        self._journal.clear()
+        self._floor = self._seq
         self._schedule_notify()
 
     def _apply(self, event: WatchEvent) -> None:
@@ -217,6 +241,10 @@ class PrefixMirror:
             self._mod_revisions.pop(key, None)
         if event.kv.mod_revision > self._revision:
             self._revision = event.kv.mod_revision
+        self._seq += 1
+        if len(self._journal) == JOURNAL:
+            self._floor += 1
+        self._journal.append(key)
         self._schedule_notify()
 
     def _schedule_notify(self) -> None:

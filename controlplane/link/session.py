@@ -43,6 +43,7 @@ from meshserve.controlplane.link.trust import (
     held_telemetry,
     judge,
 )
+from meshserve.controlplane.observe.telemetry import flights_of
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import inference_pb2, mesh_pb2
 
@@ -78,6 +79,7 @@ class NodeSession:
         self.telemetry_budget = ByteBudget(telemetry_bytes_per_s, 16 * telemetry_bytes_per_s)
         self.reconcile_due = False  # a reconcile of this node is scheduled (coalesced)
         self.telemetry = mesh_pb2.Telemetry()
+        self.flights: dict[VariantKey, float] = {}  # in flight per copy, as last reported
         self._by_copy: dict[VariantKey, mesh_pb2.ModelTelemetry] = {}
         self.outbox: asyncio.Queue[mesh_pb2.ControlMessage] = asyncio.Queue(maxsize=outbox_size)
         self.pending: dict[int, asyncio.Future[mesh_pb2.TunnelResponse]] = {}
@@ -166,6 +168,7 @@ class NodeSession:
             telemetry = merged
         self.telemetry = telemetry
         self._by_copy = {(m.model, m.variant): m for m in telemetry.models}
+        self.flights = flights_of(telemetry)
 
     def copy_telemetry(self, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
         """The latest telemetry entry of one copy (None: none reported)."""

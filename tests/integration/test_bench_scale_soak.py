@@ -42,7 +42,10 @@ def test_quick_soak_links_every_node_and_times_the_loop(tmp_path: Path) -> None:
     assert len(steady["simulators"]["cores_each"]) == 2, steady
     lat = step["latency_ms"]
     assert lat["register_to_decision"]["n"] == lat["models_registered"] == 3, lat
-    assert 0 < lat["register_to_decision"]["p50"] <= lat["register_to_load_each_copy"]["p50"], lat
+    # the decision is seen through the harness's own etcd watch, the Load by the node: a Load
+    # may be seen first by a watch's delivery lag (a few ms), never by much
+    decided, loaded = lat["register_to_decision"]["p50"], lat["register_to_load_each_copy"]["p50"]
+    assert 0 < decided <= loaded + 25, lat
     assert lat["register_to_ready_gateway"]["n"] == 3 and lat["not_ready"] == 0, lat
     assert lat["copies_lost_with_dead_nodes"] >= 1 and lat["not_replaced"] == 0, lat
     assert lat["death_to_replaced"]["p50"] > 0, lat

@@ -223,6 +223,34 @@ async def test_mirror_initial_load_puts_deletes_and_subscribers(client: Any) -> 
     await mirror.close()  # idempotent
 
 
+async def test_mirror_journal_names_the_keys_changed_since_a_cursor(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("meshserve.controlplane.etcd.watch.JOURNAL", 4)
+    await client.put(b"/t/j/a", b"1")
+    mirror = PrefixMirror(client, "/t/j/")
+    await mirror.start()
+    try:
+        cursor, keys_ = mirror.changes_since(-1)
+        assert keys_ is None  # a first call: read everything
+        assert mirror.changes_since(cursor) == (cursor, frozenset())
+        await client.put(b"/t/j/b", b"2")
+        await client.delete(b"/t/j/a")
+        await mirror.wait_for(lambda m: "/t/j/a" not in m, timeout=5)
+        cursor, keys_ = mirror.changes_since(cursor)
+        assert keys_ == {"/t/j/a", "/t/j/b"}
+        for i in range(6):  # more changes than the journal holds
+            await client.put(f"/t/j/k{i}".encode(), b"x")
+        await mirror.wait_for(lambda m: "/t/j/k5" in m, timeout=5)
+        late, keys_ = mirror.changes_since(cursor)
+        assert keys_ is None  # the journal does not reach back: read everything
+        assert mirror.changes_since(late - 2)[1] == {"/t/j/k4", "/t/j/k5"}
+        await mirror.reload()
+        assert mirror.changes_since(late)[1] is None  # read again in full since
+    finally:
+        await mirror.close()
+
+
 def _gateway_put(url: str, key: str, value: bytes) -> None:
     """Blocking put through etcd's JSON gateway (no asyncio involved)."""
     body = {

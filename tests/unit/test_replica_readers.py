@@ -13,6 +13,7 @@ import pytest
 from meshserve.common.policy.config import DEFAULT_POLICY
 from meshserve.controlplane import keys
 from meshserve.controlplane.observe.telemetry import (
+    flights_of,
     latest_telemetry,
     live_in_flight,
     model_health,
@@ -96,6 +97,10 @@ def test_a_deleted_policy_brings_the_default_back() -> None:
 @dataclass
 class Session:
     telemetry: mesh_pb2.Telemetry
+
+    @property
+    def flights(self) -> dict[tuple[str, str], float]:
+        return flights_of(self.telemetry)
 
 
 def telemetry(*copies: tuple[str, str, int], joined: int = 0, correct: int = 0) -> Session:
