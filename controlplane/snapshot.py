@@ -25,6 +25,7 @@ from meshserve.controlplane import keys
 from meshserve.protos import mesh_pb2
 
 __all__ = [
+    "EMBEDDED",
     "MAX_CPU_CORES",
     "MAX_MEMORY_MB",
     "NodeView",
@@ -38,6 +39,10 @@ __all__ = [
 #: Admin labels that cap what a node claims of its hardware (whole numbers).
 MAX_MEMORY_MB = "max-memory-mb"
 MAX_CPU_CORES = "max-cpu-cores"
+#: ``Hello.kind`` of an embedded member (an application running models through the SDK): its
+#: link records go to ``Snapshot.members``, never to ``Snapshot.nodes`` (nothing is placed on or
+#: routed to it). A node claiming it only keeps itself out of placement and routing.
+EMBEDDED = "embedded"
 
 M = TypeVar("M", bound=Message)
 
@@ -53,6 +58,7 @@ class SnapshotBuilder:
     def __init__(self) -> None:
         self._decoded: dict[str, tuple[bytes, Any]] = {}
         self._views: dict[str, tuple[tuple[bytes, ...], NodeView]] = {}
+        self._kinds: dict[str, str] = {}  # Hello.kind per node id, as its records say
 
     def _decode(self, key: str, value: bytes, factory: Callable[[], M]) -> M:
         cached = self._decoded.get(key)
@@ -98,6 +104,7 @@ class SnapshotBuilder:
             node_id, _ = keys.split_key(key, keys.NODES)
             grouped.setdefault(node_id, []).append((key, value))
         nodes: dict[str, NodeView] = {}
+        members: dict[str, NodeView] = {}
         views: dict[str, tuple[tuple[bytes, ...], NodeView]] = {}
         for node_id, records in grouped.items():
             own = admin_keys.get(keys.node_labels_key(node_id), b"")
@@ -111,9 +118,15 @@ class SnapshotBuilder:
                 labels = effective_labels(infos[0].labels, own_labels, trust=trust_node_labels)
                 hardware = effective_hardware(infos[0].hardware, own_labels)
                 view = _merge(node_id, infos, labels, hardware)
-            nodes[node_id] = view
+                self._kinds[node_id] = infos[0].kind
+            if self._kinds.get(node_id) == EMBEDDED:
+                members[node_id] = view
+            else:
+                nodes[node_id] = view
             views[node_id] = (values, view)
         self._views = views
+        if len(self._kinds) > len(views):
+            self._kinds = {k: v for k, v in self._kinds.items() if k in views}
         alias_map = {
             keys.split_key(key, keys.ALIASES): self._decode(key, value, mesh_pb2.Alias)
             for key, value in (aliases or {}).items()
@@ -134,6 +147,7 @@ class SnapshotBuilder:
             frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
             frozenset(keys.split_key(key, keys.WAKE) for key in (wake or {})),
             aliases=MappingProxyType(alias_map),
+            members=MappingProxyType(members),
         )
 
 

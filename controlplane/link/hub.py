@@ -55,6 +55,7 @@ from typing import Any
 
 from meshserve.common.errors import EOF, Malformed, ResourceExhausted, ServicerContext
 from meshserve.controlplane import keys
+from meshserve.controlplane.link.embedded import reconcile_embedded
 from meshserve.controlplane.link.floor import UnloadFloor
 from meshserve.controlplane.link.handshake import (
     Handshake,
@@ -417,7 +418,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         nodes = self.scope.plan(snapshot, full=full)
         if nodes is None:
             sessions = list(self.sessions.values())
-        else:
+        else:  # embedded members follow aliases, which the change set does not track
+            nodes.update(n for n, s in self.sessions.items() if s.embedded)
             sessions = [s for n in sorted(nodes) if (s := self.sessions.get(n)) is not None]
         try:
             planned = [(s, self._decide(s, snapshot)) for s in sessions]
@@ -492,6 +494,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
     def _decide(self, session: NodeSession, snapshot: Snapshot) -> tuple[Decision, ...]:
         held = session.reconcile_view()
         linked_s = session.linked_s()
+        if session.embedded:  # an application member: its Hello's models, never placements
+            decisions = reconcile_embedded(
+                snapshot, session.hello.embedded, held, said=session.sent, digest=self._digest
+            )
+            self.scope.decided(session.node_id, held, fresh=False)
+            return decisions
         decisions = reconcile(
             snapshot,
             session.node_id,

@@ -82,6 +82,8 @@ class Load:
                 serving=spec.serving,
                 placement_revision=self.revision,
                 drift_reference=spec.drift_reference,
+                version=spec.version,  # "" = the implicit version
+                accuracy=spec.accuracy,
             )
         )
 

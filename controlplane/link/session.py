@@ -43,7 +43,7 @@ from meshserve.controlplane.link.trust import (
     held_telemetry,
     judge,
 )
-from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.controlplane.snapshot import EMBEDDED, Snapshot, VariantKey
 from meshserve.protos import inference_pb2, mesh_pb2
 
 __all__ = ["NodeSession", "ReplicaSet"]
@@ -89,6 +89,7 @@ class NodeSession:
         self._ids = itertools.count(1)
         self.closed = False
         self.draining = False  # the node said it is shutting down
+        self.embedded = hello.kind == EMBEDDED  # an application member: never placed onto
 
     def linked_s(self) -> float:
         """Seconds since the stream was linked."""
@@ -197,6 +198,8 @@ class NodeSession:
             direct_address=self.hello.direct_address,
             replicas=[self.replica_id],
             copies=list(self.copies.values()),
+            kind=self.hello.kind,
+            embedded=self.hello.embedded,
         )
 
     def send(self, message: mesh_pb2.ControlMessage) -> None:

@@ -569,6 +569,7 @@
       }
       let cls = `node tier-${tierOf(n)}`;
       if (n.tunneled) cls += " tunneled";
+      if (n.embedded) cls += " embedded";
       if (!n.linked) cls += " lost";
       if (n.draining) cls += " draining";
       g.setAttribute("class", cls);
@@ -640,6 +641,7 @@
     const lines = [String(n.id)];
     lines.push(`${tierOf(n)} · ${n.zone ? "zone " + n.zone : "no zone"}`);
     lines.push(n.tunneled ? "tunnel (behind NAT)" : n.address || "");
+    if (n.embedded) lines.push("embedded: an application running its models in-process");
     if (!n.linked) lines.push("lost: no live stream to this replica");
     if (n.draining) lines.push("draining");
     const labels = Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`);
