@@ -150,8 +150,9 @@ class _MemberCopies(CopyManager):
 
     def load(self, cmd: mesh_pb2.LoadModel) -> None:
         key = (cmd.model, cmd.variant)
-        self.versions[key] = (cmd.version, cmd.accuracy, next(self._order))
-        self.targets[cmd.model] = cmd.version
+        version = cmd.version or "default"  # a model that never names versions has one
+        self.versions[key] = (version, cmd.accuracy, next(self._order))
+        self.targets[cmd.model] = version
         self.commands[key] = cmd
         self._save()
         super().load(cmd)
