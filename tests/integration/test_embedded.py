@@ -250,9 +250,12 @@ def test_an_embedded_model_is_a_member_of_the_mesh(tmp_path: Path, webhook: str)
             )
             for _ in range(20):
                 client.infer("clf", {"x": _x(rng)})
-            time.sleep(1.0)
-            status = client.embedded_status()
-            assert status is not None and status.linked == 0 and status.buffered > 0, status
+            wait_until(  # a summary per telemetry interval (2 s before any Welcome)
+                lambda: (s := client.embedded_status()) is not None and s.buffered > 0,
+                10,
+                what="telemetry buffered while unlinked",
+            )
+            assert client.embedded_status().linked == 0  # type: ignore[union-attr]
             # the control plane back at the same address: the buffer is delivered
             mesh.start_controlplane("cp-1", port=port, extra=["--telemetry-interval-ms", "300"])
             wait_until(
