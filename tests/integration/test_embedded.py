@@ -208,8 +208,10 @@ def test_an_embedded_model_is_a_member_of_the_mesh(tmp_path: Path, webhook: str)
                     time.sleep(0.5)
                     assert load.latest() == "v2"
                     wait_until(
-                        lambda: _copies(admin, "clf") & {("app-1", "v2")}
-                        and ("app-1", "v1") not in _copies(admin, "clf"),
+                        lambda: (
+                            _copies(admin, "clf") & {("app-1", "v2")}
+                            and ("app-1", "v1") not in _copies(admin, "clf")
+                        ),
                         20,
                         what="v1 unloaded from the member",
                     )
@@ -259,9 +261,11 @@ def test_an_embedded_model_is_a_member_of_the_mesh(tmp_path: Path, webhook: str)
             # the control plane back at the same address: the buffer is delivered
             mesh.start_controlplane("cp-1", port=port, extra=["--telemetry-interval-ms", "300"])
             wait_until(
-                lambda: (s := client.embedded_status()) is not None
-                and s.linked == 1
-                and s.buffered == 0,
+                lambda: (
+                    (s := client.embedded_status()) is not None
+                    and s.linked == 1
+                    and s.buffered == 0
+                ),
                 30,
                 what="the member relinked, its buffer delivered",
             )
