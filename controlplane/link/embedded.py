@@ -32,10 +32,8 @@ from meshserve.common.routing.rollout import DEFAULT_ALIAS
 from meshserve.controlplane.link.reconcile import (
     UNLOAD,
     Decision,
-    Load,
-    Settled,
     Unload,
-    load_mark,
+    load_or_settle,
     spec_digest,
 )
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
@@ -84,17 +82,9 @@ def reconcile_embedded(
         for spec in specs:
             key = (want.model, spec.variant)
             keep.add(key)
-            copy = held.get(key)
-            wanted = digest(key, spec)
-            mark = load_mark(spec, wanted)
-            if (
-                copy is not None
-                and copy.sha256 == spec.sha256.lower()
-                and (copy.monitoring_digest == wanted or copy.state != mesh_pb2.READY)
-            ):
-                decisions.append(Settled(key, mark))
-            elif said.get(key) != mark:
-                decisions.append(Load(key, spec, 0, mark))
+            decision = load_or_settle(key, spec, held.get(key), said, digest, revision=0)
+            if decision is not None:
+                decisions.append(decision)
         if not ready:  # make before break: the old version answers until the new one is READY
             keep.update(
                 k

@@ -13,9 +13,6 @@ delivers the buffer once the control plane is back.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +27,7 @@ from meshserve.common.sketches import build_profile
 from meshserve.devtools.demo_models import make_mlp, reference_outputs
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2
+from tests.integration.test_rollout import meshctl
 from tests.support.mesh import register_file, wait_copies
 from tests.support.webhook import Hook
 
@@ -41,19 +39,6 @@ LOAD_S = 30.0
 
 def _x(rng: np.random.Generator, rows: int = 1, shift: float = 0.0) -> npt.NDArray[np.float32]:
     return (rng.standard_normal((rows, 64)) * (1.0 + shift) + shift).astype(np.float32)
-
-
-def _meshctl(*args: str) -> str:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "meshserve.client.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
 
 
 class Load:
@@ -157,7 +142,9 @@ def test_an_embedded_model_is_a_member_of_the_mesh(tmp_path: Path, webhook: str)
                 nodes = {n.node_id: n for n in admin.list_nodes()}
                 assert nodes["app-1"].kind == "embedded" and nodes["n1"].kind == ""
                 assert [m.model for m in nodes["app-1"].embedded] == ["clf"]
-                listing = _meshctl("nodes", "list", "-t", cp)
+                done = meshctl("nodes", "list", "-t", cp)
+                assert done.returncode == 0, done.stderr
+                listing = done.stdout
                 [line] = [ln for ln in listing.splitlines() if " app-1 " in ln]
                 assert " embedded " in line and "clf/v1:READY" in line, listing
                 for placement in admin.list_placements():
