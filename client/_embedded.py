@@ -58,7 +58,6 @@ class EmbeddedOptions:
     telemetry_buffer_bytes: int = 64 << 10
     telemetry_heartbeat_s: float = 30.0
     prediction_log_max_bytes: int = 32 << 20
-    ready_timeout_s: float = 30.0  # how long a first query waits for its model to load
 
 
 @dataclass(frozen=True, slots=True)
