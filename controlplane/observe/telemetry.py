@@ -28,9 +28,12 @@ class Telemetered(Protocol):
 
 def live_in_flight(sessions: Mapping[str, Telemetered]) -> dict[str, dict[VariantKey, float]]:
     """Queries in flight per node and variant (the autoscaler's live demand); a node or copy
-    with none in flight is left out."""
+    with none in flight is left out, and so is an embedded member (its queries are its own, not
+    demand on the mesh's copies)."""
     out: dict[str, dict[VariantKey, float]] = {}
     for node_id, session in list(sessions.items()):
+        if getattr(session, "embedded", False):
+            continue
         flights = {  # in_flight counts every query the copy holds, batcher queue included
             (m.model, m.variant): float(m.in_flight)
             for m in session.telemetry.models
