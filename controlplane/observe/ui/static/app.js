@@ -589,6 +589,7 @@
     kids.push(s("rect", { class: "card-bg", x: 0, y: 0, width: CW, height: hgt, rx: 8 }));
     kids.push(s("title", { text: nodeTooltip(n) }));
     const flags = [];
+    if (n.embedded) flags.push("embedded");
     if (!n.linked) flags.push("lost");
     if (n.draining) flags.push("draining");
     kids.push(s("text", { class: "node-id", x: 10, y: 18, text: clip(id, 26) }));
