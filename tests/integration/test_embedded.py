@@ -8,21 +8,25 @@ in its inputs raises the drift event (and the webhook) at the control plane; fee
 logged predictions; a rollout v1 -> v2 under load swaps with no failed call and the answers
 switch to v2, a rollback back to v1; the control plane killed, it keeps answering, buffers its
 telemetry (bounded), serves from its cache when started while the control plane is down, and
-delivers the buffer once the control plane is back.
+delivers the buffer once the control plane is back. And with no control plane at all, an
+AsyncMeshClient serves from the versions its cache records, with the mesh's validation and errors.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
-from meshserve.client import EmbeddedOptions, MeshClient
+from meshserve.client import AsyncMeshClient, EmbeddedOptions, MeshClient
 from meshserve.client._admin import AdminClient
-from meshserve.common.errors import StatusError
+from meshserve.common.errors import InvalidArgument, NotFound, StatusError
 from meshserve.common.sketches import build_profile
 from meshserve.devtools.demo_models import make_mlp, reference_outputs
 from meshserve.devtools.local import LocalMesh, wait_until
@@ -294,3 +298,33 @@ def _digest(admin: AdminClient, node: str, model: str) -> str:
         if n.node_id == node:
             return next((c.monitoring_digest for c in n.copies if c.model == model), "")
     return ""
+
+
+async def test_async_client_serves_from_its_cache_with_no_control_plane(tmp_path: Path) -> None:
+    """No control plane at all (a port nobody listens on): the member loads the versions its
+    cache records and answers through AsyncMeshClient, with the mesh's validation and errors."""
+    path = make_mlp(tmp_path / "m.onnx", seed=5)
+    cache = tmp_path / "app"
+    cache.mkdir()
+    load = mesh_pb2.LoadModel(
+        model="m", variant="v1", artifact_uri=path.as_uri(), sha256=_sha(path), version="v1"
+    )
+    record = {"loads": [base64.b64encode(load.SerializeToString()).decode()]}
+    (cache / "embedded.json").write_text(json.dumps(record))
+    options = EmbeddedOptions(member_id="offline-app", cache_dir=cache)
+    client = AsyncMeshClient("127.0.0.1:9", timeout=10, embedded=["m"], member=options)
+    try:
+        x = _x(np.random.default_rng(1), 3)
+        result = await client.infer("m", {"x": x})
+        assert (result.node, result.variant, result.model_version) == ("offline-app", "v1", "v1")
+        np.testing.assert_allclose(result["y"], reference_outputs(path, {"x": x})["y"], atol=1e-6)
+        assert (await client.infer("m", {"x": x}, version="v1")).variant == "v1"
+        with pytest.raises(InvalidArgument, match="shape"):
+            await client.infer("m", {"x": x[:, :10]})
+        with pytest.raises(NotFound, match="v7"):
+            await client.infer("m", {"x": x}, version="v7")
+        status = client.embedded_status()
+        assert status is not None and status.linked == 0
+        assert status.serving == {"m": ("v1", ("v1",))}
+    finally:
+        await client.close()
