@@ -221,3 +221,17 @@ def test_embedded_models_are_named_once() -> None:
         embedded_models(["a", "a"])
     with pytest.raises(ValueError, match="name"):
         embedded_models([""])
+
+
+def test_importing_the_sdk_loads_neither_the_node_runtime_nor_onnxruntime() -> None:
+    """Embedded mode costs nothing until a client names embedded models."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, meshserve.client\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('meshserve.node', 'onnxruntime'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
