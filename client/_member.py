@@ -153,6 +153,7 @@ class _MemberCopies(CopyManager):
         version = cmd.version or "default"  # a model that never names versions has one
         self.versions[key] = (version, cmd.accuracy, next(self._order))
         self.targets[cmd.model] = version
+        self.commands.pop(key, None)  # the manifest lists Loads oldest first: restored in order
         self.commands[key] = cmd
         self._save()
         super().load(cmd)
