@@ -5,6 +5,7 @@ out of placement and routing (controlplane/snapshot.py), which copy answers on t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -235,3 +236,25 @@ def test_importing_the_sdk_loads_neither_the_node_runtime_nor_onnxruntime() -> N
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_local_slo_switches_variants_by_the_profiles_the_member_measured() -> None:
+    from meshserve.client._embedded import EmbeddedOptions
+    from meshserve.client._member import Member
+    from meshserve.common.errors import FailedPrecondition
+
+    versions = {("m", "fast"): ("v2", 0.7, 1), ("m", "big"): ("v2", 0.9, 2)}
+    fast, big = entry("fast"), entry("big")
+    fast.latency_profile, big.latency_profile = [(1, 0.001)], [(1, 0.010)]
+    member = Member(
+        seeds=[], wants=[EmbeddedModel("m")], options=EmbeddedOptions(), tls=None,
+        max_message_bytes=1 << 20,
+    )  # fmt: skip
+    member._table = serving_table([fast, big], versions, {"m": "v2"})  # not started: no loop
+    deadline = time.monotonic() + 1
+    assert member.pick("m", "", None, None, deadline) is big  # no SLO: the most accurate
+    assert member.pick("m", "", 5.0, None, deadline) is fast  # 10 ms does not fit 5 ms
+    assert member.pick("m", "", 100.0, None, deadline) is big
+    assert member.pick("m", "fast", None, None, deadline) is fast  # a variant named
+    with pytest.raises(FailedPrecondition, match="min_accuracy"):
+        member.pick("m", "", None, 0.95, deadline)
