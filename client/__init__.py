@@ -6,6 +6,7 @@
 ...     result["y"], result.node
 """
 
+from meshserve.client._embedded import EmbeddedModel, EmbeddedOptions, EmbeddedStatus
 from meshserve.client._retry import NO_RETRY, RetryPolicy
 from meshserve.client._sdk import AsyncMeshClient, InferResult, MeshClient, MeshError
 from meshserve.common.security import TLSFiles
@@ -13,6 +14,9 @@ from meshserve.common.security import TLSFiles
 __all__ = [
     "NO_RETRY",
     "AsyncMeshClient",
+    "EmbeddedModel",
+    "EmbeddedOptions",
+    "EmbeddedStatus",
     "InferResult",
     "MeshClient",
     "MeshError",

@@ -24,7 +24,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -34,6 +34,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from meshserve.client._admin import feedback_items
+from meshserve.client._embedded import (
+    EmbeddedModel,
+    EmbeddedOptions,
+    EmbeddedStatus,
+    embedded_models,
+)
 from meshserve.client._retry import (
     NO_RETRY,
     RetryPolicy,
@@ -67,6 +73,9 @@ from meshserve.common.routing.feed import FeedClient
 from meshserve.common.security import TLSFiles, aio_channel, sync_channel
 from meshserve.common.tracing import NO_SPAN, metadata_with_context, sdk_installed
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2, mesh_pb2_grpc
+
+if TYPE_CHECKING:
+    from meshserve.client._member import Member
 
 __all__ = [
     "NO_RETRY",
@@ -172,6 +181,8 @@ class _Base:
         routing: Routing = "direct",
         feed: str | Sequence[str] | None = None,
         zone: str = "",
+        embedded: Sequence[str | EmbeddedModel] = (),
+        member: EmbeddedOptions | None = None,
     ) -> None:
         if routing not in ("direct", "gateway"):
             raise ValueError(f"routing must be 'direct' or 'gateway', got {routing!r}")
@@ -192,6 +203,55 @@ class _Base:
         self._node_tls = tls.for_nodes() if tls is not None else None  # direct node channels
         self._api_key = api_key
         self._feed_targets = feed_targets(feed, target) if routing == "direct" else []
+        self._member: Member | None = None
+        wants = embedded_models(embedded)
+        if wants:  # embedded mode: the node's runtime (and onnxruntime), imported only now
+            from meshserve.client._member import Member
+
+            self._member = Member(
+                seeds=feed_targets(feed, target),
+                wants=wants,
+                options=member or EmbeddedOptions(),
+                tls=tls,
+                max_message_bytes=max_message_bytes,
+            )
+            self._member.start()
+
+    def _embedded(self, model: str) -> Member | None:
+        """The member, when it runs ``model`` in this process (else None: the mesh answers)."""
+        member = self._member
+        return member if member is not None and model in member.wants else None
+
+    def _embedded_infer(
+        self,
+        member: Member,
+        model: str,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Sequence[str] | None,
+        version: str,
+        timeout: float | None,
+        slo_ms: float | None,
+        min_accuracy: float | None,
+        request_id: str,
+    ) -> InferResult:
+        """Answer in this process (:meth:`Member.infer`): the answer names the member as its
+        node and the variant that ran, as a node's does."""
+        result, variant, request_id = member.infer(
+            model,
+            inputs,
+            outputs,
+            version=version,
+            slo_ms=slo_ms,
+            min_accuracy=min_accuracy,
+            request_id=request_id,
+            timeout=timeout or self.timeout,
+        )
+        parameters = {"meshserve_node": member.member_id, "meshserve_variant": variant}
+        return InferResult(result, parameters, variant, request_id)
+
+    def embedded_status(self) -> EmbeddedStatus | None:
+        """The embedded member's own report (None: no embedded models)."""
+        return self._member.status() if self._member is not None else None
 
     def _feed_client(self) -> FeedClient:
         return FeedClient(self._feed_targets, tls=self._tls, api_key=self._api_key)
@@ -264,6 +324,8 @@ class MeshClient(_Base):
         routing: Routing = "direct",
         feed: str | Sequence[str] | None = None,
         zone: str = "",
+        embedded: Sequence[str | EmbeddedModel] = (),
+        member: EmbeddedOptions | None = None,
     ):
         """``target``: the mesh's gateway: one replica, or several comma-separated (calls spread
         over the live ones). ``routing``: ``"direct"`` (default) routes each query itself from
@@ -284,7 +346,11 @@ class MeshClient(_Base):
         retry-after hint) inside the call's deadline, and whether it hedges a slow call
         (default :class:`RetryPolicy`: up to 5 attempts, no hedging; ``NO_RETRY``: one); a
         routed attempt first tries another copy, then the gateway, before it counts as
-        failed."""
+        failed.
+        ``embedded``: models (names, or :class:`EmbeddedModel` to pin a version or follow
+        another alias) this process runs itself, through the same :meth:`infer` (embedded
+        mode, see :mod:`meshserve.client._member`): the client joins the mesh as a member of
+        kind ``embedded`` at once (``member``: its :class:`EmbeddedOptions`)."""
         super().__init__(
             target,
             timeout=timeout,
@@ -295,6 +361,8 @@ class MeshClient(_Base):
             routing=routing,
             feed=feed,
             zone=zone,
+            embedded=embedded,
+            member=member,
         )
         self._channel = sync_channel(self._target, tls, api_key, self._options)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
@@ -321,6 +389,13 @@ class MeshClient(_Base):
         zone: str | None = None,
         request_id: str = "",
     ) -> InferResult:
+        member = self._embedded(model)
+        if member is not None:
+            with self._span(model):
+                return self._embedded_infer(
+                    member, model, inputs, outputs, version, timeout, slo_ms, min_accuracy,
+                    request_id,
+                )  # fmt: skip
         request = self._request(
             model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone, request_id
         )
@@ -493,6 +568,8 @@ class MeshClient(_Base):
         for channel, _ in nodes:
             channel.close()
         self._channel.close()
+        if self._member is not None:
+            self._member.close()
 
     def __enter__(self) -> MeshClient:
         return self
@@ -517,11 +594,15 @@ class AsyncMeshClient(_Base):
         feed: str | Sequence[str] | None = None,
         zone: str = "",
         transport: Transport = "stream",
+        embedded: Sequence[str | EmbeddedModel] = (),
+        member: EmbeddedOptions | None = None,
     ):
         """As :class:`MeshClient` (the feed runs on the caller's event loop, started by the first
         query). ``transport``: how a routed query reaches a node: ``"stream"`` (default) over one
         multiplexed ``NodeInference.Infer`` stream per node (:class:`MuxChannel`, the fast
-        path), ``"unary"`` as one OIP ``ModelInfer`` call each."""
+        path), ``"unary"`` as one OIP ``ModelInfer`` call each. ``embedded``, ``member``: as
+        :class:`MeshClient` (a model fast enough runs on the caller's loop, else on a worker
+        thread)."""
         if transport not in ("stream", "unary"):
             raise ValueError(f"transport must be 'stream' or 'unary', got {transport!r}")
         super().__init__(
@@ -534,6 +615,8 @@ class AsyncMeshClient(_Base):
             routing=routing,
             feed=feed,
             zone=zone,
+            embedded=embedded,
+            member=member,
         )
         self.transport: Transport = transport
         self._channel = aio_channel(self._target, tls, api_key, self._options)
@@ -559,6 +642,13 @@ class AsyncMeshClient(_Base):
         zone: str | None = None,
         request_id: str = "",
     ) -> InferResult:
+        member = self._embedded(model)
+        if member is not None:
+            args = (member, model, inputs, outputs, version, timeout, slo_ms, min_accuracy)
+            with self._span(model):
+                if member.inline(model):  # cheaper than a thread hand-off
+                    return self._embedded_infer(*args, request_id)
+                return await asyncio.to_thread(self._embedded_infer, *args, request_id)
         request = self._request(
             model, inputs, outputs, version, parameters, slo_ms, min_accuracy, zone, request_id
         )
@@ -738,6 +828,8 @@ class AsyncMeshClient(_Base):
         nodes, self._nodes = list(self._nodes.values()), {}
         await asyncio.gather(*(self._close_node(e) for e in nodes), return_exceptions=True)
         await self._channel.close(None)
+        if self._member is not None:
+            await asyncio.to_thread(self._member.close)
 
     async def __aenter__(self) -> AsyncMeshClient:
         return self

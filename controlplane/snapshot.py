@@ -25,6 +25,7 @@ from meshserve.controlplane import keys
 from meshserve.protos import mesh_pb2
 
 __all__ = [
+    "EMBEDDED",
     "MAX_CPU_CORES",
     "MAX_MEMORY_MB",
     "NodeView",
@@ -38,6 +39,10 @@ __all__ = [
 #: Admin labels that cap what a node claims of its hardware (whole numbers).
 MAX_MEMORY_MB = "max-memory-mb"
 MAX_CPU_CORES = "max-cpu-cores"
+#: ``Hello.kind`` of an embedded member (an application running models through the SDK): its
+#: link records go to ``Snapshot.members``, never to ``Snapshot.nodes`` (nothing is placed on or
+#: routed to it). A node claiming it only keeps itself out of placement and routing.
+EMBEDDED = "embedded"
 
 M = TypeVar("M", bound=Message)
 
@@ -57,6 +62,8 @@ class SnapshotBuilder:
         self._views: dict[str, tuple[tuple[bytes, ...], NodeView]] = {}
         self._links: dict[str, dict[str, bytes]] = {}  # node id -> its link records
         self._nodes: dict[str, NodeView] = {}
+        self._members: dict[str, NodeView] = {}  # embedded members (Hello.kind EMBEDDED)
+        self._kinds: dict[str, str] = {}  # Hello.kind per node id, as its records say
         self._trust: bool | None = None
 
     def _decode(self, key: str, value: bytes, factory: Callable[[], M]) -> M:
@@ -99,10 +106,11 @@ class SnapshotBuilder:
                 key, value, mesh_pb2.Placement
             )
         if changed is None or self._trust != trust_node_labels:
-            nodes = self._all_nodes(links, admin_keys, trust_node_labels)
+            self._all_nodes(links, admin_keys, trust_node_labels)
         else:
-            nodes = self._some_nodes(links, admin_keys, trust_node_labels, changed)
+            self._some_nodes(links, admin_keys, trust_node_labels, changed)
         self._trust = trust_node_labels
+        nodes, members = self._nodes, self._members
         alias_map = {
             keys.split_key(key, keys.ALIASES): self._decode(key, value, mesh_pb2.Alias)
             for key, value in (aliases or {}).items()
@@ -124,21 +132,22 @@ class SnapshotBuilder:
             frozenset(key[len(keys.DRAINING) :] for key in (draining or {})),
             frozenset(keys.split_key(key, keys.WAKE) for key in (wake or {})),
             aliases=MappingProxyType(alias_map),
+            members=MappingProxyType(members),
         )
 
     def _all_nodes(
         self, links: Mapping[str, bytes], admin_keys: Mapping[str, bytes], trust: bool
-    ) -> dict[str, NodeView]:
+    ) -> None:
         grouped: dict[str, dict[str, bytes]] = {}
         for key, value in links.items():
             node_id, _ = keys.split_key(key, keys.NODES)
             grouped.setdefault(node_id, {})[key] = value
         self._links = grouped
         self._views = {n: v for n, v in self._views.items() if n in grouped}  # still cached
-        self._nodes = {}
+        self._kinds = {n: k for n, k in self._kinds.items() if n in grouped}
+        self._nodes, self._members = {}, {}
         for node_id in grouped:
             self._view(node_id, admin_keys, trust)
-        return self._nodes
 
     def _some_nodes(
         self,
@@ -146,7 +155,7 @@ class SnapshotBuilder:
         admin_keys: Mapping[str, bytes],
         trust: bool,
         changed: Collection[str],
-    ) -> dict[str, NodeView]:
+    ) -> None:
         touched: set[str] = set()
         for key in changed:
             if key.startswith(keys.NODE_LABELS):
@@ -164,14 +173,13 @@ class SnapshotBuilder:
             else:
                 records[key] = value
         self._nodes = dict(self._nodes)  # the last snapshot keeps its own
+        self._members = dict(self._members)
         for node_id in touched:
             if self._links.get(node_id):
                 self._view(node_id, admin_keys, trust)
             else:
-                self._links.pop(node_id, None)
-                self._views.pop(node_id, None)
-                self._nodes.pop(node_id, None)
-        return self._nodes
+                for index in (self._links, self._views, self._kinds, self._nodes, self._members):
+                    index.pop(node_id, None)
 
     def _view(self, node_id: str, admin_keys: Mapping[str, bytes], trust: bool) -> None:
         """(Re)build one node's view from its link records, into ``_nodes`` and ``_views``."""
@@ -192,7 +200,13 @@ class SnapshotBuilder:
             labels = effective_labels(infos[0].labels, own_labels, trust=trust)
             hardware = effective_hardware(infos[0].hardware, own_labels)
             view = _merge(node_id, infos, labels, hardware)
-        self._nodes[node_id] = view
+            self._kinds[node_id] = infos[0].kind
+        if self._kinds.get(node_id) == EMBEDDED:  # listed, never placed onto or routed to
+            self._members[node_id] = view
+            self._nodes.pop(node_id, None)
+        else:
+            self._nodes[node_id] = view
+            self._members.pop(node_id, None)
         self._views[node_id] = (values, view)
 
 

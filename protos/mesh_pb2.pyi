@@ -176,7 +176,7 @@ class LatencyPoint(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "labels", "hardware", "direct_address", "version", "copies")
+    __slots__ = ("node_id", "labels", "hardware", "direct_address", "version", "copies", "kind", "embedded")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -190,13 +190,27 @@ class Hello(_message.Message):
     DIRECT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     labels: _containers.ScalarMap[str, str]
     hardware: Hardware
     direct_address: str
     version: str
     copies: _containers.RepeatedCompositeFieldContainer[CopyStatus]
-    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., version: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ...) -> None: ...
+    kind: str
+    embedded: _containers.RepeatedCompositeFieldContainer[EmbeddedModel]
+    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., version: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., kind: _Optional[str] = ..., embedded: _Optional[_Iterable[_Union[EmbeddedModel, _Mapping]]] = ...) -> None: ...
+
+class EmbeddedModel(_message.Message):
+    __slots__ = ("model", "version", "alias")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    alias: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class ModelTelemetry(_message.Message):
     __slots__ = ("model", "variant", "in_flight", "requests", "errors", "latency_p50_ms", "latency_p99_ms", "queue_depth", "batches", "batched_rows", "max_batch_size", "cache_hits", "cache_misses", "drift", "feedback_joined", "feedback_correct", "feedback_abs_error", "predictions_logged")
@@ -326,7 +340,7 @@ class Welcome(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., lease_ttl_seconds: _Optional[int] = ..., telemetry_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision", "drift_reference", "store_id")
+    __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision", "drift_reference", "store_id", "version", "accuracy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +350,8 @@ class LoadModel(_message.Message):
     PLACEMENT_REVISION_FIELD_NUMBER: _ClassVar[int]
     DRIFT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     artifact_uri: str
@@ -345,7 +361,9 @@ class LoadModel(_message.Message):
     placement_revision: int
     drift_reference: DriftProfile
     store_id: str
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., placement_revision: _Optional[int] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ..., store_id: _Optional[str] = ...) -> None: ...
+    version: str
+    accuracy: float
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., placement_revision: _Optional[int] = ..., drift_reference: _Optional[_Union[DriftProfile, _Mapping]] = ..., store_id: _Optional[str] = ..., version: _Optional[str] = ..., accuracy: _Optional[float] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
     __slots__ = ("model", "variant", "placement_revision", "store_id")
@@ -530,7 +548,7 @@ class RemoveModelResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "labels", "hardware", "direct_address", "replicas", "copies", "telemetry", "draining", "reported_labels")
+    __slots__ = ("node_id", "labels", "hardware", "direct_address", "replicas", "copies", "telemetry", "draining", "reported_labels", "kind", "embedded")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -554,6 +572,8 @@ class NodeInfo(_message.Message):
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     REPORTED_LABELS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     labels: _containers.ScalarMap[str, str]
     hardware: Hardware
@@ -563,7 +583,9 @@ class NodeInfo(_message.Message):
     telemetry: Telemetry
     draining: bool
     reported_labels: _containers.ScalarMap[str, str]
-    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., draining: _Optional[bool] = ..., reported_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kind: str
+    embedded: _containers.RepeatedCompositeFieldContainer[EmbeddedModel]
+    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., draining: _Optional[bool] = ..., reported_labels: _Optional[_Mapping[str, str]] = ..., kind: _Optional[str] = ..., embedded: _Optional[_Iterable[_Union[EmbeddedModel, _Mapping]]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

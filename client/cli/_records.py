@@ -50,6 +50,7 @@ def node_record(node: mesh_pb2.NodeInfo) -> Record:
     claimed = {k: v for k, v in node.reported_labels.items() if node.labels.get(k) != v}
     return {
         "node_id": node.node_id,
+        "kind": node.kind or "node",  # "embedded": an application member (never placed onto)
         "state": node_state(node),
         "draining": bool(node.draining),
         "labels": dict(sorted(node.labels.items())),

@@ -1,12 +1,13 @@
 """``meshctl nodes list | drain | confirm-unloads`` and ``meshctl placements list``: where copies
 are and should be.
 
-``nodes list`` shows each node's state (``serving`` or ``draining``), its admin-side labels (and,
-marked ``claimed:``, labels its Hello claims that placement does not match), its
-direct address (or ``(tunnel)`` for a node without an inbound port), the replicas holding its
-streams and its copies with their states. ``placements list`` flags a placement with fewer READY
-copies than desired (``2/3 under-replicated``) and names a node that still serves a copy no
-placement names (a drained node, until a replacement is READY).
+``nodes list`` shows each node's kind (``node``, or ``embedded``: an application running its models
+in-process through the SDK, a member that is never placed onto), its state (``serving`` or
+``draining``), its admin-side labels (and, marked ``claimed:``, labels its Hello claims that
+placement does not match), its direct address (or ``(tunnel)`` for a node without an inbound port),
+the replicas holding its streams and its copies with their states. ``placements list`` flags a
+placement with fewer READY copies than desired (``2/3 under-replicated``) and names a node that
+still serves a copy no placement names (a drained node, until a replacement is READY).
 ``placements list`` shows what the leader decided: desired copies, chosen nodes, failures (and
 when each is retried). ``placements retry MODEL [--node N]`` clears failures by hand: the leader
 places the copies there again on its next pass (permanent failures included).
@@ -48,8 +49,9 @@ __all__ = [
 
 
 def list_nodes(output: Output = OutputFormat.table, target: Target = DEFAULT_TARGET) -> None:
-    """Every node: state (serving or draining), labels, direct address, the replicas holding
-    its streams, memory used/total, and its copies with their states."""
+    """Every node (and embedded member): kind, state (serving or draining), labels, direct
+    address, the replicas holding its streams, memory used/total, and its copies with their
+    states."""
     with admin_client(target) as admin:
         nodes = admin.list_nodes()
     records = [node_record(n) for n in nodes]
@@ -58,13 +60,14 @@ def list_nodes(output: Output = OutputFormat.table, target: Target = DEFAULT_TAR
         ids = max((len(r["node_id"]) for r in records), default=0)
         t = table(
             "node",
+            "kind",
             "state",
             "labels",
             "direct",
             "replicas",
             "memory",
             "copies",
-            whole={"node": ids, "state": len("draining")},
+            whole={"node": ids, "kind": len("embedded"), "state": len("draining")},
         )
         for r in records:
             copies = ", ".join(f"{c['model']}/{c['variant']}:{c['state']}" for c in r["copies"])
@@ -74,6 +77,7 @@ def list_nodes(output: Output = OutputFormat.table, target: Target = DEFAULT_TAR
             state = r["state"]
             t.add_row(
                 r["node_id"],
+                r["kind"],
                 f"[yellow]{state}[/yellow]" if r["draining"] else state,
                 labels,
                 r["direct_address"] or "(tunnel)",

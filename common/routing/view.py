@@ -54,6 +54,9 @@ class Snapshot:
     # Aliases by (model, alias name): a name that points at a version (see
     # meshserve.common.routing.rollout).
     aliases: Mapping[tuple[str, str], mesh_pb2.Alias] = field(default_factory=dict)
+    # Embedded members (applications running models in-process, Hello.kind "embedded"): listed
+    # and monitored, never in ``nodes``, so no placement, routing or feed ever sees them.
+    members: Mapping[str, NodeView] = field(default_factory=dict)
     # Derived indexes, built on first use (a query must not scan every model and node).
     _index: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 

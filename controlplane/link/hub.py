@@ -56,6 +56,7 @@ from typing import Any
 
 from meshserve.common.errors import EOF, Malformed, ResourceExhausted, ServicerContext
 from meshserve.controlplane import keys
+from meshserve.controlplane.link.embedded import reconcile_embedded
 from meshserve.controlplane.link.floor import UnloadFloor
 from meshserve.controlplane.link.handshake import (
     Handshake,
@@ -147,6 +148,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             identify=identify,
         )
         self.sessions: dict[str, NodeSession] = {}
+        self._members: set[str] = set()  # the linked embedded members (decided every pass)
         self._cleanups: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self.floor = UnloadFloor(unload_confirm_s, on_alarm)  # mass unloads wait (floor.py)
@@ -174,6 +176,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         )
         session.adopt(self._snapshot())  # what the Hello says it holds: only as ordered
         self.sessions[hello.node_id] = session
+        if session.embedded:
+            self._members.add(hello.node_id)
         self.scope.owe(hello.node_id)  # decided by the next pass, whatever changed
         if hello.node_id in self._snapshot().draining:  # back from a shutdown drain: clear it
             self._spawn(self._mark_draining(hello.node_id, False))
@@ -216,6 +220,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             session.fail_pending()
             if self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
+                self._members.discard(session.node_id)
                 self.scope.forget(session.node_id)
             # gRPC may cancel this handler more than once; the cleanup runs in its own task so
             # the record is always deleted whatever happens here.
@@ -383,7 +388,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         nodes = self.scope.plan(snapshot, full=full)
         if nodes is None:
             sessions = list(self.sessions.values())
-        else:
+        else:  # embedded members follow aliases, which the change set does not track
+            nodes.update(self._members)
             sessions = [s for n in sorted(nodes) if (s := self.sessions.get(n)) is not None]
         try:
             planned = [(s, self._decide(s, snapshot)) for s in sessions]
@@ -458,6 +464,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
     def _decide(self, session: NodeSession, snapshot: Snapshot) -> tuple[Decision, ...]:
         held = session.reconcile_view()
         linked_s = session.linked_s()
+        if session.embedded:  # an application member: its Hello's models, never placements
+            decisions = reconcile_embedded(
+                snapshot, session.hello.embedded, held, said=session.sent, digest=self._digest
+            )
+            self.scope.decided(session.node_id, held, fresh=False)
+            return decisions
         decisions = reconcile(
             snapshot,
             session.node_id,

@@ -46,6 +46,7 @@ __all__ = [
     "awaits_replacement",
     "exceeds_unload_floor",
     "load_mark",
+    "load_or_settle",
     "placed_on",
     "reconcile",
     "spec_digest",
@@ -82,6 +83,8 @@ class Load:
                 serving=spec.serving,
                 placement_revision=self.revision,
                 drift_reference=spec.drift_reference,
+                version=spec.version,  # "" = the implicit version
+                accuracy=spec.accuracy,
             )
         )
 
@@ -126,6 +129,31 @@ def spec_digest(key: VariantKey, spec: mesh_pb2.ModelSpec) -> str:
 def load_mark(spec: mesh_pb2.ModelSpec, digest: str) -> str:
     """The mark of a Load of ``spec``: changes whenever the artifact or monitoring does."""
     return f"load:{spec.sha256.lower()}:{digest}"
+
+
+def load_or_settle(
+    key: VariantKey,
+    spec: mesh_pb2.ModelSpec,
+    copy: mesh_pb2.CopyStatus | None,
+    said: Mapping[VariantKey, str],
+    digest: Callable[[VariantKey, mesh_pb2.ModelSpec], str],
+    *,
+    revision: int,
+) -> Load | Settled | None:
+    """For a variant the node should hold as ``spec``: Settled when its ``copy`` is that
+    artifact (and, once READY, that monitoring), else a Load (stamped ``revision``) unless that
+    very Load was said already (None: nothing to send)."""
+    wanted = digest(key, spec)
+    mark = load_mark(spec, wanted)
+    if (
+        copy is not None
+        and copy.sha256 == spec.sha256.lower()
+        and (copy.monitoring_digest == wanted or copy.state != mesh_pb2.READY)
+    ):
+        return Settled(key, mark)
+    if said.get(key) != mark:
+        return Load(key, spec, revision, mark)
+    return None
 
 
 def placed_on(snapshot: Snapshot, node_id: str) -> Sequence[VariantKey]:
@@ -201,17 +229,11 @@ def reconcile(
         spec = snapshot.models.get(key)
         if spec is None:
             continue
-        copy = held.get(key)
-        wanted = digest(key, spec)
-        mark = load_mark(spec, wanted)
-        if (
-            copy is not None
-            and copy.sha256 == spec.sha256.lower()
-            and (copy.monitoring_digest == wanted or copy.state != mesh_pb2.READY)
-        ):
-            decisions.append(Settled(key, mark))
-        elif said.get(key) != mark:
-            decisions.append(Load(key, spec, snapshot.placement_revision(key), mark))
+        decision = load_or_settle(
+            key, spec, held.get(key), said, digest, revision=snapshot.placement_revision(key)
+        )
+        if decision is not None:
+            decisions.append(decision)
     fresh = linked_s < ADOPTION_GRACE_S
     for key, copy in held.items():
         current = snapshot.placements.get(key)

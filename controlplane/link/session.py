@@ -44,7 +44,7 @@ from meshserve.controlplane.link.trust import (
     judge,
 )
 from meshserve.controlplane.observe.telemetry import flights_of
-from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.controlplane.snapshot import EMBEDDED, Snapshot, VariantKey
 from meshserve.protos import inference_pb2, mesh_pb2
 
 __all__ = ["NodeSession", "ReplicaSet"]
@@ -89,6 +89,7 @@ class NodeSession:
         self._ids = itertools.count(1)
         self.closed = False
         self.draining = False  # the node said it is shutting down
+        self.embedded = hello.kind == EMBEDDED  # an application member: never placed onto
 
     def linked_s(self) -> float:
         """Seconds since the stream was linked."""
@@ -168,7 +169,8 @@ class NodeSession:
             telemetry = merged
         self.telemetry = telemetry
         self._by_copy = {(m.model, m.variant): m for m in telemetry.models}
-        self.flights = flights_of(telemetry)
+        # an embedded member's queries are its own, not demand on the mesh's copies
+        self.flights = {} if self.embedded else flights_of(telemetry)
 
     def copy_telemetry(self, key: VariantKey) -> mesh_pb2.ModelTelemetry | None:
         """The latest telemetry entry of one copy (None: none reported)."""
@@ -197,6 +199,8 @@ class NodeSession:
             direct_address=self.hello.direct_address,
             replicas=[self.replica_id],
             copies=list(self.copies.values()),
+            kind=self.hello.kind,
+            embedded=self.hello.embedded,
         )
 
     def send(self, message: mesh_pb2.ControlMessage) -> None:

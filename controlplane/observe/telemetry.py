@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from meshserve.controlplane.observe.health import feedback_totals
-from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.controlplane.snapshot import EMBEDDED, Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
 
 __all__ = [
@@ -50,8 +50,10 @@ def flights_of(telemetry: mesh_pb2.Telemetry) -> dict[VariantKey, float]:
 
 def live_in_flight(sessions: Mapping[str, Flying]) -> dict[str, dict[VariantKey, float]]:
     """Queries in flight per node and variant (the autoscaler's live demand, read by every
-    scheduling pass); a node or copy with none in flight is left out. Reads what each stream
-    kept (:func:`flights_of`), so a pass over 10,000 idle nodes decodes no telemetry."""
+    scheduling pass); a node or copy with none in flight is left out, and so is an embedded
+    member (its queries are its own, not demand on the mesh's copies: its stream keeps no
+    flights). Reads what each stream kept (:func:`flights_of`), so a pass over 10,000 idle
+    nodes decodes no telemetry."""
     return {node_id: dict(s.flights) for node_id, s in list(sessions.items()) if s.flights}
 
 
@@ -96,16 +98,20 @@ def node_list(
     snapshot: Snapshot, sessions: Mapping[str, Telemetered]
 ) -> mesh_pb2.ListNodesResponse:
     """Every node of the view, by id, with its effective labels, its copies and (when it streams
-    to this replica) its latest telemetry and the labels its Hello claimed."""
+    to this replica) its latest telemetry and the labels its Hello claimed; embedded members
+    (``snapshot.members``) are listed among them with ``kind`` "embedded" and their models."""
     out = mesh_pb2.ListNodesResponse()
-    for node_id in sorted(snapshot.nodes):
-        node = snapshot.nodes[node_id]
+    everyone = {**snapshot.nodes, **snapshot.members}
+    for node_id in sorted(everyone):
+        node = everyone[node_id]
+        member = node_id in snapshot.members and node_id not in snapshot.nodes
         info = out.nodes.add(
             node_id=node_id,
             labels=dict(node.labels),
             direct_address=node.direct_address,
             replicas=sorted(node.replicas),
             draining=node_id in snapshot.draining,
+            kind=EMBEDDED if member else "",
         )
         info.hardware.CopyFrom(node.hardware)
         info.copies.extend(node.copies[k] for k in sorted(node.copies))
@@ -116,4 +122,6 @@ def node_list(
             hello = getattr(session, "hello", None)
             if isinstance(hello, mesh_pb2.Hello):  # what it claims: shown, not matched
                 info.reported_labels.update(hello.labels)
+                if member:
+                    info.embedded.extend(hello.embedded)
     return out

@@ -32,8 +32,8 @@ DOCS = Path(__file__).parents[2] / "docs" / "meshctl.md"
 #: The documented schema of each read command: its top-level keys, then per list (by its key)
 #: the keys of every item. docs/meshctl.md names each of them.
 NODE = {
-    "node_id", "state", "draining", "labels", "claimed_labels", "direct_address", "replicas",
-    "memory_used_bytes", "memory_total_bytes", "copies",
+    "node_id", "kind", "state", "draining", "labels", "claimed_labels", "direct_address",
+    "replicas", "memory_used_bytes", "memory_total_bytes", "copies",
 }  # fmt: skip
 COPY = {"model", "variant", "state"}
 PLACEMENT = {

@@ -20,6 +20,7 @@ def _record(rng: random.Random, node_id: str, replica: str) -> bytes:
         ),
         direct_address=rng.choice(["", f"{node_id}:1"]),
         replicas=[replica],
+        kind=rng.choice(["", "", "embedded"]),  # an embedded member: members, not nodes
         copies=[
             mesh_pb2.CopyStatus(model="m", variant="v", state=rng.choice([1, 2, 3, 4]))
             for _ in range(rng.randrange(2))
@@ -80,6 +81,9 @@ def test_a_build_from_the_changed_keys_equals_a_full_build(seed: int, trust: boo
         assert {n: _plain(v) for n, v in got.nodes.items()} == {
             n: _plain(v) for n, v in want.nodes.items()
         }
+        assert {n: _plain(v) for n, v in got.members.items()} == {
+            n: _plain(v) for n, v in want.members.items()
+        }
 
 
 def test_a_partial_build_keeps_the_views_it_did_not_touch_and_the_old_snapshot_intact() -> None:
@@ -91,6 +95,7 @@ def test_a_partial_build_keeps_the_views_it_did_not_touch_and_the_old_snapshot_i
     del links[gone]
     links[keys.node_link_key("n9", "cp-1")] = _record(rng, "n9", "cp-1")
     second = builder.build({}, {}, dict(links), changed={gone, keys.node_link_key("n9", "cp-1")})
-    assert set(first.nodes) == {"n0", "n1", "n2", "n3", "n4"}  # unchanged by the next build
-    assert set(second.nodes) == {"n1", "n2", "n3", "n4", "n9"}
-    assert second.nodes["n3"] is first.nodes["n3"]  # not merged again: same object
+    before, after = {**first.nodes, **first.members}, {**second.nodes, **second.members}
+    assert set(before) == {"n0", "n1", "n2", "n3", "n4"}  # unchanged by the next build
+    assert set(after) == {"n1", "n2", "n3", "n4", "n9"}
+    assert after["n3"] is before["n3"]  # not merged again: same object

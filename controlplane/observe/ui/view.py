@@ -27,7 +27,7 @@ from meshserve.common.routing.resolve import alias_state
 from meshserve.common.routing.rollout import version_of
 from meshserve.controlplane.observe.episodes import Episode, EpisodeKey
 from meshserve.controlplane.observe.telemetry import Telemetered, node_list
-from meshserve.controlplane.snapshot import Snapshot, VariantKey
+from meshserve.controlplane.snapshot import EMBEDDED, Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
 
 __all__ = ["Rates", "SloTally", "event_doc", "explain_doc", "mesh_state"]
@@ -176,6 +176,7 @@ def _node_doc(
         "labels": labels,
         "address": info.direct_address,
         "tunneled": tunneled,
+        "embedded": info.kind == EMBEDDED,  # an application member: never placed onto
         "linked": linked,
         "draining": info.draining,
         "cpu_percent": round(info.telemetry.cpu_percent, 1) if reported else None,

@@ -569,6 +569,7 @@
       }
       let cls = `node tier-${tierOf(n)}`;
       if (n.tunneled) cls += " tunneled";
+      if (n.embedded) cls += " embedded";
       if (!n.linked) cls += " lost";
       if (n.draining) cls += " draining";
       g.setAttribute("class", cls);
@@ -588,6 +589,7 @@
     kids.push(s("rect", { class: "card-bg", x: 0, y: 0, width: CW, height: hgt, rx: 8 }));
     kids.push(s("title", { text: nodeTooltip(n) }));
     const flags = [];
+    if (n.embedded) flags.push("embedded");
     if (!n.linked) flags.push("lost");
     if (n.draining) flags.push("draining");
     kids.push(s("text", { class: "node-id", x: 10, y: 18, text: clip(id, 26) }));
@@ -640,6 +642,7 @@
     const lines = [String(n.id)];
     lines.push(`${tierOf(n)} · ${n.zone ? "zone " + n.zone : "no zone"}`);
     lines.push(n.tunneled ? "tunnel (behind NAT)" : n.address || "");
+    if (n.embedded) lines.push("embedded: an application running its models in-process");
     if (!n.linked) lines.push("lost: no live stream to this replica");
     if (n.draining) lines.push("draining");
     const labels = Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`);
