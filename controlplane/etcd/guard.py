@@ -139,10 +139,13 @@ class StoreGuard:
 
     async def step(self) -> None:
         """Read the status; reload after a replacement; compact on the leader."""
-        status = await self._status()
-        self.last = status
+        # What the mirrors applied is read before the status: events applied while the status
+        # call is awaited may be newer than the revision it answers with (a false "went
+        # backwards" that reloaded every mirror under churn).
         mirrors = self._mirrors()
         seen = max((m.revision for m in mirrors), default=0)
+        status = await self._status()
+        self.last = status
         current = ""  # the store's id now: create-if-absent, no write when it exists
         if self._ensure_store_id is not None:
             current = await self._ensure_store_id(uuid.uuid4().hex)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from meshserve.controlplane.etcd._client import EtcdStatus
-from meshserve.controlplane.etcd.guard import compaction_target, store_replaced
+from meshserve.controlplane.etcd.guard import StoreGuard, compaction_target, store_replaced
 from meshserve.controlplane.link.floor import UnloadFloor
 from meshserve.controlplane.link.reconcile import exceeds_unload_floor
 
@@ -201,3 +201,39 @@ def test_store_replaced_by_store_id(
         assert got is None, case
     else:
         assert got is not None and why in got, case
+
+
+class _Mirror:
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+        self.reloads = 0
+
+    async def reload(self) -> None:
+        self.reloads += 1
+
+
+@pytest.mark.asyncio
+async def test_a_revision_applied_while_the_status_is_read_is_not_a_replacement() -> None:
+    mirror = _Mirror(100)
+    alarms: list[str] = []
+
+    async def status() -> EtcdStatus:
+        now = mirror.revision  # the store's revision when it answered...
+        mirror.revision += 1  # ...and the watch applied a newer event before the answer came
+        return EtcdStatus(
+            cluster_id=7, member_id=1, revision=now, raft_term=1, db_size=1, db_size_in_use=1
+        )
+
+    async def compact(revision: int) -> bool:
+        return True
+
+    guard = StoreGuard(
+        status=status,
+        compact=compact,
+        mirrors=lambda: [mirror],  # type: ignore[list-item]
+        is_leader=lambda: False,
+        alarm=alarms.append,
+    )
+    await guard.step()
+    await guard.step()
+    assert alarms == [] and mirror.reloads == 0 and guard.replacements == 0
