@@ -181,7 +181,6 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         self.scope.owe(hello.node_id)  # decided by the next pass, whatever changed
         if hello.node_id in self._snapshot().draining:  # back from a shutdown drain: clear it
             self._spawn(self._mark_draining(hello.node_id, False))
-        tasks: list[asyncio.Task[None]] = []
         try:
             previous = self._cleanups.get(hello.node_id)
             if previous is not None:  # the node's last stream is still deleting its record
@@ -206,7 +205,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 hello.direct_address or "-",
                 dict(hello.labels),
             )
-            tasks = [asyncio.create_task(self._write_loop(session, context))]
+            session.outbox.attach(context.write)  # a writer task only while messages wait
             self.reconcile_session(session, self._snapshot())
             while True:
                 message = await context.read()
@@ -224,7 +223,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 self.scope.forget(session.node_id)
             # gRPC may cancel this handler more than once; the cleanup runs in its own task so
             # the record is always deleted whatever happens here.
-            cleanup = asyncio.ensure_future(self._cleanup(session, tasks))
+            cleanup = asyncio.ensure_future(self._cleanup(session))
             self._cleanups[session.node_id] = cleanup
             cleanup.add_done_callback(partial(self._forget_cleanup, session.node_id))
             with contextlib.suppress(asyncio.CancelledError):
@@ -234,10 +233,8 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         if self._cleanups.get(node_id) is done:
             del self._cleanups[node_id]
 
-    async def _cleanup(self, session: NodeSession, tasks: list[asyncio.Task[None]]) -> None:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _cleanup(self, session: NodeSession) -> None:
+        await session.outbox.close()
         self.records.forget(session)
         await self.records.settled(session.node_id)  # no batch writes it back after the delete
         for attempt in range(60):  # ~30 s; after that the sweeper takes over
@@ -343,11 +340,6 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             await self._registry.clear_shutdown_drain(node_id)
         except Exception as exc:
             _log.warning("draining mark of node %s: %r", node_id, exc)
-
-    async def _write_loop(self, session: NodeSession, context: ServicerContext) -> None:
-        while True:
-            message = await session.outbox.get()
-            await context.write(message)
 
     def rewrite_all(self) -> None:
         """Rewrite every record (after this replica's lease was renewed), in batches."""

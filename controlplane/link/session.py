@@ -5,7 +5,8 @@ Contract:
   indexed by copy), what was said to it (``sent``: the mark of the last command per variant, see
   :mod:`meshserve.controlplane.link.reconcile`) and whether its link record must be rewritten.
 - :meth:`NodeSession.send` queues a message for the stream; the queue is bounded and a full one
-  raises RESOURCE_EXHAUSTED rather than waiting.
+  raises RESOURCE_EXHAUSTED rather than waiting (:mod:`~meshserve.controlplane.link.outbox`: a
+  writer task runs only while messages wait).
 - :meth:`NodeSession.tunnel` multiplexes queries down the stream with correlation ids; each waits
   for its answer at most until its deadline, and every pending query fails with UNAVAILABLE the
   moment the stream ends (:meth:`NodeSession.fail_pending`). A query too big for the stream's
@@ -35,6 +36,7 @@ import time
 from collections.abc import Iterable
 
 from meshserve.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable, from_code
+from meshserve.controlplane.link.outbox import Outbox
 from meshserve.controlplane.link.trust import (
     DEFAULT_TELEMETRY_BYTES_PER_S,
     ByteBudget,
@@ -81,7 +83,7 @@ class NodeSession:
         self.telemetry = mesh_pb2.Telemetry()
         self.flights: dict[VariantKey, float] = {}  # in flight per copy, as last reported
         self._by_copy: dict[VariantKey, mesh_pb2.ModelTelemetry] = {}
-        self.outbox: asyncio.Queue[mesh_pb2.ControlMessage] = asyncio.Queue(maxsize=outbox_size)
+        self.outbox: Outbox[mesh_pb2.ControlMessage] = Outbox(outbox_size)  # (outbox.py)
         self.pending: dict[int, asyncio.Future[mesh_pb2.TunnelResponse]] = {}
         self.sent: dict[VariantKey, str] = {}  # last command per variant (reconcile's marks)
         self.replicas_said: ReplicaSet = ()  # the replica set the node was last told of
