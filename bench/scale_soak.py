@@ -576,20 +576,22 @@ def etcd_metrics(url: str) -> dict[str, float]:
 
 
 _PASS_BUCKET = re.compile(
-    r'^meshserve_scheduler_duration\w*_bucket\{(?:.*,)?le="([^"]+)".*\} (\S+)'
+    r'^meshserve_scheduler_(duration|decision)\w*_bucket\{(?:.*,)?le="([^"]+)".*\} (\S+)'
 )
 
 
-def scheduler_buckets(address: str) -> dict[float, float]:
-    """The leader's pass-duration histogram (``meshserve.scheduler.duration``: one scheduling
-    pass, plan and etcd write) from a control plane's ``--metrics-listen``: le -> count."""
-    out: dict[float, float] = {}
+def scheduler_buckets(address: str) -> dict[str, dict[float, float]]:
+    """The leader's histograms from a control plane's ``--metrics-listen``, le -> count:
+    ``duration`` (``meshserve.scheduler.duration``: one scheduling pass, the view read, the
+    decisions and their etcd write) and ``decision`` (``meshserve.scheduler.decision``: the
+    decisions alone, autoscaler and placement over the view, no I/O)."""
+    out: dict[str, dict[float, float]] = {"duration": {}, "decision": {}}
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=5.0) as response:
         for raw in response.read().decode().splitlines():
             match = _PASS_BUCKET.match(raw)
             if match:
-                le = math.inf if match[1] == "+Inf" else float(match[1])
-                out[le] = out.get(le, 0.0) + float(match[2])
+                le = math.inf if match[2] == "+Inf" else float(match[2])
+                out[match[1]][le] = out[match[1]].get(le, 0.0) + float(match[3])
     return out
 
 
@@ -814,7 +816,7 @@ class _Mark:
     sims: list[dict[str, Any]]
     ops: int
     busy: float
-    passes: dict[float, float]
+    passes: dict[str, dict[float, float]]
 
     def diff(
         self, later: _Mark, cp_pids: list[int], sim_pids: list[int], etcd_pid: int
@@ -848,7 +850,12 @@ class _Mark:
             "cp_cores": [cores(p) for p in cp_pids],
             "cp_rss_mb": [round(rss_mb(p), 1) for p in cp_pids],
             "machine_busy_cores": round((later.busy - self.busy) / span, 2),
-            "scheduler_passes": _passes(self.passes, later.passes),
+            "scheduler_passes": _passes(
+                self.passes.get("duration", {}), later.passes.get("duration", {})
+            ),
+            "scheduler_decisions": _passes(
+                self.passes.get("decision", {}), later.passes.get("decision", {})
+            ),
             "etcd": {
                 "cores": cores(etcd_pid),
                 "writes_per_s": round((puts + deletes + txns) / span, 2),
@@ -986,7 +993,7 @@ class _Run:
         except OSError as exc:
             self.tracker.error(f"etcd /metrics: {exc!r}")
             metrics = {}
-        passes: dict[float, float] = {}
+        passes: dict[str, dict[float, float]] = {}
         with contextlib.suppress(OSError, ValueError):
             passes = scheduler_buckets(self.metrics_address)
         return _Mark(
@@ -1354,19 +1361,23 @@ def _targets(result: dict[str, Any], largest_asked: int) -> list[dict[str, Any]]
     verdict("control plane <= 300 MB RSS through churn", rss, rss <= 300.0)
     lat = churn["latency_ms"]
     passes = churn.get("scheduler_passes") or {}
-    dec = passes.get("p99_le_ms")
+    decisions = churn.get("scheduler_decisions") or {}
+    dec = decisions.get("p99_le_ms")
     verdict(
         "placement decision p99 < 10 ms",
         {
+            "scheduler_decisions": decisions or None,
             "scheduler_pass": passes or None,
             "register_to_decision_p99_ms": lat["register_to_decision"]["p99"],
         },
-        None if not passes.get("passes") else (dec is not None and dec <= 10.0),
-        "judged on the leader's scheduling passes (meshserve.scheduler.duration from its "
-        "--metrics-listen: each pass plans every variant on the current view and writes the "
-        "changes to etcd; p99 is a histogram bucket bound), the time a decision takes to exist "
-        "in the live system; register_to_decision adds the RPC, the etcd writes and the watch. "
-        "bench/controlplane_scale.json times one decision alone",
+        None if not decisions.get("passes") else (dec is not None and dec <= 10.0),
+        "judged on the decisions of the leader's live passes (meshserve.scheduler.decision from "
+        "its --metrics-listen: autoscaler and placement of every variant over the live view of "
+        "all nodes, on the leader's loop, no I/O; p99 is a histogram bucket bound: buckets at "
+        "5, 10 and 20 ms). scheduler_pass is the "
+        "whole pass (meshserve.scheduler.duration: plus reading the view and awaiting the etcd "
+        "write of the changes, on a loop shared with 10,000 streams); register_to_decision adds "
+        "the RPC, the etcd writes and the watch",
     )
     load = lat["register_to_load_each_copy"]["p99"]
     verdict(

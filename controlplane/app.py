@@ -465,7 +465,7 @@ class ControlPlane:
             replica_id=self.replica_id,
             snapshot=self.snapshot,
             policy=self.policy.current,
-            in_flight=lambda: live_in_flight(hub.sessions),
+            in_flight=lambda: live_in_flight(hub.flying),
             events=self.events,
             retry=self.config.retry,
         )

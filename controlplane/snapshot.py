@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from meshserve.common.routing.view import NodeView, Snapshot, VariantKey
+from meshserve.common.routing.view import HOLDERS, NodeView, Snapshot, VariantKey
 from meshserve.controlplane import keys
 from meshserve.protos import mesh_pb2
 
@@ -63,6 +63,7 @@ class SnapshotBuilder:
         self._links: dict[str, dict[str, bytes]] = {}  # node id -> its link records
         self._nodes: dict[str, NodeView] = {}
         self._members: dict[str, NodeView] = {}  # embedded members (Hello.kind EMBEDDED)
+        self._holders: dict[str, NodeView] = {}  # nodes holding a copy (Snapshot.holders)
         self._kinds: dict[str, str] = {}  # Hello.kind per node id, as its records say
         self._trust: bool | None = None
 
@@ -123,7 +124,7 @@ class SnapshotBuilder:
             keys.split_key(key, keys.PLACEMENTS): revision
             for key, revision in (placement_revisions or {}).items()
         }
-        return Snapshot(
+        snapshot = Snapshot(
             MappingProxyType(model_map),
             MappingProxyType(placement_map),
             MappingProxyType(nodes),
@@ -134,6 +135,9 @@ class SnapshotBuilder:
             aliases=MappingProxyType(alias_map),
             members=MappingProxyType(members),
         )
+        holders = self._holders
+        snapshot.derived(HOLDERS, lambda: MappingProxyType(holders))  # kept as it changed
+        return snapshot
 
     def _all_nodes(
         self, links: Mapping[str, bytes], admin_keys: Mapping[str, bytes], trust: bool
@@ -145,7 +149,7 @@ class SnapshotBuilder:
         self._links = grouped
         self._views = {n: v for n, v in self._views.items() if n in grouped}  # still cached
         self._kinds = {n: k for n, k in self._kinds.items() if n in grouped}
-        self._nodes, self._members = {}, {}
+        self._nodes, self._members, self._holders = {}, {}, {}
         for node_id in grouped:
             self._view(node_id, admin_keys, trust)
 
@@ -174,11 +178,19 @@ class SnapshotBuilder:
                 records[key] = value
         self._nodes = dict(self._nodes)  # the last snapshot keeps its own
         self._members = dict(self._members)
+        self._holders = dict(self._holders)
         for node_id in touched:
             if self._links.get(node_id):
                 self._view(node_id, admin_keys, trust)
             else:
-                for index in (self._links, self._views, self._kinds, self._nodes, self._members):
+                for index in (
+                    self._links,
+                    self._views,
+                    self._kinds,
+                    self._nodes,
+                    self._members,
+                    self._holders,
+                ):
                     index.pop(node_id, None)
 
     def _view(self, node_id: str, admin_keys: Mapping[str, bytes], trust: bool) -> None:
@@ -204,9 +216,14 @@ class SnapshotBuilder:
         if self._kinds.get(node_id) == EMBEDDED:  # listed, never placed onto or routed to
             self._members[node_id] = view
             self._nodes.pop(node_id, None)
+            self._holders.pop(node_id, None)
         else:
             self._nodes[node_id] = view
             self._members.pop(node_id, None)
+            if view.copies:
+                self._holders[node_id] = view
+            else:
+                self._holders.pop(node_id, None)
         self._views[node_id] = (values, view)
 
 

@@ -149,6 +149,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         )
         self.sessions: dict[str, NodeSession] = {}
         self._members: set[str] = set()  # the linked embedded members (decided every pass)
+        # the streams whose node has queries in flight (live demand: a scheduling pass reads
+        # these, not 10,000 sessions)
+        self.flying: dict[str, NodeSession] = {}
         self._cleanups: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self.floor = UnloadFloor(unload_confirm_s, on_alarm)  # mass unloads wait (floor.py)
@@ -220,6 +223,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             if self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
                 self._members.discard(session.node_id)
+                self.flying.pop(session.node_id, None)
                 self.scope.forget(session.node_id)
             # gRPC may cancel this handler more than once; the cleanup runs in its own task so
             # the record is always deleted whatever happens here.
@@ -259,6 +263,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             if refused is None:
                 session.report(status)  # the node acted (or refused): decide afresh
                 self.records.mark(session)  # a state change: the record says it
+                self._track_flights(session)
             elif self._refuse(session, status, refused):
                 _log.warning(
                     "node %s reported %s/%s %s (sha256 %s): %s; not believed (logged once per "
@@ -284,6 +289,7 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 return
             before = session.telemetry_dropped
             session.observe(message.telemetry)  # only entries of copies it holds
+            self._track_flights(session)
             controlplane_metrics().refused("telemetry_entry", session.telemetry_dropped - before)
             if session.telemetry_dropped and not before:
                 _log.warning(
@@ -340,6 +346,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
             await self._registry.clear_shutdown_drain(node_id)
         except Exception as exc:
             _log.warning("draining mark of node %s: %r", node_id, exc)
+
+    def _track_flights(self, session: NodeSession) -> None:
+        if session.flights and self.sessions.get(session.node_id) is session:
+            self.flying[session.node_id] = session
+        elif self.flying.get(session.node_id) is session:
+            del self.flying[session.node_id]
 
     def rewrite_all(self) -> None:
         """Rewrite every record (after this replica's lease was renewed), in batches."""

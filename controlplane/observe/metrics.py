@@ -12,7 +12,10 @@ meshserve.placement.decisions    counter         model, variant, action: place (
                                                  evict (taken off for another variant), remove
                                                  (model unregistered), scale (autoscaler)
 meshserve.copy.evictions         counter         model, variant: copies evicted for another
-meshserve.scheduler.duration     histogram, s    one scheduling pass of the leader
+meshserve.scheduler.duration     histogram, s    one scheduling pass of the leader (the view
+                                                 read, the decisions, their etcd write)
+meshserve.scheduler.decision     histogram, s    the decisions of a pass alone: autoscaler
+                                                 and placement over the view (pure, no I/O)
 meshserve.node_streams           gauge (obs.)    replica: node streams open on a replica
 meshserve.node.reports_refused   counter         what: copy_status (a copy never ordered, or
                                                  not with the ordered sha256), telemetry_entry
@@ -36,6 +39,10 @@ from meshserve.controlplane.snapshot import VariantKey
 
 __all__ = ["ControlPlaneMetrics", "controlplane_metrics"]
 
+
+#: Finer buckets for the decisions of a pass (milliseconds matter: the 10 ms target at 10,000
+#: nodes, bench/scale_soak.py).
+DECISION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 class _HoldsStreams(Protocol):
     @property
@@ -65,6 +72,12 @@ class ControlPlaneMetrics:
             unit="s",
             description="one scheduling pass of the leader",
             explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+        )
+        self._decision = meter.create_histogram(
+            "meshserve.scheduler.decision",
+            unit="s",
+            description="the decisions of one scheduling pass (autoscaler and placement, no I/O)",
+            explicit_bucket_boundaries_advisory=DECISION_BUCKETS,
         )
         self._refused = meter.create_counter(
             "meshserve.node.reports_refused",
@@ -97,6 +110,10 @@ class ControlPlaneMetrics:
     def scheduled(self, seconds: float) -> None:
         """A scheduling pass took ``seconds``."""
         self._pass.record(seconds)
+
+    def decided_in(self, seconds: float) -> None:
+        """A pass's decisions (no I/O) took ``seconds``."""
+        self._decision.record(seconds)
 
     def watch_streams(self, hub: _HoldsStreams) -> None:
         """Report how many node streams ``hub`` holds, while it lives."""

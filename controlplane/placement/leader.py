@@ -115,8 +115,9 @@ class LeaderLoop:
     async def step(self) -> None:
         started = time.perf_counter()
         base = self._snapshot()
+        deciding = time.perf_counter()
         flights = self._in_flight()
-        snapshot = dataclasses.replace(base, in_flight=flights) if flights else base
+        snapshot = base.with_in_flight(flights) if flights else base
         desired, changes = self.autoscaler.decide(snapshot)
         policy = self._policy()
         # Nothing a decision depends on changed since a pass that wrote nothing: skip. (Live load
@@ -134,6 +135,7 @@ class LeaderLoop:
         ):
             return
         plan = plan_placements(snapshot, policy, desired=desired, now_ms=now_ms, retry=self._retry)
+        self._metrics.decided_in(time.perf_counter() - deciding)
         if not plan.upserts and not plan.deletes:
             self._idle_inputs = inputs
             return

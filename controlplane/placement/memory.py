@@ -31,7 +31,7 @@ def footprints(snapshot: Snapshot) -> dict[VariantKey, int]:
     known."""
     sizes = {key: int(spec.size_bytes) for key, spec in snapshot.models.items()}
     artifact: dict[VariantKey, int] = {}
-    for node in snapshot.nodes.values():
+    for node in snapshot.holders().values():
         for key, status in node.copies.items():
             if key not in sizes:
                 continue
@@ -57,7 +57,7 @@ def load_factor(snapshot: Snapshot) -> float:
     within :data:`FACTOR_BOUNDS`; the lower bound (1) before anything is measured."""
     ratios = sorted(
         status.memory_bytes / status.bytes_total
-        for node in snapshot.nodes.values()
+        for node in snapshot.holders().values()
         for status in node.copies.values()
         if status.state == mesh_pb2.READY and status.bytes_total > 0 and status.memory_bytes > 0
     )

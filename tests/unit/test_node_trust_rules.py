@@ -9,6 +9,7 @@ from meshserve.controlplane import keys
 from meshserve.controlplane.link import trust
 from meshserve.controlplane.link.hub import Hub
 from meshserve.controlplane.link.session import NodeSession
+from meshserve.controlplane.observe.telemetry import live_in_flight
 from meshserve.controlplane.snapshot import (
     Snapshot,
     SnapshotBuilder,
@@ -160,3 +161,34 @@ def test_admin_labels_cap_the_hardware_a_node_claims() -> None:
     }
     view = SnapshotBuilder().build({}, {}, links, node_labels=admin).nodes["n1"]
     assert view.hardware.memory_bytes == 64 << 20
+
+
+def test_the_hub_keeps_the_streams_with_queries_in_flight_as_telemetry_says() -> None:
+    async def scenario() -> None:
+        hub = Hub(
+            registry=FakeRegistry(),
+            replica_id="cp-1",
+            lease_ttl_s=3,
+            lease_id=lambda: 1,
+            snapshot=lambda: _snapshot(["n1"]),
+            replicas=lambda: [],
+        )
+        session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 4096)
+        hub.sessions["n1"] = session
+        session.ordered_load(KEY, SHA)
+        session.report(_status(mesh_pb2.READY))
+
+        def telemetry(in_flight: int) -> mesh_pb2.NodeMessage:
+            t = mesh_pb2.Telemetry()
+            t.models.add(model="m", variant="default", in_flight=in_flight)
+            return mesh_pb2.NodeMessage(telemetry=t)
+
+        hub._on_message(session, telemetry(3))
+        assert live_in_flight(hub.flying) == {"n1": {KEY: 3.0}}
+        hub._on_message(session, telemetry(0))
+        assert hub.flying == {} and live_in_flight(hub.flying) == {}
+        hub._on_message(session, telemetry(2))
+        hub._on_message(session, mesh_pb2.NodeMessage(copy_status=_status(mesh_pb2.UNLOADED)))
+        assert hub.flying == {}  # its figures went with the copy
+
+    asyncio.run(scenario())

@@ -84,6 +84,9 @@ def test_a_build_from_the_changed_keys_equals_a_full_build(seed: int, trust: boo
         assert {n: _plain(v) for n, v in got.members.items()} == {
             n: _plain(v) for n, v in want.members.items()
         }
+        # the builder's own index of nodes holding copies is what the nodes say
+        assert dict(got.holders()) == {n: v for n, v in got.nodes.items() if v.copies}
+        assert set(got.holders()) == set(want.holders())
 
 
 def test_a_partial_build_keeps_the_views_it_did_not_touch_and_the_old_snapshot_intact() -> None:

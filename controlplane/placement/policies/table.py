@@ -50,17 +50,24 @@ class NodeTable:
         ids = sorted(snapshot.nodes)
         nodes = [snapshot.nodes[i] for i in ids]
         n = len(ids)
-        drain = set(draining)
-        flights = in_flight or {}
+        index = dict(zip(ids, range(n), strict=True))
+        # in flight and draining are sparse (a few nodes of 10,000): set by row, not per node
+        flights = np.zeros(n)
+        for node_id, value in (in_flight or {}).items():
+            row = index.get(node_id)
+            if row is not None:
+                flights[row] = value
+        drain = np.zeros(n, np.bool_)
+        drain[[index[i] for i in draining if i in index]] = True
         return cls(
             ids=ids,
-            index={node_id: i for i, node_id in enumerate(ids)},
-            memory=np.fromiter((v.hardware.memory_bytes for v in nodes), np.float64, n),
+            index=index,
+            memory=np.array([v.hardware.memory_bytes for v in nodes], np.float64),
             used=np.zeros(n),
             copies=np.zeros(n, np.int64),
             loads=np.zeros(n, np.int64),
-            in_flight=np.fromiter((flights.get(i, 0.0) for i in ids), np.float64, n),
-            draining=np.fromiter((i in drain for i in ids), np.bool_, n),
+            in_flight=flights,
+            draining=drain,
             _nodes=nodes,
         )
 
