@@ -88,6 +88,8 @@ __all__ = ["Hub", "NodeSession", "TokenBucket", "link_record"]
 
 _log = logging.getLogger("meshserve.controlplane.hub")
 
+CLEANUP_WAIT_S = 30.0  # an ended stream's cleanup waits this long for its record's delete
+
 
 class Hub(mesh_pb2_grpc.NodeLinkServicer):
     """The NodeLink servicer of one control-plane replica (see the module contract)."""
@@ -241,16 +243,15 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         await session.outbox.close()
         self.records.forget(session)
         await self.records.settled(session.node_id)  # no batch writes it back after the delete
-        for attempt in range(60):  # ~30 s; after that the sweeper takes over
-            try:
-                await self._registry.delete_node_record(session.node_id, self.replica_id)
-                break
-            except Exception as exc:
-                if attempt == 0:
-                    _log.warning(
-                        "deleting node %s record failed: %r; retrying", session.node_id, exc
-                    )
-                await asyncio.sleep(0.5)
+        try:  # batched with the other streams that ended (records.py), retried there
+            await asyncio.wait_for(self.records.delete(session.node_id), CLEANUP_WAIT_S)
+        except TimeoutError:
+            _log.warning(
+                "node %s record not deleted within %.0f s (etcd away?); still queued, and the "
+                "sweeper deletes it otherwise",
+                session.node_id,
+                CLEANUP_WAIT_S,
+            )
         _log.info("node %s unlinked", session.node_id)
 
     def _on_message(self, session: NodeSession, message: mesh_pb2.NodeMessage) -> None:

@@ -44,6 +44,7 @@ __all__ = ["ControlPlaneMetrics", "controlplane_metrics"]
 #: nodes, bench/scale_soak.py).
 DECISION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
+
 class _HoldsStreams(Protocol):
     @property
     def replica_id(self) -> str: ...

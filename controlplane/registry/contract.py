@@ -176,6 +176,11 @@ class Registry(Protocol):
         have written some of the transactions before it)."""
         ...
 
+    async def delete_node_records(self, replica_id: str, node_ids: Sequence[str]) -> None:
+        """Delete the link records ``replica_id`` wrote for ``node_ids`` (their streams ended):
+        one transaction per ``TXN_OPS`` (a record already gone is no error)."""
+        ...
+
     async def delete_node_record(
         self, node_id: str, replica_id: str, *, mod_revision: int | None = None
     ) -> bool:

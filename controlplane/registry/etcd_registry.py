@@ -329,6 +329,12 @@ class EtcdRegistry:
         for first in range(0, len(ops), TXN_OPS):
             await self._txn([], ops[first : first + TXN_OPS])
 
+    async def delete_node_records(self, replica_id: str, node_ids: Sequence[str]) -> None:
+        t = self._etcd.transactions
+        ops = [t.delete(keys.node_link_key(n, replica_id).encode()) for n in node_ids]
+        for first in range(0, len(ops), TXN_OPS):
+            await self._txn([], ops[first : first + TXN_OPS])
+
     async def delete_node_record(
         self, node_id: str, replica_id: str, *, mod_revision: int | None = None
     ) -> bool:

@@ -226,6 +226,11 @@ class FakeRegistry:
             puts = {keys.node_link_key(i.node_id, replica_id): keys.encode(i) for i in chunk}
             self._commit(puts, lease=lease)
 
+    async def delete_node_records(self, replica_id: str, node_ids: Sequence[str]) -> None:
+        for first in range(0, len(node_ids), TXN_OPS):  # one revision per transaction
+            chunk = node_ids[first : first + TXN_OPS]
+            self._commit(deletes=[keys.node_link_key(n, replica_id) for n in chunk])
+
     async def delete_node_record(
         self, node_id: str, replica_id: str, *, mod_revision: int | None = None
     ) -> bool:

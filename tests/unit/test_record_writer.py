@@ -118,3 +118,60 @@ async def test_settled_waits_for_the_batch_in_flight_and_a_failed_batch_is_retri
     await asyncio.wait_for(settled, 2)
     assert keys.node_link_key("n1", "cp-1") in registry.data
     await writer.close()
+
+
+@pytest.mark.asyncio
+async def test_deletes_of_streams_that_ended_together_are_batched() -> None:
+    registry = FakeRegistry()
+    live: dict[str, _Stream] = {f"n{i}": _Stream(f"n{i}") for i in range(TXN_OPS + 30)}
+    writer = RecordWriter(registry, "cp-1", lambda: 1, live)
+    for stream in live.values():
+        writer.mark(stream)
+    await _idle(writer)
+    before = registry.revision
+    gone = dict(live)
+    live.clear()  # every stream cut at once
+    for stream in gone.values():
+        writer.forget(stream)
+    await asyncio.wait_for(asyncio.gather(*(writer.delete(n) for n in gone)), 5)
+    assert registry.revision - before == 2  # 130 deletes: 2 transactions
+    assert not any(k.startswith(keys.NODES) for k in registry.data)
+    await writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_new_stream_withdraws_the_queued_delete_of_its_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry()
+    old = _Stream("n1")
+    live: dict[str, _Stream] = {"n1": old}
+    writer = RecordWriter(registry, "cp-1", lambda: 1, live)
+    await writer.write_now(old)
+    live.clear()
+    real = registry.delete_node_records
+    calls = 0
+
+    async def failing(replica_id: str, node_ids: list[str]) -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("etcd away")
+
+    monkeypatch.setattr(registry, "delete_node_records", failing)
+    monkeypatch.setattr("meshserve.controlplane.link.records.RETRY_S", 0.01)
+    cleanup = asyncio.ensure_future(writer.delete("n1"))  # the old stream's cleanup
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        if calls >= 2:
+            break
+    assert calls >= 2 and not cleanup.done()  # queued, retried
+    new = _Stream("n1")
+    new.state = mesh_pb2.READY
+    live["n1"] = new
+    await asyncio.wait_for(writer.write_now(new), 2)  # the node is back
+    await asyncio.wait_for(cleanup, 2)  # the old delete was withdrawn, not run
+    monkeypatch.setattr(registry, "delete_node_records", real)
+    await asyncio.sleep(0.05)
+    info = keys.decode(registry.data[keys.node_link_key("n1", "cp-1")].value, mesh_pb2.NodeInfo())
+    assert info.copies[0].state == mesh_pb2.READY  # the new stream's record stands
+    await writer.close()
