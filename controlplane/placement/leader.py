@@ -26,6 +26,7 @@ from meshserve.controlplane.observe.events import EventSink
 from meshserve.controlplane.observe.metrics import ControlPlaneMetrics, controlplane_metrics
 from meshserve.controlplane.placement.autoscale import Autoscaler, ScaleChange
 from meshserve.controlplane.placement.failures import DEFAULT_RETRY, RetryPolicy, next_retry_ms
+from meshserve.controlplane.placement.policies.table import TableMemo
 from meshserve.controlplane.placement.scheduler import Plan, RuleSource, plan_placements
 from meshserve.controlplane.registry import Registry
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
@@ -70,6 +71,7 @@ class LeaderLoop:
         self._wake = asyncio.Event()
         self.autoscaler = Autoscaler()
         self._idle_inputs: tuple[object, ...] | None = None
+        self._memo = TableMemo()  # node columns carried from pass to pass (a cache)
         self.passes = 0
 
     def wake(self) -> None:
@@ -134,7 +136,9 @@ class LeaderLoop:
             and (due is None or now_ms < due)
         ):
             return
-        plan = plan_placements(snapshot, policy, desired=desired, now_ms=now_ms, retry=self._retry)
+        plan = plan_placements(
+            snapshot, policy, desired=desired, now_ms=now_ms, retry=self._retry, memo=self._memo
+        )
         self._metrics.decided_in(time.perf_counter() - deciding)
         if not plan.upserts and not plan.deletes:
             self._idle_inputs = inputs

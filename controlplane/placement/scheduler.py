@@ -59,7 +59,7 @@ from meshserve.controlplane.placement.policies.pipeline import (
     rank,
 )
 from meshserve.controlplane.placement.policies.plugins import Resident, Shortfall, Victim
-from meshserve.controlplane.placement.policies.table import Candidate, NodeTable
+from meshserve.controlplane.placement.policies.table import Candidate, NodeTable, TableMemo
 from meshserve.controlplane.snapshot import Snapshot, VariantKey
 from meshserve.protos import mesh_pb2
 
@@ -105,12 +105,14 @@ def plan_placements(
     desired: Mapping[VariantKey, int] | None = None,
     now_ms: int = 0,
     retry: RetryPolicy = DEFAULT_RETRY,
+    memo: TableMemo | None = None,
 ) -> Plan:
     """``now_ms``: the leader's clock (ms since the epoch) that failure retries are timed on;
-    ``retry``: their backoff."""
+    ``retry``: their backoff; ``memo``: the caller's :class:`TableMemo` across passes (a cache:
+    the plan is the same without it)."""
     rules = policy or _Default()
     deletes = [key for key in snapshot.placements if key not in snapshot.models]
-    table, sizes = _table(snapshot)
+    table, sizes = _table(snapshot, memo)
     demand = _Demand(snapshot)
     order = sorted(snapshot.models)
     wants: dict[VariantKey, int] = {}
@@ -279,9 +281,11 @@ def explain_variant(
     return rule, want, placed, verdicts
 
 
-def _table(snapshot: Snapshot) -> tuple[NodeTable, dict[VariantKey, int]]:
+def _table(
+    snapshot: Snapshot, memo: TableMemo | None = None
+) -> tuple[NodeTable, dict[VariantKey, int]]:
     in_flight = {n: float(sum(v.values())) for n, v in snapshot.in_flight.items()}
-    table = NodeTable.build(snapshot, draining=snapshot.draining, in_flight=in_flight)
+    table = NodeTable.build(snapshot, draining=snapshot.draining, in_flight=in_flight, memo=memo)
     sizes = footprints(snapshot)
     for key, placement in snapshot.placements.items():
         for node_id in placement.nodes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from meshserve.protos import mesh_pb2
 from tests.integration.test_rollout import meshctl
 from tests.support.mesh import register_file, wait_copies
 from tests.support.webhook import Hook
+from tests.support.workers import Workers
 
 ROWS = 25  # rows per query
 WINDOW_ROWS = 250  # one drift window: 10 queries
@@ -45,7 +45,7 @@ def _x(rng: np.random.Generator, rows: int = 1, shift: float = 0.0) -> npt.NDArr
     return (rng.standard_normal((rows, 64)) * (1.0 + shift) + shift).astype(np.float32)
 
 
-class Load:
+class Load(Workers):
     """Closed loops of embedded queries in threads; every answer is checked against
     onnxruntime in-process for the version it names."""
 
@@ -55,15 +55,12 @@ class Load:
         self.versions: list[tuple[float, str]] = []
         self.wrong: list[str] = []
         self._expect = expect
-        self._stop = threading.Event()
         xs = [_x(np.random.default_rng(i)) for i in range(4)]
         self._xs = xs
         self._want = {
             v: [reference_outputs(p, {"x": x})["y"] for x in xs] for v, p in expect.items()
         }
-        self._threads = [
-            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)
-        ]
+        super().__init__(workers)
 
     def _run(self, seed: int) -> None:
         end = time.monotonic() + LOAD_S
@@ -80,16 +77,6 @@ class Load:
             if not np.allclose(result["y"], self._want[result.variant][k], atol=1e-5):
                 self.wrong.append(result.variant)
             time.sleep(0.002)
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
 
     def latest(self) -> str:
         return self.versions[-1][1] if self.versions else ""

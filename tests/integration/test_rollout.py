@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from meshserve.devtools.demo_models import make_mlp, reference_outputs
 from meshserve.devtools.local import LocalMesh
 from tests.support.mesh import register_file, wait_copies
 from tests.support.rollout import roll_out, wait_shifted
+from tests.support.workers import Workers
 
 XS = [np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32) for i in range(8)]
 MAX_QUERIES = 20_000  # per worker: the loop is bounded in count and in time
@@ -40,19 +40,17 @@ class Answer:
     y: Any
 
 
-class QueryLoop:
+class QueryLoop(Workers):
     """Closed loops of queries that name no version (they follow `live`), in threads."""
 
     def __init__(self, address: str, workers: int = 2) -> None:
         self.answers: list[Answer] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(address, i), daemon=True)
-            for i in range(workers)
-        ]
+        self._address = address
+        super().__init__(workers)
 
-    def _run(self, address: str, seed: int) -> None:
+    def _run(self, seed: int) -> None:
+        address = self._address
         rng = np.random.default_rng(100 + seed)
         end = time.monotonic() + LOOP_S
         # through the gateway: the checks below say an alias move holds "at once" after the
@@ -70,16 +68,6 @@ class QueryLoop:
                     self.failures.append(f"{exc.code.name}: {exc.message}")
                     continue
                 self.answers.append(Answer(started, k, result.variant, result["y"]))
-
-    def __enter__(self) -> QueryLoop:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
 
     def between(self, start: float, end: float = float("inf")) -> Counter[str]:
         return Counter(a.version for a in list(self.answers) if start <= a.started < end)

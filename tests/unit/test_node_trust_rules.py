@@ -109,18 +109,24 @@ def test_placement_matches_admin_labels_and_claims_only_when_trusted() -> None:
     assert dict(trusted.nodes["n1"].labels) == {"tier": "x", "zone": "a"}
 
 
+def _hub_with_n1() -> tuple[Hub, NodeSession]:
+    """A hub (fake registry) holding one stream, node n1's, placed on ``m/default``."""
+    hub = Hub(
+        registry=FakeRegistry(),
+        replica_id="cp-1",
+        lease_ttl_s=3,
+        lease_id=lambda: 1,
+        snapshot=lambda: _snapshot(["n1"]),
+        replicas=lambda: [],
+    )
+    session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 4096)
+    hub.sessions["n1"] = session
+    return hub, session
+
+
 def test_reports_coalesce_into_one_reconcile_per_node() -> None:
     async def scenario() -> int:
-        hub = Hub(
-            registry=FakeRegistry(),
-            replica_id="cp-1",
-            lease_ttl_s=3,
-            lease_id=lambda: 1,
-            snapshot=lambda: _snapshot(["n1"]),
-            replicas=lambda: [],
-        )
-        session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 4096)
-        hub.sessions["n1"] = session
+        hub, session = _hub_with_n1()
         runs = 0
         original = hub.reconcile_session
 
@@ -165,16 +171,7 @@ def test_admin_labels_cap_the_hardware_a_node_claims() -> None:
 
 def test_the_hub_keeps_the_streams_with_queries_in_flight_as_telemetry_says() -> None:
     async def scenario() -> None:
-        hub = Hub(
-            registry=FakeRegistry(),
-            replica_id="cp-1",
-            lease_ttl_s=3,
-            lease_id=lambda: 1,
-            snapshot=lambda: _snapshot(["n1"]),
-            replicas=lambda: [],
-        )
-        session = NodeSession(mesh_pb2.Hello(node_id="n1"), "cp-1", 4096)
-        hub.sessions["n1"] = session
+        hub, session = _hub_with_n1()
         session.ordered_load(KEY, SHA)
         session.report(_status(mesh_pb2.READY))
 
