@@ -45,6 +45,7 @@ class NodeTable:
     _labels: dict[str, tuple[Ints, dict[str, int]]] = field(default_factory=dict)
     _providers: dict[str, Mask] = field(default_factory=dict)
     _nodes: list[NodeView] = field(default_factory=list)
+    _carried: _Carried | None = None  # columns a TableMemo offers, taken on first use
 
     @classmethod
     def build(
@@ -60,7 +61,11 @@ class NodeTable:
         ids = sorted(snapshot.nodes)
         nodes = [snapshot.nodes[i] for i in ids]
         n = len(ids)
-        index = dict(zip(ids, range(n), strict=True))
+        last = memo.last if memo is not None else None
+        if last is not None and last.ids == ids:  # the same nodes: the same (read-only) index
+            ids, index = last.ids, last.index
+        else:
+            index = dict(zip(ids, range(n), strict=True))
         # in flight and draining are sparse (a few nodes of 10,000): set by row, not per node
         flights = np.zeros(n)
         for node_id, value in (in_flight or {}).items():
@@ -93,6 +98,8 @@ class NodeTable:
     def label(self, key: str) -> tuple[Ints, dict[str, int]]:
         """(codes, vocabulary) of label ``key``: code -1 = the node lacks the label."""
         cached = self._labels.get(key)
+        if cached is None and self._carried is not None:
+            cached = self._carried.label(self, key)
         if cached is None:
             vocab: dict[str, int] = {}
             codes = np.full(len(self.ids), -1, np.int64)
@@ -121,6 +128,8 @@ class NodeTable:
 
     def provider(self, name: str) -> Mask:
         cached = self._providers.get(name)
+        if cached is None and self._carried is not None:
+            cached = self._carried.provider(self, name)
         if cached is None:
             cached = self._providers[name] = np.fromiter(
                 (name in v.hardware.execution_providers for v in self._nodes),
@@ -157,46 +166,104 @@ class Candidate:
     demand_domains: Mapping[str, float] = field(default_factory=dict)  # spread_by value -> demand
 
 
+@dataclass(frozen=True, eq=False)
+class _Source:
+    """The rows of the table a column was computed on (not the table: no chain of tables)."""
+
+    ids: list[str]
+    index: dict[str, int]
+    nodes: list[NodeView]
+
+
+class _Carried:
+    """Columns of earlier tables a new table may take, each with the rows it was computed on.
+    A column is carried on first use: the rows whose view is the very same object keep their
+    value, the others are read from their views (see the module doc)."""
+
+    def __init__(
+        self,
+        labels: dict[str, tuple[_Source, Ints, dict[str, int]]],
+        providers: dict[str, tuple[_Source, Mask]],
+    ) -> None:
+        self.labels = labels
+        self.providers = providers
+        self._matches: dict[int, tuple[Mask, Ints, list[int]]] = {}
+        self.rows_carried = 0
+
+    def _match(self, table: NodeTable, source: _Source) -> tuple[Mask, Ints, list[int]]:
+        """(same, row in ``source`` per row, rows to read afresh) for ``table``."""
+        found = self._matches.get(id(source))
+        if found is None:
+            n = len(table)
+            if source.ids is table.ids:
+                rows = np.arange(n)
+            else:
+                rows = np.fromiter((source.index.get(i, -1) for i in table.ids), np.int64, n)
+            old = source.nodes
+            same = np.fromiter(
+                (r >= 0 and old[r] is v for r, v in zip(rows.tolist(), table._nodes, strict=True)),
+                np.bool_,
+                n,
+            )
+            found = (same, np.where(same, rows, 0), np.flatnonzero(~same).tolist())
+            self._matches[id(source)] = found
+            self.rows_carried = max(self.rows_carried, int(same.sum()))
+        return found
+
+    def label(self, table: NodeTable, key: str) -> tuple[Ints, dict[str, int]] | None:
+        entry = self.labels.get(key)
+        if entry is None:
+            return None
+        source, codes, vocab = entry
+        same, rows, fresh = self._match(table, source)
+        vocab = dict(vocab)
+        new = np.where(same, codes[rows], -1) if len(codes) else np.full(len(table), -1)
+        for row in fresh:
+            value = table._nodes[row].labels.get(key)
+            if value is not None:
+                new[row] = vocab.setdefault(value, len(vocab))
+        table._labels[key] = (new, vocab)
+        return new, vocab
+
+    def provider(self, table: NodeTable, name: str) -> Mask | None:
+        entry = self.providers.get(name)
+        if entry is None:
+            return None
+        source, mask = entry
+        same, rows, fresh = self._match(table, source)
+        new = np.where(same, mask[rows], False) if len(mask) else np.zeros(len(table), np.bool_)
+        for row in fresh:
+            new[row] = name in table._nodes[row].hardware.execution_providers
+        table._providers[name] = new
+        return new
+
+
 class TableMemo:
-    """The columns of the last :class:`NodeTable` built with it (see the module doc). One per
-    scheduling loop; not thread-safe."""
+    """Offers each new :class:`NodeTable` the columns of the ones before it (see the module
+    doc). One per scheduling loop; not thread-safe."""
 
     def __init__(self) -> None:
-        self._last: NodeTable | None = None
-        self.rows_carried = 0  # of the last build (a figure for tests and benches)
+        self.last: NodeTable | None = None
+
+    @property
+    def rows_carried(self) -> int:
+        """Rows the last table took from an earlier one (0: none taken yet)."""
+        carried = self.last._carried if self.last is not None else None
+        return carried.rows_carried if carried is not None else 0
 
     def carry_into(self, table: NodeTable) -> None:
-        """Fill ``table``'s label and provider columns that the last table had computed, from
-        the last table's rows whose node view is the same object; then remember ``table``."""
-        last, self._last = self._last, table
-        self.rows_carried = 0
-        if last is None or not (last._labels or last._providers):
+        """Offer ``table`` the columns the last table computed (or was offered and did not
+        take, from the table before); then remember ``table``."""
+        last, self.last = self.last, table
+        if last is None:
             return
-        if table.ids == last.ids:
-            rows = np.arange(len(table.ids))
-        else:
-            rows = np.fromiter((last.index.get(i, -1) for i in table.ids), np.int64, len(table))
-        old = last._nodes
-        same = np.fromiter(
-            (r >= 0 and old[r] is v for r, v in zip(rows.tolist(), table._nodes, strict=True)),
-            np.bool_,
-            len(table),
-        )
-        self.rows_carried = int(same.sum())
-        fresh = np.flatnonzero(~same).tolist()
-        source = np.where(same, rows, 0)
-        for key, (codes, vocab) in last._labels.items():
-            vocab = dict(vocab)
-            new = np.where(same, codes[source], -1) if len(codes) else np.full(len(table), -1)
-            for row in fresh:
-                value = table._nodes[row].labels.get(key)
-                if value is not None:
-                    new[row] = vocab.setdefault(value, len(vocab))
-            table._labels[key] = (new, vocab)
-        for name, mask in last._providers.items():
-            carried = (
-                np.where(same, mask[source], False) if len(mask) else np.zeros(len(table), np.bool_)
-            )
-            for row in fresh:
-                carried[row] = name in table._nodes[row].hardware.execution_providers
-            table._providers[name] = carried
+        source = _Source(last.ids, last.index, last._nodes)
+        labels = {k: (source, codes, vocab) for k, (codes, vocab) in last._labels.items()}
+        providers = {k: (source, mask) for k, mask in last._providers.items()}
+        if last._carried is not None:  # offered to the last table, not taken: still on offer
+            for key, entry in last._carried.labels.items():
+                labels.setdefault(key, entry)
+            for name, offered in last._carried.providers.items():
+                providers.setdefault(name, offered)
+        if labels or providers:
+            table._carried = _Carried(labels, providers)

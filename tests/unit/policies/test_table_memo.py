@@ -51,9 +51,11 @@ def test_a_table_built_with_the_memo_has_the_columns_of_one_built_afresh(seed: i
                 nodes[node_id] = _random_node(rng, node_id)
         snapshot = Snapshot(nodes=MappingProxyType(dict(nodes)))
         with_memo = NodeTable.build(snapshot, memo=memo)
-        carried_any |= memo.rows_carried > 0
         fresh = NodeTable.build(snapshot)
         assert with_memo.ids == fresh.ids
-        assert _columns(with_memo) == _columns(fresh)
         np.testing.assert_array_equal(with_memo.memory, fresh.memory)
+        if rng.random() < 0.3:  # a pass that reads no column: offered on to the next table
+            continue
+        assert _columns(with_memo) == _columns(fresh)
+        carried_any |= memo.rows_carried > 0
     assert carried_any, "the memo never carried a row over: the test tests nothing"
