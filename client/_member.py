@@ -65,7 +65,7 @@ from meshserve.common.tenancy import current_tenant
 from meshserve.node.agent import Agent
 from meshserve.node.copies import CopyManager
 from meshserve.node.copy_entry import CopyEntry
-from meshserve.node.monitor import PredictionLog
+from meshserve.node.monitor import PredictionLog, monitor_answer
 from meshserve.node.service import InferenceHandler
 from meshserve.node.store import ModelStore
 from meshserve.node.transfer import SourcePolicy
@@ -455,20 +455,21 @@ class Member:
             entry.in_flight += 1
             entry.requests += 1
         started = time.monotonic()
+        answered = False
         try:
             result = copy.run_blocking(arrays, names)
+            answered = True
         except StatusError:
-            with lock:
-                entry.in_flight -= 1
-                entry.errors += 1
             raise
         except Exception as exc:  # onnxruntime's own untyped errors
-            with lock:
-                entry.in_flight -= 1
-                entry.errors += 1
             raise StatusError(
                 f"embedded model {model!r} failed: {exc}", grpc.StatusCode.INTERNAL
             ) from exc
+        finally:
+            if not answered:
+                with lock:
+                    entry.in_flight -= 1
+                    entry.errors += 1
         elapsed = time.monotonic() - started
         with lock:
             entry.in_flight -= 1
@@ -483,18 +484,13 @@ class Member:
         inputs: dict[str, npt.NDArray[Any]],
         outputs: dict[str, npt.NDArray[Any]],
     ) -> str:
-        """As the node's handler: sketch for drift, log sampled predictions (under the lock)."""
-        monitor = entry.monitor
-        if monitor is None:
-            return request_id
-        monitor.observe(inputs, outputs)
+        """As the node's handler (:func:`~meshserve.node.monitor.monitor_answer`; under the
+        lock)."""
         copies = self.copies
         log = copies.prediction_log if copies is not None else None
-        if log is not None and monitor.sampled():
-            return log.record(
-                request_id, monitor, inputs, outputs, self.member_id, current_tenant()
-            )
-        return request_id
+        return monitor_answer(
+            entry.monitor, log, request_id, inputs, outputs, self.member_id, current_tenant()
+        )
 
     def _refresh_soon(self) -> None:
         loop = self._loop

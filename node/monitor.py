@@ -163,6 +163,26 @@ class CopyMonitor:
         return self.logging and (self.sample_rate >= 1.0 or random.random() < self.sample_rate)
 
 
+def monitor_answer(
+    monitor: CopyMonitor | None,
+    log: PredictionLog | None,
+    request_id: str,
+    inputs: Mapping[str, NDArray[Any]],
+    outputs: Mapping[str, NDArray[Any]],
+    node_id: str,
+    tenant: str,
+) -> str:
+    """Sketch an answered query for drift, and log it when the model opts in (sampled);
+    returns the request id the answer carries (a new one for a logged query without). Shared by
+    a node's handler and an embedded member, so both monitor exactly alike."""
+    if monitor is None:
+        return request_id
+    monitor.observe(inputs, outputs)
+    if log is not None and monitor.sampled():
+        return log.record(request_id, monitor, inputs, outputs, node_id, tenant)
+    return request_id
+
+
 def _stack(arrays: list[NDArray[Any]]) -> NDArray[Any]:
     """The rows of many queries as one array (one concatenation, not one call per query)."""
     if len(arrays) == 1:

@@ -39,6 +39,7 @@ from meshserve.common.tracing import context_from_metadata, server_span
 from meshserve.node import repository
 from meshserve.node.cache import ResponseCache, inputs_digest, key_for
 from meshserve.node.copies import CopyEntry, CopyManager
+from meshserve.node.monitor import monitor_answer
 from meshserve.node.rights import Rights
 from meshserve.node.runtime import OnnxCopy
 from meshserve.protos import inference_pb2, inference_pb2_grpc
@@ -213,17 +214,12 @@ class InferenceHandler:
         inputs: dict[str, NDArray[Any]],
         outputs: dict[str, NDArray[Any]],
     ) -> str:
-        """Sketch the answered query for drift, log it when the model opts in (sampled);
-        returns the request id the answer carries (a new one for a logged query without)."""
-        monitor = entry.monitor
-        if monitor is None:
-            return request_id
-        monitor.observe(inputs, outputs)
+        """See :func:`~meshserve.node.monitor.monitor_answer` (feedback joins only the
+        tenant's own)."""
         log = self._copies.prediction_log
-        if log is not None and monitor.sampled():
-            tenant = current_tenant()  # feedback joins only this tenant's
-            return log.record(request_id, monitor, inputs, outputs, self.node_id, tenant)
-        return request_id
+        return monitor_answer(
+            entry.monitor, log, request_id, inputs, outputs, self.node_id, current_tenant()
+        )
 
     def _cached_better(
         self,
