@@ -188,6 +188,7 @@ class Agent:
             direct_address=self.direct_address,
             version="0.1.0",
             copies=self.copies.statuses(),
+            tunnel_batches=True,  # infer_batch read (link.Link._dispatch)
         )
 
     def connected_replicas(self, exclude: Link | None = None) -> set[str]:

@@ -36,6 +36,7 @@ The node-wide state (copies, labels, the replica list, the offline buffer) belon
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -49,6 +50,7 @@ from meshserve.common.errors import EOF, wire_status
 from meshserve.common.security import is_loopback_target
 from meshserve.common.tenancy import set_tenant
 from meshserve.common.tracing import context_from_map
+from meshserve.common.tunneling import MAX_FRAMES, take_frames
 from meshserve.node.metrics import node_metrics
 from meshserve.node.telemetry import ChangeFilter, TelemetryBudget, wire_size
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
@@ -250,6 +252,7 @@ class Link:
                     raise ConnectionError("the control plane did not answer with a Welcome")
                 welcome = first.welcome
                 self.replica_id = welcome.replica_id
+                batches = welcome.tunnel_batches  # answers that waited together: one message
                 if self.replica_id in agent.connected_replicas(exclude=self):
                     raise DuplicateLink
                 self.connected = True
@@ -265,7 +268,7 @@ class Link:
                     _log.info("sending %d telemetry summaries buffered offline", len(backlog))
                 if agent.draining_ms:
                     self.say_draining()
-                tasks.append(asyncio.create_task(self._write_loop(call, backlog)))
+                tasks.append(asyncio.create_task(self._write_loop(call, backlog, batches)))
                 tasks.append(asyncio.create_task(self._telemetry_loop(interval)))
                 while True:
                     message = await call.read()
@@ -289,6 +292,9 @@ class Link:
         kind = message.WhichOneof("body")
         if kind == "infer_request":
             self._tunneled(message.infer_request)
+        elif kind == "infer_batch":
+            for frame in message.infer_batch.frames:
+                self._tunneled(frame)
         elif kind == "load":
             self._agent.copies.load(message.load)
         elif kind == "unload":
@@ -364,15 +370,27 @@ class Link:
         self,
         call: aio.StreamStreamCall,  # type: ignore[type-arg]
         backlog: list[mesh_pb2.Telemetry],
+        batches: bool = False,
     ) -> None:
         """Write the offline backlog (oldest first, removed from ``backlog`` once written), then
-        the outbox."""
+        the outbox; with ``batches`` (the replica reads them), tunneled answers that waited
+        together go in one message (common/tunneling.py)."""
         while backlog:
             await call.write(mesh_pb2.NodeMessage(telemetry=backlog[0]))
             self.telemetry_bytes_sent += wire_size(backlog.pop(0))
             self.telemetry_messages_sent += 1
+        outbox = self._outbox
+        ready: collections.deque[mesh_pb2.NodeMessage] = collections.deque()
         while True:
-            message = await self._outbox.get()
+            if not ready:
+                ready.append(await outbox.get())
+            while batches and not outbox.empty() and len(ready) < MAX_FRAMES:
+                ready.append(outbox.get_nowait())  # what waited too: merged where it can be
+            message = (
+                take_frames(ready, "infer_response", "infer_answers")
+                if batches
+                else ready.popleft()
+            )
             await call.write(message)
             if message.HasField("telemetry"):
                 self.telemetry_bytes_sent += wire_size(message.telemetry)

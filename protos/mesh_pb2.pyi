@@ -176,7 +176,7 @@ class LatencyPoint(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "labels", "hardware", "direct_address", "version", "copies", "kind", "embedded")
+    __slots__ = ("node_id", "labels", "hardware", "direct_address", "version", "copies", "kind", "embedded", "tunnel_batches")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class Hello(_message.Message):
     COPIES_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     EMBEDDED_FIELD_NUMBER: _ClassVar[int]
+    TUNNEL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     labels: _containers.ScalarMap[str, str]
     hardware: Hardware
@@ -200,7 +201,8 @@ class Hello(_message.Message):
     copies: _containers.RepeatedCompositeFieldContainer[CopyStatus]
     kind: str
     embedded: _containers.RepeatedCompositeFieldContainer[EmbeddedModel]
-    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., version: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., kind: _Optional[str] = ..., embedded: _Optional[_Iterable[_Union[EmbeddedModel, _Mapping]]] = ...) -> None: ...
+    tunnel_batches: bool
+    def __init__(self, node_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., direct_address: _Optional[str] = ..., version: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., kind: _Optional[str] = ..., embedded: _Optional[_Iterable[_Union[EmbeddedModel, _Mapping]]] = ..., tunnel_batches: _Optional[bool] = ...) -> None: ...
 
 class EmbeddedModel(_message.Message):
     __slots__ = ("model", "version", "alias")
@@ -299,6 +301,18 @@ class TunnelResponse(_message.Message):
     status_message: str
     def __init__(self, correlation_id: _Optional[int] = ..., response: _Optional[_Union[_inference_pb2.ModelInferResponse, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ...) -> None: ...
 
+class TunnelRequests(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[TunnelRequest]
+    def __init__(self, frames: _Optional[_Iterable[_Union[TunnelRequest, _Mapping]]] = ...) -> None: ...
+
+class TunnelResponses(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[TunnelResponse]
+    def __init__(self, frames: _Optional[_Iterable[_Union[TunnelResponse, _Mapping]]] = ...) -> None: ...
+
 class Draining(_message.Message):
     __slots__ = ("timeout_ms",)
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -306,18 +320,20 @@ class Draining(_message.Message):
     def __init__(self, timeout_ms: _Optional[int] = ...) -> None: ...
 
 class NodeMessage(_message.Message):
-    __slots__ = ("hello", "copy_status", "telemetry", "infer_response", "draining")
+    __slots__ = ("hello", "copy_status", "telemetry", "infer_response", "draining", "infer_answers")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     COPY_STATUS_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     INFER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    INFER_ANSWERS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     copy_status: CopyStatus
     telemetry: Telemetry
     infer_response: TunnelResponse
     draining: Draining
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., copy_status: _Optional[_Union[CopyStatus, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., infer_response: _Optional[_Union[TunnelResponse, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ...) -> None: ...
+    infer_answers: TunnelResponses
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., copy_status: _Optional[_Union[CopyStatus, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., infer_response: _Optional[_Union[TunnelResponse, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ..., infer_answers: _Optional[_Union[TunnelResponses, _Mapping]] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
     __slots__ = ("replica_id", "address")
@@ -328,16 +344,18 @@ class ReplicaInfo(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("replica_id", "replicas", "lease_ttl_seconds", "telemetry_interval_ms")
+    __slots__ = ("replica_id", "replicas", "lease_ttl_seconds", "telemetry_interval_ms", "tunnel_batches")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TUNNEL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
     lease_ttl_seconds: int
     telemetry_interval_ms: int
-    def __init__(self, replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., lease_ttl_seconds: _Optional[int] = ..., telemetry_interval_ms: _Optional[int] = ...) -> None: ...
+    tunnel_batches: bool
+    def __init__(self, replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., lease_ttl_seconds: _Optional[int] = ..., telemetry_interval_ms: _Optional[int] = ..., tunnel_batches: _Optional[bool] = ...) -> None: ...
 
 class LoadModel(_message.Message):
     __slots__ = ("model", "variant", "artifact_uri", "sha256", "execution_providers", "serving", "placement_revision", "drift_reference", "store_id", "version", "accuracy")
@@ -378,12 +396,13 @@ class UnloadModel(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., placement_revision: _Optional[int] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
-    __slots__ = ("welcome", "load", "unload", "infer_request", "feedback", "replicas", "tenants")
+    __slots__ = ("welcome", "load", "unload", "infer_request", "feedback", "infer_batch", "replicas", "tenants")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_FIELD_NUMBER: _ClassVar[int]
     INFER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    INFER_BATCH_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
@@ -391,9 +410,10 @@ class ControlMessage(_message.Message):
     unload: UnloadModel
     infer_request: TunnelRequest
     feedback: FeedbackBatch
+    infer_batch: TunnelRequests
     replicas: ReplicaSet
     tenants: TenantRights
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ..., feedback: _Optional[_Union[FeedbackBatch, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaSet, _Mapping]] = ..., tenants: _Optional[_Union[TenantRights, _Mapping]] = ...) -> None: ...
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., infer_request: _Optional[_Union[TunnelRequest, _Mapping]] = ..., feedback: _Optional[_Union[FeedbackBatch, _Mapping]] = ..., infer_batch: _Optional[_Union[TunnelRequests, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaSet, _Mapping]] = ..., tenants: _Optional[_Union[TenantRights, _Mapping]] = ...) -> None: ...
 
 class TenantRights(_message.Message):
     __slots__ = ("enforce", "grants", "router_key_sha256")

@@ -106,6 +106,7 @@ def welcome(
             replicas=replicas,
             lease_ttl_seconds=lease_ttl_s,
             telemetry_interval_ms=telemetry_interval_ms,
+            tunnel_batches=True,  # infer_answers read (hub._on_message)
         )
     )
 

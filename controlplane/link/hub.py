@@ -55,6 +55,7 @@ from functools import partial
 from typing import Any
 
 from meshserve.common.errors import EOF, Malformed, ResourceExhausted, ServicerContext
+from meshserve.common.tunneling import take_frames
 from meshserve.controlplane import keys
 from meshserve.controlplane.link.embedded import reconcile_embedded
 from meshserve.controlplane.link.floor import UnloadFloor
@@ -210,7 +211,12 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
                 hello.direct_address or "-",
                 dict(hello.labels),
             )
-            session.outbox.attach(context.write)  # a writer task only while messages wait
+            # a writer task only while messages wait; tunneled queries that waited together go
+            # in one message to a node that reads them so (common/tunneling.py)
+            merge = None
+            if hello.tunnel_batches:
+                merge = partial(take_frames, single="infer_request", batch="infer_batch")
+            session.outbox.attach(context.write, merge)
             self.reconcile_session(session, self._snapshot())
             while True:
                 message = await context.read()
@@ -258,6 +264,9 @@ class Hub(mesh_pb2_grpc.NodeLinkServicer):
         kind = message.WhichOneof("body")
         if kind == "infer_response":
             session.resolve(message.infer_response)
+        elif kind == "infer_answers":
+            for answer in message.infer_answers.frames:
+                session.resolve(answer)
         elif kind == "copy_status":
             status = message.copy_status
             refused = session.judge(status)

@@ -9,6 +9,10 @@ Contract:
   idle stream -- most of 10,000 linked nodes, most of the time -- holds no task, no future and
   no coroutine frame for sending (what an ``asyncio.Queue`` read by a per-stream loop costs).
   Messages queued before :meth:`attach` wait for it.
+- ``merge`` (given to :meth:`attach`): takes one or more messages from the front of the queue
+  and returns the one message to write for them (several tunneled queries in one message: under
+  load one write carries many, where a message each costs a write each). Without it, one
+  message per write.
 - A write that fails ends the sending for good (the stream is broken; its read loop ends too):
   the rest stay queued and are dropped with the outbox. :meth:`close` cancels a write in flight
   and awaits it.
@@ -22,7 +26,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 __all__ = ["Outbox"]
 
@@ -30,16 +34,21 @@ _log = logging.getLogger("meshserve.controlplane.hub")
 
 T = TypeVar("T")
 
+#: Takes one or more messages from the front of the queue (never none) and returns the message
+#: that carries them.
+Merge: TypeAlias = Callable[[deque[T]], T]
+
 
 class Outbox(Generic[T]):
     """One stream's send queue (see the module contract)."""
 
-    __slots__ = ("_broken", "_items", "_size", "_task", "_write")
+    __slots__ = ("_broken", "_items", "_merge", "_size", "_task", "_write")
 
     def __init__(self, size: int) -> None:
         self._items: deque[T] = deque()
         self._size = size
         self._write: Callable[[T], Awaitable[None]] | None = None
+        self._merge: Merge[T] | None = None
         self._task: asyncio.Task[None] | None = None
         self._broken = False
 
@@ -60,9 +69,11 @@ class Outbox(Generic[T]):
     def qsize(self) -> int:
         return len(self._items)
 
-    def attach(self, write: Callable[[T], Awaitable[None]]) -> None:
-        """Send through ``write`` from now on (the stream is set up)."""
+    def attach(self, write: Callable[[T], Awaitable[None]], merge: Merge[T] | None = None) -> None:
+        """Send through ``write`` from now on (the stream is set up), ``merge`` taking what
+        each write carries (None: one message)."""
         self._write = write
+        self._merge = merge
         self._kick()
 
     async def close(self) -> None:
@@ -80,9 +91,10 @@ class Outbox(Generic[T]):
             self._task = asyncio.get_running_loop().create_task(self._drain(self._write))
 
     async def _drain(self, write: Callable[[T], Awaitable[None]]) -> None:
+        items, merge = self._items, self._merge
         try:
-            while self._items and not self._broken:
-                await write(self._items.popleft())
+            while items and not self._broken:
+                await write(items.popleft() if merge is None else merge(items))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the stream broke: its read loop ends and cleans up
