@@ -135,7 +135,10 @@ def test_curl_health_metadata_and_json_infer(rest: Rest) -> None:
     assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]
     assert _curl(f"{base}/models/mlp/ready") == (200, {"name": "mlp", "ready": True})
     version = meta["versions"][0]
+    status, pinned = _curl(f"{base}/models/mlp/versions/{version}")
+    assert status == 200 and pinned["name"] == "mlp" and pinned["inputs"] == meta["inputs"]
     assert _curl(f"{base}/models/mlp/versions/{version}/ready")[0] == 200
+    assert _curl(f"{base}/models/mlp/versions/no-such-version")[0] == 404
 
     x = _x()
     status, answer = _curl(f"{base}/models/mlp/infer", body=_infer_body(x))
