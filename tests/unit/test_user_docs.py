@@ -74,3 +74,13 @@ def test_the_monitoring_doc_says_to_apply_the_policy_and_how_the_npz_is_keyed() 
     assert re.search(
         r"\.npz` holds the model's inputs only, each array under its input's name", text
     )
+
+
+def test_the_monitoring_doc_states_the_trace_sampling_default() -> None:
+    """What common/process.py's default_sampler does (tests/unit/test_process.py pins it): an
+    exporter with no OTEL_TRACES_SAMPLER traces every query; a ratio is set explicitly."""
+    text = " ".join((DOCS / "monitoring.md").read_text().split())
+    assert (
+        "**Sampling default.** With an exporter and no `OTEL_TRACES_SAMPLER`, every query" in text
+    )
+    assert "`parentbased_always_on`" in text and "parentbased_traceidratio" in text
