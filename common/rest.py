@@ -12,6 +12,9 @@ one (:mod:`meshserve.common.rest_server` serves them):
 * :func:`render_infer`: a ``ModelInferResponse`` → the JSON body (``data`` flat, row-major), or
   with the outputs asked as ``binary_data`` (or ``binary_data_output`` for all) the JSON header
   followed by their raw bytes.
+* :func:`config_json`, :func:`parse_index_request`, :func:`index_json`: Triton's model
+  configuration (``GET .../config``) and repository index (``POST /v2/repository/index``)
+  extensions as REST bodies.
 * :func:`http_status` and :func:`error_body`: a gRPC status as HTTP (INVALID_ARGUMENT 400,
   UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
   UNAVAILABLE 503, DEADLINE_EXCEEDED 504, any other 500) and ``{"error": "..."}``.
@@ -30,6 +33,8 @@ from typing import Any, Final
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from meshserve.common.codec import (
     MAX_DIMS,
@@ -399,3 +404,68 @@ def metadata_json(response: inference_pb2.ModelMetadataResponse) -> dict[str, An
         "inputs": tensors(response.inputs),
         "outputs": tensors(response.outputs),
     }
+
+
+_INT64_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _numbers_for_int64(message: Any, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (protobuf's JSON of ``message``, field names as in the proto) with every 64-bit
+    integer a JSON number instead of protobuf's string, as Triton's HTTP endpoint answers a
+    model configuration (``"dims": [64]``, not ``["64"]``)."""
+    for fd, value in message.ListFields():
+        key = fd.name
+        if key not in doc:
+            continue
+        if fd.message_type is not None:  # (the config has no map fields)
+            if isinstance(doc[key], list):  # a repeated field
+                for item, part in zip(value, doc[key], strict=True):
+                    _numbers_for_int64(item, part)
+            else:
+                _numbers_for_int64(value, doc[key])
+        elif fd.type in _INT64_TYPES:
+            part = doc[key]
+            doc[key] = [int(v) for v in part] if isinstance(part, list) else int(part)
+    return doc
+
+
+def config_json(response: inference_pb2.ModelConfigResponse) -> dict[str, Any]:
+    """A ModelConfig answer as Triton's REST body (``GET /v2/models/M/config``): the
+    configuration itself, field names as in the proto, 64-bit integers as numbers."""
+    doc = json_format.MessageToDict(response.config, preserving_proto_field_name=True)
+    return _numbers_for_int64(response.config, doc)
+
+
+def parse_index_request(body: bytes) -> inference_pb2.RepositoryIndexRequest:
+    """``POST /v2/repository/index``'s body: empty (tritonclient.http sends none) or a JSON
+    object with an optional boolean ``ready`` (only the ready models)."""
+    if not body.strip():
+        return inference_pb2.RepositoryIndexRequest()
+    doc = _load_json(body)
+    unknown = set(doc) - {"ready"}
+    if unknown:
+        raise InvalidArgument(f"repository index: unknown field(s) {sorted(unknown)}; want 'ready'")
+    ready = doc.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidArgument("repository index: 'ready' must be true or false")
+    return inference_pb2.RepositoryIndexRequest(ready=ready)
+
+
+def index_json(response: inference_pb2.RepositoryIndexResponse) -> list[dict[str, str]]:
+    """A RepositoryIndex answer as Triton's REST body: one object per model version (``name``,
+    ``version``, ``state``, and ``reason`` when there is one)."""
+    out = []
+    for model in response.models:
+        entry = {"name": model.name, "version": model.version, "state": model.state}
+        if model.reason:
+            entry["reason"] = model.reason
+        out.append(entry)
+    return out

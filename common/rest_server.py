@@ -9,6 +9,8 @@ servicer (as registered: wrapped by its auth checks and
     GET  /v2/models/{m}[/versions/{v}]            model metadata
     GET  /v2/models/{m}[/versions/{v}]/ready      200, else 400
     POST /v2/models/{m}[/versions/{v}]/infer      JSON, or Triton's binary-data extension
+    GET  /v2/models/{m}[/versions/{v}]/config     Triton's model configuration extension
+    POST /v2/repository/index                     Triton's repository index (body: {"ready": b})
 
 Each call gets a :class:`RestContext`, the part of a gRPC servicer context the handlers use:
 the caller's ``Authorization``/``x-api-key``, ``x-client-id`` and W3C trace headers as call
@@ -128,6 +130,8 @@ class RestHandlers:
     model_ready: Handler
     model_metadata: Handler
     infer: Handler
+    model_config: Handler
+    repository_index: Handler
 
     @classmethod
     def of(cls, servicer: Any) -> RestHandlers:
@@ -139,6 +143,8 @@ class RestHandlers:
             model_ready=servicer.ModelReady,
             model_metadata=servicer.ModelMetadata,
             infer=servicer.ModelInfer,
+            model_config=servicer.ModelConfig,
+            repository_index=servicer.RepositoryIndex,
         )
 
 
@@ -298,6 +304,27 @@ def build_app(handlers: RestHandlers, *, max_body_bytes: int = 64 << 20) -> web.
             return failed
         return _json(200, rest.metadata_json(answer))
 
+    async def model_config(request: web.Request) -> web.Response:
+        name, version = names(request)
+        message = inference_pb2.ModelConfigRequest(name=name, version=version)
+        answer, failed = await call(handlers.model_config, message, context_of(request))
+        if failed is not None:
+            return failed
+        return _json(200, rest.config_json(answer))
+
+    async def repository_index(request: web.Request) -> web.Response:
+        try:
+            message = rest.parse_index_request(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the body exceeds {max_body_bytes} bytes (--max-message-mb)")
+        except StatusError as exc:
+            code, details = status_of(exc)
+            return _error(rest.http_status(code), details)
+        answer, failed = await call(handlers.repository_index, message, context_of(request))
+        if failed is not None:
+            return failed
+        return _json(200, rest.index_json(answer))
+
     async def infer(request: web.Request) -> web.Response:
         name, version = names(request)
         try:
@@ -335,12 +362,14 @@ def build_app(handlers: RestHandlers, *, max_body_bytes: int = 64 << 20) -> web.
         web.get("/v2", server_metadata),
         web.get("/v2/health/live", live),
         web.get("/v2/health/ready", ready),
+        web.post("/v2/repository/index", repository_index),
     ]
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes += [
             web.get(base, model_metadata),
             web.get(base + "/ready", model_ready),
             web.post(base + "/infer", infer),
+            web.get(base + "/config", model_config),
         ]
     app.add_routes(routes)
     return app

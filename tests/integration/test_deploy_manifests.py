@@ -416,6 +416,70 @@ def test_every_object_validates_against_the_kubernetes_schemas(
             raise AssertionError(f"{_key(doc)}: {exc.message} at {list(exc.path)}") from exc
 
 
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _is_health_check(probe: dict[str, Any]) -> bool:
+    """A ``grpc:`` probe, or an exec probe running a ``grpc.health.v1`` Check (TLS)."""
+    if "grpc" in probe:
+        return True
+    command = probe.get("exec", {}).get("command", [])
+    return command[:2] == ["python", "-c"] and "HealthStub" in command[2] and "Check(" in command[2]
+
+
+def test_the_workloads_have_the_shape_the_issue_asks(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """Issue 17 item 7: etcd a 3-member StatefulSet with TLS (clients and peers), the control
+    plane a Deployment of 2+ replicas, the gateway a Deployment the HPA owns, nodes as a
+    DaemonSet and a Deployment, a PodDisruptionBudget for every Deployment and StatefulSet,
+    a Service for every component, gRPC health probes on every mesh container, the policy in a
+    ConfigMap and every token and key in a Secret."""
+    name, docs = overlay
+    by = {_key(d): d for d in docs}
+    etcd = by["StatefulSet/etcd"]
+    assert etcd["spec"]["replicas"] == 3
+    (etcd_c,) = etcd["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.removeprefix("--").partition("=")[::2] for a in etcd_c["command"][1:])
+    for flag in ("listen-client-urls", "advertise-client-urls", "listen-peer-urls"):
+        assert flags[flag].startswith("https://"), flag
+    assert flags["initial-cluster"].count("=https://") == 3
+    assert "client-cert-auth" in flags and "peer-client-cert-auth" in flags
+    for flag in ("trusted-ca-file", "cert-file", "key-file", "peer-cert-file", "peer-key-file"):
+        assert flags[flag], flag
+    assert by["Deployment/meshserve-controlplane"]["spec"]["replicas"] >= 2
+    gateway = by["Deployment/meshserve-gateway"]
+    assert "replicas" not in gateway["spec"]  # the HPA owns it
+    hpa = by["HorizontalPodAutoscaler/meshserve-gateway"]["spec"]
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "meshserve-gateway"}
+    assert hpa["scaleTargetRef"] == target
+    assert 1 <= hpa["minReplicas"] < hpa["maxReplicas"], name
+    assert "DaemonSet/meshserve-node" in by and "Deployment/meshserve-node-pool" in by
+    budgets = [
+        d["spec"]["selector"]["matchLabels"] for d in docs if d["kind"] == "PodDisruptionBudget"
+    ]
+    services = [d["spec"]["selector"] for d in docs if d["kind"] == "Service"]
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet", "DaemonSet"):
+            continue
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert any(_matches(s, labels) for s in services), f"{_key(doc)}: no Service"
+        if doc["kind"] != "DaemonSet":  # a drain evicts no DaemonSet pod
+            covering = [b for b in budgets if _matches(b, labels)]
+            assert len(covering) == 1, f"{_key(doc)}: {len(covering)} PodDisruptionBudgets"
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            if Path(_container_argv(c)[0]).name.startswith("meshserve-"):
+                for probe in ("readinessProbe", "livenessProbe"):
+                    assert _is_health_check(c[probe]), (_key(doc), probe)
+    assert "ConfigMap/meshserve-policy" in by
+    assert {
+        "Secret/meshserve-etcd-tls",
+        "Secret/meshserve-controlplane",
+        "Secret/meshserve-node",
+    } <= set(by)
+
+
 def test_the_service_monitor_has_what_the_prometheus_operator_requires(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ from meshserve.devtools.demo_models import make_mlp, write_not_onnx
 from meshserve.devtools.local import LocalMesh, ManagedProcess
 
 MESHCTL = [sys.executable, "-m", "meshserve.client.cli"]
+README = Path(__file__).resolve().parents[2] / "README.md"
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 
 
@@ -26,12 +29,27 @@ def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def readme_quick_query() -> str:
+    """The README's "a query of your own" block: the quick start's commands after ``make up``
+    (which runs ``meshctl up``), checked to be the export line and one query, so that the
+    README's first screen reaches a query in three commands."""
+    text = README.read_text()
+    quick = text[text.index("## Quick start") :]
+    blocks: list[str] = re.findall(r"^```bash\n(.*?)^```$", quick, re.MULTILINE | re.DOTALL)
+    first, second = blocks[:2]
+    assert first.splitlines()[0].split("#")[0].split() == ["make", "up"]
+    commands = [line for line in second.splitlines() if line.split("#")[0].strip()]
+    assert len(commands) == 2 and commands[0].startswith("export MESHSERVE_TARGET="), commands
+    return second
+
+
 def test_up_runs_a_mesh_answers_queries_and_stops_everything(tmp_path: Path) -> None:
     """`meshctl up` with metrics and console traces: the export line names the control plane,
-    each printed /metrics endpoint answers while it runs, every demo query left its gateway
-    or node spans in the logs (an exporter with no sampler samples everything), and nothing
-    is left running."""
-    args = ["up", "--duration", "3", "--queries", "6", "--workdir", str(tmp_path)]
+    each printed /metrics endpoint answers while it runs, the README's quick-start query (its
+    export line with the printed address) answers from a second shell, every demo query left
+    its gateway or node spans in the logs (an exporter with no sampler samples everything),
+    and after SIGTERM nothing is left running."""
+    args = ["up", "--duration", "120", "--queries", "6", "--workdir", str(tmp_path)]
     args += ["--metrics-listen", "127.0.0.1:0", "--trace", "console"]
     env = {**ENV, "PYTHONUNBUFFERED": "1", "OTEL_BSP_SCHEDULE_DELAY": "100"}
     env.pop("OTEL_TRACES_SAMPLER", None)
@@ -59,9 +77,31 @@ def test_up_runs_a_mesh_answers_queries_and_stops_everything(tmp_path: Path) -> 
         assert {n["id"] for n in view["nodes"]} == {"core-1", "edge-1"}
         with urllib.request.urlopen(map_url, timeout=10) as answer:
             assert b"meshserve" in answer.read()  # the page itself
+        # The README's second shell, as written but for the address `up` printed and the
+        # virtualenv's python (the README's .venv/bin/ is the checkout's).
+        [export] = [line.strip() for line in lines if line.startswith("export MESHSERVE_TARGET=")]
+        block = readme_quick_query().replace("export MESHSERVE_TARGET=127.0.0.1:PORT", export)
+        block = block.replace(".venv/bin/python", sys.executable)
+        query = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+        )
+        assert query.returncode == 0, query.stdout + query.stderr
+        assert re.fullmatch(r"\[\[[-0-9.e\s]+\]\]\n", query.stdout), query.stdout  # 1 x 10 scores
+        proc.send_signal(signal.SIGTERM)  # stops as at the end of --duration
         rest, err = proc.communicate(timeout=120)
     finally:
         killer.cancel()
+        if proc.poll() is None:  # a failed check above: stop the mesh, not in 120 s
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
     out = "".join(lines) + rest
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     [cp_line] = [line for line in out.splitlines() if "control plane" in line]

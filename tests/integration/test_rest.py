@@ -135,7 +135,10 @@ def test_curl_health_metadata_and_json_infer(rest: Rest) -> None:
     assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]
     assert _curl(f"{base}/models/mlp/ready") == (200, {"name": "mlp", "ready": True})
     version = meta["versions"][0]
+    status, pinned = _curl(f"{base}/models/mlp/versions/{version}")
+    assert status == 200 and pinned["name"] == "mlp" and pinned["inputs"] == meta["inputs"]
     assert _curl(f"{base}/models/mlp/versions/{version}/ready")[0] == 200
+    assert _curl(f"{base}/models/mlp/versions/no-such-version")[0] == 404
 
     x = _x()
     status, answer = _curl(f"{base}/models/mlp/infer", body=_infer_body(x))
@@ -209,6 +212,56 @@ def test_the_nodes_direct_port_answers_rest(rest: Rest) -> None:
         client.close()
     status, answer = _curl(f"http://{rest.node}/v2/models/mlp/infer", body=_infer_body(x))
     assert status == 200 and answer["outputs"][0]["shape"] == [2, 4]
+
+
+# -- Triton's model configuration and repository index over REST ----------------------------------
+
+
+@pytest.mark.parametrize("where", ["replica", "node"])
+def test_tritonclient_http_model_config_and_repository_index(rest: Rest, where: str) -> None:
+    """``get_model_config`` and ``get_model_repository_index`` of tritonclient.http: the
+    configuration derived from the ONNX file (the batch axis as ``max_batch_size``, dims as
+    numbers as Triton's HTTP endpoint gives them), the index of every model with its state."""
+    address = rest.replica if where == "replica" else rest.node
+    client = th.InferenceServerClient(url=address)
+    try:
+        config = client.get_model_config("mlp")
+        assert config["name"] == "mlp" and config["platform"] == "onnxruntime_onnx"
+        assert config["backend"] == "onnxruntime" and config["max_batch_size"] >= 1
+        assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [8]}]
+        assert config["output"] == [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}]
+        version = client.get_model_metadata("mlp")["versions"][0]
+        assert client.get_model_config("mlp", version) == config
+        with pytest.raises(InferenceServerException) as unknown:
+            client.get_model_config("no-such-model")
+        assert unknown.value.status() == "404"
+        index = client.get_model_repository_index()
+        assert sorted((m["name"], m["state"]) for m in index) == [
+            ("mlp", "READY"),
+            ("other", "READY"),
+        ]
+        assert all(m["version"] for m in index)
+    finally:
+        client.close()
+    url = f"http://{address}/v2/repository/index"
+    assert _curl(url, body=b'{"ready": true}')[1] == index
+    status, answer = _curl(url, body=b'{"ready": "yes"}')
+    assert status == 400 and "ready" in answer["error"]
+
+
+def test_model_config_and_index_over_rest_obey_api_keys(rest: Rest) -> None:
+    base = f"http://{rest.gateway}/v2"
+    acme = {"Authorization": f"Bearer {rest.acme}"}
+    globex = {"Authorization": f"Bearer {rest.globex}"}
+    assert _curl(f"{base}/models/mlp/config")[0] == 401
+    assert _curl(f"{base}/models/mlp/config", headers=globex)[0] == 403
+    status, config = _curl(f"{base}/models/mlp/config", headers=acme)
+    assert status == 200 and config["input"][0]["dims"] == [8]
+    assert _curl(f"{base}/repository/index", body=b"")[0] == 401
+    status, index = _curl(f"{base}/repository/index", body=b"", headers=acme)
+    assert status == 200 and [m["name"] for m in index] == ["mlp"]
+    status, index = _curl(f"{base}/repository/index", body=b"", headers=globex)
+    assert status == 200 and [m["name"] for m in index] == ["other"]
 
 
 # -- API keys (the standalone gateway) -------------------------------------------------------------

@@ -204,6 +204,45 @@ def test_retry_after_and_error_body() -> None:
     assert json.loads(rest.error_body('model "x" not found')) == {"error": 'model "x" not found'}
 
 
+def test_model_config_renders_as_tritons_http_json() -> None:
+    config = inference_pb2.ModelConfig(
+        name="m", platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=32
+    )
+    config.input.add(name="x", data_type=inference_pb2.TYPE_FP32, dims=[8, 3])
+    config.output.add(name="y", data_type=inference_pb2.TYPE_INT64, dims=[1])
+    doc = rest.config_json(inference_pb2.ModelConfigResponse(config=config))
+    assert doc == {
+        "name": "m",
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": 32,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [8, 3]}],  # numbers
+        "output": [{"name": "y", "data_type": "TYPE_INT64", "dims": [1]}],
+    }
+    bare = rest.config_json(inference_pb2.ModelConfigResponse(config=inference_pb2.ModelConfig()))
+    assert bare == {}
+
+
+def test_repository_index_request_and_answer() -> None:
+    assert rest.parse_index_request(b"") == inference_pb2.RepositoryIndexRequest()
+    assert rest.parse_index_request(b'{"ready": true}').ready
+    for body, says in [
+        (b'{"ready": 1}', "true or false"),
+        (b'{"repository_name": "r"}', "unknown field"),
+        (b"[]", "JSON object"),
+        (b"{", "not valid JSON"),
+    ]:
+        with pytest.raises(InvalidArgument, match=says):
+            rest.parse_index_request(body)
+    answer = inference_pb2.RepositoryIndexResponse()
+    answer.models.add(name="a", version="v1", state="READY")
+    answer.models.add(name="b", version="v2", state="UNAVAILABLE", reason="no ready copy")
+    assert rest.index_json(answer) == [
+        {"name": "a", "version": "v1", "state": "READY"},
+        {"name": "b", "version": "v2", "state": "UNAVAILABLE", "reason": "no ready copy"},
+    ]
+
+
 def test_http_listen_parsing() -> None:
     assert listen_address(":8080", "--http-listen") == ("127.0.0.1", 8080)
     assert listen_address("0.0.0.0:80", "--http-listen") == ("0.0.0.0", 80)
