@@ -1,4 +1,4 @@
-"""A node is trusted to compute, not to describe itself (issue 16 §3, §5, §10).
+"""A node is trusted to compute, not to describe itself (issue 16 §3, §5, §10; §13: the webhook).
 
 A real control plane (as a production replica runs by default: no ``--trust-node-labels``) on a
 real etcd, and a *fake node* written here: a raw gRPC client of the NodeLink stream that speaks
@@ -11,13 +11,16 @@ sent before it.
 
 from __future__ import annotations
 
+import http.server
 import os
 import queue
+import secrets
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import numpy as np
@@ -308,3 +311,87 @@ def test_telemetry_about_copies_not_held_is_ignored(
             assert {m.model for m in node.telemetry.models} == {"real"}
     finally:
         fake.close()
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver that answers every POST 500 (and counts them)."""
+
+    posts: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        _Failing.posts.append(self.path)
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_webhook() -> Iterator[tuple[str, str]]:
+    """A receiver answering 500; its URL, carrying a token in its path and query, and the
+    token."""
+    _Failing.posts = []
+    token = secrets.token_hex(16)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/{token}?key={token}", token
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_a_failing_webhook_is_logged_without_its_url(
+    mesh: tuple[LocalMesh, str], tmp_path: Path, failing_webhook: tuple[str, str]
+) -> None:
+    """Issue 16, Low 13, with a real control plane: a webhook POST that fails is logged by the
+    receiver's scheme, host and port only, and GetPolicy returns the URL redacted; the token in
+    the URL's path and query is nowhere in the control plane's log."""
+    local, address = mesh
+    url, token = failing_webhook
+    origin = url.split("/hooks/")[0]
+    model = make_mlp(tmp_path / "mlp.onnx")
+    sha = sha256_file(model)
+    fake = FakeNode(address, mesh_pb2.Hello(node_id="fake-4"))
+    try:
+        fake.wait_for(lambda m: m.HasField("welcome"))
+        with AdminClient(address) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-4 listed")
+            admin.apply_policy(
+                "name: watched\nmonitoring:\n  capture_windows: 1\n  drift_windows: 1\n"
+                f"  webhook:\n    url: {url}\n    min_interval_s: 0\n    max_retries: 0\n"
+            )
+            shown = admin.get_policy().yaml
+            assert token not in shown and origin in shown, shown
+            admin.register_model("real", model.as_uri(), sha)
+            fake.wait_for(_load_of("real"))
+            fake.status("real", mesh_pb2.READY, sha)
+            wait_until(
+                lambda: (
+                    _copies(admin, "fake-4").get("real", mesh_pb2.CopyStatus()).state
+                    == mesh_pb2.READY
+                ),
+                20,
+                what="the real copy READY",
+            )
+            for seq, counts in ((1, [100, 0]), (2, [0, 100])):  # a reference, then drift
+                fake.send(
+                    telemetry=mesh_pb2.Telemetry(unix_ms=seq, models=[_drift("real", seq, counts)])
+                )
+            wait_until(lambda: admin.list_events(100, kind="drift"), 30, what="the drift event")
+        wait_until(lambda: _Failing.posts, 15, what="the webhook POST")
+        [log] = [p.log_path for p in local.processes if p.name == "cp-1"]
+
+        def dropped() -> list[str]:
+            lines = log.read_text(errors="replace").splitlines()
+            return [line for line in lines if "webhook" in line and "dropped" in line]
+
+        failures = wait_until(dropped, 15, what="the failed POST's log line")
+    finally:
+        fake.close()
+    assert any(origin in line for line in failures), failures
+    assert _Failing.posts and all(token in p for p in _Failing.posts), "the POST had the URL"
+    assert token not in log.read_text(errors="replace"), "the webhook's token in the log"
