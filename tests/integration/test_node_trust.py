@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -29,6 +30,7 @@ import pytest
 from meshserve.client import MeshClient
 from meshserve.client._admin import AdminClient
 from meshserve.common.errors import StatusError
+from meshserve.controlplane.link.trust import MAX_CLAIMS
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
@@ -236,9 +238,13 @@ def test_invented_copies_and_their_telemetry_are_ignored(
             fake.status("real", mesh_pb2.LOADING, sha)  # believed: sync point
             wait_until(lambda: "real" in _copies(admin, "fake-2"), 30, what="the real report")
             assert set(_copies(admin, "fake-2")) == {"real"}
-            # the invented copies are not in the view; each is told to go (bounded)
-            unloads = {m.unload.model for m in fake.drain() if m.HasField("unload")}
+            # The invented copies are not in the view; those remembered are told to go, each
+            # once, and no more are remembered than MAX_CLAIMS (the rest counted, forgotten).
+            fake.wait_for(lambda m: m.HasField("unload"), 30)
+            time.sleep(1.0)  # let any further unloads arrive (there must be few)
+            unloads = [m.unload.model for m in fake.drain() if m.HasField("unload")]
             assert "real" not in unloads
+            assert len(unloads) == len(set(unloads)) <= MAX_CLAIMS, len(unloads)
     finally:
         fake.close()
 
