@@ -401,3 +401,53 @@ def test_a_failing_webhook_is_logged_without_its_url(
     assert any(origin in line for line in failures), failures
     assert _Failing.posts and all(token in p for p in _Failing.posts), "the POST had the URL"
     assert token not in log.read_text(errors="replace"), "the webhook's token in the log"
+
+
+FLOOD = 40  # telemetry messages of ~100 KiB each, sent back to back: 4 MiB
+PAD = [mesh_pb2.ModelTelemetry(model=f"pad-{i}-" + "x" * 1000) for i in range(100)]
+
+
+def test_a_nodes_telemetry_budget_holds_on_the_control_plane(
+    mesh: tuple[LocalMesh, str], tmp_path: Path
+) -> None:
+    """Issue 16 §5: whatever a node's own budget says, the control plane believes at most its
+    budget (64 KiB/s, 1 MiB burst) of a node's telemetry: of 4 MiB sent at once, the first ~1 MiB
+    is taken and the rest dropped (logged once)."""
+    local, address = mesh
+    model = make_mlp(tmp_path / "mlp.onnx")
+    sha = sha256_file(model)
+    fake = FakeNode(address, mesh_pb2.Hello(node_id="fake-5"))
+    try:
+        fake.wait_for(lambda m: m.HasField("welcome"))
+        with AdminClient(address) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-5 listed")
+            admin.register_model("real", model.as_uri(), sha)
+            admin.register_model("sync", model.as_uri(), sha)
+            fake.wait_for(_load_of("real"))
+            fake.wait_for(_load_of("sync"))
+            fake.status("real", mesh_pb2.READY, sha)
+            wait_until(
+                lambda: (
+                    _copies(admin, "fake-5").get("real", mesh_pb2.CopyStatus()).state
+                    == mesh_pb2.READY
+                ),
+                20,
+                what="the real copy READY",
+            )
+            for i in range(1, FLOOD + 1):  # each names how many were sent so far
+                entries = [
+                    *PAD,
+                    mesh_pb2.ModelTelemetry(model="real", variant="default", requests=i),
+                ]
+                fake.send(telemetry=mesh_pb2.Telemetry(unix_ms=i, models=entries))
+            fake.status("sync", mesh_pb2.LOADING, sha)  # after the flood: sync point
+            wait_until(lambda: "sync" in _copies(admin, "fake-5"), 30, what="the sync report")
+            [node] = admin.list_nodes()
+            seen = {m.model: m.requests for m in node.telemetry.models}
+        [log] = [p.log_path for p in local.processes if p.name == "cp-1"]
+        text = log.read_text(errors="replace")
+    finally:
+        fake.close()
+    assert set(seen) == {"real"}, "padding about copies not held is dropped"
+    assert 5 <= seen["real"] < FLOOD // 2, f"believed up to message {seen['real']} of {FLOOD}"
+    assert "node fake-5: telemetry over its budget" in text
