@@ -1,4 +1,4 @@
-"""A node is trusted to compute, not to describe itself (issue 16 §3, §5, §10).
+"""A node is trusted to compute, not to describe itself (issue 16 §3, §5, §10; §13: the webhook).
 
 A real control plane (as a production replica runs by default: no ``--trust-node-labels``) on a
 real etcd, and a *fake node* written here: a raw gRPC client of the NodeLink stream that speaks
@@ -11,13 +11,17 @@ sent before it.
 
 from __future__ import annotations
 
+import http.server
 import os
 import queue
+import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import numpy as np
@@ -26,6 +30,7 @@ import pytest
 from meshserve.client import MeshClient
 from meshserve.client._admin import AdminClient
 from meshserve.common.errors import StatusError
+from meshserve.controlplane.link.trust import MAX_CLAIMS
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2, mesh_pb2_grpc
@@ -233,9 +238,13 @@ def test_invented_copies_and_their_telemetry_are_ignored(
             fake.status("real", mesh_pb2.LOADING, sha)  # believed: sync point
             wait_until(lambda: "real" in _copies(admin, "fake-2"), 30, what="the real report")
             assert set(_copies(admin, "fake-2")) == {"real"}
-            # the invented copies are not in the view; each is told to go (bounded)
-            unloads = {m.unload.model for m in fake.drain() if m.HasField("unload")}
+            # The invented copies are not in the view; those remembered are told to go, each
+            # once, and no more are remembered than MAX_CLAIMS (the rest counted, forgotten).
+            fake.wait_for(lambda m: m.HasField("unload"), 30)
+            time.sleep(1.0)  # let any further unloads arrive (there must be few)
+            unloads = [m.unload.model for m in fake.drain() if m.HasField("unload")]
             assert "real" not in unloads
+            assert len(unloads) == len(set(unloads)) <= MAX_CLAIMS, len(unloads)
     finally:
         fake.close()
 
@@ -308,3 +317,137 @@ def test_telemetry_about_copies_not_held_is_ignored(
             assert {m.model for m in node.telemetry.models} == {"real"}
     finally:
         fake.close()
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver that answers every POST 500 (and counts them)."""
+
+    posts: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        _Failing.posts.append(self.path)
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_webhook() -> Iterator[tuple[str, str]]:
+    """A receiver answering 500; its URL, carrying a token in its path and query, and the
+    token."""
+    _Failing.posts = []
+    token = secrets.token_hex(16)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/{token}?key={token}", token
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_a_failing_webhook_is_logged_without_its_url(
+    mesh: tuple[LocalMesh, str], tmp_path: Path, failing_webhook: tuple[str, str]
+) -> None:
+    """Issue 16, Low 13, with a real control plane: a webhook POST that fails is logged by the
+    receiver's scheme, host and port only, and GetPolicy returns the URL redacted; the token in
+    the URL's path and query is nowhere in the control plane's log."""
+    local, address = mesh
+    url, token = failing_webhook
+    origin = url.split("/hooks/")[0]
+    model = make_mlp(tmp_path / "mlp.onnx")
+    sha = sha256_file(model)
+    fake = FakeNode(address, mesh_pb2.Hello(node_id="fake-4"))
+    try:
+        fake.wait_for(lambda m: m.HasField("welcome"))
+        with AdminClient(address) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-4 listed")
+            admin.apply_policy(
+                "name: watched\nmonitoring:\n  capture_windows: 1\n  drift_windows: 1\n"
+                f"  webhook:\n    url: {url}\n    min_interval_s: 0\n    max_retries: 0\n"
+            )
+            shown = admin.get_policy().yaml
+            assert token not in shown and origin in shown, shown
+            admin.register_model("real", model.as_uri(), sha)
+            fake.wait_for(_load_of("real"))
+            fake.status("real", mesh_pb2.READY, sha)
+            wait_until(
+                lambda: (
+                    _copies(admin, "fake-4").get("real", mesh_pb2.CopyStatus()).state
+                    == mesh_pb2.READY
+                ),
+                20,
+                what="the real copy READY",
+            )
+            for seq, counts in ((1, [100, 0]), (2, [0, 100])):  # a reference, then drift
+                fake.send(
+                    telemetry=mesh_pb2.Telemetry(unix_ms=seq, models=[_drift("real", seq, counts)])
+                )
+            wait_until(lambda: admin.list_events(100, kind="drift"), 30, what="the drift event")
+        wait_until(lambda: _Failing.posts, 15, what="the webhook POST")
+        [log] = [p.log_path for p in local.processes if p.name == "cp-1"]
+
+        def dropped() -> list[str]:
+            lines = log.read_text(errors="replace").splitlines()
+            return [line for line in lines if "webhook" in line and "dropped" in line]
+
+        failures = wait_until(dropped, 15, what="the failed POST's log line")
+    finally:
+        fake.close()
+    assert any(origin in line for line in failures), failures
+    assert _Failing.posts and all(token in p for p in _Failing.posts), "the POST had the URL"
+    assert token not in log.read_text(errors="replace"), "the webhook's token in the log"
+
+
+FLOOD = 40  # telemetry messages of ~100 KiB each, sent back to back: 4 MiB
+PAD = [mesh_pb2.ModelTelemetry(model=f"pad-{i}-" + "x" * 1000) for i in range(100)]
+
+
+def test_a_nodes_telemetry_budget_holds_on_the_control_plane(
+    mesh: tuple[LocalMesh, str], tmp_path: Path
+) -> None:
+    """Issue 16 §5: whatever a node's own budget says, the control plane believes at most its
+    budget (64 KiB/s, 1 MiB burst) of a node's telemetry: of 4 MiB sent at once, the first ~1 MiB
+    is taken and the rest dropped (logged once)."""
+    local, address = mesh
+    model = make_mlp(tmp_path / "mlp.onnx")
+    sha = sha256_file(model)
+    fake = FakeNode(address, mesh_pb2.Hello(node_id="fake-5"))
+    try:
+        fake.wait_for(lambda m: m.HasField("welcome"))
+        with AdminClient(address) as admin:
+            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-5 listed")
+            admin.register_model("real", model.as_uri(), sha)
+            admin.register_model("sync", model.as_uri(), sha)
+            fake.wait_for(_load_of("real"))
+            fake.wait_for(_load_of("sync"))
+            fake.status("real", mesh_pb2.READY, sha)
+            wait_until(
+                lambda: (
+                    _copies(admin, "fake-5").get("real", mesh_pb2.CopyStatus()).state
+                    == mesh_pb2.READY
+                ),
+                20,
+                what="the real copy READY",
+            )
+            for i in range(1, FLOOD + 1):  # each names how many were sent so far
+                entries = [
+                    *PAD,
+                    mesh_pb2.ModelTelemetry(model="real", variant="default", requests=i),
+                ]
+                fake.send(telemetry=mesh_pb2.Telemetry(unix_ms=i, models=entries))
+            fake.status("sync", mesh_pb2.LOADING, sha)  # after the flood: sync point
+            wait_until(lambda: "sync" in _copies(admin, "fake-5"), 30, what="the sync report")
+            [node] = admin.list_nodes()
+            seen = {m.model: m.requests for m in node.telemetry.models}
+        [log] = [p.log_path for p in local.processes if p.name == "cp-1"]
+        text = log.read_text(errors="replace")
+    finally:
+        fake.close()
+    assert set(seen) == {"real"}, "padding about copies not held is dropped"
+    assert 5 <= seen["real"] < FLOOD // 2, f"believed up to message {seen['real']} of {FLOOD}"
+    assert "node fake-5: telemetry over its budget" in text
