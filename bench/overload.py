@@ -1,7 +1,8 @@
 """Overload benchmark: goodput under 2x the mesh's capacity, admission control on vs off.
 
 One mesh of real processes on loopback (etcd, a control plane, one node with a direct port)
-serves a compute-bound MLP (a few ms per query on one core). For each arm, in one run:
+serves a compute-bound MLP (a few ms per query on one core: ``--hidden`` sets the width; the JSON
+says what one query costs in-process, ``model_ms``). For each arm, in one run:
 
 1. ``peak``: a closed loop at a concurrency that saturates the node; its rate of answers within
    the deadline is the capacity, measured the same way as the goodput;
@@ -165,13 +166,40 @@ def _arm(name: str, model: Path, args: argparse.Namespace, workdir: Path) -> dic
         return asyncio.run(_measure(cp.address, args))
 
 
+def _model_ms(model: Path, runs: int = 200) -> float:
+    """What one query costs in-process: onnxruntime on one thread, the median of ``runs``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    for _ in range(10):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1000
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=float, default=8.0, help="seconds per load phase")
     p.add_argument("--factor", type=float, default=2.0, help="overload: x the measured peak")
     p.add_argument("--deadline-ms", type=float, default=500.0)
     p.add_argument("--concurrency", type=int, default=8, help="closed loop for the peak")
-    p.add_argument("--hidden", type=int, default=2048, help="MLP width (sets the cost)")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        default=3072,
+        help="MLP width (sets the cost: 3072 is about 3 ms a query on one thread here, so the "
+        "node saturates before the gateway's core does; at 2048, 1.2 ms, 2x its peak is more "
+        "than one core of gateway and load generator together can take in)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument(
         "--no-pin",
@@ -187,6 +215,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="meshserve-overload-") as tmp:
         workdir = Path(tmp)
         model = make_mlp(workdir / "heavy.onnx", hidden=(args.hidden,) * 3)
+        model_ms = _model_ms(model)
+        _log(f"one query in-process (onnxruntime, one thread): {model_ms:.2f} ms")
         arms = {name: _arm(name, model, args, workdir) for name in ARMS}
     with_admission = arms["admission"]["goodput_over_peak"]
     emit(
@@ -195,6 +225,8 @@ def main() -> None:
             "deadline_ms": args.deadline_ms,
             "factor": args.factor,
             "duration_s": args.duration,
+            "hidden": args.hidden,
+            "model_ms": round(model_ms, 3),
             "pinning": (
                 "node on core 1 alone; load generator, control plane (gateway) and etcd on core 0"
                 if args.pin

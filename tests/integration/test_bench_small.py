@@ -1,5 +1,6 @@
-"""``bench/embedded.py`` and ``bench/stream_floor.py`` run end to end: functional smokes, not
-timing assertions (their figures come from full runs, see bench/results/)."""
+"""``bench/embedded.py``, ``bench/stream_floor.py`` and ``bench/overload.py`` run end to end:
+functional smokes, not timing assertions (their figures come from full runs, see
+bench/results/)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_the_stream_floor_bench_holds_every_stream_it_counts(tmp_path: Path) -> 
         rows = result[shape]["counts"]  # type: ignore[index]
         assert [r["streams"] for r in rows] == [200, 400], rows
         assert all("error" not in r and r["rss_mb"] > r["idle_rss_mb"] for r in rows), rows
+
+
+def test_the_overload_bench_measures_both_arms(tmp_path: Path) -> None:
+    result = _run("overload.py", "--duration", "1", "--hidden", "256", out=tmp_path / "ov.json")
+    assert result["model_ms"] > 0  # type: ignore[operator]
+    arms = result["arms"]
+    assert isinstance(arms, dict) and set(arms) == {"admission", "no_admission"}
+    for arm in arms.values():
+        assert arm["peak"]["goodput_rps"] > 0 and arm["peak"]["errors"] == 0, arm
+        overload = arm["overload"]
+        assert overload["offered_rps"] >= arm["peak"]["goodput_rps"], arm  # 2x the peak
+    target = result["target"]
+    assert isinstance(target, dict) and target["measured"] == arms["admission"]["goodput_over_peak"]
