@@ -892,6 +892,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = Ctx(args, workdir, env, pin, deadline=started + args.max_total_s)
     models = bench_models(workdir, args.models, log)
     skips = _probe_skips(wanted)
+    for name in sorted(set(args.models) - {m.name for m in models}):
+        skips[f"{name} (every row)"] = "not installed (pip install '.[bench]')"
     batch_model = next((m for m in models if m.name == BATCH_MODEL), None)
     do_batching = "batching" in wanted and batch_model is not None
     runs: list[list[dict[str, Any]]] = []
@@ -941,7 +943,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bench": "frontdoor",
         "rows": aggregate(runs),
-        "batching": _batching_summary(batching, batch_model, wanted, do_batching),
+        "batching": _batching_summary(batching, batch_model, wanted, do_batching, args.models),
         "targets": targets(runs, batching, [m.name for m in models]),
         "notes": {
             "pinning": pin.note(),
@@ -975,10 +977,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _batching_summary(
-    batching: list[dict[str, Any]], model: Model | None, wanted: set[str], done: bool
+    batching: list[dict[str, Any]],
+    model: Model | None,
+    wanted: set[str],
+    done: bool,
+    ctx_models: Sequence[str] = (),
 ) -> dict[str, Any]:
     if not done:
-        why = "not selected (--rows)" if "batching" not in wanted else "magika not in --models"
+        if "batching" not in wanted:
+            why = "not selected (--rows)"
+        elif BATCH_MODEL in ctx_models:
+            why = "magika is not installed (pip install '.[bench]')"
+        else:
+            why = "magika not in --models"
         return {"skipped": why}
     if not batching:
         return {"skipped": "--max-total-s reached before it ran"}

@@ -122,26 +122,38 @@ def _ready(address: str) -> None:
     )
 
 
+def _sent_while_busy(
+    address: str, tmp_path: Path, batches: bool
+) -> tuple[SlowFake, list[object], list[mesh_pb2.TunnelRequest], int]:
+    """A serving fake node that stops reading while QUERIES queries come, then reads them all:
+    the fake, the queries' futures, the frames it got and how many messages carried several."""
+    fake = _serving_fake(address, tmp_path, batches)
+    _ready(address)
+    fake.reading.clear()  # busy: the stream backs up while the queries come
+    futures = _queries(address)
+    _arrived(futures)
+    fake.reading.set()
+    wait_until(lambda: len(_frames(fake)[0]) == QUERIES, 20, what="every query tunneled")
+    frames, batched = _frames(fake)
+    assert sorted(f.request.id for f in frames) == sorted(f"q{i}" for i in range(QUERIES))
+    assert len({f.correlation_id for f in frames}) == QUERIES
+    return fake, futures, frames, batched
+
+
+def _answered(futures: list[object]) -> None:
+    ids = sorted(f.result(timeout=20).id for f in futures)  # type: ignore[attr-defined]
+    assert ids == sorted(f"q{i}" for i in range(QUERIES))
+
+
 def test_a_node_that_reads_batches_gets_queries_together_and_may_answer_them_together(
     mesh: tuple[LocalMesh, str], tmp_path: Path
 ) -> None:
-    _, address = mesh
-    fake = _serving_fake(address, tmp_path, batches=True)
+    fake, futures, frames, batched = _sent_while_busy(mesh[1], tmp_path, batches=True)
     try:
-        _ready(address)
-        fake.reading.clear()  # busy: the stream backs up while the queries come
-        futures = _queries(address)
-        _arrived(futures)
-        fake.reading.set()
-        wait_until(lambda: len(_frames(fake)[0]) == QUERIES, 20, what="every query tunneled")
-        frames, batches = _frames(fake)
-        assert sorted(f.request.id for f in frames) == sorted(f"q{i}" for i in range(QUERIES))
-        assert len({f.correlation_id for f in frames}) == QUERIES
-        assert batches >= 1, "queries that waited for the stream went in one message"
+        assert batched >= 1, "queries that waited for the stream went in one message"
         # every answer in one message: the replica resolves each query
         fake.send(infer_answers=mesh_pb2.TunnelResponses(frames=[_answer(f) for f in frames]))
-        ids = sorted(f.result(timeout=20).id for f in futures)  # type: ignore[attr-defined]
-        assert ids == sorted(f"q{i}" for i in range(QUERIES))
+        _answered(futures)
     finally:
         fake.close()
 
@@ -149,20 +161,11 @@ def test_a_node_that_reads_batches_gets_queries_together_and_may_answer_them_tog
 def test_a_node_that_did_not_say_so_gets_one_query_per_message(
     mesh: tuple[LocalMesh, str], tmp_path: Path
 ) -> None:
-    _, address = mesh
-    fake = _serving_fake(address, tmp_path, batches=False)
+    fake, futures, frames, batched = _sent_while_busy(mesh[1], tmp_path, batches=False)
     try:
-        _ready(address)
-        fake.reading.clear()  # busy: the stream backs up while the queries come
-        futures = _queries(address)
-        _arrived(futures)
-        fake.reading.set()
-        wait_until(lambda: len(_frames(fake)[0]) == QUERIES, 20, what="every query tunneled")
-        frames, batches = _frames(fake)
-        assert batches == 0, "an older node is never sent a message it cannot read"
+        assert batched == 0, "an older node is never sent a message it cannot read"
         for frame in frames:
             fake.send(infer_response=_answer(frame))
-        ids = sorted(f.result(timeout=20).id for f in futures)  # type: ignore[attr-defined]
-        assert ids == sorted(f"q{i}" for i in range(QUERIES))
+        _answered(futures)
     finally:
         fake.close()
