@@ -38,9 +38,12 @@ def take_frames(
     max_frames: int = MAX_FRAMES,
 ) -> M:
     first = items.popleft()
-    taken = [getattr(first, single)] if first.WhichOneof("body") == single else []
-    size = taken[0].ByteSize() if taken else 0
-    while taken and items and len(taken) < max_frames and items[0].WhichOneof("body") == single:
+    kind = first.WhichOneof("body")
+    if kind != single or not items or items[0].WhichOneof("body") != single:
+        return first  # a lone frame or another message: sizes never computed (the common case)
+    taken = [getattr(first, single)]
+    size = taken[0].ByteSize()
+    while items and len(taken) < max_frames and items[0].WhichOneof("body") == single:
         frame = getattr(items[0], single)
         size += frame.ByteSize() + 16  # + the frame's tag and length in the batch
         if size > max_bytes:

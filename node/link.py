@@ -335,7 +335,9 @@ class Link:
         task.add_done_callback(self._inflight.discard)
 
     async def _answer(self, req: mesh_pb2.TunnelRequest) -> None:
-        out = mesh_pb2.TunnelResponse(correlation_id=req.correlation_id)
+        message = mesh_pb2.NodeMessage()  # the answer built in place: copied once
+        out = message.infer_response
+        out.correlation_id = req.correlation_id
         parent = context_from_map(req.trace_context)
         timeout = req.timeout_ms / 1000.0 if req.timeout_ms else None
         # whose query (its prediction's tenant): the caller the replica names
@@ -352,7 +354,6 @@ class Link:
             out.status_message = f"deadline of {req.timeout_ms} ms exceeded on the node"
         except Exception as exc:
             out.status_code, out.status_message = wire_status(exc)
-        message = mesh_pb2.NodeMessage(infer_response=out)
         # An answer over the link's message limit would end the link: send the error instead.
         limit = self._agent.max_message_bytes
         if out.response.ByteSize() > limit - 4096 and message.ByteSize() > limit:

@@ -225,13 +225,12 @@ class NodeSession:
             raise Unavailable(f"node {self.node_id} disconnected")
         correlation_id = next(self._ids)
         future: asyncio.Future[mesh_pb2.TunnelResponse] = asyncio.get_running_loop().create_future()
-        frame = mesh_pb2.TunnelRequest(
-            correlation_id=correlation_id,
-            request=request,
-            trace_context=trace_context,
-            timeout_ms=int(timeout * 1000) if timeout is not None else 0,
-        )
-        message = mesh_pb2.ControlMessage(infer_request=frame)
+        message = mesh_pb2.ControlMessage()  # the frame built in place: the query copied once
+        frame = message.infer_request
+        frame.correlation_id = correlation_id
+        frame.request.CopyFrom(request)
+        frame.trace_context.update(trace_context)
+        frame.timeout_ms = int(timeout * 1000) if timeout is not None else 0
         # A frame over the stream's message limit would end the stream (every query on it
         # fails and the node drops out): refuse the query instead. Exact size only when close.
         if request.ByteSize() > self.max_message_bytes - _FRAME_SLACK:
