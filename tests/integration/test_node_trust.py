@@ -1,9 +1,10 @@
 """A node is trusted to compute, not to describe itself (issue 16 §3, §5, §10; §13: the webhook).
 
 A real control plane (as a production replica runs by default: no ``--trust-node-labels``) on a
-real etcd, and a *fake node* written here: a raw gRPC client of the NodeLink stream that speaks
-the protocol and lies -- core labels and huge hardware in its Hello, READY for copies never
-ordered or with another sha256, telemetry about models it does not hold, thousands of copies.
+real etcd, and a *fake node* (tests/support/fake_node.py): a raw gRPC client of the NodeLink
+stream that speaks the protocol and lies -- core labels and huge hardware in its Hello, READY
+for copies never ordered or with another sha256, telemetry about models it does not hold,
+thousands of copies.
 Every wait is bounded in time; the fake node's messages are processed in order on its stream, so
 a later believed report (or the control plane's answer to it) is the sync point for the lies
 sent before it.
@@ -13,17 +14,15 @@ from __future__ import annotations
 
 import http.server
 import os
-import queue
 import secrets
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-import grpc
 import numpy as np
 import pytest
 
@@ -33,88 +32,13 @@ from meshserve.common.errors import StatusError
 from meshserve.controlplane.link.trust import MAX_CLAIMS
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
-from meshserve.protos import mesh_pb2, mesh_pb2_grpc
+from meshserve.protos import mesh_pb2
+from tests.support.fake_node import FakeNode, copies_of, load_of
 from tests.support.webhook import Hook
 
 GiB = 1 << 30
 X = np.zeros((1, 64), dtype=np.float32)
 FORGED = "f" * 64
-
-
-class FakeNode:
-    """A NodeLink client that says what it is told to (see the module doc)."""
-
-    def __init__(self, address: str, hello: mesh_pb2.Hello) -> None:
-        self._outbox: queue.Queue[mesh_pb2.NodeMessage | None] = queue.Queue()
-        self.inbox: queue.Queue[mesh_pb2.ControlMessage] = queue.Queue()
-        self.received: list[mesh_pb2.ControlMessage] = []
-        self._channel = grpc.insecure_channel(address)
-        self._outbox.put(mesh_pb2.NodeMessage(hello=hello))
-        self._call = mesh_pb2_grpc.NodeLinkStub(self._channel).Connect(self._messages())
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _messages(self) -> Iterator[mesh_pb2.NodeMessage]:
-        while (message := self._outbox.get()) is not None:
-            yield message
-
-    def _read(self) -> None:
-        try:
-            for message in self._call:
-                self.inbox.put(message)
-        except grpc.RpcError:
-            pass
-
-    def send(self, **body: object) -> None:
-        self._outbox.put(mesh_pb2.NodeMessage(**body))  # type: ignore[arg-type]
-
-    def status(self, model: str, state: int, sha256: str, variant: str = "default") -> None:
-        self.send(
-            copy_status=mesh_pb2.CopyStatus(
-                model=model, variant=variant, state=state, sha256=sha256
-            )
-        )
-
-    def wait_for(
-        self,
-        match: Callable[[mesh_pb2.ControlMessage], bool],
-        timeout: float = 30.0,
-        since: int = 0,
-    ) -> mesh_pb2.ControlMessage:
-        """The first message received (now or within ``timeout``; from the ``since``-th on)
-        that ``match``es."""
-        for message in self.received[since:]:
-            if match(message):
-                return message
-        found: list[mesh_pb2.ControlMessage] = []
-
-        def arrived() -> bool:
-            while not found:
-                try:
-                    message = self.inbox.get_nowait()
-                except queue.Empty:
-                    return False
-                self.received.append(message)
-                if match(message):
-                    found.append(message)
-            return True
-
-        wait_until(arrived, timeout, what="a control message")
-        return found[0]
-
-    def drain(self) -> list[mesh_pb2.ControlMessage]:
-        """Every message received so far."""
-        while True:
-            try:
-                self.received.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return list(self.received)
-
-    def close(self) -> None:
-        self._outbox.put(None)
-        self._call.cancel()
-        self._channel.close()
-        self._reader.join(5)
 
 
 def _meshctl(address: str, *args: str) -> str:
@@ -128,17 +52,6 @@ def _meshctl(address: str, *args: str) -> str:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
-
-
-def _load_of(model: str) -> Callable[[mesh_pb2.ControlMessage], bool]:
-    return lambda m: m.HasField("load") and m.load.model == model
-
-
-def _copies(admin: AdminClient, node_id: str) -> dict[str, mesh_pb2.CopyStatus]:
-    for node in admin.list_nodes():
-        if node.node_id == node_id:
-            return {c.model: c for c in node.copies}
-    return {}
 
 
 @pytest.fixture
@@ -188,7 +101,7 @@ def test_a_node_is_not_believed_about_its_labels_or_its_copies(
             assert "max-memory-mb=64,tier=core claimed:zone=a" in listed, listed
             [node] = admin.list_nodes()
             assert node.hardware.memory_bytes == 64 << 20, "its claim capped by the admin"
-            load = fake.wait_for(_load_of("core-only"))
+            load = fake.wait_for(load_of("core-only"))
             assert load.load.sha256 == sha
 
             # Lies about copies: READY without the ordered sha256, a copy never ordered.
@@ -196,9 +109,9 @@ def test_a_node_is_not_believed_about_its_labels_or_its_copies(
             fake.status("never-ordered", mesh_pb2.READY, sha)
             fake.status("core-only", mesh_pb2.LOADING, sha)  # the truth, believed: sync point
             wait_until(
-                lambda: "core-only" in _copies(admin, "fake-1"), 20, what="the LOADING report"
+                lambda: "core-only" in copies_of(admin, "fake-1"), 20, what="the LOADING report"
             )
-            copies = _copies(admin, "fake-1")
+            copies = copies_of(admin, "fake-1")
             assert set(copies) == {"core-only"}
             assert copies["core-only"].state == mesh_pb2.LOADING
             assert copies["core-only"].sha256 == sha
@@ -231,13 +144,13 @@ def test_invented_copies_and_their_telemetry_are_ignored(
         with AdminClient(address) as admin:
             wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-2 listed")
             admin.register_model("real", model.as_uri(), sha)
-            fake.wait_for(_load_of("real"))
+            fake.wait_for(load_of("real"))
             # 3,000 copies it was never told to hold, each a full report
             for i in range(3000):
                 fake.status(f"invented-{i}", mesh_pb2.READY, sha)
             fake.status("real", mesh_pb2.LOADING, sha)  # believed: sync point
-            wait_until(lambda: "real" in _copies(admin, "fake-2"), 30, what="the real report")
-            assert set(_copies(admin, "fake-2")) == {"real"}
+            wait_until(lambda: "real" in copies_of(admin, "fake-2"), 30, what="the real report")
+            assert set(copies_of(admin, "fake-2")) == {"real"}
             # The invented copies are not in the view; those remembered are told to go, each
             # once, and no more are remembered than MAX_CLAIMS (the rest counted, forgotten).
             fake.wait_for(lambda m: m.HasField("unload"), 30)
@@ -275,16 +188,8 @@ def test_telemetry_about_copies_not_held_is_ignored(
             admin.register_model("real", model.as_uri(), sha)
             # registered, never placed on the fake node: it may not report on it either
             admin.register_model("elsewhere", model.as_uri(), sha, node_selector={"gpu": "yes"})
-            fake.wait_for(_load_of("real"))
-            fake.status("real", mesh_pb2.READY, sha)
-            wait_until(
-                lambda: (
-                    _copies(admin, "fake-3").get("real", mesh_pb2.CopyStatus()).state
-                    == mesh_pb2.READY
-                ),
-                20,
-                what="the real copy READY",
-            )
+            fake.wait_for(load_of("real"))
+            fake.report_ready(admin, "real", sha)
             before = {e.kind for e in admin.list_events(1000)}
             assert {"label", "placement"} <= before
             # Drift about 1,200 models it does not hold (a reference window, then a shifted
@@ -373,16 +278,8 @@ def test_a_failing_webhook_is_logged_without_its_url(
             shown = admin.get_policy().yaml
             assert token not in shown and origin in shown, shown
             admin.register_model("real", model.as_uri(), sha)
-            fake.wait_for(_load_of("real"))
-            fake.status("real", mesh_pb2.READY, sha)
-            wait_until(
-                lambda: (
-                    _copies(admin, "fake-4").get("real", mesh_pb2.CopyStatus()).state
-                    == mesh_pb2.READY
-                ),
-                20,
-                what="the real copy READY",
-            )
+            fake.wait_for(load_of("real"))
+            fake.report_ready(admin, "real", sha)
             for seq, counts in ((1, [100, 0]), (2, [0, 100])):  # a reference, then drift
                 fake.send(
                     telemetry=mesh_pb2.Telemetry(unix_ms=seq, models=[_drift("real", seq, counts)])
@@ -423,17 +320,9 @@ def test_a_nodes_telemetry_budget_holds_on_the_control_plane(
             wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-5 listed")
             admin.register_model("real", model.as_uri(), sha)
             admin.register_model("sync", model.as_uri(), sha)
-            fake.wait_for(_load_of("real"))
-            fake.wait_for(_load_of("sync"))
-            fake.status("real", mesh_pb2.READY, sha)
-            wait_until(
-                lambda: (
-                    _copies(admin, "fake-5").get("real", mesh_pb2.CopyStatus()).state
-                    == mesh_pb2.READY
-                ),
-                20,
-                what="the real copy READY",
-            )
+            fake.wait_for(load_of("real"))
+            fake.wait_for(load_of("sync"))
+            fake.report_ready(admin, "real", sha)
             for i in range(1, FLOOD + 1):  # each names how many were sent so far
                 entries = [
                     *PAD,
@@ -441,7 +330,7 @@ def test_a_nodes_telemetry_budget_holds_on_the_control_plane(
                 ]
                 fake.send(telemetry=mesh_pb2.Telemetry(unix_ms=i, models=entries))
             fake.status("sync", mesh_pb2.LOADING, sha)  # after the flood: sync point
-            wait_until(lambda: "sync" in _copies(admin, "fake-5"), 30, what="the sync report")
+            wait_until(lambda: "sync" in copies_of(admin, "fake-5"), 30, what="the sync report")
             [node] = admin.list_nodes()
             seen = {m.model: m.requests for m in node.telemetry.models}
         [log] = [p.log_path for p in local.processes if p.name == "cp-1"]

@@ -2,7 +2,7 @@
 that said it reads them (Hello.tunnel_batches); the replica reads answers sent either way.
 
 A real control plane on a real etcd, and a tunnel-only *fake node* (a raw NodeLink client,
-tests/integration/test_node_trust.FakeNode) that holds an ordered copy: it records how queries
+tests/support/fake_node.py) that holds an ordered copy: it records how queries
 arrive and answers them as told. Queries wait for the stream when the node reads slower than
 they come: the fake node stops reading while they are sent (quarter-megabyte queries fill the
 stream's flow-control window), then reads on. Every wait is bounded.
@@ -24,7 +24,7 @@ from meshserve.common.codec import build_request
 from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
-from tests.integration.test_node_trust import FakeNode
+from tests.support.fake_node import FakeNode, load_of
 
 QUERIES = 48
 ROWS = 1024  # 1024 x 64 float32: 256 KiB a query (a batch carries about 1 MiB)
@@ -64,8 +64,7 @@ def _serving_fake(address: str, tmp_path: Path, batches: bool) -> SlowFake:
     assert welcome.tunnel_batches, "a replica says it reads batched answers"
     with AdminClient(address) as admin:
         admin.register_model("mlp", model.as_uri(), sha)
-    load = fake.wait_for(lambda m: m.HasField("load") and m.load.model == "mlp")
-    fake.status("mlp", mesh_pb2.READY, load.load.sha256)
+        fake.report_ready(admin, "mlp", fake.wait_for(load_of("mlp")).load.sha256)
     return fake
 
 
