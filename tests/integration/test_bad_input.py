@@ -22,7 +22,7 @@ from meshserve.common.codec import build_request
 from meshserve.devtools.demo_models import make_mlp, sha256_file, write_not_onnx
 from meshserve.protos import inference_pb2, inference_pb2_grpc, mesh_pb2
 from tests.support.etcd import EtcdServer
-from tests.support.inproc import InProcMesh, eventually, inproc_mesh
+from tests.support.inproc import InProcMesh, eventually, inproc_mesh, register_by_tier
 
 MAX_MESSAGE = 1 << 20
 
@@ -33,20 +33,7 @@ async def mesh(etcd: EtcdServer, tmp_path: Path) -> AsyncIterator[InProcMesh]:
     async with inproc_mesh(
         etcd.url, tmp_path, [("edge", False), ("core", True)], max_message_bytes=MAX_MESSAGE
     ) as m:
-        with AdminClient(m.address) as admin:
-            for tier in ("edge", "core"):
-                await asyncio.to_thread(
-                    admin.register_model,
-                    f"mlp-{tier}",
-                    model.as_uri(),
-                    sha256_file(model),
-                    node_selector={"tier": tier},
-                )
-        for tier in ("edge", "core"):
-            await eventually(
-                lambda t=tier: m.cp.snapshot().ready_nodes((f"mlp-{t}", "default")),
-                what=f"mlp-{tier} ready",
-            )
+        await register_by_tier(m, model, ("edge", "core"))
         yield m
 
 

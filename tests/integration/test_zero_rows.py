@@ -10,20 +10,16 @@ for ever.
 
 from __future__ import annotations
 
-import asyncio
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 from grpc import aio
 
-from meshserve.client._admin import AdminClient
 from meshserve.common.codec import build_request
-from meshserve.controlplane.app import ControlPlane
-from meshserve.devtools.demo_models import make_mlp, sha256_file
+from meshserve.devtools.demo_models import make_mlp
 from meshserve.protos import inference_pb2_grpc
 from tests.support.etcd import EtcdServer
-from tests.support.inproc import eventually, inproc_mesh
+from tests.support.inproc import inproc_mesh, register_by_tier
 
 ZERO_ROW_QUERIES = 300  # per path
 
@@ -42,18 +38,7 @@ async def test_zero_row_queries_leave_nothing_in_the_drift_monitor(
 ) -> None:
     model = make_mlp(tmp_path / "mlp.onnx")
     async with inproc_mesh(etcd.url, tmp_path, [("edge", False), ("core", True)]) as mesh:
-        with AdminClient(mesh.address) as admin:
-            for tier in ("edge", "core"):
-                await asyncio.to_thread(
-                    admin.register_model,
-                    f"mlp-{tier}",
-                    model.as_uri(),
-                    sha256_file(model),
-                    node_selector={"tier": tier},
-                )
-        for tier in ("edge", "core"):
-            key = (f"mlp-{tier}", "default")
-            await eventually(partial(_ready, mesh.cp, key), what=f"{key} ready")
+        await register_by_tier(mesh, model, ("edge", "core"))
         edge, core = mesh.nodes
         await _send_zero_rows(mesh.address, "mlp-edge", ZERO_ROW_QUERIES)  # tunnel
         await _send_zero_rows(mesh.address, "mlp-core", ZERO_ROW_QUERIES)  # gateway -> port
@@ -73,10 +58,6 @@ async def test_zero_row_queries_leave_nothing_in_the_drift_monitor(
         await _send_rows(core.direct_address, "mlp-core")
         core_monitor = monitors[("core", "mlp-core")]
         assert core_monitor.pending == 1
-
-
-def _ready(cp: ControlPlane, key: tuple[str, str]) -> bool:
-    return bool(cp.snapshot().ready_nodes(key))
 
 
 async def _send_rows(target: str, model: str) -> None:

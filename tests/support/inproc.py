@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from meshserve.client._admin import AdminClient
 from meshserve.controlplane.app import ControlPlane, ControlPlaneConfig
+from meshserve.devtools.demo_models import sha256_file
 from meshserve.node.app import Node, NodeConfig
 
-__all__ = ["InProcMesh", "eventually", "inproc_mesh"]
+__all__ = ["InProcMesh", "eventually", "inproc_mesh", "register_by_tier"]
 
 
 async def eventually(
@@ -37,6 +39,26 @@ class InProcMesh:
     @property
     def address(self) -> str:
         return self.cp.address
+
+
+async def register_by_tier(mesh: InProcMesh, model: Path, tiers: Sequence[str]) -> None:
+    """Register ``model`` once per tier as ``mlp-<tier>`` (placed on that tier's node) and wait
+    until each has a READY copy in the control plane's view."""
+    sha = sha256_file(model)
+    with AdminClient(mesh.address) as admin:
+        for tier in tiers:
+            await asyncio.to_thread(
+                admin.register_model,
+                f"mlp-{tier}",
+                model.as_uri(),
+                sha,
+                node_selector={"tier": tier},
+            )
+    for tier in tiers:
+        await eventually(
+            lambda t=tier: mesh.cp.snapshot().ready_nodes((f"mlp-{t}", "default")),
+            what=f"mlp-{tier} ready",
+        )
 
 
 @contextlib.asynccontextmanager
