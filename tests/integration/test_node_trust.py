@@ -12,16 +12,13 @@ sent before it.
 
 from __future__ import annotations
 
-import http.server
 import os
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -34,7 +31,7 @@ from meshserve.devtools.demo_models import make_mlp, sha256_file
 from meshserve.devtools.local import LocalMesh, wait_until
 from meshserve.protos import mesh_pb2
 from tests.support.fake_node import FakeNode, copies_of, load_of
-from tests.support.webhook import Hook
+from tests.support.webhook import Failing, Hook, failing_receiver
 
 GiB = 1 << 30
 X = np.zeros((1, 64), dtype=np.float32)
@@ -224,35 +221,13 @@ def test_telemetry_about_copies_not_held_is_ignored(
         fake.close()
 
 
-class _Failing(http.server.BaseHTTPRequestHandler):
-    """A webhook receiver that answers every POST 500 (and counts them)."""
-
-    posts: ClassVar[list[str]] = []
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        _Failing.posts.append(self.path)
-        self.send_response(500)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def failing_webhook() -> Iterator[tuple[str, str]]:
     """A receiver answering 500; its URL, carrying a token in its path and query, and the
     token."""
-    _Failing.posts = []
     token = secrets.token_hex(16)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/{token}?key={token}", token
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with failing_receiver(token) as url:
+        yield url, token
 
 
 def test_a_failing_webhook_is_logged_without_its_url(
@@ -285,7 +260,7 @@ def test_a_failing_webhook_is_logged_without_its_url(
                     telemetry=mesh_pb2.Telemetry(unix_ms=seq, models=[_drift("real", seq, counts)])
                 )
             wait_until(lambda: admin.list_events(100, kind="drift"), 30, what="the drift event")
-        wait_until(lambda: _Failing.posts, 15, what="the webhook POST")
+        wait_until(lambda: Failing.posts, 15, what="the webhook POST")
         [log] = [p.log_path for p in local.processes if p.name == "cp-1"]
 
         def dropped() -> list[str]:
@@ -296,7 +271,7 @@ def test_a_failing_webhook_is_logged_without_its_url(
     finally:
         fake.close()
     assert any(origin in line for line in failures), failures
-    assert _Failing.posts and all(token in p for p in _Failing.posts), "the POST had the URL"
+    assert Failing.posts and all(token in p for p in Failing.posts), "the POST had the URL"
     assert token not in log.read_text(errors="replace"), "the webhook's token in the log"
 
 

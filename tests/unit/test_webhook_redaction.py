@@ -11,9 +11,7 @@ import asyncio
 import logging
 import secrets
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -26,30 +24,15 @@ from meshserve.controlplane.observe.webhook import (
 )
 from meshserve.controlplane.validation import validate_policy
 from meshserve.protos import mesh_pb2
+from tests.support.webhook import failing_receiver
 
 TOKEN = secrets.token_hex(16)
 
 
-class _Failing(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.send_response(500)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def failing() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/{TOKEN}?key={TOKEN}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with failing_receiver(TOKEN) as url:
+        yield url
 
 
 def _closed_port_url() -> str:
