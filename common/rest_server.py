@@ -288,29 +288,35 @@ def build_app(handlers: RestHandlers, *, max_body_bytes: int = 64 << 20) -> web.
         info = request.match_info
         return info["model"], info.get("version", "")
 
-    async def model_ready(request: web.Request) -> web.Response:
-        name, version = names(request)
-        message = inference_pb2.ModelReadyRequest(name=name, version=version)
-        answer, failed = await call(handlers.model_ready, message, context_of(request))
-        if failed is not None:
-            return failed
-        return _json(200 if answer.ready else 400, {"name": name, "ready": answer.ready})
+    def model_call(
+        handler: Handler, request_type: Any, render: Callable[[str, Any], web.Response]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A route asking ``handler`` about the path's model (and version): ``render(name,
+        answer)``, or the error response."""
 
-    async def model_metadata(request: web.Request) -> web.Response:
-        name, version = names(request)
-        message = inference_pb2.ModelMetadataRequest(name=name, version=version)
-        answer, failed = await call(handlers.model_metadata, message, context_of(request))
-        if failed is not None:
-            return failed
-        return _json(200, rest.metadata_json(answer))
+        async def serve(request: web.Request) -> web.Response:
+            name, version = names(request)
+            message = request_type(name=name, version=version)
+            answer, failed = await call(handler, message, context_of(request))
+            return failed if failed is not None else render(name, answer)
 
-    async def model_config(request: web.Request) -> web.Response:
-        name, version = names(request)
-        message = inference_pb2.ModelConfigRequest(name=name, version=version)
-        answer, failed = await call(handlers.model_config, message, context_of(request))
-        if failed is not None:
-            return failed
-        return _json(200, rest.config_json(answer))
+        return serve
+
+    model_ready = model_call(
+        handlers.model_ready,
+        inference_pb2.ModelReadyRequest,
+        lambda name, a: _json(200 if a.ready else 400, {"name": name, "ready": a.ready}),
+    )
+    model_metadata = model_call(
+        handlers.model_metadata,
+        inference_pb2.ModelMetadataRequest,
+        lambda _, a: _json(200, rest.metadata_json(a)),
+    )
+    model_config = model_call(
+        handlers.model_config,
+        inference_pb2.ModelConfigRequest,
+        lambda _, a: _json(200, rest.config_json(a)),
+    )
 
     async def repository_index(request: web.Request) -> web.Response:
         try:
