@@ -76,7 +76,7 @@ def test_a_node_is_not_believed_about_its_labels_or_its_copies(
     try:
         fake.wait_for(lambda m: m.HasField("welcome"))
         with AdminClient(address) as admin:
-            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-1 listed")
+            fake.listed(admin)
             [node] = admin.list_nodes()
             assert dict(node.labels) == {}, "claimed labels are not the node's labels"
             assert dict(node.reported_labels) == {"tier": "core", "zone": "a"}
@@ -139,7 +139,7 @@ def test_invented_copies_and_their_telemetry_are_ignored(
     try:
         fake.wait_for(lambda m: m.HasField("welcome"))
         with AdminClient(address) as admin:
-            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-2 listed")
+            fake.listed(admin)
             admin.register_model("real", model.as_uri(), sha)
             fake.wait_for(load_of("real"))
             # 3,000 copies it was never told to hold, each a full report
@@ -176,7 +176,7 @@ def test_telemetry_about_copies_not_held_is_ignored(
     try:
         fake.wait_for(lambda m: m.HasField("welcome"))
         with AdminClient(address) as admin:
-            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-3 listed")
+            fake.listed(admin)
             admin.apply_policy(
                 "name: watched\nmonitoring:\n  capture_windows: 1\n  drift_windows: 1\n"
                 f"  webhook:\n    url: {webhook}\n    min_interval_s: 0\n"
@@ -245,7 +245,7 @@ def test_a_failing_webhook_is_logged_without_its_url(
     try:
         fake.wait_for(lambda m: m.HasField("welcome"))
         with AdminClient(address) as admin:
-            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-4 listed")
+            fake.listed(admin)
             admin.apply_policy(
                 "name: watched\nmonitoring:\n  capture_windows: 1\n  drift_windows: 1\n"
                 f"  webhook:\n    url: {url}\n    min_interval_s: 0\n    max_retries: 0\n"
@@ -292,7 +292,7 @@ def test_a_nodes_telemetry_budget_holds_on_the_control_plane(
     try:
         fake.wait_for(lambda m: m.HasField("welcome"))
         with AdminClient(address) as admin:
-            wait_until(lambda: len(admin.list_nodes()) == 1, 20, what="fake-5 listed")
+            fake.listed(admin)
             admin.register_model("real", model.as_uri(), sha)
             admin.register_model("sync", model.as_uri(), sha)
             fake.wait_for(load_of("real"))

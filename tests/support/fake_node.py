@@ -64,6 +64,15 @@ class FakeNode:
             )
         )
 
+    def listed(self, admin: AdminClient) -> None:
+        """Wait (20 s at most) until the control plane lists this node."""
+        node_id = self.node_id
+        wait_until(
+            lambda: any(n.node_id == node_id for n in admin.list_nodes()),
+            20,
+            what=f"{node_id} listed",
+        )
+
     def report_ready(self, admin: AdminClient, model: str, sha256: str) -> None:
         """Say ``model``'s copy is READY with ``sha256`` and wait (20 s at most) until the
         control plane lists it so."""
